@@ -1,0 +1,268 @@
+"""The thresholds artifact: histograms of activation scores + allocation tables.
+
+On disk it is a directory with ``teal_config.json`` (human-readable metadata and allocation
+tables) and ``teal_histograms.safetensors`` (per-site or per-projection score histograms and,
+for weight-aware scoring, the weight column norms). No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from teal import stats
+from teal.arch import PROJ_SITE, split_key
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "teal_config.json"
+HISTOGRAMS_NAME = "teal_histograms.safetensors"
+SCORES = ("magnitude", "weight-aware")
+MAX_SPARSITY = 0.99
+
+
+class ArtifactError(ValueError):
+    """A thresholds artifact is missing, corrupt, or for another model."""
+
+
+def check_sparsity(sparsity: float) -> float:
+    s = float(sparsity)
+    if not (0.0 <= s < 1.0) or math.isnan(s):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r} (e.g. 0.5 for 50 %)")
+    return s
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON so that a reader sees the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@dataclass
+class Thresholds:
+    """Score histograms for every sparsified site, from which any sparsity's thresholds follow.
+
+    ``score == "magnitude"``: one histogram per site (``layers.{i}.{site}``) of |x|.
+    ``score == "weight-aware"``: one histogram per projection of |x_i| * ||W[:, i]||_2.
+    """
+
+    model: dict[str, Any]
+    histograms: dict[str, torch.Tensor]
+    proj_sizes: dict[str, int]
+    score: str = "magnitude"
+    calibration: dict[str, Any] = field(default_factory=dict)
+    col_norms: dict[str, torch.Tensor] = field(default_factory=dict)
+    allocations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    method: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+
+    # ---- lookup -------------------------------------------------------------------------
+    @property
+    def projections(self) -> list[str]:
+        return list(self.proj_sizes)
+
+    @property
+    def methods(self) -> list[str]:
+        return ["uniform", *self.allocations]
+
+    def hist_key(self, proj: str) -> str:
+        if self.score == "weight-aware":
+            return proj
+        layer, p = split_key(proj)
+        return f"layers.{layer}.{PROJ_SITE[p]}"
+
+    def col_scale(self, proj: str) -> torch.Tensor | None:
+        """Per-input-channel scale c of the threshold rule (None for magnitude scoring)."""
+        return self.col_norms.get(proj) if self.score == "weight-aware" else None
+
+    def threshold(self, proj: str, sparsity: float) -> float:
+        """Score threshold that zeroes a fraction ``sparsity`` of ``proj``'s input entries.
+
+        ``sparsity == 0`` gives -1: nothing is zeroed (bit-identical to dense).
+        """
+        s = check_sparsity(sparsity)
+        if s == 0.0:
+            return -1.0
+        key = self.hist_key(proj)
+        if key not in self.histograms:
+            raise KeyError(f"no calibration histogram for {key!r} (projection {proj!r})")
+        return stats.quantile(self.histograms[key], s)
+
+    def sparsities(self, level: float, method: str | None = None) -> dict[str, float]:
+        """Per-projection sparsity for the effective (model-wide) sparsity ``level``."""
+        level = check_sparsity(level)
+        method = method or self.method
+        if method == "uniform":
+            return {p: level for p in self.proj_sizes}
+        if method not in self.allocations:
+            raise ValueError(
+                f"this artifact has no {method!r} allocation (it has: {', '.join(self.methods)}); "
+                f"run `teal allocate MODEL DIR --method {method}` first."
+            )
+        table = self.allocations[method]
+        levels = table["levels"]
+        if level > levels[-1] + 1e-9:
+            raise ValueError(
+                f"the {method!r} allocation table ends at effective sparsity {levels[-1]:.3f}; "
+                f"asked for {level:.3f}."
+            )
+        # linear interpolation between the two neighbouring rows of the table
+        j = max(i for i, lv in enumerate(levels) if lv <= level + 1e-12)
+        if j == len(levels) - 1 or levels[j] >= level - 1e-12:
+            return {p: float(v[j]) for p, v in table["sparsities"].items()}
+        w = (level - levels[j]) / (levels[j + 1] - levels[j])
+        return {
+            p: float((1 - w) * v[j] + w * v[j + 1]) for p, v in table["sparsities"].items()
+        }
+
+    def thresholds(self, level: float, method: str | None = None) -> dict[str, float]:
+        """Per-projection thresholds for effective sparsity ``level``."""
+        return {p: self.threshold(p, s) for p, s in self.sparsities(level, method).items()}
+
+    def effective(self, sparsities: dict[str, float]) -> float:
+        """Parameter-weighted mean of per-projection sparsities."""
+        total = sum(self.proj_sizes[p] for p in sparsities)
+        return sum(s * self.proj_sizes[p] for p, s in sparsities.items()) / total
+
+    # ---- persistence ----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        from teal import __version__
+
+        return {
+            "format_version": FORMAT_VERSION,
+            "teal_version": __version__,
+            "model": self.model,
+            "calibration": self.calibration,
+            "score": self.score,
+            "method": self.method,
+            "histogram": {
+                "log2_min": stats.LOG2_MIN,
+                "log2_max": stats.LOG2_MAX,
+                "bins_per_octave": stats.BINS_PER_OCTAVE,
+                "num_bins": stats.NUM_BINS,
+            },
+            "projection_sizes": self.proj_sizes,
+            "allocations": self.allocations,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the artifact directory atomically (each file replaced whole)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {f"hist/{k}": v.detach().cpu().long().contiguous() for k, v in self.histograms.items()}
+        tensors.update(
+            {f"colnorm/{k}": v.detach().cpu().float().contiguous() for k, v in self.col_norms.items()}
+        )
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{HISTOGRAMS_NAME}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
+            os.replace(tmp, d / HISTOGRAMS_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        atomic_write_json(d / CONFIG_NAME, self.config())
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, model: torch.nn.Module | None = None) -> Thresholds:
+        """Read an artifact; with ``model``, refuse it unless it was calibrated on that model."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise ArtifactError(
+                f"thresholds artifact {str(d)!r} does not exist or is not a directory; "
+                "create one with `teal calibrate MODEL -o DIR`."
+            )
+        for name in (CONFIG_NAME, HISTOGRAMS_NAME):
+            if not (d / name).is_file():
+                raise ArtifactError(
+                    f"thresholds artifact {str(d)!r} is incomplete: {name} is missing; "
+                    "recalibrate with `teal calibrate MODEL -o DIR`."
+                )
+        try:
+            cfg = json.loads((d / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{d / CONFIG_NAME} is not valid JSON ({e}); recalibrate.") from e
+        if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{d / CONFIG_NAME}: unsupported format_version "
+                f"{cfg.get('format_version') if isinstance(cfg, dict) else None!r} "
+                f"(this teal reads {FORMAT_VERSION})."
+            )
+        hist_cfg = cfg.get("histogram", {})
+        if hist_cfg.get("num_bins") != stats.NUM_BINS or hist_cfg.get(
+            "bins_per_octave"
+        ) != stats.BINS_PER_OCTAVE:
+            raise ArtifactError(f"{d}: histogram grid {hist_cfg} differs from this teal's; recalibrate.")
+        try:
+            tensors = load_file(str(d / HISTOGRAMS_NAME))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"{d / HISTOGRAMS_NAME} is unreadable ({e}); recalibrate.") from e
+        try:
+            th = cls(
+                model=cfg["model"],
+                histograms={k[5:]: v for k, v in tensors.items() if k.startswith("hist/")},
+                col_norms={k[8:]: v for k, v in tensors.items() if k.startswith("colnorm/")},
+                proj_sizes={k: int(v) for k, v in cfg["projection_sizes"].items()},
+                score=cfg["score"],
+                calibration=cfg.get("calibration", {}),
+                allocations=cfg.get("allocations", {}),
+                method=cfg.get("method", "uniform"),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{d / CONFIG_NAME} is missing or has a bad field: {e}") from e
+        missing = {th.hist_key(p) for p in th.proj_sizes} - set(th.histograms)
+        if missing:
+            raise ArtifactError(
+                f"{d / HISTOGRAMS_NAME} lacks histograms for {sorted(missing)[:3]}…; recalibrate."
+            )
+        if model is not None:
+            th.check_model(model)
+        return th
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Raise :class:`ArtifactError` unless ``model`` is the model these were calibrated on."""
+        from teal.models import model_info
+
+        # a sparsified model keeps the info of its dense self (its parameter names changed)
+        info = getattr(model, "teal_model_info", None) or model_info(model)
+        mine = self.model
+        for field_name in ("model_type", "n_layers", "hidden_size", "intermediate_size"):
+            if info.get(field_name) != mine.get(field_name):
+                raise ArtifactError(
+                    f"thresholds were calibrated on {mine.get('name_or_path')!r} "
+                    f"({field_name}={mine.get(field_name)}), not on {info.get('name_or_path')!r} "
+                    f"({field_name}={info.get(field_name)}); calibrate this model first."
+                )
+        if info.get("fingerprint") != mine.get("fingerprint"):
+            raise ArtifactError(
+                f"thresholds were calibrated on {mine.get('name_or_path')!r} "
+                f"(fingerprint {mine.get('fingerprint')}), but the model given is "
+                f"{info.get('name_or_path')!r} (fingerprint {info.get('fingerprint')}): same shape, "
+                "different weights. Calibrate this model first."
+            )

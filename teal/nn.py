@@ -1,0 +1,134 @@
+"""TealLinear: an nn.Linear whose input entries with a small score are zeroed.
+
+Entry i of the input survives iff ``|x_i| * c_i > threshold`` (c_i = 1 for TEAL's magnitude
+rule, the weight column norm for the weight-aware rule); ties are zeroed. On CUDA, single-token
+steps run the fused threshold + sparse GEMV kernel; elsewhere the masked input goes through the
+ordinary dense matmul, which gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PREFILL_POLICIES = ("sparse", "dense")
+KERNEL_MAX_TOKENS = 8
+
+
+def check_prefill(prefill: str, dense_prefix: int) -> None:
+    if prefill not in PREFILL_POLICIES:
+        raise ValueError(f"prefill must be one of {PREFILL_POLICIES}, got {prefill!r}")
+    if int(dense_prefix) < 0:
+        raise ValueError(f"dense_prefix must be >= 0, got {dense_prefix}")
+
+
+class TealLinear(nn.Module):
+    """Thresholded wrapper around an existing ``nn.Linear`` (shares its weight)."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        threshold: float,
+        col_scale: torch.Tensor | None = None,
+        prefill: str = "sparse",
+        dense_prefix: int = 0,
+    ) -> None:
+        super().__init__()
+        check_prefill(prefill, dense_prefix)
+        self.linear = linear
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.prefill = prefill
+        self.dense_prefix = int(dense_prefix)
+        self.use_kernel = False
+        self.register_buffer("threshold", torch.tensor(0.0), persistent=False)
+        self.register_buffer("zeros", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("total", torch.zeros((), dtype=torch.long), persistent=False)
+        self.col_scale: torch.Tensor | None = None
+        self.w_t: torch.Tensor | None = None
+        self.set_threshold(threshold, col_scale)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+    def set_threshold(self, threshold: float, col_scale: torch.Tensor | None = None) -> None:
+        """Change the threshold (and weight-aware scale) in place; -1 (or < 0) disables it."""
+        self.threshold_value = float(threshold)
+        self.threshold.fill_(self.threshold_value)
+        if col_scale is not None:
+            if col_scale.shape != (self.in_features,):
+                raise ValueError(
+                    f"col_scale has shape {tuple(col_scale.shape)}, expected ({self.in_features},)"
+                )
+            col_scale = col_scale.to(self.weight.device, torch.float32)
+        self.col_scale = col_scale
+
+    def reset_counters(self) -> None:
+        self.zeros.zero_()
+        self.total.zero_()
+
+    def enable_kernel(self) -> None:
+        """Store the weight transposed ([K, N], contiguous) for the sparse GEMV kernel.
+
+        The ``nn.Linear`` keeps a transposed view of the same storage: no second copy.
+        """
+        if self.w_t is None:
+            self.w_t = self.linear.weight.detach().t().contiguous()
+            self.linear.weight.data = self.w_t.t()
+        self.use_kernel = True
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.abs()
+        if self.col_scale is not None:
+            score = score.float() * self.col_scale
+        keep = score > self.threshold
+        self.zeros += keep.numel() - keep.sum()
+        self.total += keep.numel()
+        return x * keep.to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.threshold_value < 0:
+            return self.linear(x)
+        tokens = x.shape[-2] if x.dim() >= 2 else 1
+        if tokens > 1 and self.prefill == "dense":
+            return self.linear(x)
+        if self.use_kernel and x.is_cuda and x.numel() // x.shape[-1] <= KERNEL_MAX_TOKENS:
+            return self._kernel_forward(x)
+        if tokens > 1 and self.dense_prefix > 0:
+            head, tail = x[..., : self.dense_prefix, :], x[..., self.dense_prefix :, :]
+            return torch.cat([self.linear(head), self.linear(self._mask(tail))], dim=-2)
+        return self.linear(self._mask(x))
+
+    def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from teal.kernels import sparse_linear
+
+        x2 = x.reshape(-1, x.shape[-1])
+        scale = None if self.col_scale is None else self.col_scale[None]
+        y = sparse_linear(x2, self.w_t, self.threshold.reshape(1), None, scale)
+        score = x2.abs() if scale is None else x2.abs().float() * scale
+        kept = (score > self.threshold).sum()
+        self.zeros += x2.numel() - kept
+        self.total += x2.numel()
+        if self.linear.bias is not None:
+            y = y + self.linear.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, threshold={self.threshold_value:.4g}, "
+            f"weight_aware={self.col_scale is not None}, prefill={self.prefill}, "
+            f"dense_prefix={self.dense_prefix}, kernel={self.use_kernel}"
+        )
+
+
+def dense_linear(module: nn.Module) -> nn.Linear:
+    """The plain ``nn.Linear`` behind ``module`` (itself if it is not a TealLinear)."""
+    return module.linear if isinstance(module, TealLinear) else module
+
+
+__all__ = ["TealLinear", "dense_linear", "check_prefill"]
