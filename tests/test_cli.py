@@ -1,0 +1,66 @@
+"""The `teal` command end to end on a small token budget (real SmolLM2, cached)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from teal.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("cli") / "art"
+    r = invoke("calibrate", "smollm2-135m", "-o", out, "--tokens", 2048, "--seq-len", 512)
+    assert r.exit_code == 0, r.output
+    assert (out / "teal_config.json").is_file() and (out / "teal_histograms.safetensors").is_file()
+    r = invoke("allocate", "smollm2-135m", out, "--tokens", 256, "--seq-len", 256, "--step", 0.05)
+    assert r.exit_code == 0, r.output
+    assert "greedy" in json.loads((out / "teal_config.json").read_text())["allocations"]
+    return out
+
+
+def test_eval_ppl_json_and_plot(artifact, tmp_path):
+    js = tmp_path / "ppl.json"
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0,0.5",
+               "--method", "uniform,greedy", "--tokens", 1024, "--seq-len", 512, "--json", js)
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    assert data["model"] == "smollm2-135m" and data["data"] == "olmo-wiki"
+    rows = {(x["method"], x["sparsity"]): x for x in data["results"]}
+    assert set(rows) == {("teal-uniform", 0), ("teal-uniform", 0.5), ("teal-greedy", 0),
+                         ("teal-greedy", 0.5)}
+    assert rows[("teal-uniform", 0.5)]["ppl"] > rows[("teal-uniform", 0)]["ppl"]
+    assert abs(rows[("teal-uniform", 0.5)]["measured_sparsity"] - 0.5) < 0.05
+    assert "teal-greedy" in r.output
+    png = tmp_path / "ppl.png"
+    r = invoke("plot", js, "-o", png)
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate(artifact):
+    r = invoke("generate", "smollm2-135m", artifact, "--sparsity", 0.5, "--prompt",
+               "The capital of France is", "--max-new-tokens", 6)
+    assert r.exit_code == 0, r.output
+    assert "The capital of France is" in r.output and "measured sparsity" in r.output
+
+
+def test_bad_input_is_named(artifact, tmp_path):
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5,1.2")
+    assert r.exit_code != 0 and "outside [0, 1)" in r.output
+    r = invoke("calibrate", "smollm2-135m", "-o", tmp_path / "x", "--data", "nosuchsource",
+               "--tokens", 64)
+    assert r.exit_code != 0 and "nosuchsource" in str(r.exception)
+    r = invoke("eval", "ppl", "smollm2-135m", tmp_path / "missing", "--sparsity", "0.5")
+    assert r.exit_code != 0 and "does not exist" in str(r.exception)
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5",
+               "--method", "lagrange", "--tokens", 512, "--seq-len", 512)
+    assert r.exit_code != 0 and "no 'lagrange' allocation" in str(r.exception)
