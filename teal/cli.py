@@ -136,10 +136,11 @@ def allocate(
     artifact: Path = typer.Argument(..., help="artifact directory from `teal calibrate`"),
     method: str = typer.Option("greedy", help="greedy (TEAL block-wise) | uniform"),
     data: str = typer.Option("sotu"),
-    tokens: int = typer.Option(2048, help="calibration tokens for the search"),
+    tokens: int = typer.Option(1024, help="calibration tokens for the search"),
     seq_len: int = typer.Option(512),
-    step: float = typer.Option(0.025, help="effective-sparsity step of the search (≤ 0.05)"),
+    step: float = typer.Option(0.01, help="effective-sparsity step of the search (≤ 0.05)"),
     max_level: float = typer.Option(0.9),
+    lazy: bool = typer.Option(False, "--lazy/--exact", help="lazy greedy: far fewer evaluations"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -149,7 +150,7 @@ def allocate(
     hf_model, tok = load(model, dtype, device)
     th = teal.Thresholds.load(artifact, model=hf_model)
     teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
-                  step=step, max_level=max_level, tokenizer=tok)
+                  step=step, max_level=max_level, tokenizer=tok, lazy=lazy)
     th.save(artifact)
     info = th.allocations.get(method, {})
     console.print(f"{method} allocation up to {info.get('levels', [0])[-1]:.2f} in "
@@ -356,12 +357,12 @@ def demo(
     model: str = ModelArg,
     out: Path = typer.Option(Path("out/smollm2-135m"), help="artifact + results directory"),
     calib_data: str = typer.Option("sotu"),
-    calib_tokens: int = typer.Option(65536),
+    calib_tokens: int = typer.Option(32768),
     eval_data: str = typer.Option("olmo-wiki"),
-    eval_tokens: int = typer.Option(16384),
+    eval_tokens: int = typer.Option(8192),
     seq_len: int = typer.Option(2048),
-    greedy_tokens: int = typer.Option(1024),
-    greedy_step: float = typer.Option(0.05),
+    greedy_tokens: int = typer.Option(256),
+    greedy_step: float = typer.Option(0.01),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     prompt: str = typer.Option("The most important duty of a government is"),
     dtype: str = DtypeOpt,
@@ -379,8 +380,8 @@ def demo(
     th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len)
     th.save(out / "thresholds")
     console.rule("2/4 greedy allocation")
-    teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens, step=greedy_step,
-                  tokenizer=tok)
+    teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens,
+                  seq_len=min(greedy_tokens, 512), step=greedy_step, tokenizer=tok, lazy=True)
     th.save(out / "thresholds")
     console.rule(f"3/4 perplexity on {eval_data} ({eval_tokens} tokens per setting)")
     rows = perplexity_sweep(hf_model, tok, th, levels, ["uniform", "greedy"], data=eval_data,

@@ -83,9 +83,9 @@ class TealLinear(nn.Module):
         self.use_kernel = True
 
     def _mask(self, x: torch.Tensor) -> torch.Tensor:
-        score = x.abs()
+        score = x.abs().float()  # compare in fp32, like the kernel (no bf16-rounded threshold)
         if self.col_scale is not None:
-            score = score.float() * self.col_scale
+            score = score * self.col_scale
         keep = score > self.threshold
         self.zeros += keep.numel() - keep.sum()
         self.total += keep.numel()
@@ -110,7 +110,7 @@ class TealLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         scale = None if self.col_scale is None else self.col_scale[None]
         y = sparse_linear(x2, self.w_t, self.threshold.reshape(1), None, scale)
-        score = x2.abs() if scale is None else x2.abs().float() * scale
+        score = x2.abs().float() if scale is None else x2.abs().float() * scale
         kept = (score > self.threshold).sum()
         self.zeros += x2.numel() - kept
         self.total += x2.numel()

@@ -56,13 +56,13 @@ def family(request) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_thresholds(smollm2):
-    """SmolLM2 thresholds calibrated on 16k tokens of sotu, with a greedy table (step 0.05)."""
+    """SmolLM2 thresholds calibrated on 16k tokens of sotu, with a greedy table (lazy, step 0.02)."""
     import teal
 
     model, tok = smollm2
     th = teal.calibrate(model, tok, data="sotu", tokens=16384, seq_len=1024, progress=False)
-    teal.allocate(model, th, "greedy", data="sotu", tokens=512, seq_len=512, step=0.05,
-                  tokenizer=tok, progress=False)
+    teal.allocate(model, th, "greedy", data="sotu", tokens=256, seq_len=256, step=0.02,
+                  tokenizer=tok, lazy=True, progress=False)
     return th
 
 

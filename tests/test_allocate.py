@@ -123,3 +123,20 @@ def test_replaying_unchanged_submodules_gives_the_same_path(fam):
     for (e0, a), (e1, b) in zip(plain, fast):
         assert e0 == pytest.approx(e1, abs=1e-12)
         assert a == pytest.approx(b, abs=1e-12)
+
+
+def test_lazy_greedy_reaches_the_same_levels_with_similar_error():
+    model = tiny_model("llama")
+    windows = random_windows(4, 64)
+    th = teal.calibrate(model, None, windows=windows, progress=False)
+    errs = {}
+    for lazy in (False, True):
+        teal.allocate(model, th, "greedy", windows=windows, step=0.025, lazy=lazy, progress=False)
+        assert th.allocations["greedy"]["search"] == ("lazy" if lazy else "exact")
+        with torch.inference_mode():
+            dense = model(input_ids=windows, use_cache=False).logits
+            teal.sparsify_(model, th, 0.5, method="greedy")
+            errs[lazy] = float((model(input_ids=windows, use_cache=False).logits - dense).norm())
+        teal.densify_(model)
+        assert th.effective(th.sparsities(0.5, "greedy")) == pytest.approx(0.5, abs=1e-6)
+    assert errs[True] <= 1.25 * errs[False], errs

@@ -1,0 +1,1 @@
+"""GPU benchmarks: sparse GEMV kernels (``teal.bench.kernels``) and decoding (``teal.bench.decode``)."""

@@ -1,0 +1,533 @@
+"""``teal bench kernels``: the sparse GEMV kernel against cuBLAS and a naive TEAL-style kernel (GPU).
+
+Per configuration (model shape, projection, batch, sparsity): a float64 correctness check on fresh
+inputs, then the median time of the kernel, of dense ``torch.nn.functional.linear`` (cuBLAS) and of the
+naive split-K kernel, each captured in a CUDA graph over weight copies rotated so that weights are
+read from device memory (together well over the L2 size). Effective bandwidth is the kept weight bytes,
+``(1 - s) * K * N * elem``, over the time, as a fraction of the device-to-device copy bandwidth measured
+in the same run. Run with ``python -m teal.bench.kernels --json PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from teal.kernels import configs as kernel_configs
+from teal.kernels.configs import KernelConfig, batch_bucket, get_config
+from teal.kernels.naive import naive_sparse_linear
+from teal.kernels.ops import dense_masked_linear, path_counts, sm_count, sparse_linear_triton
+from teal.kernels.tune import quantile_threshold, table_entry, time_graph_us, tune_shape
+
+# name -> (projection, K, segment widths); the segments of one row share one launch.
+SHAPES: dict[str, tuple[tuple[str, int, tuple[int, ...]], ...]] = {
+    "llama-3-8b": (
+        ("qkv", 4096, (4096, 1024, 1024)),
+        ("o", 4096, (4096,)),
+        ("gate_up", 4096, (14336, 14336)),
+        ("down", 14336, (4096,)),
+    ),
+    "llama-2-7b": (
+        ("qkv", 4096, (4096, 4096, 4096)),
+        ("o", 4096, (4096,)),
+        ("gate_up", 4096, (11008, 11008)),
+        ("down", 11008, (4096,)),
+    ),
+}
+DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
+DEFAULT_BATCHES = (1, 2, 4, 8)
+ROTATION_BYTES = 192 * 2**20  # weight copies per shape total at least this (the H200's L2 is 60 MB)
+MAX_REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE = "cuda"
+
+
+def measure_copy_bandwidth(nbytes: int = 2 * 2**30, warmup_s: float = 0.3) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written.
+
+    Copies for ``warmup_s`` first so that the clocks have left their idle state.
+    """
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    deadline = time.perf_counter() + warmup_s
+    while time.perf_counter() < deadline:
+        dst.copy_(src)
+        torch.cuda.synchronize()
+    # Timed outside CUDA graphs: a captured copy becomes a memcpy node (copy engine), not a kernel.
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    us = statistics.median(times)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (us * 1e-6)
+
+
+def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
+    return torch.full((segments,), quantile_threshold(x, sparsity), dtype=torch.float32, device=x.device)
+
+
+def _reference64(x: torch.Tensor, w64: torch.Tensor, thr: torch.Tensor, splits: Sequence[int]) -> torch.Tensor:
+    score = x.abs().float()
+    outs, start = [], 0
+    for j, width in enumerate(splits):
+        xm = torch.where(score > thr[j], x.double(), 0.0)
+        outs.append(xm @ w64[:, start : start + width])
+        start += width
+    return torch.cat(outs, dim=1)
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if bool(torch.isnan(y).any()):
+        return float("nan")
+    return float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _sparsity_stats(xs: Sequence[torch.Tensor], thr: Sequence[torch.Tensor]) -> tuple[float, float]:
+    """(fraction of entries zeroed, fraction of input rows some batch row keeps), over the copies."""
+    zeroed, union = [], []
+    for x, t in zip(xs, thr):
+        keep = x.abs().float() > t[0]
+        zeroed.append(1.0 - float(keep.float().mean()))
+        union.append(float(keep.any(dim=0).float().mean()))
+    return sum(zeroed) / len(zeroed), sum(union) / len(union)
+
+
+def _git_commit() -> str | None:
+    try:
+        import subprocess
+
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:  # noqa: BLE001 - provenance only
+        return None
+
+
+def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
+    """Correctness of odd shapes, fp16, column scales and graph capture on the GPU (no timing)."""
+    rows: list[dict[str, Any]] = []
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    # (dtype, K, splits, batches, column scale, config): few compilations, every code path.
+    compact = KernelConfig(block_n=128, block_r=32, split_k=4, compact=True)
+    dot = KernelConfig(block_n=128, block_r=32, split_k=4, use_dot=True)
+    fma = KernelConfig(block_n=64, block_r=8, split_k=2)
+    cases = [
+        (dtype, 1000, (1000, 1001, 1000), (1,), False, None),
+        (dtype, 1000, (1000, 1001, 1000), (1,), True, compact),
+        (dtype, 1000, (1000, 1001, 1000), (1, 3, 8), True, dot),
+        (dtype, 1000, (1000, 1001, 1000), (3, 8), False, None),
+        (torch.float16, 200, (301,), (1, 3), True, fma),
+        (torch.float32, 200, (120, 181), (1, 3), False, dot),
+        (torch.float32, 200, (120, 181), (1,), False, compact),
+    ]
+    for case in cases:
+        try:
+            rows.extend(_self_check_case(gen, *case))
+        except Exception:  # noqa: BLE001 - reported in the results, not fatal
+            rows.append(dict(check=f"case {case[1:5]}", ok=False, error=traceback.format_exc()[-1500:]))
+    try:
+        rows.extend(_self_check_graph_compile(dtype))
+    except Exception:  # noqa: BLE001
+        rows.append(dict(check="graph/compile", ok=False, error=traceback.format_exc()[-1500:]))
+    return rows
+
+
+def _self_check_case(
+    gen: torch.Generator,
+    dt: torch.dtype,
+    k: int,
+    splits: tuple[int, ...],
+    batches: tuple[int, ...],
+    scaled: bool,
+    config: KernelConfig | None,
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    n = sum(splits)
+    w_t = torch.randn(k, n, device="cuda", generator=gen).to(dt)
+    w64 = w_t.double()
+    for batch in batches:
+        for s in (0.0, 0.5, 0.99):
+            x = torch.randn(batch, k, device="cuda", generator=gen).to(dt)
+            scale = (torch.rand(len(splits), k, device="cuda", generator=gen) + 0.5) if scaled else None
+            thr = _thresholds(x, s, len(splits)) * torch.linspace(1.0, 1.2, len(splits), device="cuda")
+            out = torch.full((batch, n), float("nan"), dtype=dt, device="cuda")
+            sparse_linear_triton(x, w_t, thr, list(splits), scale, out=out, config=config)
+            score = x.abs().float()
+            outs, start = [], 0
+            for j, width in enumerate(splits):
+                sc = score if scale is None else score * scale[j]
+                outs.append(torch.where(sc > thr[j], x.double(), 0.0) @ w64[:, start : start + width])
+                start += width
+            ref = torch.cat(outs, dim=1)
+            err = _rel_err(out, ref)
+            rows.append(dict(dtype=str(dt).replace("torch.", ""), K=k, splits=list(splits), batch=batch,
+                             sparsity=s, col_scale=scaled, config=None if config is None else config.as_dict(),
+                             rel_err=err, ok=bool(err <= MAX_REL_ERR[dt])))
+    return rows
+
+
+def _self_check_graph_compile(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The op inside a CUDA graph and under torch.compile(fullgraph=True)."""
+    rows: list[dict[str, Any]] = []
+    k, n = 512, 768
+    w_t = torch.randn(k, n, device="cuda", dtype=dtype)
+    x = torch.randn(2, k, device="cuda", dtype=dtype)
+    thr = _thresholds(x, 0.5, 1)
+    expect = torch.ops.teal.sparse_linear(x, w_t, thr, None, None)
+    graph = torch.cuda.CUDAGraph()
+    static_x = x.clone()
+    with torch.cuda.graph(graph):
+        static_y = torch.ops.teal.sparse_linear(static_x, w_t, thr, None, None)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref2 = torch.ops.teal.sparse_linear(x2, w_t, thr, None, None)
+    rows.append(dict(check="cuda_graph_replay", ok=bool(torch.equal(static_y, ref2))))
+    try:
+        from teal.kernels import sparse_linear
+
+        compiled = torch.compile(lambda a: sparse_linear(a, w_t, thr), fullgraph=True, backend="aot_eager")
+        rows.append(dict(check="torch_compile_fullgraph", ok=bool(torch.equal(compiled(x), expect))))
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        rows.append(dict(check="torch_compile_fullgraph", ok=False, error=repr(exc)[:300]))
+    return rows
+
+
+def run(
+    shapes: Sequence[str] = ("llama-3-8b", "llama-2-7b"),
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    batches: Sequence[int] = DEFAULT_BATCHES,
+    json_path: str | os.PathLike[str] | None = None,
+    *,
+    dtype: str = "bf16",
+    tune: bool = False,
+    tune_max_batch: int = 1,
+    check: bool = True,
+    seed: int = 0,
+    command: str | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    torch_dtype = _DTYPES[dtype]
+    from rich.console import Console
+
+    console = console or Console(width=160)
+    torch.manual_seed(seed)
+    device = torch.device(DEVICE)
+    sms = sm_count(device)
+    props = torch.cuda.get_device_properties(device)
+    t_start = time.perf_counter()
+    copy_bw = measure_copy_bandwidth()
+    console.print(f"[bold]{props.name}[/]: {sms} SMs, copy bandwidth {copy_bw / 1e12:.3f} TB/s")
+
+    import triton
+
+    data: dict[str, Any] = {
+        "benchmark": "kernels",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": props.name,
+        "sm_count": sms,
+        "l2_bytes": getattr(props, "L2_cache_size", None),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": _git_commit(),
+        "command": command or "teal.bench.kernels.run()",
+        "dtype": dtype,
+        "copy_bandwidth_start_Bps": copy_bw,
+        "copy_bandwidth_Bps": copy_bw,
+        "timing": "median per call of CUDA-graph replays over rotated weight copies (>= 192 MiB per shape)",
+        "tuning": [],
+        "results": [],
+    }
+    if check:
+        data["self_check"] = self_check(torch_dtype)
+        bad = [r for r in data["self_check"] if not r["ok"]]
+        console.print(f"self-check: {len(data['self_check']) - len(bad)}/{len(data['self_check'])} ok")
+        for r in bad[:10]:
+            console.print(f"  [red]FAILED[/] {r}")
+
+    tuned_keys: set[tuple[int, int, int, str]] = set()
+    for model in shapes:
+        for proj, k, splits in SHAPES[model]:
+            n = sum(splits)
+            elem = torch.finfo(torch_dtype).bits // 8
+            weight_bytes = k * n * elem
+            copies = max(2, math.ceil(ROTATION_BYTES / weight_bytes))
+            ws = [(torch.randn(n, k, device=device) * k**-0.5).to(torch_dtype) for _ in range(copies)]
+            w_ts = [w.t().contiguous() for w in ws]
+            w64 = w_ts[0].double()
+            for batch in batches:
+                key = (k, n, batch_bucket(batch), "bf16")
+                if tune and key not in tuned_keys and batch_bucket(batch) <= tune_max_batch:
+                    try:
+                        res = tune_shape(w_ts, splits, batch, sm_count=sms)
+                        kernel_configs.TUNED[key] = res.best
+                        tuned_keys.add(key)
+                        data["tuning"].append(dict(K=k, N=n, bucket=key[2], best=res.best.as_dict(),
+                                                   entry=table_entry(res), times_us=res.times_us,
+                                                   sparsities=list(res.sparsities)))
+                        console.print(f"tuned K={k} N={n} B<={key[2]}: {res.best}")
+                    except Exception:  # noqa: BLE001 - keep benchmarking with the table/heuristic
+                        console.print(f"[red]tuning failed[/] K={k} N={n} B={batch}\n{traceback.format_exc()}")
+                config = get_config(k, n, batch, torch_dtype, sms)
+                xs = [torch.randn(batch, k, device=device, dtype=torch_dtype) for _ in range(copies)]
+                cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
+                half = [_thresholds(x, 0.5, len(splits)) for x in xs]
+                fallback_us = time_graph_us([
+                    lambda x=x, w=w, t=t: dense_masked_linear(x, w, t, list(splits), None)
+                    for x, w, t in zip(xs, w_ts, half)
+                ])
+                for s in sparsities:
+                    row: dict[str, Any] = dict(model=model, proj=proj, K=k, N=n, splits=list(splits), batch=batch,
+                                               sparsity=s, weight_bytes=weight_bytes, config=config.as_dict(),
+                                               cublas_us=cublas_us, dense_fallback_us=fallback_us)
+                    try:
+                        # Correctness on a fresh input, output poisoned first.
+                        xc = torch.randn(batch, k, device=device, dtype=torch_dtype)
+                        tc = _thresholds(xc, s, len(splits))
+                        out = torch.full((batch, n), float("nan"), dtype=torch_dtype, device=device)
+                        before = dict(path_counts)
+                        sparse_linear_triton(xc, w_ts[0], tc, list(splits), out=out)
+                        row["path"] = next((p for p in path_counts if path_counts[p] != before.get(p, 0)), "?")
+                        ref = _reference64(xc, w64, tc, splits)
+                        row["rel_err"] = _rel_err(out, ref)
+                        row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
+                        thr = [_thresholds(x, s, len(splits)) for x in xs]
+                        row["measured_sparsity"], row["union_density"] = _sparsity_stats(xs, thr)
+                        us = time_graph_us([
+                            lambda x=x, w=w, t=t: torch.ops.teal.sparse_linear(x, w, t, list(splits), None)
+                            for x, w, t in zip(xs, w_ts, thr)
+                        ])
+                        naive_us = time_graph_us([
+                            lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(xs, w_ts, thr)
+                        ], min_calls=8, replays=10)
+                        row.update(us=us, naive_us=naive_us)
+                    except Exception:  # noqa: BLE001 - one broken row must not lose the run
+                        row["error"] = traceback.format_exc()[-2000:]
+                        console.print(f"[red]error[/] {model} {proj} B={batch} s={s}\n{row['error']}")
+                    data["results"].append(row)
+                del xs
+            del ws, w_ts, w64
+            torch.cuda.empty_cache()
+            console.print(f"{model} {proj} done at {time.perf_counter() - t_start:.0f} s")
+            if json_path is not None:  # keep what is measured so far if the run is cut short
+                for row in data["results"]:
+                    _derive(row, copy_bw)
+                write_json(data, json_path)
+    # Copy bandwidth again at the end; ratios use the higher of the two readings.
+    copy_end = measure_copy_bandwidth()
+    data["copy_bandwidth_end_Bps"] = copy_end
+    data["copy_bandwidth_Bps"] = copy_bw = max(copy_bw, copy_end)
+    for row in data["results"]:
+        _derive(row, copy_bw)
+    data["targets"] = check_targets(data["results"])
+    _print_results(data, console)
+    if json_path is not None:
+        write_json(data, json_path)
+    return data
+
+
+def _derive(row: dict[str, Any], copy_bw: float) -> None:
+    """Bandwidth fractions and speedups of one timed row, against ``copy_bw`` bytes/s."""
+    if "us" not in row:
+        return
+    weight_bytes, us = row["weight_bytes"], row["us"]
+    kept_bytes = (1.0 - row["measured_sparsity"]) * weight_bytes
+    row.update(
+        ideal_us=kept_bytes / copy_bw * 1e6,
+        eff_bw_frac=kept_bytes / (us * 1e-6) / copy_bw,
+        union_bw_frac=row["union_density"] * weight_bytes / (us * 1e-6) / copy_bw,
+        speedup_vs_cublas=row["cublas_us"] / us,
+        speedup_vs_naive=row["naive_us"] / us,
+        cublas_bw_frac=weight_bytes / (row["cublas_us"] * 1e-6) / copy_bw,
+    )
+
+
+def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The H200 batch-1 targets: bandwidth at s <= 0.65, parity at s = 0, 1.9x at s = 0.5, accuracy."""
+    out = []
+    for r in rows:
+        if r.get("batch") != 1 or "us" not in r:
+            continue
+        name = f"{r['model']}/{r['proj']} s={r['sparsity']}"
+        square = r["K"] == 4096 and r["N"] == 4096
+        if r["sparsity"] <= 0.65:
+            goal = 0.65 if square else 0.80
+            out.append(dict(check="eff_bw_frac", case=name, value=r["eff_bw_frac"], goal=goal,
+                            ok=r["eff_bw_frac"] >= goal))
+        if r["sparsity"] == 0:
+            out.append(dict(check="not_slower_than_cublas", case=name, value=r["speedup_vs_cublas"], goal=1.0,
+                            ok=r["speedup_vs_cublas"] >= 1.0))
+        if r["sparsity"] == 0.5:
+            out.append(dict(check="speedup_vs_cublas_at_0.5", case=name, value=r["speedup_vs_cublas"], goal=1.9,
+                            ok=r["speedup_vs_cublas"] >= 1.9))
+    for r in rows:
+        if "rel_err" in r:
+            ok = r["rel_err"] <= 1e-2
+            if not ok:
+                out.append(dict(check="rel_err", case=f"{r['model']}/{r['proj']} B={r['batch']} s={r['sparsity']}",
+                                value=r["rel_err"], goal=1e-2, ok=False))
+    return out
+
+
+def _print_results(data: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    copy_tbps = data["copy_bandwidth_Bps"] / 1e12
+    table = Table(title=f"sparse GEMV on {data['device']} ({data['dtype']}), copy {copy_tbps:.2f} TB/s")
+    for col in ("model", "proj", "B", "s", "us", "cuBLAS", "naive", "eff bw", "x cuBLAS", "x naive", "rel err", "path"):
+        table.add_column(col, justify="right")
+    for r in data["results"]:
+        if "us" not in r:
+            table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", "error", *[""] * 7)
+            continue
+        table.add_row(
+            r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", f"{r['us']:.1f}", f"{r['cublas_us']:.1f}",
+            f"{r['naive_us']:.1f}", f"{r['eff_bw_frac']:.0%}", f"{r['speedup_vs_cublas']:.2f}",
+            f"{r['speedup_vs_naive']:.2f}", f"{r['rel_err']:.1e}", r.get("path", "?"),
+        )
+    console.print(table)
+    if data["tuning"]:
+        console.print("tuned table entries (teal/kernels/configs.py TUNED):")
+        for t in data["tuning"]:
+            print(t["entry"], flush=True)
+    failed = [t for t in data["targets"] if not t["ok"]]
+    console.print(f"targets: {len(data['targets']) - len(failed)}/{len(data['targets'])} met")
+    for t in failed:
+        console.print(f"  missed {t['check']} {t['case']}: {t['value']:.3g} (goal {t['goal']})")
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``data`` as JSON atomically (temporary file in the same folder, then rename)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, default=str, allow_nan=True)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot(data: dict[str, Any], out_png: str | os.PathLike[str]) -> None:
+    """Time vs sparsity per projection at the smallest batch: kernel, naive, cuBLAS, ideal (1 - s) line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data.get("results", []) if "us" in r]
+    if not rows:
+        raise ValueError("plot: the data holds no timed results")
+    batch = min(r["batch"] for r in rows)
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["batch"] == batch:
+            panels.setdefault((r["model"], r["proj"]), []).append(r)
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    copy_bw = data["copy_bandwidth_Bps"]
+    for ax, ((model, proj), pts) in zip(axes.flat, sorted(panels.items())):
+        pts = sorted(pts, key=lambda r: r["sparsity"])
+        s = [r["sparsity"] for r in pts]
+        wb = pts[0]["weight_bytes"]
+        ax.plot(s, [r["us"] for r in pts], "o-", label="teal kernel")
+        ax.plot(s, [r["naive_us"] for r in pts], "s--", label="naive split-K")
+        ax.axhline(pts[0]["cublas_us"], color="gray", ls=":", label="cuBLAS dense")
+        ax.plot(s, [(1 - v) * wb / copy_bw * 1e6 for v in s], "k-", lw=0.8, label="ideal (1-s) at copy bw")
+        ax.set_title(f"{model} {proj} {pts[0]['K']}x{pts[0]['N']}", fontsize=9)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("time (us)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"sparse GEMV, batch {batch}, {data.get('device', '')} ({data.get('dtype', '')})", fontsize=10)
+    fig.tight_layout()
+    out_png = os.fspath(out_png)
+    folder = os.path.dirname(os.path.abspath(out_png))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out_png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m teal.bench.kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="llama-3-8b,llama-2-7b", help=f"comma list of {sorted(SHAPES)}")
+    parser.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
+    parser.add_argument("--batches", default=",".join(str(b) for b in DEFAULT_BATCHES))
+    parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
+    parser.add_argument("--json", dest="json_path", default=None, help="write results here")
+    parser.add_argument("--plot", dest="plot_path", default=None, help="write a time-vs-sparsity figure here")
+    parser.add_argument("--tune", action="store_true", help="tune configurations first (prints table entries)")
+    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the GPU self-check")
+    args = parser.parse_args(argv)
+    args_given = sys.argv[1:] if argv is None else list(argv)
+    command = "python -m teal.bench.kernels " + " ".join(shlex.quote(a) for a in args_given)
+    data = run(
+        shapes=tuple(s.strip() for s in args.shapes.split(",") if s.strip()),
+        sparsities=_floats(args.sparsities),
+        batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
+        json_path=args.json_path,
+        dtype=args.dtype,
+        tune=args.tune,
+        check=args.check,
+        command=command,
+    )
+    if args.plot_path:
+        plot(data, args.plot_path)
+    return data
+
+
+__all__ = ["SHAPES", "check_targets", "main", "measure_copy_bandwidth", "plot", "run", "self_check", "write_json"]
+
+if __name__ == "__main__":
+    main()

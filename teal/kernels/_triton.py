@@ -1,0 +1,258 @@
+"""Triton kernels of the fused threshold + sparse GEMV. Imported lazily: importing it imports Triton.
+
+``y[b, n] = sum_i x[b, i] * keep_j(b, i) * w_t[i, n]`` for column ``n`` of segment ``j``, where
+``keep_j(b, i) = |x[b, i]| * c[j, i] > t[j]`` (``c = 1`` without a column scale; ties are dropped).
+
+Grid: (column blocks, row splits). A column block lies inside one segment, so one threshold (and one
+scale row) applies to the whole block. Each program walks its share of the rows ``BLOCK_R`` at a time
+and loads a weight row only if some batch row keeps that input entry (the union); each batch row
+still multiplies by its own masked input. The loop is software-pipelined by hand: the loads of the
+next chunk (input, then the weight rows it keeps) are issued before the current chunk is multiplied,
+so a program always has two weight tiles in flight and the input load is off the critical path (the
+compiler's pipeliner cannot pipeline a load whose mask depends on another load of the same step).
+
+With ``SPLIT_K > 1`` each program writes an fp32 partial to a workspace and takes a ticket from a
+per-block counter; the program that draws the last ticket sums the partials in a fixed order, writes
+the output in the input's dtype and resets the counter for the next launch, so one launch writes
+every output element, deterministically, with no zero-fill.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(xv, cv, thr, valid):
+    """Entries that survive: |x| * c > t (fp32, ties dropped), restricted to ``valid``."""
+    return (tl.abs(xv).to(tl.float32) * cv > thr) & valid
+
+
+@triton.jit
+def sparse_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    thr_ptr,
+    scale_ptr,
+    ws_ptr,
+    cnt_ptr,
+    sidx_ptr,
+    sval_ptr,
+    B,
+    K,
+    N,
+    stride_xb,
+    stride_wk,
+    stride_yb,
+    rows_per_split,
+    off1,
+    off2,
+    off3,
+    cb1,
+    cb2,
+    cb3,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    RED_B: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    RED_CHUNK: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    COMPACT: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    # Which segment this column block belongs to, and its column range.
+    seg = (pid_n >= cb1).to(tl.int32) + (pid_n >= cb2).to(tl.int32) + (pid_n >= cb3).to(tl.int32)
+    first_block = tl.where(seg == 0, 0, tl.where(seg == 1, cb1, tl.where(seg == 2, cb2, cb3)))
+    col_start = tl.where(seg == 0, 0, tl.where(seg == 1, off1, tl.where(seg == 2, off2, off3)))
+    col_end = tl.where(seg == 0, off1, tl.where(seg == 1, off2, tl.where(seg == 2, off3, N)))
+    offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    thr = tl.load(thr_ptr + seg)
+
+    k_start = pid_k * rows_per_split
+    k_end = tl.minimum(k_start + rows_per_split, K)
+    n_chunks = tl.cdiv(k_end - k_start, BLOCK_R)
+    w_cols = w_ptr + offs_n[None, :]
+
+    if BLOCK_B == 1 and COMPACT:
+        # Batch 1, compacted: list this program's surviving rows (index, value) in its scratch slot,
+        # then gather only those weight rows, BLOCK_R at a time: work and bytes scale with (1 - s).
+        slot = (pid_k * tl.num_programs(0) + pid_n) * rows_per_split
+        count = k_start * 0  # int32 scalar
+        for c0 in range(k_start, k_end, CHUNK):
+            offs_c = c0 + tl.arange(0, CHUNK)
+            valid = offs_c < k_end
+            cv = tl.full([CHUNK], 1.0, tl.float32)
+            if HAS_SCALE:
+                cv = tl.load(scale_ptr + seg * K + offs_c, mask=valid, other=0.0)
+            xv = tl.load(x_ptr + offs_c, mask=valid, other=0.0)
+            keep = _keep(xv, cv, thr, valid)
+            pos = count + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+            tl.store(sidx_ptr + slot + pos, offs_c, mask=keep)
+            tl.store(sval_ptr + slot + pos, xv.to(tl.float32), mask=keep)
+            count += tl.sum(keep.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the list is read back by other threads of this program
+        q = tl.arange(0, BLOCK_R)
+        live = q < count
+        row_cur = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
+        val_cur = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
+        w_cur = tl.load(w_cols + row_cur[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        q += BLOCK_R
+        live = q < count
+        row_nxt = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
+        val_nxt = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
+        acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, tl.cdiv(count, BLOCK_R)):
+            w_nxt = tl.load(w_cols + row_nxt[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            q += BLOCK_R
+            live2 = q < count
+            row_nxt2 = tl.load(sidx_ptr + slot + q, mask=live2, other=0, cache_modifier=".cg")
+            val_nxt2 = tl.load(sval_ptr + slot + q, mask=live2, other=0.0, cache_modifier=".cg")
+            acc2 += val_cur[:, None] * w_cur.to(tl.float32)
+            val_cur = val_nxt
+            w_cur = w_nxt
+            row_nxt = row_nxt2
+            val_nxt = val_nxt2
+            live = live2
+        acc = tl.sum(acc2, axis=0)[None, :]
+    elif BLOCK_B == 1 and not USE_DOT:
+        # Batch 1: accumulate a [BLOCK_R, BLOCK_N] tile of products; reduce over rows once at the end.
+        offs_r = k_start + tl.arange(0, BLOCK_R)
+        valid = offs_r < k_end
+        c_cur = tl.full([BLOCK_R], 1.0, tl.float32)
+        if HAS_SCALE:
+            c_cur = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        x_cur = tl.load(x_ptr + offs_r, mask=valid, other=0.0)
+        keep = _keep(x_cur, c_cur, thr, valid)
+        w_cur = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        xm_cur = tl.where(keep, x_cur.to(tl.float32), 0.0)
+        offs_r += BLOCK_R
+        valid = offs_r < k_end
+        x_nxt = tl.load(x_ptr + offs_r, mask=valid, other=0.0)
+        c_nxt = c_cur
+        if HAS_SCALE:
+            c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, n_chunks):
+            # Issue the next chunk's loads first...
+            valid = offs_r < k_end
+            keep = _keep(x_nxt, c_nxt, thr, valid)
+            w_nxt = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            offs_r += BLOCK_R
+            valid2 = offs_r < k_end
+            x_nxt2 = tl.load(x_ptr + offs_r, mask=valid2, other=0.0)
+            if HAS_SCALE:
+                c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid2, other=0.0)
+            # ...then multiply the chunk that has already arrived.
+            acc2 += xm_cur[:, None] * w_cur.to(tl.float32)
+            xm_cur = tl.where(keep, x_nxt.to(tl.float32), 0.0)
+            w_cur = w_nxt
+            x_nxt = x_nxt2
+        acc = tl.sum(acc2, axis=0)[None, :]
+    else:
+        offs_b = tl.arange(0, BLOCK_B)
+        b_valid = (offs_b < B)[:, None]
+        x_rows = x_ptr + offs_b[:, None] * stride_xb
+        offs_r = k_start + tl.arange(0, BLOCK_R)
+        valid = offs_r < k_end
+        c_cur = tl.full([BLOCK_R], 1.0, tl.float32)
+        if HAS_SCALE:
+            c_cur = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        x_cur = tl.load(x_rows + offs_r[None, :], mask=b_valid & valid[None, :], other=0.0)
+        keep = _keep(x_cur, c_cur[None, :], thr, b_valid & valid[None, :])
+        union = tl.max(keep.to(tl.int32), axis=0) > 0
+        w_cur = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=union[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        xm_cur = tl.where(keep, x_cur, tl.zeros_like(x_cur))
+        offs_r += BLOCK_R
+        valid = offs_r < k_end
+        x_nxt = tl.load(x_rows + offs_r[None, :], mask=b_valid & valid[None, :], other=0.0)
+        c_nxt = c_cur
+        if HAS_SCALE:
+            c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, n_chunks):
+            valid = offs_r < k_end
+            keep = _keep(x_nxt, c_nxt[None, :], thr, b_valid & valid[None, :])
+            union = tl.max(keep.to(tl.int32), axis=0) > 0
+            w_nxt = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=union[:, None] & n_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+            offs_r += BLOCK_R
+            valid2 = offs_r < k_end
+            x_nxt2 = tl.load(x_rows + offs_r[None, :], mask=b_valid & valid2[None, :], other=0.0)
+            if HAS_SCALE:
+                c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid2, other=0.0)
+            if USE_DOT:
+                if DOT_FP32:
+                    acc = tl.dot(xm_cur.to(tl.float32), w_cur.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xm_cur, w_cur, acc)
+            else:
+                acc += tl.sum(xm_cur.to(tl.float32)[:, :, None] * w_cur.to(tl.float32)[None, :, :], axis=1)
+            xm_cur = tl.where(keep, x_nxt, tl.zeros_like(x_nxt))
+            w_cur = w_nxt
+            x_nxt = x_nxt2
+
+    offs_ob = tl.arange(0, BLOCK_B)
+    if SPLIT_K == 1:
+        tl.store(
+            y_ptr + offs_ob[:, None] * stride_yb + offs_n[None, :],
+            acc.to(y_ptr.dtype.element_ty),
+            mask=(offs_ob < B)[:, None] & n_mask[None, :],
+        )
+    else:
+        tl.store(
+            ws_ptr + (pid_k * B + offs_ob[:, None]) * N + offs_n[None, :],
+            acc,
+            mask=(offs_ob < B)[:, None] & n_mask[None, :],
+        )
+        # Every thread's partial is stored before the ticket is drawn (acq_rel, device scope).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == SPLIT_K - 1:
+            offs_rb = tl.arange(0, RED_B)
+            rb_mask = offs_rb < B
+            total = tl.zeros([RED_B, BLOCK_N], dtype=tl.float32)
+            for c in tl.static_range(0, SPLIT_K, RED_CHUNK):
+                offs_s = c + tl.arange(0, RED_CHUNK)
+                part = tl.load(
+                    ws_ptr + ((offs_s[:, None, None] * B + offs_rb[None, :, None]) * N + offs_n[None, None, :]),
+                    mask=rb_mask[None, :, None] & n_mask[None, None, :],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                total += tl.sum(part, axis=0)
+            tl.store(
+                y_ptr + offs_rb[:, None] * stride_yb + offs_n[None, :],
+                total.to(y_ptr.dtype.element_ty),
+                mask=rb_mask[:, None] & n_mask[None, :],
+            )
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def mask_input_kernel(x_ptr, xm_ptr, thr_ptr, scale_ptr, B, K, HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense fallback's input: ``xm[j * B + b, :] = x[b, :] * (|x[b, :]| * c[j, :] > t[j])``."""
+    row = tl.program_id(0)
+    seg = row // B
+    b = row % B
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    valid = offs < K
+    xv = tl.load(x_ptr + b * K + offs, mask=valid, other=0.0)
+    cv = tl.full([BLOCK_K], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    keep = _keep(xv, cv, tl.load(thr_ptr + seg), valid)
+    tl.store(xm_ptr + row * K + offs, tl.where(keep, xv, tl.zeros_like(xv)), mask=valid)

@@ -1,0 +1,124 @@
+"""Launch configurations of the sparse GEMV kernel: a tuned table keyed by shape, and a heuristic.
+
+The table is filled offline by ``teal.kernels.tune`` on the GPU (``python -m teal.bench.kernels
+--tune``); a decode loop only ever looks configurations up, so it never autotunes mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+#: Batch sizes above this use the dense fallback (cuBLAS on the masked input): the union of the
+#: surviving rows of more than 8 inputs is nearly dense at every useful sparsity.
+MAX_KERNEL_BATCH = 8
+
+#: Heuristic for untuned shapes: batches above this use the dense fallback. On the H200 the union of
+#: two or more inputs' surviving rows was never cheaper through the kernel than through cuBLAS.
+DENSE_FROM_BATCH = 1
+
+#: Multiprocessor count assumed when no CUDA device can be asked (the H200 has 132).
+DEFAULT_SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shape and launch parameters of one sparse GEMV launch.
+
+    ``block_n`` output columns and ``block_r`` weight rows per loop step; ``split_k`` programs share
+    the rows of one column block (their fp32 partials are summed by the last one to finish);
+    ``use_dot`` computes the block with ``tl.dot`` (tensor cores; batch padded to 16) instead of
+    fp32 FMAs; ``num_stages`` is Triton's own pipelining (1: only the kernel's hand-written prefetch).
+    ``dense`` selects the dense fallback (cuBLAS on the masked input) for this shape and batch.
+    ``compact`` (batch 1) first lists each program's surviving rows, then gathers only those rows,
+    so the work, not only the bytes, scales with the density.
+    """
+
+    block_n: int = 256
+    block_r: int = 32
+    split_k: int = 8
+    num_warps: int = 4
+    num_stages: int = 1
+    use_dot: bool = False
+    dense: bool = False
+    compact: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("block_n", "block_r", "split_k"):
+            value = getattr(self, name)
+            if value < 1 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 1, got {value}")
+        if self.compact and self.use_dot:
+            raise ValueError("KernelConfig: compact and use_dot cannot be combined")
+        if self.use_dot and self.block_r < 16:
+            raise ValueError(f"KernelConfig.block_r must be >= 16 with use_dot, got {self.block_r}")
+
+    def as_dict(self) -> dict[str, int | bool]:
+        return dataclasses.asdict(self)
+
+
+def batch_bucket(batch: int) -> int:
+    """Power-of-two bucket (1, 2, 4, 8, ...) that a batch size is tuned under."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    return 1 << (batch - 1).bit_length()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in names:
+        raise ValueError(f"sparse_linear supports bf16, fp16 and fp32 inputs, got {dtype}")
+    return names[dtype]
+
+
+# (K, N, batch bucket, dtype) -> config, measured on an NVIDIA H200 (see benchmarks/kernels_notes.md).
+# fp16 shares the bf16 entries (same element size); shapes not listed use `heuristic_config`.
+# Tuned by `python -m teal.bench.kernels --tune` (benchmarks/results/2026-11-28-h200-kernels.json); batches
+# of 2 or more take the dense fallback (DENSE_FROM_BATCH), which beat every kernel variant there.
+TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
+    (4096, 6144, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=8),
+    (4096, 4096, 1, "bf16"): KernelConfig(block_n=64, block_r=64, split_k=8, num_warps=2),
+    (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2),
+    (14336, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
+    (4096, 12288, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=4),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=2),
+    (11008, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
+}
+
+
+def _pow2_floor(value: float) -> int:
+    return 1 << max(0, int(value).bit_length() - 1)
+
+
+def heuristic_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int) -> KernelConfig:
+    """A reasonable configuration for a shape that is not in the tuned table.
+
+    Column blocks of 128 (fewer for narrow outputs), and enough row splits that about four programs
+    per multiprocessor stream weights, while each program still covers a few loop steps.
+    """
+    bucket = batch_bucket(batch)
+    if bucket > DENSE_FROM_BATCH:
+        return KernelConfig(dense=True)
+    block_n = 128 if n >= 1024 else max(16, min(128, _pow2_floor(max(n, 16))))
+    use_dot = bucket > 1
+    block_r = 32 if use_dot else 64
+    n_blocks = -(-n // block_n)
+    wanted = max(1, (4 * sm_count) // n_blocks)
+    max_split = max(1, k // (2 * block_r))
+    split_k = max(1, min(_pow2_floor(wanted), _pow2_floor(max_split), 64))
+    return KernelConfig(block_n=block_n, block_r=block_r, split_k=split_k, num_warps=4, use_dot=use_dot)
+
+
+def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
+    """The tuned configuration for this shape if there is one, else the heuristic's."""
+    bucket = batch_bucket(batch)
+    if bucket > MAX_KERNEL_BATCH:
+        return KernelConfig(dense=True)
+    name = dtype_name(dtype)
+    lookup = "bf16" if name == "fp16" else name
+    tuned = TUNED.get((k, n, bucket, lookup))
+    if tuned is not None:
+        return tuned
+    return heuristic_config(k, n, batch, dtype, sm_count)

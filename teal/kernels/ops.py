@@ -1,0 +1,415 @@
+"""``teal::sparse_linear``: fused threshold + sparse GEMV as a torch.library custom op.
+
+On CUDA the op runs the Triton kernel of ``teal.kernels._triton`` (batch 1..8) or the dense fallback
+(cuBLAS on the masked input); elsewhere it runs the plain-torch reference. A fake implementation
+lets ``torch.compile(fullgraph=True)`` trace it, and nothing on the CUDA path synchronises with the
+host, so CUDA graphs can capture it (call it once before capture so its workspace exists).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import threading
+from collections.abc import Sequence
+from itertools import accumulate
+from types import ModuleType
+from typing import List, Optional
+
+import torch
+
+from teal.kernels.configs import DEFAULT_SM_COUNT, MAX_KERNEL_BATCH, KernelConfig, get_config
+
+#: Segments one kernel launch resolves; more are launched in groups of this many.
+MAX_SEGMENTS_PER_LAUNCH = 4
+
+#: How many calls took each path ("triton" or "dense"), for tests and benchmarks. Host-side only.
+path_counts: collections.Counter[str] = collections.Counter()
+
+_SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight helpers
+
+
+def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The kernel's weight layout: ``nn.Linear`` weight [N, K] -> contiguous transpose ``w_t`` [K, N]."""
+    if weight.dim() != 2:
+        raise ValueError(f"prepare_weight expects a 2-D linear weight [out, in], got shape {tuple(weight.shape)}")
+    return weight.detach().t().contiguous()
+
+
+def fuse_weights(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Fuse projections that share an input (q|k|v, gate|up) into one ``w_t`` [K, sum N_j] and its splits."""
+    if not weights:
+        raise ValueError("fuse_weights needs at least one weight")
+    first = weights[0]
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != first.shape[1]:
+            raise ValueError(
+                f"fuse_weights: weight {i} has shape {tuple(w.shape)}; every weight must be [N_j, "
+                f"{first.shape[1] if first.dim() == 2 else 'K'}] (same input size)"
+            )
+        if w.dtype != first.dtype or w.device != first.device:
+            raise ValueError(
+                f"fuse_weights: weight {i} is {w.dtype} on {w.device}, weight 0 is {first.dtype} on "
+                f"{first.device}; convert them to one dtype and device first"
+            )
+    w_t = torch.cat([w.detach() for w in weights], dim=0).t().contiguous()
+    return w_t, [int(w.shape[0]) for w in weights]
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shapes and dtypes only: safe under fake tensors, no host sync)
+
+
+def _check_args(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[Sequence[int]],
+    col_scale: Optional[torch.Tensor],
+) -> list[int]:
+    if x.dim() != 2:
+        raise ValueError(f"sparse_linear: x must be [B, K], got shape {tuple(x.shape)}")
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"sparse_linear: x must be bf16, fp16 or fp32, got {x.dtype}")
+    if w_t.dim() != 2 or w_t.shape[0] != x.shape[1]:
+        raise ValueError(
+            f"sparse_linear: w_t must be the transposed weight [K={x.shape[1]}, N], got shape "
+            f"{tuple(w_t.shape)}; build it with teal.kernels.prepare_weight(linear.weight)"
+        )
+    if not w_t.is_contiguous():
+        raise ValueError(
+            "sparse_linear: w_t must be contiguous [K, N]; build it with teal.kernels.prepare_weight(linear.weight)"
+        )
+    if w_t.dtype != x.dtype:
+        raise ValueError(f"sparse_linear: w_t is {w_t.dtype} but x is {x.dtype}; they must match")
+    n = w_t.shape[1]
+    split_list = [int(n)] if splits is None else [int(s) for s in splits]
+    if any(s <= 0 for s in split_list) or sum(split_list) != n:
+        raise ValueError(f"sparse_linear: splits {split_list} must be positive widths summing to N={n}")
+    if thresholds.dim() > 1 or thresholds.numel() != len(split_list) or not thresholds.is_floating_point():
+        raise ValueError(
+            f"sparse_linear: thresholds must be a float tensor with one value per segment "
+            f"({len(split_list)}), got shape {tuple(thresholds.shape)} {thresholds.dtype}"
+        )
+    if col_scale is not None:
+        if col_scale.shape != (len(split_list), x.shape[1]) or not col_scale.is_floating_point():
+            raise ValueError(
+                f"sparse_linear: col_scale must be a float tensor [S={len(split_list)}, K={x.shape[1]}], "
+                f"got shape {tuple(col_scale.shape)} {col_scale.dtype}"
+            )
+    for name, t in (("w_t", w_t), ("thresholds", thresholds), ("col_scale", col_scale)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"sparse_linear: {name} is on {t.device} but x is on {x.device}; move it to x's device")
+    return split_list
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+
+
+def sparse_linear_reference(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[Sequence[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+    *,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Plain-torch ``sparse_linear``: per segment, mask by ``|x| * c_j > t_j`` (fp32), then matmul.
+
+    ``compute_dtype`` is the accumulation dtype (float64 gives a test reference); the result is
+    returned in ``out_dtype`` (default: x's dtype).
+    """
+    split_list = _check_args(x, w_t, thresholds, splits, col_scale)
+    score = x.abs().float()
+    thr = thresholds.reshape(-1).float()
+    xc = x.to(compute_dtype)
+    outs = []
+    start = 0
+    for j, width in enumerate(split_list):
+        seg_score = score if col_scale is None else score * col_scale[j].float()
+        keep = seg_score > thr[j]
+        xm = torch.where(keep, xc, torch.zeros((), dtype=compute_dtype, device=x.device))
+        outs.append(xm @ w_t[:, start : start + width].to(compute_dtype))
+        start += width
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return y.to(out_dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton path
+
+
+@functools.cache
+def _triton_kernels() -> ModuleType:
+    try:
+        from teal.kernels import _triton
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "sparse_linear on CUDA needs Triton; install it (pip install 'teal-sparsity[gpu]')"
+        ) from exc
+    return _triton
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessor count of ``device`` (the H200's 132 when it is not a CUDA device)."""
+    if device.type != "cuda":
+        return DEFAULT_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+class _Workspace:
+    """Per-device scratch buffers of the kernel, by name; tickets are left at zero by every launch.
+
+    Buffers only grow; replaced ones are kept alive so that CUDA graphs captured earlier still point
+    at valid memory. Launches on one device share them, so they must be ordered (one stream).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[tuple[str, Optional[int], str], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, name: str, numel: int, dtype: torch.dtype, zero: bool = False) -> torch.Tensor:
+        key = (device.type, device.index, name)
+        with self._lock:
+            buf = self._buffers.get(key)
+            if buf is None or buf.numel() < numel:
+                if buf is not None:
+                    self._retired.append(buf)
+                size = 1 << max(10, (max(numel, 1) - 1).bit_length())
+                buf = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=device)
+                self._buffers[key] = buf
+            return buf
+
+
+_workspace = _Workspace()
+
+
+def _launch(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    y: torch.Tensor,
+    thresholds: torch.Tensor,
+    col_scale: Optional[torch.Tensor],
+    split_list: list[int],
+    config: KernelConfig,
+) -> None:
+    """One kernel launch over up to MAX_SEGMENTS_PER_LAUNCH segments (w_t and y may be column views)."""
+    kernels = _triton_kernels()
+    batch, k = x.shape
+    n = sum(split_list)
+    block_n, block_r, split_k = config.block_n, config.block_r, config.split_k
+    ends = list(accumulate(split_list))
+    blocks = list(accumulate(-(-w // block_n) for w in split_list))
+    pad = MAX_SEGMENTS_PER_LAUNCH - len(split_list)
+    offs = (ends[:-1] + [n] * pad)[:3]
+    cbs = (blocks[:-1] + [blocks[-1]] * pad)[:3]
+    rows_per_split = -(-(-(-k // split_k)) // block_r) * block_r
+    red_b = 1 << (batch - 1).bit_length()
+    block_b = 16 if config.use_dot else red_b
+    red_chunk = max(1, min(split_k, 1 << max(0, (4096 // (red_b * block_n)).bit_length() - 1)))
+    partials = _workspace.get(x.device, "partials", split_k * batch * n if split_k > 1 else 1, torch.float32)
+    tickets = _workspace.get(x.device, "tickets", blocks[-1], torch.int32, zero=True)
+    compact = config.compact and batch == 1
+    slots = blocks[-1] * split_k * rows_per_split if compact else 1
+    row_list = _workspace.get(x.device, "rows", slots, torch.int32)
+    value_list = _workspace.get(x.device, "values", slots, torch.float32)
+    chunk = min(4096, 1 << (rows_per_split - 1).bit_length())
+    scale = col_scale if col_scale is not None else thresholds
+    kernels.sparse_gemv_kernel[(blocks[-1], split_k)](
+        x,
+        w_t,
+        y,
+        thresholds,
+        scale,
+        partials,
+        tickets,
+        row_list,
+        value_list,
+        batch,
+        k,
+        n,
+        x.stride(0),
+        w_t.stride(0),
+        y.stride(0),
+        rows_per_split,
+        offs[0],
+        offs[1],
+        offs[2],
+        cbs[0],
+        cbs[1],
+        cbs[2],
+        HAS_SCALE=col_scale is not None,
+        BLOCK_B=block_b,
+        RED_B=red_b,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        SPLIT_K=split_k,
+        RED_CHUNK=red_chunk,
+        USE_DOT=config.use_dot,
+        DOT_FP32=config.use_dot and (_interpreting() or x.dtype == torch.float32),
+        COMPACT=compact,
+        CHUNK=chunk,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+def dense_masked_linear(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    split_list: list[int],
+    col_scale: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Dense fallback: one Triton launch masks x per segment, then one cuBLAS product reads w_t once.
+
+    With S segments the product is [S*B, K] @ [K, N]; segment j's columns come from rows j*B..j*B+B-1.
+    """
+    batch, k = x.shape
+    segments = len(split_list)
+    xm = torch.empty((segments * batch, k), dtype=x.dtype, device=x.device)
+    thr = thresholds.reshape(-1).to(torch.float32).contiguous()
+    scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
+    block_k = 1024
+    _triton_kernels().mask_input_kernel[(segments * batch, -(-k // block_k))](
+        x.contiguous(), xm, thr, scale if scale is not None else thr, batch, k,
+        HAS_SCALE=scale is not None, BLOCK_K=block_k, num_warps=4,
+    )
+    stacked = xm @ w_t
+    if segments == 1:
+        return stacked
+    parts, start = [], 0
+    for j, width in enumerate(split_list):
+        parts.append(stacked[j * batch : (j + 1) * batch, start : start + width])
+        start += width
+    return torch.cat(parts, dim=1)
+
+
+def sparse_linear_triton(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[Sequence[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+    *,
+    config: Optional[KernelConfig] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The CUDA implementation (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
+
+    ``config`` overrides the table lookup; ``out`` receives the result (every element is written).
+    Batches above ``MAX_KERNEL_BATCH``, and shapes whose config says ``dense``, take the dense
+    fallback; ``path_counts`` records which path ran.
+    """
+    split_list = _check_args(x, w_t, thresholds, splits, col_scale)
+    batch, k = x.shape
+    n = w_t.shape[1]
+    if config is None:
+        config = get_config(k, n, batch, x.dtype, sm_count(x.device))
+    if out is not None and (
+        out.shape != (batch, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1
+    ):
+        raise ValueError(f"sparse_linear: out must be a [{batch}, {n}] {x.dtype} tensor with contiguous rows")
+    if batch == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device) if out is None else out
+    if config.dense or batch > MAX_KERNEL_BATCH or k * n >= 2**31:
+        path_counts["dense"] += 1
+        result = dense_masked_linear(x, w_t, thresholds, split_list, col_scale)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+    path_counts["triton"] += 1
+    if out is None:
+        out = torch.empty((batch, n), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    thr = thresholds.reshape(-1).to(torch.float32).contiguous()
+    scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
+    start = 0
+    for g in range(0, len(split_list), MAX_SEGMENTS_PER_LAUNCH):
+        group = split_list[g : g + MAX_SEGMENTS_PER_LAUNCH]
+        width = sum(group)
+        whole = width == n
+        _launch(
+            x,
+            w_t if whole else w_t[:, start : start + width],
+            out if whole else out[:, start : start + width],
+            thr[g : g + len(group)],
+            None if scale is None else scale[g : g + len(group)],
+            group,
+            config,
+        )
+        start += width
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom op
+
+
+@torch.library.custom_op("teal::sparse_linear", mutates_args=())
+def _sparse_linear_op(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[List[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    if x.device.type == "cuda":
+        return sparse_linear_triton(x, w_t, thresholds, splits, col_scale)
+    return sparse_linear_reference(x, w_t, thresholds, splits, col_scale)
+
+
+@_sparse_linear_op.register_fake
+def _sparse_linear_fake(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[List[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    _check_args(x, w_t, thresholds, splits, col_scale)
+    return x.new_empty((x.shape[0], w_t.shape[1]))
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor | float | Sequence[float],
+    splits: Optional[Sequence[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y[..., seg_j] = (x * (|x| * c_j > t_j)) @ w_t[:, seg_j]`` with fp32 accumulation, y in x's dtype.
+
+    x [..., K]; w_t [K, N] contiguous (``prepare_weight`` / ``fuse_weights``); thresholds fp32 [S]
+    on x's device (one per segment; a float is accepted outside graphs); splits: S widths summing
+    to N (None: one segment); col_scale fp32 [S, K] (weight-aware rule) or None.
+    """
+    if not isinstance(thresholds, torch.Tensor):
+        thresholds = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
+    thresholds = thresholds.reshape(-1)
+    if x.dim() == 0:
+        raise ValueError("sparse_linear: x must have at least one dimension [..., K]")
+    lead = x.shape[:-1]
+    y = torch.ops.teal.sparse_linear(
+        x.reshape(-1, x.shape[-1]), w_t, thresholds, None if splits is None else [int(s) for s in splits], col_scale
+    )
+    return y.reshape(*lead, w_t.shape[-1])
