@@ -1,0 +1,603 @@
+"""End-to-end batch-1 decode benchmark: the engine dense and sparse, HF generate, and the roofline.
+
+For each setting: a random prompt of `prompt_len` tokens, `new_tokens` greedy tokens, the median
+decode tokens/s over `repeats`, and the roofline tokens/s = copy bandwidth / bytes read per token
+(sparsified projection weights x (1 - measured sparsity) + the dense rest + KV cache reads), with the
+copy bandwidth measured in the same run. Baselines in the same run: our dense engine, HF `generate`
+with a static cache (its automatic torch.compile) and eager HF generate, on the same weights.
+Before timing, the engine is checked against HF (`check_twin`: fp32 exact, bf16 relative to HF's own error).
+
+Run: ``python -m teal.bench.decode --shape llama-3-8b --json out.json`` (needs CUDA; CPU runs are
+for smoke tests with ``--shape tiny-llama --device cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_IMPORT_TIME = time.time()
+
+from teal.engine import MODES, Generator, engine_from_hf_model, engine_random, resolve_thresholds  # noqa: E402
+from teal.engine.model import PROJECTIONS, Engine  # noqa: E402
+from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  # noqa: E402
+
+DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
+FP32_REL_ERR_BOUND = 1e-4  # engine vs HF logits in fp32 on the GPU
+
+# Targets for the Llama-3-8B shape on an H200 (see benchmarks/engine_notes.md).
+TARGETS = {
+    "dense_frac_roofline": 0.85, "dense_vs_hf_static": 2.0, "sparse50_vs_dense": 1.8,
+    "sparse50_frac_roofline": 0.80, "sparse40_vs_dense": 1.55, "startup_s": 60.0,
+}
+
+
+def process_start_time() -> float:
+    """Wall-clock start of this process (Linux /proc), else the import time of this module."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return _IMPORT_TIME
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device copy bandwidth in bytes/s (read + written), measured the same way as the kernel bench."""
+    if device.type != "cuda":
+        src = torch.empty(2**27, dtype=torch.uint8).random_(0, 255)
+        dst = torch.empty_like(src)
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+        return 2 * src.numel() / statistics.median(times)
+    from teal.bench.kernels import measure_copy_bandwidth
+
+    return measure_copy_bandwidth()
+
+
+def bytes_per_token(engine: Engine, sparsity_per_proj: dict[str, float] | None, context: float) -> float:
+    """Bytes one decode step must read: projection weights x (1 - sparsity), lm_head, norms, the
+    embedding row, and K and V of `context` positions in every layer."""
+    cfg = engine.config
+    item = engine.embed.element_size()
+    shapes = cfg.projection_shapes()
+    total = 0.0
+    for i in range(cfg.n_layers):
+        for p in PROJECTIONS:
+            k, n = shapes[p]
+            s = 0.0 if sparsity_per_proj is None else sparsity_per_proj.get(f"layers.{i}.{p}", 0.0)
+            total += k * n * item * (1.0 - s)
+        total += 2 * cfg.hidden * item
+    total += cfg.vocab_size * cfg.hidden * item + cfg.hidden * item * 2  # lm_head, embedding row, final norm
+    total += 2 * cfg.n_layers * cfg.kv_size * item * context
+    return total
+
+
+class _Clock:
+    """Host timestamps of HF generate's streamed tokens (first put is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.times.append(time.perf_counter())
+
+
+def hf_decode_rate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, repeats: int,
+                   cache_implementation: str | None) -> dict[str, Any]:
+    """HF generate tokens/s between the first and the last new token (a warm-up call first)."""
+    kwargs: dict[str, Any] = dict(attention_mask=torch.ones_like(ids[None]), max_new_tokens=new_tokens,
+                                  min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if cache_implementation:
+        kwargs["cache_implementation"] = cache_implementation
+
+    def once() -> tuple[float, float]:
+        clock = _Clock()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids[None], streamer=clock, **kwargs)
+        torch.cuda.synchronize() if ids.is_cuda else None
+        n_new = out.shape[1] - ids.numel()
+        first = clock.times[1]  # put #0 is the prompt, #1 the first new token
+        return (n_new - 1) / (clock.times[-1] - first), first - start
+
+    start = time.perf_counter()
+    once()
+    warm_s = time.perf_counter() - start
+    runs = [once() for _ in range(repeats)]
+    return {"tokens_per_s": statistics.median(r[0] for r in runs), "tokens_per_s_runs": [r[0] for r in runs],
+            "ttft_s": statistics.median(r[1] for r in runs), "warmup_s": warm_s, "new_tokens": new_tokens}
+
+
+def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Median decode tokens/s of greedy generation (graphs captured first, one warm-up run)."""
+    capture = gen.warmup(greedy=True)
+    gen.generate(ids, max_new_tokens=new_tokens, stop=[])
+    runs = [gen.generate(ids, max_new_tokens=new_tokens, stop=[]) for _ in range(repeats)]
+    return {"tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
+            "tokens_per_s_runs": [round(r.tokens_per_s, 2) for r in runs],
+            "ttft_s": statistics.median(r.prefill_s for r in runs), "capture_s": capture, "mode": gen.mode,
+            "compile_error": gen.compile_error}
+
+
+def profile_decode(gen: Generator, ids: torch.Tensor, steps: int = 6, top: int = 14) -> dict[str, Any]:
+    """GPU kernels of `steps` greedy decode graph replays (torch.profiler): count and time per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = gen._ensure_graph(True, False)  # the benchmark's own view of the generator internals
+    with torch.inference_mode():
+        gen.engine.prefill(ids)
+    gen._tok.fill_(1)
+    gen._pos.fill_(ids.numel())
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        us = getattr(e, "cuda_time_total", 0.0) if us is None else us
+        if us > 0:
+            rows.append({"kernel": e.key[:90], "per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"mode": gen.mode, "sparse_flags_layer0": list(gen.engine.sparse_flags[0]),
+            "kernels_per_step": sum(r["per_step"] for r in rows),
+            "kernel_us_per_step": sum(r["us_per_step"] for r in rows), "top": rows[:top]}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _decode_errors(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, prompt: int) -> float:
+    """Largest relative error of teacher-forced engine decode steps (after a prefill of ids[:prompt])."""
+    with torch.inference_mode():
+        engine.prefill(ids[:prompt])
+        return max(_rel(engine.decode(ids[t:t + 1], torch.tensor([t], device=ids.device))[0], ref[t])
+                   for t in range(prompt, ids.numel()))
+
+
+def check_dense(engine: Engine, hf: torch.nn.Module, ids: torch.Tensor, steps: int = 8) -> dict[str, Any]:
+    """Engine vs HF logits: prefill (all positions) and teacher-forced decode steps."""
+    with torch.inference_mode():
+        ref = hf(ids[None]).logits[0]
+        prefill = _rel(engine.prefill(ids, all_logits=True), ref)
+    return {"prefill_rel_err": prefill, "decode_rel_err_max": _decode_errors(engine, ref, ids, ids.numel() - steps)}
+
+
+def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None, n_layers: int = 4,
+               sparsity: float = 0.5) -> dict[str, Any]:
+    """Correctness on a shallow twin (the engine's widths, `n_layers` layers; the source model's first
+    layers when given, else random), where rounding noise does not snowball through 32 random layers.
+
+    fp32: the engine (eager and CUDA-graph decode) must match HF to 1e-4, dense and with masked
+    inputs at 50 % sparsity (HF inputs masked by forward pre-hooks). bf16: the engine's error against
+    the fp32 reference must stay within 1.5x HF bf16's own error + 0.01 (masks flip near thresholds).
+    """
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from teal.engine.reference import activation_thresholds
+
+    cfg = copy.deepcopy(engine.config.hf_config)
+    cfg.num_hidden_layers = n_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = cfg.layer_types[:n_layers]
+    with torch.device(engine.device):
+        hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if source is not None:
+        wanted = hf32.state_dict()
+        hf32.load_state_dict({k: v.float() for k, v in source.state_dict().items() if k in wanted}, strict=False)
+    gen_ids = torch.Generator(device=engine.device).manual_seed(3)
+    ids = torch.randint(0, engine.config.vocab_size, (48,), device=engine.device, generator=gen_ids)
+    prompt = 40
+    out: dict[str, Any] = {"n_layers": n_layers, "sparsity": sparsity}
+    with torch.inference_mode():
+        ref32 = hf32(ids[None]).logits[0]
+        hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+        ref16 = hf16(ids[None]).logits[0]
+    e32 = engine_from_hf_model(hf32, max_seq_len=64)
+    out["fp32_prefill_rel_err"] = _rel(e32.prefill(ids, all_logits=True), ref32)
+    out["fp32_decode_rel_err"] = _decode_errors(e32, ref32, ids, prompt)
+    hf_tokens = _hf_greedy(hf32, ids[:32], 12)
+    out["fp32_graph_tokens_match_hf"] = Generator(e32, mode=mode).generate(ids[:32], 12, stop=[]).tokens == hf_tokens
+    e32.to_layout(transposed=True)
+    th = activation_thresholds(e32, ids[:prompt], sparsity)
+    e32.set_thresholds(th)
+    masked32 = masked_hf_logits(hf32, ids, th, dense_prefix=prompt)
+    out["fp32_sparse_decode_rel_err"] = _decode_errors(e32, masked32, ids, prompt)
+    out["fp32_sparse_graph_tokens_match_eager"] = (
+        Generator(e32, mode=mode).generate(ids[:32], 12, stop=[]).tokens
+        == Generator(e32, mode="eager").generate(ids[:32], 12, stop=[]).tokens)
+    del e32
+    e16 = engine_from_hf_model(hf16, max_seq_len=64)
+    out["bf16_prefill_rel_err"] = _rel(e16.prefill(ids, all_logits=True), ref32)
+    out["hf_bf16_prefill_rel_err"] = _rel(ref16, ref32)
+    e16.to_layout(transposed=True)
+    e16.set_thresholds(th)
+    masked16 = masked_hf_logits(hf16, ids, th, dense_prefix=prompt)
+    out["bf16_sparse_decode_rel_err"] = _decode_errors(e16, masked32, ids, prompt)
+    out["hf_bf16_sparse_rel_err"] = max(_rel(masked16[t], masked32[t]) for t in range(prompt, ids.numel()))
+    out["passed"] = bool(
+        out["fp32_prefill_rel_err"] <= FP32_REL_ERR_BOUND and out["fp32_decode_rel_err"] <= FP32_REL_ERR_BOUND
+        and out["fp32_sparse_decode_rel_err"] <= FP32_REL_ERR_BOUND and out["fp32_graph_tokens_match_hf"]
+        and out["fp32_sparse_graph_tokens_match_eager"]
+        and out["bf16_prefill_rel_err"] <= 1.5 * out["hf_bf16_prefill_rel_err"] + 0.01
+        and out["bf16_sparse_decode_rel_err"] <= 1.5 * out["hf_bf16_sparse_rel_err"] + 0.01)
+    return out
+
+
+def _hf_greedy(model: torch.nn.Module, ids: torch.Tensor, n: int) -> list[int]:
+    with torch.inference_mode():
+        seq = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return seq[0, ids.numel():].tolist()
+
+
+def build_hf_twin(engine: Engine) -> torch.nn.Module:
+    """An HF model with the engine's weights (for random shapes), on the engine's device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(engine.device):
+        hf = AutoModelForCausalLM.from_config(engine.config.hf_config, dtype=engine.dtype)
+    missing, unexpected = hf.load_state_dict(engine.hf_state_dict(), strict=False)
+    bad = [m for m in missing if "rotary" not in m] + list(unexpected)
+    if bad:
+        raise RuntimeError(f"HF twin model does not match the engine's weights: {bad[:5]}")
+    return hf.eval()
+
+
+def run(
+    model: str | None = None,
+    shape: str | None = "llama-3-8b",
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES,
+    prompt_len: int = 128,
+    new_tokens: int = 256,
+    repeats: int = 3,
+    json_path: str | os.PathLike[str] | None = None,
+    thresholds: Any = None,
+    *,
+    modes: Sequence[str] = ("graph", "compiled-graph"),
+    hf_baselines: bool = True,
+    hf_eager_tokens: int = 32,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    time_budget_s: float = 480.0,
+    profile: bool = True,
+    command: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Benchmark decode speed; returns (and writes to `json_path`) the results dict."""
+    t_process = process_start_time()
+    device_t = torch.device(device)
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("teal bench decode needs a CUDA GPU; none is visible to torch (use --device cpu for a smoke test)")
+    if device_t.type != "cuda":
+        modes = ("eager",)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; choose from {', '.join(MODES)}")
+    sparsities = sorted({float(s) for s in sparsities} | {0.0})
+    max_seq_len = -(-(prompt_len + new_tokens + 8) // 64) * 64
+    context = prompt_len + new_tokens / 2  # mean positions attended per step
+    deadline = time.time() + time_budget_s
+    data: dict[str, Any] = _header(model, shape, device_t, dtype, prompt_len, new_tokens, repeats, max_seq_len,
+                                   command)
+    errors: list[str] = data["errors"]
+
+    def save() -> None:
+        if json_path is not None:
+            write_json(data, json_path)
+
+    def phase(name: str, fn: Callable[[], Any]) -> Any:
+        t = time.perf_counter()
+        try:
+            out = fn()
+            log(f"[{time.time() - t_process:7.1f}s] {name}: {time.perf_counter() - t:.1f}s")
+            return out
+        except Exception as err:  # noqa: BLE001 - keep benchmarking what still works, record what failed
+            errors.append(f"{name}: {type(err).__name__}: {err}")
+            log(f"[{time.time() - t_process:7.1f}s] {name} FAILED: {type(err).__name__}: {err}")
+            traceback.print_exc()
+            return None
+        finally:
+            save()
+
+    data["copy_bandwidth_Bps"] = bw = copy_bandwidth(device_t)
+    log(f"copy bandwidth {bw / 1e12:.3f} TB/s on {data['device']}")
+
+    # 1. engine straight from process start: build, compile + capture, first token
+    hf = None
+    if model is None:
+        engine = engine_random(shape, dtype=dtype, device=device_t, max_seq_len=max_seq_len)
+    else:
+        from teal.models import load_model
+
+        hf, tokenizer = load_model(model, dtype=dtype, device=device_t)
+        engine = engine_from_hf_model(hf.eval(), max_seq_len=max_seq_len)
+    _sync(device_t)
+    t_built = time.time()
+    data["model_info"] = {"name": engine.config.name, "model_type": engine.config.model_type,
+                          "n_layers": engine.config.n_layers, "hidden": engine.config.hidden,
+                          "intermediate": engine.config.intermediate, "vocab": engine.config.vocab_size,
+                          "n_heads": engine.config.n_heads, "n_kv_heads": engine.config.n_kv_heads,
+                          "weight_bytes": sum(b for _, b in engine.iter_weight_bytes())}
+    gen0 = Generator(engine, mode=modes[-1])
+    ids = torch.randint(0, engine.config.vocab_size, (prompt_len,), device=device_t,
+                        generator=torch.Generator(device=device_t).manual_seed(0))
+    first = gen0.generate(ids, max_new_tokens=2, stop=[])
+    t_first = time.time()
+    data["startup"] = {"mode": gen0.mode, "process_to_engine_s": t_built - t_process,
+                       "compile_capture_s": gen0.capture_s, "process_to_first_token_s": t_first - t_process,
+                       "first_token_prefill_s": first.prefill_s, "compile_error": gen0.compile_error}
+    log(f"startup: {json.dumps(data['startup'])}")
+    save()
+
+    # 2. HF twin and bf16 correctness
+    if hf is None:
+        hf = phase("build HF model", lambda: build_hf_twin(engine))
+    check_ids = torch.randint(0, engine.config.vocab_size, (48,), device=device_t,
+                              generator=torch.Generator(device=device_t).manual_seed(1))
+    data["checks"]["twin"] = phase("check shallow twin fp32 + bf16 vs HF",
+                                   lambda: check_twin(engine, modes[-1], source=hf if model else None))
+    if hf is not None:  # informational: 32 random layers amplify bf16 rounding differences
+        data["checks"]["full_model_bf16"] = phase("full model bf16 vs HF bf16",
+                                                  lambda: check_dense(engine, hf, check_ids))
+
+    # 3. dense engine, every mode, dense layout (F.linear)
+    dense_rows: list[dict[str, Any]] = data["dense_variants"]
+    for mode in modes:
+        gen = Generator(engine, mode=mode)
+        row = phase(f"dense engine {mode}", lambda: time_engine(gen, ids, new_tokens, repeats))
+        if row:
+            dense_rows.append({"layout": "[N,K] F.linear", "requested_mode": mode, **row})
+            log(f"  dense {mode}: {row['tokens_per_s']:.1f} tok/s")
+        del gen
+
+    if profile and device_t.type == "cuda" and dense_rows:
+        gen = Generator(engine, mode=max(dense_rows, key=lambda r: r["tokens_per_s"])["mode"])
+        data["profiles"]["dense"] = phase("profile dense", lambda: profile_decode(gen, ids))
+        del gen
+
+    # 4. HF baselines
+    if hf is not None and hf_baselines:
+        data["baselines"]["hf_static_compile"] = phase(
+            "HF generate static cache", lambda: hf_decode_rate(hf, ids, new_tokens, repeats, "static"))
+        if hf_eager_tokens and time.time() < deadline:
+            data["baselines"]["hf_eager"] = phase(
+                "HF generate eager", lambda: hf_decode_rate(hf, ids, hf_eager_tokens, 1, None))
+
+    # 5. transposed layout: thresholds, sparse check against HF
+    engine.to_layout(transposed=True)
+    calib_ids = torch.randint(0, engine.config.vocab_size, (prompt_len,), device=device_t,
+                              generator=torch.Generator(device=device_t).manual_seed(2))
+    levels: dict[float, tuple[dict[str, float], dict[str, torch.Tensor] | None]] = {}
+    if thresholds is not None:
+        levels = {s: resolve_thresholds(thresholds, s, engine) for s in sparsities}
+    else:
+        levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib_ids, sparsities))}
+    data["thresholds_source"] = "artifact" if thresholds is not None else "quantiles of |x| over a random prompt"
+    del hf
+    gc.collect()
+    _empty_cache(device_t)
+
+    # 6. transposed layout timings: s = 0 through cuBLAS (x @ w_t) and through the kernel, then s > 0
+    dense_best = max((r["tokens_per_s"] for r in dense_rows), default=float("nan"))
+    hf_static = (data["baselines"].get("hf_static_compile") or {}).get("tokens_per_s")
+    best_first = sorted(dense_rows, key=lambda r: -r["tokens_per_s"])
+    sparse_modes = list(dict.fromkeys([r["mode"] for r in best_first] + list(modes)))
+    priority = [s for s in (0.5, 0.4) if s in levels] + [s for s in sparsities if s not in (0.5, 0.4)]
+    for s in priority:
+        th, cs = levels[s]
+        variants = [("kernel", True), ("x @ w_t", False)] if s == 0 else [("kernel", False)]
+        for op, at_zero in variants:
+            engine.kernel_at_zero = at_zero
+            engine.set_thresholds(th, cs)
+            measured, per = (0.0, {}) if s == 0 else decode_sparsity(engine, calib_ids[:64], 4, th, cs)
+            for mode in sparse_modes:
+                if time.time() > deadline:
+                    errors.append(f"time budget reached: skipped s={s} {op} {mode}")
+                    continue
+                gen = Generator(engine, mode=mode)
+                row = phase(f"s={s} {op} {mode}", lambda: time_engine(gen, ids, new_tokens, repeats))
+                del gen
+                if not row:
+                    continue
+                nbytes = bytes_per_token(engine, per if s > 0 else None, context)
+                roof = bw / nbytes
+                result = {"sparsity": s, "measured_sparsity": measured, "op": op, "requested_mode": mode, **row,
+                          "bytes_per_token": nbytes, "roofline_tokens_per_s": roof,
+                          "frac_of_roofline": row["tokens_per_s"] / roof,
+                          "speedup_vs_dense": row["tokens_per_s"] / dense_best,
+                          "speedup_vs_hf_static": row["tokens_per_s"] / hf_static if hf_static else None}
+                data["results"].append(result)
+                if profile and device_t.type == "cuda" and s == 0.5 and f"s0.5-{row['mode']}" not in data["profiles"]:
+                    gen = Generator(engine, mode=mode)
+                    data["profiles"][f"s0.5-{row['mode']}"] = phase("profile s=0.5", lambda: profile_decode(gen, ids))
+                    del gen
+                log(f"  s={s:.2f} ({measured:.3f}) {op:8s} {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
+                    f"roofline {roof:7.1f} ({result['frac_of_roofline']:.0%})")
+        engine.kernel_at_zero = False
+    data["results"].sort(key=lambda r: (r["sparsity"], r["op"], r["mode"]))
+    data["dense_roofline_tokens_per_s"] = bw / bytes_per_token(engine, None, context)
+    data["targets"] = evaluate_targets(data)
+    data["total_s"] = time.time() - t_process
+    save()
+    print_table(data, log)
+    return data
+
+
+def evaluate_targets(data: dict[str, Any]) -> dict[str, Any]:
+    """Each target as {value, target, met} from this run's numbers."""
+    dense = max((r["tokens_per_s"] for r in data["dense_variants"]), default=None)
+    roof = data.get("dense_roofline_tokens_per_s")
+    hf = (data["baselines"].get("hf_static_compile") or {}).get("tokens_per_s")
+
+    def best(s: float) -> dict[str, Any] | None:
+        rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"]
+        return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+
+    out: dict[str, Any] = {}
+
+    def add(name: str, value: float | None, target: float, higher: bool = True) -> None:
+        if value is not None:
+            out[name] = {"value": value, "target": target, "met": value >= target if higher else value <= target}
+
+    if dense and roof:
+        add("dense_frac_roofline", dense / roof, TARGETS["dense_frac_roofline"])
+    if dense and hf:
+        add("dense_vs_hf_static", dense / hf, TARGETS["dense_vs_hf_static"])
+    s50, s40 = best(0.5), best(0.4)
+    if s50 and dense:
+        add("sparse50_vs_dense", s50["tokens_per_s"] / dense, TARGETS["sparse50_vs_dense"])
+        add("sparse50_frac_roofline", s50["frac_of_roofline"], TARGETS["sparse50_frac_roofline"])
+    if s40 and dense:
+        add("sparse40_vs_dense", s40["tokens_per_s"] / dense, TARGETS["sparse40_vs_dense"])
+    startup = data.get("startup", {}).get("process_to_first_token_s")
+    add("startup_s", startup, TARGETS["startup_s"], higher=False)
+    return out
+
+
+def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    """Plain-text summary (the last lines of a device run's output)."""
+    bw = data.get("copy_bandwidth_Bps", 0.0)
+    log(f"\n== decode {data['model']} on {data['device']} ({data['dtype']}), prompt {data['prompt_len']}, "
+        f"{data['new_tokens']} new tokens, copy {bw / 1e12:.2f} TB/s ==")
+    for r in data["dense_variants"]:
+        log(f"dense  [N,K] F.linear  {r['mode']:15s} {r['tokens_per_s']:8.1f} tok/s  capture {r['capture_s']:.1f}s"
+            + (f"  (compile failed: {r['compile_error'][:80]})" if r.get("compile_error") else ""))
+    for name, b in data["baselines"].items():
+        if b:
+            log(f"{name:22s} {b['tokens_per_s']:8.1f} tok/s  ({b['new_tokens']} tokens, warm-up {b['warmup_s']:.1f}s)")
+    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} {'%roof':>6} "
+        f"{'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
+    for r in data["results"]:
+        hf = r.get("speedup_vs_hf_static")
+        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
+            f"{r['roofline_tokens_per_s']:8.1f} {r['frac_of_roofline']:6.0%} {r['speedup_vs_dense']:7.2f} "
+            f"{(f'{hf:.2f}' if hf else '-'):>6} {r['ttft_s'] * 1e3:7.1f}")
+    log("startup: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
+                                  for k, v in data.get("startup", {}).items()}))
+    log("checks: " + json.dumps(data.get("checks", {}), default=str))
+    for name, t in data.get("targets", {}).items():
+        log(f"target {name:24s} {t['value']:8.3f} vs {t['target']:6.2f}  {'met' if t['met'] else 'MISSED'}")
+    for name, prof in data.get("profiles", {}).items():
+        if prof:
+            log(f"profile {name} ({prof['mode']}): {prof['kernels_per_step']:.0f} kernels, "
+                f"{prof['kernel_us_per_step']:.0f} us of kernels per step; top: "
+                + "; ".join(f"{r['kernel'][:40]} x{r['per_step']:.0f} {r['us_per_step']:.0f}us" for r in prof["top"][:6]))
+    for e in data["errors"]:
+        log(f"error: {e}")
+
+
+def _header(model: str | None, shape: str | None, device: torch.device, dtype: torch.dtype, prompt_len: int,
+            new_tokens: int, repeats: int, max_seq_len: int, command: str | None) -> dict[str, Any]:
+    import transformers
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    import teal
+
+    return {
+        "benchmark": "decode",
+        "teal_version": getattr(teal, "__version__", None),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "command": command or "teal.bench.decode.run()",
+        "model": model or f"random:{shape}", "dtype": str(dtype).removeprefix("torch."),
+        "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+        "max_seq_len": max_seq_len,
+        "timing": "median over repeats of decode tokens/s (first to last new token, host clock, greedy)",
+        "roofline": "copy bandwidth / (sparsified weights x (1 - measured sparsity) + lm_head + embedding row "
+                    "+ norms + KV cache at the mean context)",
+        "checks": {}, "baselines": {}, "dense_variants": [], "results": [], "profiles": {}, "errors": [],
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Atomic write: a temporary file in the same folder, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m teal.bench.decode", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="model name or path (default: random weights of --shape)")
+    parser.add_argument("--shape", default="llama-3-8b", help="named random shape (teal.engine.SHAPES)")
+    parser.add_argument("--sparsity", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
+    parser.add_argument("--thresholds", default=None, help="thresholds artifact directory (with --model)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default="graph,compiled-graph", help=f"decode modes to time ({', '.join(MODES)})")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF generate baselines")
+    parser.add_argument("--hf-eager-tokens", type=int, default=32, help="tokens for the eager HF baseline (0: skip)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; later settings are skipped after")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
+    parser.add_argument("--json", dest="json_path", default=None)
+    args = parser.parse_args(argv)
+    thresholds = None
+    if args.thresholds:
+        from teal import Thresholds
+
+        thresholds = Thresholds.load(args.thresholds)
+    command = "python -m teal.bench.decode " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    return run(model=args.model, shape=args.shape, sparsities=[float(s) for s in args.sparsity.split(",") if s],
+               prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+               json_path=args.json_path, thresholds=thresholds, modes=tuple(m for m in args.modes.split(",") if m),
+               hf_baselines=not args.no_hf, hf_eager_tokens=args.hf_eager_tokens, device=args.device,
+               dtype=getattr(torch, args.dtype), time_budget_s=args.time_budget, profile=not args.no_profile,
+               command=command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,412 @@
+"""`Generator`: prompt in, tokens out, with the decode step replayed from a CUDA graph."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from teal.engine.config import SHAPES
+from teal.engine.loading import engine_from_checkpoint, engine_from_hf_model, engine_random
+from teal.engine.model import Engine, decode_layer
+from teal.engine.sampling import sample
+
+log = logging.getLogger(__name__)
+
+# eager: plain PyTorch ops (CPU, debugging). graph: the decode step's eager kernels captured in one CUDA
+# graph. compiled-graph: each layer compiled once by torch.compile (fused norms, rope, residual adds,
+# softmax), the whole step, sampling included, captured in one CUDA graph. On an H200 (Llama-3-8B
+# shape, bf16) compiled-graph decodes 207 tok/s dense and 249 at 50 % sparsity, graph 159 and 181
+# (benchmarks/engine_notes.md), so it is the default.
+MODES = ("eager", "graph", "compiled-graph")
+DEFAULT_CUDA_MODE = "compiled-graph"
+
+
+@dataclass
+class GenerationResult:
+    """Generated token ids (prompt excluded; the stop token, if hit, is the last one) and timings.
+
+    prefill_s: prompt forward until the first new token is on the host. decode_s: from then until the
+    last token. tokens_per_s: decode steps (len(tokens) - 1) per second of decode_s.
+    """
+
+    tokens: list[int]
+    text: str | None
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    prompt_tokens: int = 0
+    finish_reason: str = "length"
+
+
+class Generator:
+    """Batch-1 text generation on an `Engine`, dense or with TEAL activation sparsity at decode steps.
+
+    thresholds=None keeps the engine's current decode thresholds (dense for a new engine).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any = None,
+        *,
+        mode: str | None = None,
+        thresholds: Any = None,
+        sparsity: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        on_cuda = engine.device.type == "cuda"
+        mode = mode or (DEFAULT_CUDA_MODE if on_cuda else "eager")
+        if mode not in MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode != "eager" and not on_cuda:
+            raise ValueError(f"decode mode {mode!r} needs a CUDA device; the engine is on {engine.device}")
+        self.mode = mode
+        self.compile_error: str | None = None
+        self.capture_s = 0.0  # time spent compiling and capturing graphs so far
+        self.sparsity = 0.0
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._compiled_layer: Callable[..., Any] | None = None
+        dev = engine.device
+        self._tok = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self._temperature = torch.ones((), dtype=torch.float32, device=dev)
+        self._top_p = torch.ones((), dtype=torch.float32, device=dev)
+        self._host_tokens = torch.zeros(engine.max_seq_len, dtype=torch.long, pin_memory=on_cuda)
+        if thresholds is not None or sparsity > 0:
+            self.set_sparsity(sparsity, thresholds)
+
+    # ---------------------------------------------------------------- build
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Any,
+        thresholds: Any = None,
+        sparsity: float = 0.0,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        max_seq_len: int | None = None,
+        compile: bool | str = True,
+        tokenizer: Any = None,
+        seed: int = 0,
+    ) -> "Generator":
+        """Build from a loaded HF model, an HF checkpoint directory, a model name for
+        `teal.models.load_model` (alias, hub id, .gguf), or a named random shape (`teal.engine.SHAPES`).
+
+        thresholds: a `teal.Thresholds` (its levels for `sparsity` are used) or a dict
+        {"layers.{i}.{p}": t}; the weights are then stored transposed for the sparse kernel.
+        compile: True -> fastest measured CUDA mode ("compiled-graph"), False -> "graph" (no compiler),
+        or a mode name; on CPU everything runs eagerly.
+        """
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        transposed = thresholds is not None
+        build = dict(dtype=dtype, device=device, transposed=transposed)
+        if isinstance(model, torch.nn.Module):
+            seq = max_seq_len or _default_seq_len(model.config)
+            engine = engine_from_hf_model(model, max_seq_len=seq, **build)
+        elif isinstance(model, str) and model in SHAPES:
+            from teal.engine.config import shape_hf_config
+
+            seq = max_seq_len or _default_seq_len(shape_hf_config(model))
+            engine = engine_random(model, max_seq_len=seq, seed=seed, **build)
+        elif isinstance(model, (str, Path)) and Path(model).is_dir():
+            from transformers import AutoConfig
+
+            seq = max_seq_len or _default_seq_len(AutoConfig.from_pretrained(model))
+            engine = engine_from_checkpoint(model, max_seq_len=seq, **build)
+            if tokenizer is None:
+                tokenizer = _try_tokenizer(model)
+        elif isinstance(model, (str, Path)):
+            try:
+                from teal.models import load_model
+            except ImportError as err:
+                raise ValueError(
+                    f"{model!r} is not a named shape ({', '.join(sorted(SHAPES))}) nor a checkpoint "
+                    "directory, and teal.models (needed to resolve model names) is not available"
+                ) from err
+            hf_model, hf_tokenizer = load_model(str(model), dtype=dtype, device="cpu")
+            seq = max_seq_len or _default_seq_len(hf_model.config)
+            engine = engine_from_hf_model(hf_model, max_seq_len=seq, **build)
+            del hf_model
+            tokenizer = tokenizer or hf_tokenizer
+        else:
+            raise TypeError(f"cannot build a generator from {type(model).__name__}; give a model, path or shape name")
+        mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
+        if device.type != "cuda":
+            mode = "eager"
+        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity)
+
+    # ------------------------------------------------------------- sparsity
+    def set_sparsity(self, sparsity: float, thresholds: Any = None) -> None:
+        """Switch the decode sparsity level (thresholds: a `teal.Thresholds` or a {key: t} dict)."""
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        if thresholds is None:
+            if sparsity > 0:
+                raise ValueError(
+                    "sparsity > 0 needs thresholds: pass a teal.Thresholds (from teal.calibrate) or a "
+                    "dict {'layers.{i}.{p}': threshold}"
+                )
+            self.engine.set_thresholds(None)
+            self.sparsity = 0.0
+            return
+        values, col_scales = resolve_thresholds(thresholds, sparsity, self.engine)
+        self.engine.set_thresholds(values, col_scales)
+        self.sparsity = sparsity
+
+    # ------------------------------------------------------------- generate
+    def generate(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: int | str | Sequence[int | str] | None = None,
+        stream: Callable[[int], None] | None = None,
+        seed: int | None = None,
+    ) -> GenerationResult:
+        """Generate up to `max_new_tokens` tokens after the prompt (text or token ids).
+
+        temperature 0 is greedy (argmax); otherwise tokens are sampled from softmax(logits / temperature)
+        restricted to the top-p nucleus. stop: token ids or single-token strings that end generation
+        (default: the model's EOS tokens; [] disables). stream(token_id) is called for every new token.
+        """
+        ids = self._encode(prompt)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if temperature < 0 or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        needed = len(ids) + max_new_tokens
+        if needed > self.engine.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) = {needed} exceeds the static "
+                f"KV cache (max_seq_len={self.engine.max_seq_len}); build the generator with max_seq_len >= {needed} "
+                "or shorten the request"
+            )
+        stops = self._stop_ids(stop)
+        greedy = temperature == 0.0
+        use_top_p = top_p < 1.0
+        if seed is not None:
+            torch.manual_seed(seed)
+        self._temperature.fill_(temperature if not greedy else 1.0)
+        self._top_p.fill_(top_p)
+        graph = self._ensure_graph(greedy, use_top_p) if self.mode != "eager" and max_new_tokens > 1 else None
+
+        engine = self.engine
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = engine.prefill(torch.tensor(ids, dtype=torch.long, device=engine.device))
+            first = sample(logits, greedy, temperature or 1.0, top_p, use_top_p)
+            self._tok.copy_(first)
+            self._pos.fill_(len(ids))
+            tokens = [int(first.item())]
+        decode_start = time.perf_counter()
+        if stream is not None:
+            stream(tokens[0])
+        finish = "stop" if tokens[0] in stops else "length"
+        if finish == "length" and max_new_tokens > 1:
+            finish = self._decode_loop(tokens, max_new_tokens - 1, greedy, use_top_p, graph, stops, stream)
+        end = time.perf_counter()
+        decode_s = end - decode_start
+        steps = len(tokens) - 1
+        text = None
+        if self.tokenizer is not None:
+            body = tokens[:-1] if finish == "stop" else tokens
+            text = self.tokenizer.decode(body, skip_special_tokens=True)
+        return GenerationResult(
+            tokens=tokens, text=text, prefill_s=decode_start - start, decode_s=decode_s,
+            tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
+            prompt_tokens=len(ids), finish_reason=finish,
+        )
+
+    def warmup(self, greedy: bool = True, use_top_p: bool = False) -> float:
+        """Compile and capture the decode graph for a sampling setting now; returns seconds spent."""
+        if self.mode == "eager":
+            return 0.0
+        before = self.capture_s
+        self._ensure_graph(greedy, use_top_p)
+        return self.capture_s - before
+
+    # ------------------------------------------------------------ internals
+    def _decode_loop(self, tokens: list[int], n_steps: int, greedy: bool, use_top_p: bool,
+                     graph: torch.cuda.CUDAGraph | None, stops: set[int], stream: Callable[[int], None] | None) -> str:
+        def accept(token: int) -> bool:
+            tokens.append(token)
+            if stream is not None:
+                stream(token)
+            return token in stops
+
+        if graph is None:
+            with torch.inference_mode():
+                for _ in range(n_steps):
+                    self._step(greedy, use_top_p, decode_layer)
+                    if accept(int(self._tok.item())):
+                        return "stop"
+            return "length"
+        host = self._host_tokens
+        events = (torch.cuda.Event(), torch.cuda.Event())
+        # One step stays queued on the GPU while the host reads the previous token.
+        for i in range(n_steps):
+            graph.replay()
+            host[i].copy_(self._tok[0], non_blocking=True)
+            events[i % 2].record()
+            if i > 0:
+                events[(i - 1) % 2].synchronize()
+                if accept(int(host[i - 1])):
+                    return "stop"
+        events[(n_steps - 1) % 2].synchronize()
+        return "stop" if accept(int(host[n_steps - 1])) else "length"
+
+    def _step(self, greedy: bool, use_top_p: bool, layer_fn: Callable[..., Any]) -> None:
+        logits = self.engine.decode(self._tok, self._pos, layer_fn=layer_fn)
+        self._tok.copy_(sample(logits, greedy, self._temperature, self._top_p, use_top_p))
+        self._pos.add_(1)
+
+    def _graph_key(self, greedy: bool, use_top_p: bool) -> tuple:
+        return (self.mode, greedy, use_top_p and not greedy, self.engine.transposed, self.engine.sparse_flags,
+                self.engine.max_seq_len)
+
+    def _layer_fn(self) -> Callable[..., Any]:
+        if self.mode != "compiled-graph":
+            return decode_layer
+        if self._compiled_layer is None:
+            _raise_recompile_limit(64)
+            self._compiled_layer = torch.compile(decode_layer, fullgraph=True, dynamic=False)
+        return self._compiled_layer
+
+    def _ensure_graph(self, greedy: bool, use_top_p: bool) -> torch.cuda.CUDAGraph:
+        key = self._graph_key(greedy, use_top_p)
+        if key in self._graphs:
+            return self._graphs[key]
+        start = time.perf_counter()
+        saved_tok, saved_pos = self._tok.clone(), self._pos.clone()
+        self._pos.zero_()  # warm-up steps write K/V at position 0, which the next prefill overwrites
+        layer_fn = self._warm(greedy, use_top_p, self._tok.clone(), self._pos.clone())
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            self._step(greedy, use_top_p, layer_fn)
+        self._tok.copy_(saved_tok)
+        self._pos.copy_(saved_pos)
+        torch.cuda.synchronize()
+        self._graphs[self._graph_key(greedy, use_top_p)] = graph  # the mode may have fallen back
+        self.capture_s += time.perf_counter() - start
+        return graph
+
+    def _warm(self, greedy: bool, use_top_p: bool, saved_tok: torch.Tensor, saved_pos: torch.Tensor) -> Callable[..., Any]:
+        """Run a few steps on a side stream (compiles, and sets up cuBLAS) before capture."""
+        layer_fn = self._layer_fn()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(3):
+                    self._step(greedy, use_top_p, layer_fn)
+                    self._tok.copy_(saved_tok)
+                    self._pos.copy_(saved_pos)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to plain graphs
+            if self.mode != "compiled-graph":
+                raise
+            self.compile_error = f"{type(err).__name__}: {err}"
+            log.warning("torch.compile of the decode layer failed (%s); using plain CUDA graphs", self.compile_error)
+            self.mode = "graph"
+            self._tok.copy_(saved_tok)
+            self._pos.copy_(saved_pos)
+            return self._warm(greedy, use_top_p, saved_tok, saved_pos)
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        return layer_fn
+
+    def _encode(self, prompt: str | Sequence[int] | torch.Tensor) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this generator has no tokenizer; pass token ids instead of text")
+            return list(self.tokenizer(prompt)["input_ids"])
+        ids = prompt.flatten().tolist() if isinstance(prompt, torch.Tensor) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        vocab = self.engine.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        return ids
+
+    def _stop_ids(self, stop: int | str | Sequence[int | str] | None) -> set[int]:
+        if stop is None:
+            ids = set(self.engine.config.eos_token_ids)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            return ids
+        items = [stop] if isinstance(stop, (int, str)) else list(stop)
+        out = set()
+        for item in items:
+            if isinstance(item, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"stop string {item!r} needs a tokenizer; give token ids instead")
+                encoded = self.tokenizer.encode(item, add_special_tokens=False)
+                if len(encoded) != 1:
+                    raise ValueError(f"stop string {item!r} is {len(encoded)} tokens; stop strings must be one token")
+                out.add(int(encoded[0]))
+            else:
+                out.add(int(item))
+        return out
+
+
+def resolve_thresholds(
+    thresholds: Any, sparsity: float, engine: Engine
+) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+    """Per-projection thresholds (and weight-aware column scales) for the engine from a
+    `teal.Thresholds` at level `sparsity`, or from a ready {key: t} dict (used as given)."""
+    if isinstance(thresholds, Mapping):
+        return {k: float(v) for k, v in thresholds.items()}, None
+    if not hasattr(thresholds, "thresholds"):
+        raise TypeError(f"thresholds must be a teal.Thresholds or a dict, got {type(thresholds).__name__}")
+    values = {k: float(v) for k, v in thresholds.thresholds(sparsity).items()}
+    if getattr(thresholds, "score", "magnitude") != "weight-aware":
+        return values, None
+    computed: dict[str, torch.Tensor] | None = None
+    scales = {}
+    for key in values:
+        col = thresholds.col_scale(key)
+        if col is None:
+            computed = computed or engine.weight_column_norms()
+            col = computed[key]
+        scales[key] = col
+    return values, scales
+
+
+def _default_seq_len(config: Any) -> int:
+    return int(min(getattr(config, "max_position_embeddings", 4096) or 4096, 4096))
+
+
+def _try_tokenizer(path: str | Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        log.warning("no tokenizer loaded from %s (%s); generate() will need token ids", path, err)
+        return None
+
+
+def _raise_recompile_limit(limit: int) -> None:
+    """Layers of a greedy allocation differ in which groups are sparse: allow one graph per variant."""
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name) and getattr(torch._dynamo.config, name) < limit:
+            setattr(torch._dynamo.config, name, limit)

@@ -1,0 +1,488 @@
+"""The compact Llama-family decoder used by the decode engine.
+
+Weights are fused (q|k|v and gate|up) and kept in one of two layouts:
+
+- dense layout: each fused weight is [N, K] (nn.Linear's), decode runs `F.linear` (cuBLAS);
+- transposed layout: each fused weight is [K, N] contiguous, the layout of `teal.kernels.sparse_linear`,
+  which skips the weight rows of zeroed inputs. Prefill multiplies by the same tensors (`x @ w_t`), so
+  there is one copy of each weight whatever the mode.
+
+Prefill (the prompt) is always dense. Single-token decode steps are sparse where a projection group has
+a finite threshold. The decode path is written as plain tensor code, one function per layer
+(`decode_layer`), so that it can run eagerly, be captured in a CUDA graph, or be compiled by
+`torch.compile` once and reused for every layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from teal.engine.config import EngineConfig
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+# Projection groups that share an input (a site) and one fused weight.
+GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",), "gate_up": ("gate", "up"), "down": ("down",)}
+GROUP_SITE = {"qkv": "attn_in", "o": "attn_out", "gate_up": "mlp_in", "down": "mlp_mid"}
+
+# An observer sees the input of each projection group: observer(layer, site, x[T, K]).
+Observer = Callable[[int, str, torch.Tensor], None]
+
+
+class LayerWeights(NamedTuple):
+    """Weights of one decoder layer; fused matrices in the engine's layout."""
+
+    attn_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    mlp_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class LayerSparsity(NamedTuple):
+    """Per-layer thresholds (fp32 [S], one per projection in the group) and optional column scales [S, K]."""
+
+    qkv: torch.Tensor
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    qkv_scale: torch.Tensor | None = None
+    o_scale: torch.Tensor | None = None
+    gate_up_scale: torch.Tensor | None = None
+    down_scale: torch.Tensor | None = None
+
+
+class LayerStatic(NamedTuple):
+    """Python constants of one layer's decode step (hashable, so compiled code specializes on them)."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    transposed: bool
+    sparse: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down use the sparse kernel
+
+
+def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
+    try:
+        from teal.kernels import sparse_linear
+    except ImportError:
+        return reference_sparse_linear
+    return sparse_linear
+
+
+def reference_sparse_linear(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: list[int] | None = None,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain-torch `sparse_linear` (used only when `teal.kernels` is not importable)."""
+    widths = [w_t.shape[1]] if splits is None else list(splits)
+    outs = []
+    for j, w_seg in enumerate(torch.split(w_t, widths, dim=1)):
+        score = x.abs().float()
+        if col_scale is not None:
+            score = score * col_scale[j]
+        xm = torch.where(score > thresholds[j], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        outs.append((xm.float() @ w_seg.float()).to(x.dtype))
+    return torch.cat(outs, dim=1)
+
+
+sparse_linear = _resolve_sparse_linear()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, cast back, then scaled (HF Llama's order of operations)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, half-split layout. x [T, H, D]; cos, sin [T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def project(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    sparse: bool = False,
+    thresholds: torch.Tensor | None = None,
+    splits: list[int] | None = None,
+    col_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x W^T (+ b), dense or through the sparse kernel. x [T, K]."""
+    if sparse:
+        y = sparse_linear(x, w, thresholds, splits, col_scale)
+        return y if bias is None else y + bias
+    if transposed:
+        y = x @ w
+        return y if bias is None else y + bias
+    return F.linear(x, w, bias)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query position against the static cache. q [1, Hq, D]; caches [Hkv, L, D]; mask [L] additive fp32."""
+    n_kv, _, head_dim = k_cache.shape
+    n_heads = q.shape[1]
+    qg = q.reshape(n_kv, n_heads // n_kv, head_dim)
+    scores = torch.matmul(qg, k_cache.transpose(1, 2)).float() * scale + mask
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v_cache).reshape(1, n_heads * head_dim)
+
+
+_NO_SPARSITY = LayerSparsity(None, None, None, None)  # type: ignore[arg-type]
+
+
+def decode_layer(
+    st: LayerStatic,
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    w: LayerWeights,
+    sp: LayerSparsity | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    pos: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    observe: Callable[[str, torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer for one token. Returns (residual stream, this layer's MLP output).
+
+    The residual add of the previous layer happens here (x + delta), so that a compiler can fuse it with
+    the norm that follows.
+    """
+    q_size, kv_size = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
+    if sp is None:
+        sp = _NO_SPARSITY
+    x = x + delta
+    h = rms_norm(x, w.attn_norm, st.eps)
+    if observe is not None:
+        observe("attn_in", h)
+    qkv = project(h, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
+                  sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale)
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(1, st.n_heads, st.head_dim)
+    k = k.view(1, st.n_kv_heads, st.head_dim)
+    if w.q_norm is not None:
+        q = rms_norm(q, w.q_norm, st.eps)
+        k = rms_norm(k, w.k_norm, st.eps)
+    q = apply_rope(q, cos, sin)
+    k = apply_rope(k, cos, sin)
+    k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
+    v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
+    attn = decode_attention(q, k_cache, v_cache, mask, 1.0 / math.sqrt(st.head_dim))
+    if observe is not None:
+        observe("attn_out", attn)
+    o = project(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
+                sp.o, None, sp.o_scale)
+    x = x + o
+    h = rms_norm(x, w.mlp_norm, st.eps)
+    if observe is not None:
+        observe("mlp_in", h)
+    inter = w.gate_up.shape[1 if st.transposed else 0] // 2
+    gu = project(h, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
+                 sp.gate_up, [inter, inter], sp.gate_up_scale)
+    gate, up = gu.split([inter, inter], dim=-1)
+    mid = F.silu(gate) * up
+    if observe is not None:
+        observe("mlp_mid", mid)
+    out = project(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
+                  sp.down, None, sp.down_scale)
+    return x, out
+
+
+def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
+    """Last residual add, final norm and the output projection. Returns logits [T, V]."""
+    return F.linear(rms_norm(x + delta, norm, eps), lm_head)
+
+
+class Engine:
+    """Weights, static KV cache and the prefill / decode computations of one model."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        layers: list[LayerWeights],
+        embed: torch.Tensor,
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        *,
+        transposed: bool,
+        max_seq_len: int,
+    ) -> None:
+        self.config = config
+        self.layers = layers
+        self.embed = embed
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.transposed = transposed
+        self.device = embed.device
+        self.dtype = embed.dtype
+        self.max_seq_len = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self.sparsity: list[LayerSparsity] | None = None
+        self.sparse_flags: tuple[tuple[bool, bool, bool, bool], ...] = tuple((False,) * 4 for _ in layers)
+        self.kernel_at_zero = False  # use the sparse kernel even for groups whose thresholds are all -inf
+        inv_freq, self._rope_scale = config.rope_inv_freq()
+        self._inv_freq = inv_freq
+        self.allocate_cache(max_seq_len)
+
+    # ----------------------------------------------------------------- setup
+    def allocate_cache(self, max_seq_len: int) -> None:
+        """(Re)allocate the static KV cache and the rotary tables for `max_seq_len` positions."""
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        cfg = self.config
+        shape = (cfg.n_kv_heads, max_seq_len, cfg.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
+        positions = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(positions, self._inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * self._rope_scale).to(device=self.device, dtype=self.dtype)
+        self.sin = (emb.sin() * self._rope_scale).to(device=self.device, dtype=self.dtype)
+        self.positions = torch.arange(max_seq_len, device=self.device)
+        self.max_seq_len = max_seq_len
+
+    def layer_static(self, i: int) -> LayerStatic:
+        cfg = self.config
+        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i])
+
+    def to_layout(self, transposed: bool) -> None:
+        """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""
+        if transposed == self.transposed:
+            return
+        for i, w in enumerate(self.layers):
+            fields = w._asdict()
+            for name in ("qkv", "o", "gate_up", "down"):
+                fields[name] = fields[name].t().contiguous()  # old tensor freed when the tuple is replaced
+            self.layers[i] = LayerWeights(**fields)
+        self.transposed = transposed
+        if not transposed:
+            self.set_thresholds(None)
+
+    # ------------------------------------------------------------- sparsity
+    def set_thresholds(
+        self,
+        thresholds: Mapping[str, float] | None,
+        col_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Set per-projection thresholds {"layers.{i}.{p}": t} (None: dense decode).
+
+        Scores are >= 0, so a negative threshold zeroes nothing: a group (q|k|v, o, gate|up, down) uses
+        the sparse kernel when any of its thresholds is >= 0 (or always, with `kernel_at_zero`), else the
+        dense product. Values are written into persistent tensors, so CUDA graphs
+        already captured see the new values; a change of which groups are sparse needs a new graph.
+        """
+        n = self.config.n_layers
+        if thresholds is None:
+            self.sparse_flags = tuple((False,) * 4 for _ in range(n))
+            return
+        expected = {f"layers.{i}.{p}" for i in range(n) for p in PROJECTIONS}
+        missing = sorted(expected - set(thresholds), key=_key_order)
+        extra = sorted(set(thresholds) - expected)
+        if missing or extra:
+            raise ValueError(
+                "thresholds do not match the model's projections: "
+                + (f"missing {missing[:6]}{'...' if len(missing) > 6 else ''} " if missing else "")
+                + (f"unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}" if extra else "")
+            )
+        if not self.transposed:
+            raise ValueError("sparse decode needs the transposed weight layout; call engine.to_layout(transposed=True)")
+        if self.sparsity is None:
+            self.sparsity = [
+                LayerSparsity(*(torch.full((len(GROUPS[g]),), -math.inf, device=self.device) for g in GROUPS))
+                for _ in range(n)
+            ]
+        flags = []
+        for i in range(n):
+            sp = self.sparsity[i]
+            layer_flags = []
+            scales = {}
+            for g, projs in GROUPS.items():
+                values = [float(thresholds[f"layers.{i}.{p}"]) for p in projs]
+                getattr(sp, g).copy_(torch.tensor(values, dtype=torch.float32))
+                layer_flags.append(self.kernel_at_zero or any(v >= 0.0 for v in values))
+                if col_scales is not None:
+                    cols = [col_scales[f"layers.{i}.{p}"] for p in projs]
+                    scales[g + "_scale"] = torch.stack([c.float() for c in cols]).to(self.device).contiguous()
+            self.sparsity[i] = sp._replace(**scales) if col_scales is not None else sp._replace(
+                qkv_scale=None, o_scale=None, gate_up_scale=None, down_scale=None)
+            flags.append(tuple(layer_flags))
+        self.sparse_flags = tuple(flags)
+
+    def weight_column_norms(self) -> dict[str, torch.Tensor]:
+        """L2 norm of each input column of every projection (the weight-aware score's c_i), fp32."""
+        out = {}
+        for name, w in self.hf_state_dict().items():
+            if name.endswith("_proj.weight"):
+                proj = name.split(".")[-2].removesuffix("_proj")
+                layer = int(name.split(".")[2])
+                out[f"layers.{layer}.{proj}"] = w.float().norm(dim=0)
+        return out
+
+    # ------------------------------------------------------------- forward
+    def prefill(self, ids: torch.Tensor, observer: Observer | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Dense forward over the prompt ids [T] at positions 0..T-1; fills the KV cache.
+
+        Returns the logits of the last position [1, V] (of every position [T, V] with `all_logits`).
+        """
+        cfg = self.config
+        n_tokens = ids.shape[0]
+        if n_tokens == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if n_tokens > self.max_seq_len:
+            raise ValueError(
+                f"the prompt has {n_tokens} tokens but the static KV cache holds {self.max_seq_len}; "
+                "build the generator with a larger max_seq_len"
+            )
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        cos, sin = self.cos[:n_tokens], self.sin[:n_tokens]
+        x = F.embedding(ids, self.embed)
+        for i, w in enumerate(self.layers):
+            h = rms_norm(x, w.attn_norm, cfg.rms_eps)
+            if observer is not None:
+                observer(i, "attn_in", h)
+            q, k, v = project(h, w.qkv, w.qkv_bias, self.transposed).split([q_size, kv_size, kv_size], dim=-1)
+            q = q.view(n_tokens, cfg.n_heads, cfg.head_dim)
+            k = k.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
+            v = v.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
+            if w.q_norm is not None:
+                q = rms_norm(q, w.q_norm, cfg.rms_eps)
+                k = rms_norm(k, w.k_norm, cfg.rms_eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.k_cache[i][:, :n_tokens] = k.transpose(0, 1)
+            self.v_cache[i][:, :n_tokens] = v.transpose(0, 1)
+            attn = _prefill_attention(q, k, v, cfg.layer_windows[i]).reshape(n_tokens, q_size)
+            if observer is not None:
+                observer(i, "attn_out", attn)
+            x = x + project(attn, w.o, w.o_bias, self.transposed)
+            h = rms_norm(x, w.mlp_norm, cfg.rms_eps)
+            if observer is not None:
+                observer(i, "mlp_in", h)
+            gate, up = project(h, w.gate_up, w.gate_up_bias, self.transposed).chunk(2, dim=-1)
+            mid = F.silu(gate) * up
+            if observer is not None:
+                observer(i, "mlp_mid", mid)
+            x = x + project(mid, w.down, w.down_bias, self.transposed)
+        if not all_logits:
+            x = x[-1:]
+        return final_logits(x, torch.zeros_like(x), self.final_norm, self.lm_head, cfg.rms_eps)
+
+    def decode_masks(self, pos: torch.Tensor) -> dict[int | None, torch.Tensor]:
+        """Additive fp32 masks [L] for the query at `pos`, one per distinct attention window."""
+        masks = {}
+        for window in set(self.config.layer_windows):
+            visible = self.positions <= pos
+            if window is not None:
+                visible = visible & (self.positions > pos - window)
+            masks[window] = torch.where(visible, 0.0, -math.inf)
+        return masks
+
+    def decode(
+        self,
+        token: torch.Tensor,
+        pos: torch.Tensor,
+        layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+        observer: Observer | None = None,
+    ) -> torch.Tensor:
+        """One decode step: token [1] at position pos [1] (device tensors). Returns logits [1, V].
+
+        `layer_fn` replaces `decode_layer` (e.g. its compiled version); the code path is the same.
+        """
+        layer_fn = layer_fn or decode_layer
+        cfg = self.config
+        x = F.embedding(token, self.embed)
+        delta = torch.zeros_like(x)
+        cos, sin = self.cos[pos], self.sin[pos]
+        masks = self.decode_masks(pos)
+        for i, w in enumerate(self.layers):
+            sp = self.sparsity[i] if self.sparsity is not None else None
+            observe = None if observer is None else (lambda site, t, i=i: observer(i, site, t))
+            kwargs = {} if observe is None else {"observe": observe}
+            x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
+                                pos, cos, sin, masks[cfg.layer_windows[i]], **kwargs)
+        return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps)
+
+    # ------------------------------------------------------------ export
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """Views of the weights under HF Llama parameter names ([out, in] each; no copies)."""
+        cfg = self.config
+        sd: dict[str, torch.Tensor] = {"model.embed_tokens.weight": self.embed, "model.norm.weight": self.final_norm}
+        if not cfg.tie_embeddings:
+            sd["lm_head.weight"] = self.lm_head
+        split = {"qkv": [cfg.q_size, cfg.kv_size, cfg.kv_size], "gate_up": [cfg.intermediate] * 2}
+        for i, w in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            sd[p + "input_layernorm.weight"] = w.attn_norm
+            sd[p + "post_attention_layernorm.weight"] = w.mlp_norm
+            if w.q_norm is not None:
+                sd[p + "self_attn.q_norm.weight"] = w.q_norm
+                sd[p + "self_attn.k_norm.weight"] = w.k_norm
+            for group, prefix, names in (("qkv", "self_attn.", ("q", "k", "v")), ("o", "self_attn.", ("o",)),
+                                         ("gate_up", "mlp.", ("gate", "up")), ("down", "mlp.", ("down",))):
+                weight = getattr(w, group)
+                dense = weight.t() if self.transposed else weight
+                bias = getattr(w, group + "_bias")
+                parts = dense.split(split[group], dim=0) if group in split else (dense,)
+                if bias is None:
+                    bias_parts: tuple = (None,) * len(names)
+                else:
+                    bias_parts = bias.split(split[group]) if group in split else (bias,)
+                for name, part, b in zip(names, parts, bias_parts):
+                    sd[f"{p}{prefix}{name}_proj.weight"] = part
+                    if b is not None:
+                        sd[f"{p}{prefix}{name}_proj.bias"] = b
+        return sd
+
+    def iter_weight_bytes(self) -> Iterator[tuple[str, int]]:
+        """(kind, bytes) of every weight tensor: kind is a projection name, 'embed', 'lm_head' or 'norm'."""
+        cfg = self.config
+        item = self.embed.element_size()
+        shapes = cfg.projection_shapes()
+        for _ in self.layers:
+            for p in PROJECTIONS:
+                k, n = shapes[p]
+                yield p, k * n * item
+            yield "norm", 2 * cfg.hidden * item
+        yield "embed", self.embed.numel() * item
+        if not cfg.tie_embeddings:
+            yield "lm_head", self.lm_head.numel() * item
+
+
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention over the prompt. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
+    n_tokens = q.shape[0]
+    qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    if window is None or window >= n_tokens:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+    else:
+        i = torch.arange(n_tokens, device=q.device)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    _, layer, proj = key.split(".")
+    return int(layer), PROJECTIONS.index(proj) if proj in PROJECTIONS else len(PROJECTIONS)

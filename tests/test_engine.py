@@ -1,0 +1,351 @@
+"""The decode engine against HF transformers on CPU (fp32, no CUDA graphs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from teal.engine import (
+    SHAPES,
+    EngineConfig,
+    Generator,
+    engine_from_checkpoint,
+    engine_from_hf_model,
+    engine_random,
+    sample,
+    shape_hf_config,
+    top_p_filter,
+)
+from teal.engine.reference import activation_thresholds, decode_sparsity, masked_hf_logits
+
+TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+FAMILIES = {
+    "llama3-rope": dict(model_type="llama", rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "mistral-window": dict(model_type="mistral", sliding_window=5),
+    "qwen2-bias": dict(model_type="qwen2"),
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def tiny_hf_model(family: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {**TINY, **FAMILIES[family]}
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():  # non-trivial norms and biases, so every weight matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(0.08 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_model(request):
+    return request.param, tiny_hf_model(request.param)
+
+
+def hf_greedy(hf: torch.nn.Module, ids: torch.Tensor, n: int) -> list[int]:
+    """HF generate, greedy, exactly n new tokens (explicit attention mask: no pad-token guessing)."""
+    with torch.no_grad():
+        out = hf.generate(ids[None], attention_mask=torch.ones_like(ids[None]), max_new_tokens=n,
+                          min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.numel():].tolist()
+
+
+def prompt_ids(n: int, vocab: int = TINY["vocab_size"], seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------ dense agreement with HF
+def test_prefill_and_decode_logits_match_hf(family_model):
+    _, hf = family_model
+    engine = engine_from_hf_model(hf, max_seq_len=32)
+    ids = prompt_ids(14)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+        assert rel_err(engine.prefill(ids, all_logits=True), ref) <= 1e-4
+        engine.prefill(ids[:6])
+        for t in range(6, 14):
+            logits = engine.decode(ids[t : t + 1], torch.tensor([t]))
+            assert rel_err(logits[0], ref[t]) <= 1e-4, f"decode step at position {t}"
+
+
+def test_greedy_generation_matches_hf_generate(family_model):
+    _, hf = family_model
+    gen = Generator.from_pretrained(hf, max_seq_len=40)
+    ids = prompt_ids(8, seed=3)
+    out = gen.generate(ids, max_new_tokens=12, stop=[])
+    assert out.tokens == hf_greedy(hf, ids, 12)
+    assert out.finish_reason == "length" and out.prompt_tokens == 8
+    assert out.prefill_s > 0 and out.decode_s > 0 and out.tokens_per_s > 0
+
+
+def test_transposed_layout_gives_same_logits(family_model):
+    _, hf = family_model
+    engine = engine_from_hf_model(hf, max_seq_len=32)
+    ids = prompt_ids(10)
+    with torch.no_grad():
+        dense = engine.prefill(ids, all_logits=True)
+        step = engine.decode(ids[9:10], torch.tensor([10]))
+        engine.to_layout(transposed=True)
+        assert engine.layers[0].qkv.shape[0] == hf.config.hidden_size
+        assert rel_err(engine.prefill(ids, all_logits=True), dense) <= 1e-5
+        assert rel_err(engine.decode(ids[9:10], torch.tensor([10])), step) <= 1e-5
+
+
+def test_checkpoint_directory_sharded(tmp_path):
+    hf = tiny_hf_model("qwen2-bias")
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    engine = engine_from_checkpoint(tmp_path, dtype=torch.float32, device="cpu", max_seq_len=16)
+    ids = prompt_ids(9)
+    with torch.no_grad():
+        assert rel_err(engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 1e-4
+    gen = Generator.from_pretrained(str(tmp_path), device="cpu", max_seq_len=16)
+    assert gen.mode == "eager" and gen.engine.dtype == torch.float32
+
+
+def test_bf16_engine_close_to_hf():
+    hf = tiny_hf_model("llama3-rope").to(torch.bfloat16)
+    engine = engine_from_hf_model(hf, max_seq_len=32)
+    ids = prompt_ids(12)
+    with torch.no_grad():
+        assert rel_err(engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 2e-2
+
+
+# ------------------------------------------------------------------ sparse decode
+@pytest.mark.parametrize("weight_aware", [False, True])
+def test_sparse_decode_matches_masked_hf(family_model, weight_aware):
+    _, hf = family_model
+    engine = engine_from_hf_model(hf, max_seq_len=40, transposed=True)
+    scales = engine.weight_column_norms() if weight_aware else None
+    calib = prompt_ids(24, seed=7)
+    th = activation_thresholds(engine, calib, 0.5, scales)
+    engine.set_thresholds(th, scales)
+    assert all(all(flags) for flags in engine.sparse_flags)
+    ids = prompt_ids(16, seed=9)
+    prompt = 6
+    with torch.no_grad():
+        ref = masked_hf_logits(hf, ids, th, dense_prefix=prompt, col_scales=scales)
+        dense_ref = hf(ids[None]).logits[0]
+        engine.prefill(ids[:prompt])
+        for t in range(prompt, 16):
+            logits = engine.decode(ids[t : t + 1], torch.tensor([t]))[0]
+            assert rel_err(logits, ref[t]) <= 1e-4, f"position {t}"
+        # the masking is real: sparse logits differ from dense ones
+        assert rel_err(ref[prompt:], dense_ref[prompt:]) > 1e-3
+    measured, per = decode_sparsity(engine, ids[:prompt], 6, th, scales)
+    assert 0.3 < measured < 0.7 and len(per) == 7 * hf.config.num_hidden_layers
+
+
+def test_sparsity_zero_is_dense(family_model):
+    _, hf = family_model
+    engine = engine_from_hf_model(hf, max_seq_len=32, transposed=True)
+    ids = prompt_ids(10)
+    th = activation_thresholds(engine, ids, 0.0)
+    assert set(th.values()) == {-1.0}
+    with torch.no_grad():
+        engine.prefill(ids[:5])
+        dense = engine.decode(ids[5:6], torch.tensor([5]))
+        engine.set_thresholds(th)
+        assert not any(any(f) for f in engine.sparse_flags)
+        engine.kernel_at_zero = True
+        engine.set_thresholds(th)  # now through the sparse op with nothing zeroed
+        assert all(all(f) for f in engine.sparse_flags)
+        assert rel_err(engine.decode(ids[5:6], torch.tensor([5])), dense) <= 1e-5
+
+
+def test_generator_with_teal_thresholds_matches_sparsified_hf():
+    teal = pytest.importorskip("teal")
+    if not all(hasattr(teal, n) for n in ("calibrate", "sparsify_")):
+        pytest.skip("teal.calibrate / teal.sparsify_ not available")
+    hf = tiny_hf_model("llama3-rope")
+    windows = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(5))
+    th = teal.calibrate(hf, None, windows=windows, tokens=128, progress=False)
+    gen = Generator.from_pretrained(hf, thresholds=th, sparsity=0.5, max_seq_len=40)
+    ids = prompt_ids(8, seed=11)
+    out = gen.generate(ids, max_new_tokens=10, stop=[])
+    dense_out = Generator.from_pretrained(hf, max_seq_len=40).generate(ids, max_new_tokens=10, stop=[])
+    teal.sparsify_(hf, th, sparsity=0.5, prefill="dense")
+    try:
+        ref = hf_greedy(hf, ids, 10)
+    finally:
+        teal.densify_(hf)
+    assert out.tokens == ref
+    assert out.tokens != dense_out.tokens  # 50 % sparsity changes this tiny model's output
+
+
+# ------------------------------------------------------------------ sampling
+def test_temperature_zero_is_argmax():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample(logits, greedy=True), logits.argmax(-1))
+
+
+def test_top_p_never_samples_outside_nucleus():
+    torch.manual_seed(0)
+    probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.08, 0.2])
+    logits = probs.log().expand(20000, -1)
+    draws = sample(logits, greedy=False, temperature=1.0, top_p=0.8, use_top_p=True)
+    # nucleus of 0.8: 0.4 + 0.25 + 0.2 = 0.85 is the smallest set reaching 0.8
+    assert set(draws.tolist()) == {1, 3, 5}
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    expected = torch.tensor([0, 0.4, 0, 0.25, 0, 0.2]) / 0.85
+    assert torch.allclose(freq, expected, atol=0.02)
+    kept = top_p_filter(probs[None], 0.3)[0]
+    assert kept.nonzero().flatten().tolist() == [1]  # the top token alone reaches 0.3
+
+
+def test_sampling_follows_temperature():
+    torch.manual_seed(1)
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).expand(30000, -1)
+    for temp in (0.5, 2.0):
+        draws = sample(logits, greedy=False, temperature=temp)
+        freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+        assert torch.allclose(freq, torch.softmax(logits[0] / temp, -1), atol=0.015)
+
+
+def test_generate_sampling_is_seeded_and_in_vocab():
+    gen = Generator.from_pretrained(tiny_hf_model("qwen2-bias"), max_seq_len=40)
+    ids = prompt_ids(6)
+    a = gen.generate(ids, max_new_tokens=10, temperature=1.5, top_p=0.9, stop=[], seed=3)
+    b = gen.generate(ids, max_new_tokens=10, temperature=1.5, top_p=0.9, stop=[], seed=3)
+    greedy = gen.generate(ids, max_new_tokens=10, stop=[])
+    assert a.tokens == b.tokens and all(0 <= t < TINY["vocab_size"] for t in a.tokens)
+    assert a.tokens != greedy.tokens
+
+
+# ------------------------------------------------------------------ stop tokens, streaming, errors
+def test_stop_token_ends_generation_and_stream_sees_every_token():
+    gen = Generator.from_pretrained(tiny_hf_model("llama3-rope"), max_seq_len=40)
+    ids = prompt_ids(6)
+    full = gen.generate(ids, max_new_tokens=12, stop=[])
+    stop_at = next(i for i in range(2, 12) if full.tokens[i] not in full.tokens[:i])
+    seen: list[int] = []
+    out = gen.generate(ids, max_new_tokens=12, stop=full.tokens[stop_at], stream=seen.append)
+    assert out.tokens == full.tokens[: stop_at + 1] and out.finish_reason == "stop"
+    assert seen == out.tokens
+
+
+def test_default_stop_is_eos():
+    hf = tiny_hf_model("llama3-rope")
+    gen = Generator.from_pretrained(hf, max_seq_len=40)
+    ids = prompt_ids(6)
+    full = gen.generate(ids, max_new_tokens=10, stop=[])
+    gen.engine.config = dataclasses.replace(gen.engine.config, eos_token_ids=(full.tokens[3],))
+    out = gen.generate(ids, max_new_tokens=10)
+    assert out.tokens[-1] == full.tokens[3] and out.finish_reason == "stop"
+    assert len(out.tokens) == full.tokens.index(full.tokens[3]) + 1
+
+
+def test_static_cache_overflow_message():
+    gen = Generator.from_pretrained(tiny_hf_model("qwen3-qknorm"), max_seq_len=16)
+    with pytest.raises(ValueError, match=r"10 tokens.*max_new_tokens \(7\).*max_seq_len=16.*>= 17"):
+        gen.generate(prompt_ids(10), max_new_tokens=7)
+    with pytest.raises(ValueError, match="exceeds|holds"):
+        gen.engine.prefill(prompt_ids(17))
+
+
+def test_bad_requests_are_rejected():
+    gen = Generator.from_pretrained(tiny_hf_model("qwen3-qknorm"), max_seq_len=16)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        gen.generate("hello")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        gen.generate([5, 9999])
+    with pytest.raises(ValueError, match="top_p"):
+        gen.generate([5], top_p=0.0)
+    with pytest.raises(ValueError, match="needs thresholds"):
+        gen.set_sparsity(0.5)
+    with pytest.raises(ValueError, match="missing"):
+        Generator.from_pretrained(tiny_hf_model("qwen3-qknorm"), thresholds={"layers.0.q": 0.1}, sparsity=0.5)
+
+
+def test_shape_registry():
+    with pytest.raises(ValueError, match="unknown model shape 'llama-9b'.*llama-3-8b"):
+        shape_hf_config("llama-9b")
+    with pytest.raises(ValueError, match="unknown model shape"):
+        engine_random("llama-9b", device="cpu")
+    for name in ("llama-3-8b", "llama-2-7b", "mistral-7b"):
+        cfg = EngineConfig.from_hf(shape_hf_config(name))
+        assert (cfg.hidden, cfg.n_layers) == (4096, 32)
+    gen = Generator.from_pretrained("tiny-llama", device="cpu", max_seq_len=32)
+    assert gen.engine.config.hidden == SHAPES["tiny-llama"]["hidden_size"]
+    out = gen.generate([1, 2, 3], max_new_tokens=5, stop=[])
+    assert len(out.tokens) == 5
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match="does not support model_type 'gpt2'.*llama"):
+        EngineConfig.from_hf(GPT2Config())
+
+
+def test_random_engine_matches_hf_built_from_its_weights():
+    engine = engine_random("tiny-llama", device="cpu", dtype=torch.float32, max_seq_len=32, seed=4)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_config(engine.config.hf_config, attn_implementation="eager").eval()
+    missing, unexpected = hf.load_state_dict(engine.hf_state_dict(), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    ids = prompt_ids(12, vocab=SHAPES["tiny-llama"]["vocab_size"])
+    with torch.no_grad():
+        assert rel_err(engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 1e-4
+
+
+# ------------------------------------------------------------------ the real SmolLM2-135M
+@pytest.mark.slow
+def test_smollm2_logits_match_hf():
+    models = pytest.importorskip("teal.models", reason="teal.models not available")
+    try:
+        hf, tok = models.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
+    except Exception as err:  # noqa: BLE001 - the data package may be missing on this machine
+        pytest.skip(f"SmolLM2-135M could not be loaded: {err}")
+    hf.eval()
+    gen = Generator.from_pretrained(hf, tokenizer=tok, max_seq_len=64)
+    ids = torch.tensor(tok("The capital of France is")["input_ids"])
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+        assert rel_err(gen.engine.prefill(ids, all_logits=True), ref) <= 1e-4
+    hf_tokens = hf_greedy(hf, ids, 8)
+    out = gen.generate("The capital of France is", max_new_tokens=8, stop=[])
+    assert out.tokens == hf_tokens
+    assert out.text == tok.decode(hf_tokens, skip_special_tokens=True)
+    assert math.isfinite(out.tokens_per_s)
+
+
+# ------------------------------------------------------------------ the decode benchmark (CPU smoke run)
+def test_bench_decode_smoke_on_cpu(tmp_path):
+    import json
+
+    from teal.bench import decode
+
+    path = tmp_path / "decode.json"
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
+                      json_path=path, hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None)
+    saved = json.loads(path.read_text())
+    assert saved["results"] == json.loads(json.dumps(data["results"], default=str))
+    assert not data["errors"], data["errors"]
+    twin = data["checks"]["twin"]
+    assert twin["passed"], twin
+    assert twin["fp32_sparse_decode_rel_err"] <= 1e-4 and twin["fp32_graph_tokens_match_hf"]
+    rows = {(r["sparsity"], r["op"]) for r in data["results"]}
+    assert rows == {(0.0, "kernel"), (0.0, "x @ w_t"), (0.5, "kernel")}
+    sparse = next(r for r in data["results"] if r["sparsity"] == 0.5)
+    dense = next(r for r in data["results"] if r["sparsity"] == 0.0)
+    assert 0.4 < sparse["measured_sparsity"] < 0.6
+    assert sparse["bytes_per_token"] < dense["bytes_per_token"]
+    assert {"date", "device", "torch", "transformers", "command", "copy_bandwidth_Bps"} <= set(saved)
