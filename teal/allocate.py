@@ -136,7 +136,7 @@ def greedy_layer(
     if paths is not None:
         watched = {"attn": _ATTN_PATH, **{p: paths[p] for p in ("q", "k", "v", "gate", "up")}}
         for tag, attr in watched.items():
-            mod = _get_path(layer, attr)
+            mod = layer.get_submodule(attr)
             hooks.append(mod.register_forward_hook(
                 lambda _m, _a, out, tag=tag: seen.__setitem__(tag, out)))
 
@@ -145,13 +145,13 @@ def greedy_layer(
         originals = {}
         for tag, value in replay.items():
             attr = _ATTN_PATH if tag == "attn" else paths[tag]  # type: ignore[index]
-            originals[attr] = _get_path(layer, attr)
-            _set_path(layer, attr, _Replay(value))
+            originals[attr] = layer.get_submodule(attr)
+            layer.set_submodule(attr, _Replay(value))
         try:
             out = _layer_output(layer(x, **kwargs))
         finally:
             for attr, mod in originals.items():
-                _set_path(layer, attr, mod)
+                layer.set_submodule(attr, mod)
         err = float((out.float() - target.float()).pow(2).sum() / norm)
         return err, {**cache, **seen}
 
@@ -204,19 +204,6 @@ def greedy_layer(
         for h in hooks:
             h.remove()
     return path
-
-
-def _get_path(module: nn.Module, attr: str) -> nn.Module:
-    for part in attr.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set_path(module: nn.Module, attr: str, value: nn.Module) -> None:
-    *parents, last = attr.split(".")
-    for part in parents:
-        module = getattr(module, part)
-    setattr(module, last, value)
 
 
 def resample(path: list[tuple[float, dict[str, float]]], grid: list[float]) -> dict[str, list[float]]:

@@ -60,16 +60,10 @@ def split_key(key: str) -> tuple[int, str]:
 
 
 def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        module = getattr(module, part)
-    setattr(module, last, value)
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        raise AttributeError(path) from None
 
 
 @dataclass
@@ -94,7 +88,7 @@ class Adapter:
     def replace(self, key: str, module: nn.Module) -> None:
         """Put ``module`` in place of the projection ``key``."""
         i, p = split_key(key)
-        _set(self.layers[i], _LLAMA_PATHS[p], module)
+        self.layers[i].set_submodule(_LLAMA_PATHS[p], module)
 
     def site_of(self, key: str) -> str:
         i, p = split_key(key)

@@ -314,15 +314,20 @@ def bench_kernels(
     from teal.bench import kernels
 
     kernels.run(parse_list(shapes), parse_floats(sparsity, "--sparsity"),
-                [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None)
+                [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None,
+                command=" ".join(sys.argv))
 
 
 @bench_app.command("decode")
 def bench_decode(
     model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
-    shape: str = typer.Option("llama-3-8b"),
+    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     artifact: Optional[Path] = typer.Option(None, help="thresholds artifact for --model"),
+    prompt_len: int = typer.Option(128),
+    new_tokens: int = typer.Option(256),
+    repeats: int = typer.Option(3),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA)."""
@@ -334,8 +339,9 @@ def bench_decode(
 
         th = teal.Thresholds.load(artifact)
     decode.run(model=model, shape=None if model else shape,
-               sparsities=parse_floats(sparsity, "--sparsity"), thresholds=th,
-               json_path=str(json_path) if json_path else None)
+               sparsities=parse_floats(sparsity, "--sparsity"), prompt_len=prompt_len,
+               new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf,
+               json_path=str(json_path) if json_path else None, command=" ".join(sys.argv))
 
 
 # ---- plot -----------------------------------------------------------------------------------
