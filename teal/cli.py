@@ -328,6 +328,7 @@ def bench_decode(
     new_tokens: int = typer.Option(256),
     repeats: int = typer.Option(3),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
+    tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA)."""
@@ -340,7 +341,7 @@ def bench_decode(
         th = teal.Thresholds.load(artifact)
     decode.run(model=model, shape=None if model else shape,
                sparsities=parse_floats(sparsity, "--sparsity"), prompt_len=prompt_len,
-               new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf,
+               new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf, tp=tp,
                json_path=str(json_path) if json_path else None, command=" ".join(sys.argv))
 
 

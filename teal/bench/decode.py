@@ -289,8 +289,20 @@ def run(
     profile: bool = True,
     command: str | None = None,
     log: Callable[[str], None] = print,
+    tp: int = 1,
 ) -> dict[str, Any]:
-    """Benchmark decode speed; returns (and writes to `json_path`) the results dict."""
+    """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
+
+    tp > 1: tensor-parallel engine over `tp` GPUs of this host (`teal.engine.tp.run_decode_bench`:
+    spawns the ranks, or runs this torchrun rank; the unsharded engine is timed on rank 0 alongside;
+    no HF baselines, profiles or time budget). tp = 1 is the single-device benchmark below.
+    """
+    if tp != 1:
+        from teal.engine.tp import run_decode_bench
+
+        return run_decode_bench(tp, json_path=json_path, model=model, shape=shape, sparsities=sparsities,
+                                prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
+                                thresholds=thresholds, modes=modes, device=device, dtype=dtype, command=command)
     t_process = process_start_time()
     device_t = torch.device(device)
     if device_t.type == "cuda" and not torch.cuda.is_available():
@@ -584,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--time-budget", type=float, default=480.0, help="seconds; later settings are skipped after")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
     parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
     args = parser.parse_args(argv)
     thresholds = None
     if args.thresholds:
@@ -596,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                json_path=args.json_path, thresholds=thresholds, modes=tuple(m for m in args.modes.split(",") if m),
                hf_baselines=not args.no_hf, hf_eager_tokens=args.hf_eager_tokens, device=args.device,
                dtype=getattr(torch, args.dtype), time_budget_s=args.time_budget, profile=not args.no_profile,
-               command=command)
+               command=command, tp=args.tp)
 
 
 if __name__ == "__main__":

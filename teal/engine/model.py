@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,7 @@ class LayerStatic(NamedTuple):
     eps: float
     transposed: bool
     sparse: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down use the sparse kernel
+    tp_group: Any = None  # tensor parallelism: the ProcessGroup that sums the row-parallel o and down
 
 
 def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
@@ -192,8 +193,8 @@ def decode_layer(
     attn = decode_attention(q, k_cache, v_cache, mask, 1.0 / math.sqrt(st.head_dim))
     if observe is not None:
         observe("attn_out", attn)
-    o = project(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
-                sp.o, None, sp.o_scale)
+    o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
+                             sp.o, sp.o_scale, st.tp_group)
     x = x + o
     h = rms_norm(x, w.mlp_norm, st.eps)
     if observe is not None:
@@ -205,14 +206,71 @@ def decode_layer(
     mid = F.silu(gate) * up
     if observe is not None:
         observe("mlp_mid", mid)
-    out = project(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                  sp.down, None, sp.down_scale)
+    out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
+                               sp.down, sp.down_scale, st.tp_group)
     return x, out
 
 
-def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float) -> torch.Tensor:
-    """Last residual add, final norm and the output projection. Returns logits [T, V]."""
-    return F.linear(rms_norm(x + delta, norm, eps), lm_head)
+def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
+                 vocab_group: Any = None) -> torch.Tensor:
+    """Last residual add, final norm and the output projection. Returns logits [T, V].
+
+    vocab_group: the ProcessGroup over which `lm_head` is split by vocabulary rows (tensor parallelism);
+    each rank's logit slice is then all-gathered. None: `lm_head` is whole.
+    """
+    logits = F.linear(rms_norm(x + delta, norm, eps), lm_head)
+    return logits if vocab_group is None else all_gather_last_dim(logits, vocab_group)
+
+
+# ---------------------------------------------------------------- tensor-parallel hooks (teal.engine.tp)
+# A single-device engine has tp_group = None and never reaches a collective: the calls below are then
+# exactly the plain `project` / `F.linear` of before.
+
+
+def project_row_parallel(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    sparse: bool = False,
+    thresholds: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    group: Any = None,
+) -> torch.Tensor:
+    """A projection whose input dimension K may be split over the ranks of `group` (o and down).
+
+    Each rank multiplies its slice of x by its rows of the weight (thresholding its own slice), the
+    partial products are summed by one all-reduce, and the bias is added once, after the sum.
+    """
+    if group is None:
+        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale)
+    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale), group)
+    return y if bias is None else y + bias
+
+
+def all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum of `t` over the ranks of `group`. Eager (and CUDA-graph capture): in-place
+    `torch.distributed.all_reduce`; under torch.compile: the traceable functional collective."""
+    if torch.compiler.is_compiling():
+        import torch.distributed._functional_collectives as funcol
+
+        return funcol.all_reduce(t, "sum", group)
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def all_gather_last_dim(t: torch.Tensor, group: Any) -> torch.Tensor:
+    """Concatenate the [T, n] slices of all ranks of `group` along the last dimension -> [T, world * n]."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    rows, width = t.shape
+    out = torch.empty((world * rows, width), dtype=t.dtype, device=t.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name from torch 2.13
+    gather(out, t.contiguous(), group=group)
+    return out.view(world, rows, width).transpose(0, 1).reshape(rows, world * width)
 
 
 class Engine:
@@ -243,6 +301,10 @@ class Engine:
         self.sparsity: list[LayerSparsity] | None = None
         self.sparse_flags: tuple[tuple[bool, bool, bool, bool], ...] = tuple((False,) * 4 for _ in layers)
         self.kernel_at_zero = False  # use the sparse kernel even for groups whose thresholds are all -inf
+        # Tensor parallelism (set by teal.engine.tp.shard_engine): the ProcessGroup summing the o and down
+        # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
+        self.tp_group: Any = None
+        self.vocab_group: Any = None
         inv_freq, self._rope_scale = config.rope_inv_freq()
         self._inv_freq = inv_freq
         self.allocate_cache(max_seq_len)
@@ -266,7 +328,8 @@ class Engine:
 
     def layer_static(self, i: int) -> LayerStatic:
         cfg = self.config
-        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i])
+        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i],
+                           self.tp_group)
 
     def to_layout(self, transposed: bool) -> None:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""
@@ -376,7 +439,7 @@ class Engine:
             attn = _prefill_attention(q, k, v, cfg.layer_windows[i]).reshape(n_tokens, q_size)
             if observer is not None:
                 observer(i, "attn_out", attn)
-            x = x + project(attn, w.o, w.o_bias, self.transposed)
+            x = x + project_row_parallel(attn, w.o, w.o_bias, self.transposed, group=self.tp_group)
             h = rms_norm(x, w.mlp_norm, cfg.rms_eps)
             if observer is not None:
                 observer(i, "mlp_in", h)
@@ -384,10 +447,10 @@ class Engine:
             mid = F.silu(gate) * up
             if observer is not None:
                 observer(i, "mlp_mid", mid)
-            x = x + project(mid, w.down, w.down_bias, self.transposed)
+            x = x + project_row_parallel(mid, w.down, w.down_bias, self.transposed, group=self.tp_group)
         if not all_logits:
             x = x[-1:]
-        return final_logits(x, torch.zeros_like(x), self.final_norm, self.lm_head, cfg.rms_eps)
+        return final_logits(x, torch.zeros_like(x), self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group)
 
     def decode_masks(self, pos: torch.Tensor) -> dict[int | None, torch.Tensor]:
         """Additive fp32 masks [L] for the query at `pos`, one per distinct attention window."""
@@ -422,7 +485,7 @@ class Engine:
             kwargs = {} if observe is None else {"observe": observe}
             x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
                                 pos, cos, sin, masks[cfg.layer_windows[i]], **kwargs)
-        return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps)
+        return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group)
 
     # ------------------------------------------------------------ export
     def hf_state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,0 +1,557 @@
+"""Tensor-parallel sparse decoding: one engine split over the N ranks (GPUs) of one host.
+
+Megatron-style split of every decoder layer, with TEAL thresholding on every rank:
+
+- column-parallel q, k, v (by attention heads; GQA: by key/value heads, each rank keeping the query heads
+  that read its kv heads) and gate, up (by intermediate channels). Each rank holds the full input
+  (attn_in, mlp_in), thresholds it with the per-projection thresholds and weight-aware column scales,
+  and reads only the weight rows of the surviving entries of its output slice;
+- row-parallel o and down (by input channels K). Their input is already split (rank r holds its heads of
+  the attention output, its channels of act(gate) * up); each rank thresholds its own slice with the same
+  thresholds (and its slice of the column scales), multiplies by its weight rows, and one all-reduce
+  (sum) per projection joins the partial products; the bias is added after the sum;
+- the static KV cache is split by kv heads; norms and the embedding are replicated; lm_head is split by
+  vocabulary rows (column-parallel) and the logit slices are all-gathered, so every rank samples the same
+  token from the same logits (replicated lm_head when the vocabulary does not divide by N).
+
+So sparsity saves weight bytes on every rank. A decode step issues 2 all-reduces per layer and one
+all-gather; on CUDA the whole step, collectives included, is captured in one CUDA graph per rank (NCCL
+collectives are capturable), exactly as on one device. Ranks must be seeded alike (`launch` does) so
+that sampled tokens agree.
+
+    def work(rank, world_size, group):
+        engine = engine_random("llama-3-8b", device=f"cuda:{rank}")
+        gen = Generator(shard_engine(engine, rank, world_size, group))
+        ...
+    launch(work, world_size=2, device="cuda")
+
+With world size 1 the shard is the engine itself (same tensors, no collectives).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from teal.engine.config import EngineConfig
+from teal.engine.model import GROUPS, PROJECTIONS, Engine, LayerWeights, all_gather_last_dim
+
+COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
+ROW_PARALLEL = ("o", "down")
+DEFAULT_LAUNCH_TIMEOUT_S = 1800.0
+
+
+# ------------------------------------------------------------------------------------- the sharded engine
+class TensorParallelEngine(Engine):
+    """This rank's shard of an `Engine`. `config` holds the per-rank head and intermediate counts (what the
+    shared prefill / decode code needs); `full_config` the whole model's. Thresholds and column scales are
+    given for the whole model (keys and sizes as for the unsharded engine) and sliced here."""
+
+    rank: int
+    world_size: int
+    group: Any
+    full_config: EngineConfig
+
+    def _column_slice(self, proj: str) -> slice | None:
+        """The input channels of `proj` this rank holds (None: all of them)."""
+        if proj == "o":
+            width = self.config.q_size
+        elif proj == "down":
+            width = self.config.intermediate
+        else:
+            return None
+        return slice(self.rank * width, (self.rank + 1) * width)
+
+    def set_thresholds(
+        self,
+        thresholds: Mapping[str, float] | None,
+        col_scales: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """As `Engine.set_thresholds`, with whole-model column scales: o and down get this rank's slice."""
+        if col_scales is not None:
+            full_in = {p: k for p, (k, _) in self.full_config.projection_shapes().items()}
+            local = {}
+            for key, scale in col_scales.items():
+                proj = key.rsplit(".", 1)[-1]
+                if proj not in full_in:
+                    raise ValueError(f"column scale key {key!r} is not a projection key 'layers.{{i}}.{{p}}'")
+                if scale.numel() != full_in[proj]:
+                    raise ValueError(
+                        f"column scale {key!r} has {scale.numel()} entries but the {proj} projection of "
+                        f"{self.full_config.name} has {full_in[proj]} input channels; give whole-model scales"
+                    )
+                cols = self._column_slice(proj)
+                local[key] = scale.reshape(-1) if cols is None else scale.reshape(-1)[cols]
+            col_scales = local
+        super().set_thresholds(thresholds, col_scales)
+
+    def weight_column_norms(self) -> dict[str, torch.Tensor]:
+        """L2 norms of the whole model's weight columns (the weight-aware c_i), from the shards: the
+        column-parallel norms are summed in squares over the ranks, the row-parallel ones gathered."""
+        local = super().weight_column_norms()
+        if self.tp_group is None:
+            return local
+        import torch.distributed as dist
+
+        out = {}
+        for key in sorted(local, key=_key_order):
+            norms = local[key]
+            if key.rsplit(".", 1)[-1] in ROW_PARALLEL:
+                out[key] = all_gather_last_dim(norms[None], self.group)[0]
+            else:
+                squares = norms.square()
+                dist.all_reduce(squares, group=self.group)
+                out[key] = squares.sqrt()
+        return out
+
+
+def check_tp_size(config: EngineConfig, world_size: int) -> None:
+    """Raise `ValueError` naming what does not divide when `config` cannot be split over `world_size` ranks."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"the tensor-parallel world size must be a positive integer, got {world_size!r}")
+    problems = []
+    if config.n_kv_heads % world_size:
+        problems.append(f"n_kv_heads={config.n_kv_heads} (key/value heads are split across ranks)")
+    if config.n_heads % world_size:
+        problems.append(f"n_heads={config.n_heads}")
+    if config.intermediate % world_size:
+        problems.append(f"intermediate_size={config.intermediate}")
+    if problems:
+        sizes = [n for n in range(1, config.n_kv_heads + 1)
+                 if config.n_kv_heads % n == 0 and config.n_heads % n == 0 and config.intermediate % n == 0]
+        raise ValueError(
+            f"cannot split {config.name} over {world_size} ranks: {', '.join(problems)} not divisible by "
+            f"{world_size}; use a tensor-parallel size among {sizes}"
+        )
+
+
+def shard_engine(
+    engine: Engine,
+    rank: int,
+    world_size: int,
+    group: Any = None,
+    *,
+    vocab_parallel: bool = True,
+) -> TensorParallelEngine:
+    """This rank's shard of `engine` for tensor parallelism over `world_size` ranks of process group
+    `group` (default: the default group). Every rank must call it, on identical engines.
+
+    The shard owns copies of its slices (delete `engine` afterwards to free the rest); it keeps the
+    engine's layout, cache length and thresholds. vocab_parallel: split lm_head by vocabulary rows
+    (needs vocab_size % world_size == 0, else lm_head stays whole). With world_size 1 the shard reuses
+    the engine's tensors and runs no collective.
+    """
+    cfg = engine.config
+    check_tp_size(cfg, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
+    if isinstance(engine, TensorParallelEngine) and engine.world_size > 1:
+        raise ValueError("this engine is already a tensor-parallel shard; shard the whole engine instead")
+    if world_size > 1:
+        group = _checked_group(group, rank, world_size)
+    n = world_size
+    local = dataclasses.replace(cfg, n_heads=cfg.n_heads // n, n_kv_heads=cfg.n_kv_heads // n,
+                                intermediate=cfg.intermediate // n)
+    q_l, kv_l, inter_l = local.q_size, local.kv_size, local.intermediate
+    qkv_rows = [(rank * q_l, (rank + 1) * q_l),
+                (cfg.q_size + rank * kv_l, cfg.q_size + (rank + 1) * kv_l),
+                (cfg.q_size + cfg.kv_size + rank * kv_l, cfg.q_size + cfg.kv_size + (rank + 1) * kv_l)]
+    gate_up_rows = [(rank * inter_l, (rank + 1) * inter_l),
+                    (cfg.intermediate + rank * inter_l, cfg.intermediate + (rank + 1) * inter_l)]
+    t = engine.transposed
+
+    layers = []
+    for w in engine.layers:
+        layers.append(w if n == 1 else LayerWeights(
+            attn_norm=w.attn_norm,
+            qkv=_shard_weight(w.qkv, t, rows=qkv_rows),
+            qkv_bias=_shard_bias(w.qkv_bias, qkv_rows),
+            q_norm=w.q_norm,
+            k_norm=w.k_norm,
+            o=_shard_weight(w.o, t, cols=(rank * q_l, (rank + 1) * q_l)),
+            o_bias=w.o_bias,
+            mlp_norm=w.mlp_norm,
+            gate_up=_shard_weight(w.gate_up, t, rows=gate_up_rows),
+            gate_up_bias=_shard_bias(w.gate_up_bias, gate_up_rows),
+            down=_shard_weight(w.down, t, cols=(rank * inter_l, (rank + 1) * inter_l)),
+            down_bias=w.down_bias,
+        ))
+    split_vocab = n > 1 and vocab_parallel and cfg.vocab_size % n == 0
+    lm_head = engine.lm_head
+    if split_vocab:
+        v_l = cfg.vocab_size // n
+        lm_head = lm_head[rank * v_l:(rank + 1) * v_l]
+        if lm_head.untyped_storage().data_ptr() != engine.embed.untyped_storage().data_ptr():
+            lm_head = lm_head.clone()  # an untied head: own the slice so the whole head can be freed
+
+    shard = TensorParallelEngine(local, layers, engine.embed, engine.final_norm, lm_head,
+                                 transposed=t, max_seq_len=engine.max_seq_len)
+    shard.rank, shard.world_size, shard.full_config = rank, n, cfg
+    shard.group = group if n > 1 else None
+    shard.tp_group = group if n > 1 else None
+    shard.vocab_group = group if split_vocab else None
+    shard.kernel_at_zero = engine.kernel_at_zero
+    if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
+        shard.set_thresholds(*_current_thresholds(engine))
+    return shard
+
+
+def _checked_group(group: Any, rank: int, world_size: int) -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"tensor parallelism over {world_size} ranks needs an initialized torch.distributed process group: "
+            "start the ranks with teal.engine.tp.launch (or torchrun) before sharding"
+        )
+    group = group if group is not None else dist.group.WORLD
+    size, group_rank = dist.get_world_size(group), dist.get_rank(group)
+    if size != world_size or group_rank != rank:
+        raise ValueError(
+            f"the process group has {size} ranks and this process is its rank {group_rank}, "
+            f"but shard_engine was given rank {rank} of {world_size}"
+        )
+    return group
+
+
+def _shard_weight(w: torch.Tensor, transposed: bool, rows: Sequence[tuple[int, int]] | None = None,
+                  cols: tuple[int, int] | None = None) -> torch.Tensor:
+    """Output rows (`rows`, concatenated) or input columns (`cols`) of a weight in [N, K] terms, returned in
+    the weight's own layout ([K, N] when `transposed`) as a new contiguous tensor."""
+    dense = w.t() if transposed else w
+    if rows is not None:
+        dense = torch.cat([dense[a:b] for a, b in rows], dim=0)
+    if cols is not None:
+        dense = dense[:, cols[0]:cols[1]]
+    out = dense.t() if transposed else dense
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+def _shard_bias(bias: torch.Tensor | None, rows: Sequence[tuple[int, int]]) -> torch.Tensor | None:
+    return None if bias is None else torch.cat([bias[a:b] for a, b in rows]).contiguous()
+
+
+def _current_thresholds(engine: Engine) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
+    """The thresholds (and whole-model column scales) an engine holds, as `set_thresholds` takes them."""
+    assert engine.sparsity is not None
+    values: dict[str, float] = {}
+    scales: dict[str, torch.Tensor] = {}
+    for i, sp in enumerate(engine.sparsity):
+        for g, projs in GROUPS.items():
+            th, scale = getattr(sp, g), getattr(sp, g + "_scale")
+            for j, p in enumerate(projs):
+                values[f"layers.{i}.{p}"] = float(th[j])
+                if scale is not None:
+                    scales[f"layers.{i}.{p}"] = scale[j]
+    return values, (scales or None)
+
+
+def _key_order(key: str) -> tuple[int, int]:
+    _, layer, proj = key.split(".")
+    return int(layer), PROJECTIONS.index(proj)
+
+
+def bytes_per_token_per_rank(engine: Engine, sparsity_per_proj: Mapping[str, float] | None, context: float) -> float:
+    """Bytes one rank reads per decode step: its weight slices x (1 - sparsity), its lm_head rows, the
+    norms, the embedding row, and its kv heads of `context` cached positions (as
+    `teal.bench.decode.bytes_per_token` for one device)."""
+    cfg = engine.config
+    item = engine.embed.element_size()
+    shapes = cfg.projection_shapes()
+    total = 0.0
+    for i in range(cfg.n_layers):
+        for p in PROJECTIONS:
+            k, n = shapes[p]
+            s = 0.0 if sparsity_per_proj is None else float(sparsity_per_proj.get(f"layers.{i}.{p}", 0.0))
+            total += k * n * item * (1.0 - s)
+        total += 2 * cfg.hidden * item
+    total += engine.lm_head.numel() * item + 2 * cfg.hidden * item
+    total += 2 * cfg.n_layers * cfg.kv_size * item * context
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- launching
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple = (),
+    *,
+    device: str = "cpu",
+    timeout_s: float = DEFAULT_LAUNCH_TIMEOUT_S,
+    collective_timeout_s: float = 600.0,
+) -> None:
+    """Run `fn(rank, world_size, group, *args)` in `world_size` new processes joined in a process group
+    on 127.0.0.1 (gloo on CPU; NCCL on CUDA, rank r on GPU r, NVLink multicast off). `fn` must be a
+    module-level function (processes are spawned). Raises the first rank's error with its traceback, or
+    `TimeoutError` (after stopping the processes) when they run past `timeout_s`."""
+    import torch.multiprocessing as mp
+
+    if world_size < 1:
+        raise ValueError(f"world_size must be at least 1, got {world_size}")
+    device_type = torch.device(device).type
+    if device_type == "cuda" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(
+            f"tensor parallelism over {world_size} GPUs needs {world_size} visible CUDA devices; "
+            f"torch sees {torch.cuda.device_count()}"
+        )
+    if device_type not in ("cpu", "cuda"):
+        raise ValueError(f"tensor parallelism runs on 'cpu' (gloo) or 'cuda' (NCCL), not {device!r}")
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    context = mp.start_processes(
+        _rank_entry, args=(world_size, init_method, device_type, collective_timeout_s, fn, args),
+        nprocs=world_size, join=False, start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=max(0.1, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join(5.0)
+            raise TimeoutError(f"tensor-parallel ranks still running after {timeout_s:.0f}s; stopped them")
+
+
+def _rank_entry(rank: int, world_size: int, init_method: str, device_type: str, collective_timeout_s: float,
+                fn: Callable[..., Any], args: tuple) -> None:
+    """One spawned rank: environment, process group, fn, teardown."""
+    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off
+    if device_type == "cpu" and "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    group = init_rank(rank, world_size, init_method, device_type, collective_timeout_s)
+    try:
+        fn(rank, world_size, group, *args)
+    finally:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def init_rank(rank: int, world_size: int, init_method: str, device_type: str,
+              collective_timeout_s: float = 600.0, device_index: int | None = None) -> Any:
+    """Join the default process group as `rank` (gloo on CPU with a fair share of the cores; NCCL on
+    CUDA, GPU `device_index` (default `rank`), with one warm-up all-reduce so that the communicators
+    exist before any CUDA-graph capture). Seeds every rank alike."""
+    import torch.distributed as dist
+
+    if os.environ.get("NCCL_NVLS_ENABLE", "0") != "0":
+        raise RuntimeError("NCCL_NVLS_ENABLE must stay 0 (NVLink multicast off) for tensor-parallel decoding")
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    timeout = datetime.timedelta(seconds=collective_timeout_s)
+    if device_type == "cuda":
+        index = rank if device_index is None else device_index
+        torch.cuda.set_device(index)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=torch.device("cuda", index))
+        warm = torch.ones(1, device="cuda")
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
+        warm = torch.ones(1)
+    torch.manual_seed(0)  # ranks sample alike
+    dist.all_reduce(warm)
+    return dist.group.WORLD
+
+
+# ---------------------------------------------------------------------------------------- the benchmark
+def run_decode_bench(tp: int, json_path: str | os.PathLike[str] | None = None, **options: Any) -> dict[str, Any]:
+    """`teal.bench.decode.run(..., tp=N)`: the decode benchmark of a tensor-parallel engine over `tp`
+    ranks, beside the unsharded engine on one device of the same run. Spawns `tp` processes, or, when
+    started by torchrun with WORLD_SIZE == tp, runs this process's rank. Rank 0 writes the JSON."""
+    import tempfile
+
+    if tp < 1:
+        raise ValueError(f"--tp must be at least 1, got {tp}")
+    if os.environ.get("WORLD_SIZE") == str(tp) and "RANK" in os.environ:  # torchrun
+        import torch.distributed as dist
+
+        rank = int(os.environ["RANK"])
+        device = options.get("device", "cuda")
+        group = init_rank(rank, tp, "env://", torch.device(device).type,
+                          device_index=int(os.environ.get("LOCAL_RANK", rank)))
+        try:
+            return _bench_rank(rank, tp, group, options, json_path) or {}
+        finally:
+            dist.destroy_process_group()
+    with tempfile.TemporaryDirectory(prefix="teal-tp-") as tmp:
+        out = Path(tmp) / "decode_tp.json"
+        launch(_bench_rank, tp, (options, str(out)), device=options.get("device", "cuda"))
+        data = json.loads(out.read_text())
+    if json_path is not None:
+        from teal.bench.decode import write_json
+
+        write_json(data, json_path)
+    return data
+
+
+def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
+                json_path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """One rank of the benchmark. Every control-flow decision is identical on all ranks (no deadlines,
+    no per-phase error recovery), so the collectives stay in step."""
+    from teal.bench import decode as bench
+    from teal.engine.generator import Generator, resolve_thresholds
+    from teal.engine.loading import engine_from_hf_model, engine_random
+    from teal.engine.reference import activation_threshold_levels, decode_sparsity
+
+    import torch.distributed as dist
+
+    opts = dict(model=None, shape="llama-3-8b", sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), prompt_len=128,
+                new_tokens=256, repeats=3, thresholds=None, modes=("graph", "compiled-graph"), device="cuda",
+                dtype=torch.bfloat16, single_device_baseline=True, command=None, check_tokens=16)
+    unknown = set(options) - set(opts)
+    if unknown:
+        raise TypeError(f"unknown tensor-parallel benchmark options {sorted(unknown)}")
+    opts.update(options)
+    lead = rank == 0
+    log: Callable[[str], None] = print if lead else (lambda _: None)
+    device = torch.device("cuda", torch.cuda.current_device()) if opts["device"] == "cuda" else torch.device("cpu")
+    modes = tuple(opts["modes"]) if device.type == "cuda" else ("eager",)
+    sparsities = sorted({float(s) for s in opts["sparsities"]} | {0.0})
+    prompt_len, new_tokens, repeats = opts["prompt_len"], opts["new_tokens"], opts["repeats"]
+    max_seq_len = -(-(prompt_len + new_tokens + 8) // 64) * 64
+    context = prompt_len + new_tokens / 2
+    t_process = bench.process_start_time()
+    data = bench._header(opts["model"], opts["shape"], device, opts["dtype"], prompt_len, new_tokens, repeats,
+                         max_seq_len, opts["command"])
+    data.update(benchmark="decode-tp", tp=world_size,
+                roofline="per rank: copy bandwidth / (this rank's weight slices x (1 - measured sparsity) + its "
+                         "lm_head rows + embedding row + norms + its kv heads at the mean context); "
+                         "collective time not included", single_device=[])
+    data["copy_bandwidth_Bps"] = bw = bench.copy_bandwidth(device)
+    log(f"[tp={world_size}] copy bandwidth {bw / 1e12:.3f} TB/s on {data['device']}")
+
+    # 1. the whole engine on every rank (identical weights), thresholds and references from it
+    if opts["model"] is None:
+        full = engine_random(opts["shape"], dtype=opts["dtype"], device=device, max_seq_len=max_seq_len)
+    else:
+        from teal.models import load_model
+
+        hf, _ = load_model(opts["model"], dtype=opts["dtype"], device="cpu")
+        full = engine_from_hf_model(hf.eval(), device=device, max_seq_len=max_seq_len)
+        del hf
+    cfg = full.config
+    data["model_info"] = {"name": cfg.name, "model_type": cfg.model_type, "n_layers": cfg.n_layers,
+                          "hidden": cfg.hidden, "intermediate": cfg.intermediate, "vocab": cfg.vocab_size,
+                          "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                          "weight_bytes": sum(b for _, b in full.iter_weight_bytes())}
+    ids = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).to(device)
+    calib = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).to(device)
+    n_check = min(opts["check_tokens"], max_seq_len - prompt_len)
+    with torch.inference_mode():
+        ref_prefill = full.prefill(ids, all_logits=True).float()
+    ref_tokens = Generator(full, mode="eager").generate(ids, n_check, stop=[]).tokens
+    full.to_layout(transposed=True)
+    if opts["thresholds"] is not None:
+        levels = {s: resolve_thresholds(opts["thresholds"], s, full) for s in sparsities}
+    else:
+        levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(full, calib, sparsities))}
+    measured: dict[float, tuple[float, dict[str, float]]] = {0.0: (0.0, {})}
+    for s in sparsities[1:]:
+        full.set_thresholds(*levels[s])  # measured along the sparse trajectory itself
+        measured[s] = decode_sparsity(full, calib[:64], 4, *levels[s])
+    check_level = max(sparsities)
+    full.set_thresholds(*levels[check_level])
+    ref_sparse_tokens = Generator(full, mode="eager").generate(ids, n_check, stop=[]).tokens
+
+    def time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool) -> list[dict[str, Any]]:
+        rows = []
+        engine.to_layout(transposed=False)
+        nbytes = bytes_per_token_per_rank(engine, None, context) if per_rank else bench.bytes_per_token(engine, None, context)
+        for mode in level_modes:
+            row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
+            rows.append({"sparsity": 0.0, "measured_sparsity": 0.0, "op": "F.linear", **row, "bytes_per_token": nbytes,
+                         "roofline_tokens_per_s": bw / nbytes, "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
+            log(f"  {'tp' if per_rank else '1 device'} dense F.linear {row['mode']}: {row['tokens_per_s']:.1f} tok/s")
+        engine.to_layout(transposed=True)
+        for s in sparsities:
+            engine.set_thresholds(*levels[s])
+            for mode in level_modes:
+                row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
+                nbytes = (bytes_per_token_per_rank(engine, measured[s][1], context) if per_rank
+                          else bench.bytes_per_token(engine, measured[s][1] or None, context))
+                rows.append({"sparsity": s, "measured_sparsity": measured[s][0],
+                             "op": "kernel" if s > 0 else "x @ w_t", **row, "bytes_per_token": nbytes,
+                             "roofline_tokens_per_s": bw / nbytes, "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
+                log(f"  {'tp' if per_rank else '1 device'} s={s:.2f} ({measured[s][0]:.3f}) {row['mode']}: "
+                    f"{row['tokens_per_s']:.1f} tok/s, roofline {bw / nbytes:.1f}")
+        engine.set_thresholds(None)
+        return rows
+
+    # 2. optional: the unsharded engine on rank 0's device, for speed-ups within this run
+    if opts["single_device_baseline"]:
+        if lead:
+            data["single_device"] = time_levels(full, modes[-1:], per_rank=False)
+            data["single_device_mode"] = modes[-1]
+        dist.barrier(group=group)
+
+    # 3. shard, check against the whole engine, time
+    t = time.perf_counter()
+    engine = shard_engine(full, rank, world_size, group)
+    del full
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    data["shard_s"] = time.perf_counter() - t
+    data["lm_head"] = "column-parallel (vocab rows) + all-gather" if engine.vocab_group is not None else "replicated"
+    engine.set_thresholds(None)
+    engine.to_layout(transposed=False)
+    with torch.inference_mode():
+        prefill = engine.prefill(ids, all_logits=True).float()
+    tokens = Generator(engine, mode="eager").generate(ids, n_check, stop=[]).tokens
+    engine.to_layout(transposed=True)
+    engine.set_thresholds(*levels[check_level])
+    sparse_tokens = Generator(engine, mode="eager").generate(ids, n_check, stop=[]).tokens
+    engine.set_thresholds(None)
+    data["checks"] = {
+        "prefill_rel_err_vs_single_device": float((prefill - ref_prefill).norm() / ref_prefill.norm()),
+        "greedy_tokens_match_single_device": tokens == ref_tokens,
+        f"sparse{check_level:g}_greedy_tokens_match_single_device": sparse_tokens == ref_sparse_tokens,
+        "note": "fp32 should agree exactly; in bf16 the split sums round differently, so tokens may diverge",
+    }
+    log(f"checks: {json.dumps(data['checks'])}")
+    data["results"] = time_levels(engine, modes, per_rank=True)
+
+    dense_tp = max(r["tokens_per_s"] for r in data["results"] if r["op"] == "F.linear")
+    single = {(r["sparsity"], r["op"]): r["tokens_per_s"] for r in data["single_device"]}
+    single_dense = max((r["tokens_per_s"] for r in data["single_device"] if r["op"] == "F.linear"), default=None)
+    for r in data["results"]:
+        r["speedup_vs_tp_dense"] = r["tokens_per_s"] / dense_tp
+        base = single.get((r["sparsity"], r["op"]))
+        r["speedup_vs_single_device_same_setting"] = r["tokens_per_s"] / base if base else None
+        r["speedup_vs_single_device_dense"] = r["tokens_per_s"] / single_dense if single_dense else None
+    data["total_s"] = time.time() - t_process
+    if not lead:
+        return None
+    if json_path is not None:
+        bench.write_json(data, json_path)
+    log(f"\n== decode tp={world_size} {data['model']} on {data['device']} ({data['dtype']}), "
+        f"lm_head {data['lm_head']}, copy {bw / 1e12:.2f} TB/s ==")
+    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'mode':>15} {'tok/s':>8} {'roof/rk':>8} {'x tp dense':>10} "
+        f"{'x 1 dev':>8}")
+    for r in data["results"]:
+        same = r["speedup_vs_single_device_same_setting"]
+        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r['mode']:>15} "
+            f"{r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
+            f"{r['speedup_vs_tp_dense']:10.2f} {(f'{same:.2f}' if same else '-'):>8}")
+    if data["single_device"]:
+        log("1 device: " + ", ".join(f"s={r['sparsity']:g} {r['op']} {r['tokens_per_s']:.1f}"
+                                     for r in data["single_device"]))
+    log(f"median tok/s over {repeats} repeats; total {data['total_s']:.1f}s")
+    return data

@@ -1,0 +1,259 @@
+"""Tensor-parallel decoding (teal.engine.tp) on CPU: ranks are spawned processes joined by gloo on 127.0.0.1.
+
+Every rank builds the same whole engine, shards it, and compares the shard's outputs with the whole
+engine's (fp32): prefill logits, teacher-forced decode logits, greedy tokens, dense and sparse
+(magnitude and weight-aware scores). The spawned runs are module-scoped fixtures, one per world size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from teal.engine import Engine, Generator, engine_random
+from teal.engine.model import decode_layer
+from teal.engine.reference import activation_thresholds
+from teal.engine.tp import TensorParallelEngine, check_tp_size, launch, shard_engine
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+CASES = {
+    # GQA (2 query heads per kv head) with biases on every projection, o and down included
+    "llama-gqa-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+    # q|k|v bias; a vocabulary that does not divide by 2 keeps lm_head whole (replicated)
+    "qwen2-bias": dict(model_type="qwen2", vocab_size=97),
+    # q/k norms, explicit head_dim, tied embeddings (the lm_head shard is a view of the embedding)
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+}
+PROMPT, STEPS, NEW_TOKENS = 6, 6, 8
+TIMEOUT_S = 240.0
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def build_engine(case: str, max_seq_len: int = 32) -> Engine:
+    """A deterministic whole engine (fp32, CPU, dense layout) with non-trivial norms."""
+    from transformers import AutoConfig
+
+    kwargs = {**TINY, **CASES[case]}
+    config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    engine = engine_random(config, dtype=torch.float32, device="cpu", max_seq_len=max_seq_len, seed=0, std=0.08)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for w in engine.layers:
+            for norm in (w.attn_norm, w.mlp_norm, w.q_norm, w.k_norm):
+                if norm is not None:
+                    norm.copy_(1.0 + 0.2 * torch.randn(norm.shape, generator=gen))
+    return engine
+
+
+def ids_for(engine, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, engine.config.vocab_size, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def teacher_forced(engine, ids: torch.Tensor, layer_fn=None) -> torch.Tensor:
+    """Decode logits [STEPS, V] for ids[PROMPT:] after a prefill of ids[:PROMPT]."""
+    engine.prefill(ids[:PROMPT])
+    return torch.cat([engine.decode(ids[t:t + 1], torch.tensor([t]), layer_fn=layer_fn)
+                      for t in range(PROMPT, PROMPT + STEPS)])
+
+
+def greedy(engine, ids: torch.Tensor) -> list[int]:
+    return Generator(engine, mode="eager").generate(ids[:PROMPT], NEW_TOKENS, stop=[]).tokens
+
+
+# ------------------------------------------------------------------------- what every spawned rank runs
+def compare_rank(rank: int, world_size: int, group, out_dir: str) -> None:
+    """Shard each case, compare with the whole engine, write this rank's numbers as JSON."""
+    results = {}
+    for case in CASES:
+        full = build_engine(case)
+        ids, calib = ids_for(full, PROMPT + STEPS, 3), ids_for(full, 24, 7)
+        r: dict = {}
+        with torch.no_grad():
+            ref_prefill = full.prefill(ids, all_logits=True)
+        ref_decode = teacher_forced(full, ids)
+        ref_tokens = greedy(full, ids)
+        shard = shard_engine(full, rank, world_size, group)
+        with torch.no_grad():
+            r["prefill_rel_err"] = rel_err(shard.prefill(ids, all_logits=True), ref_prefill)
+        shard_decode = teacher_forced(shard, ids)
+        r["decode_rel_err"] = rel_err(shard_decode, ref_decode)
+        r["tokens"], r["ref_tokens"] = greedy(shard, ids), ref_tokens
+        r["logits_sample"] = shard_decode[-1, :8].tolist()  # to check that ranks agree exactly
+        r["qkv_shape"] = list(shard.layers[0].qkv.shape)
+        r["gate_up_shape"] = list(shard.layers[0].gate_up.shape)
+        r["o_shape"], r["down_shape"] = list(shard.layers[0].o.shape), list(shard.layers[0].down.shape)
+        r["k_cache_shape"] = list(shard.k_cache[0].shape)
+        r["lm_head_rows"] = shard.lm_head.shape[0]
+        r["vocab_parallel"] = shard.vocab_group is not None
+        full.to_layout(transposed=True)
+        shard.to_layout(transposed=True)
+        full_norms, shard_norms = full.weight_column_norms(), shard.weight_column_norms()
+        r["col_norm_keys_match"] = sorted(full_norms) == sorted(shard_norms)
+        r["col_norm_rel_err"] = max(rel_err(shard_norms[k], full_norms[k]) for k in full_norms)
+        for score in ("magnitude", "weight-aware"):
+            scales = full_norms if score == "weight-aware" else None
+            th = activation_thresholds(full, calib, 0.5, scales)
+            full.set_thresholds(th, scales)
+            shard.set_thresholds(th, scales)
+            ref_sparse = teacher_forced(full, ids)
+            r[f"{score}_sparse_vs_dense"] = rel_err(ref_sparse, ref_decode)  # the masks do change the output
+            r[f"{score}_decode_rel_err"] = rel_err(teacher_forced(shard, ids), ref_sparse)
+            r[f"{score}_tokens"], r[f"{score}_ref_tokens"] = greedy(shard, ids), greedy(full, ids)
+            r[f"{score}_all_groups_sparse"] = all(all(flags) for flags in shard.sparse_flags)
+        # thresholds (whole-model column scales) travel with the engine into a new shard
+        carried = shard_engine(full, rank, world_size, group)
+        r["carried_thresholds_rel_err"] = rel_err(teacher_forced(carried, ids), teacher_forced(shard, ids))
+        if case == "llama-gqa-bias":  # the decode layer compiles with its collectives (GPU compiled-graph mode)
+            compiled = torch.compile(decode_layer, fullgraph=True, dynamic=False, backend="aot_eager")
+            r["compiled_decode_rel_err"] = rel_err(teacher_forced(shard, ids, compiled), teacher_forced(shard, ids))
+        results[case] = r
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def degenerate_rank(rank: int, world_size: int, group, out_dir: str) -> None:
+    """World size 1: the shard is the engine (same tensors, no collectives), bit for bit."""
+    full = build_engine("llama-gqa-bias")
+    ids, calib = ids_for(full, PROMPT + STEPS, 3), ids_for(full, 24, 7)
+    full.to_layout(transposed=True)
+    scales = full.weight_column_norms()
+    full.set_thresholds(activation_thresholds(full, calib, 0.5, scales), scales)
+    shard = shard_engine(full, rank, world_size, group)
+    out = {
+        "no_collectives": shard.tp_group is None and shard.vocab_group is None,
+        "same_tensors": all(a is b for a, b in zip(shard.layers, full.layers)) and shard.lm_head is full.lm_head,
+        "sparse_decode_equal": bool(torch.equal(teacher_forced(shard, ids), teacher_forced(full, ids))),
+        "tokens_equal": greedy(shard, ids) == greedy(full, ids),
+    }
+    with torch.no_grad():
+        out["prefill_equal"] = bool(torch.equal(shard.prefill(ids, all_logits=True), full.prefill(ids, all_logits=True)))
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tp2(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp2")
+    launch(compare_rank, 2, (str(out),), device="cpu", timeout_s=TIMEOUT_S, collective_timeout_s=120)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dense_shard_matches_whole_engine(tp2, case):
+    for rank, results in enumerate(tp2):
+        r = results[case]
+        assert r["prefill_rel_err"] <= 1e-5, (rank, r["prefill_rel_err"])
+        assert r["decode_rel_err"] <= 1e-5, (rank, r["decode_rel_err"])
+        assert r["tokens"] == r["ref_tokens"]
+    assert tp2[0][case]["logits_sample"] == tp2[1][case]["logits_sample"]  # every rank sees the same logits
+
+
+@pytest.mark.parametrize("score", ["magnitude", "weight-aware"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_sparse_shard_matches_whole_engine(tp2, case, score):
+    for results in tp2:
+        r = results[case]
+        assert r[f"{score}_all_groups_sparse"]
+        assert r[f"{score}_sparse_vs_dense"] > 1e-3  # 50 % sparsity is really applied
+        assert r[f"{score}_decode_rel_err"] <= 1e-5, r[f"{score}_decode_rel_err"]
+        assert r[f"{score}_tokens"] == r[f"{score}_ref_tokens"]
+        assert r["carried_thresholds_rel_err"] == 0.0
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_shards_are_halves(tp2, case):
+    kwargs = {**TINY, **CASES[case]}
+    hidden, inter = kwargs["hidden_size"], kwargs["intermediate_size"]
+    head_dim = kwargs.get("head_dim", hidden // kwargs["num_attention_heads"])
+    q, kv = kwargs["num_attention_heads"] * head_dim, kwargs["num_key_value_heads"] * head_dim
+    for results in tp2:
+        r = results[case]
+        # shapes read in the dense layout, [N, K]
+        assert r["qkv_shape"] == [(q + 2 * kv) // 2, hidden]
+        assert r["gate_up_shape"] == [inter, hidden]
+        assert r["o_shape"] == [hidden, q // 2] and r["down_shape"] == [hidden, inter // 2]
+        assert r["k_cache_shape"][0] == kwargs["num_key_value_heads"] // 2
+        vocab = kwargs["vocab_size"]
+        assert r["vocab_parallel"] == (vocab % 2 == 0)
+        assert r["lm_head_rows"] == (vocab // 2 if vocab % 2 == 0 else vocab)
+        assert r["col_norm_keys_match"] and r["col_norm_rel_err"] <= 1e-6
+
+
+def test_compiled_decode_layer_with_collectives(tp2):
+    for results in tp2:
+        assert results["llama-gqa-bias"]["compiled_decode_rel_err"] <= 1e-5
+
+
+def test_world_size_one_is_the_plain_engine(tmp_path):
+    launch(degenerate_rank, 1, (str(tmp_path),), device="cpu", timeout_s=TIMEOUT_S)
+    out = json.loads((tmp_path / "rank0.json").read_text())
+    assert out == {k: True for k in out} and len(out) == 5, out
+
+
+# ---------------------------------------------------------------------------------- errors (in process)
+def test_indivisible_world_size_is_refused():
+    engine = build_engine("llama-gqa-bias")  # 4 heads, 2 kv heads, intermediate 96
+    with pytest.raises(ValueError, match=r"n_kv_heads=2 .*not divisible by 4.*among \[1, 2\]"):
+        shard_engine(engine, 0, 4)
+    with pytest.raises(ValueError, match=r"n_kv_heads=2.*n_heads=4.*not divisible by 3"):
+        shard_engine(engine, 0, 3)
+    with pytest.raises(ValueError, match="positive integer"):
+        check_tp_size(engine.config, 0)
+    with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
+        shard_engine(engine, 2, 2)
+    with pytest.raises(RuntimeError, match="initialized torch.distributed process group"):
+        shard_engine(engine, 0, 2)
+
+
+def test_whole_model_column_scales_are_checked():
+    engine = build_engine("qwen2-bias")
+    engine.to_layout(transposed=True)
+    shard = shard_engine(engine, 0, 1)
+    assert isinstance(shard, TensorParallelEngine)
+    th = activation_thresholds(engine, ids_for(engine, 16, 2), 0.5)
+    scales = engine.weight_column_norms()
+    scales["layers.1.down"] = scales["layers.1.down"][:10]
+    with pytest.raises(ValueError, match=r"'layers.1.down' has 10 entries .* 96 input channels"):
+        shard.set_thresholds(th, scales)
+
+
+def test_launch_reports_a_failing_rank(tmp_path):
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        launch(_failing_rank, 2, (), device="cpu", timeout_s=TIMEOUT_S, collective_timeout_s=30)
+
+
+def _failing_rank(rank: int, world_size: int, group) -> None:
+    if rank == 1:
+        raise RuntimeError("rank 1 failed on purpose")
+
+
+# ------------------------------------------------------------------------------- the benchmark, --tp 2
+def test_bench_decode_tp2_smoke(tmp_path):
+    from teal.bench import decode
+
+    path = tmp_path / "tp.json"
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
+                      json_path=path, device="cpu", dtype=torch.float32, tp=2)
+    assert json.loads(path.read_text()) == json.loads(json.dumps(data, default=str))
+    assert data["tp"] == 2 and data["lm_head"].startswith("column-parallel")
+    checks = data["checks"]
+    assert checks["prefill_rel_err_vs_single_device"] <= 1e-5
+    assert checks["greedy_tokens_match_single_device"] and checks["sparse0.5_greedy_tokens_match_single_device"]
+    rows = {(r["sparsity"], r["op"]): r for r in data["results"]}
+    assert set(rows) == {(0.0, "F.linear"), (0.0, "x @ w_t"), (0.5, "kernel")}
+    single = {(r["sparsity"], r["op"]): r for r in data["single_device"]}
+    assert set(single) == set(rows)
+    sparse, dense = rows[(0.5, "kernel")], rows[(0.0, "x @ w_t")]
+    assert 0.4 < sparse["measured_sparsity"] < 0.6
+    assert sparse["bytes_per_token"] < dense["bytes_per_token"]
+    # each rank reads about half of what one device reads (norms and the embedding row are replicated)
+    ratio = dense["bytes_per_token"] / single[(0.0, "x @ w_t")]["bytes_per_token"]
+    assert 0.5 < ratio < 0.55, ratio
+    assert all(r["tokens_per_s"] > 0 and r["speedup_vs_single_device_same_setting"] for r in data["results"])
