@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (teal.kernels imports it lazily)
@@ -31,6 +32,9 @@ COMPACT = KernelConfig(block_n=64, block_r=16, split_k=4, compact=True)
 DOT = KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True)
 FMA_BATCH = KernelConfig(block_n=64, block_r=8, split_k=4)
 DENSE = KernelConfig(dense=True)
+GATHER = KernelConfig(block_n=64, block_r=16, split_k=4, gather=True)  # hand-prefetched row loop
+GATHER_PIPE = KernelConfig(block_n=32, block_r=8, split_k=2, num_stages=3, gather=True)  # tl.range pipelined
+GATHER_ONE_SPLIT = KernelConfig(block_n=128, block_r=32, split_k=1, gather=True)
 
 
 def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
@@ -54,7 +58,9 @@ def _run_and_check(x, w_t, thr, splits, scale, config, tol):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT, DOT, FMA_BATCH, DENSE], ids=repr)
+@pytest.mark.parametrize(
+    "config", [FMA, FMA_ONE_SPLIT, COMPACT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT], ids=repr
+)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_odd_shapes(config, dtype):
     gen = torch.Generator().manual_seed(hash((repr(config), str(dtype))) % 2**31)
@@ -68,7 +74,7 @@ def test_kernel_matches_reference_on_odd_shapes(config, dtype):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
 def test_weight_aware_scale_and_single_segment(config):
     gen = torch.Generator().manual_seed(7)
     k, n = 173, 301
@@ -84,7 +90,7 @@ def test_weight_aware_scale_and_single_segment(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, DENSE], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, DENSE, GATHER, GATHER_PIPE], ids=repr)
 def test_masks_are_exact_with_ties_and_per_row_masks(config):
     """Exactly representable data: the kernel must equal the reference bit for bit.
 
@@ -111,7 +117,7 @@ def test_masks_are_exact_with_ties_and_per_row_masks(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
 def test_all_entries_dropped_gives_exact_zeros(config):
     x = torch.randn(2 if config.use_dot else 1, 120).to(torch.bfloat16)
     w_t = torch.randn(120, 70).to(torch.bfloat16)
@@ -121,19 +127,68 @@ def test_all_entries_dropped_gives_exact_zeros(config):
 
 
 @needs_interpreter
-def test_more_segments_than_one_launch_holds():
+@pytest.mark.parametrize("config", [FMA, GATHER], ids=repr)
+def test_more_segments_than_one_launch_holds(config):
     gen = torch.Generator().manual_seed(11)
     splits = [30, 17, 64, 5, 40, 22]
     w_t = torch.randn(90, sum(splits), generator=gen).to(torch.float16)
     x = torch.randn(1, 90, generator=gen).to(torch.float16)
-    _run_and_check(x, w_t, _thresholds(x, 0.4, len(splits)), splits, None, FMA, 2e-3)
+    _run_and_check(x, w_t, _thresholds(x, 0.4, len(splits)), splits, None, config, 2e-3)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("config", [GATHER, GATHER_PIPE], ids=repr)
+def test_gather_branch_is_chosen_on_device_from_the_survivor_count(config):
+    """Each segment takes the dense branch iff more than ``dense_above`` of its entries survive."""
+    from teal.kernels.ops import last_gather_branches
+
+    gen = torch.Generator().manual_seed(31)
+    k, splits = 160, [70, 45]
+    w_t = torch.randn(k, sum(splits), generator=gen).to(torch.bfloat16)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    blocks = [-(-w // config.block_n) for w in splits]
+    cases = [
+        # (dense_above, thresholds as |x| quantiles per segment, expected dense flag per segment)
+        (0.5, (0.0, 0.0), (True, True)),
+        (0.5, (0.75, 0.75), (False, False)),
+        (0.5, (0.25, 0.75), (True, False)),  # one launch, one segment per branch
+        (0.0, (0.5, 0.9), (True, True)),  # always dense while anything survives: the masked stream
+        (1.0, (0.0, 0.0), (False, False)),  # never dense: gathers every row
+    ]
+    for dense_above, quantiles, expect in cases:
+        cfg = KernelConfig(**{**config.as_dict(), "dense_above": dense_above})
+        thr = torch.tensor(
+            [float("-inf") if q == 0 else float(torch.quantile(x.abs().float(), q)) for q in quantiles]
+        )
+        _run_and_check(x, w_t, thr, splits, None, cfg, 1e-2)
+        flags = last_gather_branches(x.device).tolist()
+        assert flags == [expect[0]] * blocks[0] + [expect[1]] * blocks[1], (dense_above, quantiles, flags)
+
+
+def test_gather_branch_record_accepts_cuda_with_or_without_index(monkeypatch):
+    from teal.kernels import ops
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert ops._device_key(torch.device("cuda")) == ops._device_key(torch.device("cuda:0")) == ("cuda", 0)
+    assert ops._device_key(torch.device("cpu")) == ("cpu", None)
+
+
+@needs_interpreter
+def test_gather_lists_are_rebuilt_every_call():
+    """A call with fewer survivors than the previous one must not read the previous call's list."""
+    gen = torch.Generator().manual_seed(37)
+    w_t = torch.randn(256, 96, generator=gen).to(torch.bfloat16)
+    for config in (GATHER, GATHER_PIPE):
+        for sparsity in (0.1, 0.9, 0.5, 0.99, 0.0):
+            x = torch.randn(1, 256, generator=gen).to(torch.bfloat16)
+            _run_and_check(x, w_t, _thresholds(x, sparsity, 2), [50, 46], None, config, 1e-2)
 
 
 @needs_interpreter
 def test_fp32_inputs():
     gen = torch.Generator().manual_seed(5)
     w_t = torch.randn(64, 50, generator=gen)
-    for config in (FMA, DOT):
+    for config in (FMA, DOT, GATHER):
         x = torch.randn(3, 64, generator=gen)
         _run_and_check(x, w_t, _thresholds(x, 0.5, 1), None, None, config, 1e-5)
 
@@ -222,6 +277,10 @@ def test_argument_errors_name_the_problem():
         sparse_linear(x, w_t, torch.tensor([0.1]), None, torch.ones(2, 16))
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(block_n=96)
+    with pytest.raises(ValueError, match="gather cannot be combined"):
+        KernelConfig(gather=True, compact=True)
+    with pytest.raises(ValueError, match="dense_above"):
+        KernelConfig(gather=True, dense_above=1.5)
 
 
 def test_weight_helpers():
@@ -240,6 +299,32 @@ def test_config_table_lookup_uses_buckets():
     assert not cfg_small.dense
     unknown = get_config(1000, 3001, 1, torch.bfloat16)
     assert unknown.block_n <= 256 and unknown.split_k >= 1
+
+
+def test_config_table_file_overrides_the_builtin_table(tmp_path, monkeypatch):
+    from teal.kernels import configs
+
+    chosen = KernelConfig(block_n=256, block_r=16, split_k=4, num_stages=4, gather=True, dense_above=0.85)
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(configs.table_to_json({(4096, 4096, 1, "bf16"): chosen})))
+    assert configs.load_table(path) == {(4096, 4096, 1, "bf16"): chosen}
+    builtin = get_config(4096, 4096, 1, torch.bfloat16)
+    assert builtin != chosen
+    monkeypatch.setenv(configs.CONFIGS_ENV, str(path))
+    assert get_config(4096, 4096, 1, torch.float16) == chosen
+    assert get_config(4096, 6144, 1, torch.bfloat16) == configs.TUNED[(4096, 6144, 1, "bf16")]  # not listed
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"format": "teal-kernel-configs", "entries": [{"K": 1, "N": 2, "bucket": 1,
+                                                                             "dtype": "bf16", "config": {"x": 1}}]}))
+    with pytest.raises(ValueError, match="entry 0"):
+        configs.load_table(bad)
+    with pytest.raises(ValueError, match="not a teal kernel configuration table"):
+        configs.load_table(_write(tmp_path / "other.json", "{}"))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
 
 
 def test_bench_targets_json_and_plot(tmp_path):

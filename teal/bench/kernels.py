@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from teal.kernels import configs as kernel_configs
 from teal.kernels.configs import KernelConfig, batch_bucket, get_config
 from teal.kernels.naive import naive_sparse_linear
-from teal.kernels.ops import dense_masked_linear, path_counts, sm_count, sparse_linear_triton
+from teal.kernels.ops import (
+    compact_input,
+    dense_masked_linear,
+    last_gather_branches,
+    path_counts,
+    sm_count,
+    sparse_linear_triton,
+)
 from teal.kernels.tune import quantile_threshold, table_entry, time_graph_us, tune_shape
 
 # name -> (projection, K, segment widths); the segments of one row share one launch.
@@ -131,6 +138,9 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     compact = KernelConfig(block_n=128, block_r=32, split_k=4, compact=True)
     dot = KernelConfig(block_n=128, block_r=32, split_k=4, use_dot=True)
     fma = KernelConfig(block_n=64, block_r=8, split_k=2)
+    gather = KernelConfig(block_n=256, block_r=32, split_k=4, num_stages=3, gather=True)
+    gather_hand = KernelConfig(block_n=128, block_r=16, split_k=8, num_stages=1, gather=True)
+    gather_always = KernelConfig(block_n=128, block_r=32, split_k=1, num_stages=4, gather=True, dense_above=1.0)
     cases = [
         (dtype, 1000, (1000, 1001, 1000), (1,), False, None),
         (dtype, 1000, (1000, 1001, 1000), (1,), True, compact),
@@ -139,6 +149,13 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
         (torch.float16, 200, (301,), (1, 3), True, fma),
         (torch.float32, 200, (120, 181), (1, 3), False, dot),
         (torch.float32, 200, (120, 181), (1,), False, compact),
+        (dtype, 1000, (1000, 1001, 1000), (1,), True, gather),
+        (torch.float16, 1000, (1000, 1001, 1000), (1,), False, gather_hand),
+        (torch.float16, 200, (301,), (1,), True, gather_always),
+        (torch.float32, 200, (120, 181), (1,), False, gather),
+        (dtype, 4096, (4096, 1024, 1024), (1,), False, gather),
+        (dtype, 4096, (14336, 14336), (1,), True, gather_hand),
+        (torch.float16, 14336, (4096,), (1,), False, gather_always),
     ]
     for case in cases:
         try:
@@ -163,14 +180,15 @@ def _self_check_case(
 ) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     n = sum(splits)
-    w_t = torch.randn(k, n, device="cuda", generator=gen).to(dt)
+    device = gen.device
+    w_t = torch.randn(k, n, device=device, generator=gen).to(dt)
     w64 = w_t.double()
     for batch in batches:
         for s in (0.0, 0.5, 0.99):
-            x = torch.randn(batch, k, device="cuda", generator=gen).to(dt)
-            scale = (torch.rand(len(splits), k, device="cuda", generator=gen) + 0.5) if scaled else None
-            thr = _thresholds(x, s, len(splits)) * torch.linspace(1.0, 1.2, len(splits), device="cuda")
-            out = torch.full((batch, n), float("nan"), dtype=dt, device="cuda")
+            x = torch.randn(batch, k, device=device, generator=gen).to(dt)
+            scale = (torch.rand(len(splits), k, device=device, generator=gen) + 0.5) if scaled else None
+            thr = _thresholds(x, s, len(splits)) * torch.linspace(1.0, 1.2, len(splits), device=device)
+            out = torch.full((batch, n), float("nan"), dtype=dt, device=device)
             sparse_linear_triton(x, w_t, thr, list(splits), scale, out=out, config=config)
             score = x.abs().float()
             outs, start = [], 0
@@ -211,6 +229,49 @@ def _self_check_graph_compile(dtype: torch.dtype) -> list[dict[str, Any]]:
         rows.append(dict(check="torch_compile_fullgraph", ok=bool(torch.equal(compiled(x), expect))))
     except Exception as exc:  # noqa: BLE001 - reported, not fatal
         rows.append(dict(check="torch_compile_fullgraph", ok=False, error=repr(exc)[:300]))
+    rows.extend(_self_check_gather_graph(dtype))
+    return rows
+
+
+def _self_check_gather_graph(
+    dtype: torch.dtype, device: str = "cuda", splits: Sequence[int] = (4096, 1024, 1024)
+) -> list[dict[str, Any]]:
+    """The gather path (batch 1, fused q|k|v widths) captured once, replayed at s = 0, 0.5 and 0.9.
+
+    Thresholds and input change in place between replays, so one graph crosses the on-device
+    dense/gather switch; each replay must equal an eager call bit for bit and the float64 result to 1e-2.
+    (Off CUDA, for a dry run under the Triton interpreter, "replay" is a plain call.)
+    """
+    rows: list[dict[str, Any]] = []
+    splits = list(splits)
+    k, n = splits[0], sum(splits)
+    config = KernelConfig(block_n=256, block_r=32, split_k=4, num_stages=3, gather=True)
+    w_t = (torch.randn(k, n, device=device) * k**-0.5).to(dtype)
+    static_x = torch.randn(1, k, device=device, dtype=dtype)
+    static_thr = torch.full((len(splits),), float("-inf"), device=device)
+    static_y = sparse_linear_triton(static_x, w_t, static_thr, splits, config=config)  # workspace before capture
+    graph = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = sparse_linear_triton(static_x, w_t, static_thr, splits, config=config)
+    for s in (0.0, 0.5, 0.9, 0.0):
+        x = torch.randn(1, k, device=device, dtype=dtype)
+        thr = _thresholds(x, s, len(splits)) * torch.linspace(1.0, 1.2, len(splits), device=device)
+        static_x.copy_(x)
+        static_thr.copy_(thr)
+        if graph is not None:
+            graph.replay()
+            torch.cuda.synchronize()
+        else:
+            static_y = sparse_linear_triton(static_x, w_t, static_thr, splits, config=config)
+        replayed = static_y.clone()
+        dense_flags = last_gather_branches(x.device).float().mean().item()
+        eager = sparse_linear_triton(x, w_t, thr, splits, config=config)
+        err = _rel_err(replayed, _reference64(x, w_t.double(), thr, splits))
+        rows.append(dict(check="gather_cuda_graph", sparsity=s, rel_err=err, dense_branch_fraction=dense_flags,
+                         ok=bool(torch.equal(replayed, eager) and err <= MAX_REL_ERR[dtype])))
     return rows
 
 
@@ -223,12 +284,24 @@ def run(
     dtype: str = "bf16",
     tune: bool = False,
     tune_max_batch: int = 1,
+    tune_sparsities: Sequence[float] = (0.0, 0.5),
+    tune_families: str = "all",
+    table_out: str | os.PathLike[str] | None = None,
+    compare: Mapping[str, Mapping[kernel_configs.TableKey, KernelConfig]] | None = None,
+    time_budget_s: float | None = None,
     check: bool = True,
     seed: int = 0,
     command: str | None = None,
     console: Any = None,
 ) -> dict[str, Any]:
-    """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results."""
+    """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
+
+    ``tune``: time candidate configurations per shape first (at ``tune_sparsities``; ``tune_families``
+    as in ``teal.kernels.tune.candidate_configs``) and use the winners; ``table_out`` receives them as
+    a table for ``$TEAL_KERNEL_CONFIGS``. ``compare``: named tables whose configurations are timed
+    beside the chosen one at batch 1 (``<name>_us`` per row). ``time_budget_s``: projections not
+    started by then are skipped (listed under ``skipped``).
+    """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
     unknown = [s for s in shapes if s not in SHAPES]
@@ -277,8 +350,15 @@ def run(
             console.print(f"  [red]FAILED[/] {r}")
 
     tuned_keys: set[tuple[int, int, int, str]] = set()
+    compare = dict(compare or {})
+    data["compare"] = {name: {repr(key): cfg.as_dict() for key, cfg in table.items()} for name, table in compare.items()}
+    data["skipped"] = []
     for model in shapes:
         for proj, k, splits in SHAPES[model]:
+            if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
+                data["skipped"].append(f"{model}/{proj}")
+                console.print(f"[yellow]time budget reached[/]: skipped {model} {proj}")
+                continue
             n = sum(splits)
             elem = torch.finfo(torch_dtype).bits // 8
             weight_bytes = k * n * elem
@@ -290,7 +370,8 @@ def run(
                 key = (k, n, batch_bucket(batch), "bf16")
                 if tune and key not in tuned_keys and batch_bucket(batch) <= tune_max_batch:
                     try:
-                        res = tune_shape(w_ts, splits, batch, sm_count=sms)
+                        res = tune_shape(w_ts, splits, batch, sm_count=sms, sparsities=tuple(tune_sparsities),
+                                         families=tune_families)
                         kernel_configs.TUNED[key] = res.best
                         tuned_keys.add(key)
                         data["tuning"].append(dict(K=k, N=n, bucket=key[2], best=res.best.as_dict(),
@@ -319,6 +400,9 @@ def run(
                         before = dict(path_counts)
                         sparse_linear_triton(xc, w_ts[0], tc, list(splits), out=out)
                         row["path"] = next((p for p in path_counts if path_counts[p] != before.get(p, 0)), "?")
+                        if config.gather and batch == 1:
+                            row["path"] = "gather"
+                            row["dense_branch_fraction"] = float(last_gather_branches(device).float().mean())
                         ref = _reference64(xc, w64, tc, splits)
                         row["rel_err"] = _rel_err(out, ref)
                         row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
@@ -332,6 +416,18 @@ def run(
                             lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(xs, w_ts, thr)
                         ], min_calls=8, replays=10)
                         row.update(us=us, naive_us=naive_us)
+                        if config.gather and batch == 1:  # phase A alone
+                            row["compact_us"] = time_graph_us([
+                                lambda x=x, t=t: compact_input(x, t, None, len(splits)) for x, t in zip(xs, thr)
+                            ])
+                        for name, table in compare.items():
+                            other = table.get(key)
+                            if other is not None and batch == 1:
+                                row[f"{name}_config"] = other.as_dict()
+                                row[f"{name}_us"] = time_graph_us([
+                                    lambda x=x, w=w, t=t, c=other: sparse_linear_triton(x, w, t, list(splits), config=c)
+                                    for x, w, t in zip(xs, w_ts, thr)
+                                ])
                     except Exception:  # noqa: BLE001 - one broken row must not lose the run
                         row["error"] = traceback.format_exc()[-2000:]
                         console.print(f"[red]error[/] {model} {proj} B={batch} s={s}\n{row['error']}")
@@ -344,6 +440,9 @@ def run(
                 for row in data["results"]:
                     _derive(row, copy_bw)
                 write_json(data, json_path)
+    if table_out is not None and tuned_keys:
+        write_json(kernel_configs.table_to_json({key: kernel_configs.TUNED[key] for key in sorted(tuned_keys)}),
+                   table_out)
     # Copy bandwidth again at the end; ratios use the higher of the two readings.
     copy_end = measure_copy_bandwidth()
     data["copy_bandwidth_end_Bps"] = copy_end
@@ -371,6 +470,9 @@ def _derive(row: dict[str, Any], copy_bw: float) -> None:
         speedup_vs_naive=row["naive_us"] / us,
         cublas_bw_frac=weight_bytes / (row["cublas_us"] * 1e-6) / copy_bw,
     )
+    for key in [key for key in row if key.endswith("_us") and key not in ("us", "naive_us", "cublas_us", "ideal_us",
+                                                                           "dense_fallback_us", "compact_us")]:
+        row[f"speedup_vs_{key[:-3]}"] = row[key] / us
 
 
 def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -405,18 +507,26 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
 
     copy_tbps = data["copy_bandwidth_Bps"] / 1e12
     table = Table(title=f"sparse GEMV on {data['device']} ({data['dtype']}), copy {copy_tbps:.2f} TB/s")
-    for col in ("model", "proj", "B", "s", "us", "cuBLAS", "naive", "eff bw", "x cuBLAS", "x naive", "rel err", "path"):
+    names = list(data.get("compare", {}))
+    cols = ["model", "proj", "B", "s", "us", "cuBLAS", "naive", *[f"{m} us" for m in names], "phase A", "eff bw",
+            "x cuBLAS", "x naive", "rel err", "path"]
+    for col in cols:
         table.add_column(col, justify="right")
     for r in data["results"]:
         if "us" not in r:
-            table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", "error", *[""] * 7)
+            table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", "error",
+                          *[""] * (len(cols) - 5))
             continue
+        others = [f"{r[f'{m}_us']:.1f}" if f"{m}_us" in r else "" for m in names]
         table.add_row(
             r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", f"{r['us']:.1f}", f"{r['cublas_us']:.1f}",
-            f"{r['naive_us']:.1f}", f"{r['eff_bw_frac']:.0%}", f"{r['speedup_vs_cublas']:.2f}",
-            f"{r['speedup_vs_naive']:.2f}", f"{r['rel_err']:.1e}", r.get("path", "?"),
+            f"{r['naive_us']:.1f}", *others, f"{r['compact_us']:.1f}" if "compact_us" in r else "",
+            f"{r['eff_bw_frac']:.0%}", f"{r['speedup_vs_cublas']:.2f}", f"{r['speedup_vs_naive']:.2f}",
+            f"{r['rel_err']:.1e}", r.get("path", "?"),
         )
     console.print(table)
+    for line in compact_summary(data):
+        print(line, flush=True)
     if data["tuning"]:
         console.print("tuned table entries (teal/kernels/configs.py TUNED):")
         for t in data["tuning"]:
@@ -425,6 +535,27 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
     console.print(f"targets: {len(data['targets']) - len(failed)}/{len(data['targets'])} met")
     for t in failed:
         console.print(f"  missed {t['check']} {t['case']}: {t['value']:.3g} (goal {t['goal']})")
+
+
+def compact_summary(data: dict[str, Any]) -> list[str]:
+    """One line per (model, projection, batch): times in us per sparsity, then the compared tables'."""
+    names = list(data.get("compare", {}))
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for r in data.get("results", []):
+        groups.setdefault((r["model"], r["proj"], r["batch"]), []).append(r)
+    lines = []
+    for (model, proj, batch), rows in groups.items():
+        rows = sorted(rows, key=lambda r: r["sparsity"])
+        timed = [r for r in rows if "us" in r]
+        if not timed:
+            lines.append(f"{model} {proj} B={batch}: no timed rows")
+            continue
+        head = f"{model} {proj} {rows[0]['K']}x{rows[0]['N']} B={batch} cuBLAS {timed[0]['cublas_us']:.1f}"
+        cells = [f"s={r['sparsity']:g}: {r['us']:.1f}" + "".join(
+            f"/{m} {r[f'{m}_us']:.1f}" for m in names if f"{m}_us" in r) + (
+            f"/A {r['compact_us']:.1f}" if "compact_us" in r else "") for r in timed]
+        lines.append(head + " | " + " | ".join(cells))
+    return lines
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
@@ -508,6 +639,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", dest="json_path", default=None, help="write results here")
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a time-vs-sparsity figure here")
     parser.add_argument("--tune", action="store_true", help="tune configurations first (prints table entries)")
+    parser.add_argument("--tune-sparsities", default="0,0.5", help="sparsities the tuner scores candidates at")
+    parser.add_argument("--tune-families", default="all", choices=("all", "gather"),
+                        help="batch-1 candidates: every family, or the gather path against the v3 table entry")
+    parser.add_argument("--table-out", default=None, help="write the tuned entries here (for $TEAL_KERNEL_CONFIGS)")
+    parser.add_argument("--compare-v3", action="store_true", help="also time the version-3 table's configuration")
+    parser.add_argument("--time-budget", type=float, default=None, help="seconds; later projections are skipped")
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the GPU self-check")
     args = parser.parse_args(argv)
     args_given = sys.argv[1:] if argv is None else list(argv)
@@ -519,6 +656,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         json_path=args.json_path,
         dtype=args.dtype,
         tune=args.tune,
+        tune_sparsities=_floats(args.tune_sparsities),
+        tune_families=args.tune_families,
+        table_out=args.table_out,
+        compare={"v3": kernel_configs.TUNED_V3} if args.compare_v3 else None,
+        time_budget_s=args.time_budget,
         check=args.check,
         command=command,
     )
@@ -527,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return data
 
 
-__all__ = ["SHAPES", "check_targets", "main", "measure_copy_bandwidth", "plot", "run", "self_check", "write_json"]
+__all__ = ["SHAPES", "check_targets", "compact_summary", "main", "measure_copy_bandwidth", "plot", "run", "self_check", "write_json"]
 
 if __name__ == "__main__":
     main()

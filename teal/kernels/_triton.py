@@ -256,3 +256,199 @@ def mask_input_kernel(x_ptr, xm_ptr, thr_ptr, scale_ptr, B, K, HAS_SCALE: tl.con
         cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
     keep = _keep(xv, cv, tl.load(thr_ptr + seg), valid)
     tl.store(xm_ptr + row * K + offs, tl.where(keep, xv, tl.zeros_like(xv)), mask=valid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch 1, two phases: one global compaction of the input per call, then a balanced gather GEMV.
+
+
+@triton.jit
+def compact_input_kernel(
+    x_ptr,
+    thr_ptr,
+    scale_ptr,
+    idx_ptr,
+    val_ptr,
+    xm_ptr,
+    cnt_ptr,
+    K,
+    HAS_SCALE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PREFIX: tl.constexpr,
+):
+    """Phase A. Program (segment j, chunk c) lists the surviving entries of its chunk of ``x[0]``.
+
+    Survivors of segment j are written in ascending order to ``idx[j*K + rank]`` (index) and
+    ``val[j*K + rank]`` (fp32 value), where rank counts the survivors before them; the program
+    first counts the survivors of all earlier chunks (``PREFIX`` entries per step), so chunks are
+    independent. ``xm[j*K + i]`` receives the masked input in fp32 (the dense branch's input) and
+    the last chunk writes the survivor count ``cnt[j]``.
+    """
+    seg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    thr = tl.load(thr_ptr + seg)
+    start = chunk * CHUNK
+    before = start * 0
+    for p0 in range(0, start, PREFIX):
+        offs_p = p0 + tl.arange(0, PREFIX)
+        valid_p = offs_p < start
+        cv_p = tl.full([PREFIX], 1.0, tl.float32)
+        if HAS_SCALE:
+            cv_p = tl.load(scale_ptr + seg * K + offs_p, mask=valid_p, other=0.0)
+        xv_p = tl.load(x_ptr + offs_p, mask=valid_p, other=0.0)
+        before += tl.sum(_keep(xv_p, cv_p, thr, valid_p).to(tl.int32), axis=0)
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < K
+    cv = tl.full([CHUNK], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    xv = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    keep = _keep(xv, cv, thr, valid)
+    kept = keep.to(tl.int32)
+    rank = before + tl.cumsum(kept, axis=0) - 1
+    xf = xv.to(tl.float32)
+    base = seg * K
+    tl.store(idx_ptr + base + rank, offs, mask=keep)
+    tl.store(val_ptr + base + rank, xf, mask=keep)
+    tl.store(xm_ptr + base + offs, tl.where(keep, xf, 0.0), mask=valid)
+    if chunk == tl.num_programs(1) - 1:
+        tl.store(cnt_ptr + seg, before + tl.sum(kept, axis=0))
+
+
+@triton.jit
+def gather_gemv_kernel(
+    w_ptr,
+    y_ptr,
+    idx_ptr,
+    val_ptr,
+    xm_ptr,
+    cnt_ptr,
+    ws_ptr,
+    tick_ptr,
+    branch_ptr,
+    K,
+    N,
+    stride_wk,
+    split_k,
+    rows_per_split,
+    off1,
+    off2,
+    off3,
+    cb1,
+    cb2,
+    cb3,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    RED_CHUNK: tl.constexpr,
+    DENSE_NUM: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """Phase B. Program (column block, split p) multiplies its share of its segment's rows.
+
+    Gather branch (survivor count ``cnt <= K * DENSE_NUM / 64``): split p takes survivors
+    ``[p * per, (p + 1) * per)`` of the segment's list (``per = ceil(cnt / split_k)`` rounded up to
+    ``BLOCK_R``), loads their indices and values (contiguous), then the weight rows ``w_t[idx, cols]``;
+    no load's mask depends on loaded data, so the loop pipelines (``tl.range`` with ``NUM_STAGES``;
+    ``NUM_STAGES == 1``: one tile prefetched by hand). Dense branch (more survivors): split p streams
+    rows ``[p * rows_per_split, ...)`` of every input entry against the masked input ``xm``.
+    Partials of ``split_k > 1`` are summed by the program that draws the last ticket, in a fixed order.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    seg = (pid_n >= cb1).to(tl.int32) + (pid_n >= cb2).to(tl.int32) + (pid_n >= cb3).to(tl.int32)
+    first_block = tl.where(seg == 0, 0, tl.where(seg == 1, cb1, tl.where(seg == 2, cb2, cb3)))
+    col_start = tl.where(seg == 0, 0, tl.where(seg == 1, off1, tl.where(seg == 2, off2, off3)))
+    col_end = tl.where(seg == 0, off1, tl.where(seg == 1, off2, tl.where(seg == 2, off3, N)))
+    offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < col_end
+    w_cols = w_ptr + offs_n[None, :]
+    base = seg * K
+    count = tl.load(cnt_ptr + seg)
+    dense = count * 64 > K * DENSE_NUM
+    if pid_k == 0:
+        tl.store(branch_ptr + pid_n, dense.to(tl.int32))
+
+    acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    q_offs = tl.arange(0, BLOCK_R)
+    if dense:
+        lo = pid_k * rows_per_split
+        hi = tl.minimum(lo + rows_per_split, K)
+        if NUM_STAGES > 1:
+            for r0 in tl.range(lo, hi, BLOCK_R, num_stages=NUM_STAGES):
+                rows = r0 + q_offs
+                live = rows < hi
+                xv = tl.load(xm_ptr + base + rows, mask=live, other=0.0)
+                w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                acc2 += xv[:, None] * w.to(tl.float32)
+        else:
+            rows = lo + q_offs
+            live = rows < hi
+            xv = tl.load(xm_ptr + base + rows, mask=live, other=0.0)
+            w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            for _ in range(lo, hi, BLOCK_R):
+                rows += BLOCK_R
+                live = rows < hi
+                xv_next = tl.load(xm_ptr + base + rows, mask=live, other=0.0)
+                w_next = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :],
+                                 other=0.0, eviction_policy="evict_first")
+                acc2 += xv[:, None] * w.to(tl.float32)
+                xv = xv_next
+                w = w_next
+    else:
+        per = tl.cdiv(tl.cdiv(count, split_k), BLOCK_R) * BLOCK_R
+        lo = pid_k * per
+        hi = tl.minimum(lo + per, count)
+        if NUM_STAGES > 1:
+            for q0 in tl.range(lo, hi, BLOCK_R, num_stages=NUM_STAGES):
+                q = q0 + q_offs
+                live = q < hi
+                rows = tl.load(idx_ptr + base + q, mask=live, other=0)
+                xv = tl.load(val_ptr + base + q, mask=live, other=0.0)
+                w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                            eviction_policy="evict_first")
+                acc2 += xv[:, None] * w.to(tl.float32)
+        else:
+            q = lo + q_offs
+            live = q < hi
+            rows = tl.load(idx_ptr + base + q, mask=live, other=0)
+            xv = tl.load(val_ptr + base + q, mask=live, other=0.0)
+            w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+            q += BLOCK_R
+            live_next = q < hi
+            rows_next = tl.load(idx_ptr + base + q, mask=live_next, other=0)
+            xv_next = tl.load(val_ptr + base + q, mask=live_next, other=0.0)
+            for _ in range(lo, hi, BLOCK_R):
+                w_next = tl.load(w_cols + rows_next[:, None] * stride_wk, mask=live_next[:, None] & n_mask[None, :],
+                                 other=0.0, eviction_policy="evict_first")
+                q += BLOCK_R
+                live_after = q < hi
+                rows_after = tl.load(idx_ptr + base + q, mask=live_after, other=0)
+                xv_after = tl.load(val_ptr + base + q, mask=live_after, other=0.0)
+                acc2 += xv[:, None] * w.to(tl.float32)
+                xv = xv_next
+                w = w_next
+                xv_next = xv_after
+                rows_next = rows_after
+                live_next = live_after
+    acc = tl.sum(acc2, axis=0)
+
+    if split_k == 1:
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(ws_ptr + pid_k * N + offs_n, acc, mask=n_mask)
+        # Every thread's partial is stored before the ticket is drawn (acq_rel, device scope).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tick_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == split_k - 1:
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for c in range(0, split_k, RED_CHUNK):
+                offs_s = c + tl.arange(0, RED_CHUNK)
+                part = tl.load(ws_ptr + offs_s[:, None] * N + offs_n[None, :],
+                               mask=(offs_s < split_k)[:, None] & n_mask[None, :], other=0.0, cache_modifier=".cg")
+                total += tl.sum(part, axis=0)
+            tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
+            tl.atomic_xchg(tick_ptr + pid_n, 0, sem="relaxed", scope="gpu")

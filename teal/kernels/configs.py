@@ -7,6 +7,10 @@ The table is filled offline by ``teal.kernels.tune`` on the GPU (``python -m tea
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +38,11 @@ class KernelConfig:
     ``dense`` selects the dense fallback (cuBLAS on the masked input) for this shape and batch.
     ``compact`` (batch 1) first lists each program's surviving rows, then gathers only those rows,
     so the work, not only the bytes, scales with the density.
+    ``gather`` (batch 1) lists the surviving rows once per call in a separate launch shared by all
+    column blocks, then splits each segment's list evenly over ``split_k`` programs per column block;
+    when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
+    programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
+    depth of the row loop (1: one tile prefetched by hand).
     """
 
     block_n: int = 256
@@ -44,6 +53,8 @@ class KernelConfig:
     use_dot: bool = False
     dense: bool = False
     compact: bool = False
+    gather: bool = False
+    dense_above: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_r", "split_k"):
@@ -52,6 +63,12 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 1, got {value}")
         if self.compact and self.use_dot:
             raise ValueError("KernelConfig: compact and use_dot cannot be combined")
+        if self.gather and (self.compact or self.use_dot):
+            raise ValueError("KernelConfig: gather cannot be combined with compact or use_dot")
+        if not 0.0 <= self.dense_above <= 1.0:
+            raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
+        if self.num_stages < 1:
+            raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.use_dot and self.block_r < 16:
             raise ValueError(f"KernelConfig.block_r must be >= 16 with use_dot, got {self.block_r}")
 
@@ -75,9 +92,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # (K, N, batch bucket, dtype) -> config, measured on an NVIDIA H200 (see benchmarks/kernels_notes.md).
 # fp16 shares the bf16 entries (same element size); shapes not listed use `heuristic_config`.
-# Tuned by `python -m teal.bench.kernels --tune` (benchmarks/results/2026-11-28-h200-kernels.json); batches
-# of 2 or more take the dense fallback (DENSE_FROM_BATCH), which beat every kernel variant there.
-TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
+
+#: The version-3 table (predicated loads / per-program compaction), tuned by `python -m
+#: teal.bench.kernels --tune` (benchmarks/results/2026-11-28-h200-kernels.json); kept for comparisons
+#: (``python -m teal.bench.kernels --compare-v3``). Batches of 2 or more take the dense fallback
+#: (DENSE_FROM_BATCH), which beat every kernel variant there.
+TUNED_V3: dict[tuple[int, int, int, str], KernelConfig] = {
     (4096, 6144, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=8),
     (4096, 4096, 1, "bf16"): KernelConfig(block_n=64, block_r=64, split_k=8, num_warps=2),
     (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2),
@@ -86,6 +106,51 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
     (4096, 22016, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=2),
     (11008, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
 }
+
+#: The table in use. Version 4 (benchmarks/results/2026-11-28-h200-kernels-v4.json): the gather path
+#: (global compaction + balanced gather) won clearly only on Llama-3 gate|up (37.6 vs 50.8 us at
+#: s = 0.5, equal at s = 0); elsewhere its fixed cost (a second launch, one more dependent load)
+#: lost to the v3 entries, which stay.
+TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
+    **TUNED_V3,
+    (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+}
+
+#: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
+#: ``TUNED``; written by ``python -m teal.bench.kernels --tune --table-out PATH``.
+CONFIGS_ENV = "TEAL_KERNEL_CONFIGS"
+
+TableKey = tuple[int, int, int, str]
+
+
+def table_to_json(table: Mapping[TableKey, KernelConfig]) -> dict[str, object]:
+    """A configuration table as JSON-ready data (``load_table`` reads it back)."""
+    entries = [dict(K=k, N=n, bucket=b, dtype=d, config=cfg.as_dict()) for (k, n, b, d), cfg in table.items()]
+    return {"format": "teal-kernel-configs", "version": 1, "entries": entries}
+
+
+def load_table(path: str | os.PathLike[str]) -> dict[TableKey, KernelConfig]:
+    """Read a table written from ``table_to_json``; errors name the file and the bad entry."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read kernel configuration table {os.fspath(path)!r}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != "teal-kernel-configs":
+        raise ValueError(f"{os.fspath(path)!r} is not a teal kernel configuration table (format key missing)")
+    table: dict[TableKey, KernelConfig] = {}
+    for i, entry in enumerate(data.get("entries", [])):
+        try:
+            key = (int(entry["K"]), int(entry["N"]), int(entry["bucket"]), str(entry["dtype"]))
+            table[key] = KernelConfig(**entry["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{os.fspath(path)!r}: entry {i} is not a valid configuration: {exc}") from exc
+    return table
+
+
+@functools.cache
+def _override_table(path: str) -> dict[TableKey, KernelConfig]:
+    return load_table(path)
 
 
 def _pow2_floor(value: float) -> int:
@@ -112,13 +177,19 @@ def heuristic_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: i
 
 
 def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
-    """The tuned configuration for this shape if there is one, else the heuristic's."""
+    """The tuned configuration for this shape if there is one, else the heuristic's.
+
+    Entries of the table named by ``$TEAL_KERNEL_CONFIGS`` take precedence over ``TUNED``.
+    """
     bucket = batch_bucket(batch)
     if bucket > MAX_KERNEL_BATCH:
         return KernelConfig(dense=True)
     name = dtype_name(dtype)
     lookup = "bf16" if name == "fp16" else name
-    tuned = TUNED.get((k, n, bucket, lookup))
+    override = os.environ.get(CONFIGS_ENV)
+    tuned = _override_table(override).get((k, n, bucket, lookup)) if override else None
+    if tuned is None:
+        tuned = TUNED.get((k, n, bucket, lookup))
     if tuned is not None:
         return tuned
     return heuristic_config(k, n, batch, dtype, sm_count)

@@ -272,6 +272,96 @@ def _launch(
     )
 
 
+#: Survivors per step of phase A's prefix count, and entries per phase A program (upper bounds).
+_COMPACT_PREFIX = 8192
+_COMPACT_CHUNK = 1024
+
+#: Column blocks of the last gather launch per device, for ``last_gather_branches``.
+_last_gather_blocks: dict[tuple[str, Optional[int]], int] = {}
+
+
+def _device_key(device: torch.device) -> tuple[str, Optional[int]]:
+    """(type, index) with a CUDA device's missing index resolved, so "cuda" and "cuda:0" agree."""
+    device = torch.device(device)
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return device.type, index
+
+
+def _pow2_ceil(value: int) -> int:
+    return 1 << max(0, (max(value, 1) - 1).bit_length())
+
+
+def compact_input(
+    x: torch.Tensor, thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase A of the gather path: per segment, the surviving entries of ``x[0]`` as an index list.
+
+    Returns workspace views ``(idx [S*K] int32, val [S*K] fp32, xm [S*K] fp32, counts [S] int32)``:
+    segment j's survivors (ascending) are ``idx[j*K : j*K + counts[j]]`` with values ``val[...]``;
+    ``xm[j*K : (j+1)*K]`` is the masked input. Buffers are reused by the next call on the device.
+    """
+    k = x.shape[1]
+    idx = _workspace.get(x.device, "gather_rows", segments * k, torch.int32)
+    val = _workspace.get(x.device, "gather_values", segments * k, torch.float32)
+    xm = _workspace.get(x.device, "gather_masked", segments * k, torch.float32)
+    counts = _workspace.get(x.device, "gather_counts", segments, torch.int32)
+    chunk = min(_COMPACT_CHUNK, _pow2_ceil(k))
+    prefix = min(_COMPACT_PREFIX, _pow2_ceil(k))
+    _triton_kernels().compact_input_kernel[(segments, -(-k // chunk))](
+        x, thresholds, col_scale if col_scale is not None else thresholds, idx, val, xm, counts, k,
+        HAS_SCALE=col_scale is not None, CHUNK=chunk, PREFIX=prefix, num_warps=4,
+    )
+    return idx, val, xm, counts
+
+
+def last_gather_branches(device: torch.device) -> torch.Tensor:
+    """Per column block of the last gather launch on ``device``: True where it took the dense branch.
+
+    Diagnostics for tests and benchmarks; reads device memory (synchronises).
+    """
+    key = _device_key(device)
+    if key not in _last_gather_blocks:
+        raise RuntimeError(f"no gather launch has run on {device} yet")
+    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "gather_branch",
+                           _last_gather_blocks[key], torch.int32)
+    return flags[: _last_gather_blocks[key]].bool()
+
+
+def _launch_gather(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    y: torch.Tensor,
+    thresholds: torch.Tensor,
+    col_scale: Optional[torch.Tensor],
+    split_list: list[int],
+    config: KernelConfig,
+) -> None:
+    """Batch 1, two launches: compaction of x (phase A), then the balanced gather GEMV (phase B)."""
+    k = x.shape[1]
+    n = sum(split_list)
+    block_n, block_r, split_k = config.block_n, config.block_r, config.split_k
+    ends = list(accumulate(split_list))
+    blocks = list(accumulate(-(-w // block_n) for w in split_list))
+    pad = MAX_SEGMENTS_PER_LAUNCH - len(split_list)
+    offs = (ends[:-1] + [n] * pad)[:3]
+    cbs = (blocks[:-1] + [blocks[-1]] * pad)[:3]
+    idx, val, xm, counts = compact_input(x, thresholds, col_scale, len(split_list))
+    partials = _workspace.get(x.device, "partials", split_k * n if split_k > 1 else 1, torch.float32)
+    tickets = _workspace.get(x.device, "tickets", blocks[-1], torch.int32, zero=True)
+    branch = _workspace.get(x.device, "gather_branch", blocks[-1], torch.int32)
+    _last_gather_blocks[_device_key(x.device)] = blocks[-1]
+    rows_per_split = -(-(-(-k // split_k)) // block_r) * block_r
+    red_chunk = max(1, min(16, 4096 // block_n))  # fixed per width: one compiled variant for every split
+    _triton_kernels().gather_gemv_kernel[(blocks[-1], split_k)](
+        w_t, y, idx, val, xm, counts, partials, tickets, branch,
+        k, n, w_t.stride(0), split_k, rows_per_split, offs[0], offs[1], offs[2], cbs[0], cbs[1], cbs[2],
+        BLOCK_R=block_r, BLOCK_N=block_n, RED_CHUNK=red_chunk, DENSE_NUM=round(config.dense_above * 64),
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+    )
+
+
 def dense_masked_linear(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -348,7 +438,8 @@ def sparse_linear_triton(
         group = split_list[g : g + MAX_SEGMENTS_PER_LAUNCH]
         width = sum(group)
         whole = width == n
-        _launch(
+        launch = _launch_gather if config.gather and batch == 1 else _launch
+        launch(
             x,
             w_t if whole else w_t[:, start : start + width],
             out if whole else out[:, start : start + width],

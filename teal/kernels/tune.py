@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teal.kernels.configs import KernelConfig, batch_bucket, heuristic_config
+from teal.kernels.configs import TUNED_V3, KernelConfig, batch_bucket, heuristic_config
 from teal.kernels.ops import sparse_linear_reference, sparse_linear_triton
 
 
@@ -65,14 +65,52 @@ def _pow2_round(value: float) -> int:
     return low * 2 if value / low > 1.5 else low
 
 
-def candidate_configs(k: int, n: int, batch: int, sm_count: int) -> list[KernelConfig]:
-    """Configurations worth timing for one shape and batch bucket (the heuristic's and dense among them)."""
+#: Batch-1 gather candidates: (block_n, block_r, warps, num_stages, waves of programs per SM, dense_above).
+#: (8 warps with 4 stages and 4 waves was the slowest candidate on every H200 shape and is not listed.)
+GATHER_TILES: tuple[tuple[int, int, int, int, int, float], ...] = (
+    (256, 32, 4, 3, 2, 0.9),
+    (256, 16, 4, 5, 2, 0.9),
+    (128, 32, 4, 3, 4, 0.9),
+    (128, 16, 4, 4, 4, 0.9),
+    (128, 32, 4, 1, 4, 0.9),
+    (64, 32, 2, 3, 4, 0.9),
+    (256, 32, 4, 3, 2, 1.0),
+)
+
+
+def gather_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
+    """Batch-1 gather configurations: split so that column blocks x splits fill a few waves of SMs."""
+    out = []
+    for block_n, block_r, warps, stages, waves, dense_above in GATHER_TILES:
+        n_blocks = -(-n // block_n)
+        split = _pow2_round(waves * sm_count / n_blocks)
+        split = max(1, min(split, 64, max(1, k // (4 * block_r))))
+        out.append(KernelConfig(block_n=block_n, block_r=block_r, split_k=split, num_warps=warps,
+                                num_stages=stages, gather=True, dense_above=dense_above))
+    return out
+
+
+def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: str = "all") -> list[KernelConfig]:
+    """Configurations worth timing for one shape and batch bucket (the heuristic's and dense among them).
+
+    At batch 1, ``families="gather"`` times the gather candidates against the version-3 table entry
+    (when the shape has one), the heuristic and dense only; ``"all"`` adds the older families' sweep.
+    """
     bucket = batch_bucket(batch)
+    if families not in ("all", "gather"):
+        raise ValueError(f"families must be 'all' or 'gather', got {families!r}")
+    extra: list[KernelConfig] = []
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
+        extra = gather_candidates(k, n, sm_count)
+        previous = TUNED_V3.get((k, n, 1, "bf16"))
+        if previous is not None:
+            extra.append(previous)
         tiles = [(128, 64, 4, False, False, w) for w in (2, 4)]
         tiles += [(128, 32, 4, False, False, 4), (64, 64, 2, False, False, 4)]
         tiles += [(128, 32, 4, False, True, w) for w in (2, 4)]
         tiles += [(256, 32, 4, False, True, 4), (128, 64, 4, False, True, 4), (64, 32, 2, False, True, 4)]
+        if families == "gather":
+            tiles = []
     else:
         tiles = [(128, 32, 4, True, False, w) for w in (2, 4)] + [(256, 32, 4, True, False, 4)]
         tiles += [(128, max(2, 16 // bucket), 4, False, False, 4)]
@@ -83,6 +121,7 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int) -> list[KernelC
         split = max(1, min(split, 64, max(1, k // (2 * block_r))))
         out.append(KernelConfig(block_n=block_n, block_r=block_r, split_k=split, num_warps=warps, use_dot=use_dot,
                                 compact=compact))
+    out += extra
     unique: list[KernelConfig] = []
     for cfg in out:
         if cfg not in unique:
@@ -109,6 +148,7 @@ def tune_shape(
     sparsities: Sequence[float] = (0.0, 0.5),
     candidates: Sequence[KernelConfig] | None = None,
     sm_count: int = 132,
+    families: str = "all",
 ) -> TuneResult:
     """Pick the candidate with the lowest mean time relative to the best at each sparsity.
 
@@ -117,7 +157,7 @@ def tune_shape(
     """
     k, n = w_ts[0].shape
     device, dtype = w_ts[0].device, w_ts[0].dtype
-    cands = list(candidates or candidate_configs(k, n, batch, sm_count))
+    cands = list(candidates or candidate_configs(k, n, batch, sm_count, families=families))
     xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in w_ts]
     thr_sets = {
         s: [torch.full((len(splits),), quantile_threshold(x, s), device=device) for x in xs] for s in sparsities
@@ -126,7 +166,10 @@ def tune_shape(
     ok: list[KernelConfig] = []
     for cfg in cands:
         thr = thr_sets[sparsities[-1]][0]
-        y = sparse_linear_triton(xs[0], w_ts[0], thr, list(splits), config=cfg)
+        try:
+            y = sparse_linear_triton(xs[0], w_ts[0], thr, list(splits), config=cfg)
+        except Exception:  # noqa: BLE001 - a configuration that does not compile or launch is dropped
+            continue
         ref = sparse_linear_reference(xs[0], w_ts[0], thr, list(splits), compute_dtype=torch.float64,
                                       out_dtype=torch.float64)
         err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -135,15 +178,23 @@ def tune_shape(
     if not ok:
         raise RuntimeError(f"no candidate configuration passed the correctness check for K={k}, N={n}, B={batch}")
     times: dict[str, list[float]] = {}
+    timed: list[KernelConfig] = []
     for cfg in ok:
         row = []
-        for s in sparsities:
-            calls = [
-                (lambda x=x, w=w, t=t, c=cfg: sparse_linear_triton(x, w, t, list(splits), config=c))
-                for x, w, t in zip(xs, w_ts, thr_sets[s])
-            ]
-            row.append(time_graph_us(calls))
+        try:
+            for s in sparsities:
+                calls = [
+                    (lambda x=x, w=w, t=t, c=cfg: sparse_linear_triton(x, w, t, list(splits), config=c))
+                    for x, w, t in zip(xs, w_ts, thr_sets[s])
+                ]
+                row.append(time_graph_us(calls))
+        except Exception:  # noqa: BLE001 - e.g. a launch that fails inside graph capture: not a candidate
+            continue
         times[repr(cfg)] = row
+        timed.append(cfg)
+    if not timed:
+        raise RuntimeError(f"no candidate configuration could be timed for K={k}, N={n}, B={batch}")
+    ok = timed
     best_per_s = [min(times[repr(c)][i] for c in ok) for i in range(len(sparsities))]
     score = {repr(c): sum(t / b for t, b in zip(times[repr(c)], best_per_s)) for c in ok}
     best = min(ok, key=lambda c: score[repr(c)])
@@ -153,9 +204,5 @@ def tune_shape(
 
 def table_entry(result: TuneResult) -> str:
     """One line of Python for ``configs.TUNED``."""
-    c = result.best
-    return (
-        f"    ({result.k}, {result.n}, {result.bucket}, {result.dtype!r}): KernelConfig("
-        f"block_n={c.block_n}, block_r={c.block_r}, split_k={c.split_k}, num_warps={c.num_warps}, "
-        f"num_stages={c.num_stages}, use_dot={c.use_dot}, dense={c.dense}, compact={c.compact}),"
-    )
+    fields = ", ".join(f"{name}={value!r}" for name, value in result.best.as_dict().items())
+    return f"    ({result.k}, {result.n}, {result.bucket}, {result.dtype!r}): KernelConfig({fields}),"
