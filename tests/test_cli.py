@@ -21,7 +21,8 @@ def artifact(tmp_path_factory, smollm2):
     r = invoke("calibrate", "smollm2-135m", "-o", out, "--tokens", 2048, "--seq-len", 512)
     assert r.exit_code == 0, r.output
     assert (out / "teal_config.json").is_file() and (out / "teal_histograms.safetensors").is_file()
-    r = invoke("allocate", "smollm2-135m", out, "--tokens", 256, "--seq-len", 256, "--step", 0.05)
+    r = invoke("allocate", "smollm2-135m", out, "--tokens", 128, "--seq-len", 128, "--step", 0.05,
+               "--max-level", 0.5, "--lazy")
     assert r.exit_code == 0, r.output
     assert "greedy" in json.loads((out / "teal_config.json").read_text())["allocations"]
     return out
