@@ -63,13 +63,12 @@ def test_allocate_errors():
     assert set(PROJECTIONS) == {k.split(".")[-1] for k in th.proj_sizes}
 
 
-def test_greedy_steps_remove_equal_weights_under_gqa():
-    from teal.allocate import capture_layer_inputs, greedy_layer
+def _first_layer_search(model):
+    """Calibrated thresholds and the arguments of `greedy_layer` for layer 0 of ``model``."""
+    from teal.allocate import capture_layer_inputs
     from teal.arch import get_adapter, proj_key
     from teal.nn import TealLinear
 
-    model = tiny_model("llama", hidden_size=128, intermediate_size=128, num_attention_heads=8,
-                       num_key_value_heads=2)
     windows = random_windows(2, 32)
     th = teal.calibrate(model, None, windows=windows, progress=False)
     x, kwargs = capture_layer_inputs(model, windows)
@@ -82,7 +81,17 @@ def test_greedy_steps_remove_equal_weights_under_gqa():
     mods = {k: TealLinear(adapter.projections()[k], -1.0) for k in keys}
     for k in keys:
         adapter.replace(k, mods[k])
-    path = greedy_layer(layer, keys, mods, th, x, kwargs[0], target, step=0.01, max_level=0.3)
+    return adapter, (layer, keys, mods, th, x, kwargs[0], target)
+
+
+def test_greedy_steps_remove_equal_weights_under_gqa():
+    from teal.allocate import greedy_layer
+
+    model = tiny_model("llama", hidden_size=128, intermediate_size=128, num_attention_heads=8,
+                       num_key_value_heads=2)
+    _, args = _first_layer_search(model)
+    keys, mods = args[1], args[2]
+    path = greedy_layer(*args, step=0.01, max_level=0.3)
     sizes = {k: mods[k].weight.numel() for k in keys}
     for (e0, a), (e1, b) in zip(path, path[1:]):
         changed = [k for k in keys if b[k] != a[k]]
@@ -97,24 +106,11 @@ def test_greedy_steps_remove_equal_weights_under_gqa():
 
 @pytest.mark.parametrize("fam", ["llama", "gemma3_text"])
 def test_replaying_unchanged_submodules_gives_the_same_path(fam):
-    from teal.allocate import capture_layer_inputs, greedy_layer
-    from teal.arch import get_adapter, proj_key
-    from teal.nn import TealLinear
+    from teal.allocate import greedy_layer
 
-    model = tiny_model(fam)
-    windows = random_windows(2, 32)
-    th = teal.calibrate(model, None, windows=windows, progress=False)
-    x, kwargs = capture_layer_inputs(model, windows)
-    adapter = get_adapter(model)
-    layer = adapter.layers[0]
-    keys = [proj_key(0, p) for p in PROJECTIONS]
-    with torch.inference_mode():
-        target = layer(x, **kwargs[0])
-    target = target[0] if isinstance(target, tuple) else target
-    mods = {k: TealLinear(adapter.projections()[k], -1.0) for k in keys}
-    for k in keys:
-        adapter.replace(k, mods[k])
-    args = (layer, keys, mods, th, x, kwargs[0], target, 0.05, 0.9)
+    adapter, search = _first_layer_search(tiny_model(fam))
+    keys, mods = search[1], search[2]
+    args = (*search, 0.05, 0.9)
     plain = greedy_layer(*args)
     for k in keys:
         mods[k].set_threshold(-1.0)
