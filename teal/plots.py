@@ -52,6 +52,9 @@ def plot(paths: list[str | Path], out: str | Path, metric: str = "ppl") -> Path:
             pts.sort()
             label = method if len(paths) == 1 else f"{Path(path).stem}: {method}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if metric == "ppl" and values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # high-sparsity blow-ups would flatten the interesting range
     model = datasets[0].get("model", "")
     data_name = datasets[0].get("data", "")
     ax.set_xlabel("measured effective sparsity")
