@@ -134,7 +134,7 @@ def calibrate(
 def allocate(
     model: str = ModelArg,
     artifact: Path = typer.Argument(..., help="artifact directory from `teal calibrate`"),
-    method: str = typer.Option("greedy", help="greedy (TEAL block-wise) | uniform"),
+    method: str = typer.Option("greedy", help="greedy (TEAL block-wise) | fisher | cross-layer | uniform"),
     data: str = typer.Option("sotu"),
     tokens: int = typer.Option(1024, help="calibration tokens for the search"),
     seq_len: int = typer.Option(512),
