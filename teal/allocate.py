@@ -23,7 +23,7 @@ from teal.artifact import MAX_SPARSITY, Thresholds
 from teal.calibrate import base_model, default_seq_len, model_device
 from teal.nn import TealLinear, dense_linear
 
-METHODS = ("uniform", "greedy", "cross-layer")
+METHODS = ("uniform", "greedy", "fisher", "cross-layer")
 DEFAULT_STEP = 0.01
 DEFAULT_MAX_LEVEL = 0.9
 DEFAULT_GREEDY_TOKENS = 1024
@@ -244,12 +244,12 @@ def allocate(
     if method == "uniform":
         thresholds.method = "uniform"
         return thresholds
-    if method == "cross-layer":  # per-layer levels on top of greedy: teal/allocate_xl.py
-        from teal.allocate_xl import allocate_cross_layer
+    if method in ("fisher", "cross-layer"):  # model-wide allocations: teal/allocate_xl.py
+        from teal.allocate_xl import allocate_xl
 
-        return allocate_cross_layer(model, thresholds, data=data, tokens=tokens, seq_len=seq_len,
-                                    step=step, max_level=max_level, progress=progress,
-                                    windows=windows, tokenizer=tokenizer)
+        return allocate_xl(model, thresholds, method, data=data, tokens=tokens, seq_len=seq_len,
+                           step=step, max_level=max_level, progress=progress, windows=windows,
+                           tokenizer=tokenizer)
     if method != "greedy":
         raise ValueError(f"unknown allocation method {method!r}; choose one of {METHODS}")
     if not 0 < step <= 0.05:
