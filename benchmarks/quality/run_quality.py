@@ -182,7 +182,13 @@ def summarize(results: list[dict]) -> dict[str, Any]:
             out["ppl_increase_ratio_vs_teal_uniform"] = inc[best] / inc["teal-uniform"]
             out["met_ppl_half_of_uniform"] = inc[best] <= 0.5 * inc["teal-uniform"]
             out["met_ppl_below_greedy"] = inc[best] < inc["teal-greedy"]
-        tb, tg = at50[best]["tasks_avg"], at50["teal-greedy"]["tasks_avg"]
+        # tasks usually run at one sparsity only: compare them at that nominal level
+        nominal = {r["method"]: r["tasks_avg"] for r in results
+                   if r["sparsity"] == TARGET_LEVEL and r.get("tasks_avg") is not None}
+        out["tasks_avg_at_nominal"] = nominal
+        tb = at50[best]["tasks_avg"] if at50[best]["tasks_avg"] is not None else nominal.get(best)
+        tg = at50["teal-greedy"]["tasks_avg"]
+        tg = tg if tg is not None else nominal.get("teal-greedy")
         if tb is not None and tg is not None:
             out["met_tasks_at_least_greedy"] = tb >= tg
     return out
@@ -256,6 +262,10 @@ def markdown(data: dict[str, Any]) -> str:
             tasks = "" if v["tasks_avg"] is None else f"{v['tasks_avg']:.3f}"
             lam = "" if v["ppl_lambada"] is None else f"{v['ppl_lambada']:.2f}"
             lines.append(f"| {m} | {v['ppl']:.3f} | {v['ppl'] - s['dense_ppl']:+.3f} | {lam} | {tasks} |")
+    if s.get("tasks_avg_at_nominal"):
+        lines += ["", f"Tasks average at nominal {s['level']:.2f}: " + ", ".join(
+            f"{m} {v:.3f}" for m, v in sorted(s["tasks_avg_at_nominal"].items(),
+                                               key=lambda kv: -kv[1])) + "."]
     if "best" in s:
         lines += ["", f"Targets (best = {s['best']}): PPL increase {s['ppl_increase'][s['best']]:.3f} "
                   f"vs TEAL-uniform {s['ppl_increase'].get('teal-uniform', float('nan')):.3f} "
