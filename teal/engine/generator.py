@@ -49,6 +49,8 @@ class Generator:
     """Batch-1 text generation on an `Engine`, dense or with TEAL activation sparsity at decode steps.
 
     thresholds=None keeps the engine's current decode thresholds (dense for a new engine).
+    sparse_path: how sparse groups are multiplied ("kernel" or "producer", `teal.engine.model.SPARSE_PATHS`);
+    None keeps the engine's setting (for a new engine: "producer" on CUDA, "kernel" elsewhere).
     """
 
     def __init__(
@@ -59,8 +61,11 @@ class Generator:
         mode: str | None = None,
         thresholds: Any = None,
         sparsity: float = 0.0,
+        sparse_path: str | None = None,
     ) -> None:
         self.engine = engine
+        if sparse_path is not None:
+            engine.set_sparse_path(sparse_path)
         self.tokenizer = tokenizer
         on_cuda = engine.device.type == "cuda"
         mode = mode or (DEFAULT_CUDA_MODE if on_cuda else "eager")
@@ -98,6 +103,7 @@ class Generator:
         compile: bool | str = True,
         tokenizer: Any = None,
         seed: int = 0,
+        sparse_path: str | None = None,
     ) -> "Generator":
         """Build from a loaded HF model, an HF checkpoint directory, a model name for
         `teal.models.load_model` (alias, hub id, .gguf), or a named random shape (`teal.engine.SHAPES`).
@@ -105,7 +111,7 @@ class Generator:
         thresholds: a `teal.Thresholds` (its levels for `sparsity` are used) or a dict
         {"layers.{i}.{p}": t}; the weights are then stored transposed for the sparse kernel.
         compile: True -> fastest measured CUDA mode ("compiled-graph"), False -> "graph" (no compiler),
-        or a mode name; on CPU everything runs eagerly.
+        or a mode name; on CPU everything runs eagerly. sparse_path: see the class docstring.
         """
         device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -144,7 +150,7 @@ class Generator:
         mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
         if device.type != "cuda":
             mode = "eager"
-        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity)
+        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, sparse_path=sparse_path)
 
     # ------------------------------------------------------------- sparsity
     def set_sparsity(self, sparsity: float, thresholds: Any = None) -> None:
@@ -276,7 +282,7 @@ class Generator:
 
     def _graph_key(self, greedy: bool, use_top_p: bool) -> tuple:
         return (self.mode, greedy, use_top_p and not greedy, self.engine.transposed, self.engine.sparse_flags,
-                self.engine.max_seq_len)
+                self.engine.effective_sparse_path, self.engine.producer_down, self.engine.max_seq_len)
 
     def _layer_fn(self) -> Callable[..., Any]:
         if self.mode != "compiled-graph":

@@ -73,6 +73,17 @@ class LayerStatic(NamedTuple):
     transposed: bool
     sparse: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down use the sparse kernel
     tp_group: Any = None  # tensor parallelism: the ProcessGroup that sums the row-parallel o and down
+    # qkv, o, gate_up, down take the producer path (sparse_path "producer"): the kernel that computes the
+    # group's input (add + RMSNorm, SiLU * up) also lists its survivors, and `gather_linear` multiplies.
+    # Never set for o (its input comes from attention); down only with `Engine.producer_down`.
+    producer_compact: tuple[bool, bool, bool, bool] = (False, False, False, False)
+
+
+#: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
+#: "producer" (for q|k|v and gate|up, survivor lists written by the add + RMSNorm kernel, then
+#: `gather_linear`; down too with `Engine.producer_down`; batch 1, on CUDA or under TRITON_INTERPRET=1,
+#: elsewhere "kernel").
+SPARSE_PATHS = ("kernel", "producer")
 
 
 def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
@@ -103,6 +114,56 @@ def reference_sparse_linear(
 
 
 sparse_linear = _resolve_sparse_linear()
+
+
+def _resolve_producer() -> Any:
+    try:
+        from teal.kernels import producer
+    except ImportError:
+        return None
+    return producer
+
+
+_producer = _resolve_producer()  # teal.kernels.producer, or None when teal.kernels is not importable
+
+
+def producer_available(device: torch.device) -> bool:
+    """Whether the producer ops (`teal.kernels.producer`) run their Triton kernels on `device`."""
+    return _producer is not None and _producer.uses_triton(device)
+
+
+def residual_norm_project(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    transposed: bool,
+    sparse: bool,
+    producer: bool,
+    thresholds: torch.Tensor | None,
+    splits: list[int],
+    col_scale: torch.Tensor | None,
+    observe: Callable[[str, torch.Tensor], None] | None,
+    site: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
+
+    `producer`: one kernel adds, normalises and lists the survivors, then `gather_linear` multiplies
+    (same result as `project` up to fp32 summation order). The observer sees the normalised input.
+    """
+    if producer:
+        x, h, lists = _producer.add_rmsnorm_compact(x, delta, norm, eps, thresholds, col_scale)
+        if observe is not None:
+            observe(site, h)
+        y = _producer.gather_linear(lists, w, splits)
+        return x, y if bias is None else y + bias
+    x = x + delta
+    h = rms_norm(x, norm, eps)
+    if observe is not None:
+        observe(site, h)
+    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,12 +235,9 @@ def decode_layer(
     q_size, kv_size = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
     if sp is None:
         sp = _NO_SPARSITY
-    x = x + delta
-    h = rms_norm(x, w.attn_norm, st.eps)
-    if observe is not None:
-        observe("attn_in", h)
-    qkv = project(h, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
-                  sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale)
+    x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
+                                   st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
+                                   observe, "attn_in")
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     q = q.view(1, st.n_heads, st.head_dim)
     k = k.view(1, st.n_kv_heads, st.head_dim)
@@ -195,13 +253,16 @@ def decode_layer(
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
                              sp.o, sp.o_scale, st.tp_group)
-    x = x + o
-    h = rms_norm(x, w.mlp_norm, st.eps)
-    if observe is not None:
-        observe("mlp_in", h)
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
-    gu = project(h, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
-                 sp.gate_up, [inter, inter], sp.gate_up_scale)
+    x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
+                                  st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
+                                  observe, "mlp_in")
+    if st.producer_compact[3]:
+        mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
+        if observe is not None:
+            observe("mlp_mid", mid)
+        out = _producer.gather_linear(lists, w.down)
+        return x, out if w.down_bias is None else out + w.down_bias
     gate, up = gu.split([inter, inter], dim=-1)
     mid = F.silu(gate) * up
     if observe is not None:
@@ -301,6 +362,11 @@ class Engine:
         self.sparsity: list[LayerSparsity] | None = None
         self.sparse_flags: tuple[tuple[bool, bool, bool, bool], ...] = tuple((False,) * 4 for _ in layers)
         self.kernel_at_zero = False  # use the sparse kernel even for groups whose thresholds are all -inf
+        # how sparse groups are multiplied (SPARSE_PATHS; set_sparse_path); None: `default_sparse_path`
+        self.sparse_path: str | None = None
+        # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
+        # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
+        self.producer_down = False
         # Tensor parallelism (set by teal.engine.tp.shard_engine): the ProcessGroup summing the o and down
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
         self.tp_group: Any = None
@@ -329,7 +395,35 @@ class Engine:
     def layer_static(self, i: int) -> LayerStatic:
         cfg = self.config
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i],
-                           self.tp_group)
+                           self.tp_group, self.producer_flags(i))
+
+    def set_sparse_path(self, path: str | None) -> None:
+        """Choose how sparse groups are multiplied: "producer" or "kernel" (`SPARSE_PATHS`); None: the default
+        (`default_sparse_path`)."""
+        if path is not None and path not in SPARSE_PATHS:
+            raise ValueError(f"unknown sparse path {path!r}; choose one of {', '.join(SPARSE_PATHS)}")
+        self.sparse_path = path
+
+    @property
+    def default_sparse_path(self) -> str:
+        """"producer" on CUDA (faster at every sparsity on the H200:
+        benchmarks/results/2026-11-29-h200-decode-producer.json), "kernel" elsewhere (on the CPU the
+        producer kernels would only run interpreted; ask for them with `set_sparse_path("producer")`)."""
+        return "producer" if self.device.type == "cuda" else "kernel"
+
+    @property
+    def effective_sparse_path(self) -> str:
+        """The sparse path decode steps take: the one set, else the default."""
+        return self.sparse_path if self.sparse_path is not None else self.default_sparse_path
+
+    def producer_flags(self, i: int) -> tuple[bool, bool, bool, bool]:
+        """Groups of layer i that take the producer path: sparse ones fed by a norm (q|k|v, gate|up), and
+        down (fed by SiLU * up; one device only) when `producer_down` is set, when `sparse_path` is
+        "producer" and the device runs the kernels."""
+        if self.effective_sparse_path != "producer" or not producer_available(self.device):
+            return (False, False, False, False)
+        qkv, _, gate_up, down = self.sparse_flags[i]
+        return (qkv, False, gate_up, down and self.producer_down and self.tp_group is None)
 
     def to_layout(self, transposed: bool) -> None:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""

@@ -201,6 +201,10 @@ def shard_engine(
     shard.tp_group = group if n > 1 else None
     shard.vocab_group = group if split_vocab else None
     shard.kernel_at_zero = engine.kernel_at_zero
+    # The producer path has not run on several GPUs yet (only in CPU tests): shards multiply through
+    # `sparse_linear`, the path the multi-GPU code was written and checked with.
+    shard.sparse_path = "kernel"
+    shard.producer_down = engine.producer_down
     if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
         shard.set_thresholds(*_current_thresholds(engine))
     return shard

@@ -1,10 +1,19 @@
 """Sparse GEMV kernels: fused activation threshold + matrix-vector product that skips zeroed rows.
 
 ``sparse_linear`` is the torch.library op ``teal::sparse_linear`` (Triton on CUDA, plain torch
-elsewhere). Triton is imported only when a kernel first runs.
+elsewhere); ``add_rmsnorm_compact`` / ``silu_mul_compact`` + ``gather_linear`` split it between the
+kernel that produces the activation and the gather GEMV (``teal.kernels.producer``). Triton is
+imported only when a kernel first runs.
 """
 
-from teal.kernels.configs import MAX_KERNEL_BATCH, KernelConfig, batch_bucket, get_config, heuristic_config
+from teal.kernels.configs import (
+    MAX_KERNEL_BATCH,
+    KernelConfig,
+    batch_bucket,
+    get_config,
+    get_gather_config,
+    heuristic_config,
+)
 from teal.kernels.ops import (
     dense_masked_linear,
     fuse_weights,
@@ -14,17 +23,23 @@ from teal.kernels.ops import (
     sparse_linear_reference,
     sparse_linear_triton,
 )
+from teal.kernels.producer import SurvivorLists, add_rmsnorm_compact, gather_linear, silu_mul_compact
 
 __all__ = [
     "MAX_KERNEL_BATCH",
     "KernelConfig",
+    "SurvivorLists",
+    "add_rmsnorm_compact",
     "batch_bucket",
     "dense_masked_linear",
     "fuse_weights",
+    "gather_linear",
     "get_config",
+    "get_gather_config",
     "heuristic_config",
     "path_counts",
     "prepare_weight",
+    "silu_mul_compact",
     "sparse_linear",
     "sparse_linear_reference",
     "sparse_linear_triton",

@@ -452,3 +452,172 @@ def gather_gemv_kernel(
                 total += tl.sum(part, axis=0)
             tl.store(y_ptr + offs_n, total.to(y_ptr.dtype.element_ty), mask=n_mask)
             tl.atomic_xchg(tick_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Producers: the kernel that computes an activation also writes its survivor lists in phase A's layout
+# (``compact_input_kernel``: segment j's survivors ascending at ``idx/val[j*K + rank]``, the masked
+# input at ``xm[j*K + i]``, the count at ``cnt[j]``), so the gather GEMV (phase B) needs no separate
+# compaction launch. One program per (segment, chunk); a program finds its chunk's first rank by
+# counting the survivors before its chunk itself (no cross-program communication).
+
+
+@triton.jit
+def _round_to(xf, dtype: tl.constexpr):
+    """fp32 ``xf`` rounded to nearest-even in ``dtype``, as a PyTorch cast does.
+
+    bf16 is rounded with integer arithmetic: Triton's CPU interpreter truncates fp32 -> bf16 casts, so
+    the same code gives PyTorch's bits on the GPU and under ``TRITON_INTERPRET=1`` (finite values).
+    """
+    if dtype == tl.bfloat16:
+        bits = xf.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return xf.to(dtype)
+
+
+@triton.jit
+def _residual_add(x_ptr, delta_ptr, offs, valid):
+    """``x + delta`` at ``offs``: added in fp32, rounded to x's dtype (the engine's ``x + delta``)."""
+    xv = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    dv = tl.load(delta_ptr + offs, mask=valid, other=0.0)
+    return _round_to(xv.to(tl.float32) + dv.to(tl.float32), xv.dtype)
+
+
+@triton.jit
+def _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms):
+    """``(x_new, h)`` at ``offs``: ``x_new = x + delta``, ``h = rms_norm(x_new) * w`` with the engine's roundings
+    (normalise in fp32, round to x's dtype; multiply by the weight in fp32, round)."""
+    x_new = _residual_add(x_ptr, delta_ptr, offs, valid)
+    normed = _round_to(x_new.to(tl.float32) * inv_rms, x_new.dtype)
+    wv = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    return x_new, _round_to(normed.to(tl.float32) * wv.to(tl.float32), x_new.dtype)
+
+
+@triton.jit
+def _list_chunk(xv, cv, thr, offs, valid, before, base, is_last, cnt_slot, idx_ptr, val_ptr, xm_ptr):
+    """Lists one chunk's survivors in the global layout: ``idx/val[base + before + r]`` (ascending; ``before``
+    survivors precede the chunk), ``xm[base + offs]`` the masked input (fp32); the last chunk stores the
+    segment's count to ``*cnt_slot``."""
+    keep = _keep(xv, cv, thr, valid)
+    kept = keep.to(tl.int32)
+    rank = before + tl.cumsum(kept, axis=0) - 1
+    xf = xv.to(tl.float32)
+    tl.store(idx_ptr + base + rank, offs, mask=keep)
+    tl.store(val_ptr + base + rank, xf, mask=keep)
+    tl.store(xm_ptr + base + offs, tl.where(keep, xf, 0.0), mask=valid)
+    if is_last:
+        tl.store(cnt_slot, before + tl.sum(kept, axis=0))
+
+
+@triton.jit
+def add_rmsnorm_compact_kernel(
+    x_ptr,
+    delta_ptr,
+    w_ptr,
+    thr_ptr,
+    scale_ptr,
+    xnew_ptr,
+    h_ptr,
+    idx_ptr,
+    val_ptr,
+    xm_ptr,
+    cnt_ptr,
+    K,
+    eps,
+    HAS_SCALE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """Residual add + RMSNorm of one token, and the survivor lists of the normalised input (global layout).
+
+    Program (segment j, chunk c) loads the whole row once (one block, ``BLOCK_K >= K``): the sum of
+    squares of ``x_new = x + delta``, then ``h`` of the whole row, of which it counts the entries below
+    its chunk's start that survive segment j's rule (a masked sum; with a column scale it loads the
+    part of segment j's scale row before its chunk). It then recomputes ``h`` on its chunk (same
+    operations, same bits) and lists the chunk's survivors at ranks ``before + local rank``; the last
+    chunk stores ``cnt[j]``. Programs of segment 0 also store ``x_new`` and ``h`` of their chunk.
+    """
+    seg = tl.program_id(0)
+    chunk = tl.program_id(1)
+    thr = tl.load(thr_ptr + seg)
+    start = chunk * CHUNK
+    offs_row = tl.arange(0, BLOCK_K)
+    row_valid = offs_row < K
+    xf_row = _residual_add(x_ptr, delta_ptr, offs_row, row_valid).to(tl.float32)
+    inv_rms = 1.0 / tl.sqrt(tl.sum(xf_row * xf_row, axis=0) / K + eps)
+    _, h_row = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs_row, row_valid, inv_rms)
+    earlier = offs_row < start
+    cv_row = tl.full([BLOCK_K], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv_row = tl.load(scale_ptr + seg * K + offs_row, mask=earlier, other=0.0)
+    before = tl.sum(_keep(h_row, cv_row, thr, earlier).to(tl.int32), axis=0)
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < K
+    x_new, h = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms)
+    if seg == 0:
+        tl.store(xnew_ptr + offs, x_new, mask=valid)
+        tl.store(h_ptr + offs, h, mask=valid)
+    cv = tl.full([CHUNK], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    _list_chunk(h, cv, thr, offs, valid, before, seg * K, chunk == tl.num_programs(1) - 1, cnt_ptr + seg,
+                idx_ptr, val_ptr, xm_ptr)
+
+
+@triton.jit
+def _silu_mul(g, u):
+    """``silu(g) * u`` with eager PyTorch's roundings: silu in fp32 rounded to g's dtype, product in fp32,
+    rounded (fp32 inputs: exp may differ from PyTorch's by an ulp)."""
+    gf = g.to(tl.float32)
+    act = _round_to(gf / (1.0 + tl.exp(-gf)), g.dtype)
+    return _round_to(act.to(tl.float32) * u.to(tl.float32), g.dtype)
+
+
+@triton.jit
+def silu_mul_compact_kernel(
+    gu_ptr,
+    mid_ptr,
+    thr_ptr,
+    scale_ptr,
+    idx_ptr,
+    val_ptr,
+    xm_ptr,
+    cnt_ptr,
+    K,
+    HAS_SCALE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    PREFIX: tl.constexpr,
+):
+    """SiLU-gated product of one token, ``mid = silu(gate) * up`` from ``gu = gate | up`` [2K], and the
+    survivor list of ``mid`` (one segment, global layout).
+
+    Program c first counts the survivors of the entries before its chunk, recomputing ``mid`` there
+    ``PREFIX`` entries per step (each thread evaluates ``PREFIX / (32 * num_warps)`` exponentials per
+    step), then computes and stores ``mid`` on its chunk and lists the chunk's survivors at ranks
+    ``before + local rank``; the last chunk stores ``cnt[0]``. Same operations in both places, so the
+    prefix sees the same bits as the chunk that lists them.
+    """
+    chunk = tl.program_id(0)
+    thr = tl.load(thr_ptr)
+    start = chunk * CHUNK
+    before = start * 0
+    for p0 in range(0, start, PREFIX):
+        offs_p = p0 + tl.arange(0, PREFIX)
+        valid_p = offs_p < start
+        cv_p = tl.full([PREFIX], 1.0, tl.float32)
+        if HAS_SCALE:
+            cv_p = tl.load(scale_ptr + offs_p, mask=valid_p, other=0.0)
+        mid_p = _silu_mul(tl.load(gu_ptr + offs_p, mask=valid_p, other=0.0),
+                          tl.load(gu_ptr + K + offs_p, mask=valid_p, other=0.0))
+        before += tl.sum(_keep(mid_p, cv_p, thr, valid_p).to(tl.int32), axis=0)
+    offs = start + tl.arange(0, CHUNK)
+    valid = offs < K
+    cv = tl.full([CHUNK], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv = tl.load(scale_ptr + offs, mask=valid, other=0.0)
+    mid = _silu_mul(tl.load(gu_ptr + offs, mask=valid, other=0.0), tl.load(gu_ptr + K + offs, mask=valid, other=0.0))
+    tl.store(mid_ptr + offs, mid, mask=valid)
+    _list_chunk(mid, cv, thr, offs, valid, before, 0, chunk == tl.num_programs(0) - 1, cnt_ptr, idx_ptr, val_ptr,
+                xm_ptr)

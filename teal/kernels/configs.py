@@ -120,6 +120,11 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
 #: ``TUNED``; written by ``python -m teal.bench.kernels --tune --table-out PATH``.
 CONFIGS_ENV = "TEAL_KERNEL_CONFIGS"
 
+#: Environment variable naming a JSON table (``table_to_json``, batch bucket 1, ``gather=True``
+#: entries) that takes precedence over ``TUNED_GATHER``; written by
+#: ``benchmarks/scripts/producer_gpu.py --table-out PATH``.
+GATHER_CONFIGS_ENV = "TEAL_GATHER_CONFIGS"
+
 TableKey = tuple[int, int, int, str]
 
 
@@ -193,3 +198,53 @@ def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = D
     if tuned is not None:
         return tuned
     return heuristic_config(k, n, batch, dtype, sm_count)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase B alone (``teal::gather_linear``): the survivor lists come from the kernel that produced the
+# activation (``teal.kernels.producer``), so the gather has no compaction launch to amortise and is
+# tuned separately from ``TUNED``. Batch 1 only.
+
+#: (K, N, dtype) -> gather configuration. The Llama-3-8B entries are the fastest of the 48-config sweep
+#: at s = 0.5 in ``benchmarks/results/2026-11-29-h200-producer-v3.json`` (``producer_gpu.py``); the
+#: Llama-2 entries are untuned guesses (about four programs per SM).
+TUNED_GATHER: dict[tuple[int, int, str], KernelConfig] = {
+    (4096, 6144, "bf16"): KernelConfig(block_n=64, block_r=32, split_k=8, num_stages=1, gather=True),
+    (4096, 28672, "bf16"): KernelConfig(block_n=64, block_r=32, split_k=2, num_stages=1, gather=True),
+    (14336, 4096, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, num_stages=1, gather=True),
+    (4096, 12288, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=4, num_stages=1, gather=True),
+    (4096, 22016, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+    (11008, 4096, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, num_stages=1, gather=True),
+}
+
+
+def heuristic_gather_config(k: int, n: int, sm_count: int) -> KernelConfig:
+    """A gather configuration for a shape not in ``TUNED_GATHER``.
+
+    Column blocks of 128 (narrower for narrow outputs), 32-row tiles with the hand-written prefetch,
+    and the power-of-two row split that puts about four programs on each multiprocessor while every
+    split still owns at least four tiles of rows.
+    """
+    block_n = 128 if n >= 1024 else max(16, min(128, _pow2_floor(max(n, 16))))
+    block_r = 32
+    n_blocks = -(-n // block_n)
+    wanted = max(1, (4 * sm_count) // n_blocks)
+    split_k = max(1, min(_pow2_floor(wanted), _pow2_floor(max(1, k // (4 * block_r))), 64))
+    return KernelConfig(block_n=block_n, block_r=block_r, split_k=split_k, num_stages=1, gather=True)
+
+
+def get_gather_config(k: int, n: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
+    """The gather configuration of a [K, N] weight: ``$TEAL_GATHER_CONFIGS``'s batch-1 entry when it is a
+    gather one, else ``TUNED_GATHER`` (fp16 shares the bf16 entries), else the heuristic's.
+
+    The override has its own variable: ``$TEAL_KERNEL_CONFIGS`` entries would also change the
+    ``sparse_linear`` path of the same shapes."""
+    name = dtype_name(dtype)
+    lookup = "bf16" if name == "fp16" else name
+    override = os.environ.get(GATHER_CONFIGS_ENV)
+    if override:
+        entry = _override_table(override).get((k, n, 1, lookup))
+        if entry is not None and entry.gather:
+            return entry
+    tuned = TUNED_GATHER.get((k, n, lookup))
+    return tuned if tuned is not None else heuristic_gather_config(k, n, sm_count)

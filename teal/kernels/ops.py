@@ -159,6 +159,7 @@ def _triton_kernels() -> ModuleType:
 
 
 def _interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -339,7 +340,28 @@ def _launch_gather(
     config: KernelConfig,
 ) -> None:
     """Batch 1, two launches: compaction of x (phase A), then the balanced gather GEMV (phase B)."""
-    k = x.shape[1]
+    idx, val, xm, counts = compact_input(x, thresholds, col_scale, len(split_list))
+    launch_gather_gemv(idx, val, xm, counts, w_t, y, split_list, config)
+
+
+def launch_gather_gemv(
+    idx: torch.Tensor,
+    val: torch.Tensor,
+    xm: torch.Tensor,
+    counts: torch.Tensor,
+    w_t: torch.Tensor,
+    y: torch.Tensor,
+    split_list: list[int],
+    config: KernelConfig,
+) -> None:
+    """Phase B alone: ``y[0, seg_j] = xm_j @ w_t[:, seg_j]`` from survivor lists in phase A's layout.
+
+    ``idx``/``val``/``xm`` hold ``len(split_list)`` segments of K entries each (segment j's survivors,
+    ascending, at ``idx/val[j*K : j*K + counts[j]]``) and ``counts`` their survivor counts (at least S
+    entries; ``compact_input`` or a producer kernel wrote them); w_t [K, N] and y [1, N] may be column
+    views; at most MAX_SEGMENTS_PER_LAUNCH segments.
+    """
+    k = w_t.shape[0]
     n = sum(split_list)
     block_n, block_r, split_k = config.block_n, config.block_r, config.split_k
     ends = list(accumulate(split_list))
@@ -347,11 +369,11 @@ def _launch_gather(
     pad = MAX_SEGMENTS_PER_LAUNCH - len(split_list)
     offs = (ends[:-1] + [n] * pad)[:3]
     cbs = (blocks[:-1] + [blocks[-1]] * pad)[:3]
-    idx, val, xm, counts = compact_input(x, thresholds, col_scale, len(split_list))
-    partials = _workspace.get(x.device, "partials", split_k * n if split_k > 1 else 1, torch.float32)
-    tickets = _workspace.get(x.device, "tickets", blocks[-1], torch.int32, zero=True)
-    branch = _workspace.get(x.device, "gather_branch", blocks[-1], torch.int32)
-    _last_gather_blocks[_device_key(x.device)] = blocks[-1]
+    device = w_t.device
+    partials = _workspace.get(device, "partials", split_k * n if split_k > 1 else 1, torch.float32)
+    tickets = _workspace.get(device, "tickets", blocks[-1], torch.int32, zero=True)
+    branch = _workspace.get(device, "gather_branch", blocks[-1], torch.int32)
+    _last_gather_blocks[_device_key(device)] = blocks[-1]
     rows_per_split = -(-(-(-k // split_k)) // block_r) * block_r
     red_chunk = max(1, min(16, 4096 // block_n))  # fixed per width: one compiled variant for every split
     _triton_kernels().gather_gemv_kernel[(blocks[-1], split_k)](
