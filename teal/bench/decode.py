@@ -296,6 +296,7 @@ def run(
     log: Callable[[str], None] = print,
     tp: int = 1,
     sparse_paths: Sequence[str] | None = None,
+    fused_attention: bool | None = None,
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -304,6 +305,8 @@ def run(
     no HF baselines, profiles or time budget). tp = 1 is the single-device benchmark below.
     sparse_paths: how sparse groups are multiplied (`teal.engine.model.SPARSE_PATHS`); every sparse setting
     is timed with each, and each result row records its `sparse_path` (None for the cuBLAS rows).
+    fused_attention: decode attention through the split-KV op (True), the compiled torch code (False),
+    or the engine's default (None: the compiled torch code).
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
         sparse_paths = ["producer" if tp == 1 and str(device).startswith("cuda") else "kernel"]
@@ -366,6 +369,8 @@ def run(
 
         hf, tokenizer = load_model(model, dtype=dtype, device=device_t)
         engine = engine_from_hf_model(hf.eval(), max_seq_len=max_seq_len)
+    engine.fused_attention = fused_attention
+    data["fused_attention"] = engine.use_fused_attention
     _sync(device_t)
     t_built = time.time()
     data["model_info"] = {"name": engine.config.name, "model_type": engine.config.model_type,
@@ -621,6 +626,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
     parser.add_argument("--sparse-path", default=None,
                         help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's, producer on one GPU")
+    parser.add_argument("--attention", choices=("default", "fused", "torch"), default="default",
+                        help="decode attention: the split-KV op (fused), compiled torch code, or the engine's default")
     args = parser.parse_args(argv)
     thresholds = None
     if args.thresholds:
@@ -633,7 +640,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                json_path=args.json_path, thresholds=thresholds, modes=tuple(m for m in args.modes.split(",") if m),
                hf_baselines=not args.no_hf, hf_eager_tokens=args.hf_eager_tokens, device=args.device,
                dtype=getattr(torch, args.dtype), time_budget_s=args.time_budget, profile=not args.no_profile,
-               command=command, tp=args.tp, sparse_paths=None if args.sparse_path is None else [p for p in args.sparse_path.split(",") if p])
+               command=command, tp=args.tp, sparse_paths=None if args.sparse_path is None else [p for p in args.sparse_path.split(",") if p],
+               fused_attention={"default": None, "fused": True, "torch": False}[args.attention])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ a finite threshold. The decode path is written as plain tensor code, one functio
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -77,6 +78,9 @@ class LayerStatic(NamedTuple):
     # group's input (add + RMSNorm, SiLU * up) also lists its survivors, and `gather_linear` multiplies.
     # Never set for o (its input comes from attention); down only with `Engine.producer_down`.
     producer_compact: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    # attention through `teal.kernels.attention.decode_attention` (one split-KV kernel reading positions
+    # 0..pos only) instead of `decode_attention` over the whole static cache (`Engine.use_fused_attention`)
+    fused_attention: bool = False
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -116,15 +120,16 @@ def reference_sparse_linear(
 sparse_linear = _resolve_sparse_linear()
 
 
-def _resolve_producer() -> Any:
+def _resolve_kernels_module(name: str) -> Any:
+    """The module `teal.kernels.<name>`, or None when teal.kernels is not importable."""
     try:
-        from teal.kernels import producer
+        return importlib.import_module(f"teal.kernels.{name}")
     except ImportError:
         return None
-    return producer
 
 
-_producer = _resolve_producer()  # teal.kernels.producer, or None when teal.kernels is not importable
+_producer = _resolve_kernels_module("producer")
+_attention = _resolve_kernels_module("attention")
 
 
 def producer_available(device: torch.device) -> bool:
@@ -201,7 +206,11 @@ def project(
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """One query position against the static cache. q [1, Hq, D]; caches [Hkv, L, D]; mask [L] additive fp32."""
+    """One query position against the whole static cache. q [1, Hq, D]; caches [Hkv, L, D]; mask [L] additive fp32.
+
+    The default off CUDA; on CUDA decode steps take `teal.kernels.attention.decode_attention` (the same math
+    over positions 0..pos only, one kernel; `Engine.use_fused_attention`).
+    """
     n_kv, _, head_dim = k_cache.shape
     n_heads = q.shape[1]
     qg = q.reshape(n_kv, n_heads // n_kv, head_dim)
@@ -248,7 +257,11 @@ def decode_layer(
     k = apply_rope(k, cos, sin)
     k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
     v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
-    attn = decode_attention(q, k_cache, v_cache, mask, 1.0 / math.sqrt(st.head_dim))
+    scale = 1.0 / math.sqrt(st.head_dim)
+    if st.fused_attention:  # reads positions 0..pos only
+        attn = _attention.decode_attention(q, k_cache, v_cache, mask, pos + 1, scale)
+    else:
+        attn = decode_attention(q, k_cache, v_cache, mask, scale)
     if observe is not None:
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
@@ -367,6 +380,11 @@ class Engine:
         # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
         # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
         self.producer_down = False
+        # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only);
+        # None / False: `decode_attention` over the whole cache, compiled by inductor. Opt-in, because on the
+        # H200 the op was slower (~8 us per layer vs ~7 us; benchmarks/results/2026-11-29-h200-attention.json).
+        # True runs it on CUDA, and elsewhere the Triton kernel under TRITON_INTERPRET=1, else its reference.
+        self.fused_attention: bool | None = None
         # Tensor parallelism (set by teal.engine.tp.shard_engine): the ProcessGroup summing the o and down
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
         self.tp_group: Any = None
@@ -395,7 +413,12 @@ class Engine:
     def layer_static(self, i: int) -> LayerStatic:
         cfg = self.config
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i],
-                           self.tp_group, self.producer_flags(i))
+                           self.tp_group, self.producer_flags(i), self.use_fused_attention)
+
+    @property
+    def use_fused_attention(self) -> bool:
+        """Whether decode steps take the split-KV attention op (only when `fused_attention` is True)."""
+        return _attention is not None and bool(self.fused_attention)
 
     def set_sparse_path(self, path: str | None) -> None:
         """Choose how sparse groups are multiplied: "producer" or "kernel" (`SPARSE_PATHS`); None: the default

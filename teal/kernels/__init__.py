@@ -2,10 +2,12 @@
 
 ``sparse_linear`` is the torch.library op ``teal::sparse_linear`` (Triton on CUDA, plain torch
 elsewhere); ``add_rmsnorm_compact`` / ``silu_mul_compact`` + ``gather_linear`` split it between the
-kernel that produces the activation and the gather GEMV (``teal.kernels.producer``). Triton is
+kernel that produces the activation and the gather GEMV (``teal.kernels.producer``);
+``decode_attention`` (``teal.kernels.attention``) is the decode step's split-KV attention. Triton is
 imported only when a kernel first runs.
 """
 
+from teal.kernels.attention import decode_attention
 from teal.kernels.configs import (
     MAX_KERNEL_BATCH,
     KernelConfig,
@@ -31,6 +33,7 @@ __all__ = [
     "SurvivorLists",
     "add_rmsnorm_compact",
     "batch_bucket",
+    "decode_attention",
     "dense_masked_linear",
     "fuse_weights",
     "gather_linear",

@@ -1,0 +1,199 @@
+"""``teal::decode_attention``: one query token against a static KV cache, reading only its valid positions.
+
+The engine's decode attention (``teal.engine.model.decode_attention``) multiplies the query by the
+whole static cache (``max_seq_len`` positions) and masks the positions past the current one. This op
+takes the number of positions that can be visible, ``n_valid`` (a device tensor: ``pos + 1``), and
+never reads past it. On CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``) it runs one split-KV
+Triton kernel (``teal.kernels._attention_triton``: grid (kv heads, splits), online softmax per split,
+the last program of each kv head merges the partials); elsewhere a plain-torch reference. Nothing on the
+Triton path synchronises with the host or allocates by ``n_valid``, and the number of splits depends
+only on the cache's shape, so CUDA graphs capture the op once for every position (call it once before
+capture so that its workspace exists).
+
+Numerics against the engine's math (``decode_attention``):
+
+- the engine rounds ``q . k`` to q's dtype before scaling (its matmul's output dtype); the kernel keeps
+  the fp32 dot product. In bf16 that rounding (relative 2^-9 of a score) is the larger error of the two:
+  the kernel is closer to a float64 reference;
+- softmax in fp32 in both; the engine rounds the normalised probabilities to q's dtype before the
+  product with V, the kernel rounds the unnormalised ``exp(s - m)`` (the same relative rounding, 2^-9 in
+  bf16) and divides by the fp32 sum at the end; the output is rounded once to q's dtype;
+- fp32 caches: the kernel's products are IEEE fp32 (no TF32); results agree to fp32 rounding;
+- a query that sees no position (every valid position masked, or ``n_valid`` = 0) gives zeros; the
+  engine's softmax gives NaN there (it never happens in the engine: a token always sees itself).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+from teal.kernels.ops import _SUPPORTED_DTYPES, _interpreting, _pow2_ceil, _workspace, sm_count
+from teal.kernels.producer import uses_triton
+
+
+class AttentionConfig(NamedTuple):
+    """Launch parameters of the split-KV kernel.
+
+    block_l: cache positions per step of a program's loop; waves: programs per multiprocessor aimed at
+    (splits per kv head = ceil(waves * SMs / Hkv), at most one per ``block_l`` positions of the cache);
+    reduce_elems: partial entries the merging program loads per step.
+    """
+
+    block_l: int = 32
+    waves: int = 2
+    num_warps: int = 4
+    num_stages: int = 2
+    reduce_elems: int = 4096
+
+
+DEFAULT_CONFIG = AttentionConfig()
+
+
+def attention_splits(n_kv: int, length: int, sms: int, config: AttentionConfig = DEFAULT_CONFIG) -> int:
+    """Programs per kv head: enough for ``config.waves`` programs per multiprocessor, at most one per
+    ``config.block_l`` cache positions. Depends on the cache's shape only (CUDA-graph safe)."""
+    wanted = -(-config.waves * sms // n_kv)
+    return max(1, min(wanted, -(-length // config.block_l)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shapes and dtypes only: safe under fake tensors, no host sync)
+
+
+def _check_args(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                n_valid: torch.Tensor) -> None:
+    name = "decode_attention"
+    if q.dim() != 3 or q.shape[0] != 1:
+        raise ValueError(f"{name}: q must be one token's heads [1, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"{name}: q must be bf16, fp16 or fp32, got {q.dtype}")
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    for label, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 3 or cache.shape[2] != head_dim or cache.dtype != q.dtype or not cache.is_contiguous():
+            raise ValueError(f"{name}: {label} must be a contiguous {q.dtype} cache [Hkv, L, D={head_dim}], got "
+                             f"shape {tuple(cache.shape)} {cache.dtype}"
+                             f"{'' if cache.is_contiguous() else ' (not contiguous)'}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name}: v_cache {tuple(v_cache.shape)} must match k_cache {tuple(k_cache.shape)}")
+    n_kv, length = k_cache.shape[0], k_cache.shape[1]
+    if n_kv == 0 or n_heads % n_kv:
+        raise ValueError(f"{name}: the Hq={n_heads} query heads must split evenly over the Hkv={n_kv} kv heads")
+    if mask.shape != (length,) or mask.dtype != torch.float32:
+        raise ValueError(f"{name}: mask must be an additive fp32 vector [L={length}], got shape {tuple(mask.shape)} "
+                         f"{mask.dtype}")
+    if n_valid.numel() != 1 or n_valid.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: n_valid must be an int32/int64 tensor of one element (the positions that can be "
+                         f"visible, pos + 1), got shape {tuple(n_valid.shape)} {n_valid.dtype}")
+    for label, t in (("k_cache", k_cache), ("v_cache", v_cache), ("mask", mask), ("n_valid", n_valid)):
+        if t.device != q.device:
+            raise ValueError(f"{name}: {label} is on {t.device} but q is on {q.device}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference (plain torch) and Triton path
+
+
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                               n_valid: torch.Tensor, scale: float, *,
+                               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-torch ``decode_attention``: the engine's math (``teal.engine.model.decode_attention``) with the
+    positions at or past ``n_valid`` masked out, and zeros for a query that sees no position.
+
+    ``compute_dtype`` (e.g. float64, for test references) replaces q's dtype in every product and in the
+    rounding of the probabilities; the result is returned in q's dtype.
+    """
+    _check_args(q, k_cache, v_cache, mask, n_valid)
+    n_kv, length, head_dim = k_cache.shape
+    dtype = compute_dtype or q.dtype
+    qg = q.reshape(n_kv, -1, head_dim).to(dtype)
+    visible = torch.arange(length, device=mask.device) < n_valid.reshape(())
+    bias = torch.where(visible, mask, -math.inf).to(torch.promote_types(dtype, torch.float32))
+    scores = torch.matmul(qg, k_cache.to(dtype).transpose(1, 2)).to(bias.dtype) * scale + bias
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.where(scores.amax(dim=-1, keepdim=True) == -math.inf, 0.0, probs).to(dtype)
+    return torch.matmul(probs, v_cache.to(dtype)).reshape(1, -1).to(q.dtype)
+
+
+@functools.cache
+def _attention_kernels() -> ModuleType:
+    try:
+        from teal.kernels import _attention_triton
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError(
+            "decode_attention on CUDA needs Triton; install it (pip install 'teal-sparsity[gpu]')"
+        ) from exc
+    return _attention_triton
+
+
+def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                            n_valid: torch.Tensor, scale: float, *, config: AttentionConfig = DEFAULT_CONFIG,
+                            splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton implementation (one launch). ``splits`` overrides ``attention_splits``; ``out`` [1, Hq*D] in
+    q's dtype receives the result (tests poison it) instead of a fresh tensor."""
+    _check_args(q, k_cache, v_cache, mask, n_valid)
+    n_kv, length, head_dim = k_cache.shape
+    n_heads = q.shape[1]
+    group = n_heads // n_kv
+    width = n_heads * head_dim
+    if out is None:
+        out = q.new_empty((1, width))
+    elif out.shape != (1, width) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
+        raise ValueError(f"decode_attention: out must be a contiguous [1, {width}] {q.dtype} tensor on {q.device}")
+    if splits is None:
+        splits = attention_splits(n_kv, length, sm_count(q.device), config)
+    if splits < 1:
+        raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
+    block_gd = _pow2_ceil(group * head_dim)
+    partials = n_kv * splits * group
+    ws_m = _workspace.get(q.device, "attention_max", partials, torch.float32)
+    ws_l = _workspace.get(q.device, "attention_sum", partials, torch.float32)
+    ws_acc = _workspace.get(q.device, "attention_acc", partials * head_dim, torch.float32)
+    tickets = _workspace.get(q.device, "attention_tickets", n_kv, torch.int32, zero=True)
+    _attention_kernels().decode_attention_kernel[(n_kv, splits)](
+        q.contiguous(), k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets,
+        float(scale), length, group, head_dim,
+        SPLITS=splits,
+        BLOCK_G=max(16, _pow2_ceil(group)),  # tl.dot needs 16 rows
+        BLOCK_L=max(16, _pow2_ceil(config.block_l)),
+        BLOCK_D=max(16, _pow2_ceil(head_dim)),
+        BLOCK_GD=block_gd,
+        RED_S=min(_pow2_ceil(splits), max(1, config.reduce_elems // block_gd)),
+        DOT_FP32=_interpreting() or q.dtype == torch.float32,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom op and its entry point
+
+
+@torch.library.custom_op("teal::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                         n_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    run = decode_attention_triton if uses_triton(q.device) else decode_attention_reference
+    return run(q, k_cache, v_cache, mask, n_valid, scale)
+
+
+@_decode_attention_op.register_fake
+def _decode_attention_fake(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                           n_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    _check_args(q, k_cache, v_cache, mask, n_valid)
+    return q.new_empty((1, q.shape[1] * q.shape[2]))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                     n_valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one token's queries q [1, Hq, D] (bf16/fp16/fp32) over the cache positions
+    ``0 .. n_valid - 1`` of k_cache / v_cache [Hkv, L, D] (contiguous, q's dtype; Hq a multiple of Hkv:
+    query heads h*G .. h*G + G - 1 share kv head h), with the additive fp32 mask [L] (0 or -inf) and
+    ``softmax(q . k * scale + mask) @ v``. n_valid: int32/int64 device tensor of one element; positions
+    at or past it are never read. Returns [1, Hq * D] in q's dtype (see the module docstring for the
+    roundings; a query that sees no position gives zeros)."""
+    return torch.ops.teal.decode_attention(q, k_cache, v_cache, mask, n_valid, float(scale))

@@ -1,0 +1,243 @@
+"""``teal::decode_attention`` (split-KV decode attention): the Triton kernel through the CPU interpreter
+against float64 and against the engine's math, the op's reference / fake / checks, and the engine with
+the op forced on against its default attention."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (teal.kernels imports it lazily)
+
+import pytest
+import torch
+
+from teal.engine.model import decode_attention as engine_decode_attention
+from teal.kernels import decode_attention
+from teal.kernels.attention import (
+    AttentionConfig,
+    attention_splits,
+    decode_attention_reference,
+    decode_attention_triton,
+)
+
+triton = pytest.importorskip("triton")
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
+)
+
+N_KV, HEAD_DIM, LENGTH = 2, 64, 100  # LENGTH: not a multiple of any block
+SCALE = 1.0 / math.sqrt(HEAD_DIM)
+WINDOW = 16
+# Relative error (2-norm) of the kernel against float64 that each dtype must meet. bf16: the inputs are
+# rounded to bf16 already; the kernel adds the rounding of exp(s - m) (2^-9 relative) before the PV product
+# and of the output (2^-9): 1e-3 to 2.5e-3 on these sizes (fp16: 2e-4 to 3e-4), 1e-2 leaves room. The
+# engine's math is worse in bf16 (it also rounds q . k to bf16 before scaling: 3e-3 to 6e-3 here), see
+# test_kernel_is_at_least_as_accurate_as_the_engine.
+MAX_REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _mask(pos: int, window: int | None = None, length: int = LENGTH) -> torch.Tensor:
+    """The engine's additive mask for a query at ``pos`` (`Engine.decode_masks`)."""
+    p = torch.arange(length)
+    visible = p <= pos
+    if window is not None:
+        visible &= p > pos - window
+    return torch.where(visible, 0.0, -math.inf)
+
+
+def _inputs(group: int, dtype: torch.dtype, seed: int = 0, length: int = LENGTH):
+    gen = torch.Generator().manual_seed(seed)
+    q = (2 * torch.randn(1, N_KV * group, HEAD_DIM, generator=gen)).to(dtype)  # scores of a few units
+    k = torch.randn(N_KV, length, HEAD_DIM, generator=gen).to(dtype)
+    v = torch.randn(N_KV, length, HEAD_DIM, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _run_poisoned(q, k, v, mask, n_valid, **kwargs) -> torch.Tensor:
+    """The kernel into a NaN-filled output; checks that every entry was written."""
+    out = torch.full((1, q.shape[1] * q.shape[2]), float("nan"), dtype=q.dtype)
+    y = decode_attention_triton(q, k, v, mask, n_valid, SCALE, out=out, **kwargs)
+    assert y is out and not torch.isnan(y).any(), "output left unwritten (or NaN)"
+    return y
+
+
+# ------------------------------------------------------------------ the kernel (interpreted)
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("n_valid, window", [(1, None), (37, None), (LENGTH, None), (LENGTH, WINDOW), (70, WINDOW)],
+                         ids=["n1", "n37", "full", "full-window", "n70-window"])
+def test_kernel_matches_float64_and_the_engine(dtype, group, n_valid, window):
+    q, k, v = _inputs(group, dtype)
+    mask = _mask(n_valid - 1, window)
+    nv = torch.tensor([n_valid])
+    y = _run_poisoned(q, k, v, mask, nv, splits=4)  # 4 splits of 32 positions: some empty, some fully masked
+    exact = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
+    assert _rel_err(y, exact) <= MAX_REL_ERR[dtype]
+    engine = engine_decode_attention(q, k, v, mask, SCALE)  # the whole cache, masked
+    assert _rel_err(y, engine) <= 2 * MAX_REL_ERR[dtype]
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, engine, rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, None])
+def test_split_counts_agree(splits):
+    """Any number of splits (None: `attention_splits`) gives the same result up to fp32 summation order."""
+    q, k, v = _inputs(4, torch.float32, seed=1)
+    mask, nv = _mask(88, WINDOW), torch.tensor([89], dtype=torch.int32)
+    y = _run_poisoned(q, k, v, mask, nv, splits=splits)
+    torch.testing.assert_close(y, decode_attention_reference(q, k, v, mask, nv, SCALE), rtol=1e-5, atol=1e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("block_l", [16, 64])
+def test_positions_past_n_valid_are_never_read(block_l):
+    """NaN in the cache and a zero mask past n_valid do not reach the output."""
+    q, k, v = _inputs(4, torch.bfloat16, seed=2)
+    nv = torch.tensor([37])
+    mask = torch.zeros(LENGTH)  # visible everywhere: only n_valid bounds the positions
+    clean = _run_poisoned(q, k, v, mask, nv, splits=3, config=AttentionConfig(block_l=block_l))
+    ref = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
+    assert _rel_err(clean, ref) <= MAX_REL_ERR[torch.bfloat16]
+    k[:, 37:], v[:, 37:] = float("nan"), float("nan")
+    poisoned = _run_poisoned(q, k, v, mask, nv, splits=3, config=AttentionConfig(block_l=block_l))
+    assert torch.equal(poisoned, clean)
+
+
+@needs_interpreter
+def test_kernel_is_at_least_as_accurate_as_the_engine():
+    """In bf16 the engine rounds q . k to bf16 before scaling; the kernel keeps fp32 scores."""
+    q, k, v = _inputs(4, torch.bfloat16, seed=3)
+    q = q * 4  # large scores: the engine's score rounding matters
+    mask, nv = _mask(LENGTH - 1), torch.tensor([LENGTH])
+    exact = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
+    kernel_err = _rel_err(_run_poisoned(q, k, v, mask, nv), exact)
+    engine_err = _rel_err(engine_decode_attention(q, k, v, mask, SCALE), exact)
+    assert kernel_err <= engine_err
+
+
+@needs_interpreter
+@pytest.mark.parametrize("n_valid, mask_value", [(0, 0.0), (37, -math.inf)], ids=["n0", "all-masked"])
+def test_query_that_sees_nothing_gives_zeros(n_valid, mask_value):
+    """No visible position: zeros from the kernel and the op's reference (the engine's softmax gives NaN)."""
+    q, k, v = _inputs(4, torch.float16, seed=4)
+    mask, nv = torch.full((LENGTH,), mask_value), torch.tensor([n_valid])
+    assert torch.equal(_run_poisoned(q, k, v, mask, nv, splits=3), torch.zeros(1, 4 * N_KV * HEAD_DIM,
+                                                                              dtype=torch.float16))
+    assert not decode_attention_reference(q, k, v, mask, nv, SCALE).any()
+
+
+@needs_interpreter
+def test_repeated_launches_reuse_the_tickets():
+    """The merging program resets its counter: back-to-back launches with other n_valid stay correct."""
+    q, k, v = _inputs(1, torch.float32, seed=5)
+    for n_valid in (100, 5, 64, 100):
+        mask, nv = _mask(n_valid - 1), torch.tensor([n_valid])
+        torch.testing.assert_close(_run_poisoned(q, k, v, mask, nv, splits=5),
+                                   decode_attention_reference(q, k, v, mask, nv, SCALE), rtol=1e-5, atol=1e-6)
+
+
+def test_splits_depend_on_the_shape_only():
+    assert attention_splits(8, 4096, 132) == 33  # 2 waves of 132 SMs over 8 kv heads
+    assert attention_splits(32, 4096, 132) == 9
+    assert attention_splits(8, 100, 132) == 4  # at most one per block_l (32) positions
+    assert attention_splits(8, 100, 132, AttentionConfig(block_l=64)) == 2
+    assert attention_splits(64, 16, 132) == 1
+
+
+# ------------------------------------------------------------------ the op: dispatch, reference, fake, errors
+@needs_interpreter
+def test_op_runs_the_kernel_under_the_interpreter():
+    q, k, v = _inputs(4, torch.bfloat16, seed=6)
+    mask, nv = _mask(40), torch.tensor([41])
+    assert torch.equal(decode_attention(q, k, v, mask, nv, SCALE), decode_attention_triton(q, k, v, mask, nv, SCALE))
+
+
+def test_op_without_interpreter_uses_the_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(4, torch.bfloat16, seed=7)
+    mask, nv = _mask(40, WINDOW), torch.tensor([41])
+    y = decode_attention(q, k, v, mask, nv, SCALE)
+    assert torch.equal(y, decode_attention_reference(q, k, v, mask, nv, SCALE))
+    # the reference is the engine's math exactly where the mask already hides the positions past n_valid
+    assert torch.equal(y, engine_decode_attention(q, k, v, mask, SCALE))
+
+
+def test_op_passes_torch_library_opcheck(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(2, torch.float32, seed=8, length=24)
+    torch.library.opcheck(torch.ops.teal.decode_attention.default, (q, k, v, _mask(9, length=24),
+                                                                   torch.tensor([10]), SCALE))
+
+
+def test_fake_impl_gives_the_output_shape_and_traces():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 32, 128, dtype=torch.bfloat16)
+        cache = torch.empty(8, 4096, 128, dtype=torch.bfloat16)
+        y = torch.ops.teal.decode_attention(q, cache, cache, torch.empty(4096), torch.empty(1, dtype=torch.long), 0.1)
+        assert y.shape == (1, 4096) and y.dtype == torch.bfloat16
+    q, k, v = _inputs(2, torch.float32, seed=9, length=24)
+
+    def step(q, k, v, pos):
+        return decode_attention(q * 1.0, k, v, torch.zeros(24), pos + 1, SCALE)
+
+    traced = torch.compile(step, backend="eager", fullgraph=True)  # dynamo traces through the fake impl
+    pos = torch.tensor([11])
+    torch.testing.assert_close(traced(q, k, v, pos), step(q, k, v, pos))
+
+
+def test_argument_errors_name_the_problem():
+    q, k, v = _inputs(2, torch.float32, seed=10, length=24)
+    mask, nv = _mask(5, length=24), torch.tensor([6])
+    cases = [
+        ((q[0], k, v, mask, nv), "q must be one token's heads"),
+        ((q.to(torch.int32), k, v, mask, nv), "bf16, fp16 or fp32"),
+        ((q, k.half(), v, mask, nv), "k_cache must be a contiguous torch.float32 cache"),
+        ((q, k.transpose(0, 1).contiguous().transpose(0, 1), v, mask, nv), r"not contiguous"),
+        ((q, k, v[:, :12].contiguous(), mask, nv), "v_cache .* must match k_cache"),
+        ((q[:, :3], k, v, mask, nv), "must split evenly"),
+        ((q, k, v, mask[:10], nv), "mask must be an additive fp32 vector"),
+        ((q, k, v, mask.half(), nv), "mask must be an additive fp32 vector"),
+        ((q, k, v, mask, nv.float()), "n_valid must be an int32/int64 tensor of one element"),
+        ((q, k, v, mask, torch.tensor([1, 2])), "n_valid must be"),
+        ((q, k, v, mask, torch.tensor([6], device="meta")), "n_valid is on meta"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            decode_attention_reference(*args, SCALE)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        decode_attention_triton(q, k, v, mask, nv, SCALE, out=torch.empty(1, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="splits must be at least 1"):
+        decode_attention_triton(q, k, v, mask, nv, SCALE, splits=0)
+
+
+# ------------------------------------------------------------------ the engine with the op forced on
+@needs_interpreter
+@pytest.mark.parametrize("windows", [None, (5, None)], ids=["full", "sliding-window"])
+def test_engine_fused_attention_matches_default_path(windows):
+    from teal.engine import Generator, engine_random
+
+    engine = engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=48)
+    if windows is not None:
+        engine.config = dataclasses.replace(engine.config, layer_windows=windows)
+    assert not engine.use_fused_attention  # the CPU default: the engine's own attention
+    ids = torch.randint(0, engine.config.vocab_size, (8,), generator=torch.Generator().manual_seed(0))
+    tokens, logits = {}, {}
+    for fused in (False, True):
+        engine.fused_attention = fused
+        assert engine.layer_static(0).fused_attention is fused
+        tokens[fused] = Generator(engine).generate(ids, max_new_tokens=6, stop=[]).tokens
+        with torch.no_grad():
+            engine.prefill(ids)
+            logits[fused] = engine.decode(ids[-1:], torch.tensor([8]))
+    assert tokens[True] == tokens[False]
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
