@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from teal.kernels.ops import _SUPPORTED_DTYPES, _interpreting, _pow2_ceil, _workspace, sm_count
+from teal.kernels.ops import _SUPPORTED_DTYPES, _interpreting, _pow2_ceil, _workspace, import_triton_module, sm_count
 from teal.kernels.producer import uses_triton
 
 
@@ -121,13 +121,7 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 @functools.cache
 def _attention_kernels() -> ModuleType:
-    try:
-        from teal.kernels import _attention_triton
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "decode_attention on CUDA needs Triton; install it (pip install 'teal-sparsity[gpu]')"
-        ) from exc
-    return _attention_triton
+    return import_triton_module("_attention_triton", "decode_attention")
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import importlib
 import os
 import threading
 from collections.abc import Sequence
@@ -147,15 +148,17 @@ def sparse_linear_reference(
 # Triton path
 
 
+def import_triton_module(module: str, op: str) -> ModuleType:
+    """``teal.kernels.<module>`` (Triton kernels), or a RuntimeError saying that ``op`` needs Triton."""
+    try:
+        return importlib.import_module(f"teal.kernels.{module}")
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise RuntimeError(f"{op} on CUDA needs Triton; install it (pip install 'teal-sparsity[gpu]')") from exc
+
+
 @functools.cache
 def _triton_kernels() -> ModuleType:
-    try:
-        from teal.kernels import _triton
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "sparse_linear on CUDA needs Triton; install it (pip install 'teal-sparsity[gpu]')"
-        ) from exc
-    return _triton
+    return import_triton_module("_triton", "sparse_linear")
 
 
 def _interpreting() -> bool:
