@@ -15,9 +15,11 @@ import torch
 
 from teal.engine.model import decode_attention as engine_decode_attention
 from teal.kernels import decode_attention
+from teal.kernels import attention as attention_module
 from teal.kernels.attention import (
     AttentionConfig,
     attention_splits,
+    default_config,
     decode_attention_reference,
     decode_attention_triton,
 )
@@ -36,6 +38,15 @@ WINDOW = 16
 # engine's math is worse in bf16 (it also rounds q . k to bf16 before scaling: 3e-3 to 6e-3 here), see
 # test_kernel_is_at_least_as_accurate_as_the_engine.
 MAX_REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Kernel variants: each merge, product and prefetch choice appears twice, each against both settings of
+# the others.
+VARIANTS = {
+    "ticket-dot": AttentionConfig(),
+    "kernel-dot-prefetch": AttentionConfig(merge="kernel", prefetch=True),
+    "ticket-fma-prefetch": AttentionConfig(dot=False, prefetch=True),
+    "kernel-fma": AttentionConfig(merge="kernel", dot=False),
+}
+variants = pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 
 
 def _mask(pos: int, window: int | None = None, length: int = LENGTH) -> torch.Tensor:
@@ -69,15 +80,16 @@ def _run_poisoned(q, k, v, mask, n_valid, **kwargs) -> torch.Tensor:
 
 # ------------------------------------------------------------------ the kernel (interpreted)
 @needs_interpreter
+@variants
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("n_valid, window", [(1, None), (37, None), (LENGTH, None), (LENGTH, WINDOW), (70, WINDOW)],
                          ids=["n1", "n37", "full", "full-window", "n70-window"])
-def test_kernel_matches_float64_and_the_engine(dtype, group, n_valid, window):
+def test_kernel_matches_float64_and_the_engine(dtype, group, n_valid, window, variant):
     q, k, v = _inputs(group, dtype)
     mask = _mask(n_valid - 1, window)
     nv = torch.tensor([n_valid])
-    y = _run_poisoned(q, k, v, mask, nv, splits=4)  # 4 splits of 32 positions: some empty, some fully masked
+    y = _run_poisoned(q, k, v, mask, nv, splits=4, config=variant)  # 4 splits of 32 positions: some empty, some fully masked
     exact = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
     assert _rel_err(y, exact) <= MAX_REL_ERR[dtype]
     engine = engine_decode_attention(q, k, v, mask, SCALE)  # the whole cache, masked
@@ -87,60 +99,67 @@ def test_kernel_matches_float64_and_the_engine(dtype, group, n_valid, window):
 
 
 @needs_interpreter
+@variants
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, None])
-def test_split_counts_agree(splits):
+def test_split_counts_agree(splits, variant):
     """Any number of splits (None: `attention_splits`) gives the same result up to fp32 summation order."""
     q, k, v = _inputs(4, torch.float32, seed=1)
     mask, nv = _mask(88, WINDOW), torch.tensor([89], dtype=torch.int32)
-    y = _run_poisoned(q, k, v, mask, nv, splits=splits)
+    y = _run_poisoned(q, k, v, mask, nv, splits=splits, config=variant)
     torch.testing.assert_close(y, decode_attention_reference(q, k, v, mask, nv, SCALE), rtol=1e-5, atol=1e-6)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("block_l", [16, 64])
-def test_positions_past_n_valid_are_never_read(block_l):
+@variants
+@pytest.mark.parametrize("block_l, splits", [(16, 3), (64, 3), (16, 1)])
+def test_positions_past_n_valid_are_never_read(block_l, splits, variant):
     """NaN in the cache and a zero mask past n_valid do not reach the output."""
     q, k, v = _inputs(4, torch.bfloat16, seed=2)
     nv = torch.tensor([37])
     mask = torch.zeros(LENGTH)  # visible everywhere: only n_valid bounds the positions
-    clean = _run_poisoned(q, k, v, mask, nv, splits=3, config=AttentionConfig(block_l=block_l))
+    config = variant._replace(block_l=block_l)
+    clean = _run_poisoned(q, k, v, mask, nv, splits=splits, config=config)
     ref = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
     assert _rel_err(clean, ref) <= MAX_REL_ERR[torch.bfloat16]
     k[:, 37:], v[:, 37:] = float("nan"), float("nan")
-    poisoned = _run_poisoned(q, k, v, mask, nv, splits=3, config=AttentionConfig(block_l=block_l))
+    poisoned = _run_poisoned(q, k, v, mask, nv, splits=splits, config=config)
     assert torch.equal(poisoned, clean)
 
 
 @needs_interpreter
-def test_kernel_is_at_least_as_accurate_as_the_engine():
+@variants
+def test_kernel_is_at_least_as_accurate_as_the_engine(variant):
     """In bf16 the engine rounds q . k to bf16 before scaling; the kernel keeps fp32 scores."""
     q, k, v = _inputs(4, torch.bfloat16, seed=3)
     q = q * 4  # large scores: the engine's score rounding matters
     mask, nv = _mask(LENGTH - 1), torch.tensor([LENGTH])
     exact = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
-    kernel_err = _rel_err(_run_poisoned(q, k, v, mask, nv), exact)
+    kernel_err = _rel_err(_run_poisoned(q, k, v, mask, nv, config=variant), exact)
     engine_err = _rel_err(engine_decode_attention(q, k, v, mask, SCALE), exact)
     assert kernel_err <= engine_err
 
 
 @needs_interpreter
+@variants
 @pytest.mark.parametrize("n_valid, mask_value", [(0, 0.0), (37, -math.inf)], ids=["n0", "all-masked"])
-def test_query_that_sees_nothing_gives_zeros(n_valid, mask_value):
+def test_query_that_sees_nothing_gives_zeros(n_valid, mask_value, variant):
     """No visible position: zeros from the kernel and the op's reference (the engine's softmax gives NaN)."""
     q, k, v = _inputs(4, torch.float16, seed=4)
     mask, nv = torch.full((LENGTH,), mask_value), torch.tensor([n_valid])
-    assert torch.equal(_run_poisoned(q, k, v, mask, nv, splits=3), torch.zeros(1, 4 * N_KV * HEAD_DIM,
+    assert torch.equal(_run_poisoned(q, k, v, mask, nv, splits=3, config=variant), torch.zeros(1, 4 * N_KV * HEAD_DIM,
                                                                               dtype=torch.float16))
     assert not decode_attention_reference(q, k, v, mask, nv, SCALE).any()
 
 
 @needs_interpreter
-def test_repeated_launches_reuse_the_tickets():
-    """The merging program resets its counter: back-to-back launches with other n_valid stay correct."""
+@variants
+def test_repeated_launches_reuse_the_tickets(variant):
+    """The merging program resets its counter (and stale partials are overwritten): back-to-back launches
+    with other n_valid stay correct."""
     q, k, v = _inputs(1, torch.float32, seed=5)
     for n_valid in (100, 5, 64, 100):
         mask, nv = _mask(n_valid - 1), torch.tensor([n_valid])
-        torch.testing.assert_close(_run_poisoned(q, k, v, mask, nv, splits=5),
+        torch.testing.assert_close(_run_poisoned(q, k, v, mask, nv, splits=5, config=variant),
                                    decode_attention_reference(q, k, v, mask, nv, SCALE), rtol=1e-5, atol=1e-6)
 
 
@@ -150,6 +169,16 @@ def test_splits_depend_on_the_shape_only():
     assert attention_splits(8, 100, 132) == 4  # at most one per block_l (32) positions
     assert attention_splits(8, 100, 132, AttentionConfig(block_l=64)) == 2
     assert attention_splits(64, 16, 132) == 1
+    assert default_config(4096) == attention_module.CONFIG_TABLE[-1][1]
+
+
+def test_default_config_follows_the_table(monkeypatch):
+    short, long = AttentionConfig(block_l=16, merge="kernel"), AttentionConfig(block_l=64)
+    monkeypatch.setattr(attention_module, "CONFIG_TABLE", ((512, short), (2048, long)))
+    assert default_config(384) == default_config(512) == short
+    assert default_config(1024) == long
+    assert default_config(8192) == long  # past the table: its last row
+    assert attention_splits(8, 384, 132) == 24  # the table's config for L = 384 (block_l 16)
 
 
 # ------------------------------------------------------------------ the op: dispatch, reference, fake, errors
@@ -218,6 +247,8 @@ def test_argument_errors_name_the_problem():
         decode_attention_triton(q, k, v, mask, nv, SCALE, out=torch.empty(1, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="splits must be at least 1"):
         decode_attention_triton(q, k, v, mask, nv, SCALE, splits=0)
+    with pytest.raises(ValueError, match="merge must be one of"):
+        decode_attention_triton(q, k, v, mask, nv, SCALE, config=AttentionConfig(merge="atomic"))
 
 
 # ------------------------------------------------------------------ the engine with the op forced on

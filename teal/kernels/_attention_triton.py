@@ -1,18 +1,26 @@
-"""Triton kernel of ``teal::decode_attention`` (split-KV "flash-decoding"). Imported lazily: imports Triton.
+"""Triton kernels of ``teal::decode_attention`` (split-KV "flash-decoding"). Imported lazily: imports Triton.
 
 One query token attends to the first ``n_valid`` positions of a static KV cache [Hkv, L, D]. Grid
-(Hkv, SPLITS): program (h, s) handles the G = Hq / Hkv query heads that share kv head h, over its slice
-of positions. The slice length is set in the kernel from ``n_valid`` (a device tensor), so every
-program has work at any context length and nothing depends on the host:
+(Hkv, SPLITS) of ``decode_attention_kernel``: program (h, s) handles the G = Hq / Hkv query heads that
+share kv head h, over its slice of positions. The slice length is set in the kernel from ``n_valid`` (a
+device tensor), so every program has work at any context length and nothing depends on the host:
 ``chunk = BLOCK_L * ceil(ceil(n_valid / SPLITS) / BLOCK_L)``, slice ``[s * chunk, min((s + 1) * chunk,
-n_valid))``; positions at or past ``n_valid`` are never read. Each program runs an online softmax in
-fp32 over ``BLOCK_L`` positions per step (scores ``q . k * scale + mask`` in fp32, exponentials
-rounded to the cache's dtype before the product with V, as the reference rounds its probabilities)
-and writes its partial (running max m, sum l, unnormalised acc [G, D]) to a workspace; programs
-whose slice is empty write nothing. Every program then draws a ticket from its kv head's counter; the
-one that draws the last ticket merges the partials of the non-empty slices in a fixed order (so the
-result is deterministic), writes ``acc / l`` (0 where l == 0: no visible position) and resets the
-counter for the next launch.
+n_valid))``; positions at or past ``n_valid`` are never read (every load past the slice is masked off).
+Each program runs an online softmax in fp32 over ``BLOCK_L`` positions per step (scores ``q . k * scale
++ mask`` in fp32, exponentials rounded to the cache's dtype before the product with V, as the reference
+rounds its probabilities). The products are ``tl.dot`` (``DOT``; G rows padded to 16) or broadcast
+multiplies summed in fp32 (exact fp32 products: no padding, no TF32); with ``PREFETCH`` the next block's
+K, V and mask are loaded before the current block's arithmetic.
+
+With SPLITS == 1 the program writes ``acc / l`` itself. Otherwise it writes its partial (running max m,
+sum l, unnormalised acc [G, D]; an empty slice writes m = -inf, l = 0, acc = 0, which merge as nothing)
+to a workspace, and the partials of a kv head are merged in split order (deterministic) either
+
+- ``MERGE_TICKET``: by the program of that kv head that draws the last ticket from the head's counter
+  (one launch; it also resets the counter for the next launch), or
+- by ``combine_partials_kernel``, launched right after (grid Hq: one program per query head, no atomics).
+
+The output is ``acc / l`` rounded to the output's dtype, 0 where l == 0 (no visible position).
 """
 
 from __future__ import annotations
@@ -25,66 +33,102 @@ from teal.kernels._triton import _round_to
 
 @triton.jit
 def _slice_bounds(nv_ptr, pid_s, L, SPLITS: tl.constexpr, BLOCK_L: tl.constexpr):
-    """(n, chunk, lo, hi): visible length n (clamped to [0, L]), positions per slice, this slice."""
+    """(lo, hi): this program's positions; the visible length n_valid is clamped to [0, L]."""
     n = tl.minimum(tl.maximum(tl.load(nv_ptr).to(tl.int32), 0), L)
     chunk = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), BLOCK_L) * BLOCK_L, BLOCK_L)
     lo = pid_s * chunk
-    return n, chunk, lo, tl.minimum(lo + chunk, n)
+    return lo, tl.minimum(lo + chunk, n)
 
 
 @triton.jit
-def _attend_slice(q, k_base, v_base, mask_ptr, lo, hi, scale, D,
-                  offs_d, d_ok, BLOCK_G: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+def _mm(a, b, DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """a [M, K] @ b [K, N] with fp32 accumulation: ``tl.dot`` (IEEE fp32 if DOT_FP32), else exact fp32
+    products summed over K."""
+    if DOT:
+        if DOT_FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b)
+    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+
+
+@triton.jit
+def _load_block(k_base, v_base, mask_ptr, start, hi, D, offs_d, d_ok, BLOCK_L: tl.constexpr):
+    """K and V [BLOCK_L, BLOCK_D] and the mask [BLOCK_L] of positions start .. start + BLOCK_L - 1; positions
+    at or past ``hi`` are not read (K, V 0 and mask -inf there)."""
+    offs_l = start + tl.arange(0, BLOCK_L)
+    l_ok = offs_l < hi
+    ok = l_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + offs_l[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    v = tl.load(v_base + offs_l[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    bias = tl.load(mask_ptr + offs_l, mask=l_ok, other=float("-inf"))
+    return k, v, bias
+
+
+@triton.jit
+def _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """One block of the online softmax: (m, l, acc) updated with positions of scores ``q . k * scale + bias``."""
+    scores = _mm(q, tl.trans(k), DOT, DOT_FP32) * scale + bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible position yet: avoid -inf - -inf
+    alpha = tl.exp(m_i - m_ref)
+    p = _round_to(tl.exp(scores - m_ref[:, None]), v.dtype)
+    l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
+    acc = acc * alpha[:, None] + _mm(p, v, DOT, DOT_FP32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_slice(q, k_base, v_base, mask_ptr, lo, hi, scale, D, offs_d, d_ok, BLOCK_G: tl.constexpr,
+                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+                  PREFETCH: tl.constexpr):
     """Online softmax of q [BLOCK_G, BLOCK_D] over positions [lo, hi): returns (m, l, acc) in fp32."""
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_L):
-        offs_l = start + tl.arange(0, BLOCK_L)
-        l_ok = offs_l < hi
-        kt = tl.load(k_base + offs_l[None, :] * D + offs_d[:, None], mask=d_ok[:, None] & l_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_l[:, None] * D + offs_d[None, :], mask=l_ok[:, None] & d_ok[None, :], other=0.0)
-        bias = tl.load(mask_ptr + offs_l, mask=l_ok, other=float("-inf"))
-        if DOT_FP32:
-            raw = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-        else:
-            raw = tl.dot(q, kt)
-        scores = raw * scale + bias[None, :]
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible position yet: avoid -inf - -inf
-        alpha = tl.exp(m_i - m_ref)
-        p = _round_to(tl.exp(scores - m_ref[:, None]), v.dtype)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
-        if DOT_FP32:
-            pv = tl.dot(p.to(tl.float32), v.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p, v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    if PREFETCH:
+        k, v, bias = _load_block(k_base, v_base, mask_ptr, lo, hi, D, offs_d, d_ok, BLOCK_L)
+        for start in range(lo, hi, BLOCK_L):
+            k_next, v_next, bias_next = _load_block(k_base, v_base, mask_ptr, start + BLOCK_L, hi, D, offs_d, d_ok,
+                                                    BLOCK_L)
+            m_i, l_i, acc = _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT, DOT_FP32)
+            k, v, bias = k_next, v_next, bias_next
+    else:
+        for start in range(lo, hi, BLOCK_L):
+            k, v, bias = _load_block(k_base, v_base, mask_ptr, start, hi, D, offs_d, d_ok, BLOCK_L)
+            m_i, l_i, acc = _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT, DOT_FP32)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _merge_partials(ws_m, ws_l, ws_acc, first, count, G, D,
-                    BLOCK_GD: tl.constexpr, RED_S: tl.constexpr):
-    """Merges partials ``first .. first + count - 1`` (in order) of the G*D outputs of one kv head.
+def _store_output(ptrs, acc, l, ok):
+    """``acc / l`` (0 where l == 0: no visible position) rounded to the output's dtype."""
+    out = tl.where(l > 0.0, acc / tl.where(l > 0.0, l, 1.0), 0.0)
+    tl.store(ptrs, _round_to(out, ptrs.dtype.element_ty), mask=ok)
 
-    Columns c = g * D + d; returns (acc [BLOCK_GD], l [BLOCK_GD]) relative to a common max.
-    """
-    offs_c = tl.arange(0, BLOCK_GD)
-    c_ok = offs_c < G * D
-    g_of_c = offs_c // D
-    m_run = tl.full([BLOCK_GD], float("-inf"), dtype=tl.float32)
-    l_run = tl.zeros([BLOCK_GD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_GD], dtype=tl.float32)
-    for s0 in range(0, count, RED_S):
+
+@triton.jit
+def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
+                    RED_S: tl.constexpr, ONE_HEAD: tl.constexpr):
+    """Merges the SPLITS partials ``first ..`` (in order) over the columns ``c0 .. c0 + n_cols - 1`` of one kv
+    head's G*D outputs (column c = g * D + d; ONE_HEAD: the columns are those of one query head, whose max
+    and sum are then loaded once per partial). Returns (acc [BLOCK_C], l [BLOCK_C]) relative to a common max."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = tl.arange(0, BLOCK_C) < n_cols
+    if ONE_HEAD:
+        g_of_c = c0 // D + tl.zeros([1], dtype=tl.int32)
+    else:
+        g_of_c = offs_c // D
+    m_run = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, SPLITS, RED_S):
         offs_s = s0 + tl.arange(0, RED_S)
-        ok = (offs_s < count)[:, None] & c_ok[None, :]
+        s_ok = (offs_s < SPLITS)[:, None]
         part = first + offs_s[:, None]
-        m_t = tl.load(ws_m + part * G + g_of_c[None, :], mask=ok, other=float("-inf"), cache_modifier=".cg")
-        l_t = tl.load(ws_l + part * G + g_of_c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-        a_t = tl.load(ws_acc + part * (G * D) + offs_c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        m_t = tl.load(ws_m + part * G + g_of_c[None, :], mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        l_t = tl.load(ws_l + part * G + g_of_c[None, :], mask=s_ok, other=0.0, cache_modifier=".cg")
+        a_t = tl.load(ws_acc + part * (G * D) + offs_c[None, :], mask=s_ok & c_ok[None, :], other=0.0,
+                      cache_modifier=".cg")
         m_new = tl.maximum(m_run, tl.max(m_t, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_run - m_ref)
@@ -117,33 +161,51 @@ def decode_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_GD: tl.constexpr,
     RED_S: tl.constexpr,
+    DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    MERGE_TICKET: tl.constexpr,
 ):
     """Program (kv head h, split s); see the module docstring. q [Hq*D], caches [Hkv, L, D], out [Hq*D]."""
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n, chunk, lo, hi = _slice_bounds(nv_ptr, pid_s, L, SPLITS, BLOCK_L)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < G
     d_ok = offs_d < D
     gd_ok = g_ok[:, None] & d_ok[None, :]
     head_off = pid_h * G * D  # this kv head's G query heads are contiguous in q and out
-    if lo < hi:
-        q = tl.load(q_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], mask=gd_ok, other=0.0)
-        kv_off = pid_h.to(tl.int64) * L * D
-        m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, hi, scale, D, offs_d, d_ok,
-                                      BLOCK_G, BLOCK_L, BLOCK_D, DOT_FP32)
+    q = tl.load(q_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], mask=gd_ok, other=0.0)
+    lo, hi = _slice_bounds(nv_ptr, pid_s, L, SPLITS, BLOCK_L)
+    kv_off = pid_h.to(tl.int64) * L * D
+    m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, hi, scale, D, offs_d, d_ok,
+                                  BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+    if SPLITS == 1:
+        _store_output(out_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], acc, l_i[:, None], gd_ok)
+    else:
         part = pid_h * SPLITS + pid_s
         tl.store(ws_m + part * G + offs_g, m_i, mask=g_ok)
         tl.store(ws_l + part * G + offs_g, l_i, mask=g_ok)
         tl.store(ws_acc + part * G * D + offs_g[:, None] * D + offs_d[None, :], acc, mask=gd_ok)
-    # Every thread's partial is stored before the ticket is drawn (acq_rel, device scope).
-    tl.debug_barrier()
-    ticket = tl.atomic_add(tick_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
-    if ticket == SPLITS - 1:
-        acc_c, l_c = _merge_partials(ws_m, ws_l, ws_acc, pid_h * SPLITS, tl.cdiv(n, chunk), G, D, BLOCK_GD, RED_S)
-        out = tl.where(l_c > 0.0, acc_c / tl.where(l_c > 0.0, l_c, 1.0), 0.0)
-        offs_c = tl.arange(0, BLOCK_GD)
-        tl.store(out_ptr + head_off + offs_c, _round_to(out, out_ptr.dtype.element_ty), mask=offs_c < G * D)
-        tl.atomic_xchg(tick_ptr + pid_h, 0, sem="relaxed", scope="gpu")
+        if MERGE_TICKET:
+            # Every thread's partial is stored before the ticket is drawn (acq_rel, device scope).
+            tl.debug_barrier()
+            ticket = tl.atomic_add(tick_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
+            if ticket == SPLITS - 1:
+                acc_c, l_c = _merge_partials(ws_m, ws_l, ws_acc, pid_h * SPLITS, 0, G * D, G, D, SPLITS, BLOCK_GD,
+                                             RED_S, False)
+                offs_c = tl.arange(0, BLOCK_GD)
+                _store_output(out_ptr + head_off + offs_c, acc_c, l_c, offs_c < G * D)
+                tl.atomic_xchg(tick_ptr + pid_h, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def combine_partials_kernel(ws_m, ws_l, ws_acc, out_ptr, G, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+                            RED_S: tl.constexpr):
+    """Program p = query head h * G + g: merges the SPLITS partials of kv head h for query head g into
+    out[p * D .. p * D + D - 1] (the partials are those ``decode_attention_kernel`` wrote just before)."""
+    pid = tl.program_id(0)
+    h = pid // G
+    acc, l = _merge_partials(ws_m, ws_l, ws_acc, h * SPLITS, (pid - h * G) * D, D, G, D, SPLITS, BLOCK_D, RED_S, True)
+    offs_d = tl.arange(0, BLOCK_D)
+    _store_output(out_ptr + pid * D + offs_d, acc, l, offs_d < D)

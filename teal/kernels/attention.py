@@ -3,11 +3,12 @@
 The engine's decode attention (``teal.engine.model.decode_attention``) multiplies the query by the
 whole static cache (``max_seq_len`` positions) and masks the positions past the current one. This op
 takes the number of positions that can be visible, ``n_valid`` (a device tensor: ``pos + 1``), and
-never reads past it. On CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``) it runs one split-KV
-Triton kernel (``teal.kernels._attention_triton``: grid (kv heads, splits), online softmax per split,
-the last program of each kv head merges the partials); elsewhere a plain-torch reference. Nothing on the
-Triton path synchronises with the host or allocates by ``n_valid``, and the number of splits depends
-only on the cache's shape, so CUDA graphs capture the op once for every position (call it once before
+never reads past it. On CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``) it runs a split-KV
+Triton kernel (``teal.kernels._attention_triton``: grid (kv heads, splits), online softmax per split;
+the partials are merged by the last program of each kv head or by a second, combine launch, as
+``AttentionConfig.merge`` says; ``CONFIG_TABLE`` picks the config by cache length); elsewhere a
+plain-torch reference. Nothing on the Triton path synchronises with the host or allocates by
+``n_valid``, and the config and the number of splits depend only on the cache's shape, so CUDA graphs capture the op once for every position (call it once before
 capture so that its workspace exists).
 
 Numerics against the engine's math (``decode_attention``):
@@ -37,11 +38,14 @@ from teal.kernels.producer import uses_triton
 
 
 class AttentionConfig(NamedTuple):
-    """Launch parameters of the split-KV kernel.
+    """Launch parameters (and kernel variant) of the split-KV kernel.
 
     block_l: cache positions per step of a program's loop; waves: programs per multiprocessor aimed at
     (splits per kv head = ceil(waves * SMs / Hkv), at most one per ``block_l`` positions of the cache);
-    reduce_elems: partial entries the merging program loads per step.
+    reduce_elems: partial entries loaded per step of a merge; merge: ``"ticket"`` (the last program of
+    each kv head merges the partials: one launch) or ``"kernel"`` (a second, combine launch merges them:
+    no atomics); dot: products by ``tl.dot`` (G rows padded to 16) rather than fp32 multiply-and-sum;
+    prefetch: a program loads its next block's K and V before the current block's arithmetic.
     """
 
     block_l: int = 32
@@ -49,14 +53,28 @@ class AttentionConfig(NamedTuple):
     num_warps: int = 4
     num_stages: int = 2
     reduce_elems: int = 4096
+    merge: str = "ticket"
+    dot: bool = True
+    prefetch: bool = False
 
 
 DEFAULT_CONFIG = AttentionConfig()
+MERGES = ("ticket", "kernel")
+# (largest cache length L, config) in increasing L: ``default_config`` takes the first row with L >= the
+# cache's length (the last row past the table). benchmarks/scripts/attention_gpu.py --table-out writes it.
+CONFIG_TABLE: tuple[tuple[int, AttentionConfig], ...] = ((1 << 62, DEFAULT_CONFIG),)
 
 
-def attention_splits(n_kv: int, length: int, sms: int, config: AttentionConfig = DEFAULT_CONFIG) -> int:
+def default_config(length: int) -> AttentionConfig:
+    """The launch config of ``CONFIG_TABLE`` for a cache of ``length`` positions (a shape: CUDA-graph safe)."""
+    return next((config for max_len, config in CONFIG_TABLE if length <= max_len), CONFIG_TABLE[-1][1])
+
+
+def attention_splits(n_kv: int, length: int, sms: int, config: AttentionConfig | None = None) -> int:
     """Programs per kv head: enough for ``config.waves`` programs per multiprocessor, at most one per
-    ``config.block_l`` cache positions. Depends on the cache's shape only (CUDA-graph safe)."""
+    ``config.block_l`` cache positions (``config`` defaults to ``default_config(length)``). Depends on the
+    cache's shape only (CUDA-graph safe)."""
+    config = config or default_config(length)
     wanted = -(-config.waves * sms // n_kv)
     return max(1, min(wanted, -(-length // config.block_l)))
 
@@ -125,15 +143,19 @@ def _attention_kernels() -> ModuleType:
 
 
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
-                            n_valid: torch.Tensor, scale: float, *, config: AttentionConfig = DEFAULT_CONFIG,
+                            n_valid: torch.Tensor, scale: float, *, config: AttentionConfig | None = None,
                             splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton implementation (one launch). ``splits`` overrides ``attention_splits``; ``out`` [1, Hq*D] in
-    q's dtype receives the result (tests poison it) instead of a fresh tensor."""
+    """The Triton implementation (one launch, two with ``merge="kernel"``). ``config`` defaults to
+    ``default_config(L)``; ``splits`` overrides ``attention_splits``; ``out`` [1, Hq*D] in q's dtype receives
+    the result (tests poison it) instead of a fresh tensor."""
     _check_args(q, k_cache, v_cache, mask, n_valid)
     n_kv, length, head_dim = k_cache.shape
     n_heads = q.shape[1]
     group = n_heads // n_kv
     width = n_heads * head_dim
+    config = config or default_config(length)
+    if config.merge not in MERGES:
+        raise ValueError(f"decode_attention: merge must be one of {MERGES}, got {config.merge!r}")
     if out is None:
         out = q.new_empty((1, width))
     elif out.shape != (1, width) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
@@ -142,26 +164,42 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         splits = attention_splits(n_kv, length, sm_count(q.device), config)
     if splits < 1:
         raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
+    block_d = max(16, _pow2_ceil(head_dim))
     block_gd = _pow2_ceil(group * head_dim)
     partials = n_kv * splits * group
     ws_m = _workspace.get(q.device, "attention_max", partials, torch.float32)
     ws_l = _workspace.get(q.device, "attention_sum", partials, torch.float32)
     ws_acc = _workspace.get(q.device, "attention_acc", partials * head_dim, torch.float32)
     tickets = _workspace.get(q.device, "attention_tickets", n_kv, torch.int32, zero=True)
-    _attention_kernels().decode_attention_kernel[(n_kv, splits)](
+    kernels = _attention_kernels()
+    ticket = config.merge == "ticket"
+    kernels.decode_attention_kernel[(n_kv, splits)](
         q.contiguous(), k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets,
         float(scale), length, group, head_dim,
         SPLITS=splits,
-        BLOCK_G=max(16, _pow2_ceil(group)),  # tl.dot needs 16 rows
+        BLOCK_G=max(16 if config.dot else 2, _pow2_ceil(group)),  # tl.dot needs 16 rows
         BLOCK_L=max(16, _pow2_ceil(config.block_l)),
-        BLOCK_D=max(16, _pow2_ceil(head_dim)),
+        BLOCK_D=block_d,
         BLOCK_GD=block_gd,
-        RED_S=min(_pow2_ceil(splits), max(1, config.reduce_elems // block_gd)),
+        RED_S=_reduce_rows(splits, block_gd, config),
+        DOT=config.dot,
         DOT_FP32=_interpreting() or q.dtype == torch.float32,
+        PREFETCH=config.prefetch,
+        MERGE_TICKET=ticket,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
+    if splits > 1 and not ticket:
+        kernels.combine_partials_kernel[(n_heads,)](
+            ws_m, ws_l, ws_acc, out, group, head_dim,
+            SPLITS=splits, BLOCK_D=block_d, RED_S=_reduce_rows(splits, block_d, config), num_warps=4,
+        )
     return out
+
+
+def _reduce_rows(splits: int, columns: int, config: AttentionConfig) -> int:
+    """Partials per step of a merge over ``columns`` (a power of two) outputs: ``config.reduce_elems`` entries."""
+    return min(_pow2_ceil(splits), max(1, config.reduce_elems // columns))
 
 
 # ----------------------------------------------------------------------------------------------
