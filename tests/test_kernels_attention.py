@@ -89,7 +89,8 @@ def test_kernel_matches_float64_and_the_engine(dtype, group, n_valid, window, va
     q, k, v = _inputs(group, dtype)
     mask = _mask(n_valid - 1, window)
     nv = torch.tensor([n_valid])
-    y = _run_poisoned(q, k, v, mask, nv, splits=4, config=variant)  # 4 splits of 32 positions: some empty, some fully masked
+    # 4 splits of 32 positions: some empty, some fully masked
+    y = _run_poisoned(q, k, v, mask, nv, splits=4, config=variant)
     exact = decode_attention_reference(q, k, v, mask, nv, SCALE, compute_dtype=torch.float64)
     assert _rel_err(y, exact) <= MAX_REL_ERR[dtype]
     engine = engine_decode_attention(q, k, v, mask, SCALE)  # the whole cache, masked

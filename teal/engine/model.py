@@ -380,10 +380,12 @@ class Engine:
         # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
         # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
         self.producer_down = False
-        # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only);
-        # None / False: `decode_attention` over the whole cache, compiled by inductor. Opt-in, because on the
-        # H200 the op was slower (~8 us per layer vs ~7 us; benchmarks/results/2026-11-29-h200-attention.json).
-        # True runs it on CUDA, and elsewhere the Triton kernel under TRITON_INTERPRET=1, else its reference.
+        # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only):
+        # True (on CUDA; elsewhere the Triton kernel under TRITON_INTERPRET=1, else its reference). None /
+        # False: `decode_attention` compiled by inductor. Opt-in: faster per call on the H200 (6-10 us vs
+        # 8-17 us, benchmarks/results/2026-11-29-h200-attention-variants.json) and +0.3-1 % tok/s, but with
+        # it on, the decode benchmark's fp32 check of sparse CUDA-graph tokens against eager tokens failed
+        # (2026-11-29-h200-decode-fused-attention-v2.json), not yet explained.
         self.fused_attention: bool | None = None
         # Tensor parallelism (set by teal.engine.tp.shard_engine): the ProcessGroup summing the o and down
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.

@@ -114,21 +114,23 @@ def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.cons
     and sum are then loaded once per partial). Returns (acc [BLOCK_C], l [BLOCK_C]) relative to a common max."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = tl.arange(0, BLOCK_C) < n_cols
+    g_of_c = offs_c // D
     if ONE_HEAD:
         g_of_c = c0 // D + tl.zeros([1], dtype=tl.int32)
-    else:
-        g_of_c = offs_c // D
     m_run = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     for s0 in range(0, SPLITS, RED_S):
         offs_s = s0 + tl.arange(0, RED_S)
         s_ok = (offs_s < SPLITS)[:, None]
+        ok = s_ok & c_ok[None, :]
+        stat_ok = ok
+        if ONE_HEAD:
+            stat_ok = s_ok
         part = first + offs_s[:, None]
-        m_t = tl.load(ws_m + part * G + g_of_c[None, :], mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        l_t = tl.load(ws_l + part * G + g_of_c[None, :], mask=s_ok, other=0.0, cache_modifier=".cg")
-        a_t = tl.load(ws_acc + part * (G * D) + offs_c[None, :], mask=s_ok & c_ok[None, :], other=0.0,
-                      cache_modifier=".cg")
+        m_t = tl.load(ws_m + part * G + g_of_c[None, :], mask=stat_ok, other=float("-inf"), cache_modifier=".cg")
+        l_t = tl.load(ws_l + part * G + g_of_c[None, :], mask=stat_ok, other=0.0, cache_modifier=".cg")
+        a_t = tl.load(ws_acc + part * (G * D) + offs_c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
         m_new = tl.maximum(m_run, tl.max(m_t, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_run - m_ref)

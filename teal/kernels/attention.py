@@ -8,8 +8,8 @@ Triton kernel (``teal.kernels._attention_triton``: grid (kv heads, splits), onli
 the partials are merged by the last program of each kv head or by a second, combine launch, as
 ``AttentionConfig.merge`` says; ``CONFIG_TABLE`` picks the config by cache length); elsewhere a
 plain-torch reference. Nothing on the Triton path synchronises with the host or allocates by
-``n_valid``, and the config and the number of splits depend only on the cache's shape, so CUDA graphs capture the op once for every position (call it once before
-capture so that its workspace exists).
+``n_valid``, and the config and the number of splits depend only on the cache's shape, so CUDA graphs
+capture the op once for every position (call it once before capture so that its workspace exists).
 
 Numerics against the engine's math (``decode_attention``):
 
@@ -60,9 +60,18 @@ class AttentionConfig(NamedTuple):
 
 DEFAULT_CONFIG = AttentionConfig()
 MERGES = ("ticket", "kernel")
+COMBINE_ROWS = 64  # partials the combine kernel loads per step (64 x D fp32 per program)
 # (largest cache length L, config) in increasing L: ``default_config`` takes the first row with L >= the
 # cache's length (the last row past the table). benchmarks/scripts/attention_gpu.py --table-out writes it.
-CONFIG_TABLE: tuple[tuple[int, AttentionConfig], ...] = ((1 << 62, DEFAULT_CONFIG),)
+# Rows: the Llama-3-8B winners (mean over n_valid = L/2 and L) of the 16-variant sweep in
+# benchmarks/results/2026-11-29-h200-attention-variants.json (H200, bf16): 6.1 / 7.2 / 10.4 us at
+# L = 384 / 1024 / 4096, against 8.2 / 9.7 / 16.6 us for inductor's code over the whole cache.
+_COMBINED = AttentionConfig(block_l=64, merge="kernel")
+CONFIG_TABLE: tuple[tuple[int, AttentionConfig], ...] = (
+    (384, AttentionConfig(block_l=32, merge="kernel")),
+    (1024, _COMBINED),
+    (1 << 62, _COMBINED),
+)
 
 
 def default_config(length: int) -> AttentionConfig:
@@ -192,7 +201,7 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if splits > 1 and not ticket:
         kernels.combine_partials_kernel[(n_heads,)](
             ws_m, ws_l, ws_acc, out, group, head_dim,
-            SPLITS=splits, BLOCK_D=block_d, RED_S=_reduce_rows(splits, block_d, config), num_warps=4,
+            SPLITS=splits, BLOCK_D=block_d, RED_S=min(_pow2_ceil(splits), COMBINE_ROWS), num_warps=4,
         )
     return out
 
