@@ -205,7 +205,9 @@ def shard_engine(
     # `sparse_linear`, the path the multi-GPU code was written and checked with.
     shard.sparse_path = "kernel"
     shard.producer_down = engine.producer_down
-    shard.fused_attention = engine.fused_attention  # the op sees only this rank's Hkv / tp kv heads
+    # The attention op (it sees only this rank's Hkv / tp kv heads) has not run sharded on GPUs either:
+    # shards use it only when asked for explicitly.
+    shard.fused_attention = bool(engine.fused_attention)
     if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
         shard.set_thresholds(*_current_thresholds(engine))
     return shard
