@@ -329,11 +329,17 @@ def bench_decode(
     repeats: int = typer.Option(3),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
+    sparse_path: Optional[str] = typer.Option(
+        None, help="comma list of sparse paths to time: producer, kernel (default: the engine's, producer on one GPU)"),
+    attention: str = typer.Option("default", help="decode attention: default | fused (split-KV op) | torch"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA)."""
     from teal.bench import decode
 
+    attention_modes = {"default": None, "fused": True, "torch": False}
+    if attention not in attention_modes:
+        raise typer.BadParameter(f"--attention must be one of {', '.join(attention_modes)}, got {attention!r}")
     th = None
     if artifact is not None:
         import teal
@@ -342,6 +348,8 @@ def bench_decode(
     decode.run(model=model, shape=None if model else shape,
                sparsities=parse_floats(sparsity, "--sparsity"), prompt_len=prompt_len,
                new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf, tp=tp,
+               sparse_paths=None if sparse_path is None else [p for p in sparse_path.split(",") if p],
+               fused_attention=attention_modes[attention],
                json_path=str(json_path) if json_path else None, command=" ".join(sys.argv))
 
 

@@ -65,3 +65,9 @@ def test_bad_input_is_named(artifact, tmp_path):
     r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5",
                "--method", "lagrange", "--tokens", 512, "--seq-len", 512)
     assert r.exit_code != 0 and "no 'lagrange' allocation" in str(r.exception)
+
+
+def test_bench_decode_rejects_unknown_attention_mode():
+    result = runner.invoke(app, ["bench", "decode", "--attention", "bogus"])
+    assert result.exit_code != 0
+    assert "--attention must be one of default, fused, torch" in result.output
