@@ -222,6 +222,39 @@ def resample(path: list[tuple[float, dict[str, float]]], grid: list[float]) -> d
     return out
 
 
+def prepare_allocation(
+    model: nn.Module,
+    thresholds: Thresholds,
+    data: str,
+    tokens: int,
+    seq_len: int | None,
+    step: float,
+    max_level: float,
+    windows: torch.Tensor | None,
+    tokenizer: Any,
+) -> tuple[torch.Tensor, str]:
+    """Checks shared by every allocation method (step, max_level, the model matches the artifact and is
+    not sparsified); returns the calibration windows (read from ``data`` when not given) and their source name."""
+    if not 0 < step <= 0.05:
+        raise ValueError(f"step must be in (0, 0.05], got {step}")
+    if not 0 < max_level < 1:
+        raise ValueError(f"max_level must be in (0, 1), got {max_level}")
+    thresholds.check_model(model)
+    adapter = get_adapter(model)
+    if any(isinstance(m, TealLinear) for m in adapter.projections().values()):
+        raise ValueError("the model is sparsified; call teal.densify_(model) before allocating")
+    source = data if windows is None else "windows"
+    if windows is None:
+        if tokenizer is None:
+            raise ValueError("allocate needs the tokenizer (or `windows`) to read calibration text")
+        from teal.data import token_windows
+
+        windows = token_windows(tokenizer, data, tokens, default_seq_len(model, seq_len),
+                                split="calibration")
+    return windows, source
+
+
+
 def allocate(
     model: nn.Module,
     thresholds: Thresholds,
@@ -252,22 +285,9 @@ def allocate(
                            tokenizer=tokenizer)
     if method != "greedy":
         raise ValueError(f"unknown allocation method {method!r}; choose one of {METHODS}")
-    if not 0 < step <= 0.05:
-        raise ValueError(f"step must be in (0, 0.05], got {step}")
-    if not 0 < max_level < 1:
-        raise ValueError(f"max_level must be in (0, 1), got {max_level}")
-    thresholds.check_model(model)
+    windows, source = prepare_allocation(model, thresholds, data, tokens, seq_len, step, max_level,
+                                         windows, tokenizer)
     adapter = get_adapter(model)
-    if any(isinstance(m, TealLinear) for m in adapter.projections().values()):
-        raise ValueError("the model is sparsified; call teal.densify_(model) before allocating")
-    source = data if windows is None else "windows"
-    if windows is None:
-        seq_len = default_seq_len(model, seq_len)
-        from teal.data import token_windows
-
-        if tokenizer is None:
-            raise ValueError("allocate needs the tokenizer (or `windows`) to read calibration text")
-        windows = token_windows(tokenizer, data, tokens, seq_len, split="calibration")
     t0 = time.perf_counter()
     x, layer_kwargs = capture_layer_inputs(model, windows)
     paths = []

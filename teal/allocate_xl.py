@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 
 from teal import stats
 from teal.arch import PROJECTIONS, Adapter, get_adapter, proj_key
+from teal.allocate import prepare_allocation
 from teal.artifact import Thresholds
 from teal.calibrate import base_model, default_seq_len, model_device
 from teal.nn import TealLinear, dense_linear
@@ -405,7 +406,7 @@ def allocate_fisher(
     """
     if not max_level < max_sparsity <= 0.99:
         raise ValueError(f"max_sparsity must be in ({max_level}, 0.99], got {max_sparsity}")
-    windows, source = _prepare(model, thresholds, data, tokens, seq_len, step, max_level,
+    windows, source = prepare_allocation(model, thresholds, data, tokens, seq_len, step, max_level,
                                windows, tokenizer)
     t0 = time.perf_counter()
     damage = fisher_damage(model, thresholds, windows, seed, progress)
@@ -441,37 +442,6 @@ def _level_grid(top: float, step: float) -> list[float]:
     return levels
 
 
-def _prepare(
-    model: nn.Module,
-    thresholds: Thresholds,
-    data: str,
-    tokens: int,
-    seq_len: int | None,
-    step: float,
-    max_level: float,
-    windows: torch.Tensor | None,
-    tokenizer: Any,
-) -> tuple[torch.Tensor, str]:
-    """Check the arguments and the model; read the calibration windows when not given."""
-    if not 0 < step <= 0.05:
-        raise ValueError(f"step must be in (0, 0.05], got {step}")
-    if not 0 < max_level < 1:
-        raise ValueError(f"max_level must be in (0, 1), got {max_level}")
-    thresholds.check_model(model)
-    adapter = get_adapter(model)
-    if any(isinstance(m, TealLinear) for m in adapter.projections().values()):
-        raise ValueError("the model is sparsified; call teal.densify_(model) before allocating")
-    source = data if windows is None else "windows"
-    if windows is None:
-        if tokenizer is None:
-            raise ValueError("allocate needs the tokenizer (or `windows`) to read calibration text")
-        from teal.data import token_windows
-
-        windows = token_windows(tokenizer, data, tokens, default_seq_len(model, seq_len),
-                                split="calibration")
-    return windows, source
-
-
 def allocate_xl(model: nn.Module, thresholds: Thresholds, method: str, **kwargs: Any) -> Thresholds:
     """Dispatch for :func:`teal.allocate`: ``method`` is ``"fisher"`` or ``"cross-layer"``."""
     if method == FISHER:
@@ -505,7 +475,7 @@ def allocate_cross_layer(
     """
     from teal.allocate import allocate as allocate_greedy
 
-    windows, source = _prepare(model, thresholds, data, tokens, seq_len, step, max_level,
+    windows, source = prepare_allocation(model, thresholds, data, tokens, seq_len, step, max_level,
                                windows, tokenizer)
     t0 = time.perf_counter()
     if WITHIN not in thresholds.allocations:
