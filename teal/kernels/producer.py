@@ -170,8 +170,11 @@ def _check_gather(idx: torch.Tensor, val: torch.Tensor, xm: torch.Tensor, counts
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, rounded to x's dtype, then scaled by the weight (the engine's ``rms_norm``)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+    """The engine's ``rms_norm`` (fp32 norm, rounded to x's dtype, then scaled by the weight): the numerics
+    the producer kernel reproduces. Imported at call time: the engine imports this package."""
+    from teal.engine.model import rms_norm
+
+    return rms_norm(x, weight, eps)
 
 
 def survivor_lists_reference(act: torch.Tensor, thresholds: torch.Tensor, col_scale: Optional[torch.Tensor],
