@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (teal.kernels imports it lazily)
 
@@ -63,7 +64,7 @@ def _run_and_check(x, w_t, thr, splits, scale, config, tol):
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_odd_shapes(config, dtype):
-    gen = torch.Generator().manual_seed(hash((repr(config), str(dtype))) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((repr(config), str(dtype))).encode()))
     k, splits = 200, [150, 101, 50]  # no size is a multiple of any block
     w_t = torch.randn(k, sum(splits), generator=gen).to(dtype)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
