@@ -17,10 +17,14 @@ from teal.kernels import (
     get_config,
     path_counts,
     prepare_weight,
+    silu_mul,
     sparse_linear,
+    sparse_linear_glu,
     sparse_linear_reference,
     sparse_linear_triton,
 )
+from teal.kernels import ops as kernel_ops
+from teal.kernels.ops import sparse_linear_glu_reference, sparse_linear_glu_triton
 
 triton = pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(
@@ -358,3 +362,102 @@ def test_importing_kernels_does_not_import_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------ SiLU-gated input inside the kernel
+@needs_interpreter
+@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT], ids=repr)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_glu_kernel_equals_silu_mul_then_kernel(config, dtype, monkeypatch):
+    """One fused launch thresholds and multiplies the SiLU product the two-step path builds."""
+    launches = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((repr(config), str(dtype), "glu")).encode()))
+    k, n = 300, 131
+    w_t = torch.randn(k, n, generator=gen).to(dtype)
+    for sparsity, with_scale in ((0.0, False), (0.5, False), (0.5, True), (0.99, False)):
+        gate_up = (2 * torch.randn(1, 2 * k, generator=gen)).to(dtype)
+        mid = silu_mul(gate_up)
+        thr = _thresholds(mid, sparsity, 1)
+        scale = torch.rand(1, k, generator=gen) + 0.5 if with_scale else None
+        out = torch.full((1, n), float("nan"), dtype=dtype)
+        launches.clear()
+        y = sparse_linear_glu_triton(gate_up, w_t, thr, scale, config=config, out=out)
+        assert y is out and not torch.isnan(out).any()
+        assert launches == [True]
+        two_step = sparse_linear_triton(mid, w_t, thr, None, scale, config=config)
+        ref = sparse_linear_glu_reference(gate_up, w_t, thr, scale, compute_dtype=torch.float64,
+                                          out_dtype=torch.float64)
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        for name, want in (("two-step", two_step), ("float64", ref)):
+            # the kernel's exp may differ from PyTorch's by an ulp: a product can round the other way
+            err = float((out.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+            assert err <= tol, (name, sparsity, with_scale, err)
+
+
+def _record_launches(monkeypatch) -> list[bool]:
+    """The ``glu`` flag of every ``sparse_gemv_kernel`` launch from now on."""
+    launches: list[bool] = []
+    real = kernel_ops._launch
+
+    def spy(*args, glu=False, **kwargs):
+        launches.append(glu)
+        return real(*args, glu=glu, **kwargs)
+
+    monkeypatch.setattr(kernel_ops, "_launch", spy)
+    return launches
+
+
+@needs_interpreter
+def test_glu_falls_back_to_two_steps_where_the_kernel_cannot_fuse(monkeypatch):
+    launches = _record_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(41)
+    k, n = 96, 40
+    w_t = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+    gate_up = torch.randn(3, 2 * k, generator=gen).to(torch.bfloat16)  # batch 3: no fused launch
+    thr = _thresholds(silu_mul(gate_up), 0.5, 1)
+    for config in (None, GATHER, DENSE):
+        y = sparse_linear_glu_triton(gate_up if config is None else gate_up[:1], w_t, thr, config=config)
+        x = silu_mul(gate_up if config is None else gate_up[:1])
+        assert torch.equal(y, sparse_linear_triton(x, w_t, thr, None, None, config=config))
+    assert True not in launches
+
+
+def test_glu_op_reference_fake_and_errors(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    gen = torch.Generator().manual_seed(42)
+    w_t = torch.randn(64, 24, generator=gen)
+    gate_up = torch.randn(2, 128, generator=gen)
+    thr = torch.tensor([0.2])
+    y = sparse_linear_glu(gate_up, w_t, thr)
+    assert torch.equal(y, sparse_linear(silu_mul(gate_up), w_t, thr))
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+    torch.library.opcheck(torch.ops.teal.sparse_linear_glu.default, (gate_up, w_t, thr, None))
+    traced = torch.compile(lambda g: sparse_linear_glu(g * 1.0, w_t, thr), backend="eager", fullgraph=True)
+    torch.testing.assert_close(traced(gate_up), y)
+    with pytest.raises(ValueError, match=r"gate_up must be \[B, 2K\] with K=64"):
+        sparse_linear_glu(gate_up[:, :100], w_t, thr)
+    with pytest.raises(ValueError, match="thresholds must be a float tensor with one value per segment"):
+        sparse_linear_glu(gate_up, w_t, torch.tensor([0.1, 0.2]))
+
+
+# ------------------------------------------------------------------ programmatic dependent launch switch
+def test_pdl_mode_reads_the_environment_and_is_off_off_hopper(monkeypatch):
+    monkeypatch.delenv("TEAL_PDL", raising=False)
+    assert kernel_ops.pdl_mode(torch.device("cpu")) == 0  # never on the CPU / interpreter
+    assert kernel_ops.pdl_launch(0) == {"PDL": 0}
+    assert kernel_ops.pdl_launch(1) == {"PDL": 1, "launch_pdl": True}
+    monkeypatch.setenv("TEAL_PDL", "2")
+    assert kernel_ops.pdl_mode(torch.device("cpu")) == 0
+    monkeypatch.setattr(kernel_ops, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernel_ops, "_pdl_supported", lambda index: index == 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert kernel_ops.pdl_mode(torch.device("cuda")) == 2
+    assert kernel_ops.pdl_mode(torch.device("cuda", 1)) == 0  # a device without PDL support
+    monkeypatch.setenv("TEAL_PDL", "0")
+    assert kernel_ops.pdl_mode(torch.device("cuda")) == 0
+    monkeypatch.delenv("TEAL_PDL")
+    assert kernel_ops.pdl_mode(torch.device("cuda")) == kernel_ops.DEFAULT_PDL
+    monkeypatch.setenv("TEAL_PDL", "yes")
+    with pytest.raises(ValueError, match="TEAL_PDL must be one of 0, 1, 2"):
+        kernel_ops.pdl_mode(torch.device("cuda"))

@@ -18,7 +18,11 @@ from teal.kernels import decode_attention
 from teal.kernels import attention as attention_module
 from teal.kernels.attention import (
     AttentionConfig,
+    apply_rope_rounded,
     attention_splits,
+    decode_attention_rope,
+    decode_attention_rope_reference,
+    decode_attention_rope_triton,
     default_config,
     decode_attention_reference,
     decode_attention_triton,
@@ -250,6 +254,109 @@ def test_argument_errors_name_the_problem():
         decode_attention_triton(q, k, v, mask, nv, SCALE, splits=0)
     with pytest.raises(ValueError, match="merge must be one of"):
         decode_attention_triton(q, k, v, mask, nv, SCALE, config=AttentionConfig(merge="atomic"))
+
+
+# ------------------------------------------------------------------ rope + cache write fused in (decode_attention_rope)
+def _rope_inputs(group: int, dtype: torch.dtype, seed: int, length: int = LENGTH):
+    """The q|k|v row of one token (un-rotated), this position's cos/sin, and caches."""
+    gen = torch.Generator().manual_seed(seed)
+    n_heads = N_KV * group
+    qkv = torch.randn(1, (n_heads + 2 * N_KV) * HEAD_DIM, generator=gen)
+    qkv[:, : n_heads * HEAD_DIM] *= 2  # scores of a few units
+    angle = torch.rand(HEAD_DIM // 2, generator=gen) * 6.0
+    cos, sin = torch.cat([angle.cos()] * 2), torch.cat([angle.sin()] * 2)
+    k = torch.randn(N_KV, length, HEAD_DIM, generator=gen)
+    v = torch.randn(N_KV, length, HEAD_DIM, generator=gen)
+    return n_heads, *(t.to(dtype) for t in (qkv, cos, sin, k, v))
+
+
+def _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, **kwargs) -> torch.Tensor:
+    out = torch.full((1, n_heads * HEAD_DIM), float("nan"), dtype=qkv.dtype)
+    y = decode_attention_rope_triton(qkv, cos, sin, k, v, mask, nv, SCALE, n_heads, out=out, **kwargs)
+    assert y is out and not torch.isnan(y).any(), "output left unwritten (or NaN)"
+    return y
+
+
+@needs_interpreter
+@variants
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("n_valid, window", [(1, None), (37, None), (LENGTH, WINDOW)], ids=["n1", "n37", "full-window"])
+def test_rope_kernel_matches_the_unfused_steps(dtype, group, n_valid, window, variant):
+    """One kernel = rotary embedding of q and k, k/v written at pos = n_valid - 1, attention over 0..pos."""
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(group, dtype, seed=20 + n_valid)
+    mask, nv = _mask(n_valid - 1, window), torch.tensor([n_valid])
+    k_ref, v_ref = k.clone(), v.clone()
+    exact = decode_attention_rope_reference(qkv, cos, sin, k_ref, v_ref, mask, nv, SCALE, n_heads,
+                                            compute_dtype=torch.float64)
+    y = _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, splits=4, config=variant)
+    assert torch.equal(k, k_ref) and torch.equal(v, v_ref)  # the new entries exactly, the rest untouched
+    assert not torch.equal(k[:, n_valid - 1], _rope_inputs(group, dtype, seed=20 + n_valid)[4][:, n_valid - 1])
+    assert _rel_err(y, exact) <= MAX_REL_ERR[dtype]
+    # the same as rotating q by hand and calling decode_attention on the updated caches
+    q = apply_rope_rounded(qkv[:, : n_heads * HEAD_DIM].view(1, n_heads, HEAD_DIM), cos, sin)
+    unfused = decode_attention_triton(q, k, v, mask, nv, SCALE, splits=4, config=variant)
+    torch.testing.assert_close(y, unfused, **({"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}))
+
+
+@needs_interpreter
+@variants
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_rope_kernel_never_reads_the_cache_at_or_past_pos(splits, variant):
+    """NaN in the caches from pos on (pos itself comes from the q|k|v row) does not reach the output."""
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(4, torch.bfloat16, seed=30)
+    mask, nv = torch.zeros(LENGTH), torch.tensor([37])
+    clean = _run_rope_poisoned(qkv, cos, sin, k.clone(), v.clone(), mask, nv, n_heads, splits=splits, config=variant)
+    k[:, 36:], v[:, 36:] = float("nan"), float("nan")
+    poisoned = _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, splits=splits, config=variant)
+    assert torch.equal(poisoned, clean)
+    assert not torch.isnan(k[:, 36]).any() and torch.isnan(k[:, 37:]).all()
+
+
+@needs_interpreter
+def test_rope_op_runs_the_kernel_and_without_interpreter_the_reference(monkeypatch):
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(4, torch.bfloat16, seed=31)
+    mask, nv = _mask(40), torch.tensor([41])
+    caches = [(k.clone(), v.clone()) for _ in range(3)]
+    y_op = decode_attention_rope(qkv, cos, sin, *caches[0], mask, nv, SCALE, n_heads)
+    y_kernel = decode_attention_rope_triton(qkv, cos, sin, *caches[1], mask, nv, SCALE, n_heads)
+    assert torch.equal(y_op, y_kernel) and torch.equal(caches[0][0], caches[1][0])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    y_ref = decode_attention_rope(qkv, cos, sin, *caches[2], mask, nv, SCALE, n_heads)
+    assert torch.equal(caches[2][0], caches[1][0]) and torch.equal(caches[2][1], caches[1][1])
+    assert _rel_err(y_ref, y_kernel) <= MAX_REL_ERR[torch.bfloat16]
+
+
+def test_rope_op_passes_opcheck_and_traces(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(2, torch.float32, seed=32, length=24)
+    torch.library.opcheck(torch.ops.teal.decode_attention_rope.default,
+                          (qkv, cos, sin, k, v, _mask(9, length=24), torch.tensor([10]), SCALE, n_heads))
+
+    def step(qkv, k, v, pos):
+        return decode_attention_rope(qkv * 1.0, cos, sin, k, v, torch.zeros(24), pos + 1, SCALE, n_heads)
+
+    traced = torch.compile(step, backend="eager", fullgraph=True)
+    pos = torch.tensor([11])
+    k2, v2 = k.clone(), v.clone()
+    torch.testing.assert_close(traced(qkv, k, v, pos), step(qkv, k2, v2, pos))
+    assert torch.equal(k, k2) and torch.equal(v, v2)  # the traced call mutated the caches too
+
+
+def test_rope_argument_errors_name_the_problem():
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(2, torch.float32, seed=33, length=24)
+    mask, nv = _mask(5, length=24), torch.tensor([6])
+    cases = [
+        ((qkv[:, :-1], cos, sin, k, v), "qkv must be one token's contiguous q|k|v row"),
+        ((qkv, cos[:-2], sin, k, v), "cos must hold this position's 64 values"),
+        ((qkv, cos, sin.double(), k, v), "sin must hold"),
+    ]
+    for (a, c, s_, kc, vc), match in cases:
+        with pytest.raises(ValueError, match=match):
+            decode_attention_rope_reference(a, c, s_, kc, vc, mask, nv, SCALE, n_heads)
+    with pytest.raises(ValueError, match="must split evenly"):
+        decode_attention_rope_reference(qkv[:, : (3 + 2 * N_KV) * HEAD_DIM].contiguous(), cos, sin, k, v, mask, nv,
+                                        SCALE, 3)
 
 
 # ------------------------------------------------------------------ the engine with the op forced on

@@ -78,8 +78,10 @@ class LayerStatic(NamedTuple):
     # group's input (add + RMSNorm, SiLU * up) also lists its survivors, and `gather_linear` multiplies.
     # Never set for o (its input comes from attention); down only with `Engine.producer_down`.
     producer_compact: tuple[bool, bool, bool, bool] = (False, False, False, False)
-    # attention through `teal.kernels.attention.decode_attention` (one split-KV kernel reading positions
-    # 0..pos only) instead of `decode_attention` over the whole static cache (`Engine.use_fused_attention`)
+    # attention through `teal.kernels.attention.decode_attention_rope` (one split-KV kernel reading positions
+    # 0..pos only, which also applies the rotary embedding and writes the caches; `decode_attention` after
+    # the engine's rope when q/k norms apply) instead of `decode_attention` over the whole static cache
+    # (`Engine.use_fused_attention`)
     fused_attention: bool = False
 
 
@@ -130,6 +132,7 @@ def _resolve_kernels_module(name: str) -> Any:
 
 _producer = _resolve_kernels_module("producer")
 _attention = _resolve_kernels_module("attention")
+_ops = _resolve_kernels_module("ops")
 
 
 def producer_available(device: torch.device) -> bool:
@@ -247,21 +250,24 @@ def decode_layer(
     x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
                                    observe, "attn_in")
-    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    q = q.view(1, st.n_heads, st.head_dim)
-    k = k.view(1, st.n_kv_heads, st.head_dim)
-    if w.q_norm is not None:
-        q = rms_norm(q, w.q_norm, st.eps)
-        k = rms_norm(k, w.k_norm, st.eps)
-    q = apply_rope(q, cos, sin)
-    k = apply_rope(k, cos, sin)
-    k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
-    v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
     scale = 1.0 / math.sqrt(st.head_dim)
-    if st.fused_attention:  # reads positions 0..pos only
-        attn = _attention.decode_attention(q, k_cache, v_cache, mask, pos + 1, scale)
+    if st.fused_attention and w.q_norm is None:  # one kernel: rope, cache write, attention over 0..pos
+        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, pos + 1, scale, st.n_heads)
     else:
-        attn = decode_attention(q, k_cache, v_cache, mask, scale)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(1, st.n_heads, st.head_dim)
+        k = k.view(1, st.n_kv_heads, st.head_dim)
+        if w.q_norm is not None:
+            q = rms_norm(q, w.q_norm, st.eps)
+            k = rms_norm(k, w.k_norm, st.eps)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
+        v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
+        if st.fused_attention:  # reads positions 0..pos only
+            attn = _attention.decode_attention(q, k_cache, v_cache, mask, pos + 1, scale)
+        else:
+            attn = decode_attention(q, k_cache, v_cache, mask, scale)
     if observe is not None:
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
@@ -275,6 +281,9 @@ def decode_layer(
         if observe is not None:
             observe("mlp_mid", mid)
         out = _producer.gather_linear(lists, w.down)
+        return x, out if w.down_bias is None else out + w.down_bias
+    if st.sparse[3] and st.tp_group is None and observe is None and _ops is not None:
+        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
         return x, out if w.down_bias is None else out + w.down_bias
     gate, up = gu.split([inter, inter], dim=-1)
     mid = F.silu(gate) * up

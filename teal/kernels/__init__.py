@@ -1,13 +1,16 @@
 """Sparse GEMV kernels: fused activation threshold + matrix-vector product that skips zeroed rows.
 
 ``sparse_linear`` is the torch.library op ``teal::sparse_linear`` (Triton on CUDA, plain torch
-elsewhere); ``add_rmsnorm_compact`` / ``silu_mul_compact`` + ``gather_linear`` split it between the
+elsewhere); ``sparse_linear_glu`` is the same from a gate|up row (SiLU * up computed inside the
+kernel); ``add_rmsnorm_compact`` / ``silu_mul_compact`` + ``gather_linear`` split it between the
 kernel that produces the activation and the gather GEMV (``teal.kernels.producer``);
-``decode_attention`` (``teal.kernels.attention``) is the decode step's split-KV attention. Triton is
-imported only when a kernel first runs.
+``decode_attention`` and ``decode_attention_rope`` (``teal.kernels.attention``) are the decode step's
+split-KV attention, the second with the rotary embedding and cache write inside. Kernels launched
+one after another on Hopper overlap their launches (programmatic dependent launch, ``$TEAL_PDL``).
+Triton is imported only when a kernel first runs.
 """
 
-from teal.kernels.attention import decode_attention
+from teal.kernels.attention import decode_attention, decode_attention_rope
 from teal.kernels.configs import (
     MAX_KERNEL_BATCH,
     KernelConfig,
@@ -21,7 +24,9 @@ from teal.kernels.ops import (
     fuse_weights,
     path_counts,
     prepare_weight,
+    silu_mul,
     sparse_linear,
+    sparse_linear_glu,
     sparse_linear_reference,
     sparse_linear_triton,
 )
@@ -34,6 +39,7 @@ __all__ = [
     "add_rmsnorm_compact",
     "batch_bucket",
     "decode_attention",
+    "decode_attention_rope",
     "dense_masked_linear",
     "fuse_weights",
     "gather_linear",
@@ -42,8 +48,10 @@ __all__ = [
     "heuristic_config",
     "path_counts",
     "prepare_weight",
+    "silu_mul",
     "silu_mul_compact",
     "sparse_linear",
+    "sparse_linear_glu",
     "sparse_linear_reference",
     "sparse_linear_triton",
 ]

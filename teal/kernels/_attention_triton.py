@@ -28,6 +28,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from teal.kernels._pdl_triton import pdl_release, pdl_wait
 from teal.kernels._triton import _round_to
 
 
@@ -142,6 +143,37 @@ def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.cons
 
 
 @triton.jit
+def _rope_rows(base, cos_ptr, sin_ptr, offs_r, r_ok, offs_d, d_ok, D):
+    """Rows ``base[r * D + d]`` (r in offs_r) with the half-split rotary embedding of this position applied:
+    ``x * cos + rotate_half(x) * sin`` in fp32 (``rotate_half(x)[d] = -x[d + D/2]`` below D/2, ``x[d - D/2]``
+    above), rounded once to the rows' dtype, as the compiled engine rounds it."""
+    half = D // 2
+    partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
+    sign = tl.where(offs_d < half, -1.0, 1.0)
+    ok = r_ok[:, None] & d_ok[None, :]
+    x = tl.load(base + offs_r[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+    x_rot = tl.load(base + offs_r[:, None] * D + partner[None, :], mask=ok, other=0.0)
+    cos = tl.load(cos_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    sin = tl.load(sin_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+    y = x.to(tl.float32) * cos[None, :] + (sign[None, :] * x_rot.to(tl.float32)) * sin[None, :]
+    return _round_to(y, x.dtype)
+
+
+@triton.jit
+def _attend_new(q, k_new, v_new, bias, m_i, l_i, acc, scale):
+    """The online softmax step of one position held in registers (k_new, v_new [BLOCK_D]), same roundings
+    as ``_softmax_step``."""
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale + bias
+    m_new = tl.maximum(m_i, s_new)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_ref)
+    p = _round_to(tl.exp(s_new - m_ref), v_new.dtype)
+    l_i = l_i * alpha + p.to(tl.float32)
+    acc = acc * alpha[:, None] + p.to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_attention_kernel(
     q_ptr,
     k_ptr,
@@ -153,10 +185,14 @@ def decode_attention_kernel(
     ws_l,
     ws_acc,
     tick_ptr,
+    cos_ptr,
+    sin_ptr,
     scale,
     L,
     G,
     D,
+    knew_off,
+    vnew_off,
     SPLITS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -167,8 +203,16 @@ def decode_attention_kernel(
     DOT_FP32: tl.constexpr,
     PREFETCH: tl.constexpr,
     MERGE_TICKET: tl.constexpr,
+    PDL: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
-    """Program (kv head h, split s); see the module docstring. q [Hq*D], caches [Hkv, L, D], out [Hq*D]."""
+    """Program (kv head h, split s); see the module docstring. q [Hq*D], caches [Hkv, L, D], out [Hq*D].
+
+    ROPE: ``q_ptr`` is this token's un-rotated q|k|v row (q at 0, k at ``knew_off``, v at ``vnew_off``);
+    the program applies the rotary embedding (``cos_ptr``, ``sin_ptr`` [D]) to q and to kv head h's new
+    key, attends to cache positions below pos = n_valid - 1 and, if its slice holds pos, to the new key
+    and value from registers; program (h, 0) writes them to the caches at pos. No program reads the
+    caches at pos, so the write races with nothing."""
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
@@ -177,11 +221,29 @@ def decode_attention_kernel(
     d_ok = offs_d < D
     gd_ok = g_ok[:, None] & d_ok[None, :]
     head_off = pid_h * G * D  # this kv head's G query heads are contiguous in q and out
-    q = tl.load(q_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], mask=gd_ok, other=0.0)
+    pdl_wait(PDL)
     lo, hi = _slice_bounds(nv_ptr, pid_s, L, SPLITS, BLOCK_L)
     kv_off = pid_h.to(tl.int64) * L * D
-    m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, hi, scale, D, offs_d, d_ok,
-                                  BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+    if ROPE:
+        q = _rope_rows(q_ptr + head_off, cos_ptr, sin_ptr, offs_g, g_ok, offs_d, d_ok, D)
+        one = tl.arange(0, 1)
+        k_new = tl.sum(_rope_rows(q_ptr + knew_off + pid_h * D, cos_ptr, sin_ptr, one, one < 1, offs_d, d_ok, D),
+                       axis=0)
+        v_new = tl.load(q_ptr + vnew_off + pid_h * D + offs_d, mask=d_ok, other=0.0)
+        pos = hi * 0 + tl.minimum(tl.maximum(tl.load(nv_ptr).to(tl.int32), 0), L) - 1
+        if pid_s == 0:
+            if pos >= 0:
+                tl.store(k_ptr + kv_off + pos * D + offs_d, k_new, mask=d_ok)
+                tl.store(v_ptr + kv_off + pos * D + offs_d, v_new, mask=d_ok)
+        m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, tl.minimum(hi, pos), scale, D,
+                                      offs_d, d_ok, BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+        if (pos >= lo) & (pos < hi):
+            m_i, l_i, acc = _attend_new(q, k_new, v_new, tl.load(mask_ptr + pos), m_i, l_i, acc, scale)
+    else:
+        q = tl.load(q_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], mask=gd_ok, other=0.0)
+        m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, hi, scale, D, offs_d, d_ok,
+                                      BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+    pdl_release(PDL)
     if SPLITS == 1:
         _store_output(out_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], acc, l_i[:, None], gd_ok)
     else:
@@ -203,11 +265,13 @@ def decode_attention_kernel(
 
 @triton.jit
 def combine_partials_kernel(ws_m, ws_l, ws_acc, out_ptr, G, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
-                            RED_S: tl.constexpr):
+                            RED_S: tl.constexpr, PDL: tl.constexpr):
     """Program p = query head h * G + g: merges the SPLITS partials of kv head h for query head g into
     out[p * D .. p * D + D - 1] (the partials are those ``decode_attention_kernel`` wrote just before)."""
     pid = tl.program_id(0)
     h = pid // G
+    pdl_wait(PDL)
+    pdl_release(PDL)
     acc, l = _merge_partials(ws_m, ws_l, ws_acc, h * SPLITS, (pid - h * G) * D, D, G, D, SPLITS, BLOCK_D, RED_S, True)
     offs_d = tl.arange(0, BLOCK_D)
     _store_output(out_ptr + pid * D + offs_d, acc, l, offs_d < D)

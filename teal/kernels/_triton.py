@@ -22,11 +22,24 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from teal.kernels._pdl_triton import pdl_release, pdl_wait
+
 
 @triton.jit
 def _keep(xv, cv, thr, valid):
     """Entries that survive: |x| * c > t (fp32, ties dropped), restricted to ``valid``."""
     return (tl.abs(xv).to(tl.float32) * cv > thr) & valid
+
+
+@triton.jit
+def _load_input(x_ptr, offs, valid, K, GLU: tl.constexpr):
+    """Batch-1 input entries ``offs``: ``x[offs]``, or with GLU ``silu(x[offs]) * x[K + offs]`` (x the gate|up
+    row, rounded as ``_silu_mul``); 0 where not valid."""
+    if GLU:
+        xv = _silu_mul(tl.load(x_ptr + offs, mask=valid, other=0.0), tl.load(x_ptr + K + offs, mask=valid, other=0.0))
+    else:
+        xv = tl.load(x_ptr + offs, mask=valid, other=0.0)
+    return xv
 
 
 @triton.jit
@@ -64,7 +77,11 @@ def sparse_gemv_kernel(
     DOT_FP32: tl.constexpr,
     COMPACT: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
+    GLU: tl.constexpr,
 ):
+    """See the module docstring. GLU (batch 1 only): x is the gate|up row [2K] and the input entry i is
+    ``silu(x[i]) * x[K + i]`` (the SiLU-gated product, computed where it is loaded)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -76,6 +93,7 @@ def sparse_gemv_kernel(
     offs_n = col_start + (pid_n - first_block) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < col_end
     thr = tl.load(thr_ptr + seg)
+    pdl_wait(PDL)
 
     k_start = pid_k * rows_per_split
     k_end = tl.minimum(k_start + rows_per_split, K)
@@ -93,7 +111,7 @@ def sparse_gemv_kernel(
             cv = tl.full([CHUNK], 1.0, tl.float32)
             if HAS_SCALE:
                 cv = tl.load(scale_ptr + seg * K + offs_c, mask=valid, other=0.0)
-            xv = tl.load(x_ptr + offs_c, mask=valid, other=0.0)
+            xv = _load_input(x_ptr, offs_c, valid, K, GLU)
             keep = _keep(xv, cv, thr, valid)
             pos = count + tl.cumsum(keep.to(tl.int32), axis=0) - 1
             tl.store(sidx_ptr + slot + pos, offs_c, mask=keep)
@@ -132,14 +150,14 @@ def sparse_gemv_kernel(
         c_cur = tl.full([BLOCK_R], 1.0, tl.float32)
         if HAS_SCALE:
             c_cur = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
-        x_cur = tl.load(x_ptr + offs_r, mask=valid, other=0.0)
+        x_cur = _load_input(x_ptr, offs_r, valid, K, GLU)
         keep = _keep(x_cur, c_cur, thr, valid)
         w_cur = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
                         eviction_policy="evict_first")
         xm_cur = tl.where(keep, x_cur.to(tl.float32), 0.0)
         offs_r += BLOCK_R
         valid = offs_r < k_end
-        x_nxt = tl.load(x_ptr + offs_r, mask=valid, other=0.0)
+        x_nxt = _load_input(x_ptr, offs_r, valid, K, GLU)
         c_nxt = c_cur
         if HAS_SCALE:
             c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
@@ -152,7 +170,7 @@ def sparse_gemv_kernel(
                             eviction_policy="evict_first")
             offs_r += BLOCK_R
             valid2 = offs_r < k_end
-            x_nxt2 = tl.load(x_ptr + offs_r, mask=valid2, other=0.0)
+            x_nxt2 = _load_input(x_ptr, offs_r, valid2, K, GLU)
             if HAS_SCALE:
                 c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid2, other=0.0)
             # ...then multiply the chunk that has already arrived.
@@ -205,6 +223,7 @@ def sparse_gemv_kernel(
             w_cur = w_nxt
             x_nxt = x_nxt2
 
+    pdl_release(PDL)
     offs_ob = tl.arange(0, BLOCK_B)
     if SPLIT_K == 1:
         tl.store(
@@ -275,6 +294,7 @@ def compact_input_kernel(
     HAS_SCALE: tl.constexpr,
     CHUNK: tl.constexpr,
     PREFIX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Phase A. Program (segment j, chunk c) lists the surviving entries of its chunk of ``x[0]``.
 
@@ -287,6 +307,8 @@ def compact_input_kernel(
     seg = tl.program_id(0)
     chunk = tl.program_id(1)
     thr = tl.load(thr_ptr + seg)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     start = chunk * CHUNK
     before = start * 0
     for p0 in range(0, start, PREFIX):
@@ -342,6 +364,7 @@ def gather_gemv_kernel(
     RED_CHUNK: tl.constexpr,
     DENSE_NUM: tl.constexpr,
     NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Phase B. Program (column block, split p) multiplies its share of its segment's rows.
 
@@ -364,6 +387,7 @@ def gather_gemv_kernel(
     n_mask = offs_n < col_end
     w_cols = w_ptr + offs_n[None, :]
     base = seg * K
+    pdl_wait(PDL)
     count = tl.load(cnt_ptr + seg)
     dense = count * 64 > K * DENSE_NUM
     if pid_k == 0:
@@ -434,6 +458,7 @@ def gather_gemv_kernel(
                 xv_next = xv_after
                 rows_next = rows_after
                 live_next = live_after
+    pdl_release(PDL)
     acc = tl.sum(acc2, axis=0)
 
     if split_k == 1:
@@ -529,6 +554,7 @@ def add_rmsnorm_compact_kernel(
     HAS_SCALE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Residual add + RMSNorm of one token, and the survivor lists of the normalised input (global layout).
 
@@ -544,6 +570,8 @@ def add_rmsnorm_compact_kernel(
     thr = tl.load(thr_ptr + seg)
     start = chunk * CHUNK
     offs_row = tl.arange(0, BLOCK_K)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     row_valid = offs_row < K
     xf_row = _residual_add(x_ptr, delta_ptr, offs_row, row_valid).to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf_row * xf_row, axis=0) / K + eps)
@@ -589,6 +617,7 @@ def silu_mul_compact_kernel(
     HAS_SCALE: tl.constexpr,
     CHUNK: tl.constexpr,
     PREFIX: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """SiLU-gated product of one token, ``mid = silu(gate) * up`` from ``gu = gate | up`` [2K], and the
     survivor list of ``mid`` (one segment, global layout).
@@ -601,6 +630,8 @@ def silu_mul_compact_kernel(
     """
     chunk = tl.program_id(0)
     thr = tl.load(thr_ptr)
+    pdl_wait(PDL)
+    pdl_release(PDL)
     start = chunk * CHUNK
     before = start * 0
     for p0 in range(0, start, PREFIX):

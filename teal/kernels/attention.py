@@ -33,7 +33,16 @@ from typing import NamedTuple
 
 import torch
 
-from teal.kernels.ops import _SUPPORTED_DTYPES, _interpreting, _pow2_ceil, _workspace, import_triton_module, sm_count
+from teal.kernels.ops import (
+    _SUPPORTED_DTYPES,
+    _interpreting,
+    _pow2_ceil,
+    _workspace,
+    import_triton_module,
+    pdl_launch,
+    pdl_mode,
+    sm_count,
+)
 from teal.kernels.producer import uses_triton
 
 
@@ -146,6 +155,50 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return torch.matmul(probs, v_cache.to(dtype)).reshape(1, -1).to(q.dtype)
 
 
+def _check_rope_args(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     n_heads: int) -> tuple[int, int]:
+    """Checks the q|k|v row and the rotary tables of ``decode_attention_rope``; returns (Hkv, D)."""
+    name = "decode_attention_rope"
+    if k_cache.dim() != 3:
+        raise ValueError(f"{name}: k_cache must be [Hkv, L, D], got shape {tuple(k_cache.shape)}")
+    n_kv, _, head_dim = k_cache.shape
+    width = (n_heads + 2 * n_kv) * head_dim
+    if qkv.dim() != 2 or qkv.shape != (1, width) or not qkv.is_contiguous():
+        raise ValueError(f"{name}: qkv must be one token's contiguous q|k|v row [1, (Hq + 2*Hkv) * D = {width}] "
+                         f"(Hq={n_heads}, Hkv={n_kv}, D={head_dim}), got shape {tuple(qkv.shape)}")
+    if head_dim % 2:
+        raise ValueError(f"{name}: the rotary embedding needs an even head dim, got D={head_dim}")
+    for label, t in (("cos", cos), ("sin", sin)):
+        if t.numel() != head_dim or t.dtype != qkv.dtype or t.device != qkv.device:
+            raise ValueError(f"{name}: {label} must hold this position's {head_dim} values in {qkv.dtype} on "
+                             f"{qkv.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+    return n_kv, head_dim
+
+
+def apply_rope_rounded(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split rotary embedding of x [..., D] in fp32, rounded once to x's dtype (the kernel's rounding)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.reshape(-1).float() + rotated * sin.reshape(-1).float()).to(x.dtype)
+
+
+def decode_attention_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                    v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
+                                    n_heads: int, *, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-torch ``decode_attention_rope``: rotary embedding of q and k (``apply_rope_rounded``), k and v
+    written to the caches at ``pos = n_valid - 1`` (in place; nothing when n_valid < 1), then
+    ``decode_attention_reference``."""
+    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+    q, k, v = qkv.reshape(-1).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
+    q = apply_rope_rounded(q.view(1, n_heads, head_dim), cos, sin)
+    pos = int(n_valid.reshape(()).clamp(0, k_cache.shape[1])) - 1
+    if pos >= 0:
+        k_cache[:, pos] = apply_rope_rounded(k.view(n_kv, head_dim), cos, sin)
+        v_cache[:, pos] = v.view(n_kv, head_dim)
+    return decode_attention_reference(q, k_cache, v_cache, mask, n_valid, scale, compute_dtype=compute_dtype)
+
+
 @functools.cache
 def _attention_kernels() -> ModuleType:
     return import_triton_module("_attention_triton", "decode_attention")
@@ -158,8 +211,28 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ``default_config(L)``; ``splits`` overrides ``attention_splits``; ``out`` [1, Hq*D] in q's dtype receives
     the result (tests poison it) instead of a fresh tensor."""
     _check_args(q, k_cache, v_cache, mask, n_valid)
+    return _launch(q.contiguous(), None, k_cache, v_cache, mask, n_valid, scale, q.shape[1], config, splits, out)
+
+
+def decode_attention_rope_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                 v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
+                                 n_heads: int, *, config: AttentionConfig | None = None, splits: int | None = None,
+                                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton implementation of ``decode_attention_rope`` (the rotary embedding and the cache write inside
+    ``decode_attention_kernel``; arguments as ``decode_attention_triton``)."""
+    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+    q = qkv.view(1, -1)[:, : n_heads * head_dim].view(1, n_heads, head_dim)
+    _check_args(q, k_cache, v_cache, mask, n_valid)
+    return _launch(qkv, (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()), k_cache, v_cache, mask,
+                   n_valid, scale, n_heads, config, splits, out)
+
+
+def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
+            v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float, n_heads: int,
+            config: AttentionConfig | None, splits: int | None, out: torch.Tensor | None) -> torch.Tensor:
+    """Launches the kernels: ``q_rows`` is q [1, Hq, D] (``rope`` None) or the q|k|v row with ``rope`` = (cos, sin)."""
+    q = q_rows
     n_kv, length, head_dim = k_cache.shape
-    n_heads = q.shape[1]
     group = n_heads // n_kv
     width = n_heads * head_dim
     config = config or default_config(length)
@@ -181,10 +254,12 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     ws_acc = _workspace.get(q.device, "attention_acc", partials * head_dim, torch.float32)
     tickets = _workspace.get(q.device, "attention_tickets", n_kv, torch.int32, zero=True)
     kernels = _attention_kernels()
+    pdl = pdl_launch(pdl_mode(q.device))
     ticket = config.merge == "ticket"
+    cos, sin = rope if rope is not None else (q, q)
     kernels.decode_attention_kernel[(n_kv, splits)](
-        q.contiguous(), k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets,
-        float(scale), length, group, head_dim,
+        q, k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets, cos, sin,
+        float(scale), length, group, head_dim, n_heads * head_dim, (n_heads + n_kv) * head_dim,
         SPLITS=splits,
         BLOCK_G=max(16 if config.dot else 2, _pow2_ceil(group)),  # tl.dot needs 16 rows
         BLOCK_L=max(16, _pow2_ceil(config.block_l)),
@@ -195,13 +270,15 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         DOT_FP32=_interpreting() or q.dtype == torch.float32,
         PREFETCH=config.prefetch,
         MERGE_TICKET=ticket,
+        ROPE=rope is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl,
     )
     if splits > 1 and not ticket:
         kernels.combine_partials_kernel[(n_heads,)](
             ws_m, ws_l, ws_acc, out, group, head_dim,
-            SPLITS=splits, BLOCK_D=block_d, RED_S=min(_pow2_ceil(splits), COMBINE_ROWS), num_warps=4,
+            SPLITS=splits, BLOCK_D=block_d, RED_S=min(_pow2_ceil(splits), COMBINE_ROWS), num_warps=4, **pdl,
         )
     return out
 
@@ -238,3 +315,31 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     at or past it are never read. Returns [1, Hq * D] in q's dtype (see the module docstring for the
     roundings; a query that sees no position gives zeros)."""
     return torch.ops.teal.decode_attention(q, k_cache, v_cache, mask, n_valid, float(scale))
+
+
+@torch.library.custom_op("teal::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
+def _decode_attention_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
+                              n_heads: int) -> torch.Tensor:
+    run = decode_attention_rope_triton if uses_triton(qkv.device) else decode_attention_rope_reference
+    return run(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, n_heads)
+
+
+@_decode_attention_rope_op.register_fake
+def _decode_attention_rope_fake(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                                v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
+                                n_heads: int) -> torch.Tensor:
+    _, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+    return qkv.new_empty((1, n_heads * head_dim))
+
+
+def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
+                          n_heads: int) -> torch.Tensor:
+    """One decode step's attention from the projection's output: the half-split rotary embedding (cos, sin:
+    this position's D values, qkv's dtype) applied to q and k of the q|k|v row qkv [1, (Hq + 2*Hkv) * D], k
+    and v written to k_cache / v_cache at ``pos = n_valid - 1``, then ``decode_attention`` of q over
+    positions 0..pos (the new position from registers). One kernel on CUDA; it replaces the rope and cache
+    writes the engine otherwise runs before ``decode_attention``. Mutates the caches; returns [1, Hq * D]."""
+    return torch.ops.teal.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, float(scale),
+                                                int(n_heads))

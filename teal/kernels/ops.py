@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 
 from teal.kernels.configs import DEFAULT_SM_COUNT, MAX_KERNEL_BATCH, KernelConfig, get_config
 
@@ -166,6 +167,37 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: Programmatic dependent launch of the batch-1 kernels (see ``teal/kernels/_pdl_triton.py``): 0 off,
+#: 1 signal at the start, 2 signal after the main loop. ``$TEAL_PDL`` overrides it.
+DEFAULT_PDL = 1
+PDL_MODES = (0, 1, 2)
+
+
+@functools.cache
+def _pdl_supported(device_index: int) -> bool:
+    if torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    return bool(import_triton_module("_pdl_triton", "programmatic dependent launch").HAS_GDC)
+
+
+def pdl_mode(device: torch.device) -> int:
+    """PDL mode for kernels launched on ``device``: ``$TEAL_PDL`` (or ``DEFAULT_PDL``) on a CUDA device of
+    compute capability 9.0 or later whose Triton has grid dependency control, else 0 (never interpreted)."""
+    raw = os.environ.get("TEAL_PDL", str(DEFAULT_PDL)).strip()
+    if raw not in {str(m) for m in PDL_MODES}:
+        raise ValueError(f"TEAL_PDL must be one of {', '.join(map(str, PDL_MODES))} (0 turns programmatic "
+                         f"dependent launch off), got {raw!r}")
+    mode = int(raw)
+    if mode == 0 or device.type != "cuda" or _interpreting():
+        return 0
+    return mode if _pdl_supported(device.index if device.index is not None else torch.cuda.current_device()) else 0
+
+
+def pdl_launch(mode: int) -> dict[str, object]:
+    """Launch keywords of a kernel taking the ``PDL`` constexpr: ``PDL=mode`` (+ ``launch_pdl`` when on)."""
+    return {"PDL": mode, "launch_pdl": True} if mode else {"PDL": 0}
+
+
 @functools.cache
 def _sm_count(device_index: int) -> int:
     return int(torch.cuda.get_device_properties(device_index).multi_processor_count)
@@ -214,10 +246,13 @@ def _launch(
     col_scale: Optional[torch.Tensor],
     split_list: list[int],
     config: KernelConfig,
+    glu: bool = False,
 ) -> None:
-    """One kernel launch over up to MAX_SEGMENTS_PER_LAUNCH segments (w_t and y may be column views)."""
+    """One kernel launch over up to MAX_SEGMENTS_PER_LAUNCH segments (w_t and y may be column views).
+
+    glu: x is one gate|up row [1, 2K] and the kernel multiplies silu(gate) * up (batch-1 kernels only)."""
     kernels = _triton_kernels()
-    batch, k = x.shape
+    batch, k = x.shape[0], w_t.shape[0]
     n = sum(split_list)
     block_n, block_r, split_k = config.block_n, config.block_r, config.split_k
     ends = list(accumulate(split_list))
@@ -271,8 +306,10 @@ def _launch(
         DOT_FP32=config.use_dot and (_interpreting() or x.dtype == torch.float32),
         COMPACT=compact,
         CHUNK=chunk,
+        GLU=glu,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch(pdl_mode(x.device)),
     )
 
 
@@ -315,7 +352,7 @@ def compact_input(
     prefix = min(_COMPACT_PREFIX, _pow2_ceil(k))
     _triton_kernels().compact_input_kernel[(segments, -(-k // chunk))](
         x, thresholds, col_scale if col_scale is not None else thresholds, idx, val, xm, counts, k,
-        HAS_SCALE=col_scale is not None, CHUNK=chunk, PREFIX=prefix, num_warps=4,
+        HAS_SCALE=col_scale is not None, CHUNK=chunk, PREFIX=prefix, num_warps=4, **pdl_launch(pdl_mode(x.device)),
     )
     return idx, val, xm, counts
 
@@ -383,7 +420,7 @@ def launch_gather_gemv(
         w_t, y, idx, val, xm, counts, partials, tickets, branch,
         k, n, w_t.stride(0), split_k, rows_per_split, offs[0], offs[1], offs[2], cbs[0], cbs[1], cbs[2],
         BLOCK_R=block_r, BLOCK_N=block_n, RED_CHUNK=red_chunk, DENSE_NUM=round(config.dense_above * 64),
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps,
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps, **pdl_launch(pdl_mode(device)),
     )
 
 
@@ -529,3 +566,85 @@ def sparse_linear(
         x.reshape(-1, x.shape[-1]), w_t, thresholds, None if splits is None else [int(s) for s in splits], col_scale
     )
     return y.reshape(*lead, w_t.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# SiLU-gated input: down's product straight from the gate|up row
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a gate|up tensor [..., 2K], in its dtype (the engine's eager roundings)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _glu_kernel_config(gate_up: torch.Tensor, w_t: torch.Tensor) -> Optional[KernelConfig]:
+    """The config of the fused launch, or None where the SiLU product must be computed first (batch > 1,
+    a dense or gather config, a weight too large for int32 offsets, or no Triton on this device)."""
+    if gate_up.shape[0] != 1 or not (gate_up.device.type == "cuda" or _interpreting()):
+        return None
+    k, n = w_t.shape
+    config = get_config(k, n, 1, gate_up.dtype, sm_count(gate_up.device))
+    if config.dense or config.gather or k * n >= 2**31:
+        return None
+    return config
+
+
+def _check_glu_args(gate_up: torch.Tensor, w_t: torch.Tensor) -> None:
+    if gate_up.dim() != 2 or gate_up.shape[1] != 2 * w_t.shape[0]:
+        raise ValueError(f"sparse_linear_glu: gate_up must be [B, 2K] with K={w_t.shape[0]} the rows of w_t, got "
+                         f"shape {tuple(gate_up.shape)}")
+
+
+def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
+                             col_scale: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton implementation: one batch-1 launch of ``sparse_gemv_kernel`` that computes the SiLU-gated
+    input where it loads it (``config`` overrides the table; it must be a non-gather batch-1 config);
+    elsewhere ``silu_mul`` then ``sparse_linear_triton``."""
+    _check_glu_args(gate_up, w_t)
+    fused = config or _glu_kernel_config(gate_up, w_t)
+    if fused is None or fused.dense or fused.gather or gate_up.shape[0] != 1:
+        return sparse_linear_triton(silu_mul(gate_up), w_t, thresholds, None, col_scale, config=config, out=out)
+    k, n = w_t.shape
+    split_list = _check_args(gate_up[:, :k], w_t, thresholds, None, col_scale)
+    if out is None:
+        out = torch.empty((1, n), dtype=gate_up.dtype, device=gate_up.device)
+    elif out.shape != (1, n) or out.dtype != gate_up.dtype or out.device != gate_up.device or out.stride(1) != 1:
+        raise ValueError(f"sparse_linear_glu: out must be a [1, {n}] {gate_up.dtype} tensor with contiguous rows")
+    path_counts["triton"] += 1
+    thr = thresholds.reshape(-1).to(torch.float32).contiguous()
+    scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
+    _launch(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True)
+    return out
+
+
+def sparse_linear_glu_reference(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
+                                col_scale: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    """Plain torch: ``sparse_linear_reference(silu_mul(gate_up), ...)`` (kwargs go to it)."""
+    _check_glu_args(gate_up, w_t)
+    return sparse_linear_reference(silu_mul(gate_up), w_t, thresholds, None, col_scale, **kwargs)
+
+
+@torch.library.custom_op("teal::sparse_linear_glu", mutates_args=())
+def _sparse_linear_glu_op(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
+                          col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if gate_up.device.type == "cuda":
+        return sparse_linear_glu_triton(gate_up, w_t, thresholds, col_scale)
+    return sparse_linear_glu_reference(gate_up, w_t, thresholds, col_scale)
+
+
+@_sparse_linear_glu_op.register_fake
+def _sparse_linear_glu_fake(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
+                            col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _check_glu_args(gate_up, w_t)
+    _check_args(gate_up[:, : w_t.shape[0]], w_t, thresholds, None, col_scale)
+    return gate_up.new_empty((gate_up.shape[0], w_t.shape[1]))
+
+
+def sparse_linear_glu(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
+                      col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sparse_linear(silu(gate) * up, w_t, thresholds, None, col_scale)`` from the gate|up row(s) gate_up
+    [B, 2K] (one segment; thresholds [1]). At batch 1 on CUDA the SiLU product is computed inside the GEMV
+    kernel where it is loaded (no separate launch, no [1, K] round trip); otherwise it is computed first."""
+    return torch.ops.teal.sparse_linear_glu(gate_up, w_t, thresholds.reshape(-1), col_scale)

@@ -35,6 +35,8 @@ from teal.kernels.ops import (
     _pow2_ceil,
     _triton_kernels,
     launch_gather_gemv,
+    pdl_launch,
+    pdl_mode,
     sm_count,
 )
 
@@ -283,6 +285,7 @@ def add_rmsnorm_compact_triton(x: torch.Tensor, delta: torch.Tensor, norm_weight
     _triton_kernels().add_rmsnorm_compact_kernel[(segments, -(-k // chunk))](
         x.contiguous(), delta.contiguous(), norm_weight.contiguous(), thr, scale, x_new, h, *lists, k, float(eps),
         HAS_SCALE=col_scale is not None, BLOCK_K=block_k, CHUNK=chunk, num_warps=4 if block_k <= 4096 else 8,
+        **pdl_launch(pdl_mode(x.device)),
     )
     return x_new, h, lists
 
@@ -304,6 +307,7 @@ def silu_mul_compact_triton(gate_up: torch.Tensor, thresholds: torch.Tensor, col
     _triton_kernels().silu_mul_compact_kernel[(-(-k // chunk),)](
         gate_up.contiguous(), mid, thr, scale, *lists, k,
         HAS_SCALE=col_scale is not None, CHUNK=chunk, PREFIX=list_chunk(k, prefix), num_warps=num_warps,
+        **pdl_launch(pdl_mode(gate_up.device)),
     )
     return mid, lists
 
