@@ -111,6 +111,11 @@ TUNED_V3: dict[tuple[int, int, int, str], KernelConfig] = {
 #: (global compaction + balanced gather) won clearly only on Llama-3 gate|up (37.6 vs 50.8 us at
 #: s = 0.5, equal at s = 0); elsewhere its fixed cost (a second launch, one more dependent load)
 #: lost to the v3 entries, which stay.
+#: An end-to-end sweep with programmatic dependent launch on (benchmarks/results/
+#: 2026-11-29-h200-decode-config-sweep.json) kept every entry except o, where in-kernel lists
+#: (``KernelConfig(64, 32, 8, compact=True)``) decoded 1.3 % faster at s = 0.5; per call they are faster
+#: only from s = 0.5 on and 20 % slower at s = 0 (benchmarks/results/2026-11-29-h200-kernels-pdl-o-compact.json),
+#: and allocations give o lower levels than the average, so o keeps its v3 entry.
 TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
     **TUNED_V3,
     (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),

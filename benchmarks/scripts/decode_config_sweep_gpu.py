@@ -1,0 +1,153 @@
+"""Kernel configurations chosen by end-to-end decode speed, one projection group at a time.
+
+Run once on the H200 (about 4 minutes):
+
+    PYTHONPATH=. python3 benchmarks/scripts/decode_config_sweep_gpu.py --json OUT.json
+
+The per-call sweeps (``teal.bench.kernels``, ``producer_gpu.py``) time one kernel repeated in a CUDA
+graph; in the decode step each kernel follows a different one, and with programmatic dependent launch
+their launches overlap, so the best configuration can differ. This script builds the Llama-3-8B-shaped
+random engine (bf16, transposed layout, thresholds at s = 0.5 from quantiles of |x| over a random
+prompt, the engine's defaults otherwise) and, by coordinate descent, for each group in turn (o, q|k|v,
+gate|up, down, then the attention config at this cache length) times greedy decoding (compiled-graph,
+prompt 128, 256 new tokens, median of 3) with each candidate configuration in place of the table's,
+keeping a candidate only if it beats the incumbent by more than ``--min-gain`` (run-to-run spread of
+separate captures is about 1 %). Every candidate's 32 greedy tokens must equal the first
+configuration's (a configuration changes the summation order only: on a mismatch the row is flagged,
+not dropped). Prints a table and writes JSON (with the winning entries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from typing import Any
+
+import torch
+
+from teal.bench.decode import copy_bandwidth, time_engine, write_json
+from teal.engine import Generator, engine_random
+from teal.engine.reference import activation_threshold_levels
+from teal.kernels import attention as attention_ops
+from teal.kernels import configs
+from teal.kernels.attention import AttentionConfig
+from teal.kernels.configs import KernelConfig
+
+PROMPT, NEW, REPEATS, CHECK_TOKENS = 128, 256, 3, 32
+KC = KernelConfig
+# group -> (table, key, candidates; the table's entry is added first)
+GROUPS: dict[str, tuple[dict, tuple, list[KernelConfig]]] = {
+    "o": (configs.TUNED, (4096, 4096, 1, "bf16"), [
+        KC(block_n=64, block_r=32, split_k=8),
+        KC(block_n=64, block_r=64, split_k=16, num_warps=2),
+        KC(block_n=128, block_r=64, split_k=8),
+        KC(block_n=64, block_r=32, split_k=8, compact=True),
+        KC(block_n=64, block_r=32, split_k=8, num_stages=1, gather=True),
+        KC(block_n=64, block_r=32, split_k=16, num_stages=1, gather=True),
+    ]),
+    "qkv": (configs.TUNED_GATHER, (4096, 6144, "bf16"), [
+        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True),
+        KC(block_n=64, block_r=32, split_k=16, num_stages=1, gather=True),
+        KC(block_n=32, block_r=32, split_k=8, num_stages=1, gather=True),
+        KC(block_n=128, block_r=32, split_k=8, num_stages=1, gather=True),
+        KC(block_n=64, block_r=16, split_k=8, num_stages=1, gather=True),
+    ]),
+    "gate_up": (configs.TUNED_GATHER, (4096, 28672, "bf16"), [
+        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True),
+        KC(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+        KC(block_n=128, block_r=32, split_k=1, num_stages=1, gather=True),
+        KC(block_n=64, block_r=16, split_k=2, num_stages=1, gather=True),
+    ]),
+    "down": (configs.TUNED, (14336, 4096, 1, "bf16"), [
+        KC(block_n=128, block_r=32, split_k=8, compact=True),
+        KC(block_n=64, block_r=32, split_k=16, compact=True),
+        KC(block_n=128, block_r=64, split_k=16, compact=True),
+        KC(block_n=128, block_r=32, split_k=16),
+    ]),
+}
+ATTENTION = [AttentionConfig(block_l=64, merge="ticket"), AttentionConfig(block_l=32, merge="kernel"),
+             AttentionConfig(block_l=64, merge="kernel", waves=1), AttentionConfig(block_l=64, merge="kernel", waves=4)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", dest="json_path", required=True)
+    parser.add_argument("--min-gain", type=float, default=0.01)
+    args = parser.parse_args()
+    import triton
+
+    device = torch.device("cuda")
+    data: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device),
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+                     "python": platform.python_version()},
+        "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "rows": [], "errors": [], "winners": {},
+    }
+    data["copy_bandwidth_Bps"] = copy_bandwidth(device)
+    max_seq_len = -(-(PROMPT + NEW + 8) // 64) * 64
+    engine = engine_random("llama-3-8b", dtype=torch.bfloat16, device=device, max_seq_len=max_seq_len)
+    engine.to_layout(transposed=True)
+    gen_ids = torch.Generator(device=device)
+    ids = torch.randint(0, engine.config.vocab_size, (PROMPT,), device=device, generator=gen_ids.manual_seed(0))
+    calib = torch.randint(0, engine.config.vocab_size, (PROMPT,), device=device, generator=gen_ids.manual_seed(2))
+    engine.set_thresholds(activation_threshold_levels(engine, calib, [0.5])[0], None)
+    first_tokens: list[int] = []
+
+    def measure(group: str, label: str) -> float | None:
+        torch._dynamo.reset()
+        try:
+            gen = Generator(engine, mode="compiled-graph")
+            tokens = gen.generate(ids, max_new_tokens=CHECK_TOKENS, stop=[]).tokens
+            if not first_tokens:
+                first_tokens.extend(tokens)
+            row = time_engine(gen, ids, NEW, REPEATS)
+            del gen
+            row.update(group=group, config=label, tokens_match=tokens == first_tokens)
+            data["rows"].append(row)
+            print(f"{group:8s} {label:100s} {row['tokens_per_s']:7.1f} tok/s match={row['tokens_match']}", flush=True)
+            write_json(data, args.json_path)
+            return row["tokens_per_s"]
+        except Exception as err:  # noqa: BLE001 - a config that fails to compile or run is recorded, not fatal
+            data["errors"].append(f"{group} {label}: {type(err).__name__}: {err}")
+            traceback.print_exc()
+            return None
+
+    for group, (table, key, candidates) in GROUPS.items():
+        incumbent = table.get(key)
+        best_rate = measure(group, f"table {incumbent}")
+        best = incumbent
+        for cand in candidates:
+            table[key] = cand
+            rate = measure(group, repr(cand))
+            if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
+                best, best_rate = cand, rate
+        table[key] = best
+        data["winners"][group] = {"key": list(key), "config": best.as_dict(), "tokens_per_s": best_rate,
+                                  "changed": best != incumbent}
+    length_row = next(i for i, (max_len, _) in enumerate(attention_ops.CONFIG_TABLE) if max_seq_len <= max_len)
+    original = attention_ops.CONFIG_TABLE
+    incumbent = original[length_row][1]
+    best, best_rate = incumbent, measure("attention", f"table {incumbent}")
+    for cand in ATTENTION:
+        rows = list(original)
+        rows[length_row] = (rows[length_row][0], cand)
+        attention_ops.CONFIG_TABLE = tuple(rows)
+        rate = measure("attention", repr(cand))
+        if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
+            best, best_rate = cand, rate
+    data["winners"]["attention"] = {"max_len": original[length_row][0], "config": best._asdict(),
+                                    "tokens_per_s": best_rate, "changed": best != incumbent}
+    attention_ops.CONFIG_TABLE = original
+    print("\nwinners:")
+    for group, win in data["winners"].items():
+        print(f"  {group:9s} {win['tokens_per_s']:7.1f} tok/s changed={win['changed']} {json.dumps(win['config'])}")
+    write_json(data, args.json_path)
+    print("errors:", data["errors"] or "none")
+
+
+if __name__ == "__main__":
+    main()
