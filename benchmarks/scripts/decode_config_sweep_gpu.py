@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
-import time
 import traceback
 from typing import Any
 
 import torch
 
+from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 from teal.bench.decode import copy_bandwidth, time_engine, write_json
 from teal.engine import Generator, engine_random
 from teal.engine.reference import activation_threshold_levels
@@ -78,15 +76,8 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path", required=True)
     parser.add_argument("--min-gain", type=float, default=0.01)
     args = parser.parse_args()
-    import triton
-
     device = torch.device("cuda")
-    data: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
-        "command": "PYTHONPATH=. python3 " + " ".join(sys.argv), "rows": [], "errors": [], "winners": {},
-    }
+    data: dict[str, Any] = {**run_info(device), "rows": [], "errors": [], "winners": {}}
     data["copy_bandwidth_Bps"] = copy_bandwidth(device)
     max_seq_len = -(-(PROMPT + NEW + 8) // 64) * 64
     engine = engine_random("llama-3-8b", dtype=torch.bfloat16, device=device, max_seq_len=max_seq_len)

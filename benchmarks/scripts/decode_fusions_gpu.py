@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
 import traceback
 from typing import Any
@@ -38,6 +36,7 @@ from typing import Any
 import torch
 
 import teal.engine.model as engine_model
+from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 from teal.bench.decode import copy_bandwidth, time_engine, write_json
 from teal.engine import Generator, engine_random
 from teal.engine.model import apply_rope
@@ -128,16 +127,9 @@ def main() -> None:
     parser.add_argument("--json", dest="json_path", required=True)
     parser.add_argument("--sparsity", default="0,0.5", help=f"levels to time, of {sorted(COMBOS)}")
     args = parser.parse_args()
-    import triton
-
     device = torch.device("cuda")
-    data: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device),
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-                     "python": platform.python_version()},
-        "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
-        "inductor_pdl_available": _inductor_pdl_available(), "rows": [], "errors": [], "checks": {},
-    }
+    data: dict[str, Any] = {**run_info(device), "inductor_pdl_available": _inductor_pdl_available(),
+                            "rows": [], "errors": [], "checks": {}}
     try:
         from teal.kernels._pdl_triton import HAS_GDC
         data["triton_has_gdc"] = HAS_GDC
