@@ -9,8 +9,8 @@ graph; in the decode step each kernel follows a different one, and with programm
 their launches overlap, so the best configuration can differ. This script builds the Llama-3-8B-shaped
 random engine (bf16, transposed layout, thresholds at s = 0.5 from quantiles of |x| over a random
 prompt, the engine's defaults otherwise) and, by coordinate descent, for each group in turn (o, q|k|v,
-gate|up, down, then the attention config at this cache length) times greedy decoding (compiled-graph,
-prompt 128, 256 new tokens, median of 3) with each candidate configuration in place of the table's,
+gate|up, down, the attention config at this cache length, then the add + RMSNorm producer's chunk; or
+those of ``--groups``) times greedy decoding (compiled-graph, prompt 128, 256 new tokens, median of 3) with each candidate configuration in place of the table's,
 keeping a candidate only if it beats the incumbent by more than ``--min-gain`` (run-to-run spread of
 separate captures is about 1 %). Every candidate's 32 greedy tokens must equal the first
 configuration's (a configuration changes the summation order only: on a mismatch the row is flagged,
@@ -31,7 +31,7 @@ from teal.bench.decode import copy_bandwidth, time_engine, write_json
 from teal.engine import Generator, engine_random
 from teal.engine.reference import activation_threshold_levels
 from teal.kernels import attention as attention_ops
-from teal.kernels import configs
+from teal.kernels import configs, producer
 from teal.kernels.attention import AttentionConfig
 from teal.kernels.configs import KernelConfig
 
@@ -68,13 +68,17 @@ GROUPS: dict[str, tuple[dict, tuple, list[KernelConfig]]] = {
     ]),
 }
 ATTENTION = [AttentionConfig(block_l=64, merge="ticket"), AttentionConfig(block_l=32, merge="kernel"),
-             AttentionConfig(block_l=64, merge="kernel", waves=1), AttentionConfig(block_l=64, merge="kernel", waves=4)]
+             AttentionConfig(block_l=64, merge="kernel", waves=1), AttentionConfig(block_l=64, merge="kernel", waves=4),
+             AttentionConfig(block_l=128, merge="kernel"), AttentionConfig(block_l=128, merge="ticket")]
+NORM_CHUNKS = [256, 1024, 2048]  # entries per program of add_rmsnorm_compact (producer.NORM_CHUNK)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", dest="json_path", required=True)
     parser.add_argument("--min-gain", type=float, default=0.01)
+    parser.add_argument("--groups", default=",".join([*GROUPS, "attention", "norm_chunk"]),
+                        help="groups to sweep, in this order")
     args = parser.parse_args()
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": [], "errors": [], "winners": {}}
@@ -107,7 +111,10 @@ def main() -> None:
             traceback.print_exc()
             return None
 
+    groups = args.groups.split(",")
     for group, (table, key, candidates) in GROUPS.items():
+        if group not in groups:
+            continue
         incumbent = table.get(key)
         best_rate = measure(group, f"table {incumbent}")
         best = incumbent
@@ -119,20 +126,32 @@ def main() -> None:
         table[key] = best
         data["winners"][group] = {"key": list(key), "config": best.as_dict(), "tokens_per_s": best_rate,
                                   "changed": best != incumbent}
-    length_row = next(i for i, (max_len, _) in enumerate(attention_ops.CONFIG_TABLE) if max_seq_len <= max_len)
-    original = attention_ops.CONFIG_TABLE
-    incumbent = original[length_row][1]
-    best, best_rate = incumbent, measure("attention", f"table {incumbent}")
-    for cand in ATTENTION:
-        rows = list(original)
-        rows[length_row] = (rows[length_row][0], cand)
-        attention_ops.CONFIG_TABLE = tuple(rows)
-        rate = measure("attention", repr(cand))
-        if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
-            best, best_rate = cand, rate
-    data["winners"]["attention"] = {"max_len": original[length_row][0], "config": best._asdict(),
-                                    "tokens_per_s": best_rate, "changed": best != incumbent}
-    attention_ops.CONFIG_TABLE = original
+    if "attention" in groups:
+        length_row = next(i for i, (max_len, _) in enumerate(attention_ops.CONFIG_TABLE) if max_seq_len <= max_len)
+        original = attention_ops.CONFIG_TABLE
+        incumbent = original[length_row][1]
+        best, best_rate = incumbent, measure("attention", f"table {incumbent}")
+        for cand in ATTENTION:
+            rows = list(original)
+            rows[length_row] = (rows[length_row][0], cand)
+            attention_ops.CONFIG_TABLE = tuple(rows)
+            rate = measure("attention", repr(cand))
+            if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
+                best, best_rate = cand, rate
+        data["winners"]["attention"] = {"max_len": original[length_row][0], "config": best._asdict(),
+                                        "tokens_per_s": best_rate, "changed": best != incumbent}
+        attention_ops.CONFIG_TABLE = original
+    if "norm_chunk" in groups:
+        incumbent = producer.NORM_CHUNK
+        best, best_rate = incumbent, measure("norm_chunk", f"table {incumbent}")
+        for cand in NORM_CHUNKS:
+            producer.NORM_CHUNK = cand
+            rate = measure("norm_chunk", str(cand))
+            if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
+                best, best_rate = cand, rate
+        producer.NORM_CHUNK = incumbent
+        data["winners"]["norm_chunk"] = {"config": {"chunk": best}, "tokens_per_s": best_rate,
+                                         "changed": best != incumbent}
     print("\nwinners:")
     for group, win in data["winners"].items():
         print(f"  {group:9s} {win['tokens_per_s']:7.1f} tok/s changed={win['changed']} {json.dumps(win['config'])}")

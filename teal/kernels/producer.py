@@ -266,7 +266,7 @@ def _check_out_lists(name: str, lists: SurvivorLists, k: int, segments: int) -> 
 
 def add_rmsnorm_compact_triton(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                                thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int, *,
-                               chunk: int = NORM_CHUNK,
+                               chunk: Optional[int] = None,
                                out: Optional[tuple[torch.Tensor, torch.Tensor, SurvivorLists]] = None,
                                ) -> tuple[torch.Tensor, torch.Tensor, SurvivorLists]:
     """The Triton implementation (one launch, one program per segment and chunk of ``list_chunk(K, chunk)``
@@ -281,7 +281,7 @@ def add_rmsnorm_compact_triton(x: torch.Tensor, delta: torch.Tensor, norm_weight
     x_new, h, lists = out
     thr, scale = _rule_tensors(thresholds, col_scale)
     block_k = _pow2_ceil(k)
-    chunk = list_chunk(k, chunk)
+    chunk = list_chunk(k, chunk or NORM_CHUNK)  # read at call time: tuning scripts may set NORM_CHUNK
     _triton_kernels().add_rmsnorm_compact_kernel[(segments, -(-k // chunk))](
         x.contiguous(), delta.contiguous(), norm_weight.contiguous(), thr, scale, x_new, h, *lists, k, float(eps),
         HAS_SCALE=col_scale is not None, BLOCK_K=block_k, CHUNK=chunk, num_warps=4 if block_k <= 4096 else 8,
