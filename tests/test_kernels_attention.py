@@ -380,3 +380,43 @@ def test_engine_fused_attention_matches_default_path(windows):
             logits[fused] = engine.decode(ids[-1:], torch.tensor([8]))
     assert tokens[True] == tokens[False]
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("model_type, rope_fused", [("qwen2", True), ("qwen3", False)])
+def test_engine_rotates_inside_the_attention_kernel_unless_qk_norms_apply(model_type, rope_fused, monkeypatch):
+    """With the op on, q|k|v goes straight into decode_attention_rope (Qwen2: with q|k|v bias); Qwen3's q/k
+    norms come before the rope, so it keeps the engine's rope and calls decode_attention. Logits match
+    the engine's own attention either way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from teal.engine import engine_from_hf_model
+
+    config = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, max_position_embeddings=64, use_sliding_window=False)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    engine = engine_from_hf_model(hf, max_seq_len=32)
+    calls = {"rope": 0, "plain": 0}
+    for name, key in (("decode_attention_rope_triton", "rope"), ("decode_attention_triton", "plain")):
+        real = getattr(attention_module, name)
+
+        def spy(*args, _real=real, _key=key, **kwargs):
+            calls[_key] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(attention_module, name, spy)
+    ids = torch.randint(0, 96, (10,), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    for fused in (False, True):
+        engine.fused_attention = fused
+        with torch.no_grad():
+            engine.prefill(ids[:-1])
+            logits[fused] = engine.decode(ids[-1:], torch.tensor([9]))
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
+    assert calls == ({"rope": 2, "plain": 0} if rope_fused else {"rope": 0, "plain": 2})  # one per layer

@@ -367,6 +367,7 @@ def run(
             save()
 
     data["copy_bandwidth_Bps"] = bw = copy_bandwidth(device_t)
+    data["programmatic_dependent_launch"] = _pdl_mode(device_t)
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s on {data['device']}")
 
     # 1. engine straight from process start: build, compile + capture, first token
@@ -589,6 +590,16 @@ def _header(model: str | None, shape: str | None, device: torch.device, dtype: t
                     "+ norms + KV cache at the mean context)",
         "checks": {}, "baselines": {}, "dense_variants": [], "results": [], "profiles": {}, "errors": [],
     }
+
+
+def _pdl_mode(device: torch.device) -> int | None:
+    """The kernels' programmatic dependent launch mode on `device` (`teal.kernels.ops.pdl_mode`), None
+    without teal.kernels."""
+    try:
+        from teal.kernels.ops import pdl_mode
+    except ImportError:  # pragma: no cover - depends on the install
+        return None
+    return pdl_mode(device)
 
 
 def _sync(device: torch.device) -> None:

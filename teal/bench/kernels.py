@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from teal.kernels import configs as kernel_configs
 from teal.kernels.configs import KernelConfig, batch_bucket, get_config
 from teal.kernels.naive import naive_sparse_linear
+from teal.kernels.ops import pdl_mode
 from teal.kernels.ops import (
     compact_input,
     dense_masked_linear,
@@ -339,6 +340,7 @@ def run(
         "copy_bandwidth_start_Bps": copy_bw,
         "copy_bandwidth_Bps": copy_bw,
         "timing": "median per call of CUDA-graph replays over rotated weight copies (>= 192 MiB per shape)",
+        "programmatic_dependent_launch": pdl_mode(device),
         "tuning": [],
         "results": [],
     }
