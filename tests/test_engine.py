@@ -195,6 +195,21 @@ def test_temperature_zero_is_argmax():
     assert torch.equal(sample(logits, greedy=True), logits.argmax(-1))
 
 
+def test_split_argmax_is_argmax_with_ties_and_chunk_choice():
+    from teal.engine import sampling
+
+    assert [sampling._argmax_chunks(v) for v in (128256, 32000, 50257, 1000, 509, 257 * 263)] == [256, 125, 29, 2, 1, 1]
+    gen = torch.Generator().manual_seed(0)
+    for v, chunks in ((128256, 256), (32000, 125), (12, 3)):
+        for _ in range(20):
+            x = torch.randint(0, 4, (3, v), generator=gen).float()  # many ties: the first maximum must win
+            assert torch.equal(sampling.split_argmax(x, chunks), x.argmax(-1))
+            x = torch.randn(2, v, generator=gen).to(torch.bfloat16)
+            assert torch.equal(sampling.split_argmax(x, chunks), x.argmax(-1))
+    x = torch.randn(1, 128256, generator=gen)
+    assert torch.equal(sampling.argmax_last(x), x.argmax(-1))  # CPU: plain argmax
+
+
 def test_top_p_never_samples_outside_nucleus():
     torch.manual_seed(0)
     probs = torch.tensor([0.05, 0.4, 0.02, 0.25, 0.08, 0.2])
