@@ -261,12 +261,15 @@ def generate(
     if engine:
         from teal.engine import Generator
 
+        if sparsity > 0 and artifact is None:
+            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact) if artifact else None
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method,
                                         device=resolve_device(device),
                                         dtype=resolve_dtype(dtype, resolve_device(device)))
+        console.print(prompt, end="")
         res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stream=lambda text: console.print(text, end=""))
+                           top_p=top_p, stream=TextStream(gen.tokenizer, lambda text: console.print(text, end="")))
         console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s]")
         return
     hf_model, tok = load(model, dtype, device)
@@ -279,6 +282,28 @@ def generate(
     console.print(text)
     console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
                   f"{info['measured_sparsity']:.3f}]")
+
+
+class TextStream:
+    """Turns the engine's stream of token ids into text pieces: each call decodes all ids so far and emits
+    what was added (a piece that ends inside a multi-byte character waits for the next token). Without a
+    tokenizer the ids are emitted as "[id]"."""
+
+    def __init__(self, tokenizer: Any, emit: Any) -> None:
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, token_id: int) -> None:
+        if self.tokenizer is None:
+            self.emit(f"[{token_id}]")
+            return
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return
+        self.emit(text[len(self.text):] if text.startswith(self.text) else text)
+        self.text = text
 
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0,

@@ -54,6 +54,29 @@ def test_generate(artifact):
     assert "The capital of France is" in r.output and "measured sparsity" in r.output
 
 
+def test_generate_with_the_engine_streams_text(artifact):
+    """`--engine` on the CPU: the decode engine (eager), text streamed after the prompt, allocation methods."""
+    r = invoke("generate", "smollm2-135m", "--engine", "--prompt", "The capital of France is",
+               "--max-new-tokens", 6)
+    assert r.exit_code == 0, r.output
+    dense_hf = invoke("generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", 6)
+    # greedy, dense, fp32: the engine writes HF generate's text, not token ids
+    def text(output: str) -> str:  # from the prompt to the timing line (progress bars may come before)
+        return output[output.index("The capital of France is"):].split("\n[")[0].strip()
+
+    assert text(r.output) == text(dense_hf.output) and len(text(r.output)) > len("The capital of France is")
+    assert "tok/s]" in r.output
+    for method in ("uniform", "greedy"):
+        r = invoke("generate", "smollm2-135m", artifact, "--engine", "--sparsity", 0.5, "--method", method,
+                   "--prompt", "The capital of France is", "--max-new-tokens", 4)
+        assert r.exit_code == 0, r.output
+        assert "The capital of France is" in r.output and "tok/s]" in r.output
+    r = invoke("generate", "smollm2-135m", "--engine", "--sparsity", 0.5)
+    assert r.exit_code != 0 and "needs a thresholds artifact" in r.output
+    r = invoke("generate", "smollm2-135m", artifact, "--engine", "--sparsity", 0.5, "--method", "nosuch")
+    assert r.exit_code != 0 and "no 'nosuch' allocation" in str(r.exception or r.output)
+
+
 def test_bad_input_is_named(artifact, tmp_path):
     r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5,1.2")
     assert r.exit_code != 0 and "outside [0, 1)" in r.output
@@ -71,3 +94,20 @@ def test_bench_decode_rejects_unknown_attention_mode():
     result = runner.invoke(app, ["bench", "decode", "--attention", "bogus"])
     assert result.exit_code != 0
     assert "--attention must be one of default, fused, torch" in result.output
+
+
+def test_engine_refuses_thresholds_of_another_model(artifact):
+    import teal
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from teal.artifact import ArtifactError
+    from teal.engine import Generator
+
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    other = AutoModelForCausalLM.from_config(config).eval()
+    th = teal.Thresholds.load(artifact)
+    with pytest.raises(ArtifactError, match="calibrate this model first"):
+        Generator.from_pretrained(other, thresholds=th, sparsity=0.5, device="cpu")
+    with pytest.raises(ValueError, match="needs a teal.Thresholds artifact"):
+        Generator.from_pretrained(other, thresholds={"layers.0.q": 0.1}, sparsity=0.5, device="cpu", method="greedy")

@@ -62,6 +62,7 @@ class Generator:
         thresholds: Any = None,
         sparsity: float = 0.0,
         sparse_path: str | None = None,
+        method: str | None = None,
     ) -> None:
         self.engine = engine
         if sparse_path is not None:
@@ -87,7 +88,7 @@ class Generator:
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._host_tokens = torch.zeros(engine.max_seq_len, dtype=torch.long, pin_memory=on_cuda)
         if thresholds is not None or sparsity > 0:
-            self.set_sparsity(sparsity, thresholds)
+            self.set_sparsity(sparsity, thresholds, method)
 
     # ---------------------------------------------------------------- build
     @classmethod
@@ -104,12 +105,14 @@ class Generator:
         tokenizer: Any = None,
         seed: int = 0,
         sparse_path: str | None = None,
+        method: str | None = None,
     ) -> "Generator":
         """Build from a loaded HF model, an HF checkpoint directory, a model name for
         `teal.models.load_model` (alias, hub id, .gguf), or a named random shape (`teal.engine.SHAPES`).
 
-        thresholds: a `teal.Thresholds` (its levels for `sparsity` are used) or a dict
-        {"layers.{i}.{p}": t}; the weights are then stored transposed for the sparse kernel.
+        thresholds: a `teal.Thresholds` (its levels for `sparsity` under allocation `method`, None: the
+        artifact's default, are used; it is checked against the model when an HF model is at hand) or a
+        dict {"layers.{i}.{p}": t}; the weights are then stored transposed for the sparse kernel.
         compile: True -> fastest measured CUDA mode ("compiled-graph"), False -> "graph" (no compiler),
         or a mode name; on CPU everything runs eagerly. sparse_path: see the class docstring.
         """
@@ -118,6 +121,7 @@ class Generator:
         transposed = thresholds is not None
         build = dict(dtype=dtype, device=device, transposed=transposed)
         if isinstance(model, torch.nn.Module):
+            _check_thresholds_model(thresholds, model)
             seq = max_seq_len or _default_seq_len(model.config)
             engine = engine_from_hf_model(model, max_seq_len=seq, **build)
         elif isinstance(model, str) and model in SHAPES:
@@ -141,6 +145,7 @@ class Generator:
                     "directory, and teal.models (needed to resolve model names) is not available"
                 ) from err
             hf_model, hf_tokenizer = load_model(str(model), dtype=dtype, device="cpu")
+            _check_thresholds_model(thresholds, hf_model)
             seq = max_seq_len or _default_seq_len(hf_model.config)
             engine = engine_from_hf_model(hf_model, max_seq_len=seq, **build)
             del hf_model
@@ -150,11 +155,13 @@ class Generator:
         mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
         if device.type != "cuda":
             mode = "eager"
-        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, sparse_path=sparse_path)
+        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, sparse_path=sparse_path,
+                   method=method)
 
     # ------------------------------------------------------------- sparsity
-    def set_sparsity(self, sparsity: float, thresholds: Any = None) -> None:
-        """Switch the decode sparsity level (thresholds: a `teal.Thresholds` or a {key: t} dict)."""
+    def set_sparsity(self, sparsity: float, thresholds: Any = None, method: str | None = None) -> None:
+        """Switch the decode sparsity level (thresholds: a `teal.Thresholds`, read under allocation `method`,
+        or a {key: t} dict)."""
         if not 0.0 <= sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
         if thresholds is None:
@@ -166,7 +173,7 @@ class Generator:
             self.engine.set_thresholds(None)
             self.sparsity = 0.0
             return
-        values, col_scales = resolve_thresholds(thresholds, sparsity, self.engine)
+        values, col_scales = resolve_thresholds(thresholds, sparsity, self.engine, method)
         self.engine.set_thresholds(values, col_scales)
         self.sparsity = sparsity
 
@@ -374,15 +381,19 @@ class Generator:
 
 
 def resolve_thresholds(
-    thresholds: Any, sparsity: float, engine: Engine
+    thresholds: Any, sparsity: float, engine: Engine, method: str | None = None
 ) -> tuple[dict[str, float], dict[str, torch.Tensor] | None]:
     """Per-projection thresholds (and weight-aware column scales) for the engine from a
-    `teal.Thresholds` at level `sparsity`, or from a ready {key: t} dict (used as given)."""
+    `teal.Thresholds` at level `sparsity` under allocation `method` (None: the artifact's default), or
+    from a ready {key: t} dict (used as given; `method` must then be None)."""
     if isinstance(thresholds, Mapping):
+        if method is not None:
+            raise ValueError(f"method={method!r} needs a teal.Thresholds artifact; a dict of thresholds is used "
+                             "as given")
         return {k: float(v) for k, v in thresholds.items()}, None
     if not hasattr(thresholds, "thresholds"):
         raise TypeError(f"thresholds must be a teal.Thresholds or a dict, got {type(thresholds).__name__}")
-    values = {k: float(v) for k, v in thresholds.thresholds(sparsity).items()}
+    values = {k: float(v) for k, v in thresholds.thresholds(sparsity, method).items()}
     if getattr(thresholds, "score", "magnitude") != "weight-aware":
         return values, None
     computed: dict[str, torch.Tensor] | None = None
@@ -394,6 +405,13 @@ def resolve_thresholds(
             col = computed[key]
         scales[key] = col
     return values, scales
+
+
+def _check_thresholds_model(thresholds: Any, model: torch.nn.Module) -> None:
+    """A `teal.Thresholds` must come from this model (`Thresholds.check_model` raises otherwise)."""
+    check = getattr(thresholds, "check_model", None)
+    if check is not None:
+        check(model)
 
 
 def _default_seq_len(config: Any) -> int:
