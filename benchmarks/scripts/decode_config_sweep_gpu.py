@@ -111,47 +111,45 @@ def main() -> None:
             traceback.print_exc()
             return None
 
-    groups = args.groups.split(",")
-    for group, (table, key, candidates) in GROUPS.items():
-        if group not in groups:
-            continue
-        incumbent = table.get(key)
-        best_rate = measure(group, f"table {incumbent}")
-        best = incumbent
+    def descend(group: str, incumbent: Any, candidates: list[Any], apply: Any) -> tuple[Any, float | None]:
+        """Time the incumbent, then each candidate (``apply(value)`` puts a value in place); return the best,
+        which is left in place, and its rate. A candidate must beat the best by ``--min-gain``."""
+        apply(incumbent)
+        best, best_rate = incumbent, measure(group, f"table {incumbent}")
         for cand in candidates:
-            table[key] = cand
+            apply(cand)
             rate = measure(group, repr(cand))
             if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
                 best, best_rate = cand, rate
-        table[key] = best
-        data["winners"][group] = {"key": list(key), "config": best.as_dict(), "tokens_per_s": best_rate,
-                                  "changed": best != incumbent}
+        apply(best)
+        return best, best_rate
+
+    groups = args.groups.split(",")
+    for group, (table, key, candidates) in GROUPS.items():
+        if group in groups:
+            incumbent = table.get(key)
+            best, rate = descend(group, incumbent, candidates, lambda cfg, t=table, k=key: t.__setitem__(k, cfg))
+            data["winners"][group] = {"key": list(key), "config": best.as_dict(), "tokens_per_s": rate,
+                                      "changed": best != incumbent}
     if "attention" in groups:
-        length_row = next(i for i, (max_len, _) in enumerate(attention_ops.CONFIG_TABLE) if max_seq_len <= max_len)
         original = attention_ops.CONFIG_TABLE
-        incumbent = original[length_row][1]
-        best, best_rate = incumbent, measure("attention", f"table {incumbent}")
-        for cand in ATTENTION:
+        row = next(i for i, (max_len, _) in enumerate(original) if max_seq_len <= max_len)
+
+        def set_attention(cfg: AttentionConfig) -> None:
             rows = list(original)
-            rows[length_row] = (rows[length_row][0], cand)
+            rows[row] = (rows[row][0], cfg)
             attention_ops.CONFIG_TABLE = tuple(rows)
-            rate = measure("attention", repr(cand))
-            if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
-                best, best_rate = cand, rate
-        data["winners"]["attention"] = {"max_len": original[length_row][0], "config": best._asdict(),
-                                        "tokens_per_s": best_rate, "changed": best != incumbent}
+
+        best, rate = descend("attention", original[row][1], ATTENTION, set_attention)
+        data["winners"]["attention"] = {"max_len": original[row][0], "config": best._asdict(), "tokens_per_s": rate,
+                                        "changed": best != original[row][1]}
         attention_ops.CONFIG_TABLE = original
     if "norm_chunk" in groups:
         incumbent = producer.NORM_CHUNK
-        best, best_rate = incumbent, measure("norm_chunk", f"table {incumbent}")
-        for cand in NORM_CHUNKS:
-            producer.NORM_CHUNK = cand
-            rate = measure("norm_chunk", str(cand))
-            if rate is not None and (best_rate is None or rate > best_rate * (1 + args.min_gain)):
-                best, best_rate = cand, rate
-        producer.NORM_CHUNK = incumbent
-        data["winners"]["norm_chunk"] = {"config": {"chunk": best}, "tokens_per_s": best_rate,
+        best, rate = descend("norm_chunk", incumbent, NORM_CHUNKS, lambda c: setattr(producer, "NORM_CHUNK", c))
+        data["winners"]["norm_chunk"] = {"config": {"chunk": best}, "tokens_per_s": rate,
                                          "changed": best != incumbent}
+        producer.NORM_CHUNK = incumbent
     print("\nwinners:")
     for group, win in data["winners"].items():
         print(f"  {group:9s} {win['tokens_per_s']:7.1f} tok/s changed={win['changed']} {json.dumps(win['config'])}")
