@@ -11,6 +11,11 @@ plain-torch reference. Nothing on the Triton path synchronises with the host or 
 ``n_valid``, and the config and the number of splits depend only on the cache's shape, so CUDA graphs
 capture the op once for every position (call it once before capture so that its workspace exists).
 
+``teal::decode_attention_rope`` is the same kernel fed with the projection's un-rotated q|k|v row: it
+applies the half-split rotary embedding to q and to the new key (fp32, rounded once), writes the new key
+and value to the caches at ``pos = n_valid - 1`` and attends to that position from registers, so the
+engine runs no separate rope or cache-write kernels (it mutates the caches).
+
 Numerics against the engine's math (``decode_attention``):
 
 - the engine rounds ``q . k`` to q's dtype before scaling (its matmul's output dtype); the kernel keeps
