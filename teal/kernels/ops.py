@@ -180,14 +180,20 @@ def _pdl_supported(device_index: int) -> bool:
     return bool(import_triton_module("_pdl_triton", "programmatic dependent launch").HAS_GDC)
 
 
-def pdl_mode(device: torch.device) -> int:
-    """PDL mode for kernels launched on ``device``: ``$TEAL_PDL`` (or ``DEFAULT_PDL``) on a CUDA device of
-    compute capability 9.0 or later whose Triton has grid dependency control, else 0 (never interpreted)."""
-    raw = os.environ.get("TEAL_PDL", str(DEFAULT_PDL)).strip()
+@functools.lru_cache(maxsize=8)
+def _parse_pdl(raw: str) -> int:
+    raw = raw.strip()
     if raw not in {str(m) for m in PDL_MODES}:
         raise ValueError(f"TEAL_PDL must be one of {', '.join(map(str, PDL_MODES))} (0 turns programmatic "
                          f"dependent launch off), got {raw!r}")
-    mode = int(raw)
+    return int(raw)
+
+
+def pdl_mode(device: torch.device) -> int:
+    """PDL mode for kernels launched on ``device``: ``$TEAL_PDL`` (or ``DEFAULT_PDL``) on a CUDA device of
+    compute capability 9.0 or later whose Triton has grid dependency control, else 0 (never interpreted).
+    Called on every launch: the variable's value is parsed once."""
+    mode = _parse_pdl(os.environ.get("TEAL_PDL", str(DEFAULT_PDL)))
     if mode == 0 or device.type != "cuda" or _interpreting():
         return 0
     return mode if _pdl_supported(device.index if device.index is not None else torch.cuda.current_device()) else 0
