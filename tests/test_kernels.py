@@ -33,13 +33,18 @@ needs_interpreter = pytest.mark.skipif(
 
 FMA = KernelConfig(block_n=64, block_r=16, split_k=4)
 FMA_ONE_SPLIT = KernelConfig(block_n=128, block_r=32, split_k=1)
-COMPACT = KernelConfig(block_n=64, block_r=16, split_k=4, compact=True)
+COMPACT = KernelConfig(block_n=64, block_r=16, split_k=4, compact=True)  # batches: the union, FMA
+COMPACT_DOT = KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True, compact=True)  # batches: union, tl.dot
 DOT = KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True)
 FMA_BATCH = KernelConfig(block_n=64, block_r=8, split_k=4)
 DENSE = KernelConfig(dense=True)
 GATHER = KernelConfig(block_n=64, block_r=16, split_k=4, gather=True)  # hand-prefetched row loop
 GATHER_PIPE = KernelConfig(block_n=32, block_r=8, split_k=2, num_stages=3, gather=True)  # tl.range pipelined
 GATHER_ONE_SPLIT = KernelConfig(block_n=128, block_r=32, split_k=1, gather=True)
+# Two weight tiles loaded ahead (batch 1; batches take the other branches as usual).
+FMA_AHEAD2 = KernelConfig(block_n=64, block_r=16, split_k=4, prefetch=2)
+COMPACT_AHEAD2 = KernelConfig(block_n=64, block_r=8, split_k=2, compact=True, prefetch=2)
+GATHER_AHEAD2 = KernelConfig(block_n=32, block_r=8, split_k=4, gather=True, prefetch=2)
 
 
 def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
@@ -64,7 +69,10 @@ def _run_and_check(x, w_t, thr, splits, scale, config, tol):
 
 @needs_interpreter
 @pytest.mark.parametrize(
-    "config", [FMA, FMA_ONE_SPLIT, COMPACT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT], ids=repr
+    "config",
+    [FMA, FMA_ONE_SPLIT, COMPACT, COMPACT_DOT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT,
+     FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
+    ids=repr,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_on_odd_shapes(config, dtype):
@@ -79,7 +87,10 @@ def test_kernel_matches_reference_on_odd_shapes(config, dtype):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize(
+    "config", [FMA, COMPACT, COMPACT_DOT, DOT, GATHER, GATHER_PIPE, FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
+    ids=repr,
+)
 def test_weight_aware_scale_and_single_segment(config):
     gen = torch.Generator().manual_seed(7)
     k, n = 173, 301
@@ -95,7 +106,11 @@ def test_weight_aware_scale_and_single_segment(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, DENSE, GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize(
+    "config",
+    [FMA, COMPACT, COMPACT_DOT, DOT, DENSE, GATHER, GATHER_PIPE, FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
+    ids=repr,
+)
 def test_masks_are_exact_with_ties_and_per_row_masks(config):
     """Exactly representable data: the kernel must equal the reference bit for bit.
 
@@ -122,7 +137,7 @@ def test_masks_are_exact_with_ties_and_per_row_masks(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE, FMA_AHEAD2, GATHER_AHEAD2], ids=repr)
 def test_all_entries_dropped_gives_exact_zeros(config):
     x = torch.randn(2 if config.use_dot else 1, 120).to(torch.bfloat16)
     w_t = torch.randn(120, 70).to(torch.bfloat16)
@@ -142,7 +157,32 @@ def test_more_segments_than_one_launch_holds(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize("config", [COMPACT, COMPACT_DOT], ids=repr)
+def test_batched_union_streams_or_gathers_per_program_from_its_union_count(config):
+    """A batched compact program streams all its rows iff more than ``dense_above`` of them are in the union
+    of the batch rows' survivors, and gathers the union otherwise; both give the reference's result."""
+    from teal.kernels.ops import last_union_branches
+
+    gen = torch.Generator().manual_seed(37)
+    k, n = 256, 70
+    w_t = torch.randn(k, n, generator=gen).to(torch.bfloat16)
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+    x[:, : k // 2] *= 0.01  # the first half of the rows survives in no batch row at the threshold below
+    thr = torch.tensor([float(torch.quantile(x[:, k // 2 :].abs().float(), 0.3))])
+    rows_per_split = k // config.split_k
+    second_half = [p * rows_per_split >= k // 2 for p in range(config.split_k)]
+    # dense_above 0: every program with a nonempty union streams (those over the first half have none);
+    # 0.9: the second half's union (~97 % of its rows at this threshold) streams; 1.0: nothing streams.
+    for dense_above, expect in ((0.0, second_half), (0.9, second_half), (1.0, [False] * config.split_k)):
+        cfg = KernelConfig(**{**config.as_dict(), "dense_above": dense_above})
+        _run_and_check(x, w_t, thr, None, None, cfg, 1e-2)
+        flags = last_union_branches(x.device).view(config.split_k, -1)
+        for p in range(config.split_k):
+            assert flags[p].tolist() == [expect[p]] * flags.shape[1], (dense_above, p, flags.tolist())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("config", [GATHER, GATHER_PIPE, GATHER_AHEAD2], ids=repr)
 def test_gather_branch_is_chosen_on_device_from_the_survivor_count(config):
     """Each segment takes the dense branch iff more than ``dense_above`` of its entries survive."""
     from teal.kernels.ops import last_gather_branches
@@ -286,6 +326,8 @@ def test_argument_errors_name_the_problem():
         KernelConfig(gather=True, compact=True)
     with pytest.raises(ValueError, match="dense_above"):
         KernelConfig(gather=True, dense_above=1.5)
+    with pytest.raises(ValueError, match="prefetch must be 1 or 2"):
+        KernelConfig(prefetch=3)
 
 
 def test_weight_helpers():
@@ -366,7 +408,7 @@ def test_importing_kernels_does_not_import_triton():
 
 # ------------------------------------------------------------------ SiLU-gated input inside the kernel
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT], ids=repr)
+@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT, FMA_AHEAD2, COMPACT_AHEAD2], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_glu_kernel_equals_silu_mul_then_kernel(config, dtype, monkeypatch):
     """One fused launch thresholds and multiplies the SiLU product the two-step path builds."""

@@ -67,10 +67,83 @@ GROUPS: dict[str, tuple[dict, tuple, list[KernelConfig]]] = {
         KC(block_n=128, block_r=32, split_k=16),
     ]),
 }
+#: ``--candidates prefetch`` (session 5): the same groups with two weight tiles loaded ahead (``prefetch=2``).
+GROUPS_PREFETCH: dict[str, list[KernelConfig]] = {
+    "o": [
+        KC(block_n=64, block_r=64, split_k=8, num_warps=2, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=8, num_warps=2, prefetch=2),
+        KC(block_n=64, block_r=64, split_k=16, num_warps=2, prefetch=2),
+        KC(block_n=128, block_r=64, split_k=8, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=16, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=8, compact=True, prefetch=2),
+    ],
+    "qkv": [
+        KC(block_n=64, block_r=32, split_k=8, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=128, block_r=32, split_k=8, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=64, block_r=64, split_k=8, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=64, block_r=16, split_k=8, num_stages=1, gather=True, prefetch=2),
+    ],
+    "gate_up": [
+        KC(block_n=64, block_r=32, split_k=2, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True, prefetch=2),
+        KC(block_n=64, block_r=64, split_k=2, num_stages=1, gather=True, prefetch=2),
+    ],
+    "down": [
+        KC(block_n=128, block_r=32, split_k=16, compact=True, prefetch=2),
+        KC(block_n=128, block_r=32, split_k=8, compact=True, prefetch=2),
+        KC(block_n=64, block_r=32, split_k=16, compact=True, prefetch=2),
+        KC(block_n=128, block_r=32, split_k=16, prefetch=2),
+    ],
+}
 ATTENTION = [AttentionConfig(block_l=64, merge="ticket"), AttentionConfig(block_l=32, merge="kernel"),
              AttentionConfig(block_l=64, merge="kernel", waves=1), AttentionConfig(block_l=64, merge="kernel", waves=4),
              AttentionConfig(block_l=128, merge="kernel"), AttentionConfig(block_l=128, merge="ticket")]
 NORM_CHUNKS = [256, 1024, 2048]  # entries per program of add_rmsnorm_compact (producer.NORM_CHUNK)
+
+
+def check_candidates(groups: list[str], device: torch.device) -> list[dict[str, Any]]:
+    """Every kernel candidate of the swept groups, once per call on fresh random bf16 inputs at s = 0, 0.5 and
+    0.9, against a float64 reference (relative error <= 1e-2, no NaN); down's through the SiLU-gated op. A
+    failing candidate is reported and removed from its group's list."""
+    from teal.kernels.ops import (sparse_linear_glu_reference, sparse_linear_glu_triton, sparse_linear_reference,
+                                  sparse_linear_triton)
+
+    splits = {"o": [4096], "qkv": [4096, 1024, 1024], "gate_up": [14336, 14336], "down": [4096]}
+    rows = []
+    gen = torch.Generator(device=device).manual_seed(5)
+    for group, (table, key, candidates) in GROUPS.items():
+        if group not in groups:
+            continue
+        k, n = key[0], key[1]
+        w_t = (torch.randn(k, n, device=device, generator=gen) * k**-0.5).to(torch.bfloat16)
+        kept = []
+        for cfg in [table.get(key), *candidates]:
+            errs = []
+            for s in (0.0, 0.5, 0.9):
+                if group == "down":
+                    x = torch.randn(1, 2 * k, device=device, generator=gen).to(torch.bfloat16)
+                    mid = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
+                    thr = torch.tensor([float(torch.quantile(mid.abs().float(), s)) if s else -1.0], device=device)
+                    y = sparse_linear_glu_triton(x, w_t, thr, config=cfg)
+                    ref = sparse_linear_glu_reference(x, w_t, thr, compute_dtype=torch.float64, out_dtype=torch.float64)
+                else:
+                    x = torch.randn(1, k, device=device, generator=gen).to(torch.bfloat16)
+                    q = float(torch.quantile(x.abs().float(), s)) if s else -1.0
+                    thr = torch.full((len(splits[group]),), q, device=device)
+                    y = sparse_linear_triton(x, w_t, thr, splits[group], config=cfg)
+                    ref = sparse_linear_reference(x, w_t, thr, splits[group], compute_dtype=torch.float64,
+                                                  out_dtype=torch.float64)
+                err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                errs.append(err if not bool(y.isnan().any()) else float("nan"))
+            ok = all(e <= 1e-2 for e in errs)
+            rows.append(dict(group=group, config=cfg.as_dict(), rel_err=errs, ok=ok))
+            print(f"check {group:8s} ok={ok} errs={[f'{e:.1e}' for e in errs]} {cfg}", flush=True)
+            if ok and cfg is not table.get(key):
+                kept.append(cfg)
+        GROUPS[group] = (table, key, kept)
+    return rows
 
 
 def main() -> None:
@@ -79,7 +152,12 @@ def main() -> None:
     parser.add_argument("--min-gain", type=float, default=0.01)
     parser.add_argument("--groups", default=",".join([*GROUPS, "attention", "norm_chunk"]),
                         help="groups to sweep, in this order")
+    parser.add_argument("--candidates", default="v1", choices=("v1", "prefetch"),
+                        help="kernel candidates: the first sweep's (v1) or the prefetch=2 set (session 5)")
     args = parser.parse_args()
+    if args.candidates == "prefetch":
+        for name, cands in GROUPS_PREFETCH.items():
+            GROUPS[name] = (GROUPS[name][0], GROUPS[name][1], cands)
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": [], "errors": [], "winners": {}}
     data["copy_bandwidth_Bps"] = copy_bandwidth(device)
@@ -125,6 +203,7 @@ def main() -> None:
         return best, best_rate
 
     groups = args.groups.split(",")
+    data["per_call_checks"] = check_candidates(groups, device)
     for group, (table, key, candidates) in GROUPS.items():
         if group in groups:
             incumbent = table.get(key)

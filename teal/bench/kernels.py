@@ -36,6 +36,7 @@ from teal.kernels.ops import (
     compact_input,
     dense_masked_linear,
     last_gather_branches,
+    last_union_branches,
     path_counts,
     sm_count,
     sparse_linear_triton,
@@ -284,7 +285,7 @@ def run(
     *,
     dtype: str = "bf16",
     tune: bool = False,
-    tune_max_batch: int = 1,
+    tune_batches: Sequence[int] = (1,),
     tune_sparsities: Sequence[float] = (0.0, 0.5),
     tune_families: str = "all",
     table_out: str | os.PathLike[str] | None = None,
@@ -297,8 +298,8 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
-    ``tune``: time candidate configurations per shape first (at ``tune_sparsities``; ``tune_families``
-    as in ``teal.kernels.tune.candidate_configs``) and use the winners; ``table_out`` receives them as
+    ``tune``: time candidate configurations per shape and batch bucket of ``tune_batches`` first (at
+    ``tune_sparsities``; ``tune_families`` as in ``teal.kernels.tune.candidate_configs``) and use the winners; ``table_out`` receives them as
     a table for ``$TEAL_KERNEL_CONFIGS``. ``compare``: named tables whose configurations are timed
     beside the chosen one at batch 1 (``<name>_us`` per row). ``time_budget_s``: projections not
     started by then are skipped (listed under ``skipped``).
@@ -370,7 +371,8 @@ def run(
             w64 = w_ts[0].double()
             for batch in batches:
                 key = (k, n, batch_bucket(batch), "bf16")
-                if tune and key not in tuned_keys and batch_bucket(batch) <= tune_max_batch:
+                tune_this = batch_bucket(batch) in {batch_bucket(b) for b in tune_batches}
+                if tune and key not in tuned_keys and tune_this:
                     try:
                         res = tune_shape(w_ts, splits, batch, sm_count=sms, sparsities=tuple(tune_sparsities),
                                          families=tune_families)
@@ -405,6 +407,9 @@ def run(
                         if config.gather and batch == 1:
                             row["path"] = "gather"
                             row["dense_branch_fraction"] = float(last_gather_branches(device).float().mean())
+                        elif config.compact and batch > 1 and not config.dense:
+                            row["path"] = "union"
+                            row["dense_branch_fraction"] = float(last_union_branches(device).float().mean())
                         ref = _reference64(xc, w64, tc, splits)
                         row["rel_err"] = _rel_err(out, ref)
                         row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
@@ -642,8 +647,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a time-vs-sparsity figure here")
     parser.add_argument("--tune", action="store_true", help="tune configurations first (prints table entries)")
     parser.add_argument("--tune-sparsities", default="0,0.5", help="sparsities the tuner scores candidates at")
-    parser.add_argument("--tune-families", default="all", choices=("all", "gather"),
-                        help="batch-1 candidates: every family, or the gather path against the v3 table entry")
+    parser.add_argument("--tune-families", default="all", choices=("all", "gather", "union"),
+                        help="candidates: every family, the gather path against the v3 table entry (batch 1), or "
+                             "the batched union path against dense (batches 2-8)")
+    parser.add_argument("--tune-batches", default="1", help="batch buckets to tune (comma list, e.g. 2,4,8)")
     parser.add_argument("--table-out", default=None, help="write the tuned entries here (for $TEAL_KERNEL_CONFIGS)")
     parser.add_argument("--compare-v3", action="store_true", help="also time the version-3 table's configuration")
     parser.add_argument("--time-budget", type=float, default=None, help="seconds; later projections are skipped")
@@ -660,6 +667,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tune=args.tune,
         tune_sparsities=_floats(args.tune_sparsities),
         tune_families=args.tune_families,
+        tune_batches=tuple(int(b) for b in args.tune_batches.split(",") if b.strip()),
         table_out=args.table_out,
         compare={"v3": kernel_configs.TUNED_V3} if args.compare_v3 else None,
         time_budget_s=args.time_budget,

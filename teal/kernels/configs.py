@@ -36,13 +36,18 @@ class KernelConfig:
     ``use_dot`` computes the block with ``tl.dot`` (tensor cores; batch padded to 16) instead of
     fp32 FMAs; ``num_stages`` is Triton's own pipelining (1: only the kernel's hand-written prefetch).
     ``dense`` selects the dense fallback (cuBLAS on the masked input) for this shape and batch.
-    ``compact`` (batch 1) first lists each program's surviving rows, then gathers only those rows,
-    so the work, not only the bytes, scales with the density.
+    ``compact`` first lists each program's surviving rows, then gathers only those rows, so the work,
+    not only the bytes, scales with the density; for batches the list is the union over the batch rows,
+    and a program whose union holds more than ``dense_above`` of its rows streams all of them instead
+    (decided on the device, per program).
     ``gather`` (batch 1) lists the surviving rows once per call in a separate launch shared by all
     column blocks, then splits each segment's list evenly over ``split_k`` programs per column block;
     when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
     programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
     depth of the row loop (1: one tile prefetched by hand).
+    ``prefetch`` (batch 1): weight tiles the hand-written row loop loads ahead of the one it multiplies,
+    1 or 2 (2: three tiles in flight per program instead of two; more registers). It applies to the
+    predicated and compact loops of ``sparse_gemv_kernel`` and to the gather branch of the gather path.
     """
 
     block_n: int = 256
@@ -55,18 +60,19 @@ class KernelConfig:
     compact: bool = False
     gather: bool = False
     dense_above: float = 0.9
+    prefetch: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_r", "split_k"):
             value = getattr(self, name)
             if value < 1 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 1, got {value}")
-        if self.compact and self.use_dot:
-            raise ValueError("KernelConfig: compact and use_dot cannot be combined")
         if self.gather and (self.compact or self.use_dot):
             raise ValueError("KernelConfig: gather cannot be combined with compact or use_dot")
         if not 0.0 <= self.dense_above <= 1.0:
             raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
+        if self.prefetch not in (1, 2):
+            raise ValueError(f"KernelConfig.prefetch must be 1 or 2 (weight tiles loaded ahead), got {self.prefetch}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.use_dot and self.block_r < 16:

@@ -272,11 +272,15 @@ def _launch(
     red_chunk = max(1, min(split_k, 1 << max(0, (4096 // (red_b * block_n)).bit_length() - 1)))
     partials = _workspace.get(x.device, "partials", split_k * batch * n if split_k > 1 else 1, torch.float32)
     tickets = _workspace.get(x.device, "tickets", blocks[-1], torch.int32, zero=True)
-    compact = config.compact and batch == 1
+    compact = config.compact
     slots = blocks[-1] * split_k * rows_per_split if compact else 1
     row_list = _workspace.get(x.device, "rows", slots, torch.int32)
-    value_list = _workspace.get(x.device, "values", slots, torch.float32)
-    chunk = min(4096, 1 << (rows_per_split - 1).bit_length())
+    value_list = _workspace.get(x.device, "values", slots if batch == 1 else 1, torch.float32)
+    branch = _workspace.get(x.device, "union_branch", blocks[-1] * split_k, torch.int32)
+    if compact and batch > 1:
+        _last_union_programs[_device_key(x.device)] = blocks[-1] * split_k
+    # Entries listed per step: a [rows of the batch, CHUNK] tile of x at most 4096 elements.
+    chunk = min(4096 // block_b if batch > 1 else 4096, 1 << (rows_per_split - 1).bit_length())
     scale = col_scale if col_scale is not None else thresholds
     kernels.sparse_gemv_kernel[(blocks[-1], split_k)](
         x,
@@ -288,6 +292,7 @@ def _launch(
         tickets,
         row_list,
         value_list,
+        branch,
         batch,
         k,
         n,
@@ -313,6 +318,8 @@ def _launch(
         COMPACT=compact,
         CHUNK=chunk,
         GLU=glu,
+        DENSE_NUM=round(config.dense_above * 64),
+        PREFETCH=config.prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl_mode(x.device)),
@@ -325,6 +332,9 @@ _COMPACT_CHUNK = 1024
 
 #: Column blocks of the last gather launch per device, for ``last_gather_branches``.
 _last_gather_blocks: dict[tuple[str, Optional[int]], int] = {}
+
+#: Programs of the last batched compact (union) launch per device, for ``last_union_branches``.
+_last_union_programs: dict[tuple[str, Optional[int]], int] = {}
 
 
 def _device_key(device: torch.device) -> tuple[str, Optional[int]]:
@@ -374,6 +384,20 @@ def last_gather_branches(device: torch.device) -> torch.Tensor:
     flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "gather_branch",
                            _last_gather_blocks[key], torch.int32)
     return flags[: _last_gather_blocks[key]].bool()
+
+
+def last_union_branches(device: torch.device) -> torch.Tensor:
+    """Per program (row split major, then column block) of the last batched compact launch on ``device``:
+    True where the program streamed all its rows instead of gathering the union's.
+
+    Diagnostics for tests and benchmarks; reads device memory (synchronises).
+    """
+    key = _device_key(device)
+    if key not in _last_union_programs:
+        raise RuntimeError(f"no batched compact launch has run on {device} yet")
+    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "union_branch",
+                           _last_union_programs[key], torch.int32)
+    return flags[: _last_union_programs[key]].bool()
 
 
 def _launch_gather(
@@ -426,7 +450,8 @@ def launch_gather_gemv(
         w_t, y, idx, val, xm, counts, partials, tickets, branch,
         k, n, w_t.stride(0), split_k, rows_per_split, offs[0], offs[1], offs[2], cbs[0], cbs[1], cbs[2],
         BLOCK_R=block_r, BLOCK_N=block_n, RED_CHUNK=red_chunk, DENSE_NUM=round(config.dense_above * 64),
-        NUM_STAGES=config.num_stages, num_warps=config.num_warps, **pdl_launch(pdl_mode(device)),
+        NUM_STAGES=config.num_stages, PREFETCH=config.prefetch, num_warps=config.num_warps,
+        **pdl_launch(pdl_mode(device)),
     )
 
 

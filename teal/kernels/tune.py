@@ -90,15 +90,46 @@ def gather_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
     return out
 
 
+#: Batched union candidates (compact, batch 2..8): (block_n, block_r, warps, use_dot, waves of programs per SM,
+#: dense_above, num_stages). The row loops are pipelined by Triton (num_stages). On the H200 none of them
+#: beat the dense fallback except at s = 0.9 with two rows (benchmarks/kernels_notes.md, "Batched union").
+UNION_TILES: tuple[tuple[int, int, int, bool, int, float, int], ...] = (
+    (128, 32, 4, True, 4, 0.9, 3),
+    (128, 32, 4, True, 4, 0.9, 5),
+    (128, 64, 4, True, 4, 0.9, 3),
+    (256, 32, 8, True, 2, 0.9, 3),
+    (64, 32, 4, True, 4, 0.9, 4),
+    (128, 32, 4, True, 4, 1.0, 3),
+    (128, 32, 4, False, 4, 0.9, 3),
+)
+
+
+def union_candidates(k: int, n: int, batch: int, sm_count: int) -> list[KernelConfig]:
+    """Batched union configurations (``compact`` at batch 2..8), split to fill a few waves of SMs; FMA tiles
+    (no ``use_dot``) only for two rows, where the [B, block_r, block_n] products fit in registers."""
+    out = []
+    for block_n, block_r, warps, use_dot, waves, dense_above, stages in UNION_TILES:
+        if not use_dot and batch_bucket(batch) > 2:
+            continue
+        n_blocks = -(-n // block_n)
+        split = _pow2_round(waves * sm_count / n_blocks)
+        split = max(1, min(split, 64, max(1, k // (2 * block_r))))
+        out.append(KernelConfig(block_n=block_n, block_r=block_r, split_k=split, num_warps=warps, use_dot=use_dot,
+                                compact=True, dense_above=dense_above, num_stages=stages))
+    return out
+
+
 def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: str = "all") -> list[KernelConfig]:
     """Configurations worth timing for one shape and batch bucket (the heuristic's and dense among them).
 
     At batch 1, ``families="gather"`` times the gather candidates against the version-3 table entry
     (when the shape has one), the heuristic and dense only; ``"all"`` adds the older families' sweep.
+    At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
+    ``"all"`` adds predicated-load tiles.
     """
     bucket = batch_bucket(batch)
-    if families not in ("all", "gather"):
-        raise ValueError(f"families must be 'all' or 'gather', got {families!r}")
+    if families not in ("all", "gather", "union"):
+        raise ValueError(f"families must be 'all', 'gather' or 'union', got {families!r}")
     extra: list[KernelConfig] = []
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
         extra = gather_candidates(k, n, sm_count)
@@ -112,8 +143,11 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
         if families == "gather":
             tiles = []
     else:
+        extra = union_candidates(k, n, batch, sm_count)
         tiles = [(128, 32, 4, True, False, w) for w in (2, 4)] + [(256, 32, 4, True, False, 4)]
         tiles += [(128, max(2, 16 // bucket), 4, False, False, 4)]
+        if families == "union":
+            tiles = []
     out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count), KernelConfig(dense=True)]
     for block_n, block_r, warps, use_dot, compact, waves in tiles:
         n_blocks = -(-n // block_n)
