@@ -41,10 +41,6 @@ DENSE = KernelConfig(dense=True)
 GATHER = KernelConfig(block_n=64, block_r=16, split_k=4, gather=True)  # hand-prefetched row loop
 GATHER_PIPE = KernelConfig(block_n=32, block_r=8, split_k=2, num_stages=3, gather=True)  # tl.range pipelined
 GATHER_ONE_SPLIT = KernelConfig(block_n=128, block_r=32, split_k=1, gather=True)
-# Two weight tiles loaded ahead (batch 1; batches take the other branches as usual).
-FMA_AHEAD2 = KernelConfig(block_n=64, block_r=16, split_k=4, prefetch=2)
-COMPACT_AHEAD2 = KernelConfig(block_n=64, block_r=8, split_k=2, compact=True, prefetch=2)
-GATHER_AHEAD2 = KernelConfig(block_n=32, block_r=8, split_k=4, gather=True, prefetch=2)
 
 
 def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
@@ -70,8 +66,7 @@ def _run_and_check(x, w_t, thr, splits, scale, config, tol):
 @needs_interpreter
 @pytest.mark.parametrize(
     "config",
-    [FMA, FMA_ONE_SPLIT, COMPACT, COMPACT_DOT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT,
-     FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
+    [FMA, FMA_ONE_SPLIT, COMPACT, COMPACT_DOT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT],
     ids=repr,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,10 +82,7 @@ def test_kernel_matches_reference_on_odd_shapes(config, dtype):
 
 
 @needs_interpreter
-@pytest.mark.parametrize(
-    "config", [FMA, COMPACT, COMPACT_DOT, DOT, GATHER, GATHER_PIPE, FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
-    ids=repr,
-)
+@pytest.mark.parametrize("config", [FMA, COMPACT, COMPACT_DOT, DOT, GATHER, GATHER_PIPE], ids=repr)
 def test_weight_aware_scale_and_single_segment(config):
     gen = torch.Generator().manual_seed(7)
     k, n = 173, 301
@@ -106,11 +98,7 @@ def test_weight_aware_scale_and_single_segment(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize(
-    "config",
-    [FMA, COMPACT, COMPACT_DOT, DOT, DENSE, GATHER, GATHER_PIPE, FMA_AHEAD2, COMPACT_AHEAD2, GATHER_AHEAD2],
-    ids=repr,
-)
+@pytest.mark.parametrize("config", [FMA, COMPACT, COMPACT_DOT, DOT, DENSE, GATHER, GATHER_PIPE], ids=repr)
 def test_masks_are_exact_with_ties_and_per_row_masks(config):
     """Exactly representable data: the kernel must equal the reference bit for bit.
 
@@ -137,7 +125,7 @@ def test_masks_are_exact_with_ties_and_per_row_masks(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE, FMA_AHEAD2, GATHER_AHEAD2], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
 def test_all_entries_dropped_gives_exact_zeros(config):
     x = torch.randn(2 if config.use_dot else 1, 120).to(torch.bfloat16)
     w_t = torch.randn(120, 70).to(torch.bfloat16)
@@ -182,7 +170,7 @@ def test_batched_union_streams_or_gathers_per_program_from_its_union_count(confi
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [GATHER, GATHER_PIPE, GATHER_AHEAD2], ids=repr)
+@pytest.mark.parametrize("config", [GATHER, GATHER_PIPE], ids=repr)
 def test_gather_branch_is_chosen_on_device_from_the_survivor_count(config):
     """Each segment takes the dense branch iff more than ``dense_above`` of its entries survive."""
     from teal.kernels.ops import last_gather_branches
@@ -326,8 +314,6 @@ def test_argument_errors_name_the_problem():
         KernelConfig(gather=True, compact=True)
     with pytest.raises(ValueError, match="dense_above"):
         KernelConfig(gather=True, dense_above=1.5)
-    with pytest.raises(ValueError, match="prefetch must be 1 or 2"):
-        KernelConfig(prefetch=3)
 
 
 def test_weight_helpers():
@@ -408,7 +394,7 @@ def test_importing_kernels_does_not_import_triton():
 
 # ------------------------------------------------------------------ SiLU-gated input inside the kernel
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT, FMA_AHEAD2, COMPACT_AHEAD2], ids=repr)
+@pytest.mark.parametrize("config", [FMA, FMA_ONE_SPLIT, COMPACT], ids=repr)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_glu_kernel_equals_silu_mul_then_kernel(config, dtype, monkeypatch):
     """One fused launch thresholds and multiplies the SiLU product the two-step path builds."""

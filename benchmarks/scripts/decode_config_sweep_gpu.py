@@ -67,36 +67,6 @@ GROUPS: dict[str, tuple[dict, tuple, list[KernelConfig]]] = {
         KC(block_n=128, block_r=32, split_k=16),
     ]),
 }
-#: ``--candidates prefetch`` (session 5): the same groups with two weight tiles loaded ahead (``prefetch=2``).
-GROUPS_PREFETCH: dict[str, list[KernelConfig]] = {
-    "o": [
-        KC(block_n=64, block_r=64, split_k=8, num_warps=2, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=8, num_warps=2, prefetch=2),
-        KC(block_n=64, block_r=64, split_k=16, num_warps=2, prefetch=2),
-        KC(block_n=128, block_r=64, split_k=8, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=16, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=8, compact=True, prefetch=2),
-    ],
-    "qkv": [
-        KC(block_n=64, block_r=32, split_k=8, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=128, block_r=32, split_k=8, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=64, block_r=64, split_k=8, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=64, block_r=16, split_k=8, num_stages=1, gather=True, prefetch=2),
-    ],
-    "gate_up": [
-        KC(block_n=64, block_r=32, split_k=2, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=4, num_stages=1, gather=True, prefetch=2),
-        KC(block_n=64, block_r=64, split_k=2, num_stages=1, gather=True, prefetch=2),
-    ],
-    "down": [
-        KC(block_n=128, block_r=32, split_k=16, compact=True, prefetch=2),
-        KC(block_n=128, block_r=32, split_k=8, compact=True, prefetch=2),
-        KC(block_n=64, block_r=32, split_k=16, compact=True, prefetch=2),
-        KC(block_n=128, block_r=32, split_k=16, prefetch=2),
-    ],
-}
 ATTENTION = [AttentionConfig(block_l=64, merge="ticket"), AttentionConfig(block_l=32, merge="kernel"),
              AttentionConfig(block_l=64, merge="kernel", waves=1), AttentionConfig(block_l=64, merge="kernel", waves=4),
              AttentionConfig(block_l=128, merge="kernel"), AttentionConfig(block_l=128, merge="ticket")]
@@ -152,12 +122,7 @@ def main() -> None:
     parser.add_argument("--min-gain", type=float, default=0.01)
     parser.add_argument("--groups", default=",".join([*GROUPS, "attention", "norm_chunk"]),
                         help="groups to sweep, in this order")
-    parser.add_argument("--candidates", default="v1", choices=("v1", "prefetch"),
-                        help="kernel candidates: the first sweep's (v1) or the prefetch=2 set (session 5)")
     args = parser.parse_args()
-    if args.candidates == "prefetch":
-        for name, cands in GROUPS_PREFETCH.items():
-            GROUPS[name] = (GROUPS[name][0], GROUPS[name][1], cands)
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": [], "errors": [], "winners": {}}
     data["copy_bandwidth_Bps"] = copy_bandwidth(device)

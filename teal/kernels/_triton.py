@@ -64,47 +64,6 @@ def _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_row, thr,
 
 
 @triton.jit
-def _gather_list_2ahead(idx_ptr, val_ptr, lo, hi, w_cols, n_mask, stride_wk, BLOCK_R: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
-    """``sum_q val[q] * w_t[idx[q], cols]`` over list entries ``q`` in ``[lo, hi)``, as a [BLOCK_R, BLOCK_N]
-    tile of products (reduce over rows afterwards), with two weight tiles loaded ahead of the multiply
-    (list entries three tiles ahead): three tiles in flight while one is multiplied."""
-    q = lo + tl.arange(0, BLOCK_R)
-    live = q < hi
-    row_a = tl.load(idx_ptr + q, mask=live, other=0, cache_modifier=".cg")
-    val_a = tl.load(val_ptr + q, mask=live, other=0.0, cache_modifier=".cg")
-    w_a = tl.load(w_cols + row_a[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
-                  eviction_policy="evict_first")
-    q += BLOCK_R
-    live = q < hi
-    row_b = tl.load(idx_ptr + q, mask=live, other=0, cache_modifier=".cg")
-    val_b = tl.load(val_ptr + q, mask=live, other=0.0, cache_modifier=".cg")
-    w_b = tl.load(w_cols + row_b[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
-                  eviction_policy="evict_first")
-    q += BLOCK_R
-    live_c = q < hi
-    row_c = tl.load(idx_ptr + q, mask=live_c, other=0, cache_modifier=".cg")
-    val_c = tl.load(val_ptr + q, mask=live_c, other=0.0, cache_modifier=".cg")
-    acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for _ in range(lo, hi, BLOCK_R):
-        w_c = tl.load(w_cols + row_c[:, None] * stride_wk, mask=live_c[:, None] & n_mask[None, :], other=0.0,
-                      eviction_policy="evict_first")
-        q += BLOCK_R
-        live_d = q < hi
-        row_d = tl.load(idx_ptr + q, mask=live_d, other=0, cache_modifier=".cg")
-        val_d = tl.load(val_ptr + q, mask=live_d, other=0.0, cache_modifier=".cg")
-        acc2 += val_a[:, None] * w_a.to(tl.float32)
-        val_a = val_b
-        w_a = w_b
-        val_b = val_c
-        w_b = w_c
-        row_c = row_d
-        val_c = val_d
-        live_c = live_d
-    return acc2
-
-
-@triton.jit
 def sparse_gemv_kernel(
     x_ptr,
     w_ptr,
@@ -143,7 +102,6 @@ def sparse_gemv_kernel(
     PDL: tl.constexpr,
     GLU: tl.constexpr,
     DENSE_NUM: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """See the module docstring. GLU (batch 1 only): x is the gate|up row [2K] and the input entry i is
     ``silu(x[i]) * x[K + i]`` (the SiLU-gated product, computed where it is loaded).
@@ -190,78 +148,30 @@ def sparse_gemv_kernel(
             tl.store(sval_ptr + slot + pos, xv.to(tl.float32), mask=keep)
             count += tl.sum(keep.to(tl.int32), axis=0)
         tl.debug_barrier()  # the list is read back by other threads of this program
-        if PREFETCH == 2:
-            acc2 = _gather_list_2ahead(sidx_ptr + slot, sval_ptr + slot, 0, count, w_cols, n_mask, stride_wk,
-                                       BLOCK_R, BLOCK_N)
-        else:
-            q = tl.arange(0, BLOCK_R)
-            live = q < count
-            row_cur = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
-            val_cur = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
-            w_cur = tl.load(w_cols + row_cur[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+        q = tl.arange(0, BLOCK_R)
+        live = q < count
+        row_cur = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
+        val_cur = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
+        w_cur = tl.load(w_cols + row_cur[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        q += BLOCK_R
+        live = q < count
+        row_nxt = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
+        val_nxt = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
+        acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+        for _ in range(0, tl.cdiv(count, BLOCK_R)):
+            w_nxt = tl.load(w_cols + row_nxt[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
                             eviction_policy="evict_first")
             q += BLOCK_R
-            live = q < count
-            row_nxt = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
-            val_nxt = tl.load(sval_ptr + slot + q, mask=live, other=0.0, cache_modifier=".cg")
-            acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-            for _ in range(0, tl.cdiv(count, BLOCK_R)):
-                w_nxt = tl.load(w_cols + row_nxt[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
-                                eviction_policy="evict_first")
-                q += BLOCK_R
-                live2 = q < count
-                row_nxt2 = tl.load(sidx_ptr + slot + q, mask=live2, other=0, cache_modifier=".cg")
-                val_nxt2 = tl.load(sval_ptr + slot + q, mask=live2, other=0.0, cache_modifier=".cg")
-                acc2 += val_cur[:, None] * w_cur.to(tl.float32)
-                val_cur = val_nxt
-                w_cur = w_nxt
-                row_nxt = row_nxt2
-                val_nxt = val_nxt2
-                live = live2
-        acc = tl.sum(acc2, axis=0)[None, :]
-    elif BLOCK_B == 1 and not USE_DOT and PREFETCH == 2:
-        # Batch 1, two weight tiles loaded ahead of the multiply (inputs three chunks ahead).
-        offs_r = k_start + tl.arange(0, BLOCK_R)
-        valid = offs_r < k_end
-        c_in = tl.full([BLOCK_R], 1.0, tl.float32)
-        if HAS_SCALE:
-            c_in = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
-        x_in = _load_input(x_ptr, offs_r, valid, K, GLU)
-        keep = _keep(x_in, c_in, thr, valid)
-        w_a = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
-                      eviction_policy="evict_first")
-        xm_a = tl.where(keep, x_in.to(tl.float32), 0.0)
-        offs_r += BLOCK_R
-        valid = offs_r < k_end
-        if HAS_SCALE:
-            c_in = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
-        x_in = _load_input(x_ptr, offs_r, valid, K, GLU)
-        keep = _keep(x_in, c_in, thr, valid)
-        w_b = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
-                      eviction_policy="evict_first")
-        xm_b = tl.where(keep, x_in.to(tl.float32), 0.0)
-        offs_r += BLOCK_R
-        valid = offs_r < k_end
-        if HAS_SCALE:
-            c_in = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
-        x_c = _load_input(x_ptr, offs_r, valid, K, GLU)
-        acc2 = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-        for _ in range(0, n_chunks):
-            valid = offs_r < k_end
-            keep = _keep(x_c, c_in, thr, valid)
-            w_c = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
-                          eviction_policy="evict_first")
-            offs_r += BLOCK_R
-            valid2 = offs_r < k_end
-            x_d = _load_input(x_ptr, offs_r, valid2, K, GLU)
-            if HAS_SCALE:
-                c_in = tl.load(scale_ptr + seg * K + offs_r, mask=valid2, other=0.0)
-            acc2 += xm_a[:, None] * w_a.to(tl.float32)
-            xm_a = xm_b
-            w_a = w_b
-            xm_b = tl.where(keep, x_c.to(tl.float32), 0.0)
-            w_b = w_c
-            x_c = x_d
+            live2 = q < count
+            row_nxt2 = tl.load(sidx_ptr + slot + q, mask=live2, other=0, cache_modifier=".cg")
+            val_nxt2 = tl.load(sval_ptr + slot + q, mask=live2, other=0.0, cache_modifier=".cg")
+            acc2 += val_cur[:, None] * w_cur.to(tl.float32)
+            val_cur = val_nxt
+            w_cur = w_nxt
+            row_nxt = row_nxt2
+            val_nxt = val_nxt2
+            live = live2
         acc = tl.sum(acc2, axis=0)[None, :]
     elif BLOCK_B == 1 and not USE_DOT:
         # Batch 1: accumulate a [BLOCK_R, BLOCK_N] tile of products; reduce over rows once at the end.
@@ -522,7 +432,6 @@ def gather_gemv_kernel(
     DENSE_NUM: tl.constexpr,
     NUM_STAGES: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """Phase B. Program (column block, split p) multiplies its share of its segment's rows.
 
@@ -530,8 +439,7 @@ def gather_gemv_kernel(
     ``[p * per, (p + 1) * per)`` of the segment's list (``per = ceil(cnt / split_k)`` rounded up to
     ``BLOCK_R``), loads their indices and values (contiguous), then the weight rows ``w_t[idx, cols]``;
     no load's mask depends on loaded data, so the loop pipelines (``tl.range`` with ``NUM_STAGES``;
-    ``NUM_STAGES == 1``: one tile prefetched by hand; ``PREFETCH == 2``: two tiles, by hand, whatever
-    ``NUM_STAGES`` says). Dense branch (more survivors): split p streams
+    ``NUM_STAGES == 1``: one tile prefetched by hand). Dense branch (more survivors): split p streams
     rows ``[p * rows_per_split, ...)`` of every input entry against the masked input ``xm``.
     Partials of ``split_k > 1`` are summed by the program that draws the last ticket, in a fixed order.
     """
@@ -584,10 +492,7 @@ def gather_gemv_kernel(
         per = tl.cdiv(tl.cdiv(count, split_k), BLOCK_R) * BLOCK_R
         lo = pid_k * per
         hi = tl.minimum(lo + per, count)
-        if PREFETCH == 2:
-            acc2 = _gather_list_2ahead(idx_ptr + base, val_ptr + base, lo, hi, w_cols, n_mask, stride_wk, BLOCK_R,
-                                       BLOCK_N)
-        elif NUM_STAGES > 1:
+        if NUM_STAGES > 1:
             for q0 in tl.range(lo, hi, BLOCK_R, num_stages=NUM_STAGES):
                 q = q0 + q_offs
                 live = q < hi

@@ -45,9 +45,6 @@ class KernelConfig:
     when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
     programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
     depth of the row loop (1: one tile prefetched by hand).
-    ``prefetch`` (batch 1): weight tiles the hand-written row loop loads ahead of the one it multiplies,
-    1 or 2 (2: three tiles in flight per program instead of two; more registers). It applies to the
-    predicated and compact loops of ``sparse_gemv_kernel`` and to the gather branch of the gather path.
     """
 
     block_n: int = 256
@@ -60,7 +57,6 @@ class KernelConfig:
     compact: bool = False
     gather: bool = False
     dense_above: float = 0.9
-    prefetch: int = 1
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_r", "split_k"):
@@ -71,8 +67,6 @@ class KernelConfig:
             raise ValueError("KernelConfig: gather cannot be combined with compact or use_dot")
         if not 0.0 <= self.dense_above <= 1.0:
             raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
-        if self.prefetch not in (1, 2):
-            raise ValueError(f"KernelConfig.prefetch must be 1 or 2 (weight tiles loaded ahead), got {self.prefetch}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.use_dot and self.block_r < 16:

@@ -319,7 +319,6 @@ def _launch(
         CHUNK=chunk,
         GLU=glu,
         DENSE_NUM=round(config.dense_above * 64),
-        PREFETCH=config.prefetch,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl_mode(x.device)),
@@ -450,8 +449,7 @@ def launch_gather_gemv(
         w_t, y, idx, val, xm, counts, partials, tickets, branch,
         k, n, w_t.stride(0), split_k, rows_per_split, offs[0], offs[1], offs[2], cbs[0], cbs[1], cbs[2],
         BLOCK_R=block_r, BLOCK_N=block_n, RED_CHUNK=red_chunk, DENSE_NUM=round(config.dense_above * 64),
-        NUM_STAGES=config.num_stages, PREFETCH=config.prefetch, num_warps=config.num_warps,
-        **pdl_launch(pdl_mode(device)),
+        NUM_STAGES=config.num_stages, num_warps=config.num_warps, **pdl_launch(pdl_mode(device)),
     )
 
 
