@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -30,6 +31,14 @@ FAMILIES = {
     "mistral-window": dict(model_type="mistral", sliding_window=5),
     "qwen2-bias": dict(model_type="qwen2"),
     "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    # Gemma 3: (1 + w) norms multiplied before the cast, sandwich norms, scaled embeddings, GELU-tanh gate,
+    # q/k norms, query_pre_attn_scalar, a sliding layer with its own rope next to a linearly scaled global
+    # one, final logit soft-capping.
+    "gemma3-sandwich": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                            rope_parameters={
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
 }
 
 
@@ -309,14 +318,25 @@ def test_unsupported_architecture():
         EngineConfig.from_hf(GPT2Config())
 
 
-def test_random_engine_matches_hf_built_from_its_weights():
-    engine = engine_random("tiny-llama", device="cpu", dtype=torch.float32, max_seq_len=32, seed=4)
-    from transformers import AutoModelForCausalLM
+@pytest.mark.parametrize("shape", ["tiny-llama", "gemma3-sandwich"])
+def test_random_engine_matches_hf_built_from_its_weights(shape):
+    """Random weights exported under HF names (Gemma 3's four norms per layer included) load into HF with
+    nothing missing, and give the engine's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    if shape in FAMILIES:
+        kwargs = {**TINY, **FAMILIES[shape]}
+        shape = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    engine = engine_random(shape, device="cpu", dtype=torch.float32, max_seq_len=32, seed=4)
+    with torch.no_grad():  # non-trivial norms (Gemma's are used as 1 + w)
+        for w in engine.layers:
+            for norm in (w.attn_norm, w.mlp_norm, w.post_attn_norm, w.post_mlp_norm):
+                if norm is not None:
+                    norm.normal_(0.0, 0.3)
     hf = AutoModelForCausalLM.from_config(engine.config.hf_config, attn_implementation="eager").eval()
     missing, unexpected = hf.load_state_dict(engine.hf_state_dict(), strict=False)
-    assert not unexpected and all("rotary" in m for m in missing)
-    ids = prompt_ids(12, vocab=SHAPES["tiny-llama"]["vocab_size"])
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    ids = prompt_ids(12, vocab=engine.config.vocab_size)
     with torch.no_grad():
         assert rel_err(engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 1e-4
 
@@ -342,14 +362,30 @@ def test_smollm2_logits_match_hf():
     assert math.isfinite(out.tokens_per_s)
 
 
+@pytest.mark.skipif(os.environ.get("TEAL_TEST_GEMMA") != "1",
+                    reason="converts the 270M Gemma 3 GGUF (~45 s, 1 GB); set TEAL_TEST_GEMMA=1")
+def test_gemma3_270m_logits_and_greedy_tokens_match_hf():
+    from teal.models import load_model
+
+    hf, tok = load_model("gemma3-270m", dtype=torch.float32, device="cpu")
+    hf.eval()
+    gen = Generator.from_pretrained(hf, tokenizer=tok, max_seq_len=96)
+    ids = torch.tensor(tok("The capital of France is")["input_ids"])
+    with torch.no_grad():
+        assert rel_err(gen.engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 1e-4
+    hf_tokens = hf_greedy(hf, ids, 12)
+    assert gen.generate("The capital of France is", max_new_tokens=12, stop=[]).tokens == hf_tokens
+
+
 # ------------------------------------------------------------------ the decode benchmark (CPU smoke run)
-def test_bench_decode_smoke_on_cpu(tmp_path):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma3"])
+def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     import json
 
     from teal.bench import decode
 
     path = tmp_path / "decode.json"
-    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
+    data = decode.run(shape=shape, sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
                       json_path=path, hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None)
     saved = json.loads(path.read_text())
     assert saved["results"] == json.loads(json.dumps(data["results"], default=str))

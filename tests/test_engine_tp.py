@@ -27,6 +27,9 @@ CASES = {
     "qwen2-bias": dict(model_type="qwen2", vocab_size=97),
     # q/k norms, explicit head_dim, tied embeddings (the lm_head shard is a view of the embedding)
     "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+    # Gemma 3: sandwich norms on the all-reduced o and down outputs, GELU gate, a sliding and a global layer
+    "gemma3-sandwich": dict(model_type="gemma3_text", head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"]),
 }
 PROMPT, STEPS, NEW_TOKENS = 6, 6, 8
 TIMEOUT_S = 240.0
@@ -46,7 +49,7 @@ def build_engine(case: str, max_seq_len: int = 32) -> Engine:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for w in engine.layers:
-            for norm in (w.attn_norm, w.mlp_norm, w.q_norm, w.k_norm):
+            for norm in (w.attn_norm, w.mlp_norm, w.q_norm, w.k_norm, w.post_attn_norm, w.post_mlp_norm):
                 if norm is not None:
                     norm.copy_(1.0 + 0.2 * torch.randn(norm.shape, generator=gen))
     return engine

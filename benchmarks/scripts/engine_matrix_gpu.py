@@ -7,7 +7,7 @@ Run on the H200 (about 3 minutes):
 The CPU tests run the Triton kernels interpreted, without programmatic dependent launch, compiled
 code or CUDA graphs; this script runs the real thing on small random models of each supported family
 (Llama with grouped-query attention, Mistral with a sliding window, Qwen2 with q|k|v bias, Qwen3 with
-q/k norms: the one family that keeps the engine's own rope), in fp32, bf16 and fp16, with the
+q/k norms: the one family that keeps the engine's own rope, Gemma 3 with its sandwich norms and GELU gate), in fp32, bf16 and fp16, with the
 magnitude rule and the weight-aware rule (``|x_i| * ||W[:, i]||``). For each: thresholds at 50 % from
 a dense prefill, then teacher-forced sparse decode steps of the engine (its CUDA defaults: producer
 path, rope-fused attention, SiLU-fused down, PDL) against HF's logits with the same inputs masked
@@ -39,6 +39,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "mistral-window": dict(model_type="mistral", sliding_window=16),
     "qwen2-bias": dict(model_type="qwen2", use_sliding_window=False),
     "qwen3-qknorm": dict(model_type="qwen3", head_dim=64, use_sliding_window=False),
+    # Gemma 3 (session 5): GELU gate, sandwich and (1 + w) norms, scaled embeddings, a sliding layer with its
+    # own rope beside a linearly scaled global one, final soft-capping; the "kernel" sparse path only
+    "gemma3-sandwich": dict(model_type="gemma3_text", head_dim=64, query_pre_attn_scalar=64, sliding_window=16,
+                            layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+                            rope_parameters={
+                                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}}),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT, TOTAL = 40, 56

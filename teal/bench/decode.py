@@ -204,9 +204,14 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     from teal.engine.reference import activation_thresholds
 
     cfg = copy.deepcopy(engine.config.hf_config)
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    if "full_attention" in layer_types:  # keep one full-attention layer (Gemma 3: one in six)
+        n_layers = max(n_layers, layer_types.index("full_attention") + 1)
+    if layer_types:
+        n_layers = min(n_layers, len(layer_types))
     cfg.num_hidden_layers = n_layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = cfg.layer_types[:n_layers]
+    if layer_types:
+        cfg.layer_types = layer_types[:n_layers]
     # Seeded (the caller's RNG state is restored): the twin is the same model on every run, so the check
     # compares kernels, not random draws (an activation within rounding of its threshold flips a mask entry).
     rng_devices = [engine.device.index or 0] if engine.device.type == "cuda" else []
@@ -278,7 +283,8 @@ def build_hf_twin(engine: Engine) -> torch.nn.Module:
     with torch.device(engine.device):
         hf = AutoModelForCausalLM.from_config(engine.config.hf_config, dtype=engine.dtype)
     missing, unexpected = hf.load_state_dict(engine.hf_state_dict(), strict=False)
-    bad = [m for m in missing if "rotary" not in m] + list(unexpected)
+    tied = {"lm_head.weight"} if engine.config.tie_embeddings else set()  # HF ties it to the embedding
+    bad = [m for m in missing if "rotary" not in m and m not in tied] + list(unexpected)
     if bad:
         raise RuntimeError(f"HF twin model does not match the engine's weights: {bad[:5]}")
     return hf.eval()

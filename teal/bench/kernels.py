@@ -57,6 +57,13 @@ SHAPES: dict[str, tuple[tuple[str, int, tuple[int, ...]], ...]] = {
         ("gate_up", 4096, (11008, 11008)),
         ("down", 11008, (4096,)),
     ),
+    # Gemma 3 12B's text decoder (16 query heads, 8 kv heads of 256; hidden 3840; MLP 15360)
+    "gemma-3-12b": (
+        ("qkv", 3840, (4096, 2048, 2048)),
+        ("o", 4096, (3840,)),
+        ("gate_up", 3840, (15360, 15360)),
+        ("down", 15360, (3840,)),
+    ),
 }
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 DEFAULT_BATCHES = (1, 2, 4, 8)

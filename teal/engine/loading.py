@@ -22,7 +22,7 @@ def engine_from_hf_model(
     max_seq_len: int = 2048,
     transposed: bool = False,
 ) -> Engine:
-    """Copy the weights of a loaded HF causal LM (Llama, Mistral, Qwen2, Qwen3) into a new engine."""
+    """Copy the weights of a loaded HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) into a new engine."""
     config = EngineConfig.from_hf(model.config)
     first = next(model.parameters())
     dtype = dtype or first.dtype
@@ -126,6 +126,8 @@ def engine_random(
             gate_up_bias=rand(2 * config.intermediate) if biases["mlp"] else None,
             down=fused(config.intermediate, config.hidden),
             down_bias=rand(config.hidden) if biases["mlp"] else None,
+            post_attn_norm=ones(config.hidden) if config.sandwich_norms else None,
+            post_mlp_norm=ones(config.hidden) if config.sandwich_norms else None,
         ))
     embed = rand(config.vocab_size, config.hidden)
     lm_head = embed if config.tie_embeddings else rand(config.vocab_size, config.hidden)
@@ -176,7 +178,10 @@ def _build(
 
     layers = []
     for i in range(config.n_layers):
-        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        a, m, p = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", f"model.layers.{i}."
+        # Gemma 3: post_attention_layernorm normalises the attention output; pre_feedforward_layernorm is
+        # the MLP's input norm. Llama family: post_attention_layernorm is the MLP's input norm.
+        sandwich = config.sandwich_norms
         layers.append(LayerWeights(
             attn_norm=need(f"model.layers.{i}.input_layernorm.weight"),
             qkv=fuse([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"]),
@@ -185,11 +190,13 @@ def _build(
             k_norm=maybe(a + "k_norm.weight") if config.qk_norm else None,
             o=fuse([a + "o_proj.weight"]),
             o_bias=maybe(a + "o_proj.bias"),
-            mlp_norm=need(f"model.layers.{i}.post_attention_layernorm.weight"),
+            mlp_norm=need(p + ("pre_feedforward_layernorm.weight" if sandwich else "post_attention_layernorm.weight")),
             gate_up=fuse([m + "gate_proj.weight", m + "up_proj.weight"]),
             gate_up_bias=fuse_bias([m + "gate_proj.bias", m + "up_proj.bias"]),
             down=fuse([m + "down_proj.weight"]),
             down_bias=maybe(m + "down_proj.bias"),
+            post_attn_norm=need(p + "post_attention_layernorm.weight") if sandwich else None,
+            post_mlp_norm=need(p + "post_feedforward_layernorm.weight") if sandwich else None,
         ))
         if config.qk_norm and (layers[-1].q_norm is None or layers[-1].k_norm is None):
             raise KeyError(f"{config.model_type} layer {i} lacks self_attn.q_norm / k_norm weights")

@@ -49,6 +49,10 @@ class LayerWeights(NamedTuple):
     gate_up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
+    # Gemma 3's sandwich norms: of the attention output (HF post_attention_layernorm) and of the MLP output
+    # (post_feedforward_layernorm), applied before each residual add. None elsewhere.
+    post_attn_norm: torch.Tensor | None = None
+    post_mlp_norm: torch.Tensor | None = None
 
 
 class LayerSparsity(NamedTuple):
@@ -83,6 +87,9 @@ class LayerStatic(NamedTuple):
     # the engine's rope when q/k norms apply) instead of `decode_attention` over the whole static cache
     # (`Engine.use_fused_attention`)
     fused_attention: bool = False
+    act: str = "silu"  # MLP activation of the gate: "silu" or "gelu_tanh" (Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
+    softmax_scale: float = 0.0  # scale of q·k; 0: 1 / sqrt(head_dim)
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -155,6 +162,7 @@ def residual_norm_project(
     col_scale: torch.Tensor | None,
     observe: Callable[[str, torch.Tensor], None] | None,
     site: str,
+    norm_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
 
@@ -168,15 +176,24 @@ def residual_norm_project(
         y = _producer.gather_linear(lists, w, splits)
         return x, y if bias is None else y + bias
     x = x + delta
-    h = rms_norm(x, norm, eps)
+    h = rms_norm(x, norm, eps, norm_offset)
     if observe is not None:
         observe(site, h)
     return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in fp32, cast back, then scaled (HF Llama's order of operations)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm computed in fp32. offset 0: cast back, then scaled (HF Llama's order of operations); otherwise
+    scaled by (offset + weight) in fp32, then cast (HF Gemma 3's)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if offset == 0.0:
+        return normed.to(x.dtype) * weight
+    return (normed * (offset + weight.float())).to(x.dtype)
+
+
+def mlp_activation(gate: torch.Tensor, act: str) -> torch.Tensor:
+    """The gate's activation: SiLU, or GELU with the tanh approximation (Gemma's gelu_pytorch_tanh)."""
+    return F.silu(gate) if act == "silu" else F.gelu(gate, approximate="tanh")
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -249,8 +266,8 @@ def decode_layer(
         sp = _NO_SPARSITY
     x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
-                                   observe, "attn_in")
-    scale = 1.0 / math.sqrt(st.head_dim)
+                                   observe, "attn_in", st.norm_offset)
+    scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
     if st.fused_attention and w.q_norm is None:  # one kernel: rope, cache write, attention over 0..pos
         attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, pos + 1, scale, st.n_heads)
     else:
@@ -258,8 +275,8 @@ def decode_layer(
         q = q.view(1, st.n_heads, st.head_dim)
         k = k.view(1, st.n_kv_heads, st.head_dim)
         if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, st.eps)
-            k = rms_norm(k, w.k_norm, st.eps)
+            q = rms_norm(q, w.q_norm, st.eps, st.norm_offset)
+            k = rms_norm(k, w.k_norm, st.eps, st.norm_offset)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
@@ -272,10 +289,20 @@ def decode_layer(
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
                              sp.o, sp.o_scale, st.tp_group)
+    if w.post_attn_norm is not None:
+        o = rms_norm(o, w.post_attn_norm, st.eps, st.norm_offset)
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
     x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
                                   st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
-                                  observe, "mlp_in")
+                                  observe, "mlp_in", st.norm_offset)
+    if w.post_mlp_norm is not None:  # Gemma 3: no fused SiLU paths; the MLP output is normalised
+        gate, up = gu.split([inter, inter], dim=-1)
+        mid = mlp_activation(gate, st.act) * up
+        if observe is not None:
+            observe("mlp_mid", mid)
+        out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
+                                   sp.down, sp.down_scale, st.tp_group)
+        return x, rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
     if st.producer_compact[3]:
         mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
         if observe is not None:
@@ -286,7 +313,7 @@ def decode_layer(
         out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
         return x, out if w.down_bias is None else out + w.down_bias
     gate, up = gu.split([inter, inter], dim=-1)
-    mid = F.silu(gate) * up
+    mid = mlp_activation(gate, st.act) * up
     if observe is not None:
         observe("mlp_mid", mid)
     out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
@@ -295,13 +322,15 @@ def decode_layer(
 
 
 def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
-                 vocab_group: Any = None) -> torch.Tensor:
+                 vocab_group: Any = None, norm_offset: float = 0.0, softcap: float | None = None) -> torch.Tensor:
     """Last residual add, final norm and the output projection. Returns logits [T, V].
 
     vocab_group: the ProcessGroup over which `lm_head` is split by vocabulary rows (tensor parallelism);
-    each rank's logit slice is then all-gathered. None: `lm_head` is whole.
+    each rank's logit slice is then all-gathered. None: `lm_head` is whole. softcap: logits -> c·tanh(logits/c).
     """
-    logits = F.linear(rms_norm(x + delta, norm, eps), lm_head)
+    logits = F.linear(rms_norm(x + delta, norm, eps, norm_offset), lm_head)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
     return logits if vocab_group is None else all_gather_last_dim(logits, vocab_group)
 
 
@@ -398,8 +427,8 @@ class Engine:
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
         self.tp_group: Any = None
         self.vocab_group: Any = None
-        inv_freq, self._rope_scale = config.rope_inv_freq()
-        self._inv_freq = inv_freq
+        # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
+        self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
         self.allocate_cache(max_seq_len)
 
     # ----------------------------------------------------------------- setup
@@ -412,17 +441,21 @@ class Engine:
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(cfg.n_layers)]
         positions = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = torch.outer(positions, self._inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * self._rope_scale).to(device=self.device, dtype=self.dtype)
-        self.sin = (emb.sin() * self._rope_scale).to(device=self.device, dtype=self.dtype)
+        self.cos_tables, self.sin_tables = [], []
+        for inv_freq, scale in self._rope:
+            freqs = torch.outer(positions, inv_freq)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self.cos_tables.append((emb.cos() * scale).to(device=self.device, dtype=self.dtype))
+            self.sin_tables.append((emb.sin() * scale).to(device=self.device, dtype=self.dtype))
+        self.cos, self.sin = self.cos_tables[0], self.sin_tables[0]
         self.positions = torch.arange(max_seq_len, device=self.device)
         self.max_seq_len = max_seq_len
 
     def layer_static(self, i: int) -> LayerStatic:
         cfg = self.config
-        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed, self.sparse_flags[i],
-                           self.tp_group, self.producer_flags(i), self.use_fused_attention)
+        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
+                           self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
+                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0)
 
     @property
     def use_fused_attention(self) -> bool:
@@ -456,6 +489,8 @@ class Engine:
         "producer" and the device runs the kernels."""
         if self.effective_sparse_path != "producer" or not producer_available(self.device):
             return (False, False, False, False)
+        if self.config.norm_offset != 0.0 or self.config.activation != "silu":
+            return (False, False, False, False)  # the producer kernels implement Llama's norm and SiLU
         qkv, _, gate_up, down = self.sparse_flags[i]
         return (qkv, False, gate_up, down and self.producer_down and self.tp_group is None)
 
@@ -548,10 +583,12 @@ class Engine:
                 "build the generator with a larger max_seq_len"
             )
         q_size, kv_size = cfg.q_size, cfg.kv_size
-        cos, sin = self.cos[:n_tokens], self.sin[:n_tokens]
-        x = F.embedding(ids, self.embed)
+        off = cfg.norm_offset
+        x = self.embed_tokens(ids)
         for i, w in enumerate(self.layers):
-            h = rms_norm(x, w.attn_norm, cfg.rms_eps)
+            rope = cfg.rope_table(i)
+            cos, sin = self.cos_tables[rope][:n_tokens], self.sin_tables[rope][:n_tokens]
+            h = rms_norm(x, w.attn_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "attn_in", h)
             q, k, v = project(h, w.qkv, w.qkv_bias, self.transposed).split([q_size, kv_size, kv_size], dim=-1)
@@ -559,26 +596,36 @@ class Engine:
             k = k.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
             v = v.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
             if w.q_norm is not None:
-                q = rms_norm(q, w.q_norm, cfg.rms_eps)
-                k = rms_norm(k, w.k_norm, cfg.rms_eps)
+                q = rms_norm(q, w.q_norm, cfg.rms_eps, off)
+                k = rms_norm(k, w.k_norm, cfg.rms_eps, off)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             self.k_cache[i][:, :n_tokens] = k.transpose(0, 1)
             self.v_cache[i][:, :n_tokens] = v.transpose(0, 1)
-            attn = _prefill_attention(q, k, v, cfg.layer_windows[i]).reshape(n_tokens, q_size)
+            attn = _prefill_attention(q, k, v, cfg.layer_windows[i], cfg.softmax_scale).reshape(n_tokens, q_size)
             if observer is not None:
                 observer(i, "attn_out", attn)
-            x = x + project_row_parallel(attn, w.o, w.o_bias, self.transposed, group=self.tp_group)
-            h = rms_norm(x, w.mlp_norm, cfg.rms_eps)
+            o = project_row_parallel(attn, w.o, w.o_bias, self.transposed, group=self.tp_group)
+            x = x + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, cfg.rms_eps, off))
+            h = rms_norm(x, w.mlp_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "mlp_in", h)
             gate, up = project(h, w.gate_up, w.gate_up_bias, self.transposed).chunk(2, dim=-1)
-            mid = F.silu(gate) * up
+            mid = mlp_activation(gate, cfg.activation) * up
             if observer is not None:
                 observer(i, "mlp_mid", mid)
-            x = x + project_row_parallel(mid, w.down, w.down_bias, self.transposed, group=self.tp_group)
+            out = project_row_parallel(mid, w.down, w.down_bias, self.transposed, group=self.tp_group)
+            x = x + (out if w.post_mlp_norm is None else rms_norm(out, w.post_mlp_norm, cfg.rms_eps, off))
         if not all_logits:
             x = x[-1:]
-        return final_logits(x, torch.zeros_like(x), self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group)
+        return final_logits(x, torch.zeros_like(x), self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group,
+                            off, cfg.final_softcap)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden] (times Gemma's sqrt(hidden), rounded to the weights' dtype first)."""
+        x = F.embedding(ids, self.embed)
+        if self.config.embed_scale is not None:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
 
     def decode_masks(self, pos: torch.Tensor) -> dict[int | None, torch.Tensor]:
         """Additive fp32 masks [L] for the query at `pos`, one per distinct attention window."""
@@ -603,17 +650,19 @@ class Engine:
         """
         layer_fn = layer_fn or decode_layer
         cfg = self.config
-        x = F.embedding(token, self.embed)
+        x = self.embed_tokens(token)
         delta = torch.zeros_like(x)
-        cos, sin = self.cos[pos], self.sin[pos]
+        rope = [(cos[pos], sin[pos]) for cos, sin in zip(self.cos_tables, self.sin_tables)]
         masks = self.decode_masks(pos)
         for i, w in enumerate(self.layers):
             sp = self.sparsity[i] if self.sparsity is not None else None
             observe = None if observer is None else (lambda site, t, i=i: observer(i, site, t))
             kwargs = {} if observe is None else {"observe": observe}
+            cos, sin = rope[cfg.rope_table(i)]
             x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
                                 pos, cos, sin, masks[cfg.layer_windows[i]], **kwargs)
-        return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group)
+        return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group,
+                            cfg.norm_offset, cfg.final_softcap)
 
     # ------------------------------------------------------------ export
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
@@ -626,7 +675,12 @@ class Engine:
         for i, w in enumerate(self.layers):
             p = f"model.layers.{i}."
             sd[p + "input_layernorm.weight"] = w.attn_norm
-            sd[p + "post_attention_layernorm.weight"] = w.mlp_norm
+            if w.post_attn_norm is not None:  # Gemma 3's names
+                sd[p + "post_attention_layernorm.weight"] = w.post_attn_norm
+                sd[p + "pre_feedforward_layernorm.weight"] = w.mlp_norm
+                sd[p + "post_feedforward_layernorm.weight"] = w.post_mlp_norm
+            else:
+                sd[p + "post_attention_layernorm.weight"] = w.mlp_norm
             if w.q_norm is not None:
                 sd[p + "self_attn.q_norm.weight"] = w.q_norm
                 sd[p + "self_attn.k_norm.weight"] = w.k_norm
@@ -661,16 +715,17 @@ class Engine:
             yield "lm_head", self.lm_head.numel() * item
 
 
-def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                       scale: float | None = None) -> torch.Tensor:
     """Causal attention over the prompt. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]."""
     n_tokens = q.shape[0]
     qt, kt, vt = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if window is None or window >= n_tokens:
-        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True, scale=scale)
     else:
         i = torch.arange(n_tokens, device=q.device)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True, scale=scale)
     return out.squeeze(0).transpose(0, 1)
 
 

@@ -185,6 +185,8 @@ def shard_engine(
             gate_up_bias=_shard_bias(w.gate_up_bias, gate_up_rows),
             down=_shard_weight(w.down, t, cols=(rank * inter_l, (rank + 1) * inter_l)),
             down_bias=w.down_bias,
+            post_attn_norm=w.post_attn_norm,  # Gemma 3: applied to the all-reduced outputs, so whole
+            post_mlp_norm=w.post_mlp_norm,
         ))
     split_vocab = n > 1 and vocab_parallel and cfg.vocab_size % n == 0
     lm_head = engine.lm_head

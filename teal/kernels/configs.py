@@ -119,6 +119,12 @@ TUNED_V3: dict[tuple[int, int, int, str], KernelConfig] = {
 TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
     **TUNED_V3,
     (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+    # Gemma 3 12B's text decoder, tuned with `python -m teal.bench.kernels --shapes gemma-3-12b --batches 1
+    # --tune --tune-families all` (benchmarks/results/2026-11-29-h200-kernels-gemma-3-12b.json).
+    (3840, 8192, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=8, compact=True),
+    (4096, 3840, 1, "bf16"): KernelConfig(block_n=64, block_r=64, split_k=8, num_warps=2),
+    (3840, 30720, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+    (15360, 3840, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
 }
 
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
