@@ -295,29 +295,24 @@ def decode_layer(
     x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
                                   st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
                                   observe, "mlp_in", st.norm_offset)
-    if w.post_mlp_norm is not None:  # Gemma 3: no fused SiLU paths; the MLP output is normalised
+    if st.producer_compact[3]:
+        mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
+        if observe is not None:
+            observe("mlp_mid", mid)
+        out = _producer.gather_linear(lists, w.down)
+        out = out if w.down_bias is None else out + w.down_bias
+    elif st.act == "silu" and st.sparse[3] and st.tp_group is None and observe is None and _ops is not None:
+        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
+        out = out if w.down_bias is None else out + w.down_bias
+    else:
         gate, up = gu.split([inter, inter], dim=-1)
         mid = mlp_activation(gate, st.act) * up
         if observe is not None:
             observe("mlp_mid", mid)
         out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
                                    sp.down, sp.down_scale, st.tp_group)
-        return x, rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
-    if st.producer_compact[3]:
-        mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
-        if observe is not None:
-            observe("mlp_mid", mid)
-        out = _producer.gather_linear(lists, w.down)
-        return x, out if w.down_bias is None else out + w.down_bias
-    if st.sparse[3] and st.tp_group is None and observe is None and _ops is not None:
-        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
-        return x, out if w.down_bias is None else out + w.down_bias
-    gate, up = gu.split([inter, inter], dim=-1)
-    mid = mlp_activation(gate, st.act) * up
-    if observe is not None:
-        observe("mlp_mid", mid)
-    out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                               sp.down, sp.down_scale, st.tp_group)
+    if w.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
+        out = rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
     return x, out
 
 

@@ -372,17 +372,23 @@ def compact_input(
     return idx, val, xm, counts
 
 
+def _read_branch_flags(device: torch.device, counts: dict[tuple[str, Optional[int]], int], name: str,
+                       what: str) -> torch.Tensor:
+    """The first ``counts[device]`` int32 flags of workspace buffer ``name`` as booleans (synchronises)."""
+    key = _device_key(device)
+    if key not in counts:
+        raise RuntimeError(f"no {what} launch has run on {device} yet")
+    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), name, counts[key],
+                           torch.int32)
+    return flags[: counts[key]].bool()
+
+
 def last_gather_branches(device: torch.device) -> torch.Tensor:
     """Per column block of the last gather launch on ``device``: True where it took the dense branch.
 
     Diagnostics for tests and benchmarks; reads device memory (synchronises).
     """
-    key = _device_key(device)
-    if key not in _last_gather_blocks:
-        raise RuntimeError(f"no gather launch has run on {device} yet")
-    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "gather_branch",
-                           _last_gather_blocks[key], torch.int32)
-    return flags[: _last_gather_blocks[key]].bool()
+    return _read_branch_flags(device, _last_gather_blocks, "gather_branch", "gather")
 
 
 def last_union_branches(device: torch.device) -> torch.Tensor:
@@ -391,12 +397,7 @@ def last_union_branches(device: torch.device) -> torch.Tensor:
 
     Diagnostics for tests and benchmarks; reads device memory (synchronises).
     """
-    key = _device_key(device)
-    if key not in _last_union_programs:
-        raise RuntimeError(f"no batched compact launch has run on {device} yet")
-    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "union_branch",
-                           _last_union_programs[key], torch.int32)
-    return flags[: _last_union_programs[key]].bool()
+    return _read_branch_flags(device, _last_union_programs, "union_branch", "batched compact")
 
 
 def _launch_gather(
