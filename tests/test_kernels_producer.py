@@ -90,20 +90,21 @@ def _row_inputs(gen: torch.Generator, k: int, dtype: torch.dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("segments, chunk", [(1, NORM_CHUNK), (3, 128)])
 @pytest.mark.parametrize("scaled", [False, True], ids=["magnitude", "weight-aware"])
-def test_add_rmsnorm_compact_matches_reference(dtype, segments, chunk, scaled):
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["llama-norm", "gemma-norm"])
+def test_add_rmsnorm_compact_matches_reference(dtype, segments, chunk, scaled, offset):
     """K = 1000 in chunks of 512 (a full chunk and a partial one) or of 128 (8 programs per segment, each
-    counting the survivors of all earlier chunks)."""
+    counting the survivors of all earlier chunks); Llama's norm, or Gemma's (1 + w) rounded once."""
     from teal.engine.model import rms_norm
 
-    gen = torch.Generator().manual_seed(_seed(str(dtype), segments, scaled))
+    gen = torch.Generator().manual_seed(_seed(str(dtype), segments, scaled, offset))
     x, delta, weight = _row_inputs(gen, K_ODD, dtype)
     scale = (torch.rand(segments, K_ODD, generator=gen) + 0.5) if scaled else None
-    h_engine = rms_norm(x + delta, weight, EPS)
+    h_engine = rms_norm(x + delta, weight, EPS, offset)
     for sparsity in SPARSITIES:
         thr = _thresholds(h_engine, sparsity, segments)
         out = (torch.full_like(x, float("nan")), torch.full_like(x, float("nan")), _poisoned_lists(K_ODD, segments))
-        x_new, h, lists = add_rmsnorm_compact_triton(x, delta, weight, EPS, thr, scale, segments, chunk=chunk,
-                                                     out=out)
+        x_new, h, lists = add_rmsnorm_compact_triton(x, delta, weight, EPS, thr, scale, segments, offset,
+                                                     chunk=chunk, out=out)
         assert x_new.data_ptr() == out[0].data_ptr() and lists.idx.data_ptr() == out[2].idx.data_ptr()
         assert lists.counts.shape == (segments,)
         assert torch.equal(x_new, x + delta)
@@ -366,16 +367,23 @@ def test_gather_config_table_heuristic_and_override(tmp_path, monkeypatch):
 @needs_interpreter
 @pytest.mark.parametrize("weight_aware, producer_down", [(False, False), (True, False), (True, True)],
                          ids=["magnitude", "weight-aware", "weight-aware+down"])
-def test_engine_producer_path_matches_default_path(weight_aware, producer_down):
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma3"])
+def test_engine_producer_path_matches_default_path(weight_aware, producer_down, shape):
+    """Gemma 3's (1 + w) norms take the producer too; its GELU-gated down never does."""
     from teal.engine import Generator, engine_random
     from teal.engine.reference import activation_thresholds
 
-    engine = engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=48, transposed=True)
+    engine = engine_random(shape, dtype=torch.float32, device="cpu", max_seq_len=48, transposed=True)
+    with torch.no_grad():  # non-trivial norms (Gemma's are used as 1 + w)
+        for w in engine.layers:
+            for norm in (w.attn_norm, w.mlp_norm, w.q_norm, w.k_norm, w.post_attn_norm, w.post_mlp_norm):
+                if norm is not None:
+                    norm.uniform_(0.5, 1.5)
     ids = torch.randint(0, engine.config.vocab_size, (8,), generator=torch.Generator().manual_seed(0))
     scales = engine.weight_column_norms() if weight_aware else None
     th = activation_thresholds(engine, ids, 0.5, scales)
     # per-projection thresholds: q, k and v (and gate, up) of one layer differ
-    th = {key: value * (1.0 + 0.1 * (hash(key) % 3)) for key, value in th.items()}
+    th = {key: value * (1.0 + 0.1 * (zlib.crc32(key.encode()) % 3)) for key, value in th.items()}
     engine.set_thresholds(th, scales)
     engine.producer_down = producer_down  # off by default: down keeps sparse_linear
     results, logits = {}, {}
@@ -383,7 +391,8 @@ def test_engine_producer_path_matches_default_path(weight_aware, producer_down):
         gen = Generator(engine, sparse_path=path)
         assert engine.sparse_path == path
         flags = engine.layer_static(0).producer_compact
-        assert flags == ((True, False, True, producer_down) if path == "producer" else (False,) * 4)
+        down = producer_down and shape == "tiny-llama"
+        assert flags == ((True, False, True, down) if path == "producer" else (False,) * 4)
         results[path] = gen.generate(ids, max_new_tokens=5, stop=[]).tokens
         with torch.no_grad():
             engine.prefill(ids)

@@ -170,7 +170,7 @@ def residual_norm_project(
     (same result as `project` up to fp32 summation order). The observer sees the normalised input.
     """
     if producer:
-        x, h, lists = _producer.add_rmsnorm_compact(x, delta, norm, eps, thresholds, col_scale)
+        x, h, lists = _producer.add_rmsnorm_compact(x, delta, norm, eps, thresholds, col_scale, norm_offset)
         if observe is not None:
             observe(site, h)
         y = _producer.gather_linear(lists, w, splits)
@@ -484,10 +484,9 @@ class Engine:
         "producer" and the device runs the kernels."""
         if self.effective_sparse_path != "producer" or not producer_available(self.device):
             return (False, False, False, False)
-        if self.config.norm_offset != 0.0 or self.config.activation != "silu":
-            return (False, False, False, False)  # the producer kernels implement Llama's norm and SiLU
         qkv, _, gate_up, down = self.sparse_flags[i]
-        return (qkv, False, gate_up, down and self.producer_down and self.tp_group is None)
+        silu = self.config.activation == "silu"  # down's producer computes SiLU * up
+        return (qkv, False, gate_up, down and silu and self.producer_down and self.tp_group is None)
 
     def to_layout(self, transposed: bool) -> None:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""

@@ -578,13 +578,18 @@ def _residual_add(x_ptr, delta_ptr, offs, valid):
 
 
 @triton.jit
-def _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms):
+def _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms, OFFSET: tl.constexpr):
     """``(x_new, h)`` at ``offs``: ``x_new = x + delta``, ``h = rms_norm(x_new) * w`` with the engine's roundings
-    (normalise in fp32, round to x's dtype; multiply by the weight in fp32, round)."""
+    (OFFSET 0, Llama's: normalise in fp32, round to x's dtype; multiply by the weight in fp32, round. Otherwise
+    Gemma's: multiply the fp32 norm by (OFFSET + w) in fp32, round once)."""
     x_new = _residual_add(x_ptr, delta_ptr, offs, valid)
-    normed = _round_to(x_new.to(tl.float32) * inv_rms, x_new.dtype)
     wv = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    return x_new, _round_to(normed.to(tl.float32) * wv.to(tl.float32), x_new.dtype)
+    if OFFSET == 0.0:
+        normed = _round_to(x_new.to(tl.float32) * inv_rms, x_new.dtype)
+        h = _round_to(normed.to(tl.float32) * wv.to(tl.float32), x_new.dtype)
+    else:
+        h = _round_to(x_new.to(tl.float32) * inv_rms * (OFFSET + wv.to(tl.float32)), x_new.dtype)
+    return x_new, h
 
 
 @triton.jit
@@ -622,8 +627,10 @@ def add_rmsnorm_compact_kernel(
     BLOCK_K: tl.constexpr,
     CHUNK: tl.constexpr,
     PDL: tl.constexpr,
+    OFFSET: tl.constexpr = 0.0,
 ):
     """Residual add + RMSNorm of one token, and the survivor lists of the normalised input (global layout).
+    OFFSET: the norm weight is used as (OFFSET + w) with Gemma's rounding (see ``_add_rmsnorm``).
 
     Program (segment j, chunk c) loads the whole row once (one block, ``BLOCK_K >= K``): the sum of
     squares of ``x_new = x + delta``, then ``h`` of the whole row, of which it counts the entries below
@@ -642,7 +649,7 @@ def add_rmsnorm_compact_kernel(
     row_valid = offs_row < K
     xf_row = _residual_add(x_ptr, delta_ptr, offs_row, row_valid).to(tl.float32)
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf_row * xf_row, axis=0) / K + eps)
-    _, h_row = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs_row, row_valid, inv_rms)
+    _, h_row = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs_row, row_valid, inv_rms, OFFSET)
     earlier = offs_row < start
     cv_row = tl.full([BLOCK_K], 1.0, tl.float32)
     if HAS_SCALE:
@@ -650,7 +657,7 @@ def add_rmsnorm_compact_kernel(
     before = tl.sum(_keep(h_row, cv_row, thr, earlier).to(tl.int32), axis=0)
     offs = start + tl.arange(0, CHUNK)
     valid = offs < K
-    x_new, h = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms)
+    x_new, h = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs, valid, inv_rms, OFFSET)
     if seg == 0:
         tl.store(xnew_ptr + offs, x_new, mask=valid)
         tl.store(h_ptr + offs, h, mask=valid)

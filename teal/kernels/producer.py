@@ -171,12 +171,13 @@ def _check_gather(idx: torch.Tensor, val: torch.Tensor, xm: torch.Tensor, counts
 # References (plain torch)
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The engine's ``rms_norm`` (fp32 norm, rounded to x's dtype, then scaled by the weight): the numerics
-    the producer kernel reproduces. Imported at call time: the engine imports this package."""
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """The engine's ``rms_norm`` (offset 0: fp32 norm, rounded to x's dtype, then scaled by the weight; else
+    Gemma's: scaled by (offset + weight) in fp32, rounded once): the numerics the producer kernel reproduces.
+    Imported at call time: the engine imports this package."""
     from teal.engine.model import rms_norm
 
-    return rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps, offset)
 
 
 def survivor_lists_reference(act: torch.Tensor, thresholds: torch.Tensor, col_scale: Optional[torch.Tensor],
@@ -203,11 +204,11 @@ def survivor_lists_reference(act: torch.Tensor, thresholds: torch.Tensor, col_sc
 
 def add_rmsnorm_compact_reference(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                                   thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int,
-                                  ) -> tuple[torch.Tensor, torch.Tensor, SurvivorLists]:
+                                  norm_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, SurvivorLists]:
     """Plain-torch ``add_rmsnorm_compact``: ``(x + delta, rms_norm(x + delta) * w, lists of h)``."""
     _check_add_rmsnorm(x, delta, norm_weight, thresholds, col_scale, segments)
     x_new = x + delta
-    h = rms_norm_reference(x_new, norm_weight, eps)
+    h = rms_norm_reference(x_new, norm_weight, eps, norm_offset)
     return x_new, h, survivor_lists_reference(h, thresholds, col_scale, segments)
 
 
@@ -265,8 +266,8 @@ def _check_out_lists(name: str, lists: SurvivorLists, k: int, segments: int) -> 
 
 
 def add_rmsnorm_compact_triton(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                               thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int, *,
-                               chunk: Optional[int] = None,
+                               thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int,
+                               norm_offset: float = 0.0, *, chunk: Optional[int] = None,
                                out: Optional[tuple[torch.Tensor, torch.Tensor, SurvivorLists]] = None,
                                ) -> tuple[torch.Tensor, torch.Tensor, SurvivorLists]:
     """The Triton implementation (one launch, one program per segment and chunk of ``list_chunk(K, chunk)``
@@ -284,8 +285,8 @@ def add_rmsnorm_compact_triton(x: torch.Tensor, delta: torch.Tensor, norm_weight
     chunk = list_chunk(k, chunk or NORM_CHUNK)  # read at call time: tuning scripts may set NORM_CHUNK
     _triton_kernels().add_rmsnorm_compact_kernel[(segments, -(-k // chunk))](
         x.contiguous(), delta.contiguous(), norm_weight.contiguous(), thr, scale, x_new, h, *lists, k, float(eps),
-        HAS_SCALE=col_scale is not None, BLOCK_K=block_k, CHUNK=chunk, num_warps=4 if block_k <= 4096 else 8,
-        **pdl_launch(pdl_mode(x.device)),
+        HAS_SCALE=col_scale is not None, BLOCK_K=block_k, CHUNK=chunk, OFFSET=float(norm_offset),
+        num_warps=4 if block_k <= 4096 else 8, **pdl_launch(pdl_mode(x.device)),
     )
     return x_new, h, lists
 
@@ -338,16 +339,17 @@ def gather_linear_triton(idx: torch.Tensor, val: torch.Tensor, xm: torch.Tensor,
 @torch.library.custom_op("teal::add_rmsnorm_compact", mutates_args=())
 def _add_rmsnorm_compact_op(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                             thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int,
+                            norm_offset: float = 0.0,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     run = add_rmsnorm_compact_triton if uses_triton(x.device) else add_rmsnorm_compact_reference
-    x_new, h, lists = run(x, delta, norm_weight, eps, thresholds, col_scale, segments)
+    x_new, h, lists = run(x, delta, norm_weight, eps, thresholds, col_scale, segments, norm_offset)
     return (x_new, h, *lists)
 
 
 @_add_rmsnorm_compact_op.register_fake
 def _add_rmsnorm_compact_fake(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                               thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], segments: int,
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                              norm_offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_add_rmsnorm(x, delta, norm_weight, thresholds, col_scale, segments)
     return (torch.empty_like(x), torch.empty_like(x), *empty_lists(x.device, x.shape[1], segments))
 
@@ -386,16 +388,17 @@ def _gather_linear_fake(idx: torch.Tensor, val: torch.Tensor, xm: torch.Tensor, 
 
 
 def add_rmsnorm_compact(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                        thresholds: torch.Tensor, col_scale: Optional[torch.Tensor] = None,
+                        thresholds: torch.Tensor, col_scale: Optional[torch.Tensor] = None, norm_offset: float = 0.0,
                         ) -> tuple[torch.Tensor, torch.Tensor, SurvivorLists]:
-    """``x_new = x + delta``, ``h = rms_norm(x_new) * norm_weight`` (the engine's roundings) and, per
-    segment j, the survivor list of ``h`` under ``|h| * c_j > t_j``.
+    """``x_new = x + delta``, ``h = rms_norm(x_new) * norm_weight`` (the engine's roundings; with a nonzero
+    ``norm_offset``, Gemma's ``(offset + norm_weight)`` in fp32) and, per segment j, the survivor list of
+    ``h`` under ``|h| * c_j > t_j``.
 
     x, delta [1, K] (bf16/fp16/fp32, K <= MAX_NORM_K); norm_weight [K] in x's dtype; thresholds fp32
     [S] (S <= 4); col_scale fp32 [S, K] or None. Returns ``(x_new, h, SurvivorLists)``.
     """
     out = torch.ops.teal.add_rmsnorm_compact(x, delta, norm_weight, float(eps), thresholds, col_scale,
-                                             thresholds.numel())
+                                             thresholds.numel(), float(norm_offset))
     return out[0], out[1], SurvivorLists(*out[2:])
 
 
