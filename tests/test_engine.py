@@ -362,6 +362,36 @@ def test_smollm2_logits_match_hf():
     assert math.isfinite(out.tokens_per_s)
 
 
+def test_multimodal_gemma3_text_decoder_from_model_and_checkpoint(tmp_path):
+    """A Gemma 3 vision-language model (model_type 'gemma3'): the engine takes its text decoder, whose
+    weights sit under model.language_model. when loaded and language_model.model. in its files."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+
+    text = {**TINY, **FAMILIES["gemma3-sandwich"], "vocab_size": 300}
+    text.pop("model_type")
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text, vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=299,
+                       boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    hf = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    ids = prompt_ids(12, vocab=290)
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None]).logits[0]
+    engine = engine_from_hf_model(hf, dtype=torch.float32, device="cpu", max_seq_len=32)
+    assert engine.config.model_type == "gemma3_text" and engine.config.sandwich_norms
+    assert rel_err(engine.prefill(ids, all_logits=True), ref) <= 1e-4
+    hf.save_pretrained(tmp_path)
+    loaded = engine_from_checkpoint(tmp_path, dtype=torch.float32, device="cpu", max_seq_len=32)
+    assert rel_err(loaded.prefill(ids, all_logits=True), ref) <= 1e-4
+    tokens = Generator(loaded, mode="eager").generate(ids, max_new_tokens=6, stop=[]).tokens
+    assert tokens == hf_greedy(hf, ids, 6)
+
+
 @pytest.mark.skipif(os.environ.get("TEAL_TEST_GEMMA") != "1",
                     reason="converts the 270M Gemma 3 GGUF (~45 s, 1 GB); set TEAL_TEST_GEMMA=1")
 def test_gemma3_270m_logits_and_greedy_tokens_match_hf():

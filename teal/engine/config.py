@@ -138,14 +138,21 @@ class EngineConfig:
 
     @classmethod
     def from_hf(cls, config) -> "EngineConfig":
-        """Read an HF `PretrainedConfig`; unsupported architectures raise `ValueError`."""
+        """Read an HF `PretrainedConfig`; unsupported architectures raise `ValueError`. A multimodal config
+        whose text model is supported (Gemma 3's `gemma3` with its `text_config`) gives the text decoder's."""
+        text_config = getattr(config, "text_config", None)
+        if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES and text_config is not None and \
+                getattr(text_config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+            if getattr(text_config, "eos_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
+                text_config.eos_token_id = config.eos_token_id
+            if not getattr(text_config, "name_or_path", ""):
+                text_config.name_or_path = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
+            config = text_config
         model_type = getattr(config, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
-            hint = ("; for a multimodal Gemma 3 checkpoint load its text model (Gemma3ForCausalLM, model_type "
-                    "'gemma3_text')") if model_type == "gemma3" else ""
             raise ValueError(
                 f"the decode engine does not support model_type {model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}{hint}"
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
         if act not in ACTIVATIONS:

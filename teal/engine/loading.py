@@ -22,7 +22,8 @@ def engine_from_hf_model(
     max_seq_len: int = 2048,
     transposed: bool = False,
 ) -> Engine:
-    """Copy the weights of a loaded HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text) into a new engine."""
+    """Copy the weights of a loaded HF causal LM (Llama, Mistral, Qwen2, Qwen3, Gemma 3) into a new engine; of a
+    multimodal Gemma 3, its text decoder."""
     config = EngineConfig.from_hf(model.config)
     first = next(model.parameters())
     dtype = dtype or first.dtype
@@ -80,7 +81,15 @@ def engine_from_checkpoint(
             return None
         return handle.get_tensor(name)  # type: ignore[attr-defined]
 
-    return _build(config, get, dtype=dtype, device=device, max_seq_len=max_seq_len, transposed=transposed)
+    def has(name: str) -> bool:
+        if weight_map:
+            return name in weight_map
+        single = "model.safetensors"
+        if single not in handles:
+            handles[single] = safe_open(str(path / single), framework="pt", device=str(device))
+        return name in handles[single].keys()  # type: ignore[attr-defined]
+
+    return _build(config, get, dtype=dtype, device=device, max_seq_len=max_seq_len, transposed=transposed, has=has)
 
 
 def engine_random(
@@ -143,6 +152,32 @@ def _bias_layout(hf_config, model_type: str) -> dict[str, bool]:
     }
 
 
+#: Where a causal LM's text decoder sits: its own `model.` (Llama, Gemma3ForCausalLM, ...); inside a
+#: multimodal model as loaded by transformers (`model.language_model.`); in its checkpoint files
+#: (`language_model.model.`).
+DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+
+
+def _decoder_getter(get: TensorGetter, has: Callable[[str], bool], name: str) -> TensorGetter:
+    """`get` with the text decoder's names rewritten from `model.` to the prefix this model uses (`has` says
+    whether a tensor exists without reading it)."""
+    prefix = next((p for p in DECODER_PREFIXES if has(p + "embed_tokens.weight")), None)
+    if prefix is None:
+        tried = ", ".join(p + "embed_tokens.weight" for p in DECODER_PREFIXES)
+        raise KeyError(f"no token embedding found in {name!r} (looked for {tried})")
+    if prefix == "model.":
+        return get
+    head = "language_model.lm_head.weight" if prefix == "language_model.model." and has(
+        "language_model.lm_head.weight") else "lm_head.weight"
+
+    def renamed(key: str) -> torch.Tensor | None:
+        if key == "lm_head.weight":
+            return get(head)
+        return get(prefix + key.removeprefix("model.")) if key.startswith("model.") else get(key)
+
+    return renamed
+
+
 def _build(
     config: EngineConfig,
     get: TensorGetter,
@@ -151,7 +186,10 @@ def _build(
     device: torch.device,
     max_seq_len: int,
     transposed: bool,
+    has: Callable[[str], bool] | None = None,
 ) -> Engine:
+    get = _decoder_getter(get, has or (lambda key: get(key) is not None), config.name)
+
     def need(name: str) -> torch.Tensor:
         t = get(name)
         if t is None:
