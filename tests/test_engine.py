@@ -390,6 +390,17 @@ def test_multimodal_gemma3_text_decoder_from_model_and_checkpoint(tmp_path):
     assert rel_err(loaded.prefill(ids, all_logits=True), ref) <= 1e-4
     tokens = Generator(loaded, mode="eager").generate(ids, max_new_tokens=6, stop=[]).tokens
     assert tokens == hf_greedy(hf, ids, 6)
+    # its text decoder under a causal LM's names loads into the text-only model completely (the benchmark's
+    # shallow twin takes its first layers this way)
+    from transformers import AutoModelForCausalLM
+
+    from teal.engine.loading import text_decoder_state_dict
+
+    text_lm = AutoModelForCausalLM.from_config(engine.config.hf_config, attn_implementation="eager").eval()
+    missing, unexpected = text_lm.load_state_dict(text_decoder_state_dict(hf), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    with torch.no_grad():
+        assert rel_err(text_lm(ids[None]).logits[0], ref) <= 1e-4
 
 
 @pytest.mark.skipif(os.environ.get("TEAL_TEST_GEMMA") != "1",

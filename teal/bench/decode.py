@@ -34,6 +34,7 @@ import torch
 _IMPORT_TIME = time.time()
 
 from teal.engine import MODES, Generator, engine_from_hf_model, engine_random, resolve_thresholds  # noqa: E402
+from teal.engine.loading import text_decoder_state_dict  # noqa: E402
 from teal.engine.model import PROJECTIONS, SPARSE_PATHS, Engine  # noqa: E402
 from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  # noqa: E402
 
@@ -218,9 +219,10 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     with torch.random.fork_rng(devices=rng_devices), torch.device(engine.device):
         torch.manual_seed(TWIN_SEED)
         hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    if source is not None:
+    if source is not None:  # its first layers (a multimodal model's text decoder)
         wanted = hf32.state_dict()
-        hf32.load_state_dict({k: v.float() for k, v in source.state_dict().items() if k in wanted}, strict=False)
+        source_state = text_decoder_state_dict(source)
+        hf32.load_state_dict({k: v.float() for k, v in source_state.items() if k in wanted}, strict=False)
     gen_ids = torch.Generator(device=engine.device).manual_seed(3)
     ids = torch.randint(0, engine.config.vocab_size, (48,), device=engine.device, generator=gen_ids)
     prompt = 40

@@ -158,6 +158,21 @@ def _bias_layout(hf_config, model_type: str) -> dict[str, bool]:
 DECODER_PREFIXES = ("model.", "model.language_model.", "language_model.model.")
 
 
+def text_decoder_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The text decoder's tensors of `model` under a causal LM's names (`model.…`, `lm_head.weight`): a
+    multimodal model's `model.language_model.…` / `language_model.model.…` entries renamed, its other
+    parts (vision tower, projector) left out; a causal LM's state dict as it is."""
+    state = model.state_dict()
+    for prefix in DECODER_PREFIXES[1:]:
+        if any(k.startswith(prefix) for k in state):
+            out = {"model." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            head = next((state[k] for k in ("lm_head.weight", "language_model.lm_head.weight") if k in state), None)
+            if head is not None:
+                out["lm_head.weight"] = head
+            return out
+    return state
+
+
 def _decoder_getter(get: TensorGetter, has: Callable[[str], bool], name: str) -> TensorGetter:
     """`get` with the text decoder's names rewritten from `model.` to the prefix this model uses (`has` says
     whether a tensor exists without reading it)."""
