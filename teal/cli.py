@@ -330,7 +330,7 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: flo
 # ---- bench ----------------------------------------------------------------------------------
 @bench_app.command("kernels")
 def bench_kernels(
-    shapes: str = typer.Option("llama-3-8b,llama-2-7b"),
+    shapes: str = typer.Option("llama-3-8b,llama-2-7b", help="comma list of llama-3-8b, llama-2-7b, gemma-3-12b"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65,0.8,0.9"),
     batch: str = typer.Option("1,2,4,8"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
@@ -346,7 +346,8 @@ def bench_kernels(
 @bench_app.command("decode")
 def bench_decode(
     model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
-    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b"),
+    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b | gemma-3-1b | "
+                                                 "gemma-3-12b (random weights; teal.engine.SHAPES)"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     artifact: Optional[Path] = typer.Option(None, help="thresholds artifact for --model"),
     prompt_len: int = typer.Option(128),
