@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,7 @@ class EngineConfig:
         text_config = getattr(config, "text_config", None)
         if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES and text_config is not None and \
                 getattr(text_config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+            text_config = copy.deepcopy(text_config)  # the caller's config is left as it is
             if getattr(text_config, "eos_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:
                 text_config.eos_token_id = config.eos_token_id
             if not getattr(text_config, "name_or_path", ""):
