@@ -442,7 +442,6 @@ class Engine:
             emb = torch.cat((freqs, freqs), dim=-1)
             self.cos_tables.append((emb.cos() * scale).to(device=self.device, dtype=self.dtype))
             self.sin_tables.append((emb.sin() * scale).to(device=self.device, dtype=self.dtype))
-        self.cos, self.sin = self.cos_tables[0], self.sin_tables[0]
         self.positions = torch.arange(max_seq_len, device=self.device)
         self.max_seq_len = max_seq_len
 

@@ -32,6 +32,16 @@ def _keep(xv, cv, thr, valid):
 
 
 @triton.jit
+def _col_scale(row_ptr, offs, valid, HAS_SCALE: tl.constexpr, N: tl.constexpr):
+    """The column scales ``c[offs]`` of one segment's scale row (fp32, 0 where not valid), or ones without a
+    scale (the magnitude rule)."""
+    cv = tl.full([N], 1.0, tl.float32)
+    if HAS_SCALE:
+        cv = tl.load(row_ptr + offs, mask=valid, other=0.0)
+    return cv
+
+
+@triton.jit
 def _load_input(x_ptr, offs, valid, K, GLU: tl.constexpr):
     """Batch-1 input entries ``offs``: ``x[offs]``, or with GLU ``silu(x[offs]) * x[K + offs]`` (x the gate|up
     row, rounded as ``_silu_mul``); 0 where not valid."""
@@ -48,9 +58,7 @@ def _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_row, thr,
     """``acc [BB, BN] += (x[:, rows] masked per batch row) @ w_t[rows, cols]`` for one tile of rows."""
     w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
                 eviction_policy="evict_first")
-    cv = tl.full([BLOCK_R], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv = tl.load(scale_row + rows, mask=live, other=0.0)
+    cv = _col_scale(scale_row, rows, live, HAS_SCALE, BLOCK_R)
     xv = tl.load(x_rows + rows[None, :], mask=b_valid & live[None, :], other=0.0)
     xm = tl.where(_keep(xv, cv[None, :], thr, b_valid & live[None, :]), xv, tl.zeros_like(xv))
     if USE_DOT:
@@ -138,9 +146,7 @@ def sparse_gemv_kernel(
         for c0 in range(k_start, k_end, CHUNK):
             offs_c = c0 + tl.arange(0, CHUNK)
             valid = offs_c < k_end
-            cv = tl.full([CHUNK], 1.0, tl.float32)
-            if HAS_SCALE:
-                cv = tl.load(scale_ptr + seg * K + offs_c, mask=valid, other=0.0)
+            cv = _col_scale(scale_ptr + seg * K, offs_c, valid, HAS_SCALE, CHUNK)
             xv = _load_input(x_ptr, offs_c, valid, K, GLU)
             keep = _keep(xv, cv, thr, valid)
             pos = count + tl.cumsum(keep.to(tl.int32), axis=0) - 1
@@ -177,9 +183,7 @@ def sparse_gemv_kernel(
         # Batch 1: accumulate a [BLOCK_R, BLOCK_N] tile of products; reduce over rows once at the end.
         offs_r = k_start + tl.arange(0, BLOCK_R)
         valid = offs_r < k_end
-        c_cur = tl.full([BLOCK_R], 1.0, tl.float32)
-        if HAS_SCALE:
-            c_cur = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        c_cur = _col_scale(scale_ptr + seg * K, offs_r, valid, HAS_SCALE, BLOCK_R)
         x_cur = _load_input(x_ptr, offs_r, valid, K, GLU)
         keep = _keep(x_cur, c_cur, thr, valid)
         w_cur = tl.load(w_cols + offs_r[:, None] * stride_wk, mask=keep[:, None] & n_mask[None, :], other=0.0,
@@ -219,9 +223,7 @@ def sparse_gemv_kernel(
         for c0 in range(k_start, k_end, CHUNK):
             offs_c = c0 + tl.arange(0, CHUNK)
             valid = offs_c < k_end
-            cv = tl.full([CHUNK], 1.0, tl.float32)
-            if HAS_SCALE:
-                cv = tl.load(scale_ptr + seg * K + offs_c, mask=valid, other=0.0)
+            cv = _col_scale(scale_ptr + seg * K, offs_c, valid, HAS_SCALE, CHUNK)
             xv = tl.load(x_rows + offs_c[None, :], mask=b_valid & valid[None, :], other=0.0)
             union = tl.max(_keep(xv, cv[None, :], thr, b_valid & valid[None, :]).to(tl.int32), axis=0)
             pos = count + tl.cumsum(union, axis=0) - 1
@@ -252,9 +254,7 @@ def sparse_gemv_kernel(
         x_rows = x_ptr + offs_b[:, None] * stride_xb
         offs_r = k_start + tl.arange(0, BLOCK_R)
         valid = offs_r < k_end
-        c_cur = tl.full([BLOCK_R], 1.0, tl.float32)
-        if HAS_SCALE:
-            c_cur = tl.load(scale_ptr + seg * K + offs_r, mask=valid, other=0.0)
+        c_cur = _col_scale(scale_ptr + seg * K, offs_r, valid, HAS_SCALE, BLOCK_R)
         x_cur = tl.load(x_rows + offs_r[None, :], mask=b_valid & valid[None, :], other=0.0)
         keep = _keep(x_cur, c_cur[None, :], thr, b_valid & valid[None, :])
         union = tl.max(keep.to(tl.int32), axis=0) > 0
@@ -337,9 +337,7 @@ def mask_input_kernel(x_ptr, xm_ptr, thr_ptr, scale_ptr, B, K, HAS_SCALE: tl.con
     offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     valid = offs < K
     xv = tl.load(x_ptr + b * K + offs, mask=valid, other=0.0)
-    cv = tl.full([BLOCK_K], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    cv = _col_scale(scale_ptr + seg * K, offs, valid, HAS_SCALE, BLOCK_K)
     keep = _keep(xv, cv, tl.load(thr_ptr + seg), valid)
     tl.store(xm_ptr + row * K + offs, tl.where(keep, xv, tl.zeros_like(xv)), mask=valid)
 
@@ -381,16 +379,12 @@ def compact_input_kernel(
     for p0 in range(0, start, PREFIX):
         offs_p = p0 + tl.arange(0, PREFIX)
         valid_p = offs_p < start
-        cv_p = tl.full([PREFIX], 1.0, tl.float32)
-        if HAS_SCALE:
-            cv_p = tl.load(scale_ptr + seg * K + offs_p, mask=valid_p, other=0.0)
+        cv_p = _col_scale(scale_ptr + seg * K, offs_p, valid_p, HAS_SCALE, PREFIX)
         xv_p = tl.load(x_ptr + offs_p, mask=valid_p, other=0.0)
         before += tl.sum(_keep(xv_p, cv_p, thr, valid_p).to(tl.int32), axis=0)
     offs = start + tl.arange(0, CHUNK)
     valid = offs < K
-    cv = tl.full([CHUNK], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    cv = _col_scale(scale_ptr + seg * K, offs, valid, HAS_SCALE, CHUNK)
     xv = tl.load(x_ptr + offs, mask=valid, other=0.0)
     keep = _keep(xv, cv, thr, valid)
     kept = keep.to(tl.int32)
@@ -651,9 +645,7 @@ def add_rmsnorm_compact_kernel(
     inv_rms = 1.0 / tl.sqrt(tl.sum(xf_row * xf_row, axis=0) / K + eps)
     _, h_row = _add_rmsnorm(x_ptr, delta_ptr, w_ptr, offs_row, row_valid, inv_rms, OFFSET)
     earlier = offs_row < start
-    cv_row = tl.full([BLOCK_K], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv_row = tl.load(scale_ptr + seg * K + offs_row, mask=earlier, other=0.0)
+    cv_row = _col_scale(scale_ptr + seg * K, offs_row, earlier, HAS_SCALE, BLOCK_K)
     before = tl.sum(_keep(h_row, cv_row, thr, earlier).to(tl.int32), axis=0)
     offs = start + tl.arange(0, CHUNK)
     valid = offs < K
@@ -661,9 +653,7 @@ def add_rmsnorm_compact_kernel(
     if seg == 0:
         tl.store(xnew_ptr + offs, x_new, mask=valid)
         tl.store(h_ptr + offs, h, mask=valid)
-    cv = tl.full([CHUNK], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv = tl.load(scale_ptr + seg * K + offs, mask=valid, other=0.0)
+    cv = _col_scale(scale_ptr + seg * K, offs, valid, HAS_SCALE, CHUNK)
     _list_chunk(h, cv, thr, offs, valid, before, seg * K, chunk == tl.num_programs(1) - 1, cnt_ptr + seg,
                 idx_ptr, val_ptr, xm_ptr)
 
@@ -711,17 +701,13 @@ def silu_mul_compact_kernel(
     for p0 in range(0, start, PREFIX):
         offs_p = p0 + tl.arange(0, PREFIX)
         valid_p = offs_p < start
-        cv_p = tl.full([PREFIX], 1.0, tl.float32)
-        if HAS_SCALE:
-            cv_p = tl.load(scale_ptr + offs_p, mask=valid_p, other=0.0)
+        cv_p = _col_scale(scale_ptr, offs_p, valid_p, HAS_SCALE, PREFIX)
         mid_p = _silu_mul(tl.load(gu_ptr + offs_p, mask=valid_p, other=0.0),
                           tl.load(gu_ptr + K + offs_p, mask=valid_p, other=0.0))
         before += tl.sum(_keep(mid_p, cv_p, thr, valid_p).to(tl.int32), axis=0)
     offs = start + tl.arange(0, CHUNK)
     valid = offs < K
-    cv = tl.full([CHUNK], 1.0, tl.float32)
-    if HAS_SCALE:
-        cv = tl.load(scale_ptr + offs, mask=valid, other=0.0)
+    cv = _col_scale(scale_ptr, offs, valid, HAS_SCALE, CHUNK)
     mid = _silu_mul(tl.load(gu_ptr + offs, mask=valid, other=0.0), tl.load(gu_ptr + K + offs, mask=valid, other=0.0))
     tl.store(mid_ptr + offs, mid, mask=valid)
     _list_chunk(mid, cv, thr, offs, valid, before, 0, chunk == tl.num_programs(0) - 1, cnt_ptr, idx_ptr, val_ptr,
