@@ -61,6 +61,13 @@ def _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_row, thr,
     cv = _col_scale(scale_row, rows, live, HAS_SCALE, BLOCK_R)
     xv = tl.load(x_rows + rows[None, :], mask=b_valid & live[None, :], other=0.0)
     xm = tl.where(_keep(xv, cv[None, :], thr, b_valid & live[None, :]), xv, tl.zeros_like(xv))
+    return _batch_product(acc, xm, w, USE_DOT, DOT_FP32)
+
+
+@triton.jit
+def _batch_product(acc, xm, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``acc [BB, BN] + xm [BB, BR] @ w [BR, BN]`` in fp32: tensor cores (``tl.dot``; exact fp32 products with
+    DOT_FP32) or FMAs."""
     if USE_DOT:
         if DOT_FP32:
             acc = tl.dot(xm.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
@@ -279,13 +286,7 @@ def sparse_gemv_kernel(
             x_nxt2 = tl.load(x_rows + offs_r[None, :], mask=b_valid & valid2[None, :], other=0.0)
             if HAS_SCALE:
                 c_nxt = tl.load(scale_ptr + seg * K + offs_r, mask=valid2, other=0.0)
-            if USE_DOT:
-                if DOT_FP32:
-                    acc = tl.dot(xm_cur.to(tl.float32), w_cur.to(tl.float32), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(xm_cur, w_cur, acc)
-            else:
-                acc += tl.sum(xm_cur.to(tl.float32)[:, :, None] * w_cur.to(tl.float32)[None, :, :], axis=1)
+            acc = _batch_product(acc, xm_cur, w_cur, USE_DOT, DOT_FP32)
             xm_cur = tl.where(keep, x_nxt, tl.zeros_like(x_nxt))
             w_cur = w_nxt
             x_nxt = x_nxt2
