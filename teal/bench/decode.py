@@ -292,6 +292,15 @@ def build_hf_twin(engine: Engine) -> torch.nn.Module:
     return hf.eval()
 
 
+def _kernel_ops_cuda_available(device: torch.device) -> bool:
+    """Whether the CUDA C++ sparse GEMV runs on ``device`` (then the engine's default path is "kernel")."""
+    try:
+        from teal.kernels.ops import cuda_kernel_available
+    except ImportError:
+        return False
+    return cuda_kernel_available(device)
+
+
 def run(
     model: str | None = None,
     shape: str | None = "llama-3-8b",
@@ -326,7 +335,9 @@ def run(
     or the engine's default (None: the op on CUDA).
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
-        sparse_paths = ["producer" if tp == 1 and str(device).startswith("cuda") else "kernel"]
+        cuda_device = str(device).startswith("cuda")
+        producer = tp == 1 and cuda_device and not _kernel_ops_cuda_available(torch.device(device))
+        sparse_paths = ["producer" if producer else "kernel"]
     sparse_paths = list(dict.fromkeys(sparse_paths))
     unknown_paths = [p for p in sparse_paths if p not in SPARSE_PATHS]
     if unknown_paths or not sparse_paths:
@@ -653,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
     parser.add_argument("--sparse-path", default=None,
-                        help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's, producer on one GPU")
+                        help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's (kernel where the CUDA C++ GEMV runs, else producer on one GPU)")
     parser.add_argument("--attention", choices=("default", "fused", "torch"), default="default",
                         help="decode attention: the split-KV op (fused), compiled torch code, or the engine's default")
     args = parser.parse_args(argv)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from teal.kernels import ops
 from teal.kernels import configs as kernel_configs
 from teal.kernels.configs import KernelConfig, batch_bucket, get_config
 from teal.kernels.naive import naive_sparse_linear
@@ -166,6 +167,21 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
         (dtype, 4096, (14336, 14336), (1,), True, gather_hand),
         (torch.float16, 14336, (4096,), (1,), False, gather_always),
     ]
+    # The CUDA C++ kernel (batch 1, segment widths multiples of the 16-byte vector).
+    cuda_small = KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True)
+    cuda_wide = KernelConfig(block_n=512, block_r=4, split_k=2, num_warps=4, cuda=True)
+    cuda_one = KernelConfig(block_n=256, block_r=16, split_k=1, num_warps=16, cuda=True)
+    cuda_llama = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True)
+    cases += [
+        (dtype, 1000, (1000, 1008, 1000), (1,), False, cuda_small),
+        (dtype, 1000, (1000, 1008, 1000), (1,), True, cuda_wide),
+        (torch.float16, 200, (304,), (1,), True, cuda_small),
+        (torch.float32, 200, (120, 184), (1,), False, cuda_one),
+        (torch.float32, 200, (120, 184), (1,), True, cuda_wide),
+        (dtype, 4096, (4096, 1024, 1024), (1,), True, cuda_llama),
+        (dtype, 14336, (4096,), (1,), False, cuda_llama),
+        (torch.float16, 4096, (14336, 14336), (1,), False, cuda_one),
+    ]
     for case in cases:
         try:
             rows.extend(_self_check_case(gen, *case))
@@ -175,6 +191,66 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
         rows.extend(_self_check_graph_compile(dtype))
     except Exception:  # noqa: BLE001
         rows.append(dict(check="graph/compile", ok=False, error=traceback.format_exc()[-1500:]))
+    for check in (_self_check_cuda_glu, _self_check_cuda_graph):
+        try:
+            rows.extend(check(dtype))
+        except Exception:  # noqa: BLE001
+            rows.append(dict(check=check.__name__, ok=False, error=traceback.format_exc()[-1500:]))
+    return rows
+
+
+def _self_check_cuda_glu(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The CUDA kernel's SiLU-gated input (down's product from the gate|up row) against float64 and against
+    the Triton kernel's fused launch (same roundings of the gated input)."""
+    from teal.kernels.ops import sparse_linear_glu_triton, silu_mul
+
+    rows: list[dict[str, Any]] = []
+    k, n = 3072, 1024
+    w_t = (torch.randn(k, n, device="cuda") * k**-0.5).to(dtype)
+    cfg = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
+    for s in (0.0, 0.5, 0.9):
+        gate_up = torch.randn(1, 2 * k, device="cuda", dtype=dtype) * 2
+        mid = silu_mul(gate_up)
+        thr = _thresholds(mid, s, 1)
+        before = ops.path_counts["cuda"]
+        out = sparse_linear_glu_triton(gate_up, w_t, thr, config=cfg)
+        took_cuda = ops.path_counts["cuda"] == before + 1
+        triton = sparse_linear_glu_triton(gate_up, w_t, thr,
+                                          config=KernelConfig(block_n=128, block_r=32, split_k=8))
+        err = _rel_err(out, _reference64(mid, w_t.double(), thr, [n]))
+        rows.append(dict(check="cuda_glu", sparsity=s, rel_err=err, took_cuda=took_cuda,
+                         max_diff_vs_triton=float((out.float() - triton.float()).abs().max()),
+                         ok=bool(took_cuda and err <= MAX_REL_ERR[dtype])))
+    return rows
+
+
+def _self_check_cuda_graph(dtype: torch.dtype) -> list[dict[str, Any]]:
+    """The CUDA kernel captured once in a CUDA graph (fused q|k|v widths), replayed with new inputs and
+    thresholds at s = 0, 0.5 and 0.9: each replay equals an eager call bit for bit (deterministic sums)."""
+    rows: list[dict[str, Any]] = []
+    splits = [4096, 1024, 1024]
+    k, n = 4096, sum(splits)
+    cfg = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True)
+    w_t = (torch.randn(k, n, device="cuda") * k**-0.5).to(dtype)
+    static_x = torch.randn(1, k, device="cuda", dtype=dtype)
+    static_thr = torch.full((3,), float("-inf"), device="cuda")
+    sparse_linear_triton(static_x, w_t, static_thr, splits, config=cfg)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = sparse_linear_triton(static_x, w_t, static_thr, splits, config=cfg)
+    for s in (0.0, 0.5, 0.9):
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        thr = _thresholds(x, s, 3) * torch.linspace(1.0, 1.2, 3, device="cuda")
+        static_x.copy_(x)
+        static_thr.copy_(thr)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed = static_y.clone()
+        eager = sparse_linear_triton(x, w_t, thr, splits, config=cfg)
+        err = _rel_err(replayed, _reference64(x, w_t.double(), thr, splits))
+        rows.append(dict(check="cuda_graph", sparsity=s, rel_err=err,
+                         ok=bool(torch.equal(replayed, eager) and err <= MAX_REL_ERR[dtype])))
     return rows
 
 
@@ -198,7 +274,9 @@ def _self_check_case(
             scale = (torch.rand(len(splits), k, device=device, generator=gen) + 0.5) if scaled else None
             thr = _thresholds(x, s, len(splits)) * torch.linspace(1.0, 1.2, len(splits), device=device)
             out = torch.full((batch, n), float("nan"), dtype=dt, device=device)
+            before = ops.path_counts["cuda"]
             sparse_linear_triton(x, w_t, thr, list(splits), scale, out=out, config=config)
+            took_cuda = ops.path_counts["cuda"] == before + 1
             score = x.abs().float()
             outs, start = [], 0
             for j, width in enumerate(splits):
@@ -209,7 +287,7 @@ def _self_check_case(
             err = _rel_err(out, ref)
             rows.append(dict(dtype=str(dt).replace("torch.", ""), K=k, splits=list(splits), batch=batch,
                              sparsity=s, col_scale=scaled, config=None if config is None else config.as_dict(),
-                             rel_err=err, ok=bool(err <= MAX_REL_ERR[dt])))
+                             rel_err=err, ok=bool(err <= MAX_REL_ERR[dt] and (took_cuda or not (config and config.cuda)))))
     return rows
 
 
@@ -383,7 +461,12 @@ def run(
                     try:
                         res = tune_shape(w_ts, splits, batch, sm_count=sms, sparsities=tuple(tune_sparsities),
                                          families=tune_families)
-                        kernel_configs.TUNED[key] = res.best
+                        # the winner goes where get_config looks first for its kind
+                        if res.best.cuda:
+                            kernel_configs.TUNED_CUDA[key] = res.best
+                        else:
+                            kernel_configs.TUNED[key] = res.best
+                            kernel_configs.TUNED_CUDA.pop(key, None)
                         tuned_keys.add(key)
                         data["tuning"].append(dict(K=k, N=n, bucket=key[2], best=res.best.as_dict(),
                                                    entry=table_entry(res), times_us=res.times_us,
@@ -391,7 +474,7 @@ def run(
                         console.print(f"tuned K={k} N={n} B<={key[2]}: {res.best}")
                     except Exception:  # noqa: BLE001 - keep benchmarking with the table/heuristic
                         console.print(f"[red]tuning failed[/] K={k} N={n} B={batch}\n{traceback.format_exc()}")
-                config = get_config(k, n, batch, torch_dtype, sms)
+                config = get_config(k, n, batch, torch_dtype, sms, cuda_ok=ops.cuda_kernel_available(device))
                 xs = [torch.randn(batch, k, device=device, dtype=torch_dtype) for _ in range(copies)]
                 cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
                 half = [_thresholds(x, 0.5, len(splits)) for x in xs]
@@ -455,7 +538,8 @@ def run(
                     _derive(row, copy_bw)
                 write_json(data, json_path)
     if table_out is not None and tuned_keys:
-        write_json(kernel_configs.table_to_json({key: kernel_configs.TUNED[key] for key in sorted(tuned_keys)}),
+        write_json(kernel_configs.table_to_json({key: kernel_configs.TUNED_CUDA.get(key) or kernel_configs.TUNED[key]
+                                                 for key in sorted(tuned_keys)}),
                    table_out)
     # Copy bandwidth again at the end; ratios use the higher of the two readings.
     copy_end = measure_copy_bandwidth()
@@ -542,7 +626,7 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
     for line in compact_summary(data):
         print(line, flush=True)
     if data["tuning"]:
-        console.print("tuned table entries (teal/kernels/configs.py TUNED):")
+        console.print("tuned table entries (teal/kernels/configs.py TUNED, or TUNED_CUDA for cuda=True):")
         for t in data["tuning"]:
             print(t["entry"], flush=True)
     failed = [t for t in data["targets"] if not t["ok"]]
@@ -654,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--plot", dest="plot_path", default=None, help="write a time-vs-sparsity figure here")
     parser.add_argument("--tune", action="store_true", help="tune configurations first (prints table entries)")
     parser.add_argument("--tune-sparsities", default="0,0.5", help="sparsities the tuner scores candidates at")
-    parser.add_argument("--tune-families", default="all", choices=("all", "gather", "union"),
+    parser.add_argument("--tune-families", default="all", choices=("all", "gather", "union", "cuda"),
                         help="candidates: every family, the gather path against the v3 table entry (batch 1), or "
                              "the batched union path against dense (batches 2-8)")
     parser.add_argument("--tune-batches", default="1", help="batch buckets to tune (comma list, e.g. 2,4,8)")

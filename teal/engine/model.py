@@ -467,10 +467,14 @@ class Engine:
 
     @property
     def default_sparse_path(self) -> str:
-        """"producer" on CUDA (faster at every sparsity on the H200:
-        benchmarks/results/2026-11-29-h200-decode-producer.json), "kernel" elsewhere (on the CPU the
-        producer kernels would only run interpreted; ask for them with `set_sparse_path("producer")`)."""
-        return "producer" if self.device.type == "cuda" else "kernel"
+        """"kernel" where the CUDA C++ sparse GEMV runs (compute capability 9.0+; faster than the producer
+        path on the H200, benchmarks/engine_notes.md), "producer" on other CUDA devices (faster there than
+        the Triton kernels alone: benchmarks/results/2026-11-29-h200-decode-producer.json), "kernel" off
+        CUDA (on the CPU the producer kernels would only run interpreted; ask for them with
+        `set_sparse_path("producer")`)."""
+        if self.device.type != "cuda":
+            return "kernel"
+        return "kernel" if _ops is not None and _ops.cuda_kernel_available(self.device) else "producer"
 
     @property
     def effective_sparse_path(self) -> str:

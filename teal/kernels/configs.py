@@ -45,6 +45,10 @@ class KernelConfig:
     when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
     programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
     depth of the row loop (1: one tile prefetched by hand).
+    ``cuda`` (batch 1, compute capability 9.0+) runs the CUDA C++ kernel of ``teal.kernels.cuda``
+    instead: ``block_n`` columns per program (one or two 16-byte vectors per lane), ``block_r`` rows per
+    warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
+    ``num_warps`` warps; other batches, and devices where it cannot run, take the Triton kernel.
     """
 
     block_n: int = 256
@@ -57,6 +61,7 @@ class KernelConfig:
     compact: bool = False
     gather: bool = False
     dense_above: float = 0.9
+    cuda: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_r", "split_k"):
@@ -69,6 +74,12 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
+        if self.cuda and (self.gather or self.compact or self.use_dot or self.dense):
+            raise ValueError("KernelConfig: cuda cannot be combined with gather, compact, use_dot or dense")
+        if self.cuda and (self.split_k > 8 or self.block_r > 32 or self.num_warps > 32):
+            raise ValueError(f"KernelConfig: a cuda config needs split_k <= 8 (one cluster), block_r <= 32 and "
+                             f"num_warps <= 32, got split_k={self.split_k}, block_r={self.block_r}, "
+                             f"num_warps={self.num_warps}")
         if self.use_dot and self.block_r < 16:
             raise ValueError(f"KernelConfig.block_r must be >= 16 with use_dot, got {self.block_r}")
 
@@ -127,8 +138,26 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
     (15360, 3840, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
 }
 
+#: The CUDA C++ kernel's table (batch 1, devices where it runs: ``get_config(cuda_ok=True)``), tuned with
+#: ``python -m teal.bench.kernels --tune --tune-families cuda --tune-sparsities 0,0.5,0.9``, which times
+#: its candidates against the ``TUNED`` entry: the CUDA kernel won every shape (benchmarks/kernels_notes.md,
+#: "Version 9"). Llama-3-8B: tuned with ``TEAL_CUDA_PDL=2``
+#: (benchmarks/results/2026-11-29-h200-kernels-cuda-pdl.json); the others: see that section.
+TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
+    (4096, 6144, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 28672, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
+    (14336, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 12288, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=4, num_warps=16, cuda=True),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=8, cuda=True),
+    (11008, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=16, cuda=True),
+    (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
+    (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=32, cuda=True),
+}
+
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
-#: ``TUNED``; written by ``python -m teal.bench.kernels --tune --table-out PATH``.
+#: ``TUNED`` and ``TUNED_CUDA``; written by ``python -m teal.bench.kernels --tune --table-out PATH``.
 CONFIGS_ENV = "TEAL_KERNEL_CONFIGS"
 
 #: Environment variable naming a JSON table (``table_to_json``, batch bucket 1, ``gather=True``
@@ -192,20 +221,39 @@ def heuristic_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: i
     return KernelConfig(block_n=block_n, block_r=block_r, split_k=split_k, num_warps=4, use_dot=use_dot)
 
 
-def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT) -> KernelConfig:
-    """The tuned configuration for this shape if there is one, else the heuristic's.
+def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
+    """A CUDA C++ configuration (batch 1) for a shape that is not in the tuned table: 256 columns per
+    program, 8 rows per warp and step, clusters of the power-of-two size that puts about one program on
+    each multiprocessor (at most 8), 16 warps when every warp still gets 32 rows, else 8 (the shapes of
+    the H200 tuning, benchmarks/kernels_notes.md, "Version 9")."""
+    n_blocks = -(-n // 256)
+    split = max(1, min(8, _pow2_floor(max(1, sm_count // n_blocks)), _pow2_floor(max(1, k // 256))))
+    warps = 16 if -(-k // split) >= 16 * 32 else 8
+    return KernelConfig(block_n=256, block_r=8, split_k=split, num_warps=warps, cuda=True)
 
-    Entries of the table named by ``$TEAL_KERNEL_CONFIGS`` take precedence over ``TUNED``.
+
+def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT,
+               cuda_ok: bool = False) -> KernelConfig:
+    """The configuration of one ``sparse_linear`` call.
+
+    ``cuda_ok``: the device runs the CUDA C++ kernel (``ops.cuda_kernel_available``). Lookup order: the table
+    named by ``$TEAL_KERNEL_CONFIGS`` (a CUDA entry only where ``cuda_ok``); at batch 1 with ``cuda_ok``,
+    ``TUNED_CUDA`` then ``heuristic_cuda_config``; else ``TUNED`` (the Triton table) then ``heuristic_config``.
     """
     bucket = batch_bucket(batch)
     if bucket > MAX_KERNEL_BATCH:
         return KernelConfig(dense=True)
     name = dtype_name(dtype)
     lookup = "bf16" if name == "fp16" else name
+    key = (k, n, bucket, lookup)
     override = os.environ.get(CONFIGS_ENV)
-    tuned = _override_table(override).get((k, n, bucket, lookup)) if override else None
-    if tuned is None:
-        tuned = TUNED.get((k, n, bucket, lookup))
+    if override:
+        entry = _override_table(override).get(key)
+        if entry is not None and (cuda_ok or not entry.cuda):
+            return entry
+    if bucket == 1 and cuda_ok:
+        return TUNED_CUDA.get(key) or heuristic_cuda_config(k, n, sm_count)
+    tuned = TUNED.get(key)
     if tuned is not None:
         return tuned
     return heuristic_config(k, n, batch, dtype, sm_count)

@@ -26,7 +26,7 @@ from teal.kernels.configs import DEFAULT_SM_COUNT, MAX_KERNEL_BATCH, KernelConfi
 #: Segments one kernel launch resolves; more are launched in groups of this many.
 MAX_SEGMENTS_PER_LAUNCH = 4
 
-#: How many calls took each path ("triton" or "dense"), for tests and benchmarks. Host-side only.
+#: How many calls took each path ("triton", "cuda" or "dense"), for tests and benchmarks. Host-side only.
 path_counts: collections.Counter[str] = collections.Counter()
 
 _SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -454,6 +454,46 @@ def launch_gather_gemv(
     )
 
 
+def cuda_kernel_available(device: torch.device) -> bool:
+    """Whether the CUDA C++ kernel (``teal.kernels.cuda``) runs on ``device`` (CUDA, compute capability 9.0+,
+    NVRTC found). Checked once per device; False off CUDA."""
+    if device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _cuda_kernels().device_problem(index) is None
+
+
+def _cuda_or_fallback(x: torch.Tensor, w_t: torch.Tensor, split_list: list[int], config: KernelConfig) -> KernelConfig:
+    """``config`` when the CUDA kernel can run this call, else the Triton table's (with a one-time warning
+    on a CUDA device; CPU tensors, which only the Triton interpreter runs, fall back silently)."""
+    if x.device.type == "cuda":
+        reason = _cuda_kernels().unsupported_reason(x, w_t, split_list, config)
+        if reason is None:
+            return config
+        _cuda_kernels().warn_fallback(reason)
+    return get_config(w_t.shape[0], w_t.shape[1], x.shape[0], x.dtype, sm_count(x.device))
+
+
+@functools.cache
+def _cuda_kernels() -> ModuleType:
+    return importlib.import_module("teal.kernels.cuda")
+
+
+def _launch_cuda(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    y: torch.Tensor,
+    thresholds: torch.Tensor,
+    col_scale: Optional[torch.Tensor],
+    split_list: list[int],
+    config: KernelConfig,
+    glu: bool = False,
+) -> None:
+    """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments, batch 1."""
+    cuda = _cuda_kernels()
+    cuda.launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda.pdl_mode(pdl_mode(x.device) != 0))
+
+
 def dense_masked_linear(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -505,13 +545,15 @@ def sparse_linear_triton(
     batch, k = x.shape
     n = w_t.shape[1]
     if config is None:
-        config = get_config(k, n, batch, x.dtype, sm_count(x.device))
+        config = get_config(k, n, batch, x.dtype, sm_count(x.device), cuda_ok=cuda_kernel_available(x.device))
     if out is not None and (
         out.shape != (batch, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1
     ):
         raise ValueError(f"sparse_linear: out must be a [{batch}, {n}] {x.dtype} tensor with contiguous rows")
     if batch == 0:
         return torch.empty((0, n), dtype=x.dtype, device=x.device) if out is None else out
+    if config.cuda:
+        config = _cuda_or_fallback(x, w_t, split_list, config)
     if config.dense or batch > MAX_KERNEL_BATCH or k * n >= 2**31:
         path_counts["dense"] += 1
         result = dense_masked_linear(x, w_t, thresholds, split_list, col_scale)
@@ -519,7 +561,7 @@ def sparse_linear_triton(
             return result
         out.copy_(result)
         return out
-    path_counts["triton"] += 1
+    path_counts["cuda" if config.cuda else "triton"] += 1
     if out is None:
         out = torch.empty((batch, n), dtype=x.dtype, device=x.device)
     x = x.contiguous()
@@ -530,7 +572,7 @@ def sparse_linear_triton(
         group = split_list[g : g + MAX_SEGMENTS_PER_LAUNCH]
         width = sum(group)
         whole = width == n
-        launch = _launch_gather if config.gather and batch == 1 else _launch
+        launch = _launch_cuda if config.cuda else _launch_gather if config.gather and batch == 1 else _launch
         launch(
             x,
             w_t if whole else w_t[:, start : start + width],
@@ -614,7 +656,7 @@ def _glu_kernel_config(gate_up: torch.Tensor, w_t: torch.Tensor) -> Optional[Ker
     if gate_up.shape[0] != 1 or not (gate_up.device.type == "cuda" or _interpreting()):
         return None
     k, n = w_t.shape
-    config = get_config(k, n, 1, gate_up.dtype, sm_count(gate_up.device))
+    config = get_config(k, n, 1, gate_up.dtype, sm_count(gate_up.device), cuda_ok=cuda_kernel_available(gate_up.device))
     if config.dense or config.gather or k * n >= 2**31:
         return None
     return config
@@ -634,6 +676,8 @@ def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, threshold
     elsewhere ``silu_mul`` then ``sparse_linear_triton``."""
     _check_glu_args(gate_up, w_t)
     fused = config or _glu_kernel_config(gate_up, w_t)
+    if fused is not None and fused.cuda:
+        fused = _cuda_or_fallback(gate_up, w_t, [w_t.shape[1]], fused)
     if fused is None or fused.dense or fused.gather or gate_up.shape[0] != 1:
         return sparse_linear_triton(silu_mul(gate_up), w_t, thresholds, None, col_scale, config=config, out=out)
     k, n = w_t.shape
@@ -642,10 +686,10 @@ def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, threshold
         out = torch.empty((1, n), dtype=gate_up.dtype, device=gate_up.device)
     elif out.shape != (1, n) or out.dtype != gate_up.dtype or out.device != gate_up.device or out.stride(1) != 1:
         raise ValueError(f"sparse_linear_glu: out must be a [1, {n}] {gate_up.dtype} tensor with contiguous rows")
-    path_counts["triton"] += 1
+    path_counts["cuda" if fused.cuda else "triton"] += 1
     thr = thresholds.reshape(-1).to(torch.float32).contiguous()
     scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
-    _launch(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True)
+    (_launch_cuda if fused.cuda else _launch)(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True)
     return out
 
 

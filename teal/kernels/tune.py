@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from teal.kernels.configs import TUNED_V3, KernelConfig, batch_bucket, heuristic_config
+from teal.kernels.configs import TUNED, TUNED_V3, KernelConfig, batch_bucket, heuristic_config
 from teal.kernels.ops import sparse_linear_reference, sparse_linear_triton
 
 
@@ -119,18 +119,53 @@ def union_candidates(k: int, n: int, batch: int, sm_count: int) -> list[KernelCo
     return out
 
 
+#: Batch-1 CUDA C++ candidates (``KernelConfig(cuda=True)``): (block_n, rows per warp and step, warps,
+#: programs per SM). ``split_k`` (the cluster) is the power of two nearest to that many programs per SM
+#: over the column blocks, at most 8.
+CUDA_TILES: tuple[tuple[int, int, int, int], ...] = (
+    (256, 8, 8, 1),
+    (256, 8, 16, 1),
+    (256, 16, 8, 1),
+    (256, 4, 16, 1),
+    (256, 4, 8, 1),
+    (256, 2, 16, 1),
+    (256, 4, 32, 1),
+    (256, 8, 8, 2),
+    (512, 8, 8, 1),
+    (512, 8, 16, 1),
+)
+
+
+def cuda_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
+    """Batch-1 CUDA C++ configurations (16-bit block widths; fp32 halves the columns per program)."""
+    out = []
+    for block_n, unroll, warps, waves in CUDA_TILES:
+        n_blocks = -(-n // block_n)
+        most = 1 << (max(1, k // (warps * 32)).bit_length() - 1)  # every warp keeps >= 32 rows
+        split = max(1, min(_pow2_round(waves * sm_count / n_blocks), 8, most))
+        cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: str = "all") -> list[KernelConfig]:
     """Configurations worth timing for one shape and batch bucket (the heuristic's and dense among them).
 
     At batch 1, ``families="gather"`` times the gather candidates against the version-3 table entry
     (when the shape has one), the heuristic and dense only; ``"all"`` adds the older families' sweep.
-    At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
+    ``families="cuda"`` (batch 1) times the CUDA C++ candidates against the table's current entry and the
+    heuristic. At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
     ``"all"`` adds predicated-load tiles.
     """
     bucket = batch_bucket(batch)
-    if families not in ("all", "gather", "union"):
-        raise ValueError(f"families must be 'all', 'gather' or 'union', got {families!r}")
+    if families not in ("all", "gather", "union", "cuda"):
+        raise ValueError(f"families must be 'all', 'gather', 'union' or 'cuda', got {families!r}")
     extra: list[KernelConfig] = []
+    if bucket == 1 and families == "cuda":
+        current = TUNED.get((k, n, 1, "bf16"))
+        out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count)] + ([current] if current else [])
+        return out + [c for c in cuda_candidates(k, n, sm_count) if c not in out]
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
         extra = gather_candidates(k, n, sm_count)
         previous = TUNED_V3.get((k, n, 1, "bf16"))
@@ -200,6 +235,8 @@ def tune_shape(
     ok: list[KernelConfig] = []
     for cfg in cands:
         thr = thr_sets[sparsities[-1]][0]
+        if cfg.cuda and _cuda_unsupported(xs[0], w_ts[0], splits, cfg):
+            continue
         try:
             y = sparse_linear_triton(xs[0], w_ts[0], thr, list(splits), config=cfg)
         except Exception:  # noqa: BLE001 - a configuration that does not compile or launch is dropped
@@ -234,6 +271,13 @@ def tune_shape(
     best = min(ok, key=lambda c: score[repr(c)])
     return TuneResult(k, n, batch_bucket(batch), "bf16" if dtype == torch.bfloat16 else str(dtype),
                       best, times, tuple(sparsities))
+
+
+def _cuda_unsupported(x: torch.Tensor, w_t: torch.Tensor, splits: Sequence[int], cfg: KernelConfig) -> bool:
+    """True when a CUDA candidate would fall back to Triton here (it is then not a candidate)."""
+    from teal.kernels import cuda
+
+    return cuda.unsupported_reason(x, w_t, list(splits), cfg) is not None
 
 
 def table_entry(result: TuneResult) -> str:

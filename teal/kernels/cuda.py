@@ -1,0 +1,411 @@
+"""The batch-1 sparse GEMV in CUDA C++ (``sparse_gemv.cu``), compiled at run time with NVRTC.
+
+``KernelConfig(cuda=True)`` selects it: ``block_n`` output columns per program (256 or 512 for 16-bit
+inputs: one or two 16-byte vectors per lane), ``block_r`` weight rows per warp and loop step (the rows
+whose loads are issued together), ``split_k`` programs per column block (one thread-block cluster, at
+most 8, whose partial sums are added over distributed shared memory) and ``num_warps`` warps each.
+
+Needs a GPU of compute capability 9.0 or later (clusters), NVRTC (shipped with PyTorch's CUDA wheels as
+``nvidia-cuda-nvrtc``) and the driver library. ``ops`` calls ``supported`` first and falls back to the
+Triton kernel, with a warning naming the reason, where it says no. Launches go through the driver's
+``cuLaunchKernelEx`` on PyTorch's current stream, so CUDA graphs capture them; programmatic dependent
+launch is requested when ``ops.pdl_mode`` says so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import importlib.resources
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Optional, Sequence
+
+import torch
+
+from teal.kernels.configs import KernelConfig
+
+KERNEL_NAME = "teal_sparse_gemv"
+SOURCE_FILE = "sparse_gemv.cu"
+
+#: Element-type codes of the source's ``ELEM`` macro and the elements per 16-byte vector.
+ELEM_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+ELEMS_PER_VECTOR = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+
+#: Largest cluster (``split_k``) the kernel is built for: the portable cluster size.
+MAX_SPLIT = 8
+MAX_UNROLL = 32
+#: Up to 4 segments per launch, like the Triton kernel (``ops.MAX_SEGMENTS_PER_LAUNCH``).
+MAX_SEGMENTS = 4
+
+
+@functools.cache
+def source() -> str:
+    """The kernel's CUDA C++ source, shipped beside this module."""
+    return importlib.resources.files("teal.kernels").joinpath(SOURCE_FILE).read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled instance of the kernel (the source's macros)."""
+
+    elem: int
+    warps: int
+    unroll: int
+    vecs: int
+    split: int
+    has_scale: bool
+    glu: bool
+    pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
+
+    def defines(self) -> list[str]:
+        return [
+            f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
+            f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
+            f"-DPDL={int(self.pdl)}",
+        ]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Grid, block and shared memory of one launch over ``len(split_list)`` segments."""
+
+    grid: tuple[int, int, int]
+    threads: int
+    shared_bytes: int
+    block_n: int
+    rows_per_split: int
+    rows_per_warp: int
+    offsets: tuple[int, int, int]      # first column of segments 1..3 (N where absent)
+    block_starts: tuple[int, int, int]  # first column block of segments 1..3
+    n_end: int
+
+
+def vectors_per_lane(config: KernelConfig, dtype: torch.dtype) -> int:
+    """16-byte vectors per lane and row: ``block_n`` / (32 lanes x elements per vector), at least 1."""
+    return max(1, config.block_n // (32 * ELEMS_PER_VECTOR[dtype]))
+
+
+def rows_per_step(config: KernelConfig, dtype: torch.dtype) -> int:
+    """Rows per warp and step actually compiled: ``block_r``, capped so that a step's weight vectors (4
+    registers each) fit the register budget without spills: 16 vectors per lane with 16 or more warps
+    (128 registers per thread), 32 below."""
+    budget = 16 if config.num_warps >= 16 else 32
+    return max(1, min(config.block_r, budget // vectors_per_lane(config, dtype)))
+
+
+def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int) -> Variant:
+    """The compiled instance a launch of ``config`` on ``dtype`` inputs uses."""
+    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype), vectors_per_lane(config, dtype),
+                   config.split_k, has_scale, glu, pdl)
+
+
+def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype) -> Geometry:
+    """Launch geometry (pure arithmetic; tested on the CPU). Column block b of segment j covers columns
+    ``offsets[j-1] + (b - block_starts[j-1]) * block_n`` onward, clipped at the segment's end; program
+    (b, s) owns rows ``[s * rows_per_split, (s + 1) * rows_per_split)``, warp w of it ``rows_per_warp`` of
+    those."""
+    if not 1 <= len(split_list) <= MAX_SEGMENTS:
+        raise ValueError(f"the CUDA sparse GEMV takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}")
+    block_n = 32 * ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype)
+    n = sum(split_list)
+    ends = list(accumulate(split_list))
+    blocks = list(accumulate(-(-w // block_n) for w in split_list))
+    pad = MAX_SEGMENTS - len(split_list)
+    offsets = tuple((ends[:-1] + [n] * pad)[:3])
+    starts = tuple((blocks[:-1] + [blocks[-1]] * pad)[:3])
+    split = config.split_k
+    rows_per_split = -(-k // split)
+    rows_per_warp = -(-rows_per_split // config.num_warps)
+    lists = 8 * config.num_warps * rows_per_warp
+    sums = 4 * (config.num_warps + 1) * block_n
+    return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
+                    rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
+
+
+def config_problem(config: KernelConfig) -> Optional[str]:
+    """Why ``config`` cannot describe a CUDA launch (None when it can)."""
+    if config.split_k > MAX_SPLIT:
+        return f"split_k={config.split_k} exceeds the largest cluster ({MAX_SPLIT})"
+    if config.block_r > MAX_UNROLL:
+        return f"block_r={config.block_r} (rows per warp and step) exceeds {MAX_UNROLL}"
+    if config.num_warps * 32 > 1024:
+        return f"num_warps={config.num_warps} exceeds 32 (1024 threads per program)"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# NVRTC and the driver, through ctypes
+
+
+class _Lib:
+    """NVRTC and the CUDA driver library, loaded once."""
+
+    def __init__(self) -> None:
+        self.nvrtc = _load_nvrtc()
+        self.cuda = ctypes.CDLL("libcuda.so.1" if sys.platform.startswith("linux") else "nvcuda.dll")
+        self.cuda.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        self.nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
+
+    def check_cuda(self, result: int, what: str) -> None:
+        if result != 0:
+            msg = ctypes.c_char_p()
+            self.cuda.cuGetErrorString(result, ctypes.byref(msg))
+            raise RuntimeError(f"{what} failed: CUDA error {result} ({(msg.value or b'?').decode()})")
+
+    def check_nvrtc(self, result: int, what: str) -> None:
+        if result != 0:
+            raise RuntimeError(f"{what} failed: NVRTC error {result} ({self.nvrtc.nvrtcGetErrorString(result).decode()})")
+
+
+def _load_nvrtc() -> ctypes.CDLL:
+    getter = getattr(getattr(torch.cuda, "_utils", None), "_get_gpu_rtc_library", None)
+    if getter is not None:
+        try:
+            return getter()
+        except Exception:  # noqa: BLE001 - fall through to our own search
+            pass
+    names = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+    candidates: list[str] = []
+    for base in sys.path:
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")))
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so*")))
+    errors = []
+    for name in names + candidates:
+        try:
+            return ctypes.CDLL(name)
+        except OSError as exc:
+            errors.append(str(exc))
+    raise RuntimeError("the CUDA sparse GEMV needs NVRTC (libnvrtc), which was not found; install PyTorch's "
+                       "CUDA build (it depends on nvidia-cuda-nvrtc) or use the Triton kernels")
+
+
+_lib_lock = threading.Lock()
+_lib: Optional[_Lib] = None
+
+
+def _library() -> _Lib:
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            _lib = _Lib()
+        return _lib
+
+
+def compile_cubin(variant: Variant, arch: str = "sm_90") -> bytes:
+    """The variant's machine code for ``arch`` (NVRTC)."""
+    lib = _library()
+    nv = lib.nvrtc
+    prog = ctypes.c_void_p()
+    src = source().encode()
+    lib.check_nvrtc(nv.nvrtcCreateProgram(ctypes.byref(prog), src, SOURCE_FILE.encode(), 0, None, None),
+                    "nvrtcCreateProgram")
+    try:
+        opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space"] + variant.defines()
+        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
+        result = nv.nvrtcCompileProgram(prog, len(opts), arr)
+        if result != 0:
+            size = ctypes.c_size_t()
+            nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            nv.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile {SOURCE_FILE} ({variant}):\n{log.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        lib.check_nvrtc(nv.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.check_nvrtc(nv.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin.raw
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+class _Kernel:
+    """A loaded variant: its module and function handles on one device."""
+
+    def __init__(self, variant: Variant, device_index: int) -> None:
+        lib = _library()
+        major, minor = torch.cuda.get_device_capability(device_index)
+        cubin = compile_cubin(variant, f"sm_{major}{minor}")
+        with torch.cuda.device(device_index):
+            torch.cuda.current_stream()  # make sure the primary context is current
+            self.module = ctypes.c_void_p()
+            lib.check_cuda(lib.cuda.cuModuleLoadData(ctypes.byref(self.module), cubin), "cuModuleLoadData")
+            self.func = ctypes.c_void_p()
+            lib.check_cuda(lib.cuda.cuModuleGetFunction(ctypes.byref(self.func), self.module, KERNEL_NAME.encode()),
+                           "cuModuleGetFunction")
+        self.shared_limit = 48 * 1024
+
+    def attributes(self) -> dict[str, int]:
+        """Registers per thread and local (spill) bytes per thread of the loaded function."""
+        lib = _library()
+        out = {}
+        for name, attr in (("registers", 4), ("local_bytes", 3)):  # CU_FUNC_ATTRIBUTE_NUM_REGS / LOCAL_SIZE_BYTES
+            value = ctypes.c_int()
+            lib.check_cuda(lib.cuda.cuFuncGetAttribute(ctypes.byref(value), attr, self.func), "cuFuncGetAttribute")
+            out[name] = value.value
+        return out
+
+    def ensure_shared(self, nbytes: int) -> None:
+        if nbytes > self.shared_limit:
+            lib = _library()
+            # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+            lib.check_cuda(lib.cuda.cuFuncSetAttribute(self.func, 8, nbytes), "cuFuncSetAttribute")
+            self.shared_limit = nbytes
+
+
+class _LaunchAttribute(ctypes.Structure):
+    # value: the 64-byte CUlaunchAttributeValue union, as ints (a c_int array field is a view into the
+    # structure, unlike a c_char array, which reads back as a bytes copy)
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    _fields_ = [
+        ("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+        ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+        ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+        ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint),
+    ]
+
+
+#: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_PDL_ATTRIBUTE = 6
+
+_kernels: dict[tuple[Variant, int], _Kernel] = {}
+_kernels_lock = threading.Lock()
+
+
+def kernel(variant: Variant, device_index: int) -> _Kernel:
+    key = (variant, device_index)
+    with _kernels_lock:
+        found = _kernels.get(key)
+    if found is None:
+        found = _Kernel(variant, device_index)
+        with _kernels_lock:
+            _kernels.setdefault(key, found)
+    return found
+
+
+# ----------------------------------------------------------------------------------------------
+# When the kernel applies, and the launch
+
+
+@functools.cache
+def device_problem(device_index: int) -> Optional[str]:
+    major, _ = torch.cuda.get_device_capability(device_index)
+    if major < 9:
+        return f"compute capability {major}.x has no thread-block clusters (9.0 or later needed)"
+    try:
+        _library()
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
+def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[int], config: KernelConfig) -> Optional[str]:
+    """None when ``launch`` can run this call, else why not (the caller falls back to Triton)."""
+    if x.device.type != "cuda":
+        return "the CUDA kernel runs on CUDA tensors only"
+    if x.shape[0] != 1:
+        return "the CUDA kernel is batch-1 only"
+    problem = config_problem(config)
+    if problem:
+        return problem
+    epv = ELEMS_PER_VECTOR.get(x.dtype)
+    if epv is None:
+        return f"unsupported dtype {x.dtype}"
+    if any(width % epv for width in split_list) or w_t.stride(0) % epv or w_t.data_ptr() % 16:
+        return (f"{ALIGNMENT_PREFIX} with segment widths and row stride multiples of {epv} "
+                f"(widths {list(split_list)}, stride {w_t.stride(0)})")
+    if w_t.shape[0] * w_t.stride(0) >= 2**31:
+        return "weights above 2^31 elements"
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    geo = geometry(w_t.shape[0], split_list, config, x.dtype)
+    limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    if geo.shared_bytes > limit:
+        return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
+    return device_problem(device_index)
+
+
+#: ``$TEAL_CUDA_PDL``: programmatic dependent launch of the CUDA kernel where ``ops.pdl_mode`` allows it:
+#: 0 off, 1 the next kernel may launch when this one starts, 2 when its weight loop is done (default).
+PDL_ENV = "TEAL_CUDA_PDL"
+DEFAULT_PDL = 2
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_pdl(raw: str) -> int:
+    if raw.strip() not in ("0", "1", "2"):
+        raise ValueError(f"{PDL_ENV} must be 0, 1 or 2, got {raw!r}")
+    return int(raw)
+
+
+def pdl_mode(allowed: bool) -> int:
+    """The PDL mode of a launch (``allowed``: ``ops.pdl_mode`` is on for the device)."""
+    return _parse_pdl(os.environ.get(PDL_ENV, str(DEFAULT_PDL))) if allowed else 0
+
+
+#: Reasons that are properties of one call's shapes (the fallback is silent for them).
+ALIGNMENT_PREFIX = "weights must be 16-byte aligned"
+
+_warned: set[str] = set()
+
+
+def warn_fallback(reason: str) -> None:
+    """Warn once per reason that a CUDA configuration fell back to the Triton kernel (not for a call whose
+    shapes or alignment the kernel does not take: that is a property of the call, not of the setup)."""
+    if reason.startswith(ALIGNMENT_PREFIX):
+        return
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"teal: CUDA sparse GEMV not used ({reason}); using the Triton kernel", RuntimeWarning,
+                      stacklevel=3)
+
+
+def launch(
+    x: torch.Tensor,
+    w_t: torch.Tensor,
+    y: torch.Tensor,
+    thresholds: torch.Tensor,
+    col_scale: Optional[torch.Tensor],
+    split_list: Sequence[int],
+    config: KernelConfig,
+    *,
+    glu: bool = False,
+    pdl: int = 0,
+) -> None:
+    """``y[0, seg_j] = mask_j(x[0]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
+
+    x [1, K] contiguous, or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a column view) and
+    y [1, n] (contiguous row); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at most 4 segments.
+    """
+    k = w_t.shape[0]
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    geo = geometry(k, split_list, config, x.dtype)
+    variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl))
+    kern = kernel(variant, device_index)
+    kern.ensure_shared(geo.shared_bytes)
+    scale = col_scale if col_scale is not None else thresholds
+    holders = [
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_t.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+        ctypes.c_void_p(thresholds.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
+        ctypes.c_int(k), ctypes.c_int(w_t.stride(0)), ctypes.c_int(geo.rows_per_split), ctypes.c_int(geo.rows_per_warp),
+        *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
+    ]
+    params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
+    attrs = (_LaunchAttribute * 1)()
+    n_attrs = 0
+    if pdl:
+        attrs[0].id = _PDL_ATTRIBUTE
+        attrs[0].value[0] = 1  # programmaticStreamSerializationAllowed
+        n_attrs = 1
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    cfg = _LaunchConfig(geo.grid[0], geo.grid[1], geo.grid[2], geo.threads, 1, 1, geo.shared_bytes,
+                        ctypes.c_void_p(stream), attrs, n_attrs)
+    lib = _library()
+    lib.check_cuda(lib.cuda.cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None), "cuLaunchKernelEx")

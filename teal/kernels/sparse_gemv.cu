@@ -1,0 +1,289 @@
+// Batch-1 fused threshold + sparse GEMV in CUDA C++ (teal.kernels.cuda compiles it at run time with NVRTC).
+//
+//   y[seg_j] = (x * (|x| * c_j > t_j)) @ w_t[:, seg_j]      x [K], w_t [K, N] row-major, y [N]
+//
+// Grid (column blocks, SPLIT). The SPLIT programs of one column block form a thread-block cluster: each
+// owns rows_per_split consecutive rows of w_t, every warp of it a contiguous share of those rows. A warp
+// lists the surviving rows of its share with ballots (indices and fp32 values, ascending, in shared
+// memory), then streams only those weight rows: each lane loads VECS 16-byte vectors per row, UNROLL rows
+// per step, all loads of a step issued before any product, and accumulates in fp32. The warps' sums meet
+// in shared memory; the cluster's partial sums are added over distributed shared memory, in rank order
+// (deterministic), each program finishing an equal slice of the block's columns. One launch, no
+// workspace, no atomics, no zero-fill.
+//
+// No header is included (NVRTC may run without the CUDA include directory). Macros, set by the host:
+//   ELEM      0 bf16, 1 fp16, 2 fp32 (x, w_t and y share it)
+//   WARPS     warps per program         UNROLL   rows per warp and step      VECS  16-byte vectors per lane
+//   SPLIT     programs per column block (the cluster size, 1..8)
+//   HAS_SCALE weight-aware rule: the score is |x_i| * scale[j * K + i]
+//   GLU       the input is a gate|up row [2K]; x_i = silu(gate_i) * up_i with eager PyTorch's roundings
+//   PDL       0: plain launch; 1: let the next kernel launch at once; 2: let it launch after the weight loop.
+//             With 1 or 2 the program waits for the previous kernel (griddepcontrol) before reading x.
+// Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
+// w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py).
+
+#if ELEM == 2
+typedef float elem_t;
+#define EPV 4
+#else
+typedef unsigned short elem_t;
+#define EPV 8
+#endif
+
+// 16 bytes of weights, and four fp32 sums (own types: no vector_types.h under NVRTC).
+struct alignas(16) vec_u32x4 { unsigned x, y, z, w; };
+struct alignas(16) vec_f32x4 { float x, y, z, w; };
+
+#define LANE_COLS (EPV * VECS)
+#define BLOCK_N (32 * LANE_COLS)
+#define THREADS (WARPS * 32)
+#define LIST_STEP 4  // input entries per lane loaded before their ballots
+
+__device__ __forceinline__ float to_f32(elem_t v) {
+#if ELEM == 0
+    return __uint_as_float(((unsigned)v) << 16);
+#elif ELEM == 1
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+    return f;
+#else
+    return v;
+#endif
+}
+
+__device__ __forceinline__ elem_t from_f32(float f) {
+#if ELEM == 0
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#elif ELEM == 1
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    return f;
+#endif
+}
+
+// Round an fp32 value to the element type and back (eager PyTorch's intermediate roundings).
+__device__ __forceinline__ float round_elem(float f) { return to_f32(from_f32(f)); }
+
+__device__ __forceinline__ float input_at(const elem_t* __restrict__ x, int i, int K) {
+#if GLU
+    const float g = to_f32(x[i]);
+    const float act = round_elem(g / (1.0f + expf(-g)));
+    return round_elem(act * to_f32(x[K + i]));
+#else
+    return to_f32(x[i]);
+#endif
+}
+
+// One 16-byte vector of weights if `pred`, else zeros; streamed (read-only path, not kept in L1). Not
+// volatile, so the compiler may issue a step's loads together, ahead of their products.
+__device__ __forceinline__ vec_u32x4 load_stream(const elem_t* p, bool pred) {
+    vec_u32x4 v;
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t"
+        "mov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\tmov.b32 %2, 0;\n\tmov.b32 %3, 0;\n\t"
+        "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n\t}"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "r"((int)pred));
+    return v;
+}
+
+// acc[0..EPV) += xv * (the EPV elements of the vector).
+__device__ __forceinline__ void fma_vector(float* acc, float xv, vec_u32x4 v) {
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#if ELEM == 0
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        acc[2 * e] = fmaf(xv, __uint_as_float(u[e] << 16), acc[2 * e]);
+        acc[2 * e + 1] = fmaf(xv, __uint_as_float(u[e] & 0xffff0000u), acc[2 * e + 1]);
+    }
+#elif ELEM == 1
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        float lo, hi;
+        asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+            : "=f"(lo), "=f"(hi)
+            : "r"(u[e]));
+        acc[2 * e] = fmaf(xv, lo, acc[2 * e]);
+        acc[2 * e + 1] = fmaf(xv, hi, acc[2 * e + 1]);
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[e] = fmaf(xv, __uint_as_float(u[e]), acc[e]);
+#endif
+}
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned)a;
+}
+
+__device__ __forceinline__ void cluster_sync() {
+#if SPLIT > 1
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+    __syncthreads();
+#endif
+}
+
+#if SPLIT > 1
+// The fp32 at shared address `addr` of the cluster's program `rank`.
+__device__ __forceinline__ float load_cluster_shared(unsigned addr, unsigned rank) {
+    unsigned remote;
+    float v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+    return v;
+}
+#endif
+
+#if SPLIT > 1
+#define CLUSTER_DIMS __cluster_dims__(1, SPLIT, 1)
+#else
+#define CLUSTER_DIMS
+#endif
+
+// Shared memory (dynamic): per warp `rows_per_warp` survivor slots (int index + fp32 value), reused for
+// the warps' column sums [WARPS][BLOCK_N]; then the program's partial sums [BLOCK_N].
+extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_sparse_gemv(
+    const elem_t* __restrict__ x, const elem_t* __restrict__ w, elem_t* __restrict__ y,
+    const float* __restrict__ thresholds, const float* __restrict__ scale,
+    int K, int stride_w, int rows_per_split, int rows_per_warp,
+    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end) {
+    extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
+    unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
+    const int warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
+    const int cb = blockIdx.x;
+
+    // This column block's segment, its first column and where the segment ends.
+    const int seg = (cb >= cb1) + (cb >= cb2) + (cb >= cb3);
+    const int seg_col = seg == 0 ? 0 : seg == 1 ? off1 : seg == 2 ? off2 : off3;
+    const int seg_cb = seg == 0 ? 0 : seg == 1 ? cb1 : seg == 2 ? cb2 : cb3;
+    const int seg_end = seg == 0 ? off1 : seg == 1 ? off2 : seg == 2 ? off3 : n_end;
+    const int col0 = seg_col + (cb - seg_cb) * BLOCK_N;
+
+    const int split_row = blockIdx.y * rows_per_split;
+    const int row_lo = min(K, split_row + warp * rows_per_warp);
+    const int row_hi = min(min(K, split_row + rows_per_split), row_lo + rows_per_warp);
+
+    int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
+    float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp;
+
+#if PDL == 1
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#if PDL
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+    const float thr = thresholds[seg];
+
+    // 1. List this warp's surviving rows (ascending): LIST_STEP rows per lane loaded, then ballots.
+    int count = 0;
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (int base = row_lo; base < row_hi; base += 32 * LIST_STEP) {
+        float v[LIST_STEP];
+        bool keep[LIST_STEP];
+#pragma unroll
+        for (int q = 0; q < LIST_STEP; ++q) {
+            const int r = base + q * 32 + lane;
+            const bool in = r < row_hi;
+            v[q] = in ? input_at(x, r, K) : 0.0f;
+            float score = fabsf(v[q]);
+#if HAS_SCALE
+            score *= in ? scale[seg * K + r] : 0.0f;
+#endif
+            keep[q] = in && score > thr;
+        }
+#pragma unroll
+        for (int q = 0; q < LIST_STEP; ++q) {
+            const unsigned kept = __ballot_sync(0xffffffffu, keep[q]);
+            if (keep[q]) {
+                const int slot = count + __popc(kept & lanes_below);
+                list_idx[slot] = base + q * 32 + lane;
+                list_val[slot] = v[q];
+            }
+            count += __popc(kept);
+        }
+    }
+    __syncwarp();
+
+    // 2. Stream the listed rows: UNROLL rows per step, every load of a step issued first.
+    float acc[LANE_COLS];
+#pragma unroll
+    for (int c = 0; c < LANE_COLS; ++c) acc[c] = 0.0f;
+    bool col_ok[VECS];
+    const elem_t* wcol[VECS];
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+        const int col = col0 + v * 32 * EPV + lane * EPV;
+        col_ok[v] = col < seg_end;
+        wcol[v] = w + col;
+    }
+    for (int i = 0; i < count; i += UNROLL) {
+        vec_u32x4 tile[UNROLL][VECS];
+        float xv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const bool live = i + u < count;
+            const int r = live ? list_idx[i + u] : 0;
+            xv[u] = live ? list_val[i + u] : 0.0f;
+#pragma unroll
+            for (int v = 0; v < VECS; ++v)
+                tile[u][v] = load_stream(wcol[v] + (long long)r * stride_w, live && col_ok[v]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) fma_vector(acc + v * EPV, xv[u], tile[u][v]);
+    }
+
+#if PDL == 2
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+
+    // 3. The warps' sums, then this program's partial sums.
+    __syncthreads();  // every warp is done with its list
+    float* sums = reinterpret_cast<float*>(smem);                     // [WARPS][BLOCK_N]
+    float* partial = reinterpret_cast<float*>(smem) + WARPS * BLOCK_N;  // [BLOCK_N]
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+        vec_f32x4* dst = reinterpret_cast<vec_f32x4*>(sums + warp * BLOCK_N + v * 32 * EPV + lane * EPV);
+#pragma unroll
+        for (int e = 0; e < EPV / 4; ++e)
+            dst[e] = vec_f32x4{acc[v * EPV + 4 * e], acc[v * EPV + 4 * e + 1], acc[v * EPV + 4 * e + 2],
+                               acc[v * EPV + 4 * e + 3]};
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < BLOCK_N; c += THREADS) {
+        float s = 0.0f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) s += sums[wi * BLOCK_N + c];
+        partial[c] = s;
+    }
+
+    // 4. Add the cluster's partial sums (rank order) and store this program's slice of the columns.
+    cluster_sync();
+#if SPLIT > 1
+    unsigned rank;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    const int slice = BLOCK_N / SPLIT;
+    const unsigned base_addr = shared_address(partial);
+    for (int c = rank * slice + threadIdx.x; c < (int)(rank + 1) * slice; c += THREADS) {
+        float s = 0.0f;
+#pragma unroll
+        for (int q = 0; q < SPLIT; ++q) s += load_cluster_shared(base_addr + 4u * c, q);
+        const int col = col0 + c;
+        if (col < seg_end) y[col] = from_f32(s);
+    }
+    cluster_sync();  // no program leaves while another still reads its shared memory
+#else
+    for (int c = threadIdx.x; c < BLOCK_N; c += THREADS) {
+        const int col = col0 + c;
+        if (col < seg_end) y[col] = from_f32(partial[c]);
+    }
+#endif
+}

@@ -1,0 +1,188 @@
+"""The CUDA C++ sparse GEMV (teal.kernels.cuda) on the CPU: launch geometry, configuration rules, the
+fallback to the Triton kernel, and the source compiled by nvcc for sm_90 in every variant the tuner
+uses (skipped where nvcc is not installed). Correctness on the GPU: `python -m teal.bench.kernels`
+self-check (benchmarks/results/)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (teal.kernels imports it lazily)
+
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from teal.kernels import cuda, ops
+from teal.kernels.configs import KernelConfig, get_config, heuristic_config, heuristic_cuda_config
+from teal.kernels.tune import candidate_configs, cuda_candidates
+
+
+def _covered(k: int, splits: list[int], cfg: KernelConfig, dtype: torch.dtype) -> tuple[list[int], list[int]]:
+    """Columns written and rows read by the launch geometry, simulated: how often each is covered."""
+    geo = cuda.geometry(k, splits, cfg, dtype)
+    n = sum(splits)
+    cols = [0] * n
+    for cb in range(geo.grid[0]):
+        seg = sum(cb >= s for s in geo.block_starts)
+        seg_col = 0 if seg == 0 else geo.offsets[seg - 1]
+        seg_cb = 0 if seg == 0 else geo.block_starts[seg - 1]
+        seg_end = geo.offsets[seg] if seg < 3 else geo.n_end
+        col0 = seg_col + (cb - seg_cb) * geo.block_n
+        for c in range(col0, min(col0 + geo.block_n, seg_end)):
+            cols[c] += 1
+    rows = [0] * k
+    for split in range(geo.grid[1]):
+        for warp in range(geo.threads // 32):
+            lo = min(k, split * geo.rows_per_split + warp * geo.rows_per_warp)
+            hi = min(min(k, (split + 1) * geo.rows_per_split), lo + geo.rows_per_warp)
+            for r in range(lo, hi):
+                rows[r] += 1
+    return cols, rows
+
+
+@pytest.mark.parametrize(
+    "k,splits,cfg,dtype",
+    [
+        (4096, [4096, 1024, 1024], KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True), torch.bfloat16),
+        (1000, [1000, 1008, 1000], KernelConfig(block_n=512, block_r=4, split_k=2, num_warps=4, cuda=True), torch.float16),
+        (200, [120, 184], KernelConfig(block_n=256, block_r=16, split_k=1, num_warps=16, cuda=True), torch.float32),
+        (14336, [4096], KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=16, cuda=True), torch.bfloat16),
+        (100, [8, 16, 24, 32], KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True), torch.bfloat16),
+    ],
+)
+def test_geometry_covers_every_column_and_row_once(k, splits, cfg, dtype):
+    cols, rows = _covered(k, splits, cfg, dtype)
+    assert cols == [1] * sum(splits)
+    # every row of w_t is owned by exactly one warp of each column block's cluster
+    assert rows == [1] * k
+    geo = cuda.geometry(k, splits, cfg, dtype)
+    assert geo.grid[1] == cfg.split_k and geo.threads == 32 * cfg.num_warps
+    lists = 8 * cfg.num_warps * geo.rows_per_warp  # index + value per listed row
+    assert geo.shared_bytes >= max(lists, 4 * (cfg.num_warps + 1) * geo.block_n)
+
+
+def test_block_width_follows_the_vector_size():
+    cfg = KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=4, cuda=True)
+    assert cuda.geometry(512, [512], cfg, torch.bfloat16).block_n == 256  # 8 bf16 per 16-byte vector
+    assert cuda.geometry(512, [512], cfg, torch.float32).block_n == 256  # two 4-float vectors per lane
+    narrow = KernelConfig(block_n=64, block_r=8, split_k=2, num_warps=4, cuda=True)
+    assert cuda.geometry(512, [512], narrow, torch.bfloat16).block_n == 256  # at least one vector per lane
+    with pytest.raises(ValueError, match="1..4 segments"):
+        cuda.geometry(512, [128] * 5, cfg, torch.bfloat16)
+
+
+def test_cuda_config_rules():
+    with pytest.raises(ValueError, match="cuda cannot be combined"):
+        KernelConfig(cuda=True, gather=True)
+    with pytest.raises(ValueError, match="split_k <= 8"):
+        KernelConfig(cuda=True, split_k=16)
+    with pytest.raises(ValueError, match="block_r <= 32"):
+        KernelConfig(cuda=True, block_r=64)
+
+
+def test_heuristic_cuda_config_fills_the_gpu():
+    for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (640, 2048)]:
+        cfg = heuristic_cuda_config(k, n, 132)
+        assert cfg.cuda and cfg.block_n == 256
+        programs = -(-n // 256) * cfg.split_k
+        assert cfg.split_k <= 8 and (programs <= 2 * 132 or cfg.split_k == 1)
+        assert cfg.split_k * 256 <= max(256, k)
+    # untuned shape: CUDA heuristic only when the caller says the device runs it, and only at batch 1
+    assert get_config(640, 2048, 1, torch.bfloat16, 132, cuda_ok=True).cuda
+    assert not get_config(640, 2048, 1, torch.bfloat16, 132).cuda
+    assert not get_config(640, 2048, 2, torch.bfloat16, 132, cuda_ok=True).cuda
+
+
+def test_tuner_cuda_family():
+    cands = candidate_configs(4096, 4096, 1, 132, families="cuda")
+    assert any(c.cuda for c in cands) and any(not c.cuda for c in cands)  # timed against Triton
+    assert all(c.split_k <= 8 for c in cuda_candidates(4096, 28672, 132))
+    assert len(set(cands)) == len(cands)
+
+
+def test_cuda_kernel_not_available_off_cuda():
+    assert not ops.cuda_kernel_available(torch.device("cpu"))
+    x = torch.randn(1, 64)
+    reason = cuda.unsupported_reason(x, torch.randn(64, 64), [64], KernelConfig(cuda=True, split_k=2))
+    assert reason is not None and "CUDA tensors" in reason
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter")
+def test_cuda_config_on_cpu_falls_back_to_triton_silently():
+    gen = torch.Generator().manual_seed(0)
+    k, splits = 96, [64, 40]
+    x = torch.randn(1, k, generator=gen)
+    w_t = torch.randn(k, sum(splits), generator=gen)
+    thr = torch.tensor([0.5, 0.8])
+    before = dict(ops.path_counts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for CPU tensors
+        y = ops.sparse_linear_triton(x, w_t, thr, splits, config=KernelConfig(block_n=256, split_k=2, cuda=True))
+    ref = ops.sparse_linear_reference(x, w_t, thr, splits, compute_dtype=torch.float64, out_dtype=torch.float64)
+    assert torch.allclose(y.double(), ref, rtol=1e-4, atol=1e-4)
+    assert ops.path_counts["triton"] == before.get("triton", 0) + 1
+    assert ops.path_counts.get("cuda", 0) == before.get("cuda", 0)
+
+
+NVCC = shutil.which("nvcc")
+#: Triton's wheel ships cuobjdump (for the SASS check; skipped without it).
+CUOBJDUMP = next(iter(sorted(glob.glob(os.path.join(os.path.dirname(sys.executable), "..", "lib", "python*",
+                                                    "site-packages", "triton", "backends", "nvidia", "bin",
+                                                    "cuobjdump")))), None)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not installed (the GPU runs compile with NVRTC)")
+@pytest.mark.parametrize("elem,scale,glu", [(0, False, False), (1, True, True), (2, True, False)])
+def test_source_compiles_for_sm90_without_spills(tmp_path, elem, scale, glu):
+    """Every tuner shape of the kernel compiles for sm_90 with no local-memory spills, and the row loads of
+    a step are issued before their products (all LDGs of the unrolled step precede the first FFMA)."""
+    src = tmp_path / cuda.SOURCE_FILE
+    src.write_text(cuda.source())
+    dtype = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32}[elem]
+    variants = {cuda.variant_for(dataclasses.replace(c, split_k=split), dtype, has_scale=scale, glu=glu, pdl=2)
+                for c in cuda_candidates(4096, 6144, 132) + cuda_candidates(14336, 4096, 132)
+                for split in ((8,) if elem == 0 else (1,))}
+    for variant in sorted(variants, key=repr):
+        unroll, vecs = variant.unroll, variant.vecs
+        cubin = tmp_path / "k.cubin"
+        proc = subprocess.run(
+            [NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(cubin), *variant.defines(),
+             "-x", "cu", str(src)],
+            capture_output=True, text=True, check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        spills = re.findall(r"(\d+) bytes spill stores", proc.stderr)
+        assert spills and all(s == "0" for s in spills), (variant, proc.stderr)
+        if CUOBJDUMP is not None:
+            sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+            ops_seen = re.findall(r"\b(LDG\.E\.NA\.128\S*|FFMA)\b", sass)
+            first = ops_seen.index(next(o for o in ops_seen if o.startswith("LDG.E.NA.128")))
+            burst = next((i for i, o in enumerate(ops_seen[first:]) if o == "FFMA"), len(ops_seen) - first)
+            assert burst >= unroll * vecs, (variant, ops_seen[first : first + 2 * unroll * vecs])
+
+
+def test_config_lookup_order(tmp_path, monkeypatch):
+    from teal.kernels import configs
+
+    key = (4096, 4096, 1, "bf16")
+    assert get_config(4096, 4096, 1, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[key]
+    assert get_config(4096, 4096, 1, torch.float16, cuda_ok=True) == configs.TUNED_CUDA[key]  # fp16 shares bf16's
+    assert get_config(4096, 4096, 1, torch.bfloat16) == configs.TUNED[key]  # no CUDA kernel: the Triton table
+    assert not get_config(4096, 4096, 2, torch.bfloat16, cuda_ok=True).cuda  # batches: Triton / dense
+    # an override entry wins, but a CUDA one only where the device runs the CUDA kernel
+    table = tmp_path / "table.json"
+    override = KernelConfig(block_n=512, block_r=4, split_k=2, num_warps=4, cuda=True)
+    table.write_text(__import__("json").dumps(configs.table_to_json({key: override})))
+    monkeypatch.setenv(configs.CONFIGS_ENV, str(table))
+    assert get_config(4096, 4096, 1, torch.bfloat16, cuda_ok=True) == override
+    assert get_config(4096, 4096, 1, torch.bfloat16) == configs.TUNED[key]
+    assert configs.load_table(table)[key] == override  # the cuda field round-trips
