@@ -79,6 +79,10 @@ def test_block_width_follows_the_vector_size():
         cuda.geometry(512, [128] * 5, cfg, torch.bfloat16)
 
 
+def test_list_step_covers_a_warp_in_one_round():
+    assert [cuda.list_step(r) for r in (1, 32, 33, 64, 100, 224, 256, 1000)] == [1, 1, 2, 2, 4, 8, 8, 8]
+
+
 def test_cuda_config_rules():
     with pytest.raises(ValueError, match="cuda cannot be combined"):
         KernelConfig(cuda=True, gather=True)
@@ -147,8 +151,11 @@ def test_source_compiles_for_sm90_without_spills(tmp_path, elem, scale, glu):
     src = tmp_path / cuda.SOURCE_FILE
     src.write_text(cuda.source())
     dtype = {0: torch.bfloat16, 1: torch.float16, 2: torch.float32}[elem]
-    variants = {cuda.variant_for(dataclasses.replace(c, split_k=split), dtype, has_scale=scale, glu=glu, pdl=2)
-                for c in cuda_candidates(4096, 6144, 132) + cuda_candidates(14336, 4096, 132)
+    variants = {cuda.variant_for(dataclasses.replace(c, split_k=split), dtype, has_scale=scale, glu=glu, pdl=2,
+                                 rows_per_warp=cuda.geometry(k, [4096], dataclasses.replace(c, split_k=split),
+                                                             dtype).rows_per_warp)
+                for k in (4096, 14336)
+                for c in cuda_candidates(k, 6144 if k == 4096 else 4096, 132)
                 for split in ((8,) if elem == 0 else (1,))}
     for variant in sorted(variants, key=repr):
         unroll, vecs = variant.unroll, variant.vecs

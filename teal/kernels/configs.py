@@ -141,19 +141,22 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
 #: The CUDA C++ kernel's table (batch 1, devices where it runs: ``get_config(cuda_ok=True)``), tuned with
 #: ``python -m teal.bench.kernels --tune --tune-families cuda --tune-sparsities 0,0.5,0.9``, which times
 #: its candidates against the ``TUNED`` entry: the CUDA kernel won every shape (benchmarks/kernels_notes.md,
-#: "Version 9"). Llama-3-8B: tuned with ``TEAL_CUDA_PDL=2``
-#: (benchmarks/results/2026-11-29-h200-kernels-cuda-pdl.json); the others: see that section.
+#: "Version 9"), all with ``TEAL_CUDA_PDL=2``.
 TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
+    # Llama-3-8B: the TEAL_CUDA_PDL=2 tuning of 2026-11-29-h200-kernels-cuda-pdl.json, which the decode run
+    # 2026-11-29-h200-decode-cuda.json used (the later full run picked the same except q|k|v: split 4, 16 warps)
     (4096, 6144, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
     (4096, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
     (4096, 28672, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
     (14336, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-    (4096, 12288, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=4, num_warps=16, cuda=True),
-    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=8, cuda=True),
+    # Llama-2-7B and Gemma-3-12B: 2026-11-29-h200-kernels-cuda.json (the Gemma decode run used these)
+    (4096, 12288, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=16, cuda=True),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=16, cuda=True),
     (11008, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-    (4096, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=16, cuda=True),
+    (3840, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=32, cuda=True),
+    (4096, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
     (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
-    (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=32, cuda=True),
+    (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
 }
 
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over

@@ -62,9 +62,10 @@ class Variant:
     has_scale: bool
     glu: bool
     pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
+    list_step: int = 4  # input entries per lane and listing round
 
     def defines(self) -> list[str]:
-        return [
+        return [f"-DLIST_STEP={self.list_step}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -99,10 +100,23 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype) -> int:
     return max(1, min(config.block_r, budget // vectors_per_lane(config, dtype)))
 
 
-def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int) -> Variant:
-    """The compiled instance a launch of ``config`` on ``dtype`` inputs uses."""
+#: Most input entries a lane loads per listing round.
+MAX_LIST_STEP = 8
+
+
+def list_step(rows_per_warp: int) -> int:
+    """Input entries per lane and listing round: the power of two that covers a warp's rows in one round,
+    at most ``MAX_LIST_STEP``."""
+    per_lane = max(1, -(-rows_per_warp // 32))
+    return min(MAX_LIST_STEP, 1 << (per_lane - 1).bit_length())
+
+
+def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
+                rows_per_warp: int = 128) -> Variant:
+    """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
+    ``geometry``)."""
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype), vectors_per_lane(config, dtype),
-                   config.split_k, has_scale, glu, pdl)
+                   config.split_k, has_scale, glu, pdl, list_step(rows_per_warp))
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype) -> Geometry:
@@ -387,7 +401,8 @@ def launch(
     k = w_t.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype)
-    variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl))
+    variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
+                          rows_per_warp=geo.rows_per_warp)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds

@@ -15,6 +15,8 @@
 //   ELEM      0 bf16, 1 fp16, 2 fp32 (x, w_t and y share it)
 //   WARPS     warps per program         UNROLL   rows per warp and step      VECS  16-byte vectors per lane
 //   SPLIT     programs per column block (the cluster size, 1..8)
+//   LIST_STEP input entries per lane loaded before their ballots (the host covers a warp's rows in one
+//             round where it can: every load of the listing phase in flight at once)
 //   HAS_SCALE weight-aware rule: the score is |x_i| * scale[j * K + i]
 //   GLU       the input is a gate|up row [2K]; x_i = silu(gate_i) * up_i with eager PyTorch's roundings
 //   PDL       0: plain launch; 1: let the next kernel launch at once; 2: let it launch after the weight loop.
@@ -37,7 +39,9 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #define LANE_COLS (EPV * VECS)
 #define BLOCK_N (32 * LANE_COLS)
 #define THREADS (WARPS * 32)
-#define LIST_STEP 4  // input entries per lane loaded before their ballots
+#ifndef LIST_STEP
+#define LIST_STEP 4  // input entries per lane loaded before their ballots (host: enough for one round)
+#endif
 
 __device__ __forceinline__ float to_f32(elem_t v) {
 #if ELEM == 0
