@@ -441,3 +441,9 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     assert 0.4 < sparse["measured_sparsity"] < 0.6
     assert sparse["bytes_per_token"] < dense["bytes_per_token"]
     assert {"date", "device", "torch", "transformers", "command", "copy_bandwidth_Bps"} <= set(saved)
+    # x dense is against the fastest dense path of the run, named
+    best = data["dense_best"]
+    candidates = [r["tokens_per_s"] for r in data["dense_variants"]] + [
+        r["tokens_per_s"] for r in data["results"] if r["sparsity"] == 0]
+    assert best["tokens_per_s"] == max(candidates) and best["path"]
+    assert sparse["speedup_vs_dense"] == pytest.approx(sparse["tokens_per_s"] / best["tokens_per_s"])

@@ -173,12 +173,12 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     cuda_one = KernelConfig(block_n=256, block_r=16, split_k=1, num_warps=16, cuda=True)
     cuda_llama = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True)
     cases += [
-        (dtype, 1000, (1000, 1008, 1000), (1,), False, cuda_small),
-        (dtype, 1000, (1000, 1008, 1000), (1,), True, cuda_wide),
-        (torch.float16, 200, (304,), (1,), True, cuda_small),
-        (torch.float32, 200, (120, 184), (1,), False, cuda_one),
+        (dtype, 1000, (1000, 1008, 1000), (1, 3, 8), False, cuda_small),
+        (dtype, 1000, (1000, 1008, 1000), (1, 2), True, cuda_wide),
+        (torch.float16, 200, (304,), (1, 5), True, cuda_small),
+        (torch.float32, 200, (120, 184), (1, 4), False, cuda_one),
         (torch.float32, 200, (120, 184), (1,), True, cuda_wide),
-        (dtype, 4096, (4096, 1024, 1024), (1,), True, cuda_llama),
+        (dtype, 4096, (4096, 1024, 1024), (1, 8), True, cuda_llama),
         (dtype, 14336, (4096,), (1,), False, cuda_llama),
         (torch.float16, 4096, (14336, 14336), (1,), False, cuda_one),
     ]

@@ -45,10 +45,11 @@ class KernelConfig:
     when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
     programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
     depth of the row loop (1: one tile prefetched by hand).
-    ``cuda`` (batch 1, compute capability 9.0+) runs the CUDA C++ kernel of ``teal.kernels.cuda``
+    ``cuda`` (batches 1..8, compute capability 9.0+) runs the CUDA C++ kernel of ``teal.kernels.cuda``
     instead: ``block_n`` columns per program (one or two 16-byte vectors per lane), ``block_r`` rows per
     warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
-    ``num_warps`` warps; other batches, and devices where it cannot run, take the Triton kernel.
+    ``num_warps`` warps; with several rows it reads the union of their surviving weight rows once.
+    Devices where it cannot run take the Triton table's configuration.
     """
 
     block_n: int = 256
@@ -240,8 +241,9 @@ def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = D
     """The configuration of one ``sparse_linear`` call.
 
     ``cuda_ok``: the device runs the CUDA C++ kernel (``ops.cuda_kernel_available``). Lookup order: the table
-    named by ``$TEAL_KERNEL_CONFIGS`` (a CUDA entry only where ``cuda_ok``); at batch 1 with ``cuda_ok``,
-    ``TUNED_CUDA`` then ``heuristic_cuda_config``; else ``TUNED`` (the Triton table) then ``heuristic_config``.
+    named by ``$TEAL_KERNEL_CONFIGS`` (a CUDA entry only where ``cuda_ok``); with ``cuda_ok``, ``TUNED_CUDA``
+    (any batch bucket), then at batch 1 ``heuristic_cuda_config``; else ``TUNED`` (the Triton table) then
+    ``heuristic_config`` (dense fallback for batches).
     """
     bucket = batch_bucket(batch)
     if bucket > MAX_KERNEL_BATCH:
@@ -254,8 +256,12 @@ def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = D
         entry = _override_table(override).get(key)
         if entry is not None and (cuda_ok or not entry.cuda):
             return entry
-    if bucket == 1 and cuda_ok:
-        return TUNED_CUDA.get(key) or heuristic_cuda_config(k, n, sm_count)
+    if cuda_ok:
+        entry = TUNED_CUDA.get(key)
+        if entry is not None:
+            return entry
+        if bucket == 1:
+            return heuristic_cuda_config(k, n, sm_count)
     tuned = TUNED.get(key)
     if tuned is not None:
         return tuned

@@ -1,4 +1,4 @@
-"""The batch-1 sparse GEMV in CUDA C++ (``sparse_gemv.cu``), compiled at run time with NVRTC.
+"""The sparse GEMV in CUDA C++ (``sparse_gemv.cu``) for 1..8 input rows, compiled at run time with NVRTC.
 
 ``KernelConfig(cuda=True)`` selects it: ``block_n`` output columns per program (256 or 512 for 16-bit
 inputs: one or two 16-byte vectors per lane), ``block_r`` weight rows per warp and loop step (the rows
@@ -40,6 +40,8 @@ ELEMS_PER_VECTOR = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
 #: Largest cluster (``split_k``) the kernel is built for: the portable cluster size.
 MAX_SPLIT = 8
 MAX_UNROLL = 32
+#: Input rows one launch takes (more: the caller's dense fallback).
+MAX_BATCH = 8
 #: Up to 4 segments per launch, like the Triton kernel (``ops.MAX_SEGMENTS_PER_LAUNCH``).
 MAX_SEGMENTS = 4
 
@@ -63,9 +65,10 @@ class Variant:
     glu: bool
     pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
     list_step: int = 4  # input entries per lane and listing round
+    batch: int = 1
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}",
+        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -92,34 +95,43 @@ def vectors_per_lane(config: KernelConfig, dtype: torch.dtype) -> int:
     return max(1, config.block_n // (32 * ELEMS_PER_VECTOR[dtype]))
 
 
-def rows_per_step(config: KernelConfig, dtype: torch.dtype) -> int:
+def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> int:
     """Rows per warp and step actually compiled: ``block_r``, capped so that a step's weight vectors (4
-    registers each) fit the register budget without spills: 16 vectors per lane with 16 or more warps
-    (128 registers per thread), 32 below."""
-    budget = 16 if config.num_warps >= 16 else 32
-    return max(1, min(config.block_r, budget // vectors_per_lane(config, dtype)))
+    registers each) fit the register budget without spills: at batch 1, 16 vectors per lane with 16 or
+    more warps (128 registers per thread), 32 below; with more rows, what the per-thread register limit
+    leaves after the batch's fp32 sums (8 per row and vector)."""
+    vecs = vectors_per_lane(config, dtype)
+    if batch == 1:
+        budget = 16 if config.num_warps >= 16 else 32
+    else:
+        limit = min(255, 65536 // (32 * config.num_warps))
+        budget = max(1, min(32, (limit - 40 - 8 * batch * vecs) // 4))
+    return max(1, min(config.block_r, budget // vecs))
 
 
 #: Most input entries a lane loads per listing round.
 MAX_LIST_STEP = 8
 
 
-def list_step(rows_per_warp: int) -> int:
+def list_step(rows_per_warp: int, batch: int = 1) -> int:
     """Input entries per lane and listing round: the power of two that covers a warp's rows in one round,
-    at most ``MAX_LIST_STEP``."""
+    at most ``MAX_LIST_STEP`` (and at most 16 values of the batch in registers)."""
     per_lane = max(1, -(-rows_per_warp // 32))
-    return min(MAX_LIST_STEP, 1 << (per_lane - 1).bit_length())
+    cap = max(1, min(MAX_LIST_STEP, 16 // batch))
+    cap = 1 << (cap.bit_length() - 1)
+    return min(cap, 1 << (per_lane - 1).bit_length())
 
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
-                rows_per_warp: int = 128) -> Variant:
+                rows_per_warp: int = 128, batch: int = 1) -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
     ``geometry``)."""
-    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype), vectors_per_lane(config, dtype),
-                   config.split_k, has_scale, glu, pdl, list_step(rows_per_warp))
+    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
+                   vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
+                   list_step(rows_per_warp, batch), batch)
 
 
-def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype) -> Geometry:
+def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
     """Launch geometry (pure arithmetic; tested on the CPU). Column block b of segment j covers columns
     ``offsets[j-1] + (b - block_starts[j-1]) * block_n`` onward, clipped at the segment's end; program
     (b, s) owns rows ``[s * rows_per_split, (s + 1) * rows_per_split)``, warp w of it ``rows_per_warp`` of
@@ -136,10 +148,21 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     split = config.split_k
     rows_per_split = -(-k // split)
     rows_per_warp = -(-rows_per_split // config.num_warps)
-    lists = 8 * config.num_warps * rows_per_warp
-    sums = 4 * (config.num_warps + 1) * block_n
+    lists = 4 * (1 + batch) * config.num_warps * rows_per_warp
+    sums = 4 * (config.num_warps + 1) * batch * block_n
     return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
+
+
+def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int) -> Optional[str]:
+    """Why the fp32 sums of ``batch`` rows (8 registers per row and 16-byte vector) do not fit the
+    per-thread register limit of ``config``'s block (None when they do)."""
+    limit = min(255, 65536 // (32 * config.num_warps))
+    sums = ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype) * batch
+    if sums + 44 > limit:
+        return (f"{batch} rows x block_n={config.block_n} need {sums} registers of sums per thread; "
+                f"{config.num_warps} warps leave {limit}: use fewer warps or a narrower block")
+    return None
 
 
 def config_problem(config: KernelConfig) -> Optional[str]:
@@ -325,8 +348,8 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     """None when ``launch`` can run this call, else why not (the caller falls back to Triton)."""
     if x.device.type != "cuda":
         return "the CUDA kernel runs on CUDA tensors only"
-    if x.shape[0] != 1:
-        return "the CUDA kernel is batch-1 only"
+    if not 1 <= x.shape[0] <= MAX_BATCH:
+        return f"the CUDA kernel takes 1..{MAX_BATCH} input rows, got {x.shape[0]}"
     problem = config_problem(config)
     if problem:
         return problem
@@ -339,7 +362,10 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     if w_t.shape[0] * w_t.stride(0) >= 2**31:
         return "weights above 2^31 elements"
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    geo = geometry(w_t.shape[0], split_list, config, x.dtype)
+    problem = register_problem(config, x.dtype, x.shape[0])
+    if problem:
+        return problem
+    geo = geometry(w_t.shape[0], split_list, config, x.dtype, x.shape[0])
     limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     if geo.shared_bytes > limit:
         return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
@@ -393,16 +419,20 @@ def launch(
     glu: bool = False,
     pdl: int = 0,
 ) -> None:
-    """``y[0, seg_j] = mask_j(x[0]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
+    """``y[b, seg_j] = mask_j(x[b]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
 
-    x [1, K] contiguous, or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a column view) and
-    y [1, n] (contiguous row); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at most 4 segments.
+    x [B, K] with contiguous rows (B <= 8), or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a
+    column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
+    most 4 segments.
     """
     k = w_t.shape[0]
+    batch = x.shape[0]
+    if glu and batch != 1:
+        raise ValueError("the CUDA kernel fuses the SiLU-gated input at batch 1 only")
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    geo = geometry(k, split_list, config, x.dtype)
+    geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
-                          rows_per_warp=geo.rows_per_warp)
+                          rows_per_warp=geo.rows_per_warp, batch=batch)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds
@@ -411,6 +441,7 @@ def launch(
         ctypes.c_void_p(thresholds.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
         ctypes.c_int(k), ctypes.c_int(w_t.stride(0)), ctypes.c_int(geo.rows_per_split), ctypes.c_int(geo.rows_per_warp),
         *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
+        ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
     ]
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()

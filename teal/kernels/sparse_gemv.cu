@@ -1,6 +1,11 @@
-// Batch-1 fused threshold + sparse GEMV in CUDA C++ (teal.kernels.cuda compiles it at run time with NVRTC).
+// Fused threshold + sparse GEMV in CUDA C++ for 1..8 input rows (teal.kernels.cuda compiles it at run time
+// with NVRTC).
 //
-//   y[seg_j] = (x * (|x| * c_j > t_j)) @ w_t[:, seg_j]      x [K], w_t [K, N] row-major, y [N]
+//   y[b, seg_j] = (x[b] * (|x[b]| * c_j > t_j)) @ w_t[:, seg_j]      x [B, K], w_t [K, N] row-major, y [B, N]
+//
+// With B > 1 a warp lists the union of the rows' survivors (a weight row is read once for the whole
+// batch; each input row keeps its own mask), so the bytes read follow the union's density and the kernel
+// never reads more than a dense product would.
 //
 // Grid (column blocks, SPLIT). The SPLIT programs of one column block form a thread-block cluster: each
 // owns rows_per_split consecutive rows of w_t, every warp of it a contiguous share of those rows. A warp
@@ -15,6 +20,7 @@
 //   ELEM      0 bf16, 1 fp16, 2 fp32 (x, w_t and y share it)
 //   WARPS     warps per program         UNROLL   rows per warp and step      VECS  16-byte vectors per lane
 //   SPLIT     programs per column block (the cluster size, 1..8)
+//   BATCH     input rows (1..8); GLU only with BATCH 1
 //   LIST_STEP input entries per lane loaded before their ballots (the host covers a warp's rows in one
 //             round where it can: every load of the listing phase in flight at once)
 //   HAS_SCALE weight-aware rule: the score is |x_i| * scale[j * K + i]
@@ -35,6 +41,13 @@ typedef unsigned short elem_t;
 // 16 bytes of weights, and four fp32 sums (own types: no vector_types.h under NVRTC).
 struct alignas(16) vec_u32x4 { unsigned x, y, z, w; };
 struct alignas(16) vec_f32x4 { float x, y, z, w; };
+
+#ifndef BATCH
+#define BATCH 1
+#endif
+#if GLU && BATCH > 1
+#error "the SiLU-gated input is fused at batch 1 only"
+#endif
 
 #define LANE_COLS (EPV * VECS)
 #define BLOCK_N (32 * LANE_COLS)
@@ -94,6 +107,28 @@ __device__ __forceinline__ vec_u32x4 load_stream(const elem_t* p, bool pred) {
     return v;
 }
 
+// The EPV elements of a vector as fp32.
+__device__ __forceinline__ void unpack_vector(float* out, vec_u32x4 v) {
+    const unsigned u[4] = {v.x, v.y, v.z, v.w};
+#if ELEM == 0
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        out[2 * e] = __uint_as_float(u[e] << 16);
+        out[2 * e + 1] = __uint_as_float(u[e] & 0xffff0000u);
+    }
+#elif ELEM == 1
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+            : "=f"(out[2 * e]), "=f"(out[2 * e + 1])
+            : "r"(u[e]));
+    }
+#else
+#pragma unroll
+    for (int e = 0; e < 4; ++e) out[e] = __uint_as_float(u[e]);
+#endif
+}
+
 // acc[0..EPV) += xv * (the EPV elements of the vector).
 __device__ __forceinline__ void fma_vector(float* acc, float xv, vec_u32x4 v) {
     const unsigned u[4] = {v.x, v.y, v.z, v.w};
@@ -150,13 +185,14 @@ __device__ __forceinline__ float load_cluster_shared(unsigned addr, unsigned ran
 #define CLUSTER_DIMS
 #endif
 
-// Shared memory (dynamic): per warp `rows_per_warp` survivor slots (int index + fp32 value), reused for
-// the warps' column sums [WARPS][BLOCK_N]; then the program's partial sums [BLOCK_N].
+// Shared memory (dynamic): per warp `rows_per_warp` survivor slots (int index + BATCH masked fp32 values),
+// reused for the warps' column sums [WARPS][BATCH][BLOCK_N]; then the program's partial sums
+// [BATCH][BLOCK_N].
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_sparse_gemv(
     const elem_t* __restrict__ x, const elem_t* __restrict__ w, elem_t* __restrict__ y,
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
-    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end) {
+    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
@@ -175,7 +211,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const int row_hi = min(min(K, split_row + rows_per_split), row_lo + rows_per_warp);
 
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
-    float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp;
+    float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
 
 #if PDL == 1
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -185,22 +221,32 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #endif
     const float thr = thresholds[seg];
 
-    // 1. List this warp's surviving rows (ascending): LIST_STEP rows per lane loaded, then ballots.
+    // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
+    //    own row's rule): LIST_STEP rows per lane loaded, then ballots.
     int count = 0;
     const unsigned lanes_below = (1u << lane) - 1u;
     for (int base = row_lo; base < row_hi; base += 32 * LIST_STEP) {
-        float v[LIST_STEP];
+        float v[LIST_STEP][BATCH];
         bool keep[LIST_STEP];
 #pragma unroll
         for (int q = 0; q < LIST_STEP; ++q) {
             const int r = base + q * 32 + lane;
             const bool in = r < row_hi;
-            v[q] = in ? input_at(x, r, K) : 0.0f;
-            float score = fabsf(v[q]);
 #if HAS_SCALE
-            score *= in ? scale[seg * K + r] : 0.0f;
+            const float c = in ? scale[seg * K + r] : 0.0f;
 #endif
-            keep[q] = in && score > thr;
+            keep[q] = false;
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b) {
+                const float value = in ? input_at(x + b * stride_x, r, K) : 0.0f;
+                float score = fabsf(value);
+#if HAS_SCALE
+                score *= c;
+#endif
+                const bool kept_b = in && score > thr;
+                v[q][b] = kept_b ? value : 0.0f;
+                keep[q] |= kept_b;
+            }
         }
 #pragma unroll
         for (int q = 0; q < LIST_STEP; ++q) {
@@ -208,7 +254,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             if (keep[q]) {
                 const int slot = count + __popc(kept & lanes_below);
                 list_idx[slot] = base + q * 32 + lane;
-                list_val[slot] = v[q];
+#pragma unroll
+                for (int b = 0; b < BATCH; ++b) list_val[slot * BATCH + b] = v[q][b];
             }
             count += __popc(kept);
         }
@@ -216,9 +263,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     __syncwarp();
 
     // 2. Stream the listed rows: UNROLL rows per step, every load of a step issued first.
-    float acc[LANE_COLS];
+    float acc[BATCH][LANE_COLS];
 #pragma unroll
-    for (int c = 0; c < LANE_COLS; ++c) acc[c] = 0.0f;
+    for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+        for (int c = 0; c < LANE_COLS; ++c) acc[b][c] = 0.0f;
     bool col_ok[VECS];
     const elem_t* wcol[VECS];
 #pragma unroll
@@ -229,20 +278,35 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     }
     for (int i = 0; i < count; i += UNROLL) {
         vec_u32x4 tile[UNROLL][VECS];
-        float xv[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const bool live = i + u < count;
             const int r = live ? list_idx[i + u] : 0;
-            xv[u] = live ? list_val[i + u] : 0.0f;
 #pragma unroll
             for (int v = 0; v < VECS; ++v)
                 tile[u][v] = load_stream(wcol[v] + (long long)r * stride_w, live && col_ok[v]);
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)
+        for (int u = 0; u < UNROLL; ++u) {
+            const bool live = i + u < count;
+#if BATCH == 1
+            const float xv = live ? list_val[i + u] : 0.0f;
 #pragma unroll
-            for (int v = 0; v < VECS; ++v) fma_vector(acc + v * EPV, xv[u], tile[u][v]);
+            for (int v = 0; v < VECS; ++v) fma_vector(acc[0] + v * EPV, xv, tile[u][v]);
+#else
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                float wv[EPV];
+                unpack_vector(wv, tile[u][v]);
+#pragma unroll
+                for (int b = 0; b < BATCH; ++b) {
+                    const float xv = live ? list_val[(i + u) * BATCH + b] : 0.0f;
+#pragma unroll
+                    for (int e = 0; e < EPV; ++e) acc[b][v * EPV + e] = fmaf(xv, wv[e], acc[b][v * EPV + e]);
+                }
+            }
+#endif
+        }
     }
 
 #if PDL == 2
@@ -251,21 +315,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 
     // 3. The warps' sums, then this program's partial sums.
     __syncthreads();  // every warp is done with its list
-    float* sums = reinterpret_cast<float*>(smem);                     // [WARPS][BLOCK_N]
-    float* partial = reinterpret_cast<float*>(smem) + WARPS * BLOCK_N;  // [BLOCK_N]
+    float* sums = reinterpret_cast<float*>(smem);                             // [WARPS][BATCH][BLOCK_N]
+    float* partial = reinterpret_cast<float*>(smem) + WARPS * BATCH * BLOCK_N;  // [BATCH][BLOCK_N]
 #pragma unroll
-    for (int v = 0; v < VECS; ++v) {
-        vec_f32x4* dst = reinterpret_cast<vec_f32x4*>(sums + warp * BLOCK_N + v * 32 * EPV + lane * EPV);
+    for (int b = 0; b < BATCH; ++b)
 #pragma unroll
-        for (int e = 0; e < EPV / 4; ++e)
-            dst[e] = vec_f32x4{acc[v * EPV + 4 * e], acc[v * EPV + 4 * e + 1], acc[v * EPV + 4 * e + 2],
-                               acc[v * EPV + 4 * e + 3]};
-    }
+        for (int v = 0; v < VECS; ++v) {
+            vec_f32x4* dst = reinterpret_cast<vec_f32x4*>(sums + (warp * BATCH + b) * BLOCK_N + v * 32 * EPV + lane * EPV);
+#pragma unroll
+            for (int e = 0; e < EPV / 4; ++e)
+                dst[e] = vec_f32x4{acc[b][v * EPV + 4 * e], acc[b][v * EPV + 4 * e + 1], acc[b][v * EPV + 4 * e + 2],
+                                   acc[b][v * EPV + 4 * e + 3]};
+        }
     __syncthreads();
-    for (int c = threadIdx.x; c < BLOCK_N; c += THREADS) {
+    for (int c = threadIdx.x; c < BATCH * BLOCK_N; c += THREADS) {
         float s = 0.0f;
 #pragma unroll
-        for (int wi = 0; wi < WARPS; ++wi) s += sums[wi * BLOCK_N + c];
+        for (int wi = 0; wi < WARPS; ++wi) s += sums[wi * BATCH * BLOCK_N + c];
         partial[c] = s;
     }
 
@@ -276,18 +342,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
     const int slice = BLOCK_N / SPLIT;
     const unsigned base_addr = shared_address(partial);
-    for (int c = rank * slice + threadIdx.x; c < (int)(rank + 1) * slice; c += THREADS) {
+    for (int t = threadIdx.x; t < BATCH * slice; t += THREADS) {
+        const int b = t / slice;
+        const int c = rank * slice + t % slice;
         float s = 0.0f;
 #pragma unroll
-        for (int q = 0; q < SPLIT; ++q) s += load_cluster_shared(base_addr + 4u * c, q);
+        for (int q = 0; q < SPLIT; ++q) s += load_cluster_shared(base_addr + 4u * (b * BLOCK_N + c), q);
         const int col = col0 + c;
-        if (col < seg_end) y[col] = from_f32(s);
+        if (col < seg_end) y[b * stride_y + col] = from_f32(s);
     }
     cluster_sync();  // no program leaves while another still reads its shared memory
 #else
-    for (int c = threadIdx.x; c < BLOCK_N; c += THREADS) {
-        const int col = col0 + c;
-        if (col < seg_end) y[col] = from_f32(partial[c]);
+    for (int t = threadIdx.x; t < BATCH * BLOCK_N; t += THREADS) {
+        const int b = t / BLOCK_N;
+        const int col = col0 + t % BLOCK_N;
+        if (col < seg_end) y[b * stride_y + col] = from_f32(partial[t]);
     }
 #endif
 }

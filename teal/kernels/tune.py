@@ -154,18 +154,19 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
 
     At batch 1, ``families="gather"`` times the gather candidates against the version-3 table entry
     (when the shape has one), the heuristic and dense only; ``"all"`` adds the older families' sweep.
-    ``families="cuda"`` (batch 1) times the CUDA C++ candidates against the table's current entry and the
-    heuristic. At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
+    ``families="cuda"`` times the CUDA C++ candidates against the table's current entry and the heuristic
+    (at batches of 2 or more: against the dense fallback). At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
     ``"all"`` adds predicated-load tiles.
     """
     bucket = batch_bucket(batch)
     if families not in ("all", "gather", "union", "cuda"):
         raise ValueError(f"families must be 'all', 'gather', 'union' or 'cuda', got {families!r}")
     extra: list[KernelConfig] = []
-    if bucket == 1 and families == "cuda":
-        current = TUNED.get((k, n, 1, "bf16"))
+    if families == "cuda":  # against the Triton table's entry (batch 1) or the dense fallback (batches)
+        current = TUNED.get((k, n, bucket, "bf16"))
         out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count)] + ([current] if current else [])
-        return out + [c for c in cuda_candidates(k, n, sm_count) if c not in out]
+        out += [KernelConfig(dense=True)] if bucket > 1 else []
+        return list(dict.fromkeys(out + cuda_candidates(k, n, sm_count)))
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
         extra = gather_candidates(k, n, sm_count)
         previous = TUNED_V3.get((k, n, 1, "bf16"))
