@@ -202,7 +202,9 @@ def test_config_lookup_order(tmp_path, monkeypatch):
     assert get_config(4096, 4096, 1, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[key]
     assert get_config(4096, 4096, 1, torch.float16, cuda_ok=True) == configs.TUNED_CUDA[key]  # fp16 shares bf16's
     assert get_config(4096, 4096, 1, torch.bfloat16) == configs.TUNED[key]  # no CUDA kernel: the Triton table
-    assert not get_config(4096, 4096, 2, torch.bfloat16, cuda_ok=True).cuda  # batches: Triton / dense
+    assert get_config(4096, 4096, 2, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[(4096, 4096, 2, "bf16")]
+    assert get_config(4096, 4096, 8, torch.bfloat16, cuda_ok=True).dense  # no entry: the dense fallback
+    assert get_config(4096, 4096, 2, torch.bfloat16).dense  # no CUDA kernel: the Triton table's dense fallback
     # an override entry wins, but a CUDA one only where the device runs the CUDA kernel
     table = tmp_path / "table.json"
     override = KernelConfig(block_n=512, block_r=4, split_k=2, num_warps=4, cuda=True)
@@ -211,3 +213,17 @@ def test_config_lookup_order(tmp_path, monkeypatch):
     assert get_config(4096, 4096, 1, torch.bfloat16, cuda_ok=True) == override
     assert get_config(4096, 4096, 1, torch.bfloat16) == configs.TUNED[key]
     assert configs.load_table(table)[key] == override  # the cuda field round-trips
+
+
+def test_pick_best_never_slower_than_dense_at_batches():
+    from teal.kernels.tune import pick_best
+
+    dense = KernelConfig(dense=True)
+    fast_sparse = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
+    steady = KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=8, cuda=True)
+    times = {repr(dense): [20.0, 20.0, 20.0], repr(fast_sparse): [24.0, 18.0, 5.0], repr(steady): [20.4, 17.0, 9.0]}
+    configs = [dense, fast_sparse, steady]
+    assert pick_best(configs, times, bucket=1) == fast_sparse  # batch 1: best mean relative time
+    assert pick_best(configs, times, bucket=2) == steady  # 24 > 1.03 x 20 at s = 0 disqualifies fast_sparse
+    times[repr(steady)] = [21.0, 17.0, 9.0]
+    assert pick_best(configs, times, bucket=4) == dense

@@ -158,6 +158,18 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     (4096, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
     (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
     (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
+    # Batches (the union of the rows' survivors): 2026-11-29-h200-kernels-cuda-batched.json, picked by
+    # `tune.pick_best` (never slower than 1.03x the dense fallback at s = 0, 0.5, 0.9); buckets not
+    # listed take the dense fallback (every shape at 8 rows).
+    (4096, 6144, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=16, cuda=True),
+    (4096, 6144, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 28672, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
+    (4096, 28672, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
+    (4096, 12288, 2, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=16, cuda=True),
+    (4096, 12288, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
+    (4096, 22016, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
+    (11008, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
 }
 
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over

@@ -266,10 +266,7 @@ def tune_shape(
         timed.append(cfg)
     if not timed:
         raise RuntimeError(f"no candidate configuration could be timed for K={k}, N={n}, B={batch}")
-    ok = timed
-    best_per_s = [min(times[repr(c)][i] for c in ok) for i in range(len(sparsities))]
-    score = {repr(c): sum(t / b for t, b in zip(times[repr(c)], best_per_s)) for c in ok}
-    best = min(ok, key=lambda c: score[repr(c)])
+    best = pick_best(timed, times, batch_bucket(batch))
     return TuneResult(k, n, batch_bucket(batch), "bf16" if dtype == torch.bfloat16 else str(dtype),
                       best, times, tuple(sparsities))
 
@@ -279,6 +276,26 @@ def _cuda_unsupported(x: torch.Tensor, w_t: torch.Tensor, splits: Sequence[int],
     from teal.kernels import cuda
 
     return cuda.unsupported_reason(x, w_t, list(splits), cfg) is not None
+
+
+#: At batches of 2 or more a kernel configuration must stay within this factor of the dense fallback at
+#: every tuned sparsity (the union of several rows' survivors is often nearly dense).
+DENSE_SLACK = 1.03
+
+
+def pick_best(configs: Sequence[KernelConfig], times: dict[str, list[float]], bucket: int) -> KernelConfig:
+    """The configuration with the lowest mean time relative to the best at each tuned sparsity. At batches
+    of 2 or more (when the dense fallback was timed) only configurations never slower than
+    ``DENSE_SLACK`` x the dense fallback at any tuned sparsity qualify, so a batch is never slower
+    than dense for a gain at high sparsity only."""
+    n = len(next(iter(times.values())))
+    best_per_s = [min(times[repr(c)][i] for c in configs) for i in range(n)]
+    score = {repr(c): sum(t / b for t, b in zip(times[repr(c)], best_per_s)) for c in configs}
+    dense = next((c for c in configs if c.dense), None)
+    if bucket > 1 and dense is not None:
+        limit = [DENSE_SLACK * t for t in times[repr(dense)]]
+        configs = [c for c in configs if all(t <= m for t, m in zip(times[repr(c)], limit))]
+    return min(configs, key=lambda c: score[repr(c)])
 
 
 def table_entry(result: TuneResult) -> str:
