@@ -454,4 +454,8 @@ def launch(
     cfg = _LaunchConfig(geo.grid[0], geo.grid[1], geo.grid[2], geo.threads, 1, 1, geo.shared_bytes,
                         ctypes.c_void_p(stream), attrs, n_attrs)
     lib = _library()
+    if torch.cuda.current_device() != device_index:  # the driver launches in the current context
+        with torch.cuda.device(device_index):
+            lib.check_cuda(lib.cuda.cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None), "cuLaunchKernelEx")
+        return
     lib.check_cuda(lib.cuda.cuLaunchKernelEx(ctypes.byref(cfg), kern.func, params, None), "cuLaunchKernelEx")
