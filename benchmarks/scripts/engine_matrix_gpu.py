@@ -9,8 +9,8 @@ code or CUDA graphs; this script runs the real thing on small random models of e
 (Llama with grouped-query attention, Mistral with a sliding window, Qwen2 with q|k|v bias, Qwen3 with
 q/k norms: the one family that keeps the engine's own rope, Gemma 3 with its sandwich norms and GELU gate), in fp32, bf16 and fp16, with the
 magnitude rule and the weight-aware rule (``|x_i| * ||W[:, i]||``). For each: thresholds at 50 % from
-a dense prefill, then teacher-forced sparse decode steps of the engine (its CUDA defaults: producer
-path, rope-fused attention, SiLU-fused down, PDL) against HF's logits with the same inputs masked
+a dense prefill, then teacher-forced sparse decode steps of the engine (its CUDA defaults: the kernel
+path, on compute capability 9.0+ through the CUDA C++ kernel, rope-fused attention, SiLU-fused down, PDL) against HF's logits with the same inputs masked
 (``masked_hf_logits``, fp32 model); fp32 must agree to 1e-4, bf16 / fp16 to 1.5x HF's own error in
 that dtype + 0.01 (as ``teal bench decode``'s twin check). Greedy tokens of the compiled CUDA-graph
 generator must equal the eager generator's on the "kernel" path in fp32 (informational elsewhere: an
@@ -129,8 +129,11 @@ def main() -> None:
                     traceback.print_exc()
                 write_json(data, args.json_path)
     data["passed"] = not data["errors"] and all(r["passed"] for r in data["rows"])
+    from teal.kernels import ops
+
+    data["sparse_gemv_calls_by_path"] = dict(ops.path_counts)  # "cuda": the CUDA C++ kernel, "triton", "dense"
     write_json(data, args.json_path)
-    print("passed:", data["passed"], "errors:", data["errors"] or "none")
+    print("passed:", data["passed"], "errors:", data["errors"] or "none", "calls by path:", dict(ops.path_counts))
 
 
 if __name__ == "__main__":
