@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from teal.kernels import cuda, ops
-from teal.kernels.configs import KernelConfig, get_config, heuristic_config, heuristic_cuda_config
+from teal.kernels.configs import KernelConfig, get_config, heuristic_cuda_config
 from teal.kernels.tune import candidate_configs, cuda_candidates
 
 
