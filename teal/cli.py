@@ -54,6 +54,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def require_cuda(command: str) -> None:
+    """Exit with a clear message when no CUDA GPU is visible (the GPU benchmarks need one)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        console.print(f"[red]error:[/red] {command} runs on a CUDA GPU and none is visible to torch; run it on a "
+                      "GPU machine (the CPU is covered by `make test`)")
+        raise typer.Exit(2)
+
+
 def resolve_dtype(dtype: str, device: str):
     import torch
 
@@ -334,13 +344,26 @@ def bench_kernels(
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65,0.8,0.9"),
     batch: str = typer.Option("1,2,4,8"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a time-vs-sparsity figure here"),
+    tune: bool = typer.Option(False, "--tune", help="tune configurations for this GPU first"),
+    tune_families: str = typer.Option("cuda", help="candidates to tune: cuda | all | gather | union"),
+    tune_batches: str = typer.Option("1", help="batch buckets to tune (comma list, e.g. 1,2,4)"),
+    table_out: Optional[Path] = typer.Option(
+        None, help="write the tuned table here; use it with TEAL_KERNEL_CONFIGS=PATH"),
 ):
-    """Sparse GEMV kernels vs cuBLAS and copy bandwidth (needs CUDA)."""
+    """Sparse GEMV kernels vs cuBLAS and copy bandwidth (needs CUDA); --tune fits the tables to this GPU."""
     from teal.bench import kernels
 
-    kernels.run(parse_list(shapes), parse_floats(sparsity, "--sparsity"),
-                [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None,
-                command=" ".join(sys.argv))
+    if tune_families not in ("cuda", "all", "gather", "union"):
+        raise typer.BadParameter(f"--tune-families must be cuda, all, gather or union, got {tune_families!r}")
+    require_cuda("teal bench kernels")
+    data = kernels.run(parse_list(shapes), parse_floats(sparsity, "--sparsity"),
+                       [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None,
+                       tune=tune, tune_families=tune_families, tune_batches=[int(b) for b in parse_list(tune_batches)],
+                       tune_sparsities=(0.0, 0.5, 0.9) if tune_families == "cuda" else (0.0, 0.5),
+                       table_out=str(table_out) if table_out else None, command=" ".join(sys.argv))
+    if plot_path is not None:
+        kernels.plot(data, plot_path)
 
 
 @bench_app.command("decode")
@@ -356,7 +379,8 @@ def bench_decode(
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
     sparse_path: Optional[str] = typer.Option(
-        None, help="comma list of sparse paths to time: producer, kernel (default: the engine's, producer on one GPU)"),
+        None, help="comma list of sparse paths to time: producer, kernel (default: the engine's: kernel where the "
+                   "CUDA C++ GEMV runs, else producer on one GPU)"),
     attention: str = typer.Option("default", help="decode attention: default | fused (split-KV op) | torch"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
 ):
@@ -366,6 +390,7 @@ def bench_decode(
     attention_modes = {"default": None, "fused": True, "torch": False}
     if attention not in attention_modes:
         raise typer.BadParameter(f"--attention must be one of {', '.join(attention_modes)}, got {attention!r}")
+    require_cuda("teal bench decode")
     th = None
     if artifact is not None:
         import teal

@@ -111,3 +111,19 @@ def test_engine_refuses_thresholds_of_another_model(artifact):
         Generator.from_pretrained(other, thresholds=th, sparsity=0.5, device="cpu")
     with pytest.raises(ValueError, match="needs a teal.Thresholds artifact"):
         Generator.from_pretrained(other, thresholds={"layers.0.q": 0.1}, sparsity=0.5, device="cpu", method="greedy")
+
+
+def test_bench_commands_need_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    for cmd in (["bench", "kernels", "--batch", "1"], ["bench", "decode"]):
+        result = runner.invoke(app, cmd)
+        assert result.exit_code == 2
+        assert "runs on a CUDA GPU and none is visible" in result.output
+
+
+def test_bench_kernels_rejects_unknown_tune_family():
+    result = runner.invoke(app, ["bench", "kernels", "--tune", "--tune-families", "bogus"])
+    assert result.exit_code != 0 and "--tune-families must be cuda, all, gather or union" in result.output
