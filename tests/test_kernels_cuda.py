@@ -227,3 +227,33 @@ def test_pick_best_never_slower_than_dense_at_batches():
     assert pick_best(configs, times, bucket=2) == steady  # 24 > 1.03 x 20 at s = 0 disqualifies fast_sparse
     times[repr(steady)] = [21.0, 17.0, 9.0]
     assert pick_best(configs, times, bucket=4) == dense
+
+
+def test_compiled_variants_are_cached_on_disk(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEAL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cuda, "nvrtc_version", lambda: "13.0")
+    compiled = []
+
+    def fake_compile(variant, arch):
+        compiled.append((variant, arch))
+        return b"\x7fELF" + repr(variant).encode()
+
+    monkeypatch.setattr(cuda, "compile_cubin", fake_compile)
+    variant = cuda.Variant(0, 8, 8, 1, 8, False, False, 2)
+    first = cuda.cubin_for(variant, "sm_90")
+    assert compiled == [(variant, "sm_90")]
+    assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 1  # from disk
+    path = cuda.cache_path(variant, "sm_90", "13.0")
+    assert path.read_bytes() == first and not list(path.parent.glob("*.tmp"))
+    # another variant, architecture or compiler version is another entry
+    other = cuda.Variant(0, 8, 8, 1, 8, True, False, 2)
+    assert cuda.cache_path(other, "sm_90", "13.0") != path
+    assert cuda.cache_path(variant, "sm_100", "13.0") != path and cuda.cache_path(variant, "sm_90", "12.8") != path
+    # a damaged entry is compiled again and replaced
+    path.write_bytes(b"garbage")
+    assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 2
+    assert path.read_bytes() == first
+    # a cache that cannot be written is not an error
+    monkeypatch.setenv("TEAL_CACHE", str(tmp_path / "file"))
+    (tmp_path / "file").write_text("not a directory")
+    assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 3

@@ -1,4 +1,5 @@
-"""The sparse GEMV in CUDA C++ (``sparse_gemv.cu``) for 1..8 input rows, compiled at run time with NVRTC.
+"""The sparse GEMV in CUDA C++ (``sparse_gemv.cu``) for 1..8 input rows, compiled at run time with NVRTC
+(each variant once per machine: the machine code is cached under ``$TEAL_CACHE/cuda-kernels``).
 
 ``KernelConfig(cuda=True)`` selects it: ``block_n`` output columns per program (256 or 512 for 16-bit
 inputs: one or two 16-byte vectors per lane), ``block_r`` weight rows per warp and loop step (the rows
@@ -17,10 +18,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import glob
+import hashlib
 import importlib.resources
 import os
 import sys
+import tempfile
 import threading
+from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from itertools import accumulate
@@ -234,6 +238,55 @@ def _library() -> _Lib:
         return _lib
 
 
+def nvrtc_options(variant: Variant, arch: str) -> list[str]:
+    return [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space"] + variant.defines()
+
+
+def nvrtc_version() -> str:
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    lib = _library()
+    lib.check_nvrtc(lib.nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return f"{major.value}.{minor.value}"
+
+
+def cache_path(variant: Variant, arch: str, compiler: str) -> Path:
+    """Where a compiled variant is kept between processes: ``$TEAL_CACHE`` (default ``~/.cache/teal``)
+    ``/cuda-kernels/``, named by a hash of the source, the options, the architecture and the compiler
+    version, so any change compiles afresh."""
+    root = Path(os.environ["TEAL_CACHE"]).expanduser() if os.environ.get("TEAL_CACHE") else Path.home() / ".cache" / "teal"
+    key = hashlib.sha256("\0".join([source(), *nvrtc_options(variant, arch), compiler]).encode()).hexdigest()[:32]
+    return root / "cuda-kernels" / f"{KERNEL_NAME}-{arch}-{key}.cubin"
+
+
+_ELF_MAGIC = b"\x7fELF"
+
+
+def cubin_for(variant: Variant, arch: str) -> bytes:
+    """The variant's machine code: from the on-disk cache when a valid entry exists, else compiled with
+    NVRTC and stored (atomically; a cache that cannot be written is skipped, never an error)."""
+    path = cache_path(variant, arch, nvrtc_version())
+    try:
+        data = path.read_bytes()
+        if data.startswith(_ELF_MAGIC):
+            return data
+    except OSError:
+        pass
+    data = compile_cubin(variant, arch)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError:
+        pass
+    return data
+
+
 def compile_cubin(variant: Variant, arch: str = "sm_90") -> bytes:
     """The variant's machine code for ``arch`` (NVRTC)."""
     lib = _library()
@@ -243,7 +296,7 @@ def compile_cubin(variant: Variant, arch: str = "sm_90") -> bytes:
     lib.check_nvrtc(nv.nvrtcCreateProgram(ctypes.byref(prog), src, SOURCE_FILE.encode(), 0, None, None),
                     "nvrtcCreateProgram")
     try:
-        opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space"] + variant.defines()
+        opts = nvrtc_options(variant, arch)
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         result = nv.nvrtcCompileProgram(prog, len(opts), arr)
         if result != 0:
@@ -267,7 +320,7 @@ class _Kernel:
     def __init__(self, variant: Variant, device_index: int) -> None:
         lib = _library()
         major, minor = torch.cuda.get_device_capability(device_index)
-        cubin = compile_cubin(variant, f"sm_{major}{minor}")
+        cubin = cubin_for(variant, f"sm_{major}{minor}")
         with torch.cuda.device(device_index):
             torch.cuda.current_stream()  # make sure the primary context is current
             self.module = ctypes.c_void_p()
