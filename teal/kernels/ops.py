@@ -489,7 +489,8 @@ def _launch_cuda(
     config: KernelConfig,
     glu: bool = False,
 ) -> None:
-    """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments, batch 1."""
+    """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments and 1..8 rows (the same
+    signature as the Triton ``_launch``, so the callers pick either)."""
     cuda = _cuda_kernels()
     cuda.launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda.pdl_mode(pdl_mode(x.device) != 0))
 
