@@ -139,10 +139,10 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
     (15360, 3840, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
 }
 
-#: The CUDA C++ kernel's table (batch 1, devices where it runs: ``get_config(cuda_ok=True)``), tuned with
+#: The CUDA C++ kernel's table (devices where it runs: ``get_config(cuda_ok=True)``), tuned with
 #: ``python -m teal.bench.kernels --tune --tune-families cuda --tune-sparsities 0,0.5,0.9``, which times
-#: its candidates against the ``TUNED`` entry: the CUDA kernel won every shape (benchmarks/kernels_notes.md,
-#: "Version 9"), all with ``TEAL_CUDA_PDL=2``.
+#: its candidates against the ``TUNED`` entry at batch 1 (the CUDA kernel won every shape) and against the
+#: dense fallback at batches (benchmarks/kernels_notes.md, "Version 9"); all with ``TEAL_CUDA_PDL=2``.
 TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     # Llama-3-8B: the TEAL_CUDA_PDL=2 tuning of 2026-11-29-h200-kernels-cuda-pdl.json, which the decode run
     # 2026-11-29-h200-decode-cuda.json used (the later full run picked the same except q|k|v: split 4, 16 warps)
