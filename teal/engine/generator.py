@@ -50,7 +50,8 @@ class Generator:
 
     thresholds=None keeps the engine's current decode thresholds (dense for a new engine).
     sparse_path: how sparse groups are multiplied ("kernel" or "producer", `teal.engine.model.SPARSE_PATHS`);
-    None keeps the engine's setting (for a new engine: "producer" on CUDA, "kernel" elsewhere).
+    None keeps the engine's setting (for a new engine: "kernel" where the CUDA C++ sparse GEMV runs and off
+    CUDA, "producer" on other CUDA devices; `Engine.default_sparse_path`).
     """
 
     def __init__(
