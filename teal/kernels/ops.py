@@ -642,6 +642,97 @@ def sparse_linear(
 
 
 # ----------------------------------------------------------------------------------------------
+# Residual add + RMSNorm + sparse GEMV in one launch (batch 1, the CUDA C++ kernel)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm with the engine's roundings (``teal.engine.model.rms_norm``): normalised in fp32; offset 0:
+    cast back, then times the weight (HF Llama's order); otherwise times (offset + weight) in fp32, then
+    cast (HF Gemma 3's)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if offset == 0.0:
+        return normed.to(x.dtype) * weight
+    return (normed * (offset + weight.float())).to(x.dtype)
+
+
+def _norm_kernel_config(x: torch.Tensor, w_t: torch.Tensor, split_list: list[int],
+                        col_scale: Optional[torch.Tensor]) -> Optional[KernelConfig]:
+    """The CUDA configuration that runs the fused add + RMSNorm + GEMV for this call, or None."""
+    if x.shape[0] != 1 or len(split_list) > MAX_SEGMENTS_PER_LAUNCH or not cuda_kernel_available(x.device):
+        return None
+    k, n = w_t.shape
+    config = get_config(k, n, 1, x.dtype, sm_count(x.device), cuda_ok=True)
+    if not config.cuda or _cuda_kernels().unsupported_reason(x, w_t, split_list, config) is not None:
+        return None
+    return config
+
+
+def _add_rmsnorm_sparse_linear_impl(x, delta, norm_weight, eps, norm_offset, w_t, thresholds, splits, col_scale):
+    split_list = _check_args(x, w_t, thresholds, splits, col_scale)
+    if x.shape != delta.shape or norm_weight.shape != (x.shape[1],):
+        raise ValueError(f"add_rmsnorm_sparse_linear: delta must match x {tuple(x.shape)} and norm_weight be "
+                         f"[{x.shape[1]}], got {tuple(delta.shape)} and {tuple(norm_weight.shape)}")
+    config = _norm_kernel_config(x, w_t, split_list, col_scale) if x.device.type == "cuda" else None
+    if config is None:
+        x_new = x + delta
+        h = rms_norm_reference(x_new, norm_weight, eps, norm_offset)
+        return x_new, _sparse_linear_op(h, w_t, thresholds, list(split_list), col_scale)
+    path_counts["cuda_norm"] += 1
+    x_new = torch.empty_like(x)
+    y = torch.empty((1, w_t.shape[1]), dtype=x.dtype, device=x.device)
+    thr = thresholds.reshape(-1).to(torch.float32).contiguous()
+    scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
+    cuda = _cuda_kernels()
+    cuda.launch(x.contiguous(), w_t, y, thr, scale, split_list, config, pdl=cuda.pdl_mode(pdl_mode(x.device) != 0),
+                norm=(delta.contiguous(), norm_weight.contiguous(), x_new, float(eps), float(norm_offset)))
+    return x_new, y
+
+
+@torch.library.custom_op("teal::add_rmsnorm_sparse_linear", mutates_args=())
+def _add_rmsnorm_sparse_linear_op(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    norm_offset: float,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[List[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _add_rmsnorm_sparse_linear_impl(x, delta, norm_weight, eps, norm_offset, w_t, thresholds, splits, col_scale)
+
+
+@_add_rmsnorm_sparse_linear_op.register_fake
+def _add_rmsnorm_sparse_linear_fake(x, delta, norm_weight, eps, norm_offset, w_t, thresholds, splits=None,
+                                    col_scale=None):
+    _check_args(x, w_t, thresholds, splits, col_scale)
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], w_t.shape[1]))
+
+
+def add_rmsnorm_sparse_linear(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    w_t: torch.Tensor,
+    thresholds: torch.Tensor,
+    splits: Optional[Sequence[int]] = None,
+    col_scale: Optional[torch.Tensor] = None,
+    norm_offset: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x_new = x + delta`` and ``sparse_linear(rms_norm(x_new), w_t, thresholds, splits, col_scale)``.
+
+    x, delta [B, K]; norm_weight [K]. At batch 1 with a CUDA C++ configuration this is one launch: every
+    program adds, takes the row's RMS statistic (the row is read from L2) and normalises its own rows where
+    it loads them (the engine's roundings, ``rms_norm_reference``); program (0, 0) stores x_new. Elsewhere
+    the three steps run in turn. Returns (x_new, y)."""
+    return torch.ops.teal.add_rmsnorm_sparse_linear(
+        x, delta, norm_weight, float(eps), float(norm_offset), w_t, thresholds.reshape(-1),
+        None if splits is None else [int(v) for v in splits], col_scale)
+
+
+# ----------------------------------------------------------------------------------------------
 # SiLU-gated input: down's product straight from the gate|up row
 
 
