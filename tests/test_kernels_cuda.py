@@ -257,35 +257,3 @@ def test_compiled_variants_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAL_CACHE", str(tmp_path / "file"))
     (tmp_path / "file").write_text("not a directory")
     assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 3
-
-
-def test_add_rmsnorm_sparse_linear_off_cuda_is_the_three_steps():
-    gen = torch.Generator().manual_seed(3)
-    k, splits = 64, [48, 16, 16]
-    x, delta = torch.randn(1, k, generator=gen), torch.randn(1, k, generator=gen)
-    norm_w, w_t = torch.rand(k, generator=gen) + 0.5, torch.randn(k, sum(splits), generator=gen)
-    thr = torch.tensor([0.4, 0.5, 0.6])
-    for offset in (0.0, 1.0):
-        x_new, y = ops.add_rmsnorm_sparse_linear(x, delta, norm_w, 1e-5, w_t, thr, splits, None, offset)
-        h = ops.rms_norm_reference(x + delta, norm_w, 1e-5, offset)
-        assert torch.equal(x_new, x + delta)
-        assert torch.equal(y, ops.sparse_linear_reference(h, w_t, thr, splits))
-    with pytest.raises(ValueError, match="delta must match x"):
-        ops.add_rmsnorm_sparse_linear(x, delta[:, :32], norm_w, 1e-5, w_t, thr, splits)
-    compiled = torch.compile(lambda a, b: ops.add_rmsnorm_sparse_linear(a, b, norm_w, 1e-5, w_t, thr, splits),
-                             fullgraph=True, backend="aot_eager")
-    assert all(torch.equal(u, v) for u, v in zip(compiled(x, delta), ops.add_rmsnorm_sparse_linear(
-        x, delta, norm_w, 1e-5, w_t, thr, splits)))
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not installed (the GPU runs compile with NVRTC)")
-@pytest.mark.parametrize("elem", [0, 1, 2])
-def test_norm_variant_compiles_without_spills(tmp_path, elem):
-    src = tmp_path / cuda.SOURCE_FILE
-    src.write_text(cuda.source())
-    for scale in (False, True):
-        variant = cuda.Variant(elem, 8, 8, 1, 8, scale, False, 2, 2, 1, True)
-        proc = subprocess.run([NVCC, "-std=c++17", "-arch=sm_90", "-cubin", "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"),
-                               *variant.defines(), "-x", "cu", str(src)], capture_output=True, text=True, check=False)
-        assert proc.returncode == 0, proc.stderr
-        assert all(s == "0" for s in re.findall(r"(\d+) bytes spill stores", proc.stderr)), proc.stderr

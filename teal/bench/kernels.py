@@ -191,7 +191,7 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
         rows.extend(_self_check_graph_compile(dtype))
     except Exception:  # noqa: BLE001
         rows.append(dict(check="graph/compile", ok=False, error=traceback.format_exc()[-1500:]))
-    for check in (_self_check_cuda_glu, _self_check_cuda_graph, _self_check_cuda_norm):
+    for check in (_self_check_cuda_glu, _self_check_cuda_graph):
         try:
             rows.extend(check(dtype))
         except Exception:  # noqa: BLE001
@@ -221,41 +221,6 @@ def _self_check_cuda_glu(dtype: torch.dtype) -> list[dict[str, Any]]:
         rows.append(dict(check="cuda_glu", sparsity=s, rel_err=err, took_cuda=took_cuda,
                          max_diff_vs_triton=float((out.float() - triton.float()).abs().max()),
                          ok=bool(took_cuda and err <= MAX_REL_ERR[dtype])))
-    return rows
-
-
-def _self_check_cuda_norm(dtype: torch.dtype) -> list[dict[str, Any]]:
-    """``ops.add_rmsnorm_sparse_linear`` (residual add + RMSNorm inside the CUDA kernel) against the same steps
-    in plain torch: x + delta bit for bit, y against float64 (the normalised input from
-    ``rms_norm_reference``) in bf16 / fp16 / fp32, with the Llama and the Gemma norm, with a column scale."""
-    from teal.kernels.ops import add_rmsnorm_sparse_linear, rms_norm_reference
-
-    rows: list[dict[str, Any]] = []
-    k, splits = 4096, [4096, 1024, 1024]
-    cfg_dtypes = (dtype, torch.float16, torch.float32)
-    for dt in cfg_dtypes:
-        w_t = (torch.randn(k, sum(splits), device="cuda") * k**-0.5).to(dt)
-        for offset, scaled in ((0.0, False), (1.0, True)):
-            x = torch.randn(1, k, device="cuda", dtype=dt)
-            delta = torch.randn(1, k, device="cuda", dtype=dt) * 0.5
-            norm_w = (torch.rand(k, device="cuda") + 0.5).to(dt)
-            scale = (torch.rand(len(splits), k, device="cuda") + 0.5) if scaled else None
-            h = rms_norm_reference(x + delta, norm_w, 1e-5, offset)
-            thr = _thresholds(h, 0.5, len(splits))
-            before = ops.path_counts["cuda_norm"]
-            x_new, y = add_rmsnorm_sparse_linear(x, delta, norm_w, 1e-5, w_t, thr, splits, scale, offset)
-            took = ops.path_counts["cuda_norm"] == before + 1
-            score = h.abs().float()
-            outs, start = [], 0
-            for j, width in enumerate(splits):
-                sc = score if scale is None else score * scale[j]
-                outs.append(torch.where(sc > thr[j], h.double(), 0.0) @ w_t.double()[:, start:start + width])
-                start += width
-            err = _rel_err(y, torch.cat(outs, dim=1))
-            rows.append(dict(check="cuda_norm", dtype=str(dt).replace("torch.", ""), norm_offset=offset,
-                             col_scale=scaled, rel_err=err, took_cuda=took,
-                             x_new_exact=bool(torch.equal(x_new, x + delta)),
-                             ok=bool(took and torch.equal(x_new, x + delta) and err <= MAX_REL_ERR[dt])))
     return rows
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -91,9 +90,6 @@ class LayerStatic(NamedTuple):
     act: str = "silu"  # MLP activation of the gate: "silu" or "gelu_tanh" (Gemma 3)
     norm_offset: float = 0.0  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
     softmax_scale: float = 0.0  # scale of q·k; 0: 1 / sqrt(head_dim)
-    # q|k|v and gate|up take `ops.add_rmsnorm_sparse_linear`: residual add, RMSNorm and the sparse GEMV in one
-    # launch of the CUDA C++ kernel (`Engine.norm_fused_flags`)
-    norm_fused: tuple[bool, bool] = (False, False)
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -167,18 +163,12 @@ def residual_norm_project(
     observe: Callable[[str, torch.Tensor], None] | None,
     site: str,
     norm_offset: float = 0.0,
-    norm_fused: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
 
     `producer`: one kernel adds, normalises and lists the survivors, then `gather_linear` multiplies
-    (same result as `project` up to fp32 summation order). `norm_fused` (sparse groups, no observer): one
-    launch adds, normalises, thresholds and multiplies (`ops.add_rmsnorm_sparse_linear`; the same roundings,
-    the RMS statistic summed in another order). The observer sees the normalised input.
+    (same result as `project` up to fp32 summation order). The observer sees the normalised input.
     """
-    if norm_fused and sparse and observe is None:
-        x, y = _ops.add_rmsnorm_sparse_linear(x, delta, norm, eps, w, thresholds, splits, col_scale, norm_offset)
-        return x, y if bias is None else y + bias
     if producer:
         x, h, lists = _producer.add_rmsnorm_compact(x, delta, norm, eps, thresholds, col_scale, norm_offset)
         if observe is not None:
@@ -276,7 +266,7 @@ def decode_layer(
         sp = _NO_SPARSITY
     x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
-                                   observe, "attn_in", st.norm_offset, st.norm_fused[0])
+                                   observe, "attn_in", st.norm_offset)
     scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
     if st.fused_attention and w.q_norm is None:  # one kernel: rope, cache write, attention over 0..pos
         attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, pos + 1, scale, st.n_heads)
@@ -304,7 +294,7 @@ def decode_layer(
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
     x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
                                   st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
-                                  observe, "mlp_in", st.norm_offset, st.norm_fused[1])
+                                  observe, "mlp_in", st.norm_offset)
     if st.producer_compact[3]:
         mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
         if observe is not None:
@@ -423,9 +413,6 @@ class Engine:
         # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
         # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
         self.producer_down = False
-        # residual add + RMSNorm inside the CUDA C++ GEMV for sparse q|k|v and gate|up (`norm_fused_flags`);
-        # None: on wherever that kernel runs
-        self.norm_fused: bool | None = None
         # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only);
         # None: on CUDA (6-10 us per layer vs inductor's 8-17 us over the whole cache on the H200,
         # benchmarks/results/2026-11-29-h200-attention-variants.json); False: `decode_attention`, compiled
@@ -462,7 +449,7 @@ class Engine:
         cfg = self.config
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
                            self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
-                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.norm_fused_flags(i))
+                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0)
 
     @property
     def use_fused_attention(self) -> bool:
@@ -503,26 +490,6 @@ class Engine:
         qkv, _, gate_up, down = self.sparse_flags[i]
         silu = self.config.activation == "silu"  # down's producer computes SiLU * up
         return (qkv, False, gate_up, down and silu and self.producer_down and self.tp_group is None)
-
-    @property
-    def uses_norm_fusion(self) -> bool:
-        """Whether sparse q|k|v and gate|up fuse their residual add and RMSNorm into the GEMV launch: `norm_fused`
-        if set, else where the CUDA C++ kernel runs unless `$TEAL_NORM_FUSION` is 0; only on the "kernel" path,
-        on one device."""
-        if self.effective_sparse_path != "kernel" or self.tp_group is not None or _ops is None:
-            return False
-        if self.norm_fused is not None:
-            return self.norm_fused
-        if os.environ.get("TEAL_NORM_FUSION", "1") == "0":  # switch for A/B measurements
-            return False
-        return self.device.type == "cuda" and _ops.cuda_kernel_available(self.device)
-
-    def norm_fused_flags(self, i: int) -> tuple[bool, bool]:
-        """(q|k|v, gate|up) of layer i take `ops.add_rmsnorm_sparse_linear` (see `uses_norm_fusion`)."""
-        if not self.uses_norm_fusion:
-            return (False, False)
-        qkv, _, gate_up, _ = self.sparse_flags[i]
-        return (qkv, gate_up)
 
     def to_layout(self, transposed: bool) -> None:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""

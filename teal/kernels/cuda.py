@@ -70,10 +70,9 @@ class Variant:
     pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
     list_step: int = 4  # input entries per lane and listing round
     batch: int = 1
-    norm: bool = False  # the input is RMSNorm(x + delta), computed in the kernel
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DNORM={int(self.norm)}",
+        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -128,12 +127,12 @@ def list_step(rows_per_warp: int, batch: int = 1) -> int:
 
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
-                rows_per_warp: int = 128, batch: int = 1, norm: bool = False) -> Variant:
+                rows_per_warp: int = 128, batch: int = 1) -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
     ``geometry``)."""
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, norm)
+                   list_step(rows_per_warp, batch), batch)
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -472,23 +471,21 @@ def launch(
     *,
     glu: bool = False,
     pdl: int = 0,
-    norm: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]] = None,
 ) -> None:
     """``y[b, seg_j] = mask_j(x[b]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
 
     x [B, K] with contiguous rows (B <= 8), or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a
     column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
-    most 4 segments. ``norm`` = (delta, norm_weight, x_out, eps, norm_offset): the input is RMSNorm(x + delta)
-    (batch 1; x_out [1, K] receives x + delta).
+    most 4 segments.
     """
     k = w_t.shape[0]
     batch = x.shape[0]
-    if (glu or norm is not None) and batch != 1:
-        raise ValueError("the CUDA kernel fuses the SiLU-gated or normalised input at batch 1 only")
+    if glu and batch != 1:
+        raise ValueError("the CUDA kernel fuses the SiLU-gated input at batch 1 only")
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
-                          rows_per_warp=geo.rows_per_warp, batch=batch, norm=norm is not None)
+                          rows_per_warp=geo.rows_per_warp, batch=batch)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds
@@ -499,9 +496,6 @@ def launch(
         *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
         ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
     ]
-    delta, norm_w, x_out, eps, offset = norm if norm is not None else (x, x, y, 0.0, 0.0)
-    holders += [ctypes.c_void_p(delta.data_ptr()), ctypes.c_void_p(norm_w.data_ptr()), ctypes.c_void_p(x_out.data_ptr()),
-                ctypes.c_float(eps), ctypes.c_float(offset)]
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()
     n_attrs = 0

@@ -20,10 +20,7 @@
 //   ELEM      0 bf16, 1 fp16, 2 fp32 (x, w_t and y share it)
 //   WARPS     warps per program         UNROLL   rows per warp and step      VECS  16-byte vectors per lane
 //   SPLIT     programs per column block (the cluster size, 1..8)
-//   BATCH     input rows (1..8); GLU and NORM only with BATCH 1
-//   NORM      the input is RMSNorm(x + delta) (x the residual stream, delta the sublayer output), with the
-//             engine's roundings (bf16 add; normalised in fp32, rounded, times the weight; or, with a norm
-//             offset, times (offset + weight) in fp32 and rounded once); program (0, 0) stores x + delta
+//   BATCH     input rows (1..8); GLU only with BATCH 1
 //   LIST_STEP input entries per lane loaded before their ballots (the host covers a warp's rows in one
 //             round where it can: every load of the listing phase in flight at once)
 //   HAS_SCALE weight-aware rule: the score is |x_i| * scale[j * K + i]
@@ -48,14 +45,8 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #ifndef BATCH
 #define BATCH 1
 #endif
-#ifndef NORM
-#define NORM 0
-#endif
-#if (GLU || NORM) && BATCH > 1
-#error "the SiLU-gated and normalised inputs are fused at batch 1 only"
-#endif
-#if GLU && NORM
-#error "GLU and NORM exclude each other"
+#if GLU && BATCH > 1
+#error "the SiLU-gated input is fused at batch 1 only"
 #endif
 
 #define LANE_COLS (EPV * VECS)
@@ -201,9 +192,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const elem_t* __restrict__ x, const elem_t* __restrict__ w, elem_t* __restrict__ y,
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
-    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y,
-    const elem_t* __restrict__ delta, const elem_t* __restrict__ norm_w, elem_t* __restrict__ x_out, float eps,
-    float norm_offset) {
+    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
@@ -232,32 +221,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #endif
     const float thr = thresholds[seg];
 
-#if NORM
-    // 0. Residual add and the RMSNorm statistic over the whole row (each program; the row is in L2).
-    __shared__ float norm_partial[WARPS];
-    float squares = 0.0f;
-    for (int i = threadIdx.x; i < K; i += THREADS) {
-        const float xn = round_elem(to_f32(x[i]) + to_f32(delta[i]));
-        squares = fmaf(xn, xn, squares);
-        if (blockIdx.x == 0 && blockIdx.y == 0) x_out[i] = from_f32(xn);
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) squares += __shfl_xor_sync(0xffffffffu, squares, off);
-    if (lane == 0) norm_partial[warp] = squares;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int wi = 0; wi < WARPS; ++wi) total += norm_partial[wi];
-    const float inv_rms = rsqrtf(total / (float)K + eps);
-    auto load_input = [&](int b, int r) -> float {
-        const float normed = round_elem(to_f32(x[r]) + to_f32(delta[r])) * inv_rms;
-        if (norm_offset == 0.0f) return round_elem(round_elem(normed) * to_f32(norm_w[r]));
-        return round_elem(normed * (norm_offset + to_f32(norm_w[r])));
-    };
-#else
-    auto load_input = [&](int b, int r) -> float { return input_at(x + b * stride_x, r, K); };
-#endif
-
     // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
     //    own row's rule): LIST_STEP rows per lane loaded, then ballots.
     int count = 0;
@@ -275,7 +238,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             keep[q] = false;
 #pragma unroll
             for (int b = 0; b < BATCH; ++b) {
-                const float value = in ? load_input(b, r) : 0.0f;
+                const float value = in ? input_at(x + b * stride_x, r, K) : 0.0f;
                 float score = fabsf(value);
 #if HAS_SCALE
                 score *= c;
