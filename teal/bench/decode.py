@@ -37,6 +37,7 @@ from teal.engine import MODES, Generator, engine_from_hf_model, engine_random, r
 from teal.engine.loading import text_decoder_state_dict  # noqa: E402
 from teal.engine.model import PROJECTIONS, SPARSE_PATHS, Engine  # noqa: E402
 from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  # noqa: E402
+from teal.kernels.ops import cuda_kernel_available  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 TWIN_SEED = 0  # weights of check_twin's random HF twin
@@ -292,15 +293,6 @@ def build_hf_twin(engine: Engine) -> torch.nn.Module:
     return hf.eval()
 
 
-def _kernel_ops_cuda_available(device: torch.device) -> bool:
-    """Whether the CUDA C++ sparse GEMV runs on ``device`` (then the engine's default path is "kernel")."""
-    try:
-        from teal.kernels.ops import cuda_kernel_available
-    except ImportError:
-        return False
-    return cuda_kernel_available(device)
-
-
 def run(
     model: str | None = None,
     shape: str | None = "llama-3-8b",
@@ -336,7 +328,7 @@ def run(
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
         cuda_device = str(device).startswith("cuda")
-        producer = tp == 1 and cuda_device and not _kernel_ops_cuda_available(torch.device(device))
+        producer = tp == 1 and cuda_device and not cuda_kernel_available(torch.device(device))
         sparse_paths = ["producer" if producer else "kernel"]
     sparse_paths = list(dict.fromkeys(sparse_paths))
     unknown_paths = [p for p in sparse_paths if p not in SPARSE_PATHS]

@@ -41,9 +41,6 @@ SOURCE_FILE = "sparse_gemv.cu"
 ELEM_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 ELEMS_PER_VECTOR = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
 
-#: Largest cluster (``split_k``) the kernel is built for: the portable cluster size.
-MAX_SPLIT = 8
-MAX_UNROLL = 32
 #: Input rows one launch takes (more: the caller's dense fallback).
 MAX_BATCH = 8
 #: Up to 4 segments per launch, like the Triton kernel (``ops.MAX_SEGMENTS_PER_LAUNCH``).
@@ -166,17 +163,6 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int) -> Op
     if sums + 44 > limit:
         return (f"{batch} rows x block_n={config.block_n} need {sums} registers of sums per thread; "
                 f"{config.num_warps} warps leave {limit}: use fewer warps or a narrower block")
-    return None
-
-
-def config_problem(config: KernelConfig) -> Optional[str]:
-    """Why ``config`` cannot describe a CUDA launch (None when it can)."""
-    if config.split_k > MAX_SPLIT:
-        return f"split_k={config.split_k} exceeds the largest cluster ({MAX_SPLIT})"
-    if config.block_r > MAX_UNROLL:
-        return f"block_r={config.block_r} (rows per warp and step) exceeds {MAX_UNROLL}"
-    if config.num_warps * 32 > 1024:
-        return f"num_warps={config.num_warps} exceeds 32 (1024 threads per program)"
     return None
 
 
@@ -403,9 +389,6 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
         return "the CUDA kernel runs on CUDA tensors only"
     if not 1 <= x.shape[0] <= MAX_BATCH:
         return f"the CUDA kernel takes 1..{MAX_BATCH} input rows, got {x.shape[0]}"
-    problem = config_problem(config)
-    if problem:
-        return problem
     epv = ELEMS_PER_VECTOR.get(x.dtype)
     if epv is None:
         return f"unsupported dtype {x.dtype}"
@@ -423,24 +406,6 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     if geo.shared_bytes > limit:
         return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
     return device_problem(device_index)
-
-
-#: ``$TEAL_CUDA_PDL``: programmatic dependent launch of the CUDA kernel where ``ops.pdl_mode`` allows it:
-#: 0 off, 1 the next kernel may launch when this one starts, 2 when its weight loop is done (default).
-PDL_ENV = "TEAL_CUDA_PDL"
-DEFAULT_PDL = 2
-
-
-@functools.lru_cache(maxsize=8)
-def _parse_pdl(raw: str) -> int:
-    if raw.strip() not in ("0", "1", "2"):
-        raise ValueError(f"{PDL_ENV} must be 0, 1 or 2, got {raw!r}")
-    return int(raw)
-
-
-def pdl_mode(allowed: bool) -> int:
-    """The PDL mode of a launch (``allowed``: ``ops.pdl_mode`` is on for the device)."""
-    return _parse_pdl(os.environ.get(PDL_ENV, str(DEFAULT_PDL))) if allowed else 0
 
 
 #: Reasons that are properties of one call's shapes (the fallback is silent for them).

@@ -180,11 +180,16 @@ def _pdl_supported(device_index: int) -> bool:
     return bool(import_triton_module("_pdl_triton", "programmatic dependent launch").HAS_GDC)
 
 
+#: ``$TEAL_CUDA_PDL``: the same for the CUDA C++ kernel (``teal/kernels/sparse_gemv.cu``): 1 lets the next
+#: kernel launch when this one starts, 2 when its weight loop is done (measured best on the H200).
+DEFAULT_CUDA_PDL = 2
+
+
 @functools.lru_cache(maxsize=8)
-def _parse_pdl(raw: str) -> int:
+def _parse_pdl(raw: str, variable: str = "TEAL_PDL") -> int:
     raw = raw.strip()
     if raw not in {str(m) for m in PDL_MODES}:
-        raise ValueError(f"TEAL_PDL must be one of {', '.join(map(str, PDL_MODES))} (0 turns programmatic "
+        raise ValueError(f"{variable} must be one of {', '.join(map(str, PDL_MODES))} (0 turns programmatic "
                          f"dependent launch off), got {raw!r}")
     return int(raw)
 
@@ -197,6 +202,14 @@ def pdl_mode(device: torch.device) -> int:
     if mode == 0 or device.type != "cuda" or _interpreting():
         return 0
     return mode if _pdl_supported(device.index if device.index is not None else torch.cuda.current_device()) else 0
+
+
+def cuda_pdl_mode(device: torch.device) -> int:
+    """PDL mode of the CUDA C++ kernel on ``device``: ``$TEAL_CUDA_PDL`` (or ``DEFAULT_CUDA_PDL``) where
+    ``pdl_mode`` is on, else 0."""
+    if pdl_mode(device) == 0:
+        return 0
+    return _parse_pdl(os.environ.get("TEAL_CUDA_PDL", str(DEFAULT_CUDA_PDL)), "TEAL_CUDA_PDL")
 
 
 def pdl_launch(mode: int) -> dict[str, object]:
@@ -491,8 +504,7 @@ def _launch_cuda(
 ) -> None:
     """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments and 1..8 rows (the same
     signature as the Triton ``_launch``, so the callers pick either)."""
-    cuda = _cuda_kernels()
-    cuda.launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda.pdl_mode(pdl_mode(x.device) != 0))
+    _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device))
 
 
 def dense_masked_linear(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from teal.kernels import cuda
 from teal.kernels.configs import TUNED, TUNED_V3, KernelConfig, batch_bucket, heuristic_config
 from teal.kernels.ops import sparse_linear_reference, sparse_linear_triton
 
@@ -236,7 +237,7 @@ def tune_shape(
     ok: list[KernelConfig] = []
     for cfg in cands:
         thr = thr_sets[sparsities[-1]][0]
-        if cfg.cuda and _cuda_unsupported(xs[0], w_ts[0], splits, cfg):
+        if cfg.cuda and cuda.unsupported_reason(xs[0], w_ts[0], list(splits), cfg) is not None:  # would run Triton
             continue
         try:
             y = sparse_linear_triton(xs[0], w_ts[0], thr, list(splits), config=cfg)
@@ -269,13 +270,6 @@ def tune_shape(
     best = pick_best(timed, times, batch_bucket(batch))
     return TuneResult(k, n, batch_bucket(batch), "bf16" if dtype == torch.bfloat16 else str(dtype),
                       best, times, tuple(sparsities))
-
-
-def _cuda_unsupported(x: torch.Tensor, w_t: torch.Tensor, splits: Sequence[int], cfg: KernelConfig) -> bool:
-    """True when a CUDA candidate would fall back to Triton here (it is then not a candidate)."""
-    from teal.kernels import cuda
-
-    return cuda.unsupported_reason(x, w_t, list(splits), cfg) is not None
 
 
 #: At batches of 2 or more a kernel configuration must stay within this factor of the dense fallback at
