@@ -178,6 +178,29 @@ def test_sparsity_zero_is_dense(family_model):
         assert rel_err(engine.decode(ids[5:6], torch.tensor([5])), dense) <= 1e-5
 
 
+def test_kernel_at_zero_per_group_and_without_thresholds():
+    """One flag per group picks which dense groups take the sparse op; with no thresholds at all those groups
+    still take it (every threshold -inf) on the transposed layout, and the logits stay dense."""
+    hf = tiny_hf_model("llama3-rope")
+    engine = engine_from_hf_model(hf, max_seq_len=32, transposed=True)
+    assert engine.groups_on_kernel_at_zero() == (False,) * 4  # the CPU default: no group
+    ids = prompt_ids(10)
+    with torch.no_grad():
+        engine.prefill(ids[:5])
+        dense = engine.decode(ids[5:6], torch.tensor([5]))
+        engine.kernel_at_zero = (True, True, False, False)
+        engine.set_thresholds(None)
+        assert all(f == (True, True, False, False) for f in engine.sparse_flags)
+        assert all(torch.isinf(sp.qkv).all() and (sp.qkv < 0).all() for sp in engine.sparsity)
+        assert rel_err(engine.decode(ids[5:6], torch.tensor([5])), dense) <= 1e-5
+        engine.kernel_at_zero = (True, False)
+        with pytest.raises(ValueError, match="one per group"):
+            engine.set_thresholds(None)
+        engine.kernel_at_zero = (False, True, False, True)
+        engine.to_layout(transposed=False)  # the [N, K] layout: cuBLAS everywhere
+        assert not any(any(f) for f in engine.sparse_flags)
+
+
 def test_generator_with_teal_thresholds_matches_sparsified_hf():
     teal = pytest.importorskip("teal")
     if not all(hasattr(teal, n) for n in ("calibrate", "sparsify_")):
@@ -435,7 +458,7 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     assert twin["passed"], twin
     assert twin["fp32_sparse_decode_rel_err"] <= 1e-4 and twin["fp32_graph_tokens_match_hf"]
     rows = {(r["sparsity"], r["op"]) for r in data["results"]}
-    assert rows == {(0.0, "kernel"), (0.0, "x @ w_t"), (0.5, "kernel")}
+    assert rows == {(0.0, "kernel"), (0.0, "x @ w_t"), (0.0, "mixed"), (0.5, "kernel")}
     sparse = next(r for r in data["results"] if r["sparsity"] == 0.5)
     dense = next(r for r in data["results"] if r["sparsity"] == 0.0)
     assert 0.4 < sparse["measured_sparsity"] < 0.6

@@ -1,9 +1,9 @@
-"""Pick the CUDA kernel's PDL mode from tuning runs made under each ``$TEAL_CUDA_PDL`` value.
+"""Pick the CUDA kernel's PDL mode (or another ``$TEAL_CUDA_*`` mode) from tuning runs made under each value.
 
-python3 benchmarks/scripts/cuda_pdl_pick.py DIR   (DIR holds tune-pdl{0,1,2}.json from
-``python -m teal.bench.kernels --tune --tune-families cuda --json``). Prints, per mode, the mean over
-shapes and tuning sparsities of the best CUDA configuration's time relative to the best mode's, and
-writes the winning mode to DIR/pdl_mode (one digit).
+python3 benchmarks/scripts/cuda_pdl_pick.py DIR [NAME]   (DIR holds tune-NAME{0,1,2}.json from
+``python -m teal.bench.kernels --tune --tune-families cuda --json``; NAME defaults to ``pdl``, ``pipe``
+for ``$TEAL_CUDA_PIPE``). Prints, per mode, the mean over shapes and tuning sparsities of the best CUDA
+configuration's time relative to the best mode's, and writes the winning mode to DIR/NAME_mode (one digit).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ def best_cuda_times(path: Path) -> dict[tuple[int, int], list[float]]:
     return out
 
 
-def main(folder: str) -> None:
+def main(folder: str, name: str = "pdl") -> None:
     root = Path(folder)
-    runs = {m: best_cuda_times(root / f"tune-pdl{m}.json") for m in (0, 1, 2) if (root / f"tune-pdl{m}.json").exists()}
+    runs = {m: best_cuda_times(root / f"tune-{name}{m}.json") for m in (0, 1, 2) if (root / f"tune-{name}{m}.json").exists()}
     shapes = sorted(set.intersection(*(set(r) for r in runs.values())))
     score = {}
     for mode, times in runs.items():
@@ -34,12 +34,12 @@ def main(folder: str) -> None:
             for i, t in enumerate(times[shape]):
                 ratios.append(t / min(r[shape][i] for r in runs.values()))
         score[mode] = sum(ratios) / len(ratios)
-        print(f"TEAL_CUDA_PDL={mode}: " + "  ".join(f"{s[0]}x{s[1]} " + "/".join(f"{t:.1f}" for t in times[s])
+        print(f"TEAL_CUDA_{name.upper()}={mode}: " + "  ".join(f"{s[0]}x{s[1]} " + "/".join(f"{t:.1f}" for t in times[s])
                                                for s in shapes) + f"  score {score[mode]:.3f}")
     best = min(score, key=score.get)
-    (root / "pdl_mode").write_text(str(best))
+    (root / f"{name}_mode").write_text(str(best))
     print(f"best mode: {best}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

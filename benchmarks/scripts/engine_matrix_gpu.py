@@ -14,7 +14,9 @@ path, on compute capability 9.0+ through the CUDA C++ kernel, rope-fused attenti
 (``masked_hf_logits``, fp32 model); fp32 must agree to 1e-4, bf16 / fp16 to 1.5x HF's own error in
 that dtype + 0.01 (as ``teal bench decode``'s twin check). Greedy tokens of the compiled CUDA-graph
 generator must equal the eager generator's on the "kernel" path in fp32 (informational elsewhere: an
-ulp can flip a mask entry at its threshold). Prints a table and writes JSON.
+ulp can flip a mask entry at its threshold). Then the same engine without thresholds (dense decode, the
+engine's default groups on the kernel with every threshold -inf) against HF's dense logits, same bounds.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -100,7 +102,20 @@ def check(family: str, dtype_name: str, score: str, device: torch.device) -> dic
         eager = Generator(engine, mode="eager").generate(ids[:32], 12, stop=[]).tokens
         row[f"graph_tokens_match_eager_{path}"] = graph == eager
     engine.set_sparse_path(None)
-    row["passed"] = row["logits_ok"] and (dtype != torch.float32 or row["graph_tokens_match_eager_kernel"])
+    # dense decode with no thresholds: the engine's default groups take the kernel (every threshold -inf)
+    with torch.inference_mode():
+        dense32 = hf32(ids[None]).logits[0].float()
+        engine.set_thresholds(None)
+        row["dense_groups_on_kernel"] = list(engine.sparse_flags[0])
+        row["dense_decode_rel_err"] = _decode_errors(engine, dense32, ids, PROMPT)
+        if dtype == torch.float32:
+            row["dense_bound"] = 1e-4
+        else:
+            own = hf_d(ids[None]).logits[0].float()
+            row["dense_bound"] = 1.5 * max(_rel(own[t], dense32[t]) for t in range(PROMPT, TOTAL)) + 0.01
+    row["dense_ok"] = bool(row["dense_decode_rel_err"] <= row["dense_bound"])
+    row["passed"] = (row["logits_ok"] and row["dense_ok"]
+                     and (dtype != torch.float32 or row["graph_tokens_match_eager_kernel"]))
     return row
 
 
@@ -120,7 +135,8 @@ def main() -> None:
                     row = check(family, dtype_name, score, device)
                     data["rows"].append(row)
                     print(f"{family:15s} {dtype_name:5s} {score:12s} err {row['decode_rel_err']:.2e} "
-                          f"(bound {row['bound']:.2e}) tokens graph==eager kernel "
+                          f"(bound {row['bound']:.2e}) dense {row['dense_decode_rel_err']:.2e} "
+                          f"(bound {row['dense_bound']:.2e}, kernel {row['dense_groups_on_kernel']}) tokens graph==eager kernel "
                           f"{row['graph_tokens_match_eager_kernel']} producer "
                           f"{row['graph_tokens_match_eager_producer']} -> {'ok' if row['passed'] else 'FAIL'}",
                           flush=True)

@@ -119,7 +119,9 @@ class Generator:
         """
         device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        transposed = thresholds is not None
+        # transposed ([K, N]) weights for the sparse kernel, and on GPUs where the CUDA C++ kernel runs also
+        # for dense decode (it reads the rows faster than cuBLAS there: Engine.default_kernel_at_zero)
+        transposed = thresholds is not None or _cuda_kernel_runs(device)
         build = dict(dtype=dtype, device=device, transposed=transposed)
         if isinstance(model, torch.nn.Module):
             _check_thresholds_model(thresholds, model)
@@ -156,6 +158,10 @@ class Generator:
         mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
         if device.type != "cuda":
             mode = "eager"
+        if sparse_path is not None:
+            engine.set_sparse_path(sparse_path)
+        if thresholds is None:
+            engine.set_thresholds(None)  # dense: the engine's default groups on the kernel (every threshold -inf)
         return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, sparse_path=sparse_path,
                    method=method)
 
@@ -406,6 +412,17 @@ def resolve_thresholds(
             col = computed[key]
         scales[key] = col
     return values, scales
+
+
+def _cuda_kernel_runs(device: torch.device) -> bool:
+    """Whether the CUDA C++ sparse GEMV runs on ``device`` (False where teal.kernels is not importable)."""
+    if device.type != "cuda":
+        return False
+    try:
+        from teal.kernels.ops import cuda_kernel_available
+    except ImportError:
+        return False
+    return cuda_kernel_available(device)
 
 
 def _check_thresholds_model(thresholds: Any, model: torch.nn.Module) -> None:

@@ -407,7 +407,10 @@ class Engine:
         self.v_cache: list[torch.Tensor] = []
         self.sparsity: list[LayerSparsity] | None = None
         self.sparse_flags: tuple[tuple[bool, bool, bool, bool], ...] = tuple((False,) * 4 for _ in layers)
-        self.kernel_at_zero = False  # use the sparse kernel even for groups whose thresholds are all -inf
+        # use the sparse kernel even for groups whose thresholds are all -inf (on the CUDA C++ kernel, a dense
+        # product): True / False for every group, one flag per group (q|k|v, o, gate|up, down), or None for
+        # `default_kernel_at_zero`
+        self.kernel_at_zero: bool | tuple[bool, bool, bool, bool] | None = None
         # how sparse groups are multiplied (SPARSE_PATHS; set_sparse_path); None: `default_sparse_path`
         self.sparse_path: str | None = None
         # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
@@ -477,6 +480,27 @@ class Engine:
         return "kernel" if _ops is not None and _ops.cuda_kernel_available(self.device) else "producer"
 
     @property
+    def default_kernel_at_zero(self) -> tuple[bool, bool, bool, bool]:
+        """Groups whose dense product (every threshold -inf, or no thresholds) takes the sparse kernel by
+        default: all four where the CUDA C++ kernel runs on the "kernel" path, none elsewhere. On the H200 it
+        reads all rows faster than cuBLAS in the decode graph (Llama-3-8B shape, dense decode: 223.0 tok/s
+        with the kernel for every group, 221.8 with it for q|k|v and o only, 211.1 with cuBLAS `x @ w_t`,
+        210.7 with cuBLAS on the [N, K] layout; benchmarks/results/2026-11-29-h200-decode-dense-paths.json)."""
+        on = (self.device.type == "cuda" and _ops is not None and self.effective_sparse_path == "kernel"
+              and _ops.cuda_kernel_available(self.device))
+        return (on,) * len(GROUPS)  # type: ignore[return-value]
+
+    def groups_on_kernel_at_zero(self) -> tuple[bool, ...]:
+        """`kernel_at_zero` as one flag per group (its default where None)."""
+        at_zero = self.kernel_at_zero
+        if at_zero is None:
+            return self.default_kernel_at_zero
+        at_zero = tuple(at_zero) if isinstance(at_zero, (tuple, list)) else (bool(at_zero),) * len(GROUPS)
+        if len(at_zero) != len(GROUPS):
+            raise ValueError(f"kernel_at_zero takes one flag or {len(GROUPS)} (one per group: {', '.join(GROUPS)})")
+        return at_zero
+
+    @property
     def effective_sparse_path(self) -> str:
         """The sparse path decode steps take: the one set, else the default."""
         return self.sparse_path if self.sparse_path is not None else self.default_sparse_path
@@ -513,14 +537,19 @@ class Engine:
         """Set per-projection thresholds {"layers.{i}.{p}": t} (None: dense decode).
 
         Scores are >= 0, so a negative threshold zeroes nothing: a group (q|k|v, o, gate|up, down) uses
-        the sparse kernel when any of its thresholds is >= 0 (or always, with `kernel_at_zero`), else the
-        dense product. Values are written into persistent tensors, so CUDA graphs
-        already captured see the new values; a change of which groups are sparse needs a new graph.
+        the sparse kernel when any of its thresholds is >= 0 (or where `groups_on_kernel_at_zero` says so),
+        else the dense product. With None, groups that `groups_on_kernel_at_zero` names still take the
+        kernel (every threshold -inf: a dense product) when the layout is transposed. Values are written
+        into persistent tensors, so CUDA graphs already captured see the new values; a change of which
+        groups are sparse needs a new graph.
         """
         n = self.config.n_layers
+        at_zero = self.groups_on_kernel_at_zero()
         if thresholds is None:
-            self.sparse_flags = tuple((False,) * 4 for _ in range(n))
-            return
+            if not (self.transposed and any(at_zero)):
+                self.sparse_flags = tuple((False,) * 4 for _ in range(n))
+                return
+            thresholds, col_scales = {f"layers.{i}.{p}": -math.inf for i in range(n) for p in PROJECTIONS}, None
         expected = {f"layers.{i}.{p}" for i in range(n) for p in PROJECTIONS}
         missing = sorted(expected - set(thresholds), key=_key_order)
         extra = sorted(set(thresholds) - expected)
@@ -542,10 +571,10 @@ class Engine:
             sp = self.sparsity[i]
             layer_flags = []
             scales = {}
-            for g, projs in GROUPS.items():
+            for gi, (g, projs) in enumerate(GROUPS.items()):
                 values = [float(thresholds[f"layers.{i}.{p}"]) for p in projs]
                 getattr(sp, g).copy_(torch.tensor(values, dtype=torch.float32))
-                layer_flags.append(self.kernel_at_zero or any(v >= 0.0 for v in values))
+                layer_flags.append(at_zero[gi] or any(v >= 0.0 for v in values))
                 if col_scales is not None:
                     cols = [col_scales[f"layers.{i}.{p}"] for p in projs]
                     scales[g + "_scale"] = torch.stack([c.float() for c in cols]).to(self.device).contiguous()
