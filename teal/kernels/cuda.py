@@ -67,10 +67,9 @@ class Variant:
     pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
     list_step: int = 4  # input entries per lane and listing round
     batch: int = 1
-    pipe: int = 0
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DPIPE={self.pipe}",
+        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -97,7 +96,7 @@ def vectors_per_lane(config: KernelConfig, dtype: torch.dtype) -> int:
     return max(1, config.block_n // (32 * ELEMS_PER_VECTOR[dtype]))
 
 
-def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, pipe: int = 0) -> int:
+def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> int:
     """Rows per warp and step actually compiled: ``block_r``, capped so that a step's weight vectors (4
     registers each) fit the register budget without spills: at batch 1, 16 vectors per lane with 16 or
     more warps (128 registers per thread), 32 below; with more rows, what the per-thread register limit
@@ -108,9 +107,6 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, pipe
     else:
         limit = min(255, 65536 // (32 * config.num_warps))
         budget = max(1, min(32, (limit - 40 - 8 * batch * vecs) // 4))
-    if pipe:
-        limit = min(255, 65536 // (32 * config.num_warps))
-        budget = min(budget, max(2, (limit - 40) // 4)) // 2
     return max(1, min(config.block_r, budget // vecs))
 
 
@@ -128,13 +124,12 @@ def list_step(rows_per_warp: int, batch: int = 1) -> int:
 
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
-                rows_per_warp: int = 128, batch: int = 1, pipe: int = 0) -> Variant:
+                rows_per_warp: int = 128, batch: int = 1) -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
     ``geometry``)."""
-    pipe = pipe if batch == 1 else 0
-    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch, pipe),
+    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, pipe)
+                   list_step(rows_per_warp, batch), batch)
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -455,8 +450,7 @@ def launch(
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
-                          rows_per_warp=geo.rows_per_warp, batch=batch,
-                          pipe=int(os.environ.get("TEAL_CUDA_PIPE", "0")))
+                          rows_per_warp=geo.rows_per_warp, batch=batch)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds

@@ -45,9 +45,6 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #ifndef BATCH
 #define BATCH 1
 #endif
-#ifndef PIPE
-#define PIPE 0
-#endif
 #if GLU && BATCH > 1
 #error "the SiLU-gated input is fused at batch 1 only"
 #endif
@@ -279,7 +276,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         col_ok[v] = col < seg_end;
         wcol[v] = w + col;
     }
-    auto load_step = [&](vec_u32x4 (&tile)[UNROLL][VECS], int i) {
+    for (int i = 0; i < count; i += UNROLL) {
+        vec_u32x4 tile[UNROLL][VECS];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const bool live = i + u < count;
@@ -288,8 +286,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             for (int v = 0; v < VECS; ++v)
                 tile[u][v] = load_stream(wcol[v] + (long long)r * stride_w, live && col_ok[v]);
         }
-    };
-    auto fma_step = [&](const vec_u32x4 (&tile)[UNROLL][VECS], int i) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const bool live = i + u < count;
@@ -311,27 +307,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             }
 #endif
         }
-    };
-#if PIPE
-    vec_u32x4 tile_a[UNROLL][VECS], tile_b[UNROLL][VECS];
-    load_step(tile_a, 0);
-    for (int i = 0; i < count; i += 2 * UNROLL) {
-        load_step(tile_b, i + UNROLL);
-        fma_step(tile_a, i);
-        if (i + 2 * UNROLL >= count) {
-            fma_step(tile_b, i + UNROLL);
-            break;
-        }
-        load_step(tile_a, i + 2 * UNROLL);
-        fma_step(tile_b, i + UNROLL);
     }
-#else
-    for (int i = 0; i < count; i += UNROLL) {
-        vec_u32x4 tile[UNROLL][VECS];
-        load_step(tile, i);
-        fma_step(tile, i);
-    }
-#endif
 
 #if PDL == 2
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
