@@ -213,38 +213,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
 
-    // Experiment: a threshold of -inf makes the program dense; its first step's loads go before the wait.
-    const float thr = thresholds[seg];
-    const bool dense = thr == -__int_as_float(0x7f800000);
-
-    float acc[BATCH][LANE_COLS];
-#pragma unroll
-    for (int b = 0; b < BATCH; ++b)
-#pragma unroll
-        for (int c = 0; c < LANE_COLS; ++c) acc[b][c] = 0.0f;
-    bool col_ok[VECS];
-    const elem_t* wcol[VECS];
-#pragma unroll
-    for (int v = 0; v < VECS; ++v) {
-        const int col = col0 + v * 32 * EPV + lane * EPV;
-        col_ok[v] = col < seg_end;
-        wcol[v] = w + col;
-    }
-    vec_u32x4 first[UNROLL][VECS];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const bool live = dense && row_lo + u < row_hi;
-#pragma unroll
-        for (int v = 0; v < VECS; ++v)
-            first[u][v] = load_stream(wcol[v] + (long long)(live ? row_lo + u : 0) * stride_w, live && col_ok[v]);
-    }
-
 #if PDL == 1
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 #if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    const float thr = thresholds[seg];
 
     // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
     //    own row's rule): LIST_STEP rows per lane loaded, then ballots.
@@ -268,7 +243,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #if HAS_SCALE
                 score *= c;
 #endif
-                const bool kept_b = in && (dense || score > thr);
+                const bool kept_b = in && score > thr;
                 v[q][b] = kept_b ? value : 0.0f;
                 keep[q] |= kept_b;
             }
@@ -287,32 +262,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     }
     __syncwarp();
 
-    int start = 0;
-    if (dense && count > 0) {
+    // 2. Stream the listed rows: UNROLL rows per step, every load of a step issued first.
+    float acc[BATCH][LANE_COLS];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            const bool live = u < count;
-#if BATCH == 1
-            const float xv = live ? list_val[u] : 0.0f;
+    for (int b = 0; b < BATCH; ++b)
 #pragma unroll
-            for (int v = 0; v < VECS; ++v) fma_vector(acc[0] + v * EPV, xv, first[u][v]);
-#else
+        for (int c = 0; c < LANE_COLS; ++c) acc[b][c] = 0.0f;
+    bool col_ok[VECS];
+    const elem_t* wcol[VECS];
 #pragma unroll
-            for (int v = 0; v < VECS; ++v) {
-                float wv[EPV];
-                unpack_vector(wv, first[u][v]);
-#pragma unroll
-                for (int b = 0; b < BATCH; ++b) {
-                    const float xv = live ? list_val[u * BATCH + b] : 0.0f;
-#pragma unroll
-                    for (int e = 0; e < EPV; ++e) acc[b][v * EPV + e] = fmaf(xv, wv[e], acc[b][v * EPV + e]);
-                }
-            }
-#endif
-        }
-        start = UNROLL;
+    for (int v = 0; v < VECS; ++v) {
+        const int col = col0 + v * 32 * EPV + lane * EPV;
+        col_ok[v] = col < seg_end;
+        wcol[v] = w + col;
     }
-    for (int i = start; i < count; i += UNROLL) {
+    for (int i = 0; i < count; i += UNROLL) {
         vec_u32x4 tile[UNROLL][VECS];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
