@@ -254,13 +254,16 @@ def decode_layer(
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
+    n_valid: torch.Tensor | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one token. Returns (residual stream, this layer's MLP output).
 
     The residual add of the previous layer happens here (x + delta), so that a compiler can fuse it with
-    the norm that follows.
+    the norm that follows. n_valid: pos + 1, computed once per step by the caller (None: here; compiled
+    per layer, that is one more small kernel per layer).
     """
+    n_valid = pos + 1 if n_valid is None else n_valid
     q_size, kv_size = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
     if sp is None:
         sp = _NO_SPARSITY
@@ -269,7 +272,7 @@ def decode_layer(
                                    observe, "attn_in", st.norm_offset)
     scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
     if st.fused_attention and w.q_norm is None:  # one kernel: rope, cache write, attention over 0..pos
-        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, pos + 1, scale, st.n_heads)
+        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads)
     else:
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(1, st.n_heads, st.head_dim)
@@ -282,7 +285,7 @@ def decode_layer(
         k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
         v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
         if st.fused_attention:  # reads positions 0..pos only
-            attn = _attention.decode_attention(q, k_cache, v_cache, mask, pos + 1, scale)
+            attn = _attention.decode_attention(q, k_cache, v_cache, mask, n_valid, scale)
         else:
             attn = decode_attention(q, k_cache, v_cache, mask, scale)
     if observe is not None:
@@ -680,13 +683,14 @@ class Engine:
         delta = torch.zeros_like(x)
         rope = [(cos[pos], sin[pos]) for cos, sin in zip(self.cos_tables, self.sin_tables)]
         masks = self.decode_masks(pos)
+        n_valid = pos + 1  # once per step, not once per layer
         for i, w in enumerate(self.layers):
             sp = self.sparsity[i] if self.sparsity is not None else None
             observe = None if observer is None else (lambda site, t, i=i: observer(i, site, t))
             kwargs = {} if observe is None else {"observe": observe}
             cos, sin = rope[cfg.rope_table(i)]
             x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
-                                pos, cos, sin, masks[cfg.layer_windows[i]], **kwargs)
+                                pos, cos, sin, masks[cfg.layer_windows[i]], n_valid, **kwargs)
         return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group,
                             cfg.norm_offset, cfg.final_softcap)
 
