@@ -77,8 +77,8 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
         if self.cuda and (self.gather or self.compact or self.use_dot or self.dense):
             raise ValueError("KernelConfig: cuda cannot be combined with gather, compact, use_dot or dense")
-        if self.cuda and (self.split_k > 16 or self.block_r > 32 or self.num_warps > 32):
-            raise ValueError(f"KernelConfig: a cuda config needs split_k <= 16 (one cluster), block_r <= 32 and "
+        if self.cuda and (self.split_k > 8 or self.block_r > 32 or self.num_warps > 32):
+            raise ValueError(f"KernelConfig: a cuda config needs split_k <= 8 (one cluster), block_r <= 32 and "
                              f"num_warps <= 32, got split_k={self.split_k}, block_r={self.block_r}, "
                              f"num_warps={self.num_warps}")
         if self.use_dot and self.block_r < 16:

@@ -314,9 +314,6 @@ class _Kernel:
             self.func = ctypes.c_void_p()
             lib.check_cuda(lib.cuda.cuModuleGetFunction(ctypes.byref(self.func), self.module, KERNEL_NAME.encode()),
                            "cuModuleGetFunction")
-            if variant.split > 8:  # clusters above 8 programs are "non-portable" (Hopper allows 16)
-                # CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED = 14
-                lib.check_cuda(lib.cuda.cuFuncSetAttribute(self.func, 14, 1), "cuFuncSetAttribute")
         self.shared_limit = 48 * 1024
 
     def attributes(self) -> dict[str, int]:

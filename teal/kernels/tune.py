@@ -134,9 +134,6 @@ CUDA_TILES: tuple[tuple[int, int, int, int], ...] = (
     (256, 8, 8, 2),
     (512, 8, 8, 1),
     (512, 8, 16, 1),
-    (256, 8, 4, 2),
-    (512, 8, 8, 2),
-    (512, 8, 4, 2),
 )
 
 
@@ -146,7 +143,7 @@ def cuda_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
     for block_n, unroll, warps, waves in CUDA_TILES:
         n_blocks = -(-n // block_n)
         most = 1 << (max(1, k // (warps * 32)).bit_length() - 1)  # every warp keeps >= 32 rows
-        split = max(1, min(_pow2_round(waves * sm_count / n_blocks), 16, most))
+        split = max(1, min(_pow2_round(waves * sm_count / n_blocks), 8, most))
         cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True)
         if cfg not in out:
             out.append(cfg)
