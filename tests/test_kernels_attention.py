@@ -23,6 +23,7 @@ from teal.kernels.attention import (
     decode_attention_rope,
     decode_attention_rope_reference,
     decode_attention_rope_triton,
+    head_rms_norm,
     default_config,
     decode_attention_reference,
     decode_attention_triton,
@@ -270,9 +271,9 @@ def _rope_inputs(group: int, dtype: torch.dtype, seed: int, length: int = LENGTH
     return n_heads, *(t.to(dtype) for t in (qkv, cos, sin, k, v))
 
 
-def _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, **kwargs) -> torch.Tensor:
+def _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, *norms, **kwargs) -> torch.Tensor:
     out = torch.full((1, n_heads * HEAD_DIM), float("nan"), dtype=qkv.dtype)
-    y = decode_attention_rope_triton(qkv, cos, sin, k, v, mask, nv, SCALE, n_heads, out=out, **kwargs)
+    y = decode_attention_rope_triton(qkv, cos, sin, k, v, mask, nv, SCALE, n_heads, *norms, out=out, **kwargs)
     assert y is out and not torch.isnan(y).any(), "output left unwritten (or NaN)"
     return y
 
@@ -331,7 +332,13 @@ def test_rope_op_passes_opcheck_and_traces(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     n_heads, qkv, cos, sin, k, v = _rope_inputs(2, torch.float32, seed=32, length=24)
     torch.library.opcheck(torch.ops.teal.decode_attention_rope.default,
-                          (qkv, cos, sin, k, v, _mask(9, length=24), torch.tensor([10]), SCALE, n_heads))
+                          (qkv, cos, sin, k, v, _mask(9, length=24), torch.tensor([10]), SCALE, n_heads, None, None,
+                           1e-6, 0.0))
+    gen = torch.Generator().manual_seed(5)
+    q_norm, k_norm = (1.0 + 0.1 * torch.randn(HEAD_DIM, generator=gen) for _ in range(2))
+    torch.library.opcheck(torch.ops.teal.decode_attention_rope.default,
+                          (qkv, cos, sin, k, v, _mask(9, length=24), torch.tensor([10]), SCALE, n_heads, q_norm, k_norm,
+                           1e-6, 1.0))
 
     def step(qkv, k, v, pos):
         return decode_attention_rope(qkv * 1.0, cos, sin, k, v, torch.zeros(24), pos + 1, SCALE, n_heads)
@@ -341,6 +348,36 @@ def test_rope_op_passes_opcheck_and_traces(monkeypatch):
     k2, v2 = k.clone(), v.clone()
     torch.testing.assert_close(traced(qkv, k, v, pos), step(qkv, k2, v2, pos))
     assert torch.equal(k, k2) and torch.equal(v, v2)  # the traced call mutated the caches too
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["qwen3-order", "gemma-order"])
+def test_rope_kernel_with_qk_norms_matches_the_unfused_steps(dtype, group, offset):
+    """Per-head RMSNorm of q and k (Qwen3 / Gemma 3) inside the kernel: the same as normalising with the
+    engine's roundings, rotating and attending separately; the new key is written normalised and rotated."""
+    n_heads, qkv, cos, sin, k, v = _rope_inputs(group, dtype, seed=40 + group)
+    gen = torch.Generator().manual_seed(41)
+    q_norm, k_norm = ((0.8 + 0.4 * torch.rand(HEAD_DIM, generator=gen)).to(dtype) for _ in range(2))
+    if offset:
+        q_norm, k_norm = q_norm - 1.0, k_norm - 1.0  # Gemma stores w with the scale 1 + w
+    n_valid = 37
+    mask, nv = _mask(n_valid - 1), torch.tensor([n_valid])
+    k_ref, v_ref = k.clone(), v.clone()
+    norms = (q_norm, k_norm, 1e-6, offset)
+    exact = decode_attention_rope_reference(qkv, cos, sin, k_ref, v_ref, mask, nv, SCALE, n_heads, *norms,
+                                            compute_dtype=torch.float64)
+    y = _run_rope_poisoned(qkv, cos, sin, k, v, mask, nv, n_heads, *norms, splits=4)
+    torch.testing.assert_close(k, k_ref, **({"rtol": 2e-6, "atol": 2e-6} if dtype == torch.float32 else {}))
+    assert torch.equal(v, v_ref)
+    assert _rel_err(y, exact) <= MAX_REL_ERR[dtype]
+    q = head_rms_norm(qkv[:, : n_heads * HEAD_DIM].view(1, n_heads, HEAD_DIM), q_norm, 1e-6, offset)
+    unfused = decode_attention_triton(apply_rope_rounded(q, cos, sin), k, v, mask, nv, SCALE, splits=4)
+    # (an fp32 rsqrt an ulp apart can flip one bf16 rounding of a normalised entry: compare whole vectors)
+    assert _rel_err(y, unfused) <= (1e-6 if dtype == torch.float32 else 2e-3)
+    plain = decode_attention_rope_triton(qkv, cos, sin, k.clone(), v.clone(), mask, nv, SCALE, n_heads, splits=4)
+    assert _rel_err(plain, y) > 10 * MAX_REL_ERR[dtype]  # the norms change the result
 
 
 def test_rope_argument_errors_name_the_problem():
@@ -357,6 +394,11 @@ def test_rope_argument_errors_name_the_problem():
     with pytest.raises(ValueError, match="must split evenly"):
         decode_attention_rope_reference(qkv[:, : (3 + 2 * N_KV) * HEAD_DIM].contiguous(), cos, sin, k, v, mask, nv,
                                         SCALE, 3)
+    weight = torch.ones(HEAD_DIM)
+    with pytest.raises(ValueError, match="give both q_norm and k_norm"):
+        decode_attention_rope_reference(qkv, cos, sin, k, v, mask, nv, SCALE, n_heads, weight, None)
+    with pytest.raises(ValueError, match="k_norm must be the head's 64 RMSNorm weights"):
+        decode_attention_rope_reference(qkv, cos, sin, k, v, mask, nv, SCALE, n_heads, weight, weight[:-1])
 
 
 # ------------------------------------------------------------------ the engine with the op forced on
@@ -383,18 +425,20 @@ def test_engine_fused_attention_matches_default_path(windows):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("model_type, rope_fused", [("qwen2", True), ("qwen3", False)])
-def test_engine_rotates_inside_the_attention_kernel_unless_qk_norms_apply(model_type, rope_fused, monkeypatch):
-    """With the op on, q|k|v goes straight into decode_attention_rope (Qwen2: with q|k|v bias); Qwen3's q/k
-    norms come before the rope, so it keeps the engine's rope and calls decode_attention. Logits match
-    the engine's own attention either way."""
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "gemma3_text"])
+def test_engine_rotates_inside_the_attention_kernel(model_type, monkeypatch):
+    """With the op on, q|k|v goes straight into decode_attention_rope (Qwen2: with q|k|v bias; Qwen3 and
+    Gemma 3: with their per-head q/k norms inside the kernel, Gemma's scaled by 1 + w). Logits match the
+    engine's own attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from teal.engine import engine_from_hf_model
 
+    extra = (dict(query_pre_attn_scalar=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+             if model_type == "gemma3_text" else dict(use_sliding_window=False))
     config = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=96,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, max_position_embeddings=64, use_sliding_window=False)
+                                  head_dim=16, max_position_embeddings=64, **extra)
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -419,4 +463,4 @@ def test_engine_rotates_inside_the_attention_kernel_unless_qk_norms_apply(model_
             engine.prefill(ids[:-1])
             logits[fused] = engine.decode(ids[-1:], torch.tensor([9]))
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-4, atol=1e-4)
-    assert calls == ({"rope": 2, "plain": 0} if rope_fused else {"rope": 0, "plain": 2})  # one per layer
+    assert calls == {"rope": 2, "plain": 0}  # one per layer

@@ -271,8 +271,9 @@ def decode_layer(
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
                                    observe, "attn_in", st.norm_offset)
     scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
-    if st.fused_attention and w.q_norm is None:  # one kernel: rope, cache write, attention over 0..pos
-        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads)
+    if st.fused_attention:  # one kernel: q/k norms (Qwen3, Gemma 3), rope, cache write, attention over 0..pos
+        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads,
+                                                w.q_norm, w.k_norm, st.eps, st.norm_offset)
     else:
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(1, st.n_heads, st.head_dim)

@@ -143,16 +143,39 @@ def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.cons
 
 
 @triton.jit
-def _rope_rows(base, cos_ptr, sin_ptr, offs_r, r_ok, offs_d, d_ok, D):
+def _head_norm(x, x_rot, norm_ptr, offs_d, partner, d_ok, eps, norm_offset, D, OFFSET: tl.constexpr):
+    """The engine's RMSNorm of each row (one head) of x [R, BLOCK_D], and the same rows at the rotary partner
+    columns (x_rot): fp32 ``x * rsqrt(mean(x^2) + eps)``, then rounded and scaled by the weight (Llama / Qwen3
+    order) or scaled by ``norm_offset + weight`` in fp32 and rounded (OFFSET: Gemma 3's order)."""
+    xf = x.to(tl.float32)
+    r = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)[:, None]
+    w = tl.load(norm_ptr + offs_d, mask=d_ok, other=0.0)
+    w_rot = tl.load(norm_ptr + partner, mask=d_ok, other=0.0)
+    if OFFSET:
+        y = _round_to(xf * r * (norm_offset + w.to(tl.float32))[None, :], x.dtype)
+        y_rot = _round_to(x_rot.to(tl.float32) * r * (norm_offset + w_rot.to(tl.float32))[None, :], x.dtype)
+    else:
+        y = _round_to(_round_to(xf * r, x.dtype).to(tl.float32) * w.to(tl.float32)[None, :], x.dtype)
+        y_rot = _round_to(_round_to(x_rot.to(tl.float32) * r, x.dtype).to(tl.float32) * w_rot.to(tl.float32)[None, :],
+                          x.dtype)
+    return y, y_rot
+
+
+@triton.jit
+def _rope_rows(base, cos_ptr, sin_ptr, offs_r, r_ok, offs_d, d_ok, D, norm_ptr, eps, norm_offset,
+               QK_NORM: tl.constexpr, OFFSET: tl.constexpr):
     """Rows ``base[r * D + d]`` (r in offs_r) with the half-split rotary embedding of this position applied:
     ``x * cos + rotate_half(x) * sin`` in fp32 (``rotate_half(x)[d] = -x[d + D/2]`` below D/2, ``x[d - D/2]``
-    above), rounded once to the rows' dtype, as the compiled engine rounds it."""
+    above), rounded once to the rows' dtype, as the compiled engine rounds it. QK_NORM: each row is first
+    normalised (``_head_norm`` with the weight at ``norm_ptr``), as Qwen3 and Gemma 3 do before the rope."""
     half = D // 2
     partner = tl.where(offs_d < half, offs_d + half, offs_d - half)
     sign = tl.where(offs_d < half, -1.0, 1.0)
     ok = r_ok[:, None] & d_ok[None, :]
     x = tl.load(base + offs_r[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
     x_rot = tl.load(base + offs_r[:, None] * D + partner[None, :], mask=ok, other=0.0)
+    if QK_NORM:
+        x, x_rot = _head_norm(x, x_rot, norm_ptr, offs_d, partner, d_ok, eps, norm_offset, D, OFFSET)
     cos = tl.load(cos_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     sin = tl.load(sin_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)
     y = x.to(tl.float32) * cos[None, :] + (sign[None, :] * x_rot.to(tl.float32)) * sin[None, :]
@@ -187,6 +210,10 @@ def decode_attention_kernel(
     tick_ptr,
     cos_ptr,
     sin_ptr,
+    qn_ptr,
+    kn_ptr,
+    eps,
+    norm_offset,
     scale,
     L,
     G,
@@ -205,6 +232,8 @@ def decode_attention_kernel(
     MERGE_TICKET: tl.constexpr,
     PDL: tl.constexpr,
     ROPE: tl.constexpr,
+    QK_NORM: tl.constexpr = False,
+    OFFSET: tl.constexpr = False,
 ):
     """Program (kv head h, split s); see the module docstring. q [Hq*D], caches [Hkv, L, D], out [Hq*D].
 
@@ -212,7 +241,9 @@ def decode_attention_kernel(
     the program applies the rotary embedding (``cos_ptr``, ``sin_ptr`` [D]) to q and to kv head h's new
     key, attends to cache positions below pos = n_valid - 1 and, if its slice holds pos, to the new key
     and value from registers; program (h, 0) writes them to the caches at pos. No program reads the
-    caches at pos, so the write races with nothing."""
+    caches at pos, so the write races with nothing. QK_NORM (with ROPE): q's heads and the new key are
+    RMS-normalised per head first (weights ``qn_ptr`` / ``kn_ptr`` [D], ``eps``; OFFSET: scaled by
+    ``norm_offset + w``), as Qwen3 and Gemma 3 do."""
     pid_h = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_g = tl.arange(0, BLOCK_G)
@@ -225,10 +256,11 @@ def decode_attention_kernel(
     lo, hi = _slice_bounds(nv_ptr, pid_s, L, SPLITS, BLOCK_L)
     kv_off = pid_h.to(tl.int64) * L * D
     if ROPE:
-        q = _rope_rows(q_ptr + head_off, cos_ptr, sin_ptr, offs_g, g_ok, offs_d, d_ok, D)
+        q = _rope_rows(q_ptr + head_off, cos_ptr, sin_ptr, offs_g, g_ok, offs_d, d_ok, D, qn_ptr, eps, norm_offset,
+                       QK_NORM, OFFSET)
         one = tl.arange(0, 1)
-        k_new = tl.sum(_rope_rows(q_ptr + knew_off + pid_h * D, cos_ptr, sin_ptr, one, one < 1, offs_d, d_ok, D),
-                       axis=0)
+        k_new = tl.sum(_rope_rows(q_ptr + knew_off + pid_h * D, cos_ptr, sin_ptr, one, one < 1, offs_d, d_ok, D,
+                                  kn_ptr, eps, norm_offset, QK_NORM, OFFSET), axis=0)
         v_new = tl.load(q_ptr + vnew_off + pid_h * D + offs_d, mask=d_ok, other=0.0)
         pos = hi * 0 + tl.minimum(tl.maximum(tl.load(nv_ptr).to(tl.int32), 0), L) - 1
         if pid_s == 0:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from types import ModuleType
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -161,8 +161,10 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def _check_rope_args(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     n_heads: int) -> tuple[int, int]:
-    """Checks the q|k|v row and the rotary tables of ``decode_attention_rope``; returns (Hkv, D)."""
+                     n_heads: int, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None) -> tuple[int, int]:
+    """Checks the q|k|v row, the rotary tables and the optional per-head norm weights of
+    ``decode_attention_rope``; returns (Hkv, D)."""
     name = "decode_attention_rope"
     if k_cache.dim() != 3:
         raise ValueError(f"{name}: k_cache must be [Hkv, L, D], got shape {tuple(k_cache.shape)}")
@@ -177,7 +179,22 @@ def _check_rope_args(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
         if t.numel() != head_dim or t.dtype != qkv.dtype or t.device != qkv.device:
             raise ValueError(f"{name}: {label} must hold this position's {head_dim} values in {qkv.dtype} on "
                              f"{qkv.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError(f"{name}: give both q_norm and k_norm (the per-head RMSNorm weights) or neither")
+    for label, t in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if t is not None and (t.numel() != head_dim or t.dtype != qkv.dtype or t.device != qkv.device):
+            raise ValueError(f"{name}: {label} must be the head's {head_dim} RMSNorm weights in {qkv.dtype} on "
+                             f"{qkv.device}, got shape {tuple(t.shape)} {t.dtype} on {t.device}")
     return n_kv, head_dim
+
+
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm of each head x [..., D] with the engine's roundings: fp32 normalisation, then cast and scaled
+    (offset 0: Llama / Qwen3), or scaled by (offset + weight) in fp32 and cast (Gemma 3)."""
+    normed = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if offset == 0.0:
+        return normed.to(x.dtype) * weight
+    return (normed * (offset + weight.float())).to(x.dtype)
 
 
 def apply_rope_rounded(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -190,16 +207,21 @@ def apply_rope_rounded(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
 def decode_attention_rope_reference(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                     v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
-                                    n_heads: int, *, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Plain-torch ``decode_attention_rope``: rotary embedding of q and k (``apply_rope_rounded``), k and v
-    written to the caches at ``pos = n_valid - 1`` (in place; nothing when n_valid < 1), then
-    ``decode_attention_reference``."""
-    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+                                    n_heads: int, q_norm: torch.Tensor | None = None,
+                                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, norm_offset: float = 0.0,
+                                    *, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Plain-torch ``decode_attention_rope``: per-head RMSNorm of q and k when their weights are given
+    (``head_rms_norm``), rotary embedding of q and k (``apply_rope_rounded``), k and v written to the caches
+    at ``pos = n_valid - 1`` (in place; nothing when n_valid < 1), then ``decode_attention_reference``."""
+    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads, q_norm, k_norm)
     q, k, v = qkv.reshape(-1).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
-    q = apply_rope_rounded(q.view(1, n_heads, head_dim), cos, sin)
+    q, k = q.view(1, n_heads, head_dim), k.view(n_kv, head_dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = head_rms_norm(q, q_norm, eps, norm_offset), head_rms_norm(k, k_norm, eps, norm_offset)
+    q = apply_rope_rounded(q, cos, sin)
     pos = int(n_valid.reshape(()).clamp(0, k_cache.shape[1])) - 1
     if pos >= 0:
-        k_cache[:, pos] = apply_rope_rounded(k.view(n_kv, head_dim), cos, sin)
+        k_cache[:, pos] = apply_rope_rounded(k, cos, sin)
         v_cache[:, pos] = v.view(n_kv, head_dim)
     return decode_attention_reference(q, k_cache, v_cache, mask, n_valid, scale, compute_dtype=compute_dtype)
 
@@ -221,21 +243,27 @@ def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
 
 def decode_attention_rope_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                  v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
-                                 n_heads: int, *, config: AttentionConfig | None = None, splits: int | None = None,
-                                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton implementation of ``decode_attention_rope`` (the rotary embedding and the cache write inside
-    ``decode_attention_kernel``; arguments as ``decode_attention_triton``)."""
-    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+                                 n_heads: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                                 eps: float = 1e-6, norm_offset: float = 0.0, *, config: AttentionConfig | None = None,
+                                 splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton implementation of ``decode_attention_rope`` (the q/k norms, the rotary embedding and the
+    cache write inside ``decode_attention_kernel``; arguments as ``decode_attention_triton``)."""
+    n_kv, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads, q_norm, k_norm)
     q = qkv.view(1, -1)[:, : n_heads * head_dim].view(1, n_heads, head_dim)
     _check_args(q, k_cache, v_cache, mask, n_valid)
+    norms = None
+    if q_norm is not None and k_norm is not None:
+        norms = (q_norm.reshape(-1).contiguous(), k_norm.reshape(-1).contiguous(), float(eps), float(norm_offset))
     return _launch(qkv, (cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()), k_cache, v_cache, mask,
-                   n_valid, scale, n_heads, config, splits, out)
+                   n_valid, scale, n_heads, config, splits, out, norms)
 
 
 def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, k_cache: torch.Tensor,
             v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float, n_heads: int,
-            config: AttentionConfig | None, splits: int | None, out: torch.Tensor | None) -> torch.Tensor:
-    """Launches the kernels: ``q_rows`` is q [1, Hq, D] (``rope`` None) or the q|k|v row with ``rope`` = (cos, sin)."""
+            config: AttentionConfig | None, splits: int | None, out: torch.Tensor | None,
+            norms: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> torch.Tensor:
+    """Launches the kernels: ``q_rows`` is q [1, Hq, D] (``rope`` None) or the q|k|v row with ``rope`` = (cos, sin)
+    and optionally ``norms`` = (q_norm, k_norm, eps, offset)."""
     q = q_rows
     n_kv, length, head_dim = k_cache.shape
     group = n_heads // n_kv
@@ -262,8 +290,10 @@ def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     pdl = pdl_launch(pdl_mode(q.device))
     ticket = config.merge == "ticket"
     cos, sin = rope if rope is not None else (q, q)
+    q_norm, k_norm, eps, offset = norms if norms is not None else (q, q, 0.0, 0.0)
     kernels.decode_attention_kernel[(n_kv, splits)](
         q, k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets, cos, sin,
+        q_norm, k_norm, float(eps), float(offset),
         float(scale), length, group, head_dim, n_heads * head_dim, (n_heads + n_kv) * head_dim,
         SPLITS=splits,
         BLOCK_G=max(16 if config.dot else 2, _pow2_ceil(group)),  # tl.dot needs 16 rows
@@ -276,6 +306,8 @@ def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
         PREFETCH=config.prefetch,
         MERGE_TICKET=ticket,
         ROPE=rope is not None,
+        QK_NORM=norms is not None,
+        OFFSET=norms is not None and offset != 0.0,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl,
@@ -325,26 +357,32 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @torch.library.custom_op("teal::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
 def _decode_attention_rope_op(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                               v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
-                              n_heads: int) -> torch.Tensor:
+                              n_heads: int, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                              eps: float, norm_offset: float) -> torch.Tensor:
     run = decode_attention_rope_triton if uses_triton(qkv.device) else decode_attention_rope_reference
-    return run(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, n_heads)
+    return run(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, n_heads, q_norm, k_norm, eps, norm_offset)
 
 
 @_decode_attention_rope_op.register_fake
 def _decode_attention_rope_fake(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                                 v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
-                                n_heads: int) -> torch.Tensor:
-    _, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads)
+                                n_heads: int, q_norm: Optional[torch.Tensor], k_norm: Optional[torch.Tensor],
+                                eps: float, norm_offset: float) -> torch.Tensor:
+    _, head_dim = _check_rope_args(qkv, cos, sin, k_cache, n_heads, q_norm, k_norm)
     return qkv.new_empty((1, n_heads * head_dim))
 
 
 def decode_attention_rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                           v_cache: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor, scale: float,
-                          n_heads: int) -> torch.Tensor:
+                          n_heads: int, q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None,
+                          eps: float = 1e-6, norm_offset: float = 0.0) -> torch.Tensor:
     """One decode step's attention from the projection's output: the half-split rotary embedding (cos, sin:
     this position's D values, qkv's dtype) applied to q and k of the q|k|v row qkv [1, (Hq + 2*Hkv) * D], k
     and v written to k_cache / v_cache at ``pos = n_valid - 1``, then ``decode_attention`` of q over
-    positions 0..pos (the new position from registers). One kernel on CUDA; it replaces the rope and cache
-    writes the engine otherwise runs before ``decode_attention``. Mutates the caches; returns [1, Hq * D]."""
+    positions 0..pos (the new position from registers). With ``q_norm`` / ``k_norm`` (the per-head RMSNorm
+    weights [D] of Qwen3 and Gemma 3; ``eps``; ``norm_offset``: Gemma's 1 + w) q's heads and k are
+    normalised first, with the engine's roundings (``head_rms_norm``). One kernel on CUDA; it replaces the
+    norms, rope and cache writes the engine otherwise runs before ``decode_attention``. Mutates the caches;
+    returns [1, Hq * D]."""
     return torch.ops.teal.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, float(scale),
-                                                int(n_heads))
+                                                int(n_heads), q_norm, k_norm, float(eps), float(norm_offset))
