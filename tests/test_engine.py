@@ -20,6 +20,7 @@ from teal.engine import (
     shape_hf_config,
     top_p_filter,
 )
+from teal.engine.model import Engine
 from teal.engine.reference import activation_thresholds, decode_sparsity, masked_hf_logits
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -101,6 +102,20 @@ def test_greedy_generation_matches_hf_generate(family_model):
     assert out.tokens == hf_greedy(hf, ids, 12)
     assert out.finish_reason == "length" and out.prompt_tokens == 8
     assert out.prefill_s > 0 and out.decode_s > 0 and out.tokens_per_s > 0
+
+
+def test_from_pretrained_dense_on_the_kernel_where_it_runs(monkeypatch):
+    """Where the CUDA C++ kernel runs, a generator built without thresholds keeps [K, N] weights and puts the
+    groups `kernel_at_zero` names on the sparse op at -inf; greedy tokens stay HF's (simulated on the CPU)."""
+    import teal.engine.generator as generator_module
+
+    hf = tiny_hf_model("llama3-rope")
+    ids = prompt_ids(8, seed=4)
+    monkeypatch.setattr(generator_module, "_cuda_kernel_runs", lambda device: True)
+    monkeypatch.setattr(Engine, "default_kernel_at_zero", property(lambda self: (True, True, True, True)))
+    gen = Generator.from_pretrained(hf, max_seq_len=40)
+    assert gen.engine.transposed and all(f == (True,) * 4 for f in gen.engine.sparse_flags)
+    assert gen.generate(ids, max_new_tokens=10, stop=[]).tokens == hf_greedy(hf, ids, 10)
 
 
 def test_transposed_layout_gives_same_logits(family_model):
