@@ -413,6 +413,6 @@ def test_bench_decode_times_both_sparse_paths(tmp_path):
     assert not data["errors"], data["errors"]
     rows = {(r["sparsity"], r["op"], r["sparse_path"]) for r in data["results"]}
     assert rows == {(0.0, "kernel", "kernel"), (0.0, "kernel", "producer"), (0.0, "x @ w_t", None),
-                    (0.5, "kernel", "kernel"), (0.5, "kernel", "producer")}
+                    (0.0, "mixed", None), (0.5, "kernel", "kernel"), (0.5, "kernel", "producer")}
     with pytest.raises(ValueError, match="sparse paths"):
         decode.run(shape="tiny-llama", device="cpu", sparse_paths=("fast",))
