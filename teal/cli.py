@@ -280,7 +280,7 @@ def generate(
         console.print(prompt, end="")
         res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                            top_p=top_p, stream=TextStream(gen.tokenizer, lambda text: console.print(text, end="")))
-        console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s]")
+        console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s; {engine_summary(gen)}]")
         return
     hf_model, tok = load(model, dtype, device)
     if sparsity > 0:
@@ -292,6 +292,23 @@ def generate(
     console.print(text)
     console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
                   f"{info['measured_sparsity']:.3f}]")
+
+
+def engine_summary(gen) -> str:
+    """How the engine's decode steps run: the mode, and what multiplies the projections."""
+    eng = gen.engine
+    on_kernel = sum(sum(flags) for flags in eng.sparse_flags)
+    if not on_kernel:
+        how = "dense products (cuBLAS)" if eng.device.type == "cuda" else "dense products"
+    else:
+        impl = "reference"
+        if eng.device.type == "cuda":
+            from teal.kernels.ops import cuda_kernel_available
+
+            impl = "CUDA C++" if cuda_kernel_available(eng.device) else "Triton"
+        total = 4 * len(eng.sparse_flags)
+        how = f"{on_kernel}/{total} projection groups through the {impl} sparse kernel ({eng.effective_sparse_path} path)"
+    return f"decode {gen.mode}, {how}, sparsity setting {gen.sparsity:g}"
 
 
 class TextStream:
