@@ -307,7 +307,8 @@ def engine_summary(gen) -> str:
 
             impl = "CUDA C++" if cuda_kernel_available(eng.device) else "Triton"
         total = 4 * len(eng.sparse_flags)
-        how = f"{on_kernel}/{total} projection groups through the {impl} sparse kernel ({eng.effective_sparse_path} path)"
+        how = (f"{on_kernel}/{total} projection groups through the {impl} sparse kernel "
+               f"({eng.effective_sparse_path} path)")
     return f"decode {gen.mode}, {how}, sparsity setting {gen.sparsity:g}"
 
 

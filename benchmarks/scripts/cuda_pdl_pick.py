@@ -25,7 +25,8 @@ def best_cuda_times(path: Path) -> dict[tuple[int, int], list[float]]:
 
 def main(folder: str, name: str = "pdl") -> None:
     root = Path(folder)
-    runs = {m: best_cuda_times(root / f"tune-{name}{m}.json") for m in (0, 1, 2) if (root / f"tune-{name}{m}.json").exists()}
+    files = {m: root / f"tune-{name}{m}.json" for m in (0, 1, 2)}
+    runs = {m: best_cuda_times(path) for m, path in files.items() if path.exists()}
     shapes = sorted(set.intersection(*(set(r) for r in runs.values())))
     score = {}
     for mode, times in runs.items():
@@ -34,8 +35,8 @@ def main(folder: str, name: str = "pdl") -> None:
             for i, t in enumerate(times[shape]):
                 ratios.append(t / min(r[shape][i] for r in runs.values()))
         score[mode] = sum(ratios) / len(ratios)
-        print(f"TEAL_CUDA_{name.upper()}={mode}: " + "  ".join(f"{s[0]}x{s[1]} " + "/".join(f"{t:.1f}" for t in times[s])
-                                               for s in shapes) + f"  score {score[mode]:.3f}")
+        per_shape = "  ".join(f"{s[0]}x{s[1]} " + "/".join(f"{t:.1f}" for t in times[s]) for s in shapes)
+        print(f"TEAL_CUDA_{name.upper()}={mode}: {per_shape}  score {score[mode]:.3f}")
     best = min(score, key=score.get)
     (root / f"{name}_mode").write_text(str(best))
     print(f"best mode: {best}")

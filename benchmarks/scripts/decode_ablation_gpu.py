@@ -47,8 +47,10 @@ def without(parts: set[str]) -> Iterator[None]:
         if model._ops is not None:
             patch(model._ops, "sparse_linear_glu", lambda gu, w, t, cs=None: gu.new_zeros(gu.shape[0], w.shape[1]))
     if "attention" in parts and model._attention is not None:
-        patch(model._attention, "decode_attention_rope",
-              lambda qkv, cos, sin, kc, vc, mask, n_valid, scale, n_heads: qkv[:, : n_heads * kc.shape[-1]].contiguous())
+        def q_only(qkv, cos, sin, kc, vc, mask, n_valid, scale, n_heads, *norms):
+            return qkv[:, : n_heads * kc.shape[-1]].contiguous()
+
+        patch(model._attention, "decode_attention_rope", q_only)
     if "norms" in parts:
         patch(model, "rms_norm", lambda x, weight, eps, offset=0.0: x)
     try:
@@ -102,7 +104,8 @@ def main() -> None:
         for row in data["rows"]:
             row["saved_us_per_step"] = full - row["us_per_step"]
             row["saved_us_per_layer"] = row["saved_us_per_step"] / engine.config.n_layers
-        print("saved per layer (us): " + ", ".join(f"{r['without']} {r['saved_us_per_layer']:.1f}" for r in data["rows"]))
+        print("saved per layer (us): "
+              + ", ".join(f"{r['without']} {r['saved_us_per_layer']:.1f}" for r in data["rows"]))
     write_json(data, args.json_path)
 
 

@@ -136,7 +136,8 @@ def main() -> None:
                     data["rows"].append(row)
                     print(f"{family:15s} {dtype_name:5s} {score:12s} err {row['decode_rel_err']:.2e} "
                           f"(bound {row['bound']:.2e}) dense {row['dense_decode_rel_err']:.2e} "
-                          f"(bound {row['dense_bound']:.2e}, kernel {row['dense_groups_on_kernel']}) tokens graph==eager kernel "
+                          f"(bound {row['dense_bound']:.2e}, kernel {row['dense_groups_on_kernel']}) "
+                          f"tokens graph==eager kernel "
                           f"{row['graph_tokens_match_eager_kernel']} producer "
                           f"{row['graph_tokens_match_eager_producer']} -> {'ok' if row['passed'] else 'FAIL'}",
                           flush=True)

@@ -526,8 +526,9 @@ def dense_baseline(data: dict[str, Any]) -> dict[str, Any]:
             for r in data["dense_variants"] if r.get("tokens_per_s")]
     for r in data["results"]:
         if r["sparsity"] == 0 and r.get("tokens_per_s"):
-            name = {"kernel": f"sparse kernel, thresholds -inf ({r.get('sparse_path')})",
-                    "mixed": "sparse kernel at -inf for q|k|v and o, cuBLAS x @ w_t for the MLP"}.get(r["op"], "cuBLAS x @ w_t")
+            names = {"kernel": f"sparse kernel, thresholds -inf ({r.get('sparse_path')})",
+                     "mixed": "sparse kernel at -inf for q|k|v and o, cuBLAS x @ w_t for the MLP"}
+            name = names.get(r["op"], "cuBLAS x @ w_t")
             rows.append(dict(path=f"{name} ({r['mode']})", tokens_per_s=r["tokens_per_s"]))
     return max(rows, key=lambda r: r["tokens_per_s"]) if rows else dict(path=None, tokens_per_s=float("nan"))
 
