@@ -489,7 +489,9 @@ class Engine:
         default: all four where the CUDA C++ kernel runs on the "kernel" path, none elsewhere. On the H200 it
         reads all rows faster than cuBLAS in the decode graph (Llama-3-8B shape, dense decode: 223.0 tok/s
         with the kernel for every group, 221.8 with it for q|k|v and o only, 211.1 with cuBLAS `x @ w_t`,
-        210.7 with cuBLAS on the [N, K] layout; benchmarks/results/2026-11-29-h200-decode-dense-paths.json)."""
+        210.7 with cuBLAS on the [N, K] layout; benchmarks/results/2026-11-29-h200-decode-dense-paths.json;
+        Gemma-3-12B shape: 143.1 against 136.5). Only those 8B / 12B shapes were measured; set
+        `kernel_at_zero = False` for cuBLAS everywhere."""
         on = (self.device.type == "cuda" and _ops is not None and self.effective_sparse_path == "kernel"
               and _ops.cuda_kernel_available(self.device))
         return (on,) * len(GROUPS)  # type: ignore[return-value]
