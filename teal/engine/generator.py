@@ -158,12 +158,11 @@ class Generator:
         mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
         if device.type != "cuda":
             mode = "eager"
-        if sparse_path is not None:
+        if sparse_path is not None:  # before the thresholds: the dense groups on the kernel depend on the path
             engine.set_sparse_path(sparse_path)
         if thresholds is None:
             engine.set_thresholds(None)  # dense: the engine's default groups on the kernel (every threshold -inf)
-        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, sparse_path=sparse_path,
-                   method=method)
+        return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, method=method)
 
     # ------------------------------------------------------------- sparsity
     def set_sparsity(self, sparsity: float, thresholds: Any = None, method: str | None = None) -> None:
