@@ -387,8 +387,9 @@ def bench_kernels(
 @bench_app.command("decode")
 def bench_decode(
     model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
-    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b | gemma-3-1b | "
-                                                 "gemma-3-12b (random weights; teal.engine.SHAPES)"),
+    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b | llama-2-70b | "
+                                                 "llama-3-70b | gemma-3-1b | gemma-3-12b (random weights; "
+                                                 "teal.engine.SHAPES)"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     artifact: Optional[Path] = typer.Option(None, help="thresholds artifact for --model"),
     prompt_len: int = typer.Option(128),
@@ -396,6 +397,9 @@ def bench_decode(
     repeats: int = typer.Option(3),
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
+    tp_build: str = typer.Option("auto", help="with --tp: full (whole engine, then shards; checks against one "
+                                              "device) | shard (random shards drawn directly) | auto"),
+    all_reduce: str = typer.Option("nccl", help="with --tp: comma list of all-reduces to time: nccl, symm_mem"),
     sparse_path: Optional[str] = typer.Option(
         None, help="comma list of sparse paths to time: producer, kernel (default: the engine's: kernel where the "
                    "CUDA C++ GEMV runs, else producer on one GPU)"),
@@ -418,7 +422,8 @@ def bench_decode(
                sparsities=parse_floats(sparsity, "--sparsity"), prompt_len=prompt_len,
                new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf, tp=tp,
                sparse_paths=None if sparse_path is None else [p for p in sparse_path.split(",") if p],
-               fused_attention=attention_modes[attention],
+               fused_attention=attention_modes[attention], tp_build=tp_build,
+               all_reduces=[a for a in all_reduce.split(",") if a],
                json_path=str(json_path) if json_path else None, command=" ".join(sys.argv))
 
 

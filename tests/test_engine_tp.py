@@ -15,8 +15,8 @@ import torch
 
 from teal.engine import Engine, Generator, engine_random
 from teal.engine.model import decode_layer
-from teal.engine.reference import activation_thresholds
-from teal.engine.tp import TensorParallelEngine, check_tp_size, launch, shard_engine
+from teal.engine.reference import activation_thresholds, decode_sparsity
+from teal.engine.tp import TensorParallelEngine, check_tp_size, launch, random_shard, shard_engine
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -101,6 +101,14 @@ def compare_rank(rank: int, world_size: int, group, out_dir: str) -> None:
         full_norms, shard_norms = full.weight_column_norms(), shard.weight_column_norms()
         r["col_norm_keys_match"] = sorted(full_norms) == sorted(shard_norms)
         r["col_norm_rel_err"] = max(rel_err(shard_norms[k], full_norms[k]) for k in full_norms)
+        # thresholds calibrated on the shards (the row-parallel inputs gathered) are the whole model's
+        th_full, th_shard = activation_thresholds(full, calib, 0.5), activation_thresholds(shard, calib, 0.5)
+        r["shard_calibration_keys_match"] = sorted(th_full) == sorted(th_shard)
+        r["shard_calibration_max_diff"] = max(abs(th_full[k] - th_shard[k]) for k in th_full)
+        full.set_thresholds(th_full)
+        shard.set_thresholds(th_full)
+        r["decode_sparsity_full"] = decode_sparsity(full, calib[:8], 3, th_full)[0]
+        r["decode_sparsity_shard"] = decode_sparsity(shard, calib[:8], 3, th_full)[0]
         for score in ("magnitude", "weight-aware"):
             scales = full_norms if score == "weight-aware" else None
             th = activation_thresholds(full, calib, 0.5, scales)
@@ -118,7 +126,41 @@ def compare_rank(rank: int, world_size: int, group, out_dir: str) -> None:
             compiled = torch.compile(decode_layer, fullgraph=True, dynamic=False, backend="aot_eager")
             r["compiled_decode_rel_err"] = rel_err(teacher_forced(shard, ids, compiled), teacher_forced(shard, ids))
         results[case] = r
+    results["random_shard"] = random_shard_checks(rank, world_size, group)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def random_shard_checks(rank: int, world_size: int, group) -> dict:
+    """`random_shard`: the shard drawn directly (as for shapes larger than one GPU)."""
+    shard = random_shard("tiny-llama", rank, world_size, group, dtype=torch.float32, device="cpu", max_seq_len=32)
+    cfg, full = shard.config, shard.full_config
+    ids = torch.arange(PROMPT + STEPS) % full.vocab_size
+    r = {
+        "local": [cfg.n_heads, cfg.n_kv_heads, cfg.intermediate, cfg.head_dim],
+        "full": [full.n_heads, full.n_kv_heads, full.intermediate, full.head_dim],
+        "qkv_shape": list(shard.layers[0].qkv.shape), "down_shape": list(shard.layers[0].down.shape),
+        "lm_head_rows": shard.lm_head.shape[0],
+        "embed_sample": shard.embed[:2, :4].tolist(),  # replicated: equal on every rank
+        "qkv_sample": shard.layers[0].qkv[:2, :4].tolist(),  # this rank's own slice: differs
+        "tokens": greedy(shard, ids),
+    }
+    shard.to_layout(transposed=True)
+    th = activation_thresholds(shard, ids, 0.5)
+    shard.set_thresholds(th)
+    r["sparse_tokens"] = greedy(shard, ids)
+    r["measured_sparsity"] = decode_sparsity(shard, ids[:8], 3, th)[0]
+    try:
+        shard.set_all_reduce("symm_mem")
+        r["symm_mem_error"] = None
+    except RuntimeError as exc:
+        r["symm_mem_error"] = str(exc)
+    try:
+        shard.set_all_reduce("carrier-pigeon")
+        r["bad_all_reduce_error"] = None
+    except ValueError as exc:
+        r["bad_all_reduce_error"] = str(exc)
+    r["all_reduce_after_errors"] = shard.all_reduce
+    return r
 
 
 def degenerate_rank(rank: int, world_size: int, group, out_dir: str) -> None:
@@ -187,6 +229,45 @@ def test_shards_are_halves(tp2, case):
         assert r["vocab_parallel"] == (vocab % 2 == 0)
         assert r["lm_head_rows"] == (vocab // 2 if vocab % 2 == 0 else vocab)
         assert r["col_norm_keys_match"] and r["col_norm_rel_err"] <= 1e-6
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_thresholds_calibrated_on_shards_are_whole_model_thresholds(tp2, case):
+    for results in tp2:
+        r = results[case]
+        assert r["shard_calibration_keys_match"]
+        assert r["shard_calibration_max_diff"] <= 1e-5, r["shard_calibration_max_diff"]  # split sums round
+        assert abs(r["decode_sparsity_shard"] - r["decode_sparsity_full"]) <= 1e-6
+        assert 0.3 < r["decode_sparsity_full"] < 0.7
+
+
+def test_random_shard_is_drawn_per_rank(tp2):
+    r0, r1 = tp2[0]["random_shard"], tp2[1]["random_shard"]
+    for r in (r0, r1):
+        heads, kv, inter, head_dim = r["full"]
+        assert r["local"] == [heads // 2, kv // 2, inter // 2, head_dim]  # head_dim kept, not hidden / local heads
+        assert r["qkv_shape"] == [(heads + 2 * kv) // 2 * head_dim, 128]
+        assert r["down_shape"] == [128, inter // 2]
+        assert r["lm_head_rows"] == 256  # vocabulary 512 split by rows
+        assert 0.3 < r["measured_sparsity"] < 0.7
+        assert "CUDA" in r["symm_mem_error"]
+        assert "carrier-pigeon" in r["bad_all_reduce_error"] and "nccl" in r["bad_all_reduce_error"]
+        assert r["all_reduce_after_errors"] == "nccl"
+    assert r0["embed_sample"] == r1["embed_sample"]
+    assert r0["qkv_sample"] != r1["qkv_sample"]
+    # the ranks run one model: the same tokens everywhere, dense and sparse
+    assert r0["tokens"] == r1["tokens"] and r0["sparse_tokens"] == r1["sparse_tokens"]
+    assert len(r0["tokens"]) == NEW_TOKENS
+
+
+def test_one_shot_all_reduce_op_has_a_fake_implementation():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import teal.engine.collectives  # noqa: F401  (registers teal::one_shot_all_reduce)
+
+    with FakeTensorMode():
+        out = torch.ops.teal.one_shot_all_reduce(torch.empty(1, 48, dtype=torch.bfloat16), "0")
+    assert out.shape == (1, 48) and out.dtype == torch.bfloat16
 
 
 def test_compiled_decode_layer_with_collectives(tp2):
@@ -260,3 +341,33 @@ def test_bench_decode_tp2_smoke(tmp_path):
     ratio = dense["bytes_per_token"] / single[(0.0, "x @ w_t")]["bytes_per_token"]
     assert 0.5 < ratio < 0.55, ratio
     assert all(r["tokens_per_s"] > 0 and r["speedup_vs_single_device_same_setting"] for r in data["results"])
+    # fp32 on CPU: the timed greedy tokens are those of one device
+    assert all(r["tokens_match_single_device"] for r in data["results"]), data["results"]
+
+
+def test_bench_decode_tp2_random_shards(tmp_path):
+    """build 'shard': no rank holds the whole model (how the 70B shapes run); symm_mem is refused on CPU and
+    reported, the NCCL (here gloo) rows are timed."""
+    from teal.bench import decode
+
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
+                      json_path=tmp_path / "tp.json", device="cpu", dtype=torch.float32, tp=2, tp_build="shard",
+                      all_reduces=("nccl", "symm_mem"))
+    assert data["build"] == "shard" and data["single_device"] == []
+    assert "CUDA" in data["all_reduce_errors"]["symm_mem"]
+    rows = {(r["sparsity"], r["op"], r["all_reduce"]): r for r in data["results"]}
+    assert set(rows) == {(0.0, "F.linear", "nccl"), (0.0, "x @ w_t", "nccl"), (0.5, "kernel", "nccl")}
+    assert 0.4 < rows[(0.5, "kernel", "nccl")]["measured_sparsity"] < 0.6
+    assert data["model_info"]["n_heads"] == 4 and data["model_info"]["weight_bytes_per_rank"] > 0
+
+
+def test_bench_tp_build_choice_is_checked():
+    from teal.engine.tp import _build_choice
+
+    cpu = torch.device("cpu")
+    assert _build_choice("auto", None, "tiny-llama", torch.bfloat16, cpu) == "full"
+    assert _build_choice("shard", None, "tiny-llama", torch.bfloat16, cpu) == "shard"
+    with pytest.raises(ValueError, match="give a --shape, not a --model"):
+        _build_choice("shard", "smollm2-135m", None, torch.bfloat16, cpu)
+    with pytest.raises(ValueError, match="choose auto, full or shard"):
+        _build_choice("half", None, "tiny-llama", torch.bfloat16, cpu)

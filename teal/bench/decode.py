@@ -141,7 +141,7 @@ def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int
     return {"tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
             "tokens_per_s_runs": [round(r.tokens_per_s, 2) for r in runs],
             "ttft_s": statistics.median(r.prefill_s for r in runs), "capture_s": capture, "mode": gen.mode,
-            "compile_error": gen.compile_error}
+            "compile_error": gen.compile_error, "first_tokens": [int(t) for t in runs[-1].tokens[:16]]}
 
 
 def profile_decode(gen: Generator, ids: torch.Tensor, steps: int = 6, top: int = 14) -> dict[str, Any]:
@@ -315,6 +315,8 @@ def run(
     tp: int = 1,
     sparse_paths: Sequence[str] | None = None,
     fused_attention: bool | None = None,
+    tp_build: str = "auto",
+    all_reduces: Sequence[str] = ("nccl",),
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -325,6 +327,10 @@ def run(
     is timed with each, and each result row records its `sparse_path` (None for the cuBLAS rows).
     fused_attention: decode attention through the split-KV op (True), the compiled torch code (False),
     or the engine's default (None: the op on CUDA).
+    tp_build (tp > 1): "full" (every rank builds the whole engine, then shards it: checks against one device),
+    "shard" (random shards drawn directly: shapes too large for one device), "auto" (shard for a random shape
+    over 40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl" and/or
+    "symm_mem" (`teal.engine.collectives`).
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
         cuda_device = str(device).startswith("cuda")
@@ -341,7 +347,8 @@ def run(
 
         return run_decode_bench(tp, json_path=json_path, model=model, shape=shape, sparsities=sparsities,
                                 prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
-                                thresholds=thresholds, modes=modes, device=device, dtype=dtype, command=command)
+                                thresholds=thresholds, modes=modes, device=device, dtype=dtype, command=command,
+                                build=tp_build, all_reduces=tuple(all_reduces))
     t_process = process_start_time()
     device_t = torch.device(device)
     if device_t.type == "cuda" and not torch.cuda.is_available():
@@ -681,6 +688,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
+    parser.add_argument("--tp-build", choices=("auto", "full", "shard"), default="auto",
+                        help="with --tp: whole engine then shard (full, with checks), random shards drawn directly "
+                             "(shard, for shapes larger than one GPU), or auto")
+    parser.add_argument("--all-reduce", default="nccl",
+                        help="with --tp: comma list of all-reduce implementations to time (nccl, symm_mem)")
     parser.add_argument("--sparse-path", default=None,
                         help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's (kernel where the CUDA C++ GEMV runs, else producer on one GPU)")
     parser.add_argument("--attention", choices=("default", "fused", "torch"), default="default",
@@ -698,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                hf_baselines=not args.no_hf, hf_eager_tokens=args.hf_eager_tokens, device=args.device,
                dtype=getattr(torch, args.dtype), time_budget_s=args.time_budget, profile=not args.no_profile,
                command=command, tp=args.tp, sparse_paths=None if args.sparse_path is None else [p for p in args.sparse_path.split(",") if p],
-               fused_attention={"default": None, "fused": True, "torch": False}[args.attention])
+               fused_attention={"default": None, "fused": True, "torch": False}[args.attention],
+               tp_build=args.tp_build, all_reduces=[a for a in args.all_reduce.split(",") if a])
 
 
 if __name__ == "__main__":

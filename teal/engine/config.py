@@ -44,6 +44,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         sliding_window=None, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
     ),
+    "llama-2-70b": dict(
+        model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+        max_position_embeddings=4096, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    ),
+    "llama-3-70b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, rms_norm_eps=1e-5,
+        max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
+    ),
     # Gemma 3 text decoders (GeGLU, sandwich norms, one global layer in six; 1B: its config.json, 12B: the
     # text_config of its multimodal checkpoint).
     "gemma-3-1b": dict(
@@ -233,6 +245,12 @@ class EngineConfig:
             "o": (self.q_size, self.hidden), "gate": (self.hidden, self.intermediate),
             "up": (self.hidden, self.intermediate), "down": (self.intermediate, self.hidden),
         }
+
+    def parameter_count(self) -> int:
+        """Weights of the decoder: projections, embedding and lm_head (once when tied); norms left out."""
+        per_layer = sum(k * n for k, n in self.projection_shapes().values())
+        heads = 1 if self.tie_embeddings else 2
+        return self.n_layers * per_layer + heads * self.vocab_size * self.hidden
 
 
 def _rope_parameters(config, layer_type: str | None = None) -> dict[str, Any]:

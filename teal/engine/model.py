@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from teal.engine.collectives import all_gather_last_dim, all_reduce_sum
 from teal.engine.config import EngineConfig
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -90,6 +91,7 @@ class LayerStatic(NamedTuple):
     act: str = "silu"  # MLP activation of the gate: "silu" or "gelu_tanh" (Gemma 3)
     norm_offset: float = 0.0  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
     softmax_scale: float = 0.0  # scale of q·k; 0: 1 / sqrt(head_dim)
+    all_reduce: str = "nccl"  # tensor parallelism: how o and down are summed (`teal.engine.collectives`)
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -292,7 +294,7 @@ def decode_layer(
     if observe is not None:
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
-                             sp.o, sp.o_scale, st.tp_group)
+                             sp.o, sp.o_scale, st.tp_group, st.all_reduce)
     if w.post_attn_norm is not None:
         o = rms_norm(o, w.post_attn_norm, st.eps, st.norm_offset)
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
@@ -305,8 +307,10 @@ def decode_layer(
             observe("mlp_mid", mid)
         out = _producer.gather_linear(lists, w.down)
         out = out if w.down_bias is None else out + w.down_bias
-    elif st.act == "silu" and st.sparse[3] and st.tp_group is None and observe is None and _ops is not None:
+    elif st.act == "silu" and st.sparse[3] and observe is None and _ops is not None:
         out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
+        if st.tp_group is not None:  # this rank's channels of SiLU(gate) * up: a partial product
+            out = all_reduce_sum(out, st.tp_group, st.all_reduce)
         out = out if w.down_bias is None else out + w.down_bias
     else:
         gate, up = gu.split([inter, inter], dim=-1)
@@ -314,7 +318,7 @@ def decode_layer(
         if observe is not None:
             observe("mlp_mid", mid)
         out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                                   sp.down, sp.down_scale, st.tp_group)
+                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce)
     if w.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
         out = rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
     return x, out
@@ -347,41 +351,18 @@ def project_row_parallel(
     thresholds: torch.Tensor | None = None,
     col_scale: torch.Tensor | None = None,
     group: Any = None,
+    all_reduce: str = "nccl",
 ) -> torch.Tensor:
     """A projection whose input dimension K may be split over the ranks of `group` (o and down).
 
     Each rank multiplies its slice of x by its rows of the weight (thresholding its own slice), the
-    partial products are summed by one all-reduce, and the bias is added once, after the sum.
+    partial products are summed by one all-reduce (`all_reduce`: "nccl" or "symm_mem",
+    `teal.engine.collectives`), and the bias is added once, after the sum.
     """
     if group is None:
         return project(x, w, bias, transposed, sparse, thresholds, None, col_scale)
-    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale), group)
+    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale), group, all_reduce)
     return y if bias is None else y + bias
-
-
-def all_reduce_sum(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """Sum of `t` over the ranks of `group`. Eager (and CUDA-graph capture): in-place
-    `torch.distributed.all_reduce`; under torch.compile: the traceable functional collective."""
-    if torch.compiler.is_compiling():
-        import torch.distributed._functional_collectives as funcol
-
-        return funcol.all_reduce(t, "sum", group)
-    import torch.distributed as dist
-
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
-
-
-def all_gather_last_dim(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """Concatenate the [T, n] slices of all ranks of `group` along the last dimension -> [T, world * n]."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    rows, width = t.shape
-    out = torch.empty((world * rows, width), dtype=t.dtype, device=t.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name from torch 2.13
-    gather(out, t.contiguous(), group=group)
-    return out.view(world, rows, width).transpose(0, 1).reshape(rows, world * width)
 
 
 class Engine:
@@ -429,6 +410,7 @@ class Engine:
         # partial products, and the one over which lm_head's vocabulary rows are split. None: one device.
         self.tp_group: Any = None
         self.vocab_group: Any = None
+        self.all_reduce = "nccl"  # how the row-parallel products are summed (TensorParallelEngine.set_all_reduce)
         # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
         self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
         self.allocate_cache(max_seq_len)
@@ -456,7 +438,7 @@ class Engine:
         cfg = self.config
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
                            self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
-                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0)
+                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.all_reduce)
 
     @property
     def use_fused_attention(self) -> bool:

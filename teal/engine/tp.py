@@ -44,7 +44,9 @@ from typing import Any
 import torch
 
 from teal.engine.config import EngineConfig
-from teal.engine.model import GROUPS, PROJECTIONS, Engine, LayerWeights, all_gather_last_dim
+from teal.engine.collectives import (ALL_REDUCES, all_gather_last_dim, release_symmetric_buffers,
+                                     setup_symmetric_buffers)
+from teal.engine.model import GROUPS, PROJECTIONS, Engine, LayerWeights, Observer
 
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 ROW_PARALLEL = ("o", "down")
@@ -94,6 +96,37 @@ class TensorParallelEngine(Engine):
                 local[key] = scale.reshape(-1) if cols is None else scale.reshape(-1)[cols]
             col_scales = local
         super().set_thresholds(thresholds, col_scales)
+
+    def set_all_reduce(self, impl: str) -> None:
+        """How the o and down partial products are summed: "nccl" or "symm_mem" (`teal.engine.collectives`;
+        CUDA only). A collective call: every rank must make it. Raises `RuntimeError` with the cause when the
+        symmetric buffers cannot be set up (the engine then keeps its current implementation). Captured
+        CUDA graphs keep the implementation they were captured with: build new generators after a change."""
+        if impl not in ALL_REDUCES:
+            raise ValueError(f"unknown all-reduce {impl!r}; choose one of {', '.join(ALL_REDUCES)}")
+        if impl == "symm_mem" and self.tp_group is not None:
+            setup_symmetric_buffers(self.tp_group, self.device, self.dtype, [self.config.hidden])
+        self.all_reduce = impl
+
+    def _gathering(self, observer: Observer | None) -> Observer | None:
+        """An observer that sees whole-model inputs: this rank's slices of the row-parallel inputs (o, down)
+        are all-gathered first, so that thresholds and measured sparsities are those of the whole model."""
+        if observer is None or self.tp_group is None:
+            return observer
+        group = self.tp_group
+
+        def observe(layer: int, site: str, x: torch.Tensor) -> None:
+            if site in ("attn_out", "mlp_mid"):
+                x = all_gather_last_dim(x.reshape(x.shape[0], -1), group)
+            observer(layer, site, x)
+
+        return observe
+
+    def prefill(self, ids: torch.Tensor, observer: Observer | None = None, all_logits: bool = False) -> torch.Tensor:
+        return super().prefill(ids, observer=self._gathering(observer), all_logits=all_logits)
+
+    def decode(self, *args: Any, observer: Observer | None = None, **kwargs: Any) -> torch.Tensor:
+        return super().decode(*args, observer=self._gathering(observer), **kwargs)
 
     def weight_column_norms(self) -> dict[str, torch.Tensor]:
         """L2 norms of the whole model's weight columns (the weight-aware c_i), from the shards: the
@@ -196,23 +229,87 @@ def shard_engine(
         if lm_head.untyped_storage().data_ptr() != engine.embed.untyped_storage().data_ptr():
             lm_head = lm_head.clone()  # an untied head: own the slice so the whole head can be freed
 
-    shard = TensorParallelEngine(local, layers, engine.embed, engine.final_norm, lm_head,
-                                 transposed=t, max_seq_len=engine.max_seq_len)
-    shard.rank, shard.world_size, shard.full_config = rank, n, cfg
-    shard.group = group if n > 1 else None
-    shard.tp_group = group if n > 1 else None
-    shard.vocab_group = group if split_vocab else None
+    shard = _make_shard(local, cfg, layers, engine.embed, engine.final_norm, lm_head, t, engine.max_seq_len,
+                        rank, n, group, split_vocab)
     shard.kernel_at_zero = engine.kernel_at_zero
-    # The producer path has not run on several GPUs yet (only in CPU tests): shards multiply through
-    # `sparse_linear`, the path the multi-GPU code was written and checked with.
-    shard.sparse_path = "kernel"
     shard.producer_down = engine.producer_down
-    # The attention op (it sees only this rank's Hkv / tp kv heads) has not run sharded on GPUs either:
-    # shards use it only when asked for explicitly.
-    shard.fused_attention = bool(engine.fused_attention)
+    shard.fused_attention = engine.fused_attention
     if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
         shard.set_thresholds(*_current_thresholds(engine))
     return shard
+
+
+def _make_shard(local: EngineConfig, full: EngineConfig, layers: list[LayerWeights], embed: torch.Tensor,
+                final_norm: torch.Tensor, lm_head: torch.Tensor, transposed: bool, max_seq_len: int, rank: int,
+                world_size: int, group: Any, split_vocab: bool) -> TensorParallelEngine:
+    shard = TensorParallelEngine(local, layers, embed, final_norm, lm_head, transposed=transposed,
+                                 max_seq_len=max_seq_len)
+    shard.rank, shard.world_size, shard.full_config = rank, world_size, full
+    shard.group = group if world_size > 1 else None
+    shard.tp_group = group if world_size > 1 else None
+    shard.vocab_group = group if split_vocab else None
+    # The producer path has not run on several GPUs (only in CPU tests): shards multiply through
+    # `sparse_linear` (the "kernel" path), the default where the CUDA C++ kernel runs (Hopper).
+    shard.sparse_path = "kernel"
+    return shard
+
+
+def random_shard(
+    shape: str | object,
+    rank: int,
+    world_size: int,
+    group: Any = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    max_seq_len: int = 2048,
+    transposed: bool = False,
+    seed: int = 0,
+) -> TensorParallelEngine:
+    """This rank's shard of a random-weight model of a named shape (or HF config), built directly: no rank
+    ever holds the whole model, so shapes larger than one GPU (Llama-2-70B in bf16) fit. Each rank draws its
+    own slices (seed + rank); embedding, norms and the lm_head rows are drawn alike on every rank from
+    `seed`. For speed only: the shards of different world sizes are not slices of one model."""
+    from teal.engine.config import shape_hf_config
+    from teal.engine.loading import engine_random
+
+    hf_config = shape_hf_config(shape) if isinstance(shape, str) else shape
+    full = EngineConfig.from_hf(hf_config)
+    check_tp_size(full, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
+    if world_size > 1:
+        group = _checked_group(group, rank, world_size)
+    n = world_size
+    local_hf = hf_config.__class__.from_dict(hf_config.to_dict())
+    local_hf.num_attention_heads = full.n_heads // n
+    local_hf.num_key_value_heads = full.n_kv_heads // n
+    local_hf.intermediate_size = full.intermediate // n
+    local_hf.head_dim = full.head_dim
+    layers_engine = engine_random(local_hf, dtype=dtype, device=device, max_seq_len=2, transposed=transposed,
+                                  seed=seed + 1 + rank)
+    replicated = engine_random(_embedding_only(hf_config), dtype=dtype,
+                               device=device, max_seq_len=2, seed=seed)
+    split_vocab = n > 1 and full.vocab_size % n == 0
+    lm_head = replicated.lm_head
+    if split_vocab:
+        v_l = full.vocab_size // n
+        lm_head = lm_head[rank * v_l:(rank + 1) * v_l].clone()
+    local = dataclasses.replace(full, n_heads=full.n_heads // n, n_kv_heads=full.n_kv_heads // n,
+                                intermediate=full.intermediate // n)
+    shard = _make_shard(local, full, layers_engine.layers, replicated.embed, replicated.final_norm, lm_head,
+                        transposed, max_seq_len, rank, n, group, split_vocab)
+    del layers_engine, replicated
+    return shard
+
+
+def _embedding_only(hf_config: Any) -> Any:
+    """`hf_config` with no decoder layers: what `engine_random` needs to draw the replicated tensors."""
+    config = hf_config.__class__.from_dict(hf_config.to_dict())
+    config.num_hidden_layers = 0
+    if hasattr(config, "layer_types") and config.layer_types is not None:
+        config.layer_types = []
+    return config
 
 
 def _checked_group(group: Any, rank: int, world_size: int) -> Any:
@@ -350,6 +447,7 @@ def _rank_entry(rank: int, world_size: int, init_method: str, device_type: str, 
     finally:
         import torch.distributed as dist
 
+        release_symmetric_buffers()
         dist.destroy_process_group()
 
 
@@ -398,6 +496,7 @@ def run_decode_bench(tp: int, json_path: str | os.PathLike[str] | None = None, *
         try:
             return _bench_rank(rank, tp, group, options, json_path) or {}
         finally:
+            release_symmetric_buffers()
             dist.destroy_process_group()
     with tempfile.TemporaryDirectory(prefix="teal-tp-") as tmp:
         out = Path(tmp) / "decode_tp.json"
@@ -423,7 +522,8 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
 
     opts = dict(model=None, shape="llama-3-8b", sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), prompt_len=128,
                 new_tokens=256, repeats=3, thresholds=None, modes=("graph", "compiled-graph"), device="cuda",
-                dtype=torch.bfloat16, single_device_baseline=True, command=None, check_tokens=16)
+                dtype=torch.bfloat16, single_device_baseline=True, command=None, check_tokens=16, build="auto",
+                all_reduces=("nccl",))
     unknown = set(options) - set(opts)
     if unknown:
         raise TypeError(f"unknown tensor-parallel benchmark options {sorted(unknown)}")
@@ -445,6 +545,11 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
                          "collective time not included", single_device=[])
     data["copy_bandwidth_Bps"] = bw = bench.copy_bandwidth(device)
     log(f"[tp={world_size}] copy bandwidth {bw / 1e12:.3f} TB/s on {data['device']}")
+    build = _build_choice(opts["build"], opts["model"], opts["shape"], opts["dtype"], device)
+    data["build"] = build
+    data["all_reduces"] = list(opts["all_reduces"])
+    if build == "shard":
+        return _bench_random_shards(rank, world_size, group, opts, data, json_path, t_process, log)
 
     # 1. the whole engine on every rank (identical weights), thresholds and references from it
     if opts["model"] is None:
@@ -480,28 +585,8 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
     ref_sparse_tokens = Generator(full, mode="eager").generate(ids, n_check, stop=[]).tokens
 
     def time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool) -> list[dict[str, Any]]:
-        rows = []
-        engine.to_layout(transposed=False)
-        nbytes = bytes_per_token_per_rank(engine, None, context) if per_rank else bench.bytes_per_token(engine, None, context)
-        for mode in level_modes:
-            row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
-            rows.append({"sparsity": 0.0, "measured_sparsity": 0.0, "op": "F.linear", **row, "bytes_per_token": nbytes,
-                         "roofline_tokens_per_s": bw / nbytes, "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
-            log(f"  {'tp' if per_rank else '1 device'} dense F.linear {row['mode']}: {row['tokens_per_s']:.1f} tok/s")
-        engine.to_layout(transposed=True)
-        for s in sparsities:
-            engine.set_thresholds(*levels[s])
-            for mode in level_modes:
-                row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
-                nbytes = (bytes_per_token_per_rank(engine, measured[s][1], context) if per_rank
-                          else bench.bytes_per_token(engine, measured[s][1] or None, context))
-                rows.append({"sparsity": s, "measured_sparsity": measured[s][0],
-                             "op": "kernel" if s > 0 else "x @ w_t", **row, "bytes_per_token": nbytes,
-                             "roofline_tokens_per_s": bw / nbytes, "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
-                log(f"  {'tp' if per_rank else '1 device'} s={s:.2f} ({measured[s][0]:.3f}) {row['mode']}: "
-                    f"{row['tokens_per_s']:.1f} tok/s, roofline {bw / nbytes:.1f}")
-        engine.set_thresholds(None)
-        return rows
+        return _time_levels(engine, level_modes, per_rank, sparsities, levels, measured, ids, new_tokens, repeats,
+                            context, bw, log, opts["all_reduces"] if per_rank else ("nccl",), data)
 
     # 2. optional: the unsharded engine on rank 0's device, for speed-ups within this run
     if opts["single_device_baseline"]:
@@ -536,31 +621,170 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
     }
     log(f"checks: {json.dumps(data['checks'])}")
     data["results"] = time_levels(engine, modes, per_rank=True)
+    return _finish(data, lead, json_path, t_process, log)
 
-    dense_tp = max(r["tokens_per_s"] for r in data["results"] if r["op"] == "F.linear")
-    single = {(r["sparsity"], r["op"]): r["tokens_per_s"] for r in data["single_device"]}
-    single_dense = max((r["tokens_per_s"] for r in data["single_device"] if r["op"] == "F.linear"), default=None)
+
+def _finish(data: dict[str, Any], lead: bool, json_path: str | os.PathLike[str] | None, t_process: float,
+            log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Speed-ups, the table, and rank 0's JSON."""
+    from teal.bench import decode as bench
+
+    dense_tp = {}
     for r in data["results"]:
-        r["speedup_vs_tp_dense"] = r["tokens_per_s"] / dense_tp
+        if r["op"] == "F.linear" or r["sparsity"] == 0.0:
+            key = r.get("all_reduce", "nccl")
+            dense_tp[key] = max(dense_tp.get(key, 0.0), r["tokens_per_s"])
+    best_dense = max(dense_tp.values())
+    single = {(r["sparsity"], r["op"]): r["tokens_per_s"] for r in data["single_device"]}
+    single_dense = max((r["tokens_per_s"] for r in data["single_device"] if r["sparsity"] == 0.0), default=None)
+    # greedy tokens of the timed runs (first 16): the same across all-reduce implementations, and (bf16
+    # rounding permitting) as on one device
+    nccl_tokens = {(r["sparsity"], r["op"], r["mode"]): r.get("first_tokens") for r in data["results"]
+                   if r.get("all_reduce", "nccl") == "nccl"}
+    single_tokens = {(r["sparsity"], r["op"], r["mode"]): r.get("first_tokens") for r in data["single_device"]}
+    for r in data["results"]:
+        key = (r["sparsity"], r["op"], r["mode"])
+        if r.get("all_reduce", "nccl") != "nccl" and nccl_tokens.get(key) is not None:
+            r["tokens_match_nccl"] = r.get("first_tokens") == nccl_tokens[key]
+        if single_tokens.get(key) is not None:
+            r["tokens_match_single_device"] = r.get("first_tokens") == single_tokens[key]
+    for r in data["results"]:
+        r["speedup_vs_tp_dense"] = r["tokens_per_s"] / best_dense  # the fastest dense row of any op / all-reduce
         base = single.get((r["sparsity"], r["op"]))
         r["speedup_vs_single_device_same_setting"] = r["tokens_per_s"] / base if base else None
         r["speedup_vs_single_device_dense"] = r["tokens_per_s"] / single_dense if single_dense else None
+    data["dense_tokens_per_s"] = best_dense
     data["total_s"] = time.time() - t_process
     if not lead:
         return None
     if json_path is not None:
         bench.write_json(data, json_path)
-    log(f"\n== decode tp={world_size} {data['model']} on {data['device']} ({data['dtype']}), "
-        f"lm_head {data['lm_head']}, copy {bw / 1e12:.2f} TB/s ==")
-    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'mode':>15} {'tok/s':>8} {'roof/rk':>8} {'x tp dense':>10} "
-        f"{'x 1 dev':>8}")
+    bw = data["copy_bandwidth_Bps"]
+    log(f"\n== decode tp={data['tp']} {data['model']} on {data['device']} ({data['dtype']}), "
+        f"lm_head {data['lm_head']}, copy {bw / 1e12:.2f} TB/s, build {data['build']} ==")
+    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'all-reduce':>10} {'mode':>15} {'tok/s':>8} {'roof/rk':>8} "
+        f"{'of roof':>7} {'x tp dense':>10} {'x 1 dev':>8}")
     for r in data["results"]:
         same = r["speedup_vs_single_device_same_setting"]
-        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r['mode']:>15} "
-            f"{r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
-            f"{r['speedup_vs_tp_dense']:10.2f} {(f'{same:.2f}' if same else '-'):>8}")
+        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r.get('all_reduce', 'nccl'):>10} "
+            f"{r['mode']:>15} {r['tokens_per_s']:8.1f} {r['roofline_tokens_per_s']:8.1f} "
+            f"{r['frac_of_roofline']:7.2f} {r['speedup_vs_tp_dense']:10.2f} {(f'{same:.2f}' if same else '-'):>8}"
+            + ("" if r.get("tokens_match_nccl", True) else "  tokens differ from nccl"))
     if data["single_device"]:
         log("1 device: " + ", ".join(f"s={r['sparsity']:g} {r['op']} {r['tokens_per_s']:.1f}"
                                      for r in data["single_device"]))
-    log(f"median tok/s over {repeats} repeats; total {data['total_s']:.1f}s")
+    for impl, why in data.get("all_reduce_errors", {}).items():
+        log(f"all-reduce {impl} not timed: {why}")
+    log(f"median tok/s over {data['repeats']} repeats; total {data['total_s']:.1f}s")
     return data
+
+
+def _time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool, sparsities: Sequence[float],
+                 levels: Mapping[float, tuple[Any, Any]], measured: Mapping[float, tuple[float, dict[str, float]]],
+                 ids: torch.Tensor, new_tokens: int, repeats: int, context: float, bw: float,
+                 log: Callable[[str], None], all_reduces: Sequence[str], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Time dense (F.linear on the [N, K] layout) and every sparsity level (the sparse kernel on [K, N];
+    at 0 the kernel or `x @ w_t`, as the engine's default) in each mode, for each all-reduce implementation
+    (a tensor-parallel engine; every rank makes the same calls in the same order)."""
+    from teal.bench import decode as bench
+    from teal.engine.generator import Generator
+
+    rows: list[dict[str, Any]] = []
+    tp = isinstance(engine, TensorParallelEngine) and engine.tp_group is not None
+    who = "tp" if per_rank else "1 device"
+    for impl in (all_reduces if tp else ("nccl",)):
+        if tp:
+            try:
+                engine.set_all_reduce(impl)
+            except RuntimeError as exc:  # the same on every rank: no peer access, no symmetric memory
+                data.setdefault("all_reduce_errors", {})[impl] = str(exc)
+                log(f"  all-reduce {impl}: not available ({exc})")
+                continue
+        tag = {"all_reduce": impl} if tp else {}
+        engine.to_layout(transposed=False)
+        nbytes = bytes_per_token_per_rank(engine, None, context) if per_rank else bench.bytes_per_token(engine, None, context)
+        for mode in level_modes:
+            row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
+            rows.append({"sparsity": 0.0, "measured_sparsity": 0.0, "op": "F.linear", **tag, **row,
+                         "bytes_per_token": nbytes, "roofline_tokens_per_s": bw / nbytes,
+                         "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
+            log(f"  {who} {impl if tp else ''} dense F.linear {row['mode']}: {row['tokens_per_s']:.1f} tok/s")
+        engine.to_layout(transposed=True)
+        for s in sparsities:
+            engine.set_thresholds(*levels[s])
+            op = "kernel" if s > 0 or any(any(f) for f in engine.sparse_flags) else "x @ w_t"
+            for mode in level_modes:
+                row = bench.time_engine(Generator(engine, mode=mode), ids, new_tokens, repeats)
+                nbytes = (bytes_per_token_per_rank(engine, measured[s][1], context) if per_rank
+                          else bench.bytes_per_token(engine, measured[s][1] or None, context))
+                rows.append({"sparsity": s, "measured_sparsity": measured[s][0], "op": op, **tag, **row,
+                             "bytes_per_token": nbytes, "roofline_tokens_per_s": bw / nbytes,
+                             "frac_of_roofline": row["tokens_per_s"] * nbytes / bw})
+                log(f"  {who} {impl if tp else ''} s={s:.2f} ({measured[s][0]:.3f}) {op} {row['mode']}: "
+                    f"{row['tokens_per_s']:.1f} tok/s, roofline {bw / nbytes:.1f}")
+        engine.set_thresholds(None)
+    if tp:
+        engine.set_all_reduce("nccl")
+    return rows
+
+
+def _build_choice(build: str, model: str | None, shape: str | None, dtype: torch.dtype, device: torch.device) -> str:
+    """"full" (every rank holds the whole model first: checks against one device) or "shard" (random shards
+    built directly; for shapes that do not fit one device twice over). "auto": "shard" for a random shape
+    whose weights exceed 40 % of the device's memory."""
+    if build not in ("auto", "full", "shard"):
+        raise ValueError(f"unknown build {build!r}; choose auto, full or shard")
+    if build == "shard" and model is not None:
+        raise ValueError("build='shard' draws random weights: give a --shape, not a --model")
+    if build != "auto":
+        return build
+    if model is not None or device.type != "cuda":
+        return "full"
+    from teal.engine.config import shape_hf_config
+
+    cfg = EngineConfig.from_hf(shape_hf_config(shape or "llama-3-8b"))
+    nbytes = cfg.parameter_count() * torch.empty((), dtype=dtype).element_size()
+    return "shard" if nbytes > 0.4 * torch.cuda.get_device_properties(device).total_memory else "full"
+
+
+def _bench_random_shards(rank: int, world_size: int, group: Any, opts: dict[str, Any], data: dict[str, Any],
+                         json_path: str | os.PathLike[str] | None, t_process: float,
+                         log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The benchmark on random shards built directly (`random_shard`): no single-device baseline and no
+    token checks (no rank holds the whole model); thresholds from the shards' own prefill, with the
+    row-parallel inputs gathered, so they are whole-model thresholds as in the full build."""
+    from teal.engine.reference import activation_threshold_levels, decode_sparsity
+
+    device = torch.device("cuda", torch.cuda.current_device()) if opts["device"] == "cuda" else torch.device("cpu")
+    modes = tuple(opts["modes"]) if device.type == "cuda" else ("eager",)
+    sparsities = sorted({float(s) for s in opts["sparsities"]} | {0.0})
+    prompt_len, new_tokens, repeats = opts["prompt_len"], opts["new_tokens"], opts["repeats"]
+    max_seq_len = -(-(prompt_len + new_tokens + 8) // 64) * 64
+    context = prompt_len + new_tokens / 2
+    if opts["thresholds"] is not None:
+        raise ValueError("a thresholds artifact needs the model it was calibrated on: use build='full' with --model")
+    t = time.perf_counter()
+    engine = random_shard(opts["shape"], rank, world_size, group, dtype=opts["dtype"], device=device,
+                          max_seq_len=max_seq_len)
+    data["shard_s"] = time.perf_counter() - t
+    cfg = engine.full_config
+    data["model_info"] = {"name": cfg.name, "model_type": cfg.model_type, "n_layers": cfg.n_layers,
+                          "hidden": cfg.hidden, "intermediate": cfg.intermediate, "vocab": cfg.vocab_size,
+                          "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
+                          "weight_bytes_per_rank": sum(b for _, b in engine.iter_weight_bytes())}
+    data["lm_head"] = "column-parallel (vocab rows) + all-gather" if engine.vocab_group is not None else "replicated"
+    data["checks"] = {"note": "random shards built directly (build='shard'): no single-device reference"}
+    log(f"[tp={world_size}] random shards of {cfg.name} built in {data['shard_s']:.1f}s, "
+        f"{data['model_info']['weight_bytes_per_rank'] / 1e9:.1f} GB per rank")
+    ids = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).to(device)
+    calib = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).to(device)
+    engine.to_layout(transposed=True)
+    levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib, sparsities))}
+    measured: dict[float, tuple[float, dict[str, float]]] = {0.0: (0.0, {})}
+    for s in sparsities[1:]:
+        engine.set_thresholds(*levels[s])
+        measured[s] = decode_sparsity(engine, calib[:64], 4, *levels[s])
+    engine.set_thresholds(None)
+    data["results"] = _time_levels(engine, modes, True, sparsities, levels, measured, ids, new_tokens, repeats,
+                                   context, data["copy_bandwidth_Bps"], log, opts["all_reduces"], data)
+    return _finish(data, rank == 0, json_path, t_process, log)
