@@ -399,7 +399,8 @@ def bench_decode(
     tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
     tp_build: str = typer.Option("auto", help="with --tp: full (whole engine, then shards; checks against one "
                                               "device) | shard (random shards drawn directly) | auto"),
-    all_reduce: str = typer.Option("nccl", help="with --tp: comma list of all-reduces to time: nccl, symm_mem"),
+    all_reduce: str = typer.Option("auto", help="with --tp: comma list of all-reduces to time: nccl, symm_mem, "
+                                                "auto (symm_mem where it can be set up)"),
     sparse_path: Optional[str] = typer.Option(
         None, help="comma list of sparse paths to time: producer, kernel (default: the engine's: kernel where the "
                    "CUDA C++ GEMV runs, else producer on one GPU)"),

@@ -208,6 +208,18 @@ def test_kernel_at_zero_per_group_and_without_thresholds():
         assert all(f == (True, True, False, False) for f in engine.sparse_flags)
         assert all(torch.isinf(sp.qkv).all() and (sp.qkv < 0).all() for sp in engine.sparsity)
         assert rel_err(engine.decode(ids[5:6], torch.tensor([5])), dense) <= 1e-5
+        # the dense groups take the kernel's "dense" table; a finite threshold puts a group back on "sparse"
+        assert all(r == ("dense", "dense", "sparse", "sparse") for r in engine.kernel_regimes)
+        assert engine.layer_static(0).regimes == ("dense", "dense", "sparse", "sparse")
+        th = {f"layers.{i}.{p}": -math.inf for i in range(engine.config.n_layers)
+              for p in ("q", "k", "v", "o", "gate", "up", "down")}
+        th["layers.0.k"] = 0.01
+        th["layers.1.gate"] = 0.02
+        engine.set_thresholds(th)
+        assert engine.kernel_regimes[0] == ("sparse", "dense", "sparse", "sparse")
+        assert engine.sparse_flags[1] == (True, True, True, False)
+        assert engine.kernel_regimes[1] == ("dense", "dense", "sparse", "sparse")
+        engine.set_thresholds(None)
         engine.kernel_at_zero = (True, False)
         with pytest.raises(ValueError, match="one per group"):
             engine.set_thresholds(None)

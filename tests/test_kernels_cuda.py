@@ -215,6 +215,65 @@ def test_config_lookup_order(tmp_path, monkeypatch):
     assert configs.load_table(table)[key] == override  # the cuda field round-trips
 
 
+def test_dense_regime_has_its_own_table(tmp_path, monkeypatch):
+    """Calls that use the kernel as a dense product (every threshold -inf) take TUNED_CUDA_DENSE where it has
+    an entry, TUNED_CUDA elsewhere; override tables mark their dense entries."""
+    from teal.kernels import configs
+
+    key = (4096, 28672, 1, "bf16")
+    assert configs.TUNED_CUDA_DENSE[key] != configs.TUNED_CUDA[key]
+    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True, regime="dense") == configs.TUNED_CUDA_DENSE[key]
+    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[key]
+    assert get_config(4096, 28672, 1, torch.bfloat16, regime="dense") == configs.TUNED[key]  # no CUDA kernel
+    assert (4096, 12288, 1, "bf16") not in configs.TUNED_CUDA_DENSE
+    assert (get_config(4096, 12288, 1, torch.bfloat16, cuda_ok=True, regime="dense")
+            == configs.TUNED_CUDA[(4096, 12288, 1, "bf16")])
+    with pytest.raises(ValueError, match="unknown kernel regime 'fast'"):
+        get_config(4096, 28672, 1, torch.bfloat16, regime="fast")
+    sparse_cfg = KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=4, cuda=True)
+    dense_cfg = KernelConfig(block_n=512, block_r=8, split_k=1, num_warps=8, cuda=True)
+    only_sparse = (4096, 4096, 1, "bf16")
+    table = tmp_path / "table.json"
+    table.write_text(__import__("json").dumps(configs.table_to_json({key: sparse_cfg, only_sparse: sparse_cfg},
+                                                                     {key: dense_cfg})))
+    assert configs.load_table(table) == {key: sparse_cfg, only_sparse: sparse_cfg}
+    assert configs.load_table(table, "dense") == {key: dense_cfg, only_sparse: sparse_cfg}  # unmarked: both
+    monkeypatch.setenv(configs.CONFIGS_ENV, str(table))
+    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True, regime="dense") == dense_cfg
+    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True) == sparse_cfg
+    bad = tmp_path / "bad.json"
+    bad.write_text(__import__("json").dumps({"format": "teal-kernel-configs", "entries": [
+        dict(K=1, N=2, bucket=1, dtype="bf16", regime="sometimes", config=sparse_cfg.as_dict())]}))
+    with pytest.raises(ValueError, match="entry 0 .*regime 'sometimes'"):
+        configs.load_table(bad)
+
+
+def test_sparse_linear_regime_changes_only_the_launch():
+    from teal.kernels.ops import sparse_linear, sparse_linear_glu
+
+    gen = torch.Generator().manual_seed(0)
+    x, w_t = torch.randn(1, 64, generator=gen), torch.randn(64, 48, generator=gen)
+    thr = torch.tensor([0.3])
+    assert torch.equal(sparse_linear(x, w_t, thr, regime="dense"), sparse_linear(x, w_t, thr))
+    gate_up = torch.randn(1, 128, generator=gen)
+    assert torch.equal(sparse_linear_glu(gate_up, w_t, thr, regime="dense"), sparse_linear_glu(gate_up, w_t, thr))
+    with pytest.raises(ValueError, match="unknown kernel regime 'dens'"):
+        sparse_linear(x, w_t, thr, regime="dens")
+
+
+def test_tuner_picks_a_configuration_per_regime():
+    """The sparse regime's pick is scored at the sparsities above 0 only; the dense regime's is the fastest
+    CUDA C++ candidate at s = 0 (None where that is the sparse pick)."""
+    from teal.kernels.tune import pick_best
+
+    fast_dense = KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True)
+    fast_sparse = KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True)
+    times = {repr(fast_dense): [57.0, 31.7], repr(fast_sparse): [62.6, 30.1]}
+    both = [fast_dense, fast_sparse]
+    assert pick_best(both, times, bucket=1) == fast_dense  # the mean over 0 and 0.5 favours the dense one
+    assert pick_best(both, {k: v[1:] for k, v in times.items()}, bucket=1) == fast_sparse
+
+
 def test_pick_best_never_slower_than_dense_at_batches():
     from teal.kernels.tune import pick_best
 

@@ -316,7 +316,7 @@ def run(
     sparse_paths: Sequence[str] | None = None,
     fused_attention: bool | None = None,
     tp_build: str = "auto",
-    all_reduces: Sequence[str] = ("nccl",),
+    all_reduces: Sequence[str] = ("auto",),
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -329,8 +329,8 @@ def run(
     or the engine's default (None: the op on CUDA).
     tp_build (tp > 1): "full" (every rank builds the whole engine, then shards it: checks against one device),
     "shard" (random shards drawn directly: shapes too large for one device), "auto" (shard for a random shape
-    over 40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl" and/or
-    "symm_mem" (`teal.engine.collectives`).
+    over 40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl",
+    "symm_mem" (`teal.engine.collectives`) or "auto" (symm_mem where it can be set up).
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
         cuda_device = str(device).startswith("cuda")
@@ -691,8 +691,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tp-build", choices=("auto", "full", "shard"), default="auto",
                         help="with --tp: whole engine then shard (full, with checks), random shards drawn directly "
                              "(shard, for shapes larger than one GPU), or auto")
-    parser.add_argument("--all-reduce", default="nccl",
-                        help="with --tp: comma list of all-reduce implementations to time (nccl, symm_mem)")
+    parser.add_argument("--all-reduce", default="auto",
+                        help="with --tp: comma list of all-reduce implementations to time (nccl, symm_mem, auto)")
     parser.add_argument("--sparse-path", default=None,
                         help=f"comma list of sparse paths to time ({', '.join(SPARSE_PATHS)}), e.g. kernel,producer; default: the engine's (kernel where the CUDA C++ GEMV runs, else producer on one GPU)")
     parser.add_argument("--attention", choices=("default", "fused", "torch"), default="default",

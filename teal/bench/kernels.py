@@ -58,6 +58,14 @@ SHAPES: dict[str, tuple[tuple[str, int, tuple[int, ...]], ...]] = {
         ("gate_up", 4096, (11008, 11008)),
         ("down", 11008, (4096,)),
     ),
+    # one rank's shard of Llama-2-70B over two GPUs (teal.engine.tp): q|k|v and gate|up split by output
+    # channels (32 of 64 query heads, 4 of 8 kv heads; 14336 of 28672), o and down by input channels
+    "llama-2-70b-tp2": (
+        ("qkv", 8192, (4096, 512, 512)),
+        ("o", 4096, (8192,)),
+        ("gate_up", 8192, (14336, 14336)),
+        ("down", 14336, (8192,)),
+    ),
     # Gemma 3 12B's text decoder (16 query heads, 8 kv heads of 256; hidden 3840; MLP 15360)
     "gemma-3-12b": (
         ("qkv", 3840, (4096, 2048, 2048)),
@@ -467,10 +475,15 @@ def run(
                         else:
                             kernel_configs.TUNED[key] = res.best
                             kernel_configs.TUNED_CUDA.pop(key, None)
+                        kernel_configs.TUNED_CUDA_DENSE.pop(key, None)
+                        if res.best_dense is not None:
+                            kernel_configs.TUNED_CUDA_DENSE[key] = res.best_dense
                         tuned_keys.add(key)
-                        data["tuning"].append(dict(K=k, N=n, bucket=key[2], best=res.best.as_dict(),
-                                                   entry=table_entry(res), times_us=res.times_us,
-                                                   sparsities=list(res.sparsities)))
+                        data["tuning"].append(dict(
+                            K=k, N=n, bucket=key[2], best=res.best.as_dict(), entry=table_entry(res),
+                            best_dense=None if res.best_dense is None else res.best_dense.as_dict(),
+                            dense_entry=table_entry(res, "dense"), times_us=res.times_us,
+                            sparsities=list(res.sparsities)))
                         console.print(f"tuned K={k} N={n} B<={key[2]}: {res.best}")
                     except Exception:  # noqa: BLE001 - keep benchmarking with the table/heuristic
                         console.print(f"[red]tuning failed[/] K={k} N={n} B={batch}\n{traceback.format_exc()}")
@@ -483,16 +496,20 @@ def run(
                     for x, w, t in zip(xs, w_ts, half)
                 ])
                 for s in sparsities:
+                    # s = 0 at batch 1: the kernel as a dense product, the engine's dense groups (their regime)
+                    regime = "dense" if s == 0 and batch_bucket(batch) == 1 else "sparse"
+                    config = get_config(k, n, batch, torch_dtype, sms, cuda_ok=ops.cuda_kernel_available(device),
+                                        regime=regime)
                     row: dict[str, Any] = dict(model=model, proj=proj, K=k, N=n, splits=list(splits), batch=batch,
                                                sparsity=s, weight_bytes=weight_bytes, config=config.as_dict(),
-                                               cublas_us=cublas_us, dense_fallback_us=fallback_us)
+                                               regime=regime, cublas_us=cublas_us, dense_fallback_us=fallback_us)
                     try:
                         # Correctness on a fresh input, output poisoned first.
                         xc = torch.randn(batch, k, device=device, dtype=torch_dtype)
                         tc = _thresholds(xc, s, len(splits))
                         out = torch.full((batch, n), float("nan"), dtype=torch_dtype, device=device)
                         before = dict(path_counts)
-                        sparse_linear_triton(xc, w_ts[0], tc, list(splits), out=out)
+                        sparse_linear_triton(xc, w_ts[0], tc, list(splits), out=out, regime=regime)
                         row["path"] = next((p for p in path_counts if path_counts[p] != before.get(p, 0)), "?")
                         if config.gather and batch == 1:
                             row["path"] = "gather"
@@ -506,7 +523,7 @@ def run(
                         thr = [_thresholds(x, s, len(splits)) for x in xs]
                         row["measured_sparsity"], row["union_density"] = _sparsity_stats(xs, thr)
                         us = time_graph_us([
-                            lambda x=x, w=w, t=t: torch.ops.teal.sparse_linear(x, w, t, list(splits), None)
+                            lambda x=x, w=w, t=t: torch.ops.teal.sparse_linear(x, w, t, list(splits), None, regime)
                             for x, w, t in zip(xs, w_ts, thr)
                         ])
                         naive_us = time_graph_us([
@@ -538,9 +555,11 @@ def run(
                     _derive(row, copy_bw)
                 write_json(data, json_path)
     if table_out is not None and tuned_keys:
-        write_json(kernel_configs.table_to_json({key: kernel_configs.TUNED_CUDA.get(key) or kernel_configs.TUNED[key]
-                                                 for key in sorted(tuned_keys)}),
-                   table_out)
+        write_json(kernel_configs.table_to_json(
+            {key: kernel_configs.TUNED_CUDA.get(key) or kernel_configs.TUNED[key] for key in sorted(tuned_keys)},
+            {key: kernel_configs.TUNED_CUDA_DENSE[key] for key in sorted(tuned_keys)
+             if key in kernel_configs.TUNED_CUDA_DENSE}),
+            table_out)
     # Copy bandwidth again at the end; ratios use the higher of the two readings.
     copy_end = measure_copy_bandwidth()
     data["copy_bandwidth_end_Bps"] = copy_end
@@ -629,6 +648,11 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
         console.print("tuned table entries (teal/kernels/configs.py TUNED, or TUNED_CUDA for cuda=True):")
         for t in data["tuning"]:
             print(t["entry"], flush=True)
+        dense_entries = [t["dense_entry"] for t in data["tuning"] if t.get("dense_entry")]
+        if dense_entries:
+            console.print("dense regime (TUNED_CUDA_DENSE: the kernel as a dense product, every threshold -inf):")
+            for entry in dense_entries:
+                print(entry, flush=True)
     failed = [t for t in data["targets"] if not t["ok"]]
     console.print(f"targets: {len(data['targets']) - len(failed)}/{len(data['targets'])} met")
     for t in failed:

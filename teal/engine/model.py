@@ -92,6 +92,9 @@ class LayerStatic(NamedTuple):
     norm_offset: float = 0.0  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
     softmax_scale: float = 0.0  # scale of q·k; 0: 1 / sqrt(head_dim)
     all_reduce: str = "nccl"  # tensor parallelism: how o and down are summed (`teal.engine.collectives`)
+    # per group: the kernel's tuned table ("sparse", or "dense" for groups on the kernel with every threshold
+    # -inf: `Engine.kernel_regimes`, `teal.kernels.configs.REGIMES`)
+    regimes: tuple[str, str, str, str] = ("sparse", "sparse", "sparse", "sparse")
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -165,6 +168,7 @@ def residual_norm_project(
     observe: Callable[[str, torch.Tensor], None] | None,
     site: str,
     norm_offset: float = 0.0,
+    regime: str = "sparse",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
 
@@ -181,7 +185,7 @@ def residual_norm_project(
     h = rms_norm(x, norm, eps, norm_offset)
     if observe is not None:
         observe(site, h)
-    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale)
+    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale, regime)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -214,10 +218,11 @@ def project(
     thresholds: torch.Tensor | None = None,
     splits: list[int] | None = None,
     col_scale: torch.Tensor | None = None,
+    regime: str = "sparse",
 ) -> torch.Tensor:
-    """y = x W^T (+ b), dense or through the sparse kernel. x [T, K]."""
+    """y = x W^T (+ b), dense or through the sparse kernel (its `regime`'s tuned launch). x [T, K]."""
     if sparse:
-        y = sparse_linear(x, w, thresholds, splits, col_scale)
+        y = sparse_linear(x, w, thresholds, splits, col_scale, regime=regime)
         return y if bias is None else y + bias
     if transposed:
         y = x @ w
@@ -271,7 +276,7 @@ def decode_layer(
         sp = _NO_SPARSITY
     x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
-                                   observe, "attn_in", st.norm_offset)
+                                   observe, "attn_in", st.norm_offset, st.regimes[0])
     scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
     if st.fused_attention:  # one kernel: q/k norms (Qwen3, Gemma 3), rope, cache write, attention over 0..pos
         attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads,
@@ -294,13 +299,13 @@ def decode_layer(
     if observe is not None:
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
-                             sp.o, sp.o_scale, st.tp_group, st.all_reduce)
+                             sp.o, sp.o_scale, st.tp_group, st.all_reduce, st.regimes[1])
     if w.post_attn_norm is not None:
         o = rms_norm(o, w.post_attn_norm, st.eps, st.norm_offset)
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
     x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
                                   st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
-                                  observe, "mlp_in", st.norm_offset)
+                                  observe, "mlp_in", st.norm_offset, st.regimes[2])
     if st.producer_compact[3]:
         mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
         if observe is not None:
@@ -308,7 +313,7 @@ def decode_layer(
         out = _producer.gather_linear(lists, w.down)
         out = out if w.down_bias is None else out + w.down_bias
     elif st.act == "silu" and st.sparse[3] and observe is None and _ops is not None:
-        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale)  # SiLU * up inside the GEMV
+        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale, regime=st.regimes[3])  # SiLU * up in the GEMV
         if st.tp_group is not None:  # this rank's channels of SiLU(gate) * up: a partial product
             out = all_reduce_sum(out, st.tp_group, st.all_reduce)
         out = out if w.down_bias is None else out + w.down_bias
@@ -318,7 +323,7 @@ def decode_layer(
         if observe is not None:
             observe("mlp_mid", mid)
         out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce)
+                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce, st.regimes[3])
     if w.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
         out = rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
     return x, out
@@ -352,6 +357,7 @@ def project_row_parallel(
     col_scale: torch.Tensor | None = None,
     group: Any = None,
     all_reduce: str = "nccl",
+    regime: str = "sparse",
 ) -> torch.Tensor:
     """A projection whose input dimension K may be split over the ranks of `group` (o and down).
 
@@ -360,8 +366,9 @@ def project_row_parallel(
     `teal.engine.collectives`), and the bias is added once, after the sum.
     """
     if group is None:
-        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale)
-    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale), group, all_reduce)
+        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale, regime)
+    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale, regime), group,
+                       all_reduce)
     return y if bias is None else y + bias
 
 
@@ -392,6 +399,9 @@ class Engine:
         self.v_cache: list[torch.Tensor] = []
         self.sparsity: list[LayerSparsity] | None = None
         self.sparse_flags: tuple[tuple[bool, bool, bool, bool], ...] = tuple((False,) * 4 for _ in layers)
+        # per layer and group: the kernel's tuned table, "dense" for groups on the kernel with every threshold
+        # -inf (`kernel_at_zero`), else "sparse" (set by `set_thresholds`)
+        self.kernel_regimes: tuple[tuple[str, str, str, str], ...] = tuple(("sparse",) * 4 for _ in layers)
         # use the sparse kernel even for groups whose thresholds are all -inf (on the CUDA C++ kernel, a dense
         # product): True / False for every group, one flag per group (q|k|v, o, gate|up, down), or None for
         # `default_kernel_at_zero`
@@ -438,7 +448,8 @@ class Engine:
         cfg = self.config
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
                            self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
-                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.all_reduce)
+                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.all_reduce,
+                           self.kernel_regimes[i])
 
     @property
     def use_fused_attention(self) -> bool:
@@ -536,6 +547,7 @@ class Engine:
         if thresholds is None:
             if not (self.transposed and any(at_zero)):
                 self.sparse_flags = tuple((False,) * 4 for _ in range(n))
+                self.kernel_regimes = tuple(("sparse",) * 4 for _ in range(n))
                 return
             thresholds, col_scales = {f"layers.{i}.{p}": -math.inf for i in range(n) for p in PROJECTIONS}, None
         expected = {f"layers.{i}.{p}" for i in range(n) for p in PROJECTIONS}
@@ -554,22 +566,26 @@ class Engine:
                 LayerSparsity(*(torch.full((len(GROUPS[g]),), -math.inf, device=self.device) for g in GROUPS))
                 for _ in range(n)
             ]
-        flags = []
+        flags, regimes = [], []
         for i in range(n):
             sp = self.sparsity[i]
-            layer_flags = []
+            layer_flags, layer_regimes = [], []
             scales = {}
             for gi, (g, projs) in enumerate(GROUPS.items()):
                 values = [float(thresholds[f"layers.{i}.{p}"]) for p in projs]
                 getattr(sp, g).copy_(torch.tensor(values, dtype=torch.float32))
-                layer_flags.append(at_zero[gi] or any(v >= 0.0 for v in values))
+                finite = any(v >= 0.0 for v in values)
+                layer_flags.append(at_zero[gi] or finite)
+                layer_regimes.append("dense" if at_zero[gi] and not finite else "sparse")
                 if col_scales is not None:
                     cols = [col_scales[f"layers.{i}.{p}"] for p in projs]
                     scales[g + "_scale"] = torch.stack([c.float() for c in cols]).to(self.device).contiguous()
             self.sparsity[i] = sp._replace(**scales) if col_scales is not None else sp._replace(
                 qkv_scale=None, o_scale=None, gate_up_scale=None, down_scale=None)
             flags.append(tuple(layer_flags))
+            regimes.append(tuple(layer_regimes))
         self.sparse_flags = tuple(flags)
+        self.kernel_regimes = tuple(regimes)
 
     def weight_column_norms(self) -> dict[str, torch.Tensor]:
         """L2 norm of each input column of every projection (the weight-aware score's c_i), fp32."""

@@ -97,16 +97,31 @@ class TensorParallelEngine(Engine):
             col_scales = local
         super().set_thresholds(thresholds, col_scales)
 
-    def set_all_reduce(self, impl: str) -> None:
-        """How the o and down partial products are summed: "nccl" or "symm_mem" (`teal.engine.collectives`;
-        CUDA only). A collective call: every rank must make it. Raises `RuntimeError` with the cause when the
-        symmetric buffers cannot be set up (the engine then keeps its current implementation). Captured
-        CUDA graphs keep the implementation they were captured with: build new generators after a change."""
-        if impl not in ALL_REDUCES:
-            raise ValueError(f"unknown all-reduce {impl!r}; choose one of {', '.join(ALL_REDUCES)}")
+    def set_all_reduce(self, impl: str) -> str:
+        """How the o and down partial products are summed: "nccl", "symm_mem" (`teal.engine.collectives`;
+        CUDA only) or "auto" (symm_mem on CUDA where it can be set up, else nccl; the shards' default: on
+        two H200s symm_mem decoded Llama-2-70B at 49.1 against 46.5 tok/s dense, 77.0 against 72.6 at 50 %,
+        benchmarks/results/2026-11-29-h200-x2-decode-tp2-llama-2-70b.json). Returns the implementation
+        now in use. A collective call: every rank must make it. Raises `RuntimeError` with the cause when
+        "symm_mem" cannot be set up (the engine then keeps its current implementation). Generators pick up
+        a change with new CUDA graphs."""
+        if impl not in (*ALL_REDUCES, "auto"):
+            raise ValueError(f"unknown all-reduce {impl!r}; choose one of {', '.join((*ALL_REDUCES, 'auto'))}")
+        if impl == "auto":
+            if self.tp_group is None or self.device.type != "cuda":
+                impl = "nccl"
+            else:
+                try:
+                    return self.set_all_reduce("symm_mem")
+                except RuntimeError as exc:
+                    import logging
+
+                    logging.getLogger(__name__).warning("symmetric-memory all-reduce unavailable (%s); using NCCL", exc)
+                    impl = "nccl"
         if impl == "symm_mem" and self.tp_group is not None:
             setup_symmetric_buffers(self.tp_group, self.device, self.dtype, [self.config.hidden])
         self.all_reduce = impl
+        return impl
 
     def _gathering(self, observer: Observer | None) -> Observer | None:
         """An observer that sees whole-model inputs: this rank's slices of the row-parallel inputs (o, down)
@@ -175,13 +190,15 @@ def shard_engine(
     group: Any = None,
     *,
     vocab_parallel: bool = True,
+    all_reduce: str = "auto",
 ) -> TensorParallelEngine:
     """This rank's shard of `engine` for tensor parallelism over `world_size` ranks of process group
     `group` (default: the default group). Every rank must call it, on identical engines.
 
     The shard owns copies of its slices (delete `engine` afterwards to free the rest); it keeps the
     engine's layout, cache length and thresholds. vocab_parallel: split lm_head by vocabulary rows
-    (needs vocab_size % world_size == 0, else lm_head stays whole). With world_size 1 the shard reuses
+    (needs vocab_size % world_size == 0, else lm_head stays whole). all_reduce: as for
+    `TensorParallelEngine.set_all_reduce` (default "auto"). With world_size 1 the shard reuses
     the engine's tensors and runs no collective.
     """
     cfg = engine.config
@@ -236,6 +253,7 @@ def shard_engine(
     shard.fused_attention = engine.fused_attention
     if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
         shard.set_thresholds(*_current_thresholds(engine))
+    shard.set_all_reduce(all_reduce)
     return shard
 
 
@@ -265,6 +283,7 @@ def random_shard(
     max_seq_len: int = 2048,
     transposed: bool = False,
     seed: int = 0,
+    all_reduce: str = "auto",
 ) -> TensorParallelEngine:
     """This rank's shard of a random-weight model of a named shape (or HF config), built directly: no rank
     ever holds the whole model, so shapes larger than one GPU (Llama-2-70B in bf16) fit. Each rank draws its
@@ -300,6 +319,7 @@ def random_shard(
     shard = _make_shard(local, full, layers_engine.layers, replicated.embed, replicated.final_norm, lm_head,
                         transposed, max_seq_len, rank, n, group, split_vocab)
     del layers_engine, replicated
+    shard.set_all_reduce(all_reduce)
     return shard
 
 
@@ -523,7 +543,7 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
     opts = dict(model=None, shape="llama-3-8b", sparsities=(0.0, 0.25, 0.4, 0.5, 0.65), prompt_len=128,
                 new_tokens=256, repeats=3, thresholds=None, modes=("graph", "compiled-graph"), device="cuda",
                 dtype=torch.bfloat16, single_device_baseline=True, command=None, check_tokens=16, build="auto",
-                all_reduces=("nccl",))
+                all_reduces=("auto",))
     unknown = set(options) - set(opts)
     if unknown:
         raise TypeError(f"unknown tensor-parallel benchmark options {sorted(unknown)}")
@@ -695,7 +715,7 @@ def _time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool, spa
     for impl in (all_reduces if tp else ("nccl",)):
         if tp:
             try:
-                engine.set_all_reduce(impl)
+                impl = engine.set_all_reduce(impl)
             except RuntimeError as exc:  # the same on every rank: no peer access, no symmetric memory
                 data.setdefault("all_reduce_errors", {})[impl] = str(exc)
                 log(f"  all-reduce {impl}: not available ({exc})")
@@ -724,7 +744,7 @@ def _time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool, spa
                     f"{row['tokens_per_s']:.1f} tok/s, roofline {bw / nbytes:.1f}")
         engine.set_thresholds(None)
     if tp:
-        engine.set_all_reduce("nccl")
+        engine.set_all_reduce("auto")
     return rows
 
 

@@ -148,16 +148,25 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     # 2026-11-29-h200-decode-cuda.json used (the later full run picked the same except q|k|v: split 4, 16 warps)
     (4096, 6144, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
     (4096, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-    (4096, 28672, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
+    # gate|up: the fastest at s = 0.5 of 2026-11-29-h200-kernels-cuda.json (30.1 us against 32.1 for the
+    # earlier (256, 4, 1, 32) entry, faster at s = 0; the dense regime takes (512, 8, 2, 8) there)
+    (4096, 28672, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
     (14336, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-    # Llama-2-7B and Gemma-3-12B: 2026-11-29-h200-kernels-cuda.json (the Gemma decode run used these)
+    # Llama-2-7B and Gemma-3-12B: 2026-11-29-h200-kernels-cuda.json (the Gemma decode run used these, except for
+    # the two gate|up entries: (256, 8, 2, 16) and (256, 4, 1, 32) then, now the fastest at s = 0.5)
     (4096, 12288, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=16, cuda=True),
-    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=16, cuda=True),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=8, cuda=True),
     (11008, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
     (3840, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=32, cuda=True),
     (4096, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
-    (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
+    (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
     (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
+    # One rank of Llama-2-70B over two GPUs (q|k|v, o, gate|up, down): the fastest at s = 0.5 in
+    # 2026-11-29-h200-x2-kernels-70b-tp2.json
+    (8192, 5120, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
+    (8192, 28672, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
+    (14336, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
     # Batches (the union of the rows' survivors): 2026-11-29-h200-kernels-cuda-batched.json, picked by
     # `tune.pick_best` (never slower than 1.03x the dense fallback at s = 0, 0.5, 0.9); buckets not
     # listed take the dense fallback (every shape at 8 rows).
@@ -172,8 +181,35 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     (11008, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
 }
 
+#: Which table a ``sparse_linear`` call takes its configuration from: "sparse" (``TUNED_CUDA``, tuned at
+#: TEAL's sparsities; every caller by default) or "dense" (``TUNED_CUDA_DENSE``, tuned with every threshold
+#: -inf, for callers using the kernel as a dense product: the engine's groups on ``kernel_at_zero``). The
+#: fastest launch differs between the two: e.g. Llama-3-8B gate|up, (256 columns, 8 rows per step,
+#: 1 program per cluster, 16 warps) 62.6 / 30.1 us at s = 0 / 0.5 against (512, 8, 2, 8) 57.0 / 31.7 us
+#: (2026-11-29-h200-kernels-cuda.json).
+REGIMES = ("sparse", "dense")
+
+#: The "dense" regime's table (batch 1; shapes not listed take ``TUNED_CUDA``'s entry): the fastest
+#: candidate at s = 0 of the tuning runs named beside each group, where it beat the sparse entry.
+TUNED_CUDA_DENSE: dict[tuple[int, int, int, str], KernelConfig] = {
+    # Llama-3-8B, Llama-2-7B, Gemma-3-12B: 2026-11-29-h200-kernels-cuda.json
+    (4096, 6144, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=16, cuda=True),
+    (4096, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
+    (4096, 28672, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
+    (14336, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=2, num_warps=16, cuda=True),
+    (11008, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
+    (3840, 30720, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
+    # one rank of Llama-2-70B over two GPUs: 2026-11-29-h200-x2-kernels-70b-tp2.json
+    (8192, 5120, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
+    (8192, 28672, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
+    (14336, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
+}
+
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
-#: ``TUNED`` and ``TUNED_CUDA``; written by ``python -m teal.bench.kernels --tune --table-out PATH``.
+#: ``TUNED`` and ``TUNED_CUDA`` (entries marked ``"regime": "dense"``: over ``TUNED_CUDA_DENSE``, and
+#: unmarked entries over both); written by ``python -m teal.bench.kernels --tune --table-out PATH``.
 CONFIGS_ENV = "TEAL_KERNEL_CONFIGS"
 
 #: Environment variable naming a JSON table (``table_to_json``, batch bucket 1, ``gather=True``
@@ -184,14 +220,21 @@ GATHER_CONFIGS_ENV = "TEAL_GATHER_CONFIGS"
 TableKey = tuple[int, int, int, str]
 
 
-def table_to_json(table: Mapping[TableKey, KernelConfig]) -> dict[str, object]:
-    """A configuration table as JSON-ready data (``load_table`` reads it back)."""
+def table_to_json(table: Mapping[TableKey, KernelConfig],
+                  dense_table: Mapping[TableKey, KernelConfig] | None = None) -> dict[str, object]:
+    """A configuration table as JSON-ready data (``load_table`` reads it back); ``dense_table``: entries of
+    the "dense" regime, marked so."""
     entries = [dict(K=k, N=n, bucket=b, dtype=d, config=cfg.as_dict()) for (k, n, b, d), cfg in table.items()]
+    entries += [dict(K=k, N=n, bucket=b, dtype=d, regime="dense", config=cfg.as_dict())
+                for (k, n, b, d), cfg in (dense_table or {}).items()]
     return {"format": "teal-kernel-configs", "version": 1, "entries": entries}
 
 
-def load_table(path: str | os.PathLike[str]) -> dict[TableKey, KernelConfig]:
-    """Read a table written from ``table_to_json``; errors name the file and the bad entry."""
+def load_table(path: str | os.PathLike[str], regime: str = "sparse") -> dict[TableKey, KernelConfig]:
+    """Read a table written from ``table_to_json``: the entries that apply to ``regime`` (its own, then the
+    unmarked ones where it has none). Errors name the file and the bad entry."""
+    if regime not in REGIMES:
+        raise ValueError(f"unknown kernel regime {regime!r}; choose one of {', '.join(REGIMES)}")
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -200,18 +243,26 @@ def load_table(path: str | os.PathLike[str]) -> dict[TableKey, KernelConfig]:
     if not isinstance(data, dict) or data.get("format") != "teal-kernel-configs":
         raise ValueError(f"{os.fspath(path)!r} is not a teal kernel configuration table (format key missing)")
     table: dict[TableKey, KernelConfig] = {}
+    own: dict[TableKey, KernelConfig] = {}
     for i, entry in enumerate(data.get("entries", [])):
         try:
             key = (int(entry["K"]), int(entry["N"]), int(entry["bucket"]), str(entry["dtype"]))
-            table[key] = KernelConfig(**entry["config"])
+            marked = entry.get("regime", "sparse")
+            if marked not in REGIMES:
+                raise ValueError(f"regime {marked!r} is not one of {', '.join(REGIMES)}")
+            config = KernelConfig(**entry["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{os.fspath(path)!r}: entry {i} is not a valid configuration: {exc}") from exc
-    return table
+        if marked == regime:
+            own[key] = config
+        elif marked == "sparse":
+            table[key] = config
+    return {**table, **own}
 
 
 @functools.cache
-def _override_table(path: str) -> dict[TableKey, KernelConfig]:
-    return load_table(path)
+def _override_table(path: str, regime: str = "sparse") -> dict[TableKey, KernelConfig]:
+    return load_table(path, regime)
 
 
 def _pow2_floor(value: float) -> int:
@@ -249,14 +300,17 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
 
 
 def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT,
-               cuda_ok: bool = False) -> KernelConfig:
+               cuda_ok: bool = False, regime: str = "sparse") -> KernelConfig:
     """The configuration of one ``sparse_linear`` call.
 
     ``cuda_ok``: the device runs the CUDA C++ kernel (``ops.cuda_kernel_available``). Lookup order: the table
-    named by ``$TEAL_KERNEL_CONFIGS`` (a CUDA entry only where ``cuda_ok``); with ``cuda_ok``, ``TUNED_CUDA``
-    (any batch bucket), then at batch 1 ``heuristic_cuda_config``; else ``TUNED`` (the Triton table) then
-    ``heuristic_config`` (dense fallback for batches).
+    named by ``$TEAL_KERNEL_CONFIGS`` (a CUDA entry only where ``cuda_ok``); with ``cuda_ok``, in the
+    "dense" ``regime`` ``TUNED_CUDA_DENSE``, then ``TUNED_CUDA`` (any batch bucket), then at batch 1
+    ``heuristic_cuda_config``; else ``TUNED`` (the Triton table) then ``heuristic_config`` (dense fallback
+    for batches).
     """
+    if regime not in REGIMES:
+        raise ValueError(f"unknown kernel regime {regime!r}; choose one of {', '.join(REGIMES)}")
     bucket = batch_bucket(batch)
     if bucket > MAX_KERNEL_BATCH:
         return KernelConfig(dense=True)
@@ -265,11 +319,11 @@ def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = D
     key = (k, n, bucket, lookup)
     override = os.environ.get(CONFIGS_ENV)
     if override:
-        entry = _override_table(override).get(key)
+        entry = _override_table(override, regime).get(key)
         if entry is not None and (cuda_ok or not entry.cuda):
             return entry
     if cuda_ok:
-        entry = TUNED_CUDA.get(key)
+        entry = (TUNED_CUDA_DENSE.get(key) if regime == "dense" else None) or TUNED_CUDA.get(key)
         if entry is not None:
             return entry
         if bucket == 1:

@@ -21,7 +21,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from teal.kernels.configs import DEFAULT_SM_COUNT, MAX_KERNEL_BATCH, KernelConfig, get_config
+from teal.kernels.configs import DEFAULT_SM_COUNT, MAX_KERNEL_BATCH, REGIMES, KernelConfig, get_config
 
 #: Segments one kernel launch resolves; more are launched in groups of this many.
 MAX_SEGMENTS_PER_LAUNCH = 4
@@ -547,10 +547,12 @@ def sparse_linear_triton(
     *,
     config: Optional[KernelConfig] = None,
     out: Optional[torch.Tensor] = None,
+    regime: str = "sparse",
 ) -> torch.Tensor:
     """The CUDA implementation (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 
-    ``config`` overrides the table lookup; ``out`` receives the result (every element is written).
+    ``config`` overrides the table lookup (``regime``: which tuned table, ``configs.REGIMES``); ``out``
+    receives the result (every element is written).
     Batches above ``MAX_KERNEL_BATCH``, and shapes whose config says ``dense``, take the dense
     fallback; ``path_counts`` records which path ran.
     """
@@ -558,7 +560,8 @@ def sparse_linear_triton(
     batch, k = x.shape
     n = w_t.shape[1]
     if config is None:
-        config = get_config(k, n, batch, x.dtype, sm_count(x.device), cuda_ok=cuda_kernel_available(x.device))
+        config = get_config(k, n, batch, x.dtype, sm_count(x.device), cuda_ok=cuda_kernel_available(x.device),
+                            regime=regime)
     if out is not None and (
         out.shape != (batch, n) or out.dtype != x.dtype or out.device != x.device or out.stride(1) != 1
     ):
@@ -610,9 +613,10 @@ def _sparse_linear_op(
     thresholds: torch.Tensor,
     splits: Optional[List[int]] = None,
     col_scale: Optional[torch.Tensor] = None,
+    regime: str = "sparse",
 ) -> torch.Tensor:
     if x.device.type == "cuda":
-        return sparse_linear_triton(x, w_t, thresholds, splits, col_scale)
+        return sparse_linear_triton(x, w_t, thresholds, splits, col_scale, regime=regime)
     return sparse_linear_reference(x, w_t, thresholds, splits, col_scale)
 
 
@@ -623,8 +627,10 @@ def _sparse_linear_fake(
     thresholds: torch.Tensor,
     splits: Optional[List[int]] = None,
     col_scale: Optional[torch.Tensor] = None,
+    regime: str = "sparse",
 ) -> torch.Tensor:
     _check_args(x, w_t, thresholds, splits, col_scale)
+    _check_regime(regime)
     return x.new_empty((x.shape[0], w_t.shape[1]))
 
 
@@ -634,13 +640,19 @@ def sparse_linear(
     thresholds: torch.Tensor | float | Sequence[float],
     splits: Optional[Sequence[int]] = None,
     col_scale: Optional[torch.Tensor] = None,
+    *,
+    regime: str = "sparse",
 ) -> torch.Tensor:
     """``y[..., seg_j] = (x * (|x| * c_j > t_j)) @ w_t[:, seg_j]`` with fp32 accumulation, y in x's dtype.
 
     x [..., K]; w_t [K, N] contiguous (``prepare_weight`` / ``fuse_weights``); thresholds fp32 [S]
     on x's device (one per segment; a float is accepted outside graphs); splits: S widths summing
-    to N (None: one segment); col_scale fp32 [S, K] (weight-aware rule) or None.
+    to N (None: one segment); col_scale fp32 [S, K] (weight-aware rule) or None. regime: the tuned
+    launch configuration to use, "sparse" (tuned at TEAL's sparsities) or "dense" (tuned with every
+    threshold -inf: for callers that use the kernel as a dense product, as the engine's dense groups on
+    Hopper); the result is the same, only the speed differs.
     """
+    _check_regime(regime)
     if not isinstance(thresholds, torch.Tensor):
         thresholds = torch.tensor(thresholds, dtype=torch.float32, device=x.device)
     thresholds = thresholds.reshape(-1)
@@ -648,7 +660,8 @@ def sparse_linear(
         raise ValueError("sparse_linear: x must have at least one dimension [..., K]")
     lead = x.shape[:-1]
     y = torch.ops.teal.sparse_linear(
-        x.reshape(-1, x.shape[-1]), w_t, thresholds, None if splits is None else [int(s) for s in splits], col_scale
+        x.reshape(-1, x.shape[-1]), w_t, thresholds, None if splits is None else [int(s) for s in splits], col_scale,
+        regime,
     )
     return y.reshape(*lead, w_t.shape[-1])
 
@@ -663,13 +676,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def _glu_kernel_config(gate_up: torch.Tensor, w_t: torch.Tensor) -> Optional[KernelConfig]:
+def _glu_kernel_config(gate_up: torch.Tensor, w_t: torch.Tensor, regime: str = "sparse") -> Optional[KernelConfig]:
     """The config of the fused launch, or None where the SiLU product must be computed first (batch > 1,
     a dense or gather config, a weight too large for int32 offsets, or no Triton on this device)."""
     if gate_up.shape[0] != 1 or not (gate_up.device.type == "cuda" or _interpreting()):
         return None
     k, n = w_t.shape
-    config = get_config(k, n, 1, gate_up.dtype, sm_count(gate_up.device), cuda_ok=cuda_kernel_available(gate_up.device))
+    config = get_config(k, n, 1, gate_up.dtype, sm_count(gate_up.device), cuda_ok=cuda_kernel_available(gate_up.device),
+                        regime=regime)
     if config.dense or config.gather or k * n >= 2**31:
         return None
     return config
@@ -683,16 +697,17 @@ def _check_glu_args(gate_up: torch.Tensor, w_t: torch.Tensor) -> None:
 
 def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
                              col_scale: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,
-                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             out: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     """The Triton implementation: one batch-1 launch of ``sparse_gemv_kernel`` that computes the SiLU-gated
     input where it loads it (``config`` overrides the table; it must be a non-gather batch-1 config);
     elsewhere ``silu_mul`` then ``sparse_linear_triton``."""
     _check_glu_args(gate_up, w_t)
-    fused = config or _glu_kernel_config(gate_up, w_t)
+    fused = config or _glu_kernel_config(gate_up, w_t, regime)
     if fused is not None and fused.cuda:
         fused = _cuda_or_fallback(gate_up, w_t, [w_t.shape[1]], fused)
     if fused is None or fused.dense or fused.gather or gate_up.shape[0] != 1:
-        return sparse_linear_triton(silu_mul(gate_up), w_t, thresholds, None, col_scale, config=config, out=out)
+        return sparse_linear_triton(silu_mul(gate_up), w_t, thresholds, None, col_scale, config=config, out=out,
+                                    regime=regime)
     k, n = w_t.shape
     split_list = _check_args(gate_up[:, :k], w_t, thresholds, None, col_scale)
     if out is None:
@@ -715,23 +730,31 @@ def sparse_linear_glu_reference(gate_up: torch.Tensor, w_t: torch.Tensor, thresh
 
 @torch.library.custom_op("teal::sparse_linear_glu", mutates_args=())
 def _sparse_linear_glu_op(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                          col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          col_scale: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     if gate_up.device.type == "cuda":
-        return sparse_linear_glu_triton(gate_up, w_t, thresholds, col_scale)
+        return sparse_linear_glu_triton(gate_up, w_t, thresholds, col_scale, regime=regime)
     return sparse_linear_glu_reference(gate_up, w_t, thresholds, col_scale)
 
 
 @_sparse_linear_glu_op.register_fake
 def _sparse_linear_glu_fake(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                            col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            col_scale: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     _check_glu_args(gate_up, w_t)
+    _check_regime(regime)
     _check_args(gate_up[:, : w_t.shape[0]], w_t, thresholds, None, col_scale)
     return gate_up.new_empty((gate_up.shape[0], w_t.shape[1]))
 
 
 def sparse_linear_glu(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                      col_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      col_scale: Optional[torch.Tensor] = None, *, regime: str = "sparse") -> torch.Tensor:
     """``sparse_linear(silu(gate) * up, w_t, thresholds, None, col_scale)`` from the gate|up row(s) gate_up
     [B, 2K] (one segment; thresholds [1]). At batch 1 on CUDA the SiLU product is computed inside the GEMV
-    kernel where it is loaded (no separate launch, no [1, K] round trip); otherwise it is computed first."""
-    return torch.ops.teal.sparse_linear_glu(gate_up, w_t, thresholds.reshape(-1), col_scale)
+    kernel where it is loaded (no separate launch, no [1, K] round trip); otherwise it is computed first.
+    regime: as for `sparse_linear`."""
+    _check_regime(regime)
+    return torch.ops.teal.sparse_linear_glu(gate_up, w_t, thresholds.reshape(-1), col_scale, regime)
+
+
+def _check_regime(regime: str) -> None:
+    if regime not in REGIMES:
+        raise ValueError(f"unknown kernel regime {regime!r}; choose one of {', '.join(REGIMES)}")

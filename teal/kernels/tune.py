@@ -206,9 +206,12 @@ class TuneResult:
     n: int
     bucket: int
     dtype: str
-    best: KernelConfig
+    best: KernelConfig  # the "sparse" regime's pick
     times_us: dict[str, list[float]]  # repr(config) -> time per sparsity
     sparsities: tuple[float, ...]
+    # the "dense" regime's pick (fastest at s = 0; batch 1 CUDA C++ only), None when it is `best` or s = 0
+    # was not timed
+    best_dense: KernelConfig | None = None
 
 
 def tune_shape(
@@ -221,7 +224,9 @@ def tune_shape(
     sm_count: int = 132,
     families: str = "all",
 ) -> TuneResult:
-    """Pick the candidate with the lowest mean time relative to the best at each sparsity.
+    """Pick the candidate with the lowest mean time relative to the best at each sparsity above 0 (all of
+    them when only 0 is tuned): the "sparse" regime's configuration; and at batch 1, where s = 0 is tuned,
+    the fastest CUDA C++ candidate at s = 0 for the "dense" regime (``configs.REGIMES``).
 
     ``w_ts`` are copies of one transposed weight [K, N] (rotated so weights are not L2-resident).
     Candidates that fail the float64 check (rel err > 1e-2) are dropped.
@@ -267,9 +272,21 @@ def tune_shape(
         timed.append(cfg)
     if not timed:
         raise RuntimeError(f"no candidate configuration could be timed for K={k}, N={n}, B={batch}")
-    best = pick_best(timed, times, batch_bucket(batch))
-    return TuneResult(k, n, batch_bucket(batch), "bf16" if dtype == torch.bfloat16 else str(dtype),
-                      best, times, tuple(sparsities))
+    sparse_cols = [i for i, s in enumerate(sparsities) if s > 0] or list(range(len(sparsities)))
+    bucket = batch_bucket(batch)
+    if bucket > 1:  # batches: never slower than the dense fallback at any tuned sparsity (pick_best)
+        best = pick_best(timed, times, bucket)
+    else:
+        best = pick_best(timed, {key: [row[i] for i in sparse_cols] for key, row in times.items()}, bucket)
+    best_dense = None
+    if bucket == 1 and 0.0 in sparsities:
+        zero = list(sparsities).index(0.0)
+        cuda_timed = [c for c in timed if c.cuda]
+        if cuda_timed:
+            fastest = min(cuda_timed, key=lambda c: times[repr(c)][zero])
+            best_dense = None if fastest == best else fastest
+    return TuneResult(k, n, bucket, "bf16" if dtype == torch.bfloat16 else str(dtype),
+                      best, times, tuple(sparsities), best_dense)
 
 
 #: At batches of 2 or more a kernel configuration must stay within this factor of the dense fallback at
@@ -292,7 +309,11 @@ def pick_best(configs: Sequence[KernelConfig], times: dict[str, list[float]], bu
     return min(configs, key=lambda c: score[repr(c)])
 
 
-def table_entry(result: TuneResult) -> str:
-    """One line of Python for ``configs.TUNED``."""
-    fields = ", ".join(f"{name}={value!r}" for name, value in result.best.as_dict().items())
+def table_entry(result: TuneResult, regime: str = "sparse") -> str:
+    """One line of Python for ``configs.TUNED`` / ``TUNED_CUDA`` (``regime`` "dense": ``TUNED_CUDA_DENSE``,
+    empty when the dense regime has no entry of its own)."""
+    config = result.best if regime == "sparse" else result.best_dense
+    if config is None:
+        return ""
+    fields = ", ".join(f"{name}={value!r}" for name, value in config.as_dict().items())
     return f"    ({result.k}, {result.n}, {result.bucket}, {result.dtype!r}): KernelConfig({fields}),"
