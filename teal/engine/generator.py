@@ -120,7 +120,8 @@ class Generator:
         device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         # transposed ([K, N]) weights for the sparse kernel, and on GPUs where the CUDA C++ kernel runs also
-        # for dense decode (it reads the rows faster than cuBLAS there: Engine.default_kernel_at_zero)
+        # for dense decode (q|k|v and o through the kernel, faster than cuBLAS there; the MLP through cuBLAS
+        # x @ w_t: Engine.default_kernel_at_zero)
         transposed = thresholds is not None or _cuda_kernel_runs(device)
         build = dict(dtype=dtype, device=device, transposed=transposed)
         if isinstance(model, torch.nn.Module):

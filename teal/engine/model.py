@@ -479,15 +479,14 @@ class Engine:
     @property
     def default_kernel_at_zero(self) -> tuple[bool, bool, bool, bool]:
         """Groups whose dense product (every threshold -inf, or no thresholds) takes the sparse kernel by
-        default: all four where the CUDA C++ kernel runs on the "kernel" path, none elsewhere. On the H200 it
-        reads all rows faster than cuBLAS in the decode graph (Llama-3-8B shape, dense decode: 223.0 tok/s
-        with the kernel for every group, 221.8 with it for q|k|v and o only, 211.1 with cuBLAS `x @ w_t`,
-        210.7 with cuBLAS on the [N, K] layout; benchmarks/results/2026-11-29-h200-decode-dense-paths.json;
-        Gemma-3-12B shape: 143.1 against 136.5). Only those 8B / 12B shapes were measured; set
-        `kernel_at_zero = False` for cuBLAS everywhere."""
+        default: q|k|v and o where the CUDA C++ kernel runs on the "kernel" path (its "dense" regime), none
+        elsewhere; gate|up and down stay on cuBLAS. On the H200 (dense decode, tok/s; kernel for every group /
+        for q|k|v and o / cuBLAS everywhere): Llama-3-8B 226.3 / 227.0 / 213.1, Llama-2-7B 230.9 / 244.4 /
+        237.1 (benchmarks/results/2026-11-29-h200-x2-decode-*-regimes*.json). Set `kernel_at_zero` to
+        True for the kernel everywhere, False for cuBLAS everywhere."""
         on = (self.device.type == "cuda" and _ops is not None and self.effective_sparse_path == "kernel"
               and _ops.cuda_kernel_available(self.device))
-        return (on,) * len(GROUPS)  # type: ignore[return-value]
+        return (on, on, False, False)
 
     def groups_on_kernel_at_zero(self) -> tuple[bool, ...]:
         """`kernel_at_zero` as one flag per group (its default where None)."""
