@@ -220,16 +220,16 @@ def test_dense_regime_has_its_own_table(tmp_path, monkeypatch):
     an entry, TUNED_CUDA elsewhere; override tables mark their dense entries."""
     from teal.kernels import configs
 
-    key = (4096, 28672, 1, "bf16")
+    key = (4096, 6144, 1, "bf16")
     assert configs.TUNED_CUDA_DENSE[key] != configs.TUNED_CUDA[key]
-    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True, regime="dense") == configs.TUNED_CUDA_DENSE[key]
-    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[key]
-    assert get_config(4096, 28672, 1, torch.bfloat16, regime="dense") == configs.TUNED[key]  # no CUDA kernel
+    assert get_config(4096, 6144, 1, torch.bfloat16, cuda_ok=True, regime="dense") == configs.TUNED_CUDA_DENSE[key]
+    assert get_config(4096, 6144, 1, torch.bfloat16, cuda_ok=True) == configs.TUNED_CUDA[key]
+    assert get_config(4096, 6144, 1, torch.bfloat16, regime="dense") == configs.TUNED[key]  # no CUDA kernel
     assert (4096, 12288, 1, "bf16") not in configs.TUNED_CUDA_DENSE
     assert (get_config(4096, 12288, 1, torch.bfloat16, cuda_ok=True, regime="dense")
             == configs.TUNED_CUDA[(4096, 12288, 1, "bf16")])
     with pytest.raises(ValueError, match="unknown kernel regime 'fast'"):
-        get_config(4096, 28672, 1, torch.bfloat16, regime="fast")
+        get_config(4096, 6144, 1, torch.bfloat16, regime="fast")
     sparse_cfg = KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=4, cuda=True)
     dense_cfg = KernelConfig(block_n=512, block_r=8, split_k=1, num_warps=8, cuda=True)
     only_sparse = (4096, 4096, 1, "bf16")
@@ -239,8 +239,8 @@ def test_dense_regime_has_its_own_table(tmp_path, monkeypatch):
     assert configs.load_table(table) == {key: sparse_cfg, only_sparse: sparse_cfg}
     assert configs.load_table(table, "dense") == {key: dense_cfg, only_sparse: sparse_cfg}  # unmarked: both
     monkeypatch.setenv(configs.CONFIGS_ENV, str(table))
-    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True, regime="dense") == dense_cfg
-    assert get_config(4096, 28672, 1, torch.bfloat16, cuda_ok=True) == sparse_cfg
+    assert get_config(4096, 6144, 1, torch.bfloat16, cuda_ok=True, regime="dense") == dense_cfg
+    assert get_config(4096, 6144, 1, torch.bfloat16, cuda_ok=True) == sparse_cfg
     bad = tmp_path / "bad.json"
     bad.write_text(__import__("json").dumps({"format": "teal-kernel-configs", "entries": [
         dict(K=1, N=2, bucket=1, dtype="bf16", regime="sometimes", config=sparse_cfg.as_dict())]}))
@@ -316,3 +316,30 @@ def test_compiled_variants_are_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("TEAL_CACHE", str(tmp_path / "file"))
     (tmp_path / "file").write_text("not a directory")
     assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 3
+
+
+def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch):
+    """Dense decode puts q|k|v and o on the kernel where the CUDA C++ kernel runs, and the MLP groups only
+    where the dense regime has an entry for their shape (Gemma-3-12B's, measured faster in the graph)."""
+    import types
+
+    import teal.engine.model as model
+    from teal.engine.config import EngineConfig, shape_hf_config
+    from teal.kernels import configs
+
+    monkeypatch.setattr(model._ops, "cuda_kernel_available", lambda device: True)
+
+    def default_for(shape: str, dtype=torch.bfloat16):
+        fake = types.SimpleNamespace(config=EngineConfig.from_hf(shape_hf_config(shape)), dtype=dtype,
+                                     device=torch.device("cuda"), effective_sparse_path="kernel")
+        return model.Engine.default_kernel_at_zero.fget(fake)
+
+    assert default_for("gemma-3-12b") == (True, True, True, True)
+    assert default_for("gemma-3-12b", torch.float16) == (True, True, True, True)  # fp16 shares bf16's table
+    assert default_for("llama-3-8b") == (True, True, False, False)
+    assert default_for("llama-2-7b") == (True, True, False, False)
+    assert configs.has_dense_entry(15360, 3840, torch.bfloat16)
+    assert not configs.has_dense_entry(14336, 4096, torch.bfloat16)
+    cpu = types.SimpleNamespace(config=None, dtype=torch.bfloat16, device=torch.device("cpu"),
+                                effective_sparse_path="kernel")
+    assert model.Engine.default_kernel_at_zero.fget(cpu) == (False,) * 4

@@ -479,14 +479,22 @@ class Engine:
     @property
     def default_kernel_at_zero(self) -> tuple[bool, bool, bool, bool]:
         """Groups whose dense product (every threshold -inf, or no thresholds) takes the sparse kernel by
-        default: q|k|v and o where the CUDA C++ kernel runs on the "kernel" path (its "dense" regime), none
-        elsewhere; gate|up and down stay on cuBLAS. On the H200 (dense decode, tok/s; kernel for every group /
-        for q|k|v and o / cuBLAS everywhere): Llama-3-8B 226.3 / 227.0 / 213.1, Llama-2-7B 230.9 / 244.4 /
-        237.1 (benchmarks/results/2026-11-29-h200-x2-decode-*-regimes*.json). Set `kernel_at_zero` to
-        True for the kernel everywhere, False for cuBLAS everywhere."""
+        default, where the CUDA C++ kernel runs on the "kernel" path (none elsewhere): q|k|v and o always;
+        gate|up and down where the kernel's "dense" table has an entry for their shape
+        (`teal.kernels.configs.has_dense_entry`: where the decode graph ran faster so), else cuBLAS.
+        On the H200 (dense decode, tok/s; every group on the kernel / q|k|v and o only / cuBLAS only):
+        Llama-3-8B 223.6 / 224.1 / 211.8, Llama-2-7B 240.0 / 241.7 / 235.6, Gemma-3-12B 143.7 / 138.6 /
+        135.8 (benchmarks/results/2026-11-29-h200-x2-decode-*-final.json). Set `kernel_at_zero` to True for
+        the kernel everywhere, False for cuBLAS everywhere."""
         on = (self.device.type == "cuda" and _ops is not None and self.effective_sparse_path == "kernel"
               and _ops.cuda_kernel_available(self.device))
-        return (on, on, False, False)
+        if not on:
+            return (False, False, False, False)
+        from teal.kernels.configs import has_dense_entry
+
+        cfg = self.config
+        return (True, True, has_dense_entry(cfg.hidden, 2 * cfg.intermediate, self.dtype),
+                has_dense_entry(cfg.intermediate, cfg.hidden, self.dtype))
 
     def groups_on_kernel_at_zero(self) -> tuple[bool, ...]:
         """`kernel_at_zero` as one flag per group (its default where None)."""

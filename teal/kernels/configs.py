@@ -192,20 +192,33 @@ REGIMES = ("sparse", "dense")
 #: The "dense" regime's table (batch 1; shapes not listed take ``TUNED_CUDA``'s entry), checked inside the
 #: decode graph: kernel-bench timings alone misled (Llama-3-8B gate|up (512, 8, 2, 8) ran 55.6 against 59.1 us
 #: in isolation but decoded at 221.4 against 226.3 tok/s with every group on the kernel;
-#: benchmarks/results/2026-11-29-h200-x2-decode-8b-*.json).
+#: benchmarks/results/2026-11-29-h200-x2-decode-8b-*.json). An entry for an MLP shape also puts that group
+#: on the kernel in dense decode by default (``Engine.default_kernel_at_zero``): only where the decode graph
+#: ran faster so.
 TUNED_CUDA_DENSE: dict[tuple[int, int, int, str], KernelConfig] = {
     # Llama-3-8B q|k|v and o (also Llama-2-7B's o): the fastest at s = 0 in 2026-11-29-h200-kernels-cuda.json;
     # 16.0 / 12.6 us against 17.3 / 13.2 for the sparse entries (2026-11-29-h200-x2-kernels-regimes-*.json)
     (4096, 6144, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=16, cuda=True),
     (4096, 4096, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
-    # Llama-3-8B gate|up: the sparse regime's entry before the split (faster at s = 0 than today's)
-    (4096, 28672, 1, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=32, cuda=True),
-    # one rank of Llama-2-70B over two GPUs: 2026-11-29-h200-x2-kernels-70b-tp2.json
+    # one rank of Llama-2-70B over two GPUs, q|k|v and o: 2026-11-29-h200-x2-kernels-70b-tp2.json
     (8192, 5120, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=8, num_warps=8, cuda=True),
     (4096, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
-    (8192, 28672, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
-    (14336, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
+    # Gemma-3-12B gate|up and down: dense decode 143.7 tok/s with them on the kernel, 138.6 on cuBLAS
+    # (2026-11-29-h200-x2-decode-gemma-3-12b-final.json)
+    (3840, 30720, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
+    (15360, 3840, 1, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=16, cuda=True),
 }
+
+
+def has_dense_entry(k: int, n: int, dtype: torch.dtype) -> bool:
+    """Whether the "dense" regime has a batch-1 entry of its own for a [K, N] weight (``TUNED_CUDA_DENSE``,
+    or a dense-marked entry of the ``$TEAL_KERNEL_CONFIGS`` table)."""
+    name = dtype_name(dtype)
+    key = (k, n, 1, "bf16" if name == "fp16" else name)
+    if key in TUNED_CUDA_DENSE:
+        return True
+    override = os.environ.get(CONFIGS_ENV)
+    return bool(override) and key in _override_table(override, "dense") and key not in _override_table(override)
 
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
 #: ``TUNED`` and ``TUNED_CUDA`` (entries marked ``"regime": "dense"``: over ``TUNED_CUDA_DENSE``, and
