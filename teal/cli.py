@@ -262,12 +262,29 @@ def generate(
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
     engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
+    tp: int = typer.Option(1, "--tp", help="engine split over this many GPUs of this host (tensor parallel; "
+                                           "MODEL: an HF checkpoint directory or hub id with safetensors)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Generate text with sparse decode steps (dense prompt)."""
     import teal
 
+    if tp < 1:
+        raise typer.BadParameter(f"--tp must be at least 1, got {tp}")
+    if tp > 1:
+        from teal.engine.tp import generate_tp
+
+        dev = resolve_device(device)
+        try:
+            res = generate_tp(model, tp, prompt, thresholds=artifact, sparsity=sparsity, method=method,
+                              max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              device="cuda" if dev.startswith("cuda") else dev, dtype=resolve_dtype(dtype, dev))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        console.print(f"[{len(res['tokens'])} tokens, {res['tokens_per_s']:.1f} tok/s over {tp} ranks "
+                      f"({res['all_reduce']} all-reduce); {res['summary']}]")
+        return
     if engine:
         from teal.engine import Generator
 

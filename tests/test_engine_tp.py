@@ -371,3 +371,92 @@ def test_bench_tp_build_choice_is_checked():
         _build_choice("shard", "smollm2-135m", None, torch.bfloat16, cpu)
     with pytest.raises(ValueError, match="choose auto, full or shard"):
         _build_choice("half", None, "tiny-llama", torch.bfloat16, cpu)
+
+
+# ------------------------------------------------------------------- shards read from an HF checkpoint
+CHECKPOINT_CASES = {
+    # GQA with biases everywhere, untied head (lm_head rows read per rank), weights in several files
+    "llama-gqa-bias": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+    # tied embeddings: the lm_head shard is a view of the whole embedding
+    "qwen3-qknorm": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = {}
+    for case, extra in CHECKPOINT_CASES.items():
+        kwargs = {**TINY, **extra}
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        path = tmp_path_factory.mktemp(case)
+        model.save_pretrained(path, safe_serialization=True, max_shard_size="60KB")
+        out[case] = str(path)
+    return out
+
+
+def checkpoint_rank(rank: int, world_size: int, group, paths: dict, out_dir: str) -> None:
+    from teal.engine import engine_from_checkpoint
+    from teal.engine.tp import shard_from_checkpoint
+
+    results = {}
+    for case, path in paths.items():
+        full = engine_from_checkpoint(path, dtype=torch.float32, device="cpu", max_seq_len=32)
+        sliced = shard_engine(full, rank, world_size, group)
+        read = shard_from_checkpoint(path, rank, world_size, group, dtype=torch.float32, device="cpu",
+                                     max_seq_len=32)
+        same = all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for wa, wb in zip(sliced.layers, read.layers) for a, b in zip(wa, wb)
+        )
+        ids = ids_for(full, PROMPT + STEPS, 3)
+        results[case] = {
+            "layers_equal": same,
+            "embed_equal": torch.equal(sliced.embed, read.embed),
+            "lm_head_equal": torch.equal(sliced.lm_head, read.lm_head),
+            "lm_head_rows": read.lm_head.shape[0],
+            "vocab_parallel": read.vocab_group is not None,
+            "tokens": greedy(read, ids),
+            "ref_tokens": greedy(full, ids),
+        }
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_shards_read_from_a_checkpoint_equal_sliced_engines(checkpoints, tmp_path):
+    launch(checkpoint_rank, 2, (checkpoints, str(tmp_path)), device="cpu", timeout_s=TIMEOUT_S,
+           collective_timeout_s=120)
+    for rank in range(2):
+        results = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case, r in results.items():
+            assert r["layers_equal"] and r["embed_equal"] and r["lm_head_equal"], (rank, case)
+            assert r["vocab_parallel"] and r["lm_head_rows"] == TINY["vocab_size"] // 2
+            assert r["tokens"] == r["ref_tokens"], (rank, case)
+
+
+def test_generate_tp_matches_one_device(checkpoints, tmp_path):
+    """teal generate --tp: ranks read their shards, decode sparse with an artifact's thresholds, and rank 0's
+    tokens are one device's (fp32, CPU / gloo)."""
+    import teal
+    from transformers import AutoModelForCausalLM
+
+    from teal.engine import Generator, engine_from_checkpoint
+    from teal.engine.tp import checkpoint_dir, generate_tp
+
+    path = checkpoints["llama-gqa-bias"]
+    assert checkpoint_dir(path) == Path(path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(5))
+    teal.calibrate(hf, None, windows=windows, tokens=128, progress=False).save(tmp_path / "artifact")
+    full = engine_from_checkpoint(path, dtype=torch.float32, device="cpu", max_seq_len=64, transposed=True)
+    prompt = [int(t) for t in ids_for(full, PROMPT, 3)]
+    gen = Generator(full, mode="eager", thresholds=teal.Thresholds.load(tmp_path / "artifact"), sparsity=0.5)
+    ref = gen.generate(prompt, NEW_TOKENS, stop=[]).tokens
+    res = generate_tp(path, 2, prompt, thresholds=tmp_path / "artifact", sparsity=0.5, max_new_tokens=NEW_TOKENS,
+                      device="cpu", stream=False)
+    assert res["tokens"] == ref and res["world_size"] == 2 and res["all_reduce"] == "nccl"
+    assert res["tokens_per_s"] > 0 and "decode eager" in res["summary"] and "sparsity setting 0.5" in res["summary"]
+    with pytest.raises(ValueError, match="needs a thresholds artifact"):
+        generate_tp(path, 2, prompt, sparsity=0.5, device="cpu")

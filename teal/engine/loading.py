@@ -50,6 +50,18 @@ def engine_from_checkpoint(
     transposed: bool = False,
 ) -> Engine:
     """Load an HF checkpoint directory (config.json + model.safetensors or sharded *.safetensors)."""
+    config, get, has = checkpoint_reader(path, torch.device(device))
+    return _build(config, get, dtype=dtype, device=torch.device(device), max_seq_len=max_seq_len,
+                  transposed=transposed, has=has)
+
+
+def checkpoint_reader(
+    path: str | Path,
+    device: torch.device,
+    slicer: Callable[[str, object], "torch.Tensor"] | None = None,
+) -> tuple[EngineConfig, TensorGetter, Callable[[str], bool]]:
+    """The config of an HF checkpoint directory and (get, has) over its safetensors tensors, read lazily.
+    slicer(name, safetensors_slice) -> tensor: read only part of a tensor (tensor parallelism); None: whole."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -67,7 +79,6 @@ def engine_from_checkpoint(
             "only (load .bin checkpoints with transformers and use Generator.from_pretrained(model))"
         )
     config = EngineConfig.from_hf(AutoConfig.from_pretrained(path))
-    device = torch.device(device)
     handles: dict[str, object] = {}
 
     def get(name: str) -> torch.Tensor | None:
@@ -79,6 +90,8 @@ def engine_from_checkpoint(
         handle = handles[file]
         if name not in handle.keys():  # type: ignore[attr-defined]
             return None
+        if slicer is not None:
+            return slicer(name, handle.get_slice(name))  # type: ignore[attr-defined]
         return handle.get_tensor(name)  # type: ignore[attr-defined]
 
     def has(name: str) -> bool:
@@ -89,7 +102,7 @@ def engine_from_checkpoint(
             handles[single] = safe_open(str(path / single), framework="pt", device=str(device))
         return name in handles[single].keys()  # type: ignore[attr-defined]
 
-    return _build(config, get, dtype=dtype, device=device, max_seq_len=max_seq_len, transposed=transposed, has=has)
+    return config, get, has
 
 
 def engine_random(

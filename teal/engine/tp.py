@@ -323,6 +323,66 @@ def random_shard(
     return shard
 
 
+def shard_from_checkpoint(
+    path: str | os.PathLike[str],
+    rank: int,
+    world_size: int,
+    group: Any = None,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    max_seq_len: int = 2048,
+    transposed: bool = False,
+    all_reduce: str = "auto",
+) -> TensorParallelEngine:
+    """This rank's shard of an HF checkpoint directory (safetensors), reading only its slices from disk:
+    q/k/v and gate/up rows, o and down columns, lm_head rows (vocab-parallel when the vocabulary divides),
+    the rest whole. The same engine as `shard_engine(engine_from_checkpoint(path), ...)` without any rank
+    holding the whole model."""
+    from teal.engine.loading import _build, checkpoint_reader
+
+    device = torch.device(device)
+    full, _, _ = checkpoint_reader(path, device)
+    check_tp_size(full, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
+    if world_size > 1:
+        group = _checked_group(group, rank, world_size)
+    n = world_size
+    local = dataclasses.replace(full, n_heads=full.n_heads // n, n_kv_heads=full.n_kv_heads // n,
+                                intermediate=full.intermediate // n)
+    split_vocab = n > 1 and full.vocab_size % n == 0
+    rows = {"q_proj": local.q_size, "k_proj": local.kv_size, "v_proj": local.kv_size,
+            "gate_proj": local.intermediate, "up_proj": local.intermediate}
+    cols = {"o_proj": local.q_size, "down_proj": local.intermediate}
+
+    def slicer(name: str, part: Any) -> torch.Tensor:
+        pieces = name.split(".")
+        proj, kind = (pieces[-2], pieces[-1]) if len(pieces) >= 2 else ("", "")
+        if n > 1 and proj in rows and kind in ("weight", "bias"):
+            width = rows[proj]
+            return part[rank * width:(rank + 1) * width]
+        if n > 1 and proj in cols and kind == "weight":
+            width = cols[proj]
+            return part[:, rank * width:(rank + 1) * width]
+        if split_vocab and name.endswith("lm_head.weight") and not full.tie_embeddings:
+            v_l = full.vocab_size // n
+            return part[rank * v_l:(rank + 1) * v_l]
+        return part[:]
+
+    _, get, has = checkpoint_reader(path, device, slicer)
+    built = _build(local, get, dtype=dtype, device=device, max_seq_len=2, transposed=transposed, has=has)
+    lm_head = built.lm_head
+    if split_vocab and full.tie_embeddings:
+        v_l = full.vocab_size // n
+        lm_head = lm_head[rank * v_l:(rank + 1) * v_l]  # a view of the (whole) embedding
+    shard = _make_shard(local, full, built.layers, built.embed, built.final_norm, lm_head, transposed,
+                        max_seq_len, rank, n, group, split_vocab)
+    del built
+    shard.set_all_reduce(all_reduce)
+    return shard
+
+
 def _embedding_only(hf_config: Any) -> Any:
     """`hf_config` with no decoder layers: what `engine_random` needs to draw the replicated tensors."""
     config = hf_config.__class__.from_dict(hf_config.to_dict())
@@ -495,6 +555,104 @@ def init_rank(rank: int, world_size: int, init_method: str, device_type: str,
     torch.manual_seed(0)  # ranks sample alike
     dist.all_reduce(warm)
     return dist.group.WORLD
+
+
+# --------------------------------------------------------------------------------------------- generation
+def checkpoint_dir(model: str | os.PathLike[str]) -> Path:
+    """A local HF checkpoint directory for `model`: the directory itself, or a hub id's snapshot (config,
+    safetensors and tokenizer files; downloaded when not cached). Raises `ValueError` naming what to give."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model",
+                                                                  "*.txt"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated model: one clear message
+        raise ValueError(
+            f"tensor-parallel decoding reads each rank's slices from an HF checkpoint directory (config.json + "
+            f"*.safetensors); {str(model)!r} is not a directory and its hub snapshot could not be fetched ({exc})"
+        ) from exc
+
+
+def generate_tp(
+    model: str | os.PathLike[str],
+    world_size: int,
+    prompt: str,
+    *,
+    thresholds: str | os.PathLike[str] | None = None,
+    sparsity: float = 0.0,
+    method: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    device: str = "cuda",
+    dtype: torch.dtype | None = None,
+    compile: bool = True,
+    stream: bool = True,
+    timeout_s: float = DEFAULT_LAUNCH_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Generate from an HF checkpoint over `world_size` ranks of this host (GPUs r = 0..N-1, or gloo on CPU):
+    each rank reads its shard (`shard_from_checkpoint`), takes the thresholds artifact's level `sparsity`
+    (whole-model thresholds; weight-aware column scales sliced per rank), and decodes; rank 0 prints the
+    text as it comes (`stream`). Returns rank 0's result: text, token ids, tok/s, and how decode ran."""
+    import tempfile
+
+    if sparsity > 0 and thresholds is None:
+        raise ValueError("sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
+    directory = checkpoint_dir(model)
+    options = dict(path=str(directory), prompt=prompt, thresholds=None if thresholds is None else str(thresholds),
+                   sparsity=sparsity, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
+                   top_p=top_p, device=device, dtype=dtype, compile=compile, stream=stream)
+    with tempfile.TemporaryDirectory(prefix="teal-tp-gen-") as tmp:
+        out = Path(tmp) / "result.json"
+        launch(_generate_rank, world_size, (options, str(out)), device=device, timeout_s=timeout_s)
+        return json.loads(out.read_text())
+
+
+def _generate_rank(rank: int, world_size: int, group: Any, options: dict[str, Any], out_path: str) -> None:
+    from teal.engine.generator import DEFAULT_CUDA_MODE, Generator, _cuda_kernel_runs, _default_seq_len, _try_tokenizer
+
+    device = torch.device("cuda", torch.cuda.current_device()) if options["device"] == "cuda" else torch.device("cpu")
+    dtype = options["dtype"] or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    from transformers import AutoConfig
+
+    seq = _default_seq_len(AutoConfig.from_pretrained(options["path"]))
+    th = None
+    if options["thresholds"] is not None:
+        from teal import Thresholds
+
+        th = Thresholds.load(options["thresholds"])
+    transposed = th is not None or _cuda_kernel_runs(device)
+    shard = shard_from_checkpoint(options["path"], rank, world_size, group, dtype=dtype, device=device,
+                                  max_seq_len=seq, transposed=transposed)
+    if th is None:
+        shard.set_thresholds(None)
+    mode = "eager" if device.type != "cuda" else (DEFAULT_CUDA_MODE if options["compile"] else "graph")
+    tokenizer = _try_tokenizer(options["path"])
+    gen = Generator(shard, tokenizer, mode=mode, thresholds=th, sparsity=options["sparsity"],
+                    method=options["method"])
+    emit = None
+    if rank == 0 and options["stream"]:
+        from teal.cli import TextStream
+
+        print(options["prompt"], end="", flush=True)
+        emit = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
+    res = gen.generate(options["prompt"], max_new_tokens=options["max_new_tokens"],
+                       temperature=options["temperature"], top_p=options["top_p"], stream=emit)
+    if rank == 0:
+        if options["stream"]:
+            print(flush=True)
+        from teal.cli import engine_summary
+
+        text = tokenizer.decode(res.tokens, skip_special_tokens=True) if tokenizer is not None else None
+        result = {"tokens": [int(t) for t in res.tokens], "text": text, "tokens_per_s": res.tokens_per_s,
+                  "world_size": world_size, "all_reduce": shard.all_reduce, "mode": gen.mode,
+                  "summary": engine_summary(gen)}
+        tmp = Path(out_path).with_suffix(".part")
+        tmp.write_text(json.dumps(result))
+        tmp.replace(out_path)
 
 
 # ---------------------------------------------------------------------------------------- the benchmark
