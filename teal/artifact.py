@@ -245,6 +245,25 @@ class Thresholds:
             th.check_model(model)
         return th
 
+    def check_config(self, config: Any, name: str | None = None) -> None:
+        """Raise :class:`ArtifactError` unless an HF config (of a checkpoint not loaded: tensor-parallel
+        decoding) has the architecture and sizes these were calibrated on. Weaker than `check_model`:
+        the weights' fingerprint needs the loaded model."""
+        from teal.models import _text_config
+
+        cfg = _text_config(config)
+        info = {"model_type": getattr(cfg, "model_type", None), "n_layers": getattr(cfg, "num_hidden_layers", None),
+                "hidden_size": getattr(cfg, "hidden_size", None),
+                "intermediate_size": getattr(cfg, "intermediate_size", None)}
+        mine = self.model
+        for field_name, value in info.items():
+            if value != mine.get(field_name):
+                raise ArtifactError(
+                    f"thresholds were calibrated on {mine.get('name_or_path')!r} "
+                    f"({field_name}={mine.get(field_name)}), not on {name or 'this checkpoint'!r} "
+                    f"({field_name}={value}); calibrate this model first."
+                )
+
     def check_model(self, model: torch.nn.Module) -> None:
         """Raise :class:`ArtifactError` unless ``model`` is the model these were calibrated on."""
         from teal.models import model_info

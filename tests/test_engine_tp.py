@@ -460,3 +460,9 @@ def test_generate_tp_matches_one_device(checkpoints, tmp_path):
     assert res["tokens_per_s"] > 0 and "decode eager" in res["summary"] and "sparsity setting 0.5" in res["summary"]
     with pytest.raises(ValueError, match="needs a thresholds artifact"):
         generate_tp(path, 2, prompt, sparsity=0.5, device="cpu")
+    # an artifact of another model is refused before any rank starts
+    from teal.artifact import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"\(model_type=llama\), not on .*\(model_type=qwen3\)"):
+        other = checkpoints["qwen3-qknorm"]
+        generate_tp(other, 2, prompt, thresholds=tmp_path / "artifact", sparsity=0.5, device="cpu")

@@ -602,6 +602,12 @@ def generate_tp(
     if sparsity > 0 and thresholds is None:
         raise ValueError("sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
     directory = checkpoint_dir(model)
+    if thresholds is not None:  # refuse another model's artifact before any rank starts
+        from transformers import AutoConfig
+
+        from teal import Thresholds
+
+        Thresholds.load(thresholds).check_config(AutoConfig.from_pretrained(directory), str(model))
     options = dict(path=str(directory), prompt=prompt, thresholds=None if thresholds is None else str(thresholds),
                    sparsity=sparsity, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                    top_p=top_p, device=device, dtype=dtype, compile=compile, stream=stream)
