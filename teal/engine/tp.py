@@ -202,16 +202,10 @@ def shard_engine(
     the engine's tensors and runs no collective.
     """
     cfg = engine.config
-    check_tp_size(cfg, world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
     if isinstance(engine, TensorParallelEngine) and engine.world_size > 1:
         raise ValueError("this engine is already a tensor-parallel shard; shard the whole engine instead")
-    if world_size > 1:
-        group = _checked_group(group, rank, world_size)
+    local, group = _local_config(cfg, rank, world_size, group)
     n = world_size
-    local = dataclasses.replace(cfg, n_heads=cfg.n_heads // n, n_kv_heads=cfg.n_kv_heads // n,
-                                intermediate=cfg.intermediate // n)
     q_l, kv_l, inter_l = local.q_size, local.kv_size, local.intermediate
     qkv_rows = [(rank * q_l, (rank + 1) * q_l),
                 (cfg.q_size + rank * kv_l, cfg.q_size + (rank + 1) * kv_l),
@@ -294,11 +288,7 @@ def random_shard(
 
     hf_config = shape_hf_config(shape) if isinstance(shape, str) else shape
     full = EngineConfig.from_hf(hf_config)
-    check_tp_size(full, world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
-    if world_size > 1:
-        group = _checked_group(group, rank, world_size)
+    local, group = _local_config(full, rank, world_size, group)
     n = world_size
     local_hf = hf_config.__class__.from_dict(hf_config.to_dict())
     local_hf.num_attention_heads = full.n_heads // n
@@ -314,8 +304,6 @@ def random_shard(
     if split_vocab:
         v_l = full.vocab_size // n
         lm_head = lm_head[rank * v_l:(rank + 1) * v_l].clone()
-    local = dataclasses.replace(full, n_heads=full.n_heads // n, n_kv_heads=full.n_kv_heads // n,
-                                intermediate=full.intermediate // n)
     shard = _make_shard(local, full, layers_engine.layers, replicated.embed, replicated.final_norm, lm_head,
                         transposed, max_seq_len, rank, n, group, split_vocab)
     del layers_engine, replicated
@@ -343,14 +331,8 @@ def shard_from_checkpoint(
 
     device = torch.device(device)
     full, _, _ = checkpoint_reader(path, device)
-    check_tp_size(full, world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
-    if world_size > 1:
-        group = _checked_group(group, rank, world_size)
+    local, group = _local_config(full, rank, world_size, group)
     n = world_size
-    local = dataclasses.replace(full, n_heads=full.n_heads // n, n_kv_heads=full.n_kv_heads // n,
-                                intermediate=full.intermediate // n)
     split_vocab = n > 1 and full.vocab_size % n == 0
     rows = {"q_proj": local.q_size, "k_proj": local.kv_size, "v_proj": local.kv_size,
             "gate_proj": local.intermediate, "up_proj": local.intermediate}
@@ -390,6 +372,20 @@ def _embedding_only(hf_config: Any) -> Any:
     if hasattr(config, "layer_types") and config.layer_types is not None:
         config.layer_types = []
     return config
+
+
+def _local_config(full: EngineConfig, rank: int, world_size: int, group: Any) -> tuple[EngineConfig, Any]:
+    """One rank's config (its heads and intermediate channels) after checking the split, and the checked
+    process group (None for a world size of 1)."""
+    check_tp_size(full, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside [0, {world_size}) for a world size of {world_size}")
+    if world_size > 1:
+        group = _checked_group(group, rank, world_size)
+    n = world_size
+    local = dataclasses.replace(full, n_heads=full.n_heads // n, n_kv_heads=full.n_kv_heads // n,
+                                intermediate=full.intermediate // n)
+    return local, group
 
 
 def _checked_group(group: Any, rank: int, world_size: int) -> Any:
