@@ -415,7 +415,8 @@ def bench_decode(
     hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
     tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
     tp_build: str = typer.Option("auto", help="with --tp: full (whole engine, then shards; checks against one "
-                                              "device) | shard (random shards drawn directly) | auto"),
+                                              "device) | shard (each rank builds only its shard: random slices "
+                                              "of --shape, or its slices of --model's safetensors) | auto"),
     all_reduce: str = typer.Option("auto", help="with --tp: comma list of all-reduces to time: nccl, symm_mem, "
                                                 "auto (symm_mem where it can be set up)"),
     sparse_path: Optional[str] = typer.Option(

@@ -367,8 +367,7 @@ def test_bench_tp_build_choice_is_checked():
     cpu = torch.device("cpu")
     assert _build_choice("auto", None, "tiny-llama", torch.bfloat16, cpu) == "full"
     assert _build_choice("shard", None, "tiny-llama", torch.bfloat16, cpu) == "shard"
-    with pytest.raises(ValueError, match="give a --shape, not a --model"):
-        _build_choice("shard", "smollm2-135m", None, torch.bfloat16, cpu)
+    assert _build_choice("auto", "smollm2-135m", None, torch.bfloat16, torch.device("cuda")) == "full"  # a name
     with pytest.raises(ValueError, match="choose auto, full or shard"):
         _build_choice("half", None, "tiny-llama", torch.bfloat16, cpu)
 
@@ -466,3 +465,26 @@ def test_generate_tp_matches_one_device(checkpoints, tmp_path):
     with pytest.raises(ArtifactError, match=r"\(model_type=llama\), not on .*\(model_type=qwen3\)"):
         other = checkpoints["qwen3-qknorm"]
         generate_tp(other, 2, prompt, thresholds=tmp_path / "artifact", sparsity=0.5, device="cpu")
+
+
+def test_bench_decode_tp2_checkpoint_shards(checkpoints, tmp_path):
+    """build 'shard' with --model: each rank reads its slices of the checkpoint, thresholds from an artifact
+    (whole-model; another model's artifact is refused)."""
+    import teal
+    from transformers import AutoModelForCausalLM
+
+    from teal.bench import decode
+
+    path = checkpoints["llama-gqa-bias"]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    windows = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(5))
+    th = teal.calibrate(hf, None, windows=windows, tokens=128, progress=False)
+    data = decode.run(model=path, shape=None, sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
+                      thresholds=th, device="cpu", dtype=torch.float32, tp=2, tp_build="shard")
+    assert data["build"] == "shard" and data["checks"]["note"].startswith("checkpoint shards")
+    rows = {(r["sparsity"], r["op"]): r for r in data["results"]}
+    assert 0.35 < rows[(0.5, "kernel")]["measured_sparsity"] < 0.65
+    assert data["model_info"]["n_kv_heads"] == 2 and data["lm_head"].startswith("column-parallel")
+    with pytest.raises(Exception, match=r"ArtifactError.*model_type=llama"):  # raised in a rank, re-raised here
+        decode.run(model=checkpoints["qwen3-qknorm"], shape=None, sparsities=(0.5,), prompt_len=12, new_tokens=6,
+                   repeats=1, thresholds=th, device="cpu", dtype=torch.float32, tp=2, tp_build="shard")

@@ -328,8 +328,9 @@ def run(
     fused_attention: decode attention through the split-KV op (True), the compiled torch code (False),
     or the engine's default (None: the op on CUDA).
     tp_build (tp > 1): "full" (every rank builds the whole engine, then shards it: checks against one device),
-    "shard" (random shards drawn directly: shapes too large for one device), "auto" (shard for a random shape
-    over 40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl",
+    "shard" (each rank builds only its shard: random slices of `shape`, or its slices of `model`'s safetensors;
+    for models too large for one device), "auto" (shard for a random shape or a checkpoint directory over
+    40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl",
     "symm_mem" (`teal.engine.collectives`) or "auto" (symm_mem where it can be set up).
     """
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
@@ -689,8 +690,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)")
     parser.add_argument("--tp-build", choices=("auto", "full", "shard"), default="auto",
-                        help="with --tp: whole engine then shard (full, with checks), random shards drawn directly "
-                             "(shard, for shapes larger than one GPU), or auto")
+                        help="with --tp: whole engine then shard (full, with checks), shards built directly "
+                             "(shard: random slices of --shape or the slices of --model's safetensors, for models "
+                             "larger than one GPU), or auto")
     parser.add_argument("--all-reduce", default="auto",
                         help="with --tp: comma list of all-reduce implementations to time (nccl, symm_mem, auto)")
     parser.add_argument("--sparse-path", default=None,

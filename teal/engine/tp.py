@@ -729,7 +729,7 @@ def _bench_rank(rank: int, world_size: int, group: Any, options: dict[str, Any],
     data["build"] = build
     data["all_reduces"] = list(opts["all_reduces"])
     if build == "shard":
-        return _bench_random_shards(rank, world_size, group, opts, data, json_path, t_process, log)
+        return _bench_shards(rank, world_size, group, opts, data, json_path, t_process, log)
 
     # 1. the whole engine on every rank (identical weights), thresholds and references from it
     if opts["model"] is None:
@@ -909,30 +909,36 @@ def _time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool, spa
 
 
 def _build_choice(build: str, model: str | None, shape: str | None, dtype: torch.dtype, device: torch.device) -> str:
-    """"full" (every rank holds the whole model first: checks against one device) or "shard" (random shards
-    built directly; for shapes that do not fit one device twice over). "auto": "shard" for a random shape
-    whose weights exceed 40 % of the device's memory."""
+    """"full" (every rank holds the whole model first: checks against one device) or "shard" (each rank builds
+    only its shard: random slices of a --shape, or its slices of a --model checkpoint's safetensors; for
+    models that do not fit one device twice over). "auto": "shard" for a random shape or a checkpoint
+    directory whose weights exceed 40 % of the device's memory."""
     if build not in ("auto", "full", "shard"):
         raise ValueError(f"unknown build {build!r}; choose auto, full or shard")
-    if build == "shard" and model is not None:
-        raise ValueError("build='shard' draws random weights: give a --shape, not a --model")
     if build != "auto":
         return build
-    if model is not None or device.type != "cuda":
-        return "full"
+    if device.type != "cuda" or (model is not None and not Path(model).is_dir()):
+        return "full"  # a model name (alias, .gguf, hub id) is loaded whole
     from teal.engine.config import shape_hf_config
 
-    cfg = EngineConfig.from_hf(shape_hf_config(shape or "llama-3-8b"))
+    if model is not None:
+        from transformers import AutoConfig
+
+        cfg = EngineConfig.from_hf(AutoConfig.from_pretrained(model))
+    else:
+        cfg = EngineConfig.from_hf(shape_hf_config(shape or "llama-3-8b"))
     nbytes = cfg.parameter_count() * torch.empty((), dtype=dtype).element_size()
     return "shard" if nbytes > 0.4 * torch.cuda.get_device_properties(device).total_memory else "full"
 
 
-def _bench_random_shards(rank: int, world_size: int, group: Any, opts: dict[str, Any], data: dict[str, Any],
-                         json_path: str | os.PathLike[str] | None, t_process: float,
-                         log: Callable[[str], None]) -> dict[str, Any] | None:
-    """The benchmark on random shards built directly (`random_shard`): no single-device baseline and no
-    token checks (no rank holds the whole model); thresholds from the shards' own prefill, with the
-    row-parallel inputs gathered, so they are whole-model thresholds as in the full build."""
+def _bench_shards(rank: int, world_size: int, group: Any, opts: dict[str, Any], data: dict[str, Any],
+                  json_path: str | os.PathLike[str] | None, t_process: float,
+                  log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The benchmark on shards built directly (`random_shard` for a shape, `shard_from_checkpoint` for a
+    model): no single-device baseline and no token checks (no rank holds the whole model); thresholds
+    from the artifact (a model) or from the shards' own prefill, with the row-parallel inputs gathered, so
+    they are whole-model thresholds as in the full build."""
+    from teal.engine.generator import resolve_thresholds
     from teal.engine.reference import activation_threshold_levels, decode_sparsity
 
     device = torch.device("cuda", torch.cuda.current_device()) if opts["device"] == "cuda" else torch.device("cpu")
@@ -941,11 +947,22 @@ def _bench_random_shards(rank: int, world_size: int, group: Any, opts: dict[str,
     prompt_len, new_tokens, repeats = opts["prompt_len"], opts["new_tokens"], opts["repeats"]
     max_seq_len = -(-(prompt_len + new_tokens + 8) // 64) * 64
     context = prompt_len + new_tokens / 2
-    if opts["thresholds"] is not None:
-        raise ValueError("a thresholds artifact needs the model it was calibrated on: use build='full' with --model")
+    if opts["thresholds"] is not None and opts["model"] is None:
+        raise ValueError("a thresholds artifact needs the model it was calibrated on: give --model with it")
     t = time.perf_counter()
-    engine = random_shard(opts["shape"], rank, world_size, group, dtype=opts["dtype"], device=device,
-                          max_seq_len=max_seq_len)
+    if opts["model"] is None:
+        engine = random_shard(opts["shape"], rank, world_size, group, dtype=opts["dtype"], device=device,
+                              max_seq_len=max_seq_len)
+        source = "random shards"
+    else:
+        path = checkpoint_dir(opts["model"])
+        if opts["thresholds"] is not None:
+            from transformers import AutoConfig
+
+            opts["thresholds"].check_config(AutoConfig.from_pretrained(path), str(opts["model"]))
+        engine = shard_from_checkpoint(path, rank, world_size, group, dtype=opts["dtype"], device=device,
+                                       max_seq_len=max_seq_len)
+        source = "checkpoint shards"
     data["shard_s"] = time.perf_counter() - t
     cfg = engine.full_config
     data["model_info"] = {"name": cfg.name, "model_type": cfg.model_type, "n_layers": cfg.n_layers,
@@ -953,13 +970,16 @@ def _bench_random_shards(rank: int, world_size: int, group: Any, opts: dict[str,
                           "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
                           "weight_bytes_per_rank": sum(b for _, b in engine.iter_weight_bytes())}
     data["lm_head"] = "column-parallel (vocab rows) + all-gather" if engine.vocab_group is not None else "replicated"
-    data["checks"] = {"note": "random shards built directly (build='shard'): no single-device reference"}
-    log(f"[tp={world_size}] random shards of {cfg.name} built in {data['shard_s']:.1f}s, "
+    data["checks"] = {"note": f"{source} built directly (build='shard'): no single-device reference"}
+    log(f"[tp={world_size}] {source} of {cfg.name} built in {data['shard_s']:.1f}s, "
         f"{data['model_info']['weight_bytes_per_rank'] / 1e9:.1f} GB per rank")
     ids = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).to(device)
     calib = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(2)).to(device)
     engine.to_layout(transposed=True)
-    levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib, sparsities))}
+    if opts["thresholds"] is not None:
+        levels = {s: resolve_thresholds(opts["thresholds"], s, engine) for s in sparsities}
+    else:
+        levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib, sparsities))}
     measured: dict[float, tuple[float, dict[str, float]]] = {0.0: (0.0, {})}
     for s in sparsities[1:]:
         engine.set_thresholds(*levels[s])
