@@ -359,6 +359,28 @@ def test_bench_decode_tp2_random_shards(tmp_path):
     assert set(rows) == {(0.0, "F.linear", "nccl"), (0.0, "x @ w_t", "nccl"), (0.5, "kernel", "nccl")}
     assert 0.4 < rows[(0.5, "kernel", "nccl")]["measured_sparsity"] < 0.6
     assert data["model_info"]["n_heads"] == 4 and data["model_info"]["weight_bytes_per_rank"] > 0
+    # the two targets, from the fastest dense row and the fastest 50 % row
+    dense = max(r["tokens_per_s"] for r in data["results"] if r["sparsity"] == 0.0)
+    best_dense = max((r for r in data["results"] if r["sparsity"] == 0.0), key=lambda r: r["tokens_per_s"])
+    t = data["targets"]
+    assert t["sparse50_vs_dense"]["value"] == pytest.approx(rows[(0.5, "kernel", "nccl")]["tokens_per_s"] / dense)
+    assert t["dense_frac_roofline"]["value"] == best_dense["frac_of_roofline"]
+    assert t["sparse50_vs_dense"]["met"] == (t["sparse50_vs_dense"]["value"] >= 1.6)
+
+
+def test_tp_targets_from_rows():
+    from teal.engine.tp import tp_targets
+
+    rows = [dict(sparsity=0.0, tokens_per_s=50.0, frac_of_roofline=0.83),
+            dict(sparsity=0.0, tokens_per_s=49.0, frac_of_roofline=0.80),
+            dict(sparsity=0.5, tokens_per_s=79.0, frac_of_roofline=0.64),
+            dict(sparsity=0.5, tokens_per_s=81.0, frac_of_roofline=0.66)]
+    t = tp_targets(rows)
+    assert t["dense_frac_roofline"] == {"value": 0.83, "target": 0.75, "met": True}
+    assert t["sparse50_vs_dense"]["value"] == pytest.approx(81.0 / 50.0) and t["sparse50_vs_dense"]["met"]
+    rows[3]["tokens_per_s"] = 79.5
+    assert not tp_targets(rows)["sparse50_vs_dense"]["met"]  # 1.59 < 1.6
+    assert tp_targets(rows[2:]) == {}  # no dense row: nothing to compare with
 
 
 def test_bench_tp_build_choice_is_checked():

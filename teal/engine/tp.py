@@ -49,6 +49,9 @@ from teal.engine.collectives import (ALL_REDUCES, all_gather_last_dim, release_s
 from teal.engine.model import GROUPS, PROJECTIONS, Engine, LayerWeights, Observer
 
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
+#: Targets of the tensor-parallel benchmark (issue 6: a Llama-2-70B shape on the largest lent kind): the
+#: fastest dense row against the per-rank roofline, and 50 % sparsity against that dense row.
+TP_TARGETS = {"dense_frac_roofline": 0.75, "sparse50_vs_dense": 1.6}
 ROW_PARALLEL = ("o", "down")
 DEFAULT_LAUNCH_TIMEOUT_S = 1800.0
 
@@ -834,6 +837,7 @@ def _finish(data: dict[str, Any], lead: bool, json_path: str | os.PathLike[str] 
         r["speedup_vs_single_device_same_setting"] = r["tokens_per_s"] / base if base else None
         r["speedup_vs_single_device_dense"] = r["tokens_per_s"] / single_dense if single_dense else None
     data["dense_tokens_per_s"] = best_dense
+    data["targets"] = tp_targets(data["results"])
     data["total_s"] = time.time() - t_process
     if not lead:
         return None
@@ -855,8 +859,28 @@ def _finish(data: dict[str, Any], lead: bool, json_path: str | os.PathLike[str] 
                                      for r in data["single_device"]))
     for impl, why in data.get("all_reduce_errors", {}).items():
         log(f"all-reduce {impl} not timed: {why}")
+    for name, t in data["targets"].items():
+        log(f"target {name:<22} {t['value']:8.3f} vs {t['target']:6.2f}  {'met' if t['met'] else 'MISSED'}")
     log(f"median tok/s over {data['repeats']} repeats; total {data['total_s']:.1f}s")
     return data
+
+
+def tp_targets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`TP_TARGETS` as {value, target, met} from a run's rows: the fastest dense row (any op, any all-reduce)
+    and the fastest 50 % row."""
+    dense = [r for r in rows if r["sparsity"] == 0.0]
+    half = [r for r in rows if abs(r["sparsity"] - 0.5) < 1e-9]
+    out: dict[str, dict[str, Any]] = {}
+    if dense:
+        best = max(dense, key=lambda r: r["tokens_per_s"])
+        value = best["frac_of_roofline"]
+        out["dense_frac_roofline"] = {"value": value, "target": TP_TARGETS["dense_frac_roofline"],
+                                      "met": value >= TP_TARGETS["dense_frac_roofline"]}
+        if half:
+            value = max(r["tokens_per_s"] for r in half) / best["tokens_per_s"]
+            out["sparse50_vs_dense"] = {"value": value, "target": TP_TARGETS["sparse50_vs_dense"],
+                                        "met": value >= TP_TARGETS["sparse50_vs_dense"]}
+    return out
 
 
 def _time_levels(engine: Engine, level_modes: Sequence[str], per_rank: bool, sparsities: Sequence[float],
