@@ -160,6 +160,11 @@ def random_shard_checks(rank: int, world_size: int, group) -> dict:
     except ValueError as exc:
         r["bad_all_reduce_error"] = str(exc)
     r["all_reduce_after_errors"] = shard.all_reduce
+    import os
+
+    from teal.engine.tp import MULTICAST_OFF
+
+    r["multicast_env"] = {k: os.environ.get(k) for k in MULTICAST_OFF}
     return r
 
 
@@ -253,6 +258,10 @@ def test_random_shard_is_drawn_per_rank(tp2):
         assert "CUDA" in r["symm_mem_error"]
         assert "carrier-pigeon" in r["bad_all_reduce_error"] and "nccl" in r["bad_all_reduce_error"]
         assert r["all_reduce_after_errors"] == "nccl"
+    from teal.engine.tp import MULTICAST_OFF
+
+    assert r0["multicast_env"] == r1["multicast_env"] == MULTICAST_OFF  # set in every rank
+    assert MULTICAST_OFF["NCCL_NVLS_ENABLE"] == "0" and MULTICAST_OFF["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert r0["embed_sample"] == r1["embed_sample"]
     assert r0["qkv_sample"] != r1["qkv_sample"]
     # the ranks run one model: the same tokens everywhere, dense and sparse

@@ -54,6 +54,9 @@ COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 TP_TARGETS = {"dense_frac_roofline": 0.75, "sparse50_vs_dense": 1.6}
 ROW_PARALLEL = ("o", "down")
 DEFAULT_LAUNCH_TIMEOUT_S = 1800.0
+#: NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM, in every rank (teal's sums use
+#: peer-to-peer loads only; multicast can take shared GPUs out of service)
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 # ------------------------------------------------------------------------------------- the sharded engine
@@ -517,7 +520,7 @@ def launch(
 def _rank_entry(rank: int, world_size: int, init_method: str, device_type: str, collective_timeout_s: float,
                 fn: Callable[..., Any], args: tuple) -> None:
     """One spawned rank: environment, process group, fn, teardown."""
-    os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off
+    os.environ.update(MULTICAST_OFF)  # NVLink multicast stays off
     if device_type == "cpu" and "GLOO_SOCKET_IFNAME" not in os.environ and Path("/sys/class/net/lo").exists():
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     group = init_rank(rank, world_size, init_method, device_type, collective_timeout_s)
@@ -539,7 +542,7 @@ def init_rank(rank: int, world_size: int, init_method: str, device_type: str,
 
     if os.environ.get("NCCL_NVLS_ENABLE", "0") != "0":
         raise RuntimeError("NCCL_NVLS_ENABLE must stay 0 (NVLink multicast off) for tensor-parallel decoding")
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ.update(MULTICAST_OFF)
     timeout = datetime.timedelta(seconds=collective_timeout_s)
     if device_type == "cuda":
         index = rank if device_index is None else device_index
