@@ -1,8 +1,10 @@
 """Per-token relative thresholds (SmolLM2-135M): score |x_i| / rms(x) of the token's own input row, against
 plain |x_i|, both applied by the same forward pre-hooks (so the comparison is like for like); optionally only
-at the un-normalised sites (attention output, SiLU(gate) * up), where a token's scale varies most.
+at the un-normalised sites (attention output, SiLU(gate) * up), where a token's scale varies most. Mode
+"abs-sink" is plain |x_i| with each window's first position left dense (a diagnostic: how much of the loss
+the attention-sink position carries under the every-position protocol).
 
-    python benchmarks/quality/experiments/token_relative_threshold.py [LEVELS]   # default 0.4,0.5
+    python benchmarks/quality/experiments/token_relative_threshold.py [LEVELS [MODES]]   # 0.4,0.5 abs,rel,rel-unnorm
 """
 import sys
 import time
@@ -67,6 +69,8 @@ def evaluate(mode: str, sorted_scores: dict[str, torch.Tensor], level: float) ->
         def pre(_m, args, site=site, relative=relative):
             x = args[0]
             keep = score(x, relative) > thresholds[site]
+            if mode == "abs-sink" and keep.dim() == 3:
+                keep[:, 0, :] = True
             counts["zero"] += int((~keep).sum()) * _m.weight.shape[0]
             counts["total"] += keep.numel() * _m.weight.shape[0]
             return (x * keep,)
@@ -81,7 +85,8 @@ def evaluate(mode: str, sorted_scores: dict[str, torch.Tensor], level: float) ->
 
 dense = teal.eval.perplexity(model, tok, windows=evw, progress=False)["ppl"]
 print(f"dense ppl {dense:.3f}", flush=True)
-for mode in ("abs", "rel", "rel-unnorm"):
+modes = sys.argv[2].split(",") if len(sys.argv) > 2 else ["abs", "rel", "rel-unnorm"]
+for mode in modes:
     t0 = time.time()
     scores = calibrate(mode)
     for level in levels:
