@@ -318,7 +318,7 @@ def test_compiled_variants_are_cached_on_disk(tmp_path, monkeypatch):
     assert cuda.cubin_for(variant, "sm_90") == first and len(compiled) == 3
 
 
-def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch):
+def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch, tmp_path):
     """Dense decode puts q|k|v and o on the kernel where the CUDA C++ kernel runs, and the MLP groups only
     where the dense regime has an entry for their shape (Gemma-3-12B's, measured faster in the graph)."""
     import types
@@ -340,6 +340,13 @@ def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch):
     assert default_for("llama-2-7b") == (True, True, False, False)
     assert configs.has_dense_entry(15360, 3840, torch.bfloat16)
     assert not configs.has_dense_entry(14336, 4096, torch.bfloat16)
+    # a tuned override table changes launches, not which groups go on the kernel
+    table = tmp_path / "table.json"
+    entry = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
+    table.write_text(__import__("json").dumps(configs.table_to_json({}, {(14336, 4096, 1, "bf16"): entry})))
+    monkeypatch.setenv(configs.CONFIGS_ENV, str(table))
+    assert not configs.has_dense_entry(14336, 4096, torch.bfloat16)
+    assert get_config(14336, 4096, 1, torch.bfloat16, cuda_ok=True, regime="dense") == entry
     cpu = types.SimpleNamespace(config=None, dtype=torch.bfloat16, device=torch.device("cpu"),
                                 effective_sparse_path="kernel")
     assert model.Engine.default_kernel_at_zero.fget(cpu) == (False,) * 4

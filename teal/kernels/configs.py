@@ -211,14 +211,11 @@ TUNED_CUDA_DENSE: dict[tuple[int, int, int, str], KernelConfig] = {
 
 
 def has_dense_entry(k: int, n: int, dtype: torch.dtype) -> bool:
-    """Whether the "dense" regime has a batch-1 entry of its own for a [K, N] weight (``TUNED_CUDA_DENSE``,
-    or a dense-marked entry of the ``$TEAL_KERNEL_CONFIGS`` table)."""
+    """Whether ``TUNED_CUDA_DENSE`` (the built-in table, checked in the decode graph) has a batch-1 entry for a
+    [K, N] weight. Entries of a ``$TEAL_KERNEL_CONFIGS`` table change launches, not this: they come from
+    timings in isolation, which did not always carry into decoding."""
     name = dtype_name(dtype)
-    key = (k, n, 1, "bf16" if name == "fp16" else name)
-    if key in TUNED_CUDA_DENSE:
-        return True
-    override = os.environ.get(CONFIGS_ENV)
-    return bool(override) and key in _override_table(override, "dense") and key not in _override_table(override)
+    return (k, n, 1, "bf16" if name == "fp16" else name) in TUNED_CUDA_DENSE
 
 #: Environment variable naming a JSON table (``table_to_json``) whose entries take precedence over
 #: ``TUNED`` and ``TUNED_CUDA`` (entries marked ``"regime": "dense"``: over ``TUNED_CUDA_DENSE``, and
