@@ -287,6 +287,7 @@ def generate(
         return
     if engine:
         from teal.engine import Generator
+        from teal.engine.generator import TextStream, engine_summary
 
         if sparsity > 0 and artifact is None:
             raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
@@ -309,46 +310,6 @@ def generate(
     console.print(text)
     console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
                   f"{info['measured_sparsity']:.3f}]")
-
-
-def engine_summary(gen) -> str:
-    """How the engine's decode steps run: the mode, and what multiplies the projections."""
-    eng = gen.engine
-    on_kernel = sum(sum(flags) for flags in eng.sparse_flags)
-    if not on_kernel:
-        how = "dense products (cuBLAS)" if eng.device.type == "cuda" else "dense products"
-    else:
-        impl = "reference"
-        if eng.device.type == "cuda":
-            from teal.kernels.ops import cuda_kernel_available
-
-            impl = "CUDA C++" if cuda_kernel_available(eng.device) else "Triton"
-        total = 4 * len(eng.sparse_flags)
-        how = (f"{on_kernel}/{total} projection groups through the {impl} sparse kernel "
-               f"({eng.effective_sparse_path} path)")
-    return f"decode {gen.mode}, {how}, sparsity setting {gen.sparsity:g}"
-
-
-class TextStream:
-    """Turns the engine's stream of token ids into text pieces: each call decodes all ids so far and emits
-    what was added (a piece that ends inside a multi-byte character waits for the next token). Without a
-    tokenizer the ids are emitted as "[id]"."""
-
-    def __init__(self, tokenizer: Any, emit: Any) -> None:
-        self.tokenizer, self.emit = tokenizer, emit
-        self.ids: list[int] = []
-        self.text = ""
-
-    def __call__(self, token_id: int) -> None:
-        if self.tokenizer is None:
-            self.emit(f"[{token_id}]")
-            return
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return
-        self.emit(text[len(self.text):] if text.startswith(self.text) else text)
-        self.text = text
 
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0,

@@ -487,7 +487,6 @@ def run(
                         console.print(f"tuned K={k} N={n} B<={key[2]}: {res.best}")
                     except Exception:  # noqa: BLE001 - keep benchmarking with the table/heuristic
                         console.print(f"[red]tuning failed[/] K={k} N={n} B={batch}\n{traceback.format_exc()}")
-                config = get_config(k, n, batch, torch_dtype, sms, cuda_ok=ops.cuda_kernel_available(device))
                 xs = [torch.randn(batch, k, device=device, dtype=torch_dtype) for _ in range(copies)]
                 cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xs, ws)])
                 half = [_thresholds(x, 0.5, len(splits)) for x in xs]

@@ -643,7 +643,7 @@ def _generate_rank(rank: int, world_size: int, group: Any, options: dict[str, An
                     method=options["method"])
     emit = None
     if rank == 0 and options["stream"]:
-        from teal.cli import TextStream
+        from teal.engine.generator import TextStream
 
         print(options["prompt"], end="", flush=True)
         emit = TextStream(tokenizer, lambda text: print(text, end="", flush=True))
@@ -652,7 +652,7 @@ def _generate_rank(rank: int, world_size: int, group: Any, options: dict[str, An
     if rank == 0:
         if options["stream"]:
             print(flush=True)
-        from teal.cli import engine_summary
+        from teal.engine.generator import engine_summary
 
         text = tokenizer.decode(res.tokens, skip_special_tokens=True) if tokenizer is not None else None
         result = {"tokens": [int(t) for t in res.tokens], "text": text, "tokens_per_s": res.tokens_per_s,
