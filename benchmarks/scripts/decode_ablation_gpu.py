@@ -42,10 +42,10 @@ def without(parts: set[str]) -> Iterator[None]:
         setattr(owner, name, value)
 
     if "gemv" in parts:
-        patch(model, "project", lambda x, w, bias, transposed, sparse=False, thresholds=None, splits=None,
-              col_scale=None: x.new_zeros(x.shape[0], w.shape[1] if transposed else w.shape[0]))
+        patch(model, "project", lambda x, w, bias, transposed, *rest, **kw: x.new_zeros(
+            x.shape[0], w.shape[1] if transposed else w.shape[0]))
         if model._ops is not None:
-            patch(model._ops, "sparse_linear_glu", lambda gu, w, t, cs=None: gu.new_zeros(gu.shape[0], w.shape[1]))
+            patch(model._ops, "sparse_linear_glu", lambda gu, w, *rest, **kw: gu.new_zeros(gu.shape[0], w.shape[1]))
     if "attention" in parts and model._attention is not None:
         def q_only(qkv, cos, sin, kc, vc, mask, n_valid, scale, n_heads, *norms):
             return qkv[:, : n_heads * kc.shape[-1]].contiguous()
