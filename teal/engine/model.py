@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -96,9 +95,6 @@ class LayerStatic(NamedTuple):
     # per group: the kernel's tuned table ("sparse", or "dense" for groups on the kernel with every threshold
     # -inf: `Engine.kernel_regimes`, `teal.kernels.configs.REGIMES`)
     regimes: tuple[str, str, str, str] = ("sparse", "sparse", "sparse", "sparse")
-    # per group: bytes of the next projection's weights (o, gate|up, down, the next layer's q|k|v) that the
-    # group's CUDA kernel fetches into L2 once its own weight stream is done (`Engine.l2_prefetch`)
-    prefetch: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 #: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
@@ -106,31 +102,6 @@ class LayerStatic(NamedTuple):
 #: `gather_linear`; down too with `Engine.producer_down`; batch 1, on CUDA or under TRITON_INTERPRET=1,
 #: elsewhere "kernel").
 SPARSE_PATHS = ("kernel", "producer")
-
-#: What each group's kernel fetches into L2 after its weight stream (`Engine.l2_prefetch`): q|k|v's kernel o's
-#: weights, o's kernel gate|up's, gate|up's down's, and down's the next layer's q|k|v.
-PREFETCH_TARGETS = ("o", "gate_up", "down", "qkv")
-
-
-def parse_l2_prefetch(text: str) -> dict[str, int]:
-    """``"o=32,gate_up=8"`` (MiB per target, `PREFETCH_TARGETS`) -> bytes per target; "" or "off" -> {}."""
-    out: dict[str, int] = {}
-    if text.strip().lower() in ("", "off", "0", "none"):
-        return out
-    for item in text.split(","):
-        name, sep, value = item.partition("=")
-        name = name.strip()
-        if not sep or name not in PREFETCH_TARGETS:
-            raise ValueError(f"L2 prefetch entry {item!r}: write TARGET=MiB with TARGET one of "
-                             f"{', '.join(PREFETCH_TARGETS)}, e.g. 'o=32,gate_up=8'")
-        try:
-            mib = float(value)
-        except ValueError:
-            raise ValueError(f"L2 prefetch entry {item!r}: {value!r} is not a number of MiB") from None
-        if mib < 0:
-            raise ValueError(f"L2 prefetch entry {item!r}: MiB must be >= 0")
-        out[name] = int(mib * 2**20)
-    return out
 
 
 def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
@@ -198,8 +169,6 @@ def residual_norm_project(
     site: str,
     norm_offset: float = 0.0,
     regime: str = "sparse",
-    prefetch: torch.Tensor | None = None,
-    prefetch_bytes: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
 
@@ -216,7 +185,7 @@ def residual_norm_project(
     h = rms_norm(x, norm, eps, norm_offset)
     if observe is not None:
         observe(site, h)
-    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale, regime, prefetch, prefetch_bytes)
+    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale, regime)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
@@ -250,17 +219,10 @@ def project(
     splits: list[int] | None = None,
     col_scale: torch.Tensor | None = None,
     regime: str = "sparse",
-    prefetch: torch.Tensor | None = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
-    """y = x W^T (+ b), dense or through the sparse kernel (its `regime`'s tuned launch; which then fetches
-    `prefetch_bytes` of `prefetch` into L2 after its weight stream). x [T, K]."""
+    """y = x W^T (+ b), dense or through the sparse kernel (its `regime`'s tuned launch). x [T, K]."""
     if sparse:
-        if prefetch_bytes and prefetch is not None:
-            y = sparse_linear(x, w, thresholds, splits, col_scale, regime=regime, prefetch=prefetch,
-                              prefetch_bytes=prefetch_bytes)
-        else:
-            y = sparse_linear(x, w, thresholds, splits, col_scale, regime=regime)
+        y = sparse_linear(x, w, thresholds, splits, col_scale, regime=regime)
         return y if bias is None else y + bias
     if transposed:
         y = x @ w
@@ -301,14 +263,12 @@ def decode_layer(
     mask: torch.Tensor,
     n_valid: torch.Tensor | None = None,
     observe: Callable[[str, torch.Tensor], None] | None = None,
-    next_qkv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoder layer for one token. Returns (residual stream, this layer's MLP output).
 
     The residual add of the previous layer happens here (x + delta), so that a compiler can fuse it with
     the norm that follows. n_valid: pos + 1, computed once per step by the caller (None: here; compiled
-    per layer, that is one more small kernel per layer). next_qkv: the next layer's q|k|v weights, which down's
-    kernel fetches into L2 when `st.prefetch[3]` says so.
+    per layer, that is one more small kernel per layer).
     """
     n_valid = pos + 1 if n_valid is None else n_valid
     q_size, kv_size = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
@@ -316,7 +276,7 @@ def decode_layer(
         sp = _NO_SPARSITY
     x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
                                    st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
-                                   observe, "attn_in", st.norm_offset, st.regimes[0], w.o, st.prefetch[0])
+                                   observe, "attn_in", st.norm_offset, st.regimes[0])
     scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
     if st.fused_attention:  # one kernel: q/k norms (Qwen3, Gemma 3), rope, cache write, attention over 0..pos
         attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads,
@@ -339,13 +299,13 @@ def decode_layer(
     if observe is not None:
         observe("attn_out", attn)
     o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
-                             sp.o, sp.o_scale, st.tp_group, st.all_reduce, st.regimes[1], w.gate_up, st.prefetch[1])
+                             sp.o, sp.o_scale, st.tp_group, st.all_reduce, st.regimes[1])
     if w.post_attn_norm is not None:
         o = rms_norm(o, w.post_attn_norm, st.eps, st.norm_offset)
     inter = w.gate_up.shape[1 if st.transposed else 0] // 2
     x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
                                   st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
-                                  observe, "mlp_in", st.norm_offset, st.regimes[2], w.down, st.prefetch[2])
+                                  observe, "mlp_in", st.norm_offset, st.regimes[2])
     if st.producer_compact[3]:
         mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
         if observe is not None:
@@ -353,11 +313,7 @@ def decode_layer(
         out = _producer.gather_linear(lists, w.down)
         out = out if w.down_bias is None else out + w.down_bias
     elif st.act == "silu" and st.sparse[3] and observe is None and _ops is not None:
-        if st.prefetch[3] and next_qkv is not None:
-            out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale, regime=st.regimes[3], prefetch=next_qkv,
-                                         prefetch_bytes=st.prefetch[3])
-        else:
-            out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale, regime=st.regimes[3])  # SiLU * up
+        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale, regime=st.regimes[3])  # SiLU * up in the GEMV
         if st.tp_group is not None:  # this rank's channels of SiLU(gate) * up: a partial product
             out = all_reduce_sum(out, st.tp_group, st.all_reduce)
         out = out if w.down_bias is None else out + w.down_bias
@@ -367,8 +323,7 @@ def decode_layer(
         if observe is not None:
             observe("mlp_mid", mid)
         out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce, st.regimes[3], next_qkv,
-                                   st.prefetch[3])
+                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce, st.regimes[3])
     if w.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
         out = rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
     return x, out
@@ -403,8 +358,6 @@ def project_row_parallel(
     group: Any = None,
     all_reduce: str = "nccl",
     regime: str = "sparse",
-    prefetch: torch.Tensor | None = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     """A projection whose input dimension K may be split over the ranks of `group` (o and down).
 
@@ -413,9 +366,9 @@ def project_row_parallel(
     `teal.engine.collectives`), and the bias is added once, after the sum.
     """
     if group is None:
-        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale, regime, prefetch, prefetch_bytes)
-    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale, regime, prefetch,
-                               prefetch_bytes), group, all_reduce)
+        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale, regime)
+    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale, regime), group,
+                       all_reduce)
     return y if bias is None else y + bias
 
 
@@ -468,9 +421,6 @@ class Engine:
         self.tp_group: Any = None
         self.vocab_group: Any = None
         self.all_reduce = "nccl"  # how the row-parallel products are summed (TensorParallelEngine.set_all_reduce)
-        # bytes of the next projection's weights each group's CUDA kernel fetches into L2 after its own weight
-        # stream, per target (`PREFETCH_TARGETS`); None: `default_l2_prefetch`
-        self.l2_prefetch: Mapping[str, int] | None = None
         # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
         self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
         self.allocate_cache(max_seq_len)
@@ -499,27 +449,7 @@ class Engine:
         return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
                            self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
                            cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.all_reduce,
-                           self.kernel_regimes[i], self.prefetch_bytes(i))
-
-    @property
-    def default_l2_prefetch(self) -> dict[str, int]:
-        """`$TEAL_L2_PREFETCH` (`parse_l2_prefetch`) if set, else none."""
-        return parse_l2_prefetch(os.environ.get("TEAL_L2_PREFETCH", ""))
-
-    def prefetch_bytes(self, i: int) -> tuple[int, int, int, int]:
-        """Per group of layer i, the bytes of its target (`PREFETCH_TARGETS`) it fetches into L2: nonzero
-        only for groups on the CUDA C++ kernel (sparse, or dense on the kernel), at most the target's size."""
-        plan = self.l2_prefetch if self.l2_prefetch is not None else self.default_l2_prefetch
-        if not plan or self.device.type != "cuda" or _ops is None or not _ops.cuda_kernel_available(self.device):
-            return (0, 0, 0, 0)
-        if self.effective_sparse_path != "kernel" or not self.transposed:
-            return (0, 0, 0, 0)
-        w = self.layers[i]
-        targets = (w.o, w.gate_up, w.down, self.layers[(i + 1) % len(self.layers)].qkv)
-        return tuple(  # type: ignore[return-value]
-            min(int(plan.get(name, 0)), t.numel() * t.element_size()) if on else 0
-            for name, t, on in zip(PREFETCH_TARGETS, targets, self.sparse_flags[i])
-        )
+                           self.kernel_regimes[i])
 
     @property
     def use_fused_attention(self) -> bool:
@@ -767,10 +697,7 @@ class Engine:
             observe = None if observer is None else (lambda site, t, i=i: observer(i, site, t))
             kwargs = {} if observe is None else {"observe": observe}
             cos, sin = rope[cfg.rope_table(i)]
-            st = self.layer_static(i)
-            if st.prefetch[3]:  # down's kernel fetches the next layer's q|k|v (the last layer: the next step's first)
-                kwargs["next_qkv"] = self.layers[(i + 1) % len(self.layers)].qkv
-            x, delta = layer_fn(st, x, delta, w, sp, self.k_cache[i], self.v_cache[i],
+            x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
                                 pos, cos, sin, masks[cfg.layer_windows[i]], n_valid, **kwargs)
         return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group,
                             cfg.norm_offset, cfg.final_softcap)

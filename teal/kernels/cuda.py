@@ -408,19 +408,6 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     return device_problem(device_index)
 
 
-def prefetch_arguments(prefetch: Optional[torch.Tensor], nbytes: int, device: torch.device) -> list:
-    """The kernel's (pointer, byte count) prefetch arguments: the first ``nbytes`` bytes of ``prefetch``'s
-    storage view (clipped to its size and down to 16-byte pieces), or (0, 0) for none."""
-    if prefetch is None or nbytes <= 0:
-        return [ctypes.c_void_p(0), ctypes.c_longlong(0)]
-    if prefetch.device != device:
-        raise ValueError(f"prefetch tensor is on {prefetch.device}, the kernel runs on {device}")
-    if not prefetch.is_contiguous() or prefetch.data_ptr() % 16:
-        raise ValueError("prefetch tensor must be contiguous and 16-byte aligned")
-    size = prefetch.numel() * prefetch.element_size()
-    return [ctypes.c_void_p(prefetch.data_ptr()), ctypes.c_longlong(min(int(nbytes), size) & ~15)]
-
-
 #: Reasons that are properties of one call's shapes (the fallback is silent for them).
 ALIGNMENT_PREFIX = "weights must be 16-byte aligned"
 
@@ -449,14 +436,8 @@ def launch(
     *,
     glu: bool = False,
     pdl: int = 0,
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> None:
     """``y[b, seg_j] = mask_j(x[b]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
-
-    ``prefetch``: a tensor on the same device whose first ``prefetch_bytes`` bytes (clipped to its size) the
-    programs fetch into L2 after their weight loop (the next projection's weights); a hint, no result
-    depends on it.
 
     x [B, K] with contiguous rows (B <= 8), or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a
     column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
@@ -479,7 +460,6 @@ def launch(
         ctypes.c_int(k), ctypes.c_int(w_t.stride(0)), ctypes.c_int(geo.rows_per_split), ctypes.c_int(geo.rows_per_warp),
         *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
         ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
-        *prefetch_arguments(prefetch, prefetch_bytes, x.device),
     ]
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()

@@ -501,13 +501,10 @@ def _launch_cuda(
     split_list: list[int],
     config: KernelConfig,
     glu: bool = False,
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> None:
     """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments and 1..8 rows (the same
-    signature as the Triton ``_launch``, so the callers pick either; the Triton kernels ignore ``prefetch``)."""
-    _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device),
-                           prefetch=prefetch, prefetch_bytes=prefetch_bytes)
+    signature as the Triton ``_launch``, so the callers pick either)."""
+    _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device))
 
 
 def dense_masked_linear(
@@ -551,8 +548,6 @@ def sparse_linear_triton(
     config: Optional[KernelConfig] = None,
     out: Optional[torch.Tensor] = None,
     regime: str = "sparse",
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     """The CUDA implementation (also runs on CPU tensors under ``TRITON_INTERPRET=1``).
 
@@ -593,7 +588,8 @@ def sparse_linear_triton(
         group = split_list[g : g + MAX_SEGMENTS_PER_LAUNCH]
         width = sum(group)
         whole = width == n
-        args = (
+        launch = _launch_cuda if config.cuda else _launch_gather if config.gather and batch == 1 else _launch
+        launch(
             x,
             w_t if whole else w_t[:, start : start + width],
             out if whole else out[:, start : start + width],
@@ -602,11 +598,6 @@ def sparse_linear_triton(
             group,
             config,
         )
-        if config.cuda:  # the last launch fetches the next weights into L2
-            last = g + MAX_SEGMENTS_PER_LAUNCH >= len(split_list)
-            _launch_cuda(*args, prefetch=prefetch if last else None, prefetch_bytes=prefetch_bytes if last else 0)
-        else:
-            (_launch_gather if config.gather and batch == 1 else _launch)(*args)
         start += width
     return out
 
@@ -623,12 +614,9 @@ def _sparse_linear_op(
     splits: Optional[List[int]] = None,
     col_scale: Optional[torch.Tensor] = None,
     regime: str = "sparse",
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     if x.device.type == "cuda":
-        return sparse_linear_triton(x, w_t, thresholds, splits, col_scale, regime=regime, prefetch=prefetch,
-                                    prefetch_bytes=prefetch_bytes)
+        return sparse_linear_triton(x, w_t, thresholds, splits, col_scale, regime=regime)
     return sparse_linear_reference(x, w_t, thresholds, splits, col_scale)
 
 
@@ -640,8 +628,6 @@ def _sparse_linear_fake(
     splits: Optional[List[int]] = None,
     col_scale: Optional[torch.Tensor] = None,
     regime: str = "sparse",
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     _check_args(x, w_t, thresholds, splits, col_scale)
     _check_regime(regime)
@@ -656,8 +642,6 @@ def sparse_linear(
     col_scale: Optional[torch.Tensor] = None,
     *,
     regime: str = "sparse",
-    prefetch: Optional[torch.Tensor] = None,
-    prefetch_bytes: int = 0,
 ) -> torch.Tensor:
     """``y[..., seg_j] = (x * (|x| * c_j > t_j)) @ w_t[:, seg_j]`` with fp32 accumulation, y in x's dtype.
 
@@ -666,9 +650,7 @@ def sparse_linear(
     to N (None: one segment); col_scale fp32 [S, K] (weight-aware rule) or None. regime: the tuned
     launch configuration to use, "sparse" (tuned at TEAL's sparsities) or "dense" (tuned with every
     threshold -inf: for callers that use the kernel as a dense product, as the engine's dense groups on
-    Hopper); the result is the same, only the speed differs. prefetch, prefetch_bytes: the first bytes of
-    another tensor (the next projection's weights) to fetch into L2 once this call's weight stream is
-    done, where the CUDA C++ kernel runs (elsewhere ignored); a hint that changes no result.
+    Hopper); the result is the same, only the speed differs.
     """
     _check_regime(regime)
     if not isinstance(thresholds, torch.Tensor):
@@ -679,7 +661,7 @@ def sparse_linear(
     lead = x.shape[:-1]
     y = torch.ops.teal.sparse_linear(
         x.reshape(-1, x.shape[-1]), w_t, thresholds, None if splits is None else [int(s) for s in splits], col_scale,
-        regime, prefetch, int(prefetch_bytes),
+        regime,
     )
     return y.reshape(*lead, w_t.shape[-1])
 
@@ -715,8 +697,7 @@ def _check_glu_args(gate_up: torch.Tensor, w_t: torch.Tensor) -> None:
 
 def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
                              col_scale: Optional[torch.Tensor] = None, *, config: Optional[KernelConfig] = None,
-                             out: Optional[torch.Tensor] = None, regime: str = "sparse",
-                             prefetch: Optional[torch.Tensor] = None, prefetch_bytes: int = 0) -> torch.Tensor:
+                             out: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     """The Triton implementation: one batch-1 launch of ``sparse_gemv_kernel`` that computes the SiLU-gated
     input where it loads it (``config`` overrides the table; it must be a non-gather batch-1 config);
     elsewhere ``silu_mul`` then ``sparse_linear_triton``."""
@@ -726,7 +707,7 @@ def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, threshold
         fused = _cuda_or_fallback(gate_up, w_t, [w_t.shape[1]], fused)
     if fused is None or fused.dense or fused.gather or gate_up.shape[0] != 1:
         return sparse_linear_triton(silu_mul(gate_up), w_t, thresholds, None, col_scale, config=config, out=out,
-                                    regime=regime, prefetch=prefetch, prefetch_bytes=prefetch_bytes)
+                                    regime=regime)
     k, n = w_t.shape
     split_list = _check_args(gate_up[:, :k], w_t, thresholds, None, col_scale)
     if out is None:
@@ -736,11 +717,7 @@ def sparse_linear_glu_triton(gate_up: torch.Tensor, w_t: torch.Tensor, threshold
     path_counts["cuda" if fused.cuda else "triton"] += 1
     thr = thresholds.reshape(-1).to(torch.float32).contiguous()
     scale = None if col_scale is None else col_scale.to(torch.float32).contiguous()
-    if fused.cuda:
-        _launch_cuda(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True, prefetch=prefetch,
-                     prefetch_bytes=prefetch_bytes)
-    else:
-        _launch(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True)
+    (_launch_cuda if fused.cuda else _launch)(gate_up.contiguous(), w_t, out, thr, scale, split_list, fused, glu=True)
     return out
 
 
@@ -753,18 +730,15 @@ def sparse_linear_glu_reference(gate_up: torch.Tensor, w_t: torch.Tensor, thresh
 
 @torch.library.custom_op("teal::sparse_linear_glu", mutates_args=())
 def _sparse_linear_glu_op(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                          col_scale: Optional[torch.Tensor] = None, regime: str = "sparse",
-                          prefetch: Optional[torch.Tensor] = None, prefetch_bytes: int = 0) -> torch.Tensor:
+                          col_scale: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     if gate_up.device.type == "cuda":
-        return sparse_linear_glu_triton(gate_up, w_t, thresholds, col_scale, regime=regime, prefetch=prefetch,
-                                        prefetch_bytes=prefetch_bytes)
+        return sparse_linear_glu_triton(gate_up, w_t, thresholds, col_scale, regime=regime)
     return sparse_linear_glu_reference(gate_up, w_t, thresholds, col_scale)
 
 
 @_sparse_linear_glu_op.register_fake
 def _sparse_linear_glu_fake(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                            col_scale: Optional[torch.Tensor] = None, regime: str = "sparse",
-                            prefetch: Optional[torch.Tensor] = None, prefetch_bytes: int = 0) -> torch.Tensor:
+                            col_scale: Optional[torch.Tensor] = None, regime: str = "sparse") -> torch.Tensor:
     _check_glu_args(gate_up, w_t)
     _check_regime(regime)
     _check_args(gate_up[:, : w_t.shape[0]], w_t, thresholds, None, col_scale)
@@ -772,15 +746,13 @@ def _sparse_linear_glu_fake(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds
 
 
 def sparse_linear_glu(gate_up: torch.Tensor, w_t: torch.Tensor, thresholds: torch.Tensor,
-                      col_scale: Optional[torch.Tensor] = None, *, regime: str = "sparse",
-                      prefetch: Optional[torch.Tensor] = None, prefetch_bytes: int = 0) -> torch.Tensor:
+                      col_scale: Optional[torch.Tensor] = None, *, regime: str = "sparse") -> torch.Tensor:
     """``sparse_linear(silu(gate) * up, w_t, thresholds, None, col_scale)`` from the gate|up row(s) gate_up
     [B, 2K] (one segment; thresholds [1]). At batch 1 on CUDA the SiLU product is computed inside the GEMV
     kernel where it is loaded (no separate launch, no [1, K] round trip); otherwise it is computed first.
-    regime, prefetch, prefetch_bytes: as for `sparse_linear`."""
+    regime: as for `sparse_linear`."""
     _check_regime(regime)
-    return torch.ops.teal.sparse_linear_glu(gate_up, w_t, thresholds.reshape(-1), col_scale, regime, prefetch,
-                                            int(prefetch_bytes))
+    return torch.ops.teal.sparse_linear_glu(gate_up, w_t, thresholds.reshape(-1), col_scale, regime)
 
 
 def _check_regime(regime: str) -> None:

@@ -27,8 +27,6 @@
 //   GLU       the input is a gate|up row [2K]; x_i = silu(gate_i) * up_i with eager PyTorch's roundings
 //   PDL       0: plain launch; 1: let the next kernel launch at once; 2: let it launch after the weight loop.
 //             With 1 or 2 the program waits for the previous kernel (griddepcontrol) before reading x.
-// Runtime: `prefetch_bytes` > 0 fetches that many bytes from `prefetch` into L2 after the weight loop (the
-// programs split them), so the next projection's weights arrive while the DRAM would otherwise idle.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py).
 
@@ -181,22 +179,6 @@ __device__ __forceinline__ float load_cluster_shared(unsigned addr, unsigned ran
 }
 #endif
 
-// This program's share of `bytes` bytes from `p` (16-byte aligned), fetched into L2 by the copy engine
-// without waiting (cp.async.bulk.prefetch): the next kernel's weights, read while the DRAM would idle in
-// this kernel's tail and the small kernels after it. Warp 0's lanes issue pieces of PREFETCH_PIECE bytes.
-#define PREFETCH_PIECE 16384
-__device__ __forceinline__ void prefetch_share(const unsigned char* p, long long bytes, int lane) {
-    const long long programs = (long long)gridDim.x * gridDim.y;
-    const long long program = (long long)blockIdx.y * gridDim.x + blockIdx.x;
-    const long long share = ((bytes + programs - 1) / programs + 15) & ~15LL;
-    const long long lo = program * share;
-    const long long hi = min(bytes, lo + share);
-    for (long long a = lo + (long long)lane * PREFETCH_PIECE; a < hi; a += 32LL * PREFETCH_PIECE) {
-        const unsigned size = (unsigned)min((long long)PREFETCH_PIECE, hi - a);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p + a), "r"(size) : "memory");
-    }
-}
-
 #if SPLIT > 1
 #define CLUSTER_DIMS __cluster_dims__(1, SPLIT, 1)
 #else
@@ -210,8 +192,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const elem_t* __restrict__ x, const elem_t* __restrict__ w, elem_t* __restrict__ y,
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
-    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y,
-    const unsigned char* __restrict__ prefetch, long long prefetch_bytes) {
+    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
@@ -331,7 +312,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #if PDL == 2
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-    if (prefetch_bytes > 0 && warp == 0) prefetch_share(prefetch, prefetch_bytes, lane);
 
     // 3. The warps' sums, then this program's partial sums.
     __syncthreads();  // every warp is done with its list
