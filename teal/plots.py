@@ -23,7 +23,9 @@ def load_results(path: str | Path) -> dict[str, Any]:
 def plot(paths: list[str | Path], out: str | Path, metric: str = "ppl") -> Path:
     """Draw ``metric`` against measured sparsity, one line per (file, method).
 
-    Kernel benchmark JSONs (``"kind": "kernels"``) are drawn by the kernel benchmark's own plot.
+    Kernel benchmark JSONs (``teal bench kernels --json``: ``"benchmark": "kernels"``) are drawn by the
+    kernel benchmark's own plot (time vs sparsity against the ideal (1 - s) line); decode benchmark JSONs
+    (``"benchmark": "decode"``) by tokens/s against measured sparsity.
     """
     import matplotlib
 
@@ -31,14 +33,15 @@ def plot(paths: list[str | Path], out: str | Path, metric: str = "ppl") -> Path:
     import matplotlib.pyplot as plt
 
     datasets = [load_results(p) for p in paths]
-    if any(d.get("kind") == "kernels" for d in datasets):
+    kinds = [d.get("benchmark", d.get("kind")) for d in datasets]
+    if "kernels" in kinds:
         if len(datasets) != 1:
             raise ValueError("plot one kernel benchmark JSON at a time")
         from teal.bench.kernels import plot as plot_kernels
 
         plot_kernels(datasets[0], out)
         return Path(out)
-    if any(d.get("kind") == "decode" for d in datasets):
+    if any(kind in ("decode", "decode-tp") for kind in kinds):
         metric = "tokens_per_s"
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for path, data in zip(paths, datasets):
@@ -53,6 +56,10 @@ def plot(paths: list[str | Path], out: str | Path, metric: str = "ppl") -> Path:
             label = method if len(paths) == 1 else f"{Path(path).stem}: {method}"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
     values = [y for line in ax.get_lines() for y in line.get_ydata()]
+    if not values:
+        plt.close(fig)
+        found = sorted({k for d in datasets for row in d["results"] if isinstance(row, dict) for k in row})
+        raise ValueError(f"no result row has {metric!r} to plot (keys found: {', '.join(found[:12])})")
     if metric == "ppl" and values and min(values) > 0 and max(values) / min(values) > 10:
         ax.set_yscale("log")  # high-sparsity blow-ups would flatten the interesting range
     model = datasets[0].get("model", "")

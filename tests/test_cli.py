@@ -47,6 +47,55 @@ def test_eval_ppl_json_and_plot(artifact, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_tasks_table_and_json(artifact, tmp_path):
+    """A hand-made task (acc_norm reported) and winogrande (partial evaluation: no acc_norm, headline acc)."""
+    task = tmp_path / "capitals.jsonl"
+    task.write_text("\n".join(json.dumps(x) for x in [
+        {"context": "The capital of France is", "choices": ["Paris.", "a small green frog."], "gold": 0},
+        {"context": "Two plus two equals", "choices": ["the moon.", "four."], "gold": 1},
+    ]) + "\n")
+    js = tmp_path / "tasks.json"
+    r = invoke("eval", "tasks", "smollm2-135m", artifact, "--sparsity", "0,0.5", "--tasks", f"file:{task},winogrande",
+               "--limit", 3, "--json", js)
+    assert r.exit_code == 0, r.output
+    data = json.loads(js.read_text())
+    assert [(x["method"], x["sparsity"]) for x in data["results"]] == [("teal-uniform", 0), ("teal-uniform", 0.5)]
+    for row in data["results"]:
+        per = row["tasks"]
+        assert per["winogrande"]["acc_norm"] is None and per["winogrande"]["metric"] == "acc"
+        assert per["winogrande"]["n"] == 3 and per[f"file:{task}"]["n"] == 2
+        assert row["average"] == pytest.approx((per["winogrande"]["acc"] + per[f"file:{task}"]["score"]) / 2)
+    assert data["results"][0]["measured_sparsity"] == 0.0
+    assert abs(data["results"][1]["measured_sparsity"] - 0.5) < 0.1
+    assert "winogrande" in r.output and "(acc)" in r.output and "–" not in r.output
+
+
+@pytest.mark.parametrize("name", ["2026-11-29-h200-kernels-cuda-batched.json", "2026-11-29-h200-decode-cuda-final.json"])
+def test_plot_draws_committed_bench_results(name, tmp_path):
+    """`teal plot` on the benchmarks' own JSON: kernels (time vs sparsity panels) and decode (tok/s)."""
+    from pathlib import Path
+
+    import matplotlib.image
+
+    src = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name
+    png = tmp_path / "bench.png"
+    r = invoke("plot", src, "-o", png)
+    assert r.exit_code == 0, r.output
+    image = matplotlib.image.imread(png)
+    rgb = image[..., :3]
+    colored = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.3  # data lines; empty axes are black, white and grey
+    assert colored.mean() > 0.002
+
+
+def test_plot_refuses_results_without_the_metric(tmp_path):
+    js = tmp_path / "odd.json"
+    js.write_text(json.dumps({"results": [{"method": "x", "sparsity": 0.5}]}))
+    r = invoke("plot", js, "-o", tmp_path / "odd.png")
+    assert r.exit_code != 0
+    assert "no result row has 'ppl'" in (r.output + str(r.exception))
+    assert not (tmp_path / "odd.png").exists()
+
+
 def test_generate(artifact):
     r = invoke("generate", "smollm2-135m", artifact, "--sparsity", 0.5, "--prompt",
                "The capital of France is", "--max-new-tokens", 6)
