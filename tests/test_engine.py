@@ -143,12 +143,23 @@ def test_checkpoint_directory_sharded(tmp_path):
     assert gen.mode == "eager" and gen.engine.dtype == torch.float32
 
 
-def test_bf16_engine_close_to_hf():
-    hf = tiny_hf_model("llama3-rope").to(torch.bfloat16)
-    engine = engine_from_hf_model(hf, max_seq_len=32)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_engine_close_to_hf(dtype):
+    """bf16 and fp16: prefill logits and a decode step against HF in the same dtype, both against fp32."""
+    hf32 = tiny_hf_model("llama3-rope")
     ids = prompt_ids(12)
     with torch.no_grad():
-        assert rel_err(engine.prefill(ids, all_logits=True), hf(ids[None]).logits[0]) <= 2e-2
+        exact = hf32(ids[None]).logits[0]
+        hf = tiny_hf_model("llama3-rope").to(dtype)
+        engine = engine_from_hf_model(hf, max_seq_len=32)
+        assert engine.dtype == dtype
+        logits = engine.prefill(ids, all_logits=True)
+        assert logits.dtype == dtype
+        assert rel_err(logits, hf(ids[None]).logits[0]) <= 2e-2
+        assert rel_err(logits, exact) <= 2e-2
+        engine.prefill(ids[:-1])
+        step = engine.decode(ids[-1:], torch.tensor([len(ids) - 1]))[0]
+        assert rel_err(step, exact[-1]) <= 2e-2
 
 
 # ------------------------------------------------------------------ sparse decode
@@ -228,18 +239,23 @@ def test_kernel_at_zero_per_group_and_without_thresholds():
         assert not any(any(f) for f in engine.sparse_flags)
 
 
-def test_generator_with_teal_thresholds_matches_sparsified_hf():
+@pytest.mark.parametrize("method", ["uniform", "greedy"])
+def test_generator_with_teal_thresholds_matches_sparsified_hf(method):
     teal = pytest.importorskip("teal")
     if not all(hasattr(teal, n) for n in ("calibrate", "sparsify_")):
         pytest.skip("teal.calibrate / teal.sparsify_ not available")
     hf = tiny_hf_model("llama3-rope")
     windows = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(5))
     th = teal.calibrate(hf, None, windows=windows, tokens=128, progress=False)
-    gen = Generator.from_pretrained(hf, thresholds=th, sparsity=0.5, max_seq_len=40)
+    if method == "greedy":  # every projection its own level (same effective sparsity)
+        teal.allocate(hf, th, "greedy", windows=windows[:2], step=0.05, max_level=0.5, progress=False, lazy=True)
+        levels = th.sparsities(0.5, "greedy")
+        assert len(set(round(v, 3) for v in levels.values())) > 1
+    gen = Generator.from_pretrained(hf, thresholds=th, sparsity=0.5, method=method, max_seq_len=40)
     ids = prompt_ids(8, seed=11)
     out = gen.generate(ids, max_new_tokens=10, stop=[])
     dense_out = Generator.from_pretrained(hf, max_seq_len=40).generate(ids, max_new_tokens=10, stop=[])
-    teal.sparsify_(hf, th, sparsity=0.5, prefill="dense")
+    teal.sparsify_(hf, th, sparsity=0.5, method=method, prefill="dense")
     try:
         ref = hf_greedy(hf, ids, 10)
     finally:
@@ -476,8 +492,9 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     from teal.bench import decode
 
     path = tmp_path / "decode.json"
+    with_hf = shape == "tiny-llama"  # HF generate with a static cache in the same run (eager on the CPU)
     data = decode.run(shape=shape, sparsities=(0.5,), prompt_len=12, new_tokens=6, repeats=1,
-                      json_path=path, hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None)
+                      json_path=path, hf_baselines=with_hf, device="cpu", dtype=torch.float32, log=lambda _: None)
     saved = json.loads(path.read_text())
     assert saved["results"] == json.loads(json.dumps(data["results"], default=str))
     assert not data["errors"], data["errors"]
@@ -496,4 +513,10 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     candidates = [r["tokens_per_s"] for r in data["dense_variants"]] + [
         r["tokens_per_s"] for r in data["results"] if r["sparsity"] == 0]
     assert best["tokens_per_s"] == max(candidates) and best["path"]
+    if with_hf:
+        hf = data["baselines"]["hf_static_compile"]
+        assert hf["tokens_per_s"] > 0 and hf["new_tokens"] == 6
+        assert sparse["speedup_vs_hf_static"] == pytest.approx(sparse["tokens_per_s"] / hf["tokens_per_s"])
+    else:
+        assert sparse["speedup_vs_hf_static"] is None
     assert sparse["speedup_vs_dense"] == pytest.approx(sparse["tokens_per_s"] / best["tokens_per_s"])
