@@ -1,14 +1,19 @@
 """Quality of TEAL allocations on one model: perplexity and downstream tasks vs measured sparsity.
 
-Calibrates a magnitude (TEAL) and a weight-aware artifact on ``sotu`` (calibration split), adds
-the ``greedy`` and ``fisher`` allocations (and ``cross-layer`` when asked) to both, then for every method and target sparsity
-sparsifies the model (``prefill="sparse"``: every position) and measures perplexity on
-``olmo-wiki`` and ``lambada`` (evaluation split) and the average of six zero-shot tasks. Writes
-``<out>/<model>.json`` (rewritten after every setting, so a run can be resumed with
-``--resume``), ``<out>/<model>.png`` and ``<out>/<model>.md`` (the tables).
+Calibrates a magnitude (TEAL) and a weight-aware artifact on the calibration split of
+``--calib-data`` (the committed report uses ``olmo-wiki``; the default is ``sotu``), adds the
+``greedy`` and ``fisher`` allocations (and ``cross-layer`` when asked) to both, then for every
+method and nominal sparsity sparsifies the model (``prefill="sparse"``: every position) and
+measures perplexity on ``olmo-wiki`` and ``lambada`` (evaluation split) and, at
+``--task-sparsities``, the average of six zero-shot tasks. Writes ``<out>/<model>.json``
+(rewritten after every setting; ``--resume`` skips the settings already in it and adds the tasks
+to rows measured without them, keeping their PPL), ``<out>/<model>.png``, ``<out>/<model>.md``
+(the tables) and ``<out>/<model>-<source>.json`` for source olmo-wiki and lambada (the issue's
+schema: direct rows plus rows interpolated at measured sparsity 0.25/0.4/0.5/0.65).
+``--replot`` rewrites all but the full JSON's rows from the existing JSON.
 
     python benchmarks/quality/run_quality.py --model smollm2-135m --limit 50 --tokens 4096 \
-        --out benchmarks/quality
+        --calib-data olmo-wiki --out benchmarks/quality
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens for histograms")
     p.add_argument("--calib-seq-len", type=int, default=1024)
     p.add_argument("--alloc-tokens", type=int, default=1024,
-                   help="sotu tokens for the greedy and cross-layer searches")
+                   help="--calib-data tokens for the greedy and cross-layer searches")
     p.add_argument("--fisher-tokens", type=int, default=2048,
-                   help="sotu tokens for the fisher allocation's backward passes")
+                   help="--calib-data tokens for the fisher allocation's backward passes")
     p.add_argument("--alloc-seq-len", type=int, default=512)
     p.add_argument("--step", type=float, default=0.05, help="allocation table step")
     p.add_argument("--sparsities", default=",".join(map(str, DEFAULT_SPARSITIES)))
@@ -75,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="skip settings already in the JSON")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--replot", action="store_true",
-                   help="only redraw the PNG and tables from the existing JSON")
+                   help="only redraw the PNG, tables and per-source schema JSONs from the existing JSON")
     return p.parse_args(argv)
 
 
@@ -98,16 +103,24 @@ def versions() -> dict[str, str]:
     }
 
 
-def build_artifact(model, tok, score: str, args, methods: list[str], log) -> teal.Thresholds:
-    """Calibrate (or reuse) the ``score`` artifact with the allocations ``methods`` need."""
+def build_artifact(model, tok, score: str, args, methods: list[str], log,
+                   must_reuse: bool = False) -> teal.Thresholds:
+    """Calibrate (or reuse) the ``score`` artifact with the allocations ``methods`` need.
+
+    ``must_reuse``: existing rows of the JSON were measured with this artifact (resume adds tasks
+    to them), so recalibrating or re-allocating would silently mix two artifacts: refuse instead."""
     path = None if args.artifacts is None else args.artifacts / f"{slug(args.model)}-{score}"
     th = None
     if path is not None and path.is_dir():
         try:
             th = teal.Thresholds.load(path, model=model)
-            log(f"reusing {score} artifact {path}")
+            log(f"reusing {score} artifact {path} (allocations: {', '.join(th.allocations) or 'none'})")
         except teal.ArtifactError as e:
             log(f"not reusing {path}: {e}")
+    if must_reuse and (th is None or any(m not in th.allocations for m in methods if m != "uniform")):
+        raise SystemExit(
+            f"--resume: the JSON has rows measured with the {score} artifact, but {path} could not be "
+            "reused with all its allocations; refusing to recompute it (pass the run's --artifacts)")
     if th is None:
         t0 = time.perf_counter()
         th = teal.calibrate(model, tok, data=args.calib_data, tokens=args.calib_tokens,
@@ -151,16 +164,137 @@ def evaluate(model, tok, windows: dict[str, torch.Tensor], args, with_tasks: boo
     return row
 
 
+def evaluate_tasks(model, tok, args) -> dict[str, Any]:
+    """Only the downstream tasks (added by ``--resume`` to a row whose PPL is already measured)."""
+    t0 = time.perf_counter()
+    teal.sparsify.reset_counters(model)
+    res = run_tasks(model, tok, args.tasks.split(","), limit=args.limit, seed=args.seed,
+                    progress=False)
+    return {"tasks_avg": res["average"],
+            "tasks": {name: r["score"] for name, r in res["tasks"].items()},
+            "measured_sparsity_tasks": float(teal.measured_sparsity(model)),
+            "tasks_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def at_measured(results: list[dict], method: str, key: str, level: float) -> float | None:
-    """``key`` of ``method`` at measured sparsity ``level``, linear between bracketing settings."""
-    pts = sorted((r["measured_sparsity"], r[key]) for r in results
-                 if r["method"] in (method, "dense") and r.get(key) is not None)
+    """``key`` of ``method`` at measured sparsity ``level``, linear between the two settings that
+    bracket it (None where one of them lacks ``key``). Lambada PPL is placed by the sparsity
+    measured on lambada, the rest by the one measured on olmo-wiki."""
+    axis = "measured_sparsity_lambada" if key == "ppl_lambada" else "measured_sparsity"
+    pts = sorted((0.0 if r["method"] == "dense" else r[axis], r.get(key)) for r in results
+                 if r["method"] in (method, "dense"))
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= level <= x1 and x1 > x0:
+            if y0 is None or y1 is None:
+                return None
             if key.startswith("ppl"):  # perplexity: interpolate its logarithm
                 return math.exp(math.log(y0) + (level - x0) / (x1 - x0) * (math.log(y1) - math.log(y0)))
             return y0 + (level - x0) / (x1 - x0) * (y1 - y0)
     return None
+
+
+SCHEMA_METHODS = ("teal-uniform", "teal-greedy", "wa-uniform", "wa-greedy", "teal-fisher", "wa-fisher")
+SCHEMA_TARGETS = (0.25, 0.4, 0.5, 0.65)
+# data source of each schema file -> (PPL key, measured-sparsity key) in the full JSON's rows
+SCHEMA_SOURCES = {"olmo-wiki": ("ppl", "measured_sparsity"),
+                  "lambada": ("ppl_lambada", "measured_sparsity_lambada")}
+
+
+def bracket(points: list[dict], level: float) -> tuple[dict, dict] | None:
+    """The two settings (dicts with ``measured``) whose measured sparsity brackets ``level``."""
+    pts = sorted(points, key=lambda p: p["measured"])
+    for lo, hi in zip(pts, pts[1:]):
+        if lo["measured"] <= level <= hi["measured"] and hi["measured"] > lo["measured"]:
+            return lo, hi
+    return None
+
+
+def schema_reports(data: dict[str, Any], source_name: str = "") -> dict[str, dict[str, Any]]:
+    """The issue's per-source files ``{"model", "data", "results", "notes", "source"}``.
+
+    Per method: the direct measurement at every nominal level (``sparsity`` = nominal,
+    ``measured_sparsity`` measured on that source's evaluation text), then one row at each target
+    measured sparsity, interpolated between the two direct settings that bracket it (the dense
+    model counts as a setting at 0): log-PPL and ``tasks_avg`` linear in measured sparsity.
+    A target outside the measured range is left out (no extrapolation); the notes list those."""
+    results = data["results"]
+    dense = next((r for r in results if r["method"] == "dense"), None)
+    reports = {}
+    for source, (ppl_key, ms_key) in SCHEMA_SOURCES.items():
+        rows: list[dict[str, Any]] = []
+        omitted: list[str] = []
+        no_tasks: list[str] = []
+        if dense is not None:
+            rows.append({"method": "dense", "sparsity": 0.0, "measured_sparsity": 0.0,
+                         "ppl": dense[ppl_key], "tasks_avg": dense.get("tasks_avg")})
+        for m in SCHEMA_METHODS:
+            direct = sorted((r for r in results if r["method"] == m and r.get(ppl_key) is not None),
+                            key=lambda r: r["sparsity"])
+            if not direct:
+                continue
+            points = [{"nominal": r["sparsity"], "measured": r[ms_key], "ppl": r[ppl_key],
+                       "tasks_avg": r.get("tasks_avg")} for r in direct]
+            rows += [{"method": m, "sparsity": p["nominal"], "measured_sparsity": p["measured"],
+                      "ppl": p["ppl"], "tasks_avg": p["tasks_avg"]} for p in points]
+            if dense is not None:
+                points.append({"nominal": 0.0, "measured": 0.0, "ppl": dense[ppl_key],
+                               "tasks_avg": dense.get("tasks_avg")})
+            for level in SCHEMA_TARGETS:
+                b = bracket(points, level)
+                if b is None:
+                    lo_m, hi_m = min(p["measured"] for p in points), max(p["measured"] for p in points)
+                    omitted.append(f"{m} at {level:g} (measured range {lo_m:.3f}-{hi_m:.3f})")
+                    continue
+                lo, hi = b
+                t = (level - lo["measured"]) / (hi["measured"] - lo["measured"])
+                ppl = math.exp(math.log(lo["ppl"]) + t * (math.log(hi["ppl"]) - math.log(lo["ppl"])))
+                tasks = None
+                if lo["tasks_avg"] is not None and hi["tasks_avg"] is not None:
+                    tasks = lo["tasks_avg"] + t * (hi["tasks_avg"] - lo["tasks_avg"])
+                else:
+                    no_tasks.append(f"{m} at {level:g}")
+                rows.append({"method": m, "sparsity": level, "measured_sparsity": level,
+                             "ppl": ppl, "tasks_avg": tasks,
+                             "interpolated": {"from": [lo["nominal"], hi["nominal"]],
+                                              "measured": [lo["measured"], hi["measured"]]}})
+        budgets = data.get("budgets", {})
+        notes = [
+            f"PPL on the {source} evaluation split ({budgets.get('eval_tokens_per_source')} tokens, "
+            f"windows of {budgets.get('eval_seq_len')}), {data.get('dtype')} on the CPU, prefill "
+            f"'{data.get('prefill')}' (every position thresholded). measured_sparsity is the "
+            f"parameter-weighted fraction of zeroed inputs actually produced on the {source} "
+            "evaluation text.",
+            "Rows without 'interpolated' are direct measurements: sparsity is the nominal level "
+            "the method was set to. Rows with 'interpolated' are at a target measured sparsity "
+            "(sparsity = measured_sparsity = target), obtained between the two direct settings "
+            "whose measured sparsity on this source brackets it ('from': their nominal levels, "
+            "'measured': their measured sparsities; the dense model is the setting at 0): "
+            "log-PPL and tasks_avg linear in measured sparsity. No extrapolation.",
+            f"tasks_avg: mean of {', '.join(data.get('tasks', []))} (zero-shot, "
+            f"{budgets.get('task_limit')} items per task, seed {budgets.get('task_seed')}, acc_norm "
+            "where reported, else acc); measured on the tasks' own text at the same setting, "
+            "interpolated here along this source's measured sparsity; null where not measured "
+            "(one standard error of the average is ~2.9 points).",
+        ]
+        notes.append("Targets left out (outside the measured range, no extrapolation): "
+                     + ("; ".join(omitted) if omitted else "none") + ".")
+        if no_tasks:
+            notes.append("Interpolated rows with tasks_avg null (a bracketing setting has no "
+                         "task run): " + "; ".join(no_tasks) + ".")
+        reports[source] = {"model": data["model"], "data": source, "results": rows,
+                           "notes": " ".join(notes), "source": source_name}
+    return reports
+
+
+def write_schema(data: dict[str, Any], out: Path) -> list[Path]:
+    """``<out>/<model>-<source>.json`` for every source of :func:`schema_reports`."""
+    name = slug(data["model"])
+    paths = []
+    for source, report in schema_reports(data, f"{name}.json").items():
+        path = out / f"{name}-{source}.json"
+        atomic_write_json(path, report)
+        paths.append(path)
+    return paths
 
 
 def summarize(results: list[dict]) -> dict[str, Any]:
@@ -184,15 +318,16 @@ def summarize(results: list[dict]) -> dict[str, Any]:
             out["ppl_increase_ratio_vs_teal_uniform"] = inc[best] / inc["teal-uniform"]
             out["met_ppl_half_of_uniform"] = inc[best] <= 0.5 * inc["teal-uniform"]
             out["met_ppl_below_greedy"] = inc[best] < inc["teal-greedy"]
-        # tasks usually run at one sparsity only: compare them at that nominal level
+        # tasks: at the interpolated measured level (where both brackets have tasks) and at the
+        # nominal level (direct measurements)
         nominal = {r["method"]: r["tasks_avg"] for r in results
                    if r["sparsity"] == TARGET_LEVEL and r.get("tasks_avg") is not None}
         out["tasks_avg_at_nominal"] = nominal
-        tb = at50[best]["tasks_avg"] if at50[best]["tasks_avg"] is not None else nominal.get(best)
-        tg = at50["teal-greedy"]["tasks_avg"]
-        tg = tg if tg is not None else nominal.get("teal-greedy")
+        tb, tg = at50[best]["tasks_avg"], at50["teal-greedy"]["tasks_avg"]
         if tb is not None and tg is not None:
             out["met_tasks_at_least_greedy"] = tb >= tg
+        if nominal.get(best) is not None and nominal.get("teal-greedy") is not None:
+            out["met_tasks_at_least_greedy_nominal"] = nominal[best] >= nominal["teal-greedy"]
     return out
 
 
@@ -253,9 +388,37 @@ def markdown(data: dict[str, Any]) -> str:
             *("" if tasks.get(t) is None else f"{tasks[t]:.2f}" for t in data["tasks"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    methods = [m for m in dict.fromkeys(r["method"] for r in data["results"]) if m != "dense"]
+    levels = sorted({r["sparsity"] for r in data["results"] if r["method"] != "dense"})
+    by = {(r["method"], r["sparsity"]): r for r in data["results"]}
+    if any(r.get("tasks_avg") is not None for r in data["results"] if r["method"] != "dense"):
+        lines += ["", "Tasks average at each nominal level (measured olmo-wiki sparsity in parentheses):",
+                  "", "| method | " + " | ".join(f"{x:.2f}" for x in levels) + " |",
+                  "|---|" + "---|" * len(levels)]
+        for m in methods:
+            cells = [("" if (r := by.get((m, x))) is None or r.get("tasks_avg") is None
+                      else f"{r['tasks_avg']:.3f} ({r['measured_sparsity']:.3f})") for x in levels]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    wiki = schema_reports(data)["olmo-wiki"]
+    interp = {(r["method"], r["sparsity"]): r for r in wiki["results"] if "interpolated" in r}
+    if interp:
+        lines += ["", "At the target measured sparsities (olmo-wiki; interpolated between the "
+                  "bracketing settings, `-`: outside the measured range): PPL wiki / tasks avg", "",
+                  "| method | " + " | ".join(f"{x:.2f}" for x in SCHEMA_TARGETS) + " |",
+                  "|---|" + "---|" * len(SCHEMA_TARGETS)]
+        for m in SCHEMA_METHODS:
+            if not any(k[0] == m for k in interp):
+                continue
+            cells = []
+            for x in SCHEMA_TARGETS:
+                r = interp.get((m, x))
+                cells.append("-" if r is None else f"{r['ppl']:.2f} / "
+                             + ("" if r["tasks_avg"] is None else f"{r['tasks_avg']:.3f}"))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     s = data.get("summary") or {}
     if s.get("at_level"):
-        lines += ["", f"At {s['level']:.0%} measured sparsity (interpolated in measured sparsity; "
+        lines += ["", f"At {s['level']:.0%} measured sparsity (interpolated in measured sparsity, "
+                  "lambada PPL in lambada's; "
                   f"dense PPL {s['dense_ppl']:.3f}):", "",
                   "| method | PPL wiki | ΔPPL | PPL lambada | tasks avg |", "|---|---|---|---|---|"]
         for m, v in s["at_level"].items():
@@ -275,7 +438,9 @@ def markdown(data: dict[str, Any]) -> str:
                   f"<= 0.5: {'met' if s.get('met_ppl_half_of_uniform') else 'missed'}), vs "
                   f"TEAL-greedy {s['ppl_increase'].get('teal-greedy', float('nan')):.3f} "
                   f"({'met' if s.get('met_ppl_below_greedy') else 'missed'}); tasks avg >= "
-                  f"TEAL-greedy's: {s.get('met_tasks_at_least_greedy', 'n/a')}."]
+                  f"TEAL-greedy's: {s.get('met_tasks_at_least_greedy', 'n/a')} at {s['level']:.0%} "
+                  f"measured (interpolated), {s.get('met_tasks_at_least_greedy_nominal', 'n/a')} at "
+                  f"nominal {s['level']:.2f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -299,6 +464,8 @@ def main(argv: list[str] | None = None) -> int:
         data["summary"] = summarize(data["results"])
         atomic_write_json(json_path, data)
         write_figures(data, args.out)
+        for path in write_schema(data, args.out):
+            print(f"wrote {path}")
         return 0
     t_start = time.perf_counter()
 
@@ -334,12 +501,24 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     done: set[tuple[str, float]] = set()
+    old_allocations: dict[str, Any] = {}
+
+    def comparable(budgets: dict[str, Any] | None) -> dict[str, Any] | None:
+        # the task levels may grow on resume: rows missing tasks get them, their PPL is kept
+        return None if budgets is None else {k: v for k, v in budgets.items() if k != "task_sparsities"}
+
     if args.resume and json_path.is_file():
         old = json.loads(json_path.read_text())
-        if old.get("budgets") == data["budgets"] and old.get("dtype") == args.dtype:
+        if (comparable(old.get("budgets")) == comparable(data["budgets"])
+                and old.get("dtype") == args.dtype and old.get("tasks") == data["tasks"]):
             data["results"] = old["results"]
             done = {(r["method"], r["sparsity"]) for r in data["results"]}
+            old_allocations = old.get("allocations") or {}
+            data["history"] = [*old.get("history", []),
+                               {k: old.get(k) for k in ("date", "command", "seconds_total", "versions")}]
             log(f"resuming: {len(done)} settings already in {json_path}")
+        else:
+            log(f"not resuming: budgets/dtype/tasks of {json_path} differ; measuring every setting")
 
     def save() -> None:
         data["summary"] = summarize(data["results"])
@@ -350,12 +529,17 @@ def main(argv: list[str] | None = None) -> int:
     for prefix, score in SCORES.items():
         allocs = [m.partition("-")[2] for m in methods if m.startswith(prefix + "-")]
         if allocs:
-            artifacts[prefix] = build_artifact(model, tok, score, args, allocs, log)
+            resumed = any(m.startswith(prefix + "-") for m, _ in done)
+            artifacts[prefix] = build_artifact(model, tok, score, args, allocs, log,
+                                               must_reuse=resumed)
             data["allocations"][prefix] = {
                 name: {k: v for k, v in table.items() if k not in ("sparsities", "layer_kl")}
                 | ({"layer_kl": table["layer_kl"]} if "layer_kl" in table else {})
                 for name, table in artifacts[prefix].allocations.items()
             }
+            if resumed and prefix in old_allocations and old_allocations[prefix] != data["allocations"][prefix]:
+                raise SystemExit(f"--resume: the {score} artifact's allocations differ from those "
+                                 f"recorded in {json_path}; refusing to mix them")
     windows = {src: token_windows(tok, src, args.tokens, args.seq_len, split="evaluation")
                for src in EVAL_SOURCES.values()}
 
@@ -370,6 +554,18 @@ def main(argv: list[str] | None = None) -> int:
     for s in sparsities:
         for m in methods:
             if (m, s) in done:
+                row = next(r for r in data["results"] if (r["method"], r["sparsity"]) == (m, s))
+                if s in task_levels and m in task_methods and row.get("tasks_avg") is None:
+                    # resume: add the tasks to a row measured without them; its PPL is kept
+                    prefix, _, alloc = m.partition("-")
+                    teal.sparsify_(model, artifacts[prefix], s, method=alloc, prefill="sparse")
+                    try:
+                        row.update(evaluate_tasks(model, tok, args))
+                    finally:
+                        teal.densify_(model)
+                    save()
+                    log(f"{m} @ {s:.2f}: tasks {row['tasks_avg']:.3f} added (PPL kept: "
+                        f"{row['ppl']:.3f}) ({row['tasks_seconds']:.0f} s)")
                 continue
             prefix, _, alloc = m.partition("-")
             th = artifacts[prefix]
@@ -390,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
     data["results"].sort(key=lambda r: (r["sparsity"], order.get(r["method"], 99)))
     save()
     write_figures(data, args.out)
-    log(f"wrote {json_path}")
+    write_schema(data, args.out)
+    log(f"wrote {json_path} and its per-source files")
     return 0
 
 
