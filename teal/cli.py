@@ -104,6 +104,36 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     console.print(f"wrote {path}")
 
 
+SCORE_HELP = ("magnitude | weight-aware: the threshold rule; fixed when the artifact is calibrated, so here it "
+              "only checks the artifact (an error if it holds the other one)")
+SCORE_PREFIXES = {"teal": "magnitude", "wa": "weight-aware"}
+
+
+def resolve_methods(methods: list[str], th: Any, score: Optional[str], artifact: Any) -> list[str]:
+    """Allocation names for `teal.sparsify_`: plain ("uniform", "greedy", ...) or as results label them
+    ("teal-greedy": magnitude scores, "wa-uniform": weight-aware). A label's score, and ``--score``, must be the
+    artifact's (its histograms are of one score); a clear error otherwise."""
+    from teal.artifact import SCORES
+
+    if score is not None and score not in SCORES:
+        raise typer.BadParameter(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    wanted = {score} if score else set()
+    plain = []
+    for m in methods:
+        prefix, sep, rest = m.partition("-")
+        if sep and prefix in SCORE_PREFIXES and rest:
+            wanted.add(SCORE_PREFIXES[prefix])
+            m = rest
+        plain.append(m)
+    if th is not None:
+        other = sorted(wanted - {th.score})
+        if other:
+            raise typer.BadParameter(
+                f"the artifact {artifact} holds {th.score} scores, but {other[0]} was asked for (--score or a "
+                f"method label); calibrate an artifact with `teal calibrate MODEL -o DIR --score {other[0]}`")
+    return plain
+
+
 def ppl_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for col in ("method", "sparsity", "measured", "PPL", "ΔPPL", "tokens", "seconds"):
@@ -151,6 +181,7 @@ def allocate(
     step: float = typer.Option(0.01, help="effective-sparsity step of the search (≤ 0.05)"),
     max_level: float = typer.Option(0.9),
     lazy: bool = typer.Option(False, "--lazy/--exact", help="lazy greedy: far fewer evaluations"),
+    score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -159,6 +190,7 @@ def allocate(
 
     hf_model, tok = load(model, dtype, device)
     th = teal.Thresholds.load(artifact, model=hf_model)
+    (method,) = resolve_methods([method], th, score, artifact)
     teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
                   step=step, max_level=max_level, tokenizer=tok, lazy=lazy)
     th.save(artifact)
@@ -180,6 +212,7 @@ def eval_ppl(
     prefill: str = typer.Option("sparse", help="sparse | dense"),
     dense_prefix: int = typer.Option(0),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
+    score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -190,7 +223,8 @@ def eval_ppl(
     levels = parse_floats(sparsity, "--sparsity")
     hf_model, tok = load(model, dtype, device)
     th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
-    rows = perplexity_sweep(hf_model, tok, th, levels, parse_list(method), data=data, tokens=tokens,
+    methods = resolve_methods(parse_list(method), th, score, artifact)
+    rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
                             seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
     console.print(ppl_table(rows, f"{model} · {data}"))
     if json_path:
@@ -225,6 +259,7 @@ def eval_tasks(
     seed: int = typer.Option(1234),
     prefill: str = typer.Option("sparse"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
+    score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -240,7 +275,7 @@ def eval_tasks(
     if th is None and any(s > 0 for s in levels):
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact (teal calibrate)")
     rows = []
-    for m in parse_list(method):
+    for m in resolve_methods(parse_list(method), th, score, artifact):
         for s in levels:
             if s > 0:
                 teal.sparsify_(hf_model, th, s, method=m, prefill=prefill)
@@ -271,6 +306,7 @@ def generate(
     engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
     tp: int = typer.Option(1, "--tp", help="engine split over this many GPUs of this host (tensor parallel; "
                                            "MODEL: an HF checkpoint directory or hub id with safetensors)"),
+    score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -279,6 +315,10 @@ def generate(
 
     if tp < 1:
         raise typer.BadParameter(f"--tp must be at least 1, got {tp}")
+    if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
+        plain = resolve_methods([method] if method else [], teal.Thresholds.load(artifact) if artifact else None,
+                                score, artifact)
+        method = plain[0] if method else None
     if tp > 1:
         from teal.engine.tp import generate_tp
 
@@ -441,6 +481,7 @@ def demo(
     greedy_step: float = typer.Option(0.01),
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     prompt: str = typer.Option("The most important duty of a government is"),
+    score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware: the threshold rule calibrated"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -452,8 +493,9 @@ def demo(
     t_start = time.perf_counter()
     levels = parse_floats(sparsity, "--sparsity")
     hf_model, tok = load(model, dtype, device)
-    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens)")
-    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len)
+    resolve_methods([], None, score, None)
+    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores)")
+    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score)
     th.save(out / "thresholds")
     console.rule("2/4 greedy allocation")
     teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens,

@@ -140,6 +140,29 @@ def test_bad_input_is_named(artifact, tmp_path):
     assert r.exit_code != 0 and "no 'lagrange' allocation" in str(r.exception)
 
 
+def _message(result) -> str:
+    """The command's output as one line of words (rich draws errors in a wrapped box)."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_score_option_and_method_labels_check_the_artifact(artifact, tmp_path):
+    """--score and result labels (teal-/wa-) name the threshold rule; the artifact holds magnitude scores."""
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5", "--score", "weight-aware",
+               "--tokens", 512, "--seq-len", 512)
+    assert r.exit_code != 0
+    assert "holds magnitude scores" in _message(r) and "--score weight-aware" in _message(r)
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5", "--method", "wa-greedy",
+               "--tokens", 512, "--seq-len", 512)
+    assert r.exit_code != 0 and "holds magnitude scores" in _message(r)
+    r = invoke("generate", "smollm2-135m", artifact, "--sparsity", "0.5", "--score", "weightaware")
+    assert r.exit_code != 0 and "--score must be one of" in _message(r)
+    js = tmp_path / "ppl.json"
+    r = invoke("eval", "ppl", "smollm2-135m", artifact, "--sparsity", "0.5", "--method", "teal-greedy,uniform",
+               "--score", "magnitude", "--tokens", 512, "--seq-len", 512, "--json", js)
+    assert r.exit_code == 0, r.output
+    assert [x["method"] for x in json.loads(js.read_text())["results"]] == ["teal-greedy", "teal-uniform"]
+
+
 def test_bench_decode_rejects_unknown_attention_mode():
     result = runner.invoke(app, ["bench", "decode", "--attention", "bogus"])
     assert result.exit_code != 0

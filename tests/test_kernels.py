@@ -532,3 +532,40 @@ def test_pdl_mode_reads_the_environment_and_is_off_off_hopper(monkeypatch):
     monkeypatch.setenv("TEAL_PDL", "yes")
     with pytest.raises(ValueError, match="TEAL_PDL must be one of 0, 1, 2"):
         kernel_ops.pdl_mode(torch.device("cuda"))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("weight_aware", [False, True])
+def test_teal_linear_kernel_path_matches_its_masked_path(monkeypatch, weight_aware):
+    """TealLinear's single-token kernel path (taken on CUDA) run here through the interpreted Triton kernel:
+    the transposed weight shares storage with the nn.Linear, the output (bias added) and the zero
+    counters equal the masked dense path's."""
+    from teal.nn import TealLinear
+
+    torch.manual_seed(11)
+    lin = torch.nn.Linear(200, 72, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 1, 200).to(torch.bfloat16)  # batch 3, one token each: the kernel's case
+    scale = torch.rand(200) + 0.5 if weight_aware else None
+    thr = float(torch.quantile((x.abs().float() * (scale if scale is not None else 1.0)).flatten(), 0.5))
+    masked = TealLinear(lin, thr, col_scale=scale)
+    with torch.no_grad():
+        expected = masked(x)
+    kernel = TealLinear(lin, thr, col_scale=scale)
+    kernel.enable_kernel()
+    assert kernel.w_t.is_contiguous() and kernel.w_t.shape == (200, 72)
+    assert kernel.linear.weight.data_ptr() == kernel.w_t.data_ptr()  # one copy of the weights
+    calls = []
+
+    def interpreted(x2, w_t, thresholds, splits=None, col_scale=None, **kw):
+        calls.append(tuple(x2.shape))
+        return sparse_linear_triton(x2, w_t, thresholds, splits, col_scale, config=FMA)
+
+    monkeypatch.setattr("teal.kernels.sparse_linear", interpreted)
+    with torch.no_grad():
+        got = kernel._kernel_forward(x)
+    assert calls == [(3, 200)]
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    err = float((got.double() - expected.double()).norm() / expected.double().norm())
+    assert err < 1e-2
+    assert int(kernel.zeros) == int(masked.zeros) and int(kernel.total) == int(masked.total) == x.numel()
+    assert 0.4 < int(kernel.zeros) / int(kernel.total) < 0.6
