@@ -485,6 +485,19 @@ def test_gemma3_270m_logits_and_greedy_tokens_match_hf():
 
 
 # ------------------------------------------------------------------ the decode benchmark (CPU smoke run)
+def test_bench_decode_times_the_engines_own_dense_default(monkeypatch):
+    """Where the engine's default dense groups are none of the three fixed variants, the bench times them too."""
+    from teal.bench import decode
+    from teal.engine.model import Engine
+
+    monkeypatch.setattr(Engine, "default_kernel_at_zero", property(lambda self: (True, True, False, True)))
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=4, repeats=1,
+                      hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None)
+    assert not data["errors"], data["errors"]
+    ops = {r["op"] for r in data["results"] if r["sparsity"] == 0}
+    assert ops == {"kernel", "x @ w_t", "mixed", "default"}
+
+
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma3"])
 def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     import json

@@ -480,6 +480,8 @@ def run(
         # (s > 0: groups left at -inf, e.g. by a greedy artifact, as the engine does by default)
         variants = ([("kernel", True), ("x @ w_t", False), ("mixed", (True, True, False, False))] if s == 0
                     else [("kernel", None)])
+        if s == 0 and engine.default_kernel_at_zero not in ((True,) * 4, (False,) * 4, (True, True, False, False)):
+            variants.append(("default", None))  # the engine's own choice, where it is none of the three
         for op, at_zero in variants:
             engine.kernel_at_zero = at_zero
             engine.set_thresholds(th, cs)
@@ -535,7 +537,8 @@ def dense_baseline(data: dict[str, Any]) -> dict[str, Any]:
     for r in data["results"]:
         if r["sparsity"] == 0 and r.get("tokens_per_s"):
             names = {"kernel": f"sparse kernel, thresholds -inf ({r.get('sparse_path')})",
-                     "mixed": "sparse kernel at -inf for q|k|v and o, cuBLAS x @ w_t for the MLP"}
+                     "mixed": "sparse kernel at -inf for q|k|v and o, cuBLAS x @ w_t for the MLP",
+                     "default": "the engine's default dense groups (Engine.default_kernel_at_zero)"}
             name = names.get(r["op"], "cuBLAS x @ w_t")
             rows.append(dict(path=f"{name} ({r['mode']})", tokens_per_s=r["tokens_per_s"]))
     return max(rows, key=lambda r: r["tokens_per_s"]) if rows else dict(path=None, tokens_per_s=float("nan"))
