@@ -401,3 +401,47 @@ def test_adapter_registered_and_loads_a_sparsified_model(lm_eval_mod, tiny_lm, t
     assert 0.2 < lm.measured_sparsity() < 0.8
     with pytest.raises(ValueError, match="needs thresholds"):
         TealLM.from_model(model, tok, sparsity=0.5)
+
+
+def test_adapter_command_line_runs_a_local_task(lm_eval_mod, tiny_lm, tmp_path, monkeypatch):
+    """`python -m teal.eval.lm_eval_adapter --model teal --model_args pretrained=...,thresholds=...,sparsity=...`
+    (lm-eval's own command line with the teal model registered) on a task defined in a local YAML file."""
+    import teal
+
+    from conftest import random_windows
+    from teal.eval import lm_eval_adapter
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = tiny_lm
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    th = teal.calibrate(model, None, windows=random_windows(4, 32, vocab=len(tok)), progress=False)
+    th.save(tmp_path / "th")
+    rows = [{"context": "Q: a?", "choices": ["ab", "b"], "gold": 0},
+            {"context": "Q: b?", "choices": ["a", "bbb", "ba"], "gold": 1}]
+    _write_jsonl(tmp_path / "local.jsonl", rows)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "teal_cli_mc.yaml").write_text(
+        "task: teal_cli_mc\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {tmp_path / 'local.jsonl'}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{gold}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    out = tmp_path / "results"
+    lm_eval_adapter.main([
+        "--model", "teal",
+        "--model_args", f"pretrained={tmp_path / 'model'},thresholds={tmp_path / 'th'},sparsity=0.5",
+        "--tasks", "teal_cli_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2",
+        "--output_path", str(out),
+    ])
+    written = list(out.rglob("results*.json"))
+    assert len(written) == 1
+    result = json.loads(written[0].read_text())
+    assert result["results"]["teal_cli_mc"]["acc,none"] in (0.0, 0.5, 1.0)
+    assert result["config"]["model"] == "teal" and result["config"]["model_args"]["sparsity"] == 0.5
