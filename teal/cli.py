@@ -307,14 +307,20 @@ def generate(
     tp: int = typer.Option(1, "--tp", help="engine split over this many GPUs of this host (tensor parallel; "
                                            "MODEL: an HF checkpoint directory or hub id with safetensors)"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    prefill: str = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse (thresholded "
+                                               "too; not with --tp)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
-    """Generate text with sparse decode steps (dense prompt)."""
+    """Generate text with sparse decode steps (dense prompt unless --prefill sparse)."""
     import teal
 
     if tp < 1:
         raise typer.BadParameter(f"--tp must be at least 1, got {tp}")
+    if prefill not in ("dense", "sparse"):
+        raise typer.BadParameter(f"--prefill must be dense or sparse, got {prefill!r}")
+    if tp > 1 and prefill != "dense":
+        raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
         plain = resolve_methods([method] if method else [], teal.Thresholds.load(artifact) if artifact else None,
                                 score, artifact)
@@ -339,7 +345,7 @@ def generate(
         if sparsity > 0 and artifact is None:
             raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact) if artifact else None
-        gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method,
+        gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
                                         device=resolve_device(device),
                                         dtype=resolve_dtype(dtype, resolve_device(device)))
         console.print(prompt, end="")
@@ -352,7 +358,7 @@ def generate(
         if artifact is None:
             raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact, model=hf_model)
-        teal.sparsify_(hf_model, th, sparsity, method=method, prefill="dense")
+        teal.sparsify_(hf_model, th, sparsity, method=method, prefill=prefill)
     text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
     console.print(text)
     console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "

@@ -121,6 +121,15 @@ def test_generate_with_the_engine_streams_text(artifact):
         assert r.exit_code == 0, r.output
         assert "The capital of France is" in r.output and "tok/s; decode eager, 120/120 projection groups" in r.output
         assert "sparsity setting 0.5]" in r.output
+    # a thresholded prompt (--prefill sparse): the engine writes what the sparsified HF model does
+    sparse_args = ("--sparsity", 0.5, "--prefill", "sparse", "--prompt", "The capital of France is",
+                   "--max-new-tokens", 6)
+    engine_sparse = invoke("generate", "smollm2-135m", artifact, "--engine", *sparse_args)
+    hf_sparse = invoke("generate", "smollm2-135m", artifact, *sparse_args)
+    assert engine_sparse.exit_code == 0 and hf_sparse.exit_code == 0, engine_sparse.output + hf_sparse.output
+    assert text(engine_sparse.output) == text(hf_sparse.output)
+    r = invoke("generate", "smollm2-135m", artifact, "--prefill", "half")
+    assert r.exit_code != 0 and "--prefill must be dense or sparse" in _message(r)
     r = invoke("generate", "smollm2-135m", "--engine", "--sparsity", 0.5)
     assert r.exit_code != 0 and "needs a thresholds artifact" in r.output
     r = invoke("generate", "smollm2-135m", artifact, "--engine", "--sparsity", 0.5, "--method", "nosuch")

@@ -187,6 +187,29 @@ def test_sparse_decode_matches_masked_hf(family_model, weight_aware):
     assert 0.3 < measured < 0.7 and len(per) == 7 * hf.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("weight_aware", [False, True])
+def test_sparse_prefill_matches_masked_hf_at_every_position(family_model, weight_aware):
+    """prefill_policy "sparse": every prompt position thresholded, as sparsify_(prefill="sparse"); then decode
+    steps continue from that cache. "dense" (the default) stays the dense model's prompt."""
+    _, hf = family_model
+    engine = engine_from_hf_model(hf, max_seq_len=40, transposed=True)
+    scales = engine.weight_column_norms() if weight_aware else None
+    th = activation_thresholds(engine, prompt_ids(24, seed=7), 0.5, scales)
+    engine.set_thresholds(th, scales)
+    ids = prompt_ids(14, seed=9)
+    with torch.no_grad():
+        ref = masked_hf_logits(hf, ids, th, dense_prefix=0, col_scales=scales)
+        dense = hf(ids[None]).logits[0]
+        assert rel_err(engine.prefill(ids, all_logits=True), dense) <= 1e-4  # default: dense prompt
+        engine.set_prefill_policy("sparse")
+        assert rel_err(engine.prefill(ids[:10], all_logits=True), ref[:10]) <= 1e-4
+        for t in range(10, 14):
+            assert rel_err(engine.decode(ids[t : t + 1], torch.tensor([t]))[0], ref[t]) <= 1e-4
+    assert rel_err(ref, dense) > 1e-3
+    with pytest.raises(ValueError, match="unknown prefill policy"):
+        engine.set_prefill_policy("half")
+
+
 def test_sparsity_zero_is_dense(family_model):
     _, hf = family_model
     engine = engine_from_hf_model(hf, max_seq_len=32, transposed=True)

@@ -107,6 +107,7 @@ class Generator:
         seed: int = 0,
         sparse_path: str | None = None,
         method: str | None = None,
+        prefill: str = "dense",
     ) -> "Generator":
         """Build from a loaded HF model, an HF checkpoint directory, a model name for
         `teal.models.load_model` (alias, hub id, .gguf), or a named random shape (`teal.engine.SHAPES`).
@@ -115,7 +116,8 @@ class Generator:
         artifact's default, are used; it is checked against the model when an HF model is at hand) or a
         dict {"layers.{i}.{p}": t}; the weights are then stored transposed for the sparse kernel.
         compile: True -> fastest measured CUDA mode ("compiled-graph"), False -> "graph" (no compiler),
-        or a mode name; on CPU everything runs eagerly. sparse_path: see the class docstring.
+        or a mode name; on CPU everything runs eagerly. sparse_path: see the class docstring. prefill: "dense"
+        (the prompt through the dense weights) or "sparse" (every prompt position thresholded too).
         """
         device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -161,6 +163,7 @@ class Generator:
             mode = "eager"
         if sparse_path is not None:  # before the thresholds: the dense groups on the kernel depend on the path
             engine.set_sparse_path(sparse_path)
+        engine.set_prefill_policy(prefill)
         if thresholds is None:
             engine.set_thresholds(None)  # dense: the engine's default groups on the kernel (every threshold -inf)
         return cls(engine, tokenizer, mode=mode, thresholds=thresholds, sparsity=sparsity, method=method)

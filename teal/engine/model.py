@@ -103,6 +103,9 @@ class LayerStatic(NamedTuple):
 #: elsewhere "kernel").
 SPARSE_PATHS = ("kernel", "producer")
 
+#: How the prompt is processed once thresholds are set (`Engine.prefill_policy`).
+PREFILL_POLICIES = ("dense", "sparse")
+
 
 def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
     try:
@@ -421,6 +424,10 @@ class Engine:
         self.tp_group: Any = None
         self.vocab_group: Any = None
         self.all_reduce = "nccl"  # how the row-parallel products are summed (TensorParallelEngine.set_all_reduce)
+        # prefill policy (`PREFILL_POLICIES`): "dense" (the default: every prompt position through the dense
+        # weights) or "sparse" (every position thresholded like a decode step, as `teal.sparsify_(...,
+        # prefill="sparse")`; the same masked products, computed densely, so no faster)
+        self.prefill_policy = "dense"
         # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
         self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
         self.allocate_cache(max_seq_len)
@@ -605,8 +612,22 @@ class Engine:
         return out
 
     # ------------------------------------------------------------- forward
+    def set_prefill_policy(self, policy: str) -> None:
+        """"dense" (default) or "sparse": whether prompt positions are thresholded too (`PREFILL_POLICIES`)."""
+        if policy not in PREFILL_POLICIES:
+            raise ValueError(f"unknown prefill policy {policy!r}; choose one of {', '.join(PREFILL_POLICIES)}")
+        self.prefill_policy = policy
+
+    def _prefill_sparsity(self, i: int) -> tuple[LayerSparsity | None, tuple[bool, bool, bool, bool]]:
+        """Layer i's thresholds and which groups threshold the prompt (sparse prefill, finite thresholds)."""
+        if self.prefill_policy != "sparse" or self.sparsity is None:
+            return None, (False, False, False, False)
+        flags = tuple(on and regime == "sparse" for on, regime in zip(self.sparse_flags[i], self.kernel_regimes[i]))
+        return self.sparsity[i], flags  # type: ignore[return-value]
+
     def prefill(self, ids: torch.Tensor, observer: Observer | None = None, all_logits: bool = False) -> torch.Tensor:
-        """Dense forward over the prompt ids [T] at positions 0..T-1; fills the KV cache.
+        """Forward over the prompt ids [T] at positions 0..T-1 (dense, or thresholded at every position with
+        `prefill_policy` "sparse"); fills the KV cache.
 
         Returns the logits of the last position [1, V] (of every position [T, V] with `all_logits`).
         """
@@ -623,12 +644,15 @@ class Engine:
         off = cfg.norm_offset
         x = self.embed_tokens(ids)
         for i, w in enumerate(self.layers):
+            sp, on = self._prefill_sparsity(i)
+            sp = sp if sp is not None else _NO_SPARSITY
             rope = cfg.rope_table(i)
             cos, sin = self.cos_tables[rope][:n_tokens], self.sin_tables[rope][:n_tokens]
             h = rms_norm(x, w.attn_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "attn_in", h)
-            q, k, v = project(h, w.qkv, w.qkv_bias, self.transposed).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = project(h, w.qkv, w.qkv_bias, self.transposed, on[0], sp.qkv, [q_size, kv_size, kv_size],
+                              sp.qkv_scale).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(n_tokens, cfg.n_heads, cfg.head_dim)
             k = k.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
             v = v.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
@@ -641,16 +665,19 @@ class Engine:
             attn = _prefill_attention(q, k, v, cfg.layer_windows[i], cfg.softmax_scale).reshape(n_tokens, q_size)
             if observer is not None:
                 observer(i, "attn_out", attn)
-            o = project_row_parallel(attn, w.o, w.o_bias, self.transposed, group=self.tp_group)
+            o = project_row_parallel(attn, w.o, w.o_bias, self.transposed, on[1], sp.o, sp.o_scale, self.tp_group)
             x = x + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, cfg.rms_eps, off))
             h = rms_norm(x, w.mlp_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "mlp_in", h)
-            gate, up = project(h, w.gate_up, w.gate_up_bias, self.transposed).chunk(2, dim=-1)
+            inter = w.gate_up.shape[1 if self.transposed else 0] // 2
+            gate, up = project(h, w.gate_up, w.gate_up_bias, self.transposed, on[2], sp.gate_up, [inter, inter],
+                               sp.gate_up_scale).chunk(2, dim=-1)
             mid = mlp_activation(gate, cfg.activation) * up
             if observer is not None:
                 observer(i, "mlp_mid", mid)
-            out = project_row_parallel(mid, w.down, w.down_bias, self.transposed, group=self.tp_group)
+            out = project_row_parallel(mid, w.down, w.down_bias, self.transposed, on[3], sp.down, sp.down_scale,
+                                       self.tp_group)  # NCCL: the one-shot sum's buffers hold one token
             x = x + (out if w.post_mlp_norm is None else rms_norm(out, w.post_mlp_norm, cfg.rms_eps, off))
         if not all_logits:
             x = x[-1:]
