@@ -353,6 +353,32 @@ def test_stop_token_ends_generation_and_stream_sees_every_token():
     assert seen == out.tokens
 
 
+def test_stop_strings_are_single_tokens_of_the_tokenizer():
+    import re
+
+    class Angles:  # a toy tokenizer: token t is the text "<t>"
+        eos_token_id = None
+
+        def encode(self, text, add_special_tokens=False):
+            return [int(t) for t in re.findall(r"<(\d+)>", text)]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(f"<{i}>" for i in ids)
+
+    gen = Generator.from_pretrained(tiny_hf_model("llama3-rope"), max_seq_len=40, tokenizer=Angles())
+    ids = prompt_ids(6)
+    full = gen.generate(ids, max_new_tokens=12, stop=[])
+    stop_at = next(i for i in range(2, 12) if full.tokens[i] not in full.tokens[:i])
+    out = gen.generate(ids, max_new_tokens=12, stop=[f"<{full.tokens[stop_at]}>", 10**6])
+    assert out.tokens == full.tokens[: stop_at + 1] and out.finish_reason == "stop"
+    assert out.text == Angles().decode(full.tokens[:stop_at])  # the text ends before the stop token
+    with pytest.raises(ValueError, match="stop string '<1><2>' is 2 tokens"):
+        gen.generate(ids, max_new_tokens=4, stop="<1><2>")
+    gen.tokenizer = None
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        gen.generate(ids, max_new_tokens=4, stop="<1>")
+
+
 def test_default_stop_is_eos():
     hf = tiny_hf_model("llama3-rope")
     gen = Generator.from_pretrained(hf, max_seq_len=40)
