@@ -64,6 +64,7 @@ def main() -> None:
                        "tp_call_s": time.perf_counter() - t}
                 data["rows"].append(row)
                 print(json.dumps(row), flush=True)
+                write_json(data, args.json_path)  # after every row: a run cut short keeps what it measured
     data["passed"] = all(r["tokens_match"] for r in data["rows"] if r["dtype"] == "float32")
     write_json(data, args.json_path)
     print("passed:", data["passed"])
