@@ -20,3 +20,11 @@ def run_info(device: torch.device) -> dict[str, Any]:
                      "python": platform.python_version()},
         "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
     }
+
+
+def rotated_weights(k: int, n: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
+    """Random [K, N] weights in enough copies (at least 2) to span four times the L2 cache, so that calls
+    rotating through them read from device memory."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    copies = max(2, -(-4 * l2 // (k * n * torch.finfo(dtype).bits // 8)))
+    return [(torch.randn(k, n, device=device) * k**-0.5).to(dtype) for _ in range(copies)]

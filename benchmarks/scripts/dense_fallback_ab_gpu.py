@@ -8,19 +8,21 @@ segment, and cuBLAS's unmasked product, timed in CUDA graphs (weights rotated pa
 - per segment: the same masking launch, then segment j's rows times w_t's columns of segment j (S products
   on column views, no copy of the weights), then one cat;
 - cublas: x @ w_t unmasked (what "dense" costs without thresholds).
-Both masked variants are checked against the float64 reference first. Prints a table, writes JSON.
+Both masked variants are checked against the float64 reference first. Prints a table, writes JSON. Timing:
+`teal.kernels.tune.time_graph_us` (the committed JSON came from an equivalent loop in this script: 24 calls
+per graph over the rotated copies, median of 20 replays).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
+from _gpu_run import rotated_weights, run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 from teal.bench.decode import write_json
+from teal.kernels.tune import time_graph_us
 from teal.kernels import ops, sparse_linear_reference
 
 SHAPES = {
@@ -51,28 +53,6 @@ def per_segment(x: torch.Tensor, w_t: torch.Tensor, thr: torch.Tensor, splits: l
     return torch.cat(parts, dim=1)
 
 
-def graph_time(fn: Callable[[torch.Tensor], torch.Tensor], weights: list[torch.Tensor], calls: int = 24,
-               replays: int = 20) -> float:
-    for w in weights[:2]:
-        fn(w)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(weights[i % len(weights)])
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", dest="json_path", required=True)
@@ -80,12 +60,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": []}
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     print(f"{'shape':20s} {'B':>2s} {'cuBLAS':>8s} {'stacked':>8s} {'per-seg':>8s}  err stacked / per-seg", flush=True)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)
-        copies = max(2, -(-4 * l2 // (k * n * 2)))
-        weights = [(torch.randn(k, n, device=device) * k**-0.5).to(torch.bfloat16) for _ in range(copies)]
+        weights = rotated_weights(k, n, device)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, k, device=device).to(torch.bfloat16)
             thr = torch.full((len(splits),), float(torch.quantile(x.abs().float().flatten(), 0.5)), device=device)
@@ -96,9 +74,10 @@ def main() -> None:
                 args_ = (x, weights[0], thr, splits) + ((None,) if fn is ops.dense_masked_linear else ())
                 y = fn(*args_).double().cpu()
                 errs.append(float((y - ref).norm() / ref.norm()))
-            t_cublas = graph_time(lambda w: x @ w, weights)
-            t_stacked = graph_time(lambda w: ops.dense_masked_linear(x, w, thr, splits, None), weights)
-            t_seg = graph_time(lambda w: per_segment(x, w, thr, splits), weights)
+            t_cublas = time_graph_us([lambda w=w: x @ w for w in weights], replays=20)
+            t_stacked = time_graph_us([lambda w=w: ops.dense_masked_linear(x, w, thr, splits, None) for w in weights],
+                                      replays=20)
+            t_seg = time_graph_us([lambda w=w: per_segment(x, w, thr, splits) for w in weights], replays=20)
             row = {"shape": name, "K": k, "splits": splits, "batch": batch, "cublas_us": t_cublas,
                    "stacked_us": t_stacked, "per_segment_us": t_seg, "rel_err_stacked": errs[0],
                    "rel_err_per_segment": errs[1]}

@@ -3,43 +3,25 @@ same sparsity, batch 1, bf16, timed in CUDA graphs with weights rotated past L2.
 
     PYTHONPATH=. python3 benchmarks/scripts/weight_aware_cost_gpu.py --json OUT.json
 
-Each call is first checked against the float64 reference. Prints a table and writes JSON.
+Each call is first checked against the float64 reference. Prints a table and writes JSON. Timing:
+`teal.kernels.tune.time_graph_us` (the committed JSON came from an equivalent loop in this script: 24 calls
+per graph over the rotated copies, median of 20 replays).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
+from _gpu_run import rotated_weights, run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 from teal.bench.decode import write_json
+from teal.kernels.tune import time_graph_us
 from teal.kernels import sparse_linear, sparse_linear_reference
 
 SHAPES = {"q|k|v": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate|up": (4096, [14336, 14336]),
           "down": (14336, [4096])}
-
-
-def graph_time(fn: Callable[[int], torch.Tensor], copies: int, calls: int = 24, replays: int = 20) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i % copies)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -48,12 +30,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": []}
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
     print(f"{'Llama-3-8B':10s} {'s':>4s} {'|x| us':>8s} {'|x|c us':>8s} {'ratio':>6s}  rel err", flush=True)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)
-        copies = max(2, -(-4 * l2 // (k * n * 2)))
-        weights = [(torch.randn(k, n, device=device) * k**-0.5).to(torch.bfloat16) for _ in range(copies)]
+        weights = rotated_weights(k, n, device)
         norms = torch.stack([weights[0][:, a:b].float().norm(dim=1) for a, b in
                              zip([0] + list(torch.tensor(splits).cumsum(0)[:-1].tolist()),
                                  torch.tensor(splits).cumsum(0).tolist())])  # [S, K]
@@ -68,8 +48,8 @@ def main() -> None:
                                               None if cs is None else cs.cpu(), compute_dtype=torch.float64,
                                               out_dtype=torch.float64)
                 errs.append(float((y - ref).norm() / ref.norm()))
-            t_mag = graph_time(lambda i: sparse_linear(x, weights[i], thr_mag, splits), copies)
-            t_wa = graph_time(lambda i: sparse_linear(x, weights[i], thr_wa, splits, norms), copies)
+            t_mag = time_graph_us([lambda w=w: sparse_linear(x, w, thr_mag, splits) for w in weights], replays=20)
+            t_wa = time_graph_us([lambda w=w: sparse_linear(x, w, thr_wa, splits, norms) for w in weights], replays=20)
             row = {"proj": name, "K": k, "splits": splits, "sparsity": s, "magnitude_us": t_mag,
                    "weight_aware_us": t_wa, "ratio": t_wa / t_mag, "rel_err": errs}
             data["rows"].append(row)
