@@ -106,7 +106,6 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 SCORE_HELP = ("magnitude | weight-aware: the threshold rule; fixed when the artifact is calibrated, so here it "
               "only checks the artifact (an error if it holds the other one)")
-SCORE_PREFIXES = {"teal": "magnitude", "wa": "weight-aware"}
 
 
 def resolve_methods(methods: list[str], th: Any, score: Optional[str], artifact: Any) -> list[str]:
@@ -114,17 +113,14 @@ def resolve_methods(methods: list[str], th: Any, score: Optional[str], artifact:
     ("teal-greedy": magnitude scores, "wa-uniform": weight-aware). A label's score, and ``--score``, must be the
     artifact's (its histograms are of one score); a clear error otherwise."""
     from teal.artifact import SCORES
+    from teal.eval.perplexity import parse_method_label
 
     if score is not None and score not in SCORES:
         raise typer.BadParameter(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    parsed = [parse_method_label(m) for m in methods]
     wanted = {score} if score else set()
-    plain = []
-    for m in methods:
-        prefix, sep, rest = m.partition("-")
-        if sep and prefix in SCORE_PREFIXES and rest:
-            wanted.add(SCORE_PREFIXES[prefix])
-            m = rest
-        plain.append(m)
+    wanted |= {s for s, _ in parsed if s is not None}
+    plain = [m for _, m in parsed]
     if th is not None:
         other = sorted(wanted - {th.score})
         if other:
@@ -314,10 +310,11 @@ def generate(
 ):
     """Generate text with sparse decode steps (dense prompt unless --prefill sparse)."""
     import teal
+    from teal.nn import PREFILL_POLICIES
 
     if tp < 1:
         raise typer.BadParameter(f"--tp must be at least 1, got {tp}")
-    if prefill not in ("dense", "sparse"):
+    if prefill not in PREFILL_POLICIES:
         raise typer.BadParameter(f"--prefill must be dense or sparse, got {prefill!r}")
     if tp > 1 and prefill != "dense":
         raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")

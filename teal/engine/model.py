@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from teal.engine.collectives import all_gather_last_dim, all_reduce_sum
 from teal.engine.config import EngineConfig
+from teal.nn import PREFILL_POLICIES  # how the prompt is processed once thresholds are set (`Engine.prefill_policy`)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 # Projection groups that share an input (a site) and one fused weight.
@@ -103,8 +104,6 @@ class LayerStatic(NamedTuple):
 #: elsewhere "kernel").
 SPARSE_PATHS = ("kernel", "producer")
 
-#: How the prompt is processed once thresholds are set (`Engine.prefill_policy`).
-PREFILL_POLICIES = ("dense", "sparse")
 
 
 def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:

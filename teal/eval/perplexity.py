@@ -18,9 +18,22 @@ from teal.sparsify import densify_, measured_sparsity, reset_counters, sparsify_
 DEFAULT_EVAL_TOKENS = 32768
 
 
+#: Label prefix of each threshold rule in results (``teal-greedy``: magnitude scores, ``wa-uniform``: weight-aware).
+LABEL_PREFIXES = {"magnitude": "teal", "weight-aware": "wa"}
+
+
 def method_label(method: str, score: str) -> str:
     """Name of a (allocation, score) pair in results: ``teal-uniform``, ``wa-greedy``..."""
-    return f"{'wa' if score == 'weight-aware' else 'teal'}-{method}"
+    return f"{LABEL_PREFIXES.get(score, 'teal')}-{method}"
+
+
+def parse_method_label(text: str) -> tuple[str | None, str]:
+    """``"wa-greedy"`` -> ("weight-aware", "greedy"); a plain allocation name -> (None, name)."""
+    prefix, sep, rest = text.partition("-")
+    scores = {p: score for score, p in LABEL_PREFIXES.items()}
+    if sep and rest and prefix in scores:
+        return scores[prefix], rest
+    return None, text
 
 
 def perplexity(
