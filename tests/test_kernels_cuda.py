@@ -57,6 +57,9 @@ def _covered(k: int, splits: list[int], cfg: KernelConfig, dtype: torch.dtype,
         (200, [120, 184], KernelConfig(block_n=256, block_r=16, split_k=1, num_warps=16, cuda=True), torch.float32),
         (14336, [4096], KernelConfig(block_n=256, block_r=4, split_k=8, num_warps=16, cuda=True), torch.bfloat16),
         (100, [8, 16, 24, 32], KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True), torch.bfloat16),
+        (1000, [1000, 1008, 1000], KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
+         torch.bfloat16),
+        (4096, [304], KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=4, cuda=True, use_dot=True), torch.float16),
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -79,6 +82,35 @@ def test_block_width_follows_the_vector_size():
     assert cuda.geometry(512, [512], narrow, torch.bfloat16).block_n == 256  # at least one vector per lane
     with pytest.raises(ValueError, match="1..4 segments"):
         cuda.geometry(512, [128] * 5, cfg, torch.bfloat16)
+
+
+def test_tensor_core_configs():
+    """The tensor-core inner product (cuda + use_dot): 64-column slots, 16 rows a step, 16-bit inputs only, and
+    a register budget that bounds the warps; every table entry that uses it passes the checks it will meet."""
+    from teal.kernels.configs import TUNED_CUDA
+
+    for block_n, slots in ((128, 2), (256, 4)):
+        cfg = KernelConfig(block_n=block_n, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True)
+        assert cuda.geometry(4096, [4096], cfg, torch.bfloat16, 8).block_n == block_n
+        variant = cuda.variant_for(cfg, torch.float16, has_scale=False, glu=False, pdl=2, batch=8)
+        assert variant.mma == slots and variant.unroll == cuda.MMA_ROWS and variant.vecs == 1
+        assert "-DMMA=%d" % slots in variant.defines()
+        assert cuda.register_problem(cfg, torch.bfloat16, 8) is None
+        assert "fp32" in cuda.register_problem(cfg, torch.float32, 2)
+    assert "fewer warps" in cuda.register_problem(
+        KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=16, cuda=True, use_dot=True), torch.bfloat16, 4)
+    assert "block_n 128 or 256" in cuda.register_problem(
+        KernelConfig(block_n=512, block_r=16, split_k=4, num_warps=4, cuda=True, use_dot=True), torch.bfloat16, 4)
+    assert cuda.variant_for(KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True), torch.bfloat16,
+                            has_scale=False, glu=False, pdl=2, batch=8).mma == 0
+    entries = [(key, cfg) for key, cfg in TUNED_CUDA.items() if cfg.use_dot]
+    assert entries and all(key[2] > 1 for key, _ in entries)  # batches only
+    for (k, n, bucket, _), cfg in entries:
+        for batch in range(bucket // 2 + 1, bucket + 1):
+            assert cuda.register_problem(cfg, torch.bfloat16, batch) is None
+            assert get_config(k, n, batch, torch.bfloat16, 132, cuda_ok=True) == cfg
+        assert cfg in cuda_candidates(k, n, 132, bucket)  # the tuner can reproduce it
+    assert not any(c.use_dot for c in cuda_candidates(4096, 4096, 132, 1))  # batch 1 keeps the FMA loop
 
 
 def test_list_step_covers_a_warp_in_one_round():
@@ -170,10 +202,12 @@ def test_source_compiles_for_sm90_without_spills(tmp_path, elem, scale, glu):
                                  rows_per_warp=cuda.geometry(k, [4096], dataclasses.replace(c, split_k=split),
                                                              dtype, batch).rows_per_warp, batch=batch)
                 for k in (4096, 14336)
-                for c in cuda_candidates(k, 6144 if k == 4096 else 4096, 132)
-                for split in ((8,) if elem == 0 else (1,))
                 for batch in batches
+                for c in cuda_candidates(k, 6144 if k == 4096 else 4096, 132, batch)
+                for split in ((8,) if elem == 0 else (1,))
                 if cuda.register_problem(c, dtype, batch) is None}
+    if elem != 2 and not glu:  # the tensor-core inner product is compiled for the batches
+        assert any(v.mma for v in variants)
     for variant in sorted(variants, key=repr):
         unroll, vecs = variant.unroll, variant.vecs
         cubin = tmp_path / "k.cubin"
@@ -188,10 +222,13 @@ def test_source_compiles_for_sm90_without_spills(tmp_path, elem, scale, glu):
         if CUOBJDUMP is not None:
             sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
-            ops_seen = re.findall(r"\b(LDG\.E\.NA\.128\S*|FFMA)\b", sass)
+            product = "HMMA" if variant.mma else "FFMA"
+            ops_seen = re.findall(r"\b(LDG\.E\.NA\.128\S*|FFMA|HMMA)", sass)
             first = ops_seen.index(next(o for o in ops_seen if o.startswith("LDG.E.NA.128")))
-            burst = next((i for i, o in enumerate(ops_seen[first:]) if o == "FFMA"), len(ops_seen) - first)
-            if variant.batch == 1:  # (with several rows the compiler may interleave; timed on the GPU instead)
+            burst = next((i for i, o in enumerate(ops_seen[first:]) if o == product), len(ops_seen) - first)
+            if variant.mma:  # a step: 4 rows x (slots) vectors per lane, loaded before the first mma
+                assert burst >= 4 * variant.mma and "HMMA" in ops_seen, (variant, ops_seen[first : first + 32])
+            elif variant.batch == 1:  # (with several rows the compiler may interleave; timed on the GPU instead)
                 assert burst >= unroll * vecs, (variant, ops_seen[first : first + 2 * unroll * vecs])
 
 

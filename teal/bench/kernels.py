@@ -190,6 +190,16 @@ def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
         (dtype, 14336, (4096,), (1,), False, cuda_llama),
         (torch.float16, 4096, (14336, 14336), (1,), False, cuda_one),
     ]
+    # ... and its tensor-core inner product (bf16 / fp16; steps of 16 listed rows, partial last steps).
+    cuda_mma = KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True)
+    cuda_mma_small = KernelConfig(block_n=256, block_r=16, split_k=2, num_warps=4, cuda=True, use_dot=True)
+    cases += [
+        (dtype, 1000, (1000, 1008, 1000), (1, 2, 3, 8), True, cuda_mma),
+        (torch.float16, 200, (304,), (2, 5), False, cuda_mma_small),
+        (torch.float16, 1000, (1000, 1008), (4, 7), True, cuda_mma),
+        (dtype, 4096, (4096, 1024, 1024), (4, 8), False, cuda_mma),
+        (dtype, 14336, (4096,), (8,), True, cuda_mma),
+    ]
     for case in cases:
         try:
             rows.extend(_self_check_case(gen, *case))

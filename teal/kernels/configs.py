@@ -49,6 +49,8 @@ class KernelConfig:
     instead: ``block_n`` columns per program (one or two 16-byte vectors per lane), ``block_r`` rows per
     warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
     ``num_warps`` warps; with several rows it reads the union of their surviving weight rows once.
+    ``cuda`` with ``use_dot`` computes the products on tensor cores (mma, 16 rows per warp and step; bf16 and
+    fp16 inputs, ``block_n`` 256, at most 8 warps), which keeps batches of 4-8 rows off the FMA pipes.
     Devices where it cannot run take the Triton table's configuration.
     """
 
@@ -75,8 +77,8 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
         if self.num_stages < 1:
             raise ValueError(f"KernelConfig.num_stages must be >= 1, got {self.num_stages}")
-        if self.cuda and (self.gather or self.compact or self.use_dot or self.dense):
-            raise ValueError("KernelConfig: cuda cannot be combined with gather, compact, use_dot or dense")
+        if self.cuda and (self.gather or self.compact or self.dense):
+            raise ValueError("KernelConfig: cuda cannot be combined with gather, compact or dense")
         if self.cuda and (self.split_k > 8 or self.block_r > 32 or self.num_warps > 32):
             raise ValueError(f"KernelConfig: a cuda config needs split_k <= 8 (one cluster), block_r <= 32 and "
                              f"num_warps <= 32, got split_k={self.split_k}, block_r={self.block_r}, "
@@ -168,16 +170,22 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     (8192, 28672, 1, "bf16"): KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=8, cuda=True),
     (14336, 8192, 1, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True),
     # Batches (the union of the rows' survivors): 2026-11-29-h200-kernels-cuda-batched.json, picked by
-    # `tune.pick_best` (never slower than 1.03x the dense fallback at s = 0, 0.5, 0.9); buckets not
-    # listed take the dense fallback (every shape at 8 rows).
+    # `tune.pick_best` (never slower than 1.03x the dense fallback at s = 0, 0.5, 0.9), and the tensor-core
+    # entries (use_dot) of session 10's tuning, 2026-11-29-h200-kernels-mma-tuning.json, where they won in both
+    # of that session's runs; buckets not listed take the dense fallback (MLP down at 4 and 8 rows, o and
+    # Llama-2 q|k|v at 8, Llama-3 gate|up at 8, where the two runs disagreed).
     (4096, 6144, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=16, cuda=True),
-    (4096, 6144, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-    (4096, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+    (4096, 6144, 4, "bf16"): KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
+    (4096, 6144, 8, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
+    (4096, 4096, 2, "bf16"): KernelConfig(block_n=128, block_r=16, split_k=8, num_warps=4, cuda=True, use_dot=True),
+    (4096, 4096, 4, "bf16"): KernelConfig(block_n=128, block_r=16, split_k=8, num_warps=4, cuda=True, use_dot=True),
     (4096, 28672, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
     (4096, 28672, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=1, num_warps=16, cuda=True),
     (4096, 12288, 2, "bf16"): KernelConfig(block_n=256, block_r=4, split_k=2, num_warps=16, cuda=True),
     (4096, 12288, 4, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
     (4096, 22016, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
+    (4096, 22016, 4, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=4, cuda=True, use_dot=True),
+    (4096, 22016, 8, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=4, cuda=True, use_dot=True),
     (11008, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
 }
 

@@ -67,9 +67,10 @@ class Variant:
     pdl: int  # 0 off, 1 let the next kernel launch at the start, 2 after the weight loop
     list_step: int = 4  # input entries per lane and listing round
     batch: int = 1
+    mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}",
+        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -92,7 +93,10 @@ class Geometry:
 
 
 def vectors_per_lane(config: KernelConfig, dtype: torch.dtype) -> int:
-    """16-byte vectors per lane and row: ``block_n`` / (32 lanes x elements per vector), at least 1."""
+    """16-byte vectors per lane and row: ``block_n`` / (32 lanes x elements per vector), at least 1 (1 with the
+    tensor-core inner product, whose lanes load one vector per 64-column slot)."""
+    if config.use_dot:
+        return 1
     return max(1, config.block_n // (32 * ELEMS_PER_VECTOR[dtype]))
 
 
@@ -102,6 +106,8 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> i
     more warps (128 registers per thread), 32 below; with more rows, what the per-thread register limit
     leaves after the batch's fp32 sums (8 per row and vector)."""
     vecs = vectors_per_lane(config, dtype)
+    if config.use_dot:
+        return MMA_ROWS
     if batch == 1:
         budget = 16 if config.num_warps >= 16 else 32
     else:
@@ -109,6 +115,22 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> i
         budget = max(1, min(32, (limit - 40 - 8 * batch * vecs) // 4))
     return max(1, min(config.block_r, budget // vecs))
 
+
+#: Rows per warp and step of the tensor-core inner product (the k of one mma.m16n8k16).
+MMA_ROWS = 16
+#: Output columns per program the tensor-core inner product takes (``block_n``): 64-column slots of 2 or 4.
+MMA_BLOCK_NS = (128, 256)
+
+
+def mma_slots(config: KernelConfig) -> int:
+    """64-column slots per lane group of the tensor-core inner product (0 without ``use_dot``)."""
+    return config.block_n // 64 if config.use_dot else 0
+
+
+def mma_registers(config: KernelConfig) -> int:
+    """Registers per thread the tensor-core inner product needs: per slot 16 fp32 sums and 16 for a step's
+    weight vectors, and addressing (measured with ptxas: 156 at 4 slots)."""
+    return 32 * mma_slots(config) + 40
 
 #: Most input entries a lane loads per listing round.
 MAX_LIST_STEP = 8
@@ -129,7 +151,7 @@ def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, gl
     ``geometry``)."""
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch)
+                   list_step(rows_per_warp, batch), batch, mma_slots(config))
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -139,7 +161,7 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     those."""
     if not 1 <= len(split_list) <= MAX_SEGMENTS:
         raise ValueError(f"the CUDA sparse GEMV takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}")
-    block_n = 32 * ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype)
+    block_n = config.block_n if mma_slots(config) else 32 * ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype)
     n = sum(split_list)
     ends = list(accumulate(split_list))
     blocks = list(accumulate(-(-w // block_n) for w in split_list))
@@ -159,6 +181,15 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int) -> Op
     """Why the fp32 sums of ``batch`` rows (8 registers per row and 16-byte vector) do not fit the
     per-thread register limit of ``config``'s block (None when they do)."""
     limit = min(255, 65536 // (32 * config.num_warps))
+    if config.use_dot:
+        if dtype == torch.float32:
+            return "the tensor-core inner product (use_dot) takes bf16 or fp16 inputs, not fp32"
+        if config.block_n not in MMA_BLOCK_NS:
+            return f"the tensor-core inner product (use_dot) takes block_n 128 or 256, got {config.block_n}"
+        if limit < mma_registers(config):
+            return (f"the tensor-core inner product (use_dot) needs {mma_registers(config)} registers per thread "
+                    f"at block_n={config.block_n}; {config.num_warps} warps leave {limit}: use fewer warps")
+        return None
     sums = ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype) * batch
     if sums + 44 > limit:
         return (f"{batch} rows x block_n={config.block_n} need {sums} registers of sums per thread; "

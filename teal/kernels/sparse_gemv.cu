@@ -27,6 +27,14 @@
 //   GLU       the input is a gate|up row [2K]; x_i = silu(gate_i) * up_i with eager PyTorch's roundings
 //   PDL       0: plain launch; 1: let the next kernel launch at once; 2: let it launch after the weight loop.
 //             With 1 or 2 the program waits for the previous kernel (griddepcontrol) before reading x.
+//   MMA       0, or 2 / 4 (16-bit elements, VECS 1): the inner product on tensor cores over MMA slots of 64
+//             columns (BLOCK_N = 64 * MMA), 16 listed rows per warp and step:
+//             y^T[cols, rows] += W^T[cols, k16] x^T[k16, rows] with mma.m16n8k16 (the weight tile is the A
+//             operand, so its 16 output columns fill the fragment; the input rows are the 8 columns of B).
+//             Lane t (group g = t / 4, q = t % 4) loads listed rows 2q, 2q+1, 2q+8, 2q+9 of the step at
+//             columns s * 64 + g * 8 .. + 8 of each slot s; byte permutes pair two rows' values of
+//             one column into a fragment register, so no shared memory staging is needed. It keeps the
+//             batch's products off the FMA pipes, which bound the FMA loop at 4-8 rows.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py).
 
@@ -48,9 +56,20 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #if GLU && BATCH > 1
 #error "the SiLU-gated input is fused at batch 1 only"
 #endif
+#ifndef MMA
+#define MMA 0
+#endif
+#if MMA && (ELEM == 2 || VECS != 1 || GLU || (MMA != 2 && MMA != 4))
+#error "the tensor-core inner product takes 16-bit elements, 2 or 4 slots (block_n 128 or 256) and no GLU"
+#endif
 
 #define LANE_COLS (EPV * VECS)
+#if MMA
+#define SLOTS MMA  // 64-column slots per lane group
+#define BLOCK_N (64 * SLOTS)
+#else
 #define BLOCK_N (32 * LANE_COLS)
+#endif
 #define THREADS (WARPS * 32)
 #ifndef LIST_STEP
 #define LIST_STEP 4  // input entries per lane loaded before their ballots (host: enough for one round)
@@ -153,6 +172,38 @@ __device__ __forceinline__ void fma_vector(float* acc, float xv, vec_u32x4 v) {
     for (int e = 0; e < 4; ++e) acc[e] = fmaf(xv, __uint_as_float(u[e]), acc[e]);
 #endif
 }
+
+#if MMA
+// Two fp32 values (exactly representable: masked copies of 16-bit inputs) as one register of the element type,
+// `lo` in the low half (the smaller k of a fragment pair).
+__device__ __forceinline__ unsigned pack_pair(float lo, float hi) {
+    unsigned r;
+#if ELEM == 0
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+// Low halves of a and b as (lo, hi) of one register (selector 0x5410), or their high halves (0x7632).
+__device__ __forceinline__ unsigned pair_low(unsigned a, unsigned b) { return __byte_perm(a, b, 0x5410); }
+__device__ __forceinline__ unsigned pair_high(unsigned a, unsigned b) { return __byte_perm(a, b, 0x7632); }
+
+// c[0..4) += A (16x16, four registers) * B (16x8, two registers), fp32 accumulation.
+__device__ __forceinline__ void mma_16816(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                          unsigned b1) {
+#if ELEM == 0
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+#else
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+#endif
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
 
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     unsigned long long a;
@@ -262,6 +313,55 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     }
     __syncwarp();
 
+#if MMA
+    // 2'. Stream the listed rows 16 per step into tensor-core products (see MMA above). Fragment of slot s,
+    //     pair p: A rows (output columns) g and g + 8 are the lane's columns 2p and 2p + 1; k 2q, 2q+1 are
+    //     its rows 0, 1 and k 2q+8, 2q+9 its rows 2, 3; B column g is input row g (zero when g >= BATCH);
+    //     C holds columns 2p (c0, c1) and 2p + 1 (c2, c3) of input rows 2q (c0, c2) and 2q + 1 (c1, c3).
+    const int q4 = lane & 3;
+    const int g8 = lane >> 2;
+    float acc[SLOTS][4][4];
+#pragma unroll
+    for (int sl = 0; sl < SLOTS; ++sl)
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[sl][p][c] = 0.0f;
+    bool col_ok[SLOTS];
+    const elem_t* wcol[SLOTS];
+#pragma unroll
+    for (int sl = 0; sl < SLOTS; ++sl) {
+        const int col = col0 + sl * 64 + g8 * 8;
+        col_ok[sl] = col < seg_end;
+        wcol[sl] = w + col;
+    }
+    for (int i = 0; i < count; i += 16) {
+        vec_u32x4 tile[4][SLOTS];  // [row of the lane][slot]
+        float xv[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int at = i + 2 * q4 + (j & 1) + (j >> 1) * 8;
+            const bool live = at < count;
+            const int r = live ? list_idx[at] : 0;
+#pragma unroll
+            for (int sl = 0; sl < SLOTS; ++sl) tile[j][sl] = load_stream(wcol[sl] + (long long)r * stride_w, live && col_ok[sl]);
+            xv[j] = (live && g8 < BATCH) ? list_val[at * BATCH + g8] : 0.0f;
+        }
+        const unsigned b0 = pack_pair(xv[0], xv[1]);
+        const unsigned b1 = pack_pair(xv[2], xv[3]);
+#pragma unroll
+        for (int sl = 0; sl < SLOTS; ++sl) {
+            const unsigned u0[4] = {tile[0][sl].x, tile[0][sl].y, tile[0][sl].z, tile[0][sl].w};
+            const unsigned u1[4] = {tile[1][sl].x, tile[1][sl].y, tile[1][sl].z, tile[1][sl].w};
+            const unsigned u2[4] = {tile[2][sl].x, tile[2][sl].y, tile[2][sl].z, tile[2][sl].w};
+            const unsigned u3[4] = {tile[3][sl].x, tile[3][sl].y, tile[3][sl].z, tile[3][sl].w};
+#pragma unroll
+            for (int p = 0; p < 4; ++p)
+                mma_16816(acc[sl][p], pair_low(u0[p], u1[p]), pair_high(u0[p], u1[p]), pair_low(u2[p], u3[p]),
+                          pair_high(u2[p], u3[p]), b0, b1);
+        }
+    }
+#else
     // 2. Stream the listed rows: UNROLL rows per step, every load of a step issued first.
     float acc[BATCH][LANE_COLS];
 #pragma unroll
@@ -308,6 +408,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #endif
         }
     }
+#endif  // MMA
 
 #if PDL == 2
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -317,6 +418,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     __syncthreads();  // every warp is done with its list
     float* sums = reinterpret_cast<float*>(smem);                             // [WARPS][BATCH][BLOCK_N]
     float* partial = reinterpret_cast<float*>(smem) + WARPS * BATCH * BLOCK_N;  // [BATCH][BLOCK_N]
+#if MMA
+#pragma unroll
+    for (int sl = 0; sl < SLOTS; ++sl)
+#pragma unroll
+        for (int p = 0; p < 4; ++p)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int b = 2 * q4 + h;
+                if (b < BATCH) {
+                    float* dst = sums + (warp * BATCH + b) * BLOCK_N + sl * 64 + g8 * 8 + 2 * p;
+                    dst[0] = acc[sl][p][h];
+                    dst[1] = acc[sl][p][2 + h];
+                }
+            }
+#else
 #pragma unroll
     for (int b = 0; b < BATCH; ++b)
 #pragma unroll
@@ -327,6 +443,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
                 dst[e] = vec_f32x4{acc[b][v * EPV + 4 * e], acc[b][v * EPV + 4 * e + 1], acc[b][v * EPV + 4 * e + 2],
                                    acc[b][v * EPV + 4 * e + 3]};
         }
+#endif
     __syncthreads();
     for (int c = threadIdx.x; c < BATCH * BLOCK_N; c += THREADS) {
         float s = 0.0f;

@@ -137,14 +137,25 @@ CUDA_TILES: tuple[tuple[int, int, int, int], ...] = (
 )
 
 
-def cuda_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
-    """Batch-1 CUDA C++ configurations (16-bit block widths; fp32 halves the columns per program)."""
+#: CUDA C++ candidates with the tensor-core inner product (``use_dot``; batches of 2..8 rows): (block_n,
+#: warps, programs per SM); 16 rows per warp and step.
+CUDA_MMA_TILES: tuple[tuple[int, int, int], ...] = (
+    (256, 8, 1), (256, 4, 1), (256, 4, 2), (128, 8, 1), (128, 4, 1), (128, 16, 1), (128, 8, 2), (128, 4, 2),
+)
+
+
+def cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list[KernelConfig]:
+    """CUDA C++ configurations (16-bit block widths; fp32 halves the columns per program); at batches of 2 or
+    more also the tensor-core ones."""
+    tiles = [(block_n, unroll, warps, waves, False) for block_n, unroll, warps, waves in CUDA_TILES]
+    if batch_bucket(batch) > 1:
+        tiles += [(block_n, 16, warps, waves, True) for block_n, warps, waves in CUDA_MMA_TILES]
     out = []
-    for block_n, unroll, warps, waves in CUDA_TILES:
+    for block_n, unroll, warps, waves, mma in tiles:
         n_blocks = -(-n // block_n)
         most = 1 << (max(1, k // (warps * 32)).bit_length() - 1)  # every warp keeps >= 32 rows
         split = max(1, min(_pow2_round(waves * sm_count / n_blocks), 8, most))
-        cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True)
+        cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True, use_dot=mma)
         if cfg not in out:
             out.append(cfg)
     return out
@@ -167,7 +178,7 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
         current = TUNED.get((k, n, bucket, "bf16"))
         out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count)] + ([current] if current else [])
         out += [KernelConfig(dense=True)] if bucket > 1 else []
-        return list(dict.fromkeys(out + cuda_candidates(k, n, sm_count)))
+        return list(dict.fromkeys(out + cuda_candidates(k, n, sm_count, batch)))
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
         extra = gather_candidates(k, n, sm_count)
         previous = TUNED_V3.get((k, n, 1, "bf16"))
