@@ -172,8 +172,10 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     # Batches (the union of the rows' survivors): 2026-11-29-h200-kernels-cuda-batched.json, picked by
     # `tune.pick_best` (never slower than 1.03x the dense fallback at s = 0, 0.5, 0.9), and the tensor-core
     # entries (use_dot) of session 10's tuning, 2026-11-29-h200-kernels-mma-tuning.json, where they won in both
-    # of that session's runs; buckets not listed take the dense fallback (MLP down at 4 and 8 rows, o and
-    # Llama-2 q|k|v at 8, Llama-3 gate|up at 8, where the two runs disagreed).
+    # of that session's runs; buckets not listed take the dense fallback (MLP down at 2, 4 and 8 rows, o and
+    # Llama-2 q|k|v at 8, Llama-3 gate|up at 8, where the two runs disagreed). Llama-2 down at 2 rows lost its
+    # entry: at s = 0.4 (not a tuned sparsity) it ran 31.2 us against the fallback's 28.6 (2026-11-29-h200-
+    # kernels-final-mma.json), the partly dense union of two rows being slower to gather than to stream.
     (4096, 6144, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=16, cuda=True),
     (4096, 6144, 4, "bf16"): KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
     (4096, 6144, 8, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
@@ -186,7 +188,6 @@ TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     (4096, 22016, 2, "bf16"): KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
     (4096, 22016, 4, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=4, cuda=True, use_dot=True),
     (4096, 22016, 8, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=4, num_warps=4, cuda=True, use_dot=True),
-    (11008, 4096, 2, "bf16"): KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=8, cuda=True),
 }
 
 #: Which table a ``sparse_linear`` call takes its configuration from: "sparse" (``TUNED_CUDA``, tuned at
