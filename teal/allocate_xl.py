@@ -55,7 +55,7 @@ from teal import stats
 from teal.arch import PROJECTIONS, Adapter, get_adapter, proj_key
 from teal.allocate import prepare_allocation
 from teal.artifact import Thresholds
-from teal.calibrate import base_model, default_seq_len, model_device
+from teal.calibrate import base_model, model_device
 from teal.nn import TealLinear, dense_linear
 
 CROSS_LAYER = "cross-layer"
