@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import datetime
 import json
+import sys
 
 import torch
+import triton
 
 from teal.bench.kernels import SHAPES
 from teal.kernels import cuda
@@ -57,7 +60,9 @@ def main() -> None:
                           f"{row['clusters_needed']} resident {row['clusters_resident']}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), fh, indent=1)
+            json.dump(dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                           device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           cuda=torch.version.cuda, command=" ".join(["python", *sys.argv]), rows=rows), fh, indent=1)
 
 
 if __name__ == "__main__":
