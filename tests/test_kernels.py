@@ -284,6 +284,30 @@ def test_dense_fallback_taken_for_large_batches_and_dense_configs():
     assert get_config(4096, 4096, 16, torch.bfloat16).dense
 
 
+@needs_interpreter
+def test_dense_fallback_multiplies_each_segment_only_by_its_columns_for_long_inputs(monkeypatch):
+    """Many rows (a sparse prefill): per-segment products give the same result as the stacked one, and the
+    switch follows rows x narrowest segment width. Checked by the work each path hands to matmul."""
+    gen = torch.Generator().manual_seed(29)
+    splits = [24, 16, 8]
+    w_t = torch.randn(64, sum(splits), generator=gen).to(torch.bfloat16)
+    x = torch.randn(12, 64, generator=gen).to(torch.bfloat16)
+    thr = _thresholds(x, 0.5, 3) * torch.tensor([1.0, 1.1, 1.2])
+    ref = sparse_linear_reference(x, w_t, thr, splits, compute_dtype=torch.float64, out_dtype=torch.float64)
+    shapes: list[tuple[int, ...]] = []
+    real_matmul = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: shapes.append(tuple(b.shape)) or real_matmul(a, b))
+    outs = {}
+    for work, expect in ((12 * 8 + 1, [(64, 48)]), (12 * 8, [(64, 24), (64, 16), (64, 8)])):
+        monkeypatch.setattr(kernel_ops, "PER_SEGMENT_MIN_WORK", work)
+        shapes.clear()
+        outs[work] = kernel_ops.dense_masked_linear(x, w_t, thr, splits, None)
+        assert shapes == expect
+        rel = float((outs[work].double() - ref).norm() / ref.norm())
+        assert rel <= 1e-2, rel
+    torch.testing.assert_close(outs[12 * 8], outs[12 * 8 + 1], rtol=1e-2, atol=1e-2)
+
+
 def test_reference_semantics_and_zero_sparsity_is_dense():
     gen = torch.Generator().manual_seed(17)
     x = torch.randn(4, 32, generator=gen)

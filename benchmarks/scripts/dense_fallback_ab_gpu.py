@@ -1,5 +1,6 @@
-"""The masked dense fallback of `sparse_linear` at 2-8 rows: today's stacked product against one product per
-segment, and cuBLAS's unmasked product, timed in CUDA graphs (weights rotated past L2).
+"""The masked dense fallback of `sparse_linear` (2-8 rows, and larger batches such as a sparse prefill's prompt
+rows with `--batches`): the stacked product against one product per segment, and cuBLAS's unmasked product,
+timed in CUDA graphs (weights rotated past L2).
 
     PYTHONPATH=. python3 benchmarks/scripts/dense_fallback_ab_gpu.py --json OUT.json
 
@@ -60,19 +61,19 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     data: dict[str, Any] = {**run_info(device), "rows": []}
-    print(f"{'shape':20s} {'B':>2s} {'cuBLAS':>8s} {'stacked':>8s} {'per-seg':>8s}  err stacked / per-seg", flush=True)
+    print(f"{'shape':20s} {'B':>5s} {'cuBLAS':>8s} {'stacked':>8s} {'per-seg':>8s}  err stacked / per-seg", flush=True)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)
         weights = rotated_weights(k, n, device)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, k, device=device).to(torch.bfloat16)
             thr = torch.full((len(splits),), float(torch.quantile(x.abs().float().flatten(), 0.5)), device=device)
-            ref = sparse_linear_reference(x.cpu(), weights[0].cpu(), thr.cpu(), splits, None,
-                                          compute_dtype=torch.float64, out_dtype=torch.float64)
+            ref = sparse_linear_reference(x, weights[0], thr, splits, None, compute_dtype=torch.float64,
+                                          out_dtype=torch.float64)
             errs = []
             for fn in (ops.dense_masked_linear, per_segment):
                 args_ = (x, weights[0], thr, splits) + ((None,) if fn is ops.dense_masked_linear else ())
-                y = fn(*args_).double().cpu()
+                y = fn(*args_).double()
                 errs.append(float((y - ref).norm() / ref.norm()))
             t_cublas = time_graph_us([lambda w=w: x @ w for w in weights], replays=20)
             t_stacked = time_graph_us([lambda w=w: ops.dense_masked_linear(x, w, thr, splits, None) for w in weights],
@@ -82,7 +83,7 @@ def main() -> None:
                    "stacked_us": t_stacked, "per_segment_us": t_seg, "rel_err_stacked": errs[0],
                    "rel_err_per_segment": errs[1]}
             data["rows"].append(row)
-            print(f"{name:20s} {batch:2d} {t_cublas:8.1f} {t_stacked:8.1f} {t_seg:8.1f}  {errs[0]:.1e} / {errs[1]:.1e}",
+            print(f"{name:20s} {batch:5d} {t_cublas:8.1f} {t_stacked:8.1f} {t_seg:8.1f}  {errs[0]:.1e} / {errs[1]:.1e}",
                   flush=True)
         del weights
         torch.cuda.empty_cache()

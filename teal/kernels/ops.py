@@ -507,6 +507,11 @@ def _launch_cuda(
     _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device))
 
 
+#: Rows x narrowest segment width from which the dense fallback multiplies each segment separately (measured
+#: crossover on the H200: Llama-3-8B q|k|v from 256 rows, gate|up and Llama-2-7B q|k|v from 64).
+PER_SEGMENT_MIN_WORK = 2**18
+
+
 def dense_masked_linear(
     x: torch.Tensor,
     w_t: torch.Tensor,
@@ -514,9 +519,14 @@ def dense_masked_linear(
     split_list: list[int],
     col_scale: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    """Dense fallback: one Triton launch masks x per segment, then one cuBLAS product reads w_t once.
+    """Dense fallback: one Triton launch masks x per segment ([S*B, K]), then cuBLAS.
 
-    With S segments the product is [S*B, K] @ [K, N]; segment j's columns come from rows j*B..j*B+B-1.
+    With S segments and few rows the product is one [S*B, K] @ [K, N] (it reads w_t once; segment j's columns
+    come from rows j*B..j*B+B-1). From ``PER_SEGMENT_MIN_WORK`` rows x narrowest segment width on (a long
+    prompt's sparse prefill), that stacked product, compute-bound by then, would multiply every segment's rows
+    by every column, S times the work: each segment's rows multiply only its own columns instead (on the H200
+    at 1024 rows: Llama-3-8B q|k|v 97.9 against 241.1 us, gate|up 438 against 780;
+    benchmarks/results/2026-11-29-h200-dense-fallback-large-batches.json).
     """
     batch, k = x.shape
     segments = len(split_list)
@@ -528,12 +538,15 @@ def dense_masked_linear(
         x.contiguous(), xm, thr, scale if scale is not None else thr, batch, k,
         HAS_SCALE=scale is not None, BLOCK_K=block_k, num_warps=4,
     )
-    stacked = xm @ w_t
     if segments == 1:
-        return stacked
+        return xm @ w_t
+    per_segment = batch * min(split_list) >= PER_SEGMENT_MIN_WORK
+    stacked = None if per_segment else xm @ w_t
     parts, start = [], 0
     for j, width in enumerate(split_list):
-        parts.append(stacked[j * batch : (j + 1) * batch, start : start + width])
+        rows = slice(j * batch, (j + 1) * batch)
+        cols = slice(start, start + width)
+        parts.append(xm[rows] @ w_t[:, cols] if per_segment else stacked[rows, cols])
         start += width
     return torch.cat(parts, dim=1)
 
