@@ -60,8 +60,6 @@ def _covered(k: int, splits: list[int], cfg: KernelConfig, dtype: torch.dtype,
         (1000, [1000, 1008, 1000], KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True),
          torch.bfloat16),
         (4096, [304], KernelConfig(block_n=256, block_r=16, split_k=8, num_warps=4, cuda=True, use_dot=True), torch.float16),
-        (1000, [1000, 1008], KernelConfig(block_n=128, block_r=16, split_k=2, num_warps=8, cuda=True, use_dot=True,
-                                          stream=True), torch.bfloat16),
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3, 8])
@@ -72,9 +70,8 @@ def test_geometry_covers_every_column_and_row_once(k, splits, cfg, dtype, batch)
     assert rows == [1] * k
     geo = cuda.geometry(k, splits, cfg, dtype, batch)
     assert geo.grid[1] == cfg.split_k and geo.threads == 32 * cfg.num_warps
-    lists = 0 if cfg.stream else 4 * (1 + batch) * cfg.num_warps * geo.rows_per_warp  # index + a value per row
-    sums = 4 * (cfg.num_warps + 1) * batch * geo.block_n
-    assert geo.shared_bytes >= max(lists, sums) and (geo.shared_bytes == sums or not cfg.stream)
+    lists = 4 * (1 + batch) * cfg.num_warps * geo.rows_per_warp  # index + one value per input row
+    assert geo.shared_bytes >= max(lists, 4 * (cfg.num_warps + 1) * batch * geo.block_n)
 
 
 def test_block_width_follows_the_vector_size():
@@ -114,14 +111,6 @@ def test_tensor_core_configs():
             assert get_config(k, n, batch, torch.bfloat16, 132, cuda_ok=True) == cfg
         assert cfg in cuda_candidates(k, n, 132, bucket)  # the tuner can reproduce it
     assert not any(c.use_dot for c in cuda_candidates(4096, 4096, 132, 1))  # batch 1 keeps the FMA loop
-    # the stream mode (no survivor lists): a tensor-core variant only, with its own registers and macro
-    streamed = KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=16, cuda=True, use_dot=True, stream=True)
-    variant = cuda.variant_for(streamed, torch.bfloat16, has_scale=True, glu=False, pdl=2, batch=8)
-    assert variant.stream and "-DSTREAM=1" in variant.defines() and cuda.register_problem(streamed, torch.bfloat16, 8) is None
-    assert cuda.mma_registers(streamed) > cuda.mma_registers(dataclasses.replace(streamed, stream=False))
-    with pytest.raises(ValueError, match="stream is a mode"):
-        KernelConfig(block_n=256, block_r=16, cuda=True, stream=True)
-    assert any(c.stream for c in cuda_candidates(4096, 4096, 132, 8))
 
 
 def test_list_step_covers_a_warp_in_one_round():

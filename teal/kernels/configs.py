@@ -50,9 +50,7 @@ class KernelConfig:
     warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
     ``num_warps`` warps; with several rows it reads the union of their surviving weight rows once.
     ``cuda`` with ``use_dot`` computes the products on tensor cores (mma, 16 rows per warp and step; bf16 and
-    fp16 inputs, ``block_n`` 128 or 256), which keeps batches of 4-8 rows off the FMA pipes; with ``stream``
-    it lists no survivors: every row is visited and a weight row is loaded only if some input row keeps it (for
-    batches whose union is nearly dense).
+    fp16 inputs, ``block_n`` 256, at most 8 warps), which keeps batches of 4-8 rows off the FMA pipes.
     Devices where it cannot run take the Triton table's configuration.
     """
 
@@ -67,7 +65,6 @@ class KernelConfig:
     gather: bool = False
     dense_above: float = 0.9
     cuda: bool = False
-    stream: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_n", "block_r", "split_k"):
@@ -86,9 +83,6 @@ class KernelConfig:
             raise ValueError(f"KernelConfig: a cuda config needs split_k <= 8 (one cluster), block_r <= 32 and "
                              f"num_warps <= 32, got split_k={self.split_k}, block_r={self.block_r}, "
                              f"num_warps={self.num_warps}")
-        if self.stream and not (self.cuda and self.use_dot):
-            raise ValueError("KernelConfig: stream is a mode of the CUDA kernel's tensor-core product (cuda=True, "
-                             "use_dot=True)")
         if self.use_dot and self.block_r < 16:
             raise ValueError(f"KernelConfig.block_r must be >= 16 with use_dot, got {self.block_r}")
 

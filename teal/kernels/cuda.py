@@ -68,10 +68,9 @@ class Variant:
     list_step: int = 4  # input entries per lane and listing round
     batch: int = 1
     mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
-    stream: bool = False  # (with mma) no survivor lists: every row visited, weight loads predicated on the union
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}", f"-DSTREAM={int(self.stream)}",
+        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
@@ -130,9 +129,8 @@ def mma_slots(config: KernelConfig) -> int:
 
 def mma_registers(config: KernelConfig) -> int:
     """Registers per thread the tensor-core inner product needs: per slot 16 fp32 sums and 16 for a step's
-    weight vectors, and addressing; the stream mode 16 more for the prefetched inputs (ptxas for sm_90: 155-158
-    at 4 slots, 86-94 at 2; streaming 174-178 and 111-116)."""
-    return 32 * mma_slots(config) + 40 + (16 if config.stream else 0)
+    weight vectors, and addressing (measured with ptxas: 156 at 4 slots)."""
+    return 32 * mma_slots(config) + 40
 
 #: Most input entries a lane loads per listing round.
 MAX_LIST_STEP = 8
@@ -153,7 +151,7 @@ def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, gl
     ``geometry``)."""
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, mma_slots(config), config.stream)
+                   list_step(rows_per_warp, batch), batch, mma_slots(config))
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -173,7 +171,7 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     split = config.split_k
     rows_per_split = -(-k // split)
     rows_per_warp = -(-rows_per_split // config.num_warps)
-    lists = 0 if config.stream else 4 * (1 + batch) * config.num_warps * rows_per_warp
+    lists = 4 * (1 + batch) * config.num_warps * rows_per_warp
     sums = 4 * (config.num_warps + 1) * batch * block_n
     return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]

@@ -27,10 +27,6 @@
 //   GLU       the input is a gate|up row [2K]; x_i = silu(gate_i) * up_i with eager PyTorch's roundings
 //   PDL       0: plain launch; 1: let the next kernel launch at once; 2: let it launch after the weight loop.
 //             With 1 or 2 the program waits for the previous kernel (griddepcontrol) before reading x.
-//   STREAM    (with MMA) no survivor lists: every row of the warp's share is visited, 16 per step; each lane
-//             thresholds its own input row's entries (prefetched one step ahead), a ballot gives the union,
-//             and a weight row is loaded only if some input row keeps it. No listing phase and no list
-//             memory, for batches whose union is nearly dense.
 //   MMA       0, or 2 / 4 (16-bit elements, VECS 1): the inner product on tensor cores over MMA slots of 64
 //             columns (BLOCK_N = 64 * MMA), 16 listed rows per warp and step:
 //             y^T[cols, rows] += W^T[cols, k16] x^T[k16, rows] with mma.m16n8k16 (the weight tile is the A
@@ -62,12 +58,6 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #endif
 #ifndef MMA
 #define MMA 0
-#endif
-#ifndef STREAM
-#define STREAM 0
-#endif
-#if STREAM && !MMA
-#error "the list-free stream (STREAM) is a variant of the tensor-core inner product (MMA)"
 #endif
 #if MMA && (ELEM == 2 || VECS != 1 || GLU || (MMA != 2 && MMA != 4))
 #error "the tensor-core inner product takes 16-bit elements, 2 or 4 slots (block_n 128 or 256) and no GLU"
@@ -271,10 +261,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const int row_lo = min(K, split_row + warp * rows_per_warp);
     const int row_hi = min(min(K, split_row + rows_per_split), row_lo + rows_per_warp);
 
-#if !STREAM
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
-#endif
 
 #if PDL == 1
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -284,7 +272,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #endif
     const float thr = thresholds[seg];
 
-#if !STREAM
     // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
     //    own row's rule): LIST_STEP rows per lane loaded, then ballots.
     int count = 0;
@@ -325,7 +312,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
     __syncwarp();
-#endif
 
 #if MMA
     // 2'. Stream the listed rows 16 per step into tensor-core products (see MMA above). Fragment of slot s,
@@ -349,49 +335,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         col_ok[sl] = col < seg_end;
         wcol[sl] = w + col;
     }
-#if STREAM
-    // 2''. Every row, 16 per step: lane (g, q) reads input row g's entries at its rows 2q, 2q+1, 2q+8, 2q+9 (one
-    //      step ahead), thresholds them, and the ballot over the lanes of the same q is the union of the batch.
-    const bool x_lane = g8 < BATCH;
-    const elem_t* xrow = x + (x_lane ? g8 : 0) * stride_x;
-    const unsigned same_q = 0x11111111u << q4;
-    float xn[4];
-#if HAS_SCALE
-    float cn[4];
-#endif
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        const int r = row_lo + 2 * q4 + (j & 1) + (j >> 1) * 8;
-        xn[j] = (x_lane && r < row_hi) ? to_f32(xrow[r]) : 0.0f;
-#if HAS_SCALE
-        cn[j] = r < row_hi ? scale[seg * K + r] : 0.0f;
-#endif
-    }
-    for (int base = row_lo; base < row_hi; base += 16) {
-        vec_u32x4 tile[4][SLOTS];  // [row of the lane][slot]
-        float xv[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int r = base + 2 * q4 + (j & 1) + (j >> 1) * 8;
-            float score = fabsf(xn[j]);
-#if HAS_SCALE
-            score *= cn[j];
-#endif
-            const bool keep = x_lane && r < row_hi && score > thr;
-            xv[j] = keep ? xn[j] : 0.0f;
-            const bool live = (__ballot_sync(0xffffffffu, keep) & same_q) != 0u;
-#pragma unroll
-            for (int sl = 0; sl < SLOTS; ++sl) tile[j][sl] = load_stream(wcol[sl] + (long long)r * stride_w, live && col_ok[sl]);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {  // the next step's inputs, in flight with this step's weights
-            const int r = base + 16 + 2 * q4 + (j & 1) + (j >> 1) * 8;
-            xn[j] = (x_lane && r < row_hi) ? to_f32(xrow[r]) : 0.0f;
-#if HAS_SCALE
-            cn[j] = r < row_hi ? scale[seg * K + r] : 0.0f;
-#endif
-        }
-#else
     for (int i = 0; i < count; i += 16) {
         vec_u32x4 tile[4][SLOTS];  // [row of the lane][slot]
         float xv[4];
@@ -404,7 +347,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             for (int sl = 0; sl < SLOTS; ++sl) tile[j][sl] = load_stream(wcol[sl] + (long long)r * stride_w, live && col_ok[sl]);
             xv[j] = (live && g8 < BATCH) ? list_val[at * BATCH + g8] : 0.0f;
         }
-#endif
         const unsigned b0 = pack_pair(xv[0], xv[1]);
         const unsigned b1 = pack_pair(xv[2], xv[3]);
 #pragma unroll

@@ -146,19 +146,16 @@ CUDA_MMA_TILES: tuple[tuple[int, int, int], ...] = (
 
 def cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list[KernelConfig]:
     """CUDA C++ configurations (16-bit block widths; fp32 halves the columns per program); at batches of 2 or
-    more also the tensor-core ones, listing survivors and streaming."""
+    more also the tensor-core ones."""
     tiles = [(block_n, unroll, warps, waves, False) for block_n, unroll, warps, waves in CUDA_TILES]
-    tiles = [(*tile, False) for tile in tiles]
     if batch_bucket(batch) > 1:
-        tiles += [(block_n, 16, warps, waves, True, stream) for stream in (False, True)
-                  for block_n, warps, waves in CUDA_MMA_TILES]
+        tiles += [(block_n, 16, warps, waves, True) for block_n, warps, waves in CUDA_MMA_TILES]
     out = []
-    for block_n, unroll, warps, waves, mma, stream in tiles:
+    for block_n, unroll, warps, waves, mma in tiles:
         n_blocks = -(-n // block_n)
         most = 1 << (max(1, k // (warps * 32)).bit_length() - 1)  # every warp keeps >= 32 rows
         split = max(1, min(_pow2_round(waves * sm_count / n_blocks), 8, most))
-        cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True, use_dot=mma,
-                           stream=stream)
+        cfg = KernelConfig(block_n=block_n, block_r=unroll, split_k=split, num_warps=warps, cuda=True, use_dot=mma)
         if cfg not in out:
             out.append(cfg)
     return out
