@@ -50,7 +50,8 @@ class KernelConfig:
     warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
     ``num_warps`` warps; with several rows it reads the union of their surviving weight rows once.
     ``cuda`` with ``use_dot`` computes the products on tensor cores (mma, 16 rows per warp and step; bf16 and
-    fp16 inputs, ``block_n`` 256, at most 8 warps), which keeps batches of 4-8 rows off the FMA pipes.
+    fp16 inputs, ``block_n`` 128 or 256, warps bounded by its registers: ``cuda.register_problem``), which keeps
+    batches of 4-8 rows off the FMA pipes.
     Devices where it cannot run take the Triton table's configuration.
     """
 
