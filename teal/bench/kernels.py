@@ -139,11 +139,22 @@ def _sparsity_stats(xs: Sequence[torch.Tensor], thr: Sequence[torch.Tensor]) -> 
 
 
 def _git_commit() -> str | None:
+    """The source commit for the JSON: ``$TEAL_SOURCE_COMMIT`` when set (a copy of the tree without its own
+    history, e.g. on a remote GPU machine, would otherwise report a stale or no HEAD), else ``git rev-parse
+    HEAD`` with ``-dirty`` when the tree has uncommitted changes."""
+    stated = os.environ.get("TEAL_SOURCE_COMMIT")
+    if stated:
+        return stated
     try:
         import subprocess
 
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        head = out.stdout.strip()
+        if not head:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return head + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - provenance only
         return None
 
