@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -19,6 +20,7 @@ def run_info(device: torch.device) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
                      "python": platform.python_version()},
         "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
+        "source_commit": os.environ.get("TEAL_SOURCE_COMMIT"),  # the GPU copy of the tree has no history of its own
     }
 
 
