@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -30,3 +31,15 @@ def rotated_weights(k: int, n: int, device: torch.device, dtype: torch.dtype = t
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     copies = max(2, -(-4 * l2 // (k * n * torch.finfo(dtype).bits // 8)))
     return [(torch.randn(k, n, device=device) * k**-0.5).to(dtype) for _ in range(copies)]
+
+
+def start_rows_run(doc: str, **options: str) -> tuple[argparse.Namespace, torch.device, dict[str, Any]]:
+    """The common start of a GPU script that writes rows to JSON: ``--json PATH`` (required) and one string
+    option per keyword (its default), the CUDA device, and the JSON's header (``run_info``) with empty rows."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--json", dest="json_path", required=True)
+    for name, default in options.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=default)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    return args, device, {**run_info(device), "rows": []}

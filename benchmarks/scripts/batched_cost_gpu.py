@@ -9,11 +9,10 @@ is fast at 1 row and slow at 8, the batch's inputs, lists and reduction are.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
-from _gpu_run import rotated_weights, run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
+from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 from teal.bench.decode import write_json
 from teal.kernels import ops, sparse_linear_reference
@@ -33,11 +32,7 @@ MMA = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", dest="json_path", required=True)
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    data: dict[str, Any] = {**run_info(device), "rows": []}
+    args, device, data = start_rows_run(__doc__)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)
         weights = rotated_weights(k, n, device)

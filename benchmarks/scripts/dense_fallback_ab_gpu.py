@@ -16,11 +16,9 @@ per graph over the rotated copies, median of 20 replays).
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
 
 import torch
-from _gpu_run import rotated_weights, run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
+from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 from teal.bench.decode import write_json
 from teal.kernels.tune import time_graph_us
@@ -55,12 +53,7 @@ def per_segment(x: torch.Tensor, w_t: torch.Tensor, thr: torch.Tensor, splits: l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", dest="json_path", required=True)
-    parser.add_argument("--batches", default="2,4,8")
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    data: dict[str, Any] = {**run_info(device), "rows": []}
+    args, device, data = start_rows_run(__doc__, batches="2,4,8")
     print(f"{'shape':20s} {'B':>5s} {'cuBLAS':>8s} {'stacked':>8s} {'per-seg':>8s}  err stacked / per-seg", flush=True)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)

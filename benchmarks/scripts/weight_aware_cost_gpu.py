@@ -10,11 +10,9 @@ per graph over the rotated copies, median of 20 replays).
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
 
 import torch
-from _gpu_run import rotated_weights, run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
+from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 from teal.bench.decode import write_json
 from teal.kernels.tune import time_graph_us
@@ -25,11 +23,7 @@ SHAPES = {"q|k|v": (4096, [4096, 1024, 1024]), "o": (4096, [4096]), "gate|up": (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", dest="json_path", required=True)
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    data: dict[str, Any] = {**run_info(device), "rows": []}
+    args, device, data = start_rows_run(__doc__)
     print(f"{'Llama-3-8B':10s} {'s':>4s} {'|x| us':>8s} {'|x|c us':>8s} {'ratio':>6s}  rel err", flush=True)
     for name, (k, splits) in SHAPES.items():
         n = sum(splits)
