@@ -4,10 +4,10 @@ timed in CUDA graphs (weights rotated past L2).
 
     PYTHONPATH=. python3 benchmarks/scripts/dense_fallback_ab_gpu.py --json OUT.json
 
-- stacked (`ops.dense_masked_linear`): one masking launch writes [S*B, K], one [S*B, K] @ [K, N] product,
-  then the S diagonal blocks are gathered (one cat);
-- per segment: the same masking launch, then segment j's rows times w_t's columns of segment j (S products
-  on column views, no copy of the weights), then one cat;
+- stacked (`ops.dense_masked_linear` with `PER_SEGMENT_MIN_WORK` = inf): one masking launch writes [S*B, K],
+  one [S*B, K] @ [K, N] product, then the S diagonal blocks are gathered (one cat);
+- per segment (the same with `PER_SEGMENT_MIN_WORK` = 0): the same masking launch, then segment j's rows
+  times w_t's columns of segment j (S products on column views, no copy of the weights), then one cat;
 - cublas: x @ w_t unmasked (what "dense" costs without thresholds).
 Both masked variants are checked against the float64 reference first. Prints a table, writes JSON. Timing:
 `teal.kernels.tune.time_graph_us` (the committed JSON came from an equivalent loop in this script: 24 calls
@@ -15,7 +15,6 @@ per graph over the rotated copies, median of 20 replays).
 """
 
 from __future__ import annotations
-
 
 import torch
 from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
@@ -32,24 +31,23 @@ SHAPES = {
 }
 
 
-def masked(x: torch.Tensor, thr: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    batch, k = x.shape
-    xm = torch.empty((len(splits) * batch, k), dtype=x.dtype, device=x.device)
-    ops._triton_kernels().mask_input_kernel[(len(splits) * batch, -(-k // 1024))](
-        x, xm, thr, thr, batch, k, HAS_SCALE=False, BLOCK_K=1024, num_warps=4)
-    return xm
+def fallback(layout: str):
+    """``ops.dense_masked_linear`` with its fused-group layout forced: "stacked" (one [S*B, K] product) or
+    "per_segment" (each segment's rows times its own columns), whatever ``ops.PER_SEGMENT_MIN_WORK`` would
+    pick for the batch."""
+    work = float("inf") if layout == "stacked" else 0
+
+    def call(x: torch.Tensor, w_t: torch.Tensor, thr: torch.Tensor, splits: list[int]) -> torch.Tensor:
+        default, ops.PER_SEGMENT_MIN_WORK = ops.PER_SEGMENT_MIN_WORK, work
+        try:
+            return ops.dense_masked_linear(x, w_t, thr, splits, None)
+        finally:
+            ops.PER_SEGMENT_MIN_WORK = default
+
+    return call
 
 
-def per_segment(x: torch.Tensor, w_t: torch.Tensor, thr: torch.Tensor, splits: list[int]) -> torch.Tensor:
-    batch = x.shape[0]
-    xm = masked(x, thr, splits)
-    if len(splits) == 1:
-        return xm @ w_t
-    parts, start = [], 0
-    for j, width in enumerate(splits):
-        parts.append(xm[j * batch : (j + 1) * batch] @ w_t[:, start : start + width])
-        start += width
-    return torch.cat(parts, dim=1)
+STACKED, PER_SEGMENT = fallback("stacked"), fallback("per_segment")
 
 
 def main() -> None:
@@ -64,14 +62,12 @@ def main() -> None:
             ref = sparse_linear_reference(x, weights[0], thr, splits, None, compute_dtype=torch.float64,
                                           out_dtype=torch.float64)
             errs = []
-            for fn in (ops.dense_masked_linear, per_segment):
-                args_ = (x, weights[0], thr, splits) + ((None,) if fn is ops.dense_masked_linear else ())
-                y = fn(*args_).double()
+            for fn in (STACKED, PER_SEGMENT):
+                y = fn(x, weights[0], thr, splits).double()
                 errs.append(float((y - ref).norm() / ref.norm()))
             t_cublas = time_graph_us([lambda w=w: x @ w for w in weights], replays=20)
-            t_stacked = time_graph_us([lambda w=w: ops.dense_masked_linear(x, w, thr, splits, None) for w in weights],
-                                      replays=20)
-            t_seg = time_graph_us([lambda w=w: per_segment(x, w, thr, splits) for w in weights], replays=20)
+            t_stacked = time_graph_us([lambda w=w: STACKED(x, w, thr, splits) for w in weights], replays=20)
+            t_seg = time_graph_us([lambda w=w: PER_SEGMENT(x, w, thr, splits) for w in weights], replays=20)
             row = {"shape": name, "K": k, "splits": splits, "batch": batch, "cublas_us": t_cublas,
                    "stacked_us": t_stacked, "per_segment_us": t_seg, "rel_err_stacked": errs[0],
                    "rel_err_per_segment": errs[1]}
