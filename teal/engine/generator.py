@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ class GenerationResult:
     """Generated token ids (prompt excluded; the stop token, if hit, is the last one) and timings.
 
     prefill_s: prompt forward until the first new token is on the host. decode_s: from then until the
-    last token. tokens_per_s: decode steps (len(tokens) - 1) per second of decode_s.
+    last token. tokens_per_s: decode steps (len(tokens) - 1) per second of decode_s. finish_reason: "stop" (a
+    stop token), "length" (max_new_tokens), "cancelled" (a `TokenStream` closed early) or "error".
     """
 
     tokens: list[int]
@@ -88,6 +89,7 @@ class Generator:
         self._temperature = torch.ones((), dtype=torch.float32, device=dev)
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._host_tokens = torch.zeros(engine.max_seq_len, dtype=torch.long, pin_memory=on_cuda)
+        self._live: TokenStream | None = None  # the stream now using the decode state
         if thresholds is not None or sparsity > 0:
             self.set_sparsity(sparsity, thresholds, method)
 
@@ -203,6 +205,30 @@ class Generator:
         temperature 0 is greedy (argmax); otherwise tokens are sampled from softmax(logits / temperature)
         restricted to the top-p nucleus. stop: token ids or single-token strings that end generation
         (default: the model's EOS tokens; [] disables). stream(token_id) is called for every new token.
+        `Generator.stream` gives the same tokens as an iterator that the caller can stop after any step.
+        """
+        tokens = self.stream(prompt, max_new_tokens, temperature, top_p, stop, seed)
+        for token in tokens:
+            if stream is not None:
+                stream(token)
+        return tokens.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int] | torch.Tensor,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: int | str | Sequence[int | str] | None = None,
+        seed: int | None = None,
+    ) -> "TokenStream":
+        """`generate`'s tokens one at a time: ``for token_id in gen.stream(prompt): ...``.
+
+        Each token is handed over as soon as it is on the host (on CUDA the next step already runs). Leave
+        the loop and call `close()` to stop after any step: no further step is queued. `result` is the
+        `GenerationResult` once the stream is exhausted or closed (finish_reason "cancelled" after an early
+        close). The arguments are checked here, before any step runs; the generator runs one stream at a time
+        (starting a new one closes the previous).
         """
         ids = self._encode(prompt)
         if max_new_tokens < 1:
@@ -219,6 +245,17 @@ class Generator:
                 "or shorten the request"
             )
         stops = self._stop_ids(stop)
+        if self._live is not None:
+            self._live.close()
+        times: list[float] = []
+        steps = self._steps(ids, max_new_tokens, temperature, top_p, stops, seed, times)
+        self._live = TokenStream(self, len(ids), steps, times)
+        return self._live
+
+    def _steps(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
+               seed: int | None, times: list[float]) -> Iterator[int]:
+        """Prefill, then one decode step per token; yields each token id, returns the finish reason.
+        Appends the prefill's start time to `times` (after any graph capture)."""
         greedy = temperature == 0.0
         use_top_p = top_p < 1.0
         if seed is not None:
@@ -226,33 +263,44 @@ class Generator:
         self._temperature.fill_(temperature if not greedy else 1.0)
         self._top_p.fill_(top_p)
         graph = self._ensure_graph(greedy, use_top_p) if self.mode != "eager" and max_new_tokens > 1 else None
-
         engine = self.engine
-        start = time.perf_counter()
+        times.append(time.perf_counter())
         with torch.inference_mode():
             logits = engine.prefill(torch.tensor(ids, dtype=torch.long, device=engine.device))
             first = sample(logits, greedy, temperature or 1.0, top_p, use_top_p)
             self._tok.copy_(first)
             self._pos.fill_(len(ids))
-            tokens = [int(first.item())]
-        decode_start = time.perf_counter()
-        if stream is not None:
-            stream(tokens[0])
-        finish = "stop" if tokens[0] in stops else "length"
-        if finish == "length" and max_new_tokens > 1:
-            finish = self._decode_loop(tokens, max_new_tokens - 1, greedy, use_top_p, graph, stops, stream)
-        end = time.perf_counter()
-        decode_s = end - decode_start
-        steps = len(tokens) - 1
-        text = None
-        if self.tokenizer is not None:
-            body = tokens[:-1] if finish == "stop" else tokens
-            text = self.tokenizer.decode(body, skip_special_tokens=True)
-        return GenerationResult(
-            tokens=tokens, text=text, prefill_s=decode_start - start, decode_s=decode_s,
-            tokens_per_s=steps / decode_s if steps and decode_s > 0 else 0.0,
-            prompt_tokens=len(ids), finish_reason=finish,
-        )
+            token = int(first.item())
+        yield token
+        if token in stops:
+            return "stop"
+        n_steps = max_new_tokens - 1
+        if graph is None:
+            for _ in range(n_steps):
+                with torch.inference_mode():
+                    self._step(greedy, use_top_p, decode_layer)
+                token = int(self._tok.item())
+                yield token
+                if token in stops:
+                    return "stop"
+            return "length"
+        host = self._host_tokens
+        events = (torch.cuda.Event(), torch.cuda.Event())
+        # One step stays queued on the GPU while the host reads (and the caller handles) the previous token.
+        for i in range(n_steps):
+            graph.replay()
+            host[i].copy_(self._tok[0], non_blocking=True)
+            events[i % 2].record()
+            if i > 0:
+                events[(i - 1) % 2].synchronize()
+                token = int(host[i - 1])
+                yield token
+                if token in stops:
+                    return "stop"
+        events[(n_steps - 1) % 2].synchronize()
+        token = int(host[n_steps - 1])
+        yield token
+        return "stop" if token in stops else "length"
 
     def warmup(self, greedy: bool = True, use_top_p: bool = False) -> float:
         """Compile and capture the decode graph for a sampling setting now; returns seconds spent."""
@@ -263,35 +311,6 @@ class Generator:
         return self.capture_s - before
 
     # ------------------------------------------------------------ internals
-    def _decode_loop(self, tokens: list[int], n_steps: int, greedy: bool, use_top_p: bool,
-                     graph: torch.cuda.CUDAGraph | None, stops: set[int], stream: Callable[[int], None] | None) -> str:
-        def accept(token: int) -> bool:
-            tokens.append(token)
-            if stream is not None:
-                stream(token)
-            return token in stops
-
-        if graph is None:
-            with torch.inference_mode():
-                for _ in range(n_steps):
-                    self._step(greedy, use_top_p, decode_layer)
-                    if accept(int(self._tok.item())):
-                        return "stop"
-            return "length"
-        host = self._host_tokens
-        events = (torch.cuda.Event(), torch.cuda.Event())
-        # One step stays queued on the GPU while the host reads the previous token.
-        for i in range(n_steps):
-            graph.replay()
-            host[i].copy_(self._tok[0], non_blocking=True)
-            events[i % 2].record()
-            if i > 0:
-                events[(i - 1) % 2].synchronize()
-                if accept(int(host[i - 1])):
-                    return "stop"
-        events[(n_steps - 1) % 2].synchronize()
-        return "stop" if accept(int(host[n_steps - 1])) else "length"
-
     def _step(self, greedy: bool, use_top_p: bool, layer_fn: Callable[..., Any]) -> None:
         logits = self.engine.decode(self._tok, self._pos, layer_fn=layer_fn)
         self._tok.copy_(sample(logits, greedy, self._temperature, self._top_p, use_top_p))
@@ -474,6 +493,64 @@ def engine_summary(gen) -> str:
         how = (f"{on_kernel}/{total} projection groups through the {impl} sparse kernel "
                f"({eng.effective_sparse_path} path)")
     return f"decode {gen.mode}, {how}, sparsity setting {gen.sparsity:g}"
+
+
+class TokenStream:
+    """The new token ids of one generation (`Generator.stream`), as an iterator; `close()` stops it after the
+    tokens handed out so far. `result`: the `GenerationResult`, once exhausted or closed (else None).
+
+    Timings as in `GenerationResult`: prefill_s from the prompt's forward (after any graph capture) until the
+    first token is handed out, decode_s from then until the last one is (the caller's time between tokens
+    included).
+    """
+
+    def __init__(self, generator: Generator, prompt_tokens: int, steps: Iterator[int], times: list[float]) -> None:
+        self.generator, self.prompt_tokens = generator, prompt_tokens
+        self.tokens: list[int] = []
+        self.result: GenerationResult | None = None
+        self._steps = steps
+        self._times = times  # the prefill's start (written by the steps), then each token's hand-over
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> int:
+        if self.result is not None:
+            raise StopIteration
+        try:
+            token = next(self._steps)
+        except StopIteration as done:
+            self._finish(done.value)
+            raise
+        except BaseException:
+            self._finish("error")
+            raise
+        self._times.append(time.perf_counter())
+        self.tokens.append(token)
+        return token
+
+    def close(self) -> None:
+        """Stop here (no further decode step is queued); `result` then holds the tokens handed out so far."""
+        if self.result is None:
+            self._steps.close()
+            self._finish("cancelled")
+
+    def _finish(self, reason: str) -> None:
+        if self.generator._live is self:
+            self.generator._live = None
+        tokens, times = self.tokens, self._times
+        prefill_s = times[1] - times[0] if len(times) > 1 else 0.0
+        decode_s = times[-1] - times[1] if len(times) > 1 else 0.0
+        steps = len(tokens) - 1
+        text = None
+        tokenizer = self.generator.tokenizer
+        if tokenizer is not None:
+            text = tokenizer.decode(tokens[:-1] if reason == "stop" else tokens, skip_special_tokens=True)
+        self.result = GenerationResult(
+            tokens=tokens, text=text, prefill_s=prefill_s, decode_s=decode_s,
+            tokens_per_s=steps / decode_s if steps > 0 and decode_s > 0 else 0.0,
+            prompt_tokens=self.prompt_tokens, finish_reason=reason,
+        )
 
 
 class TextStream:
