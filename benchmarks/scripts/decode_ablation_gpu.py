@@ -26,7 +26,8 @@ import torch
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 import teal.engine.model as model
-from teal.bench.decode import activation_threshold_levels, write_json
+from teal.bench.results import write_json
+from teal.engine.reference import activation_threshold_levels
 from teal.engine import Generator, engine_random
 
 PARTS = ("gemv", "attention", "norms")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from teal.engine.collectives import all_gather_last_dim, all_reduce_sum
 from teal.engine.config import EngineConfig
+from teal.kernels.producer import rms_norm_reference as rms_norm  # RMSNorm with the producer kernel's roundings
 from teal.nn import PREFILL_POLICIES  # how the prompt is processed once thresholds are set (`Engine.prefill_policy`)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -188,15 +189,6 @@ def residual_norm_project(
     if observe is not None:
         observe(site, h)
     return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale, regime)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm computed in fp32. offset 0: cast back, then scaled (HF Llama's order of operations); otherwise
-    scaled by (offset + weight) in fp32, then cast (HF Gemma 3's)."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    if offset == 0.0:
-        return normed.to(x.dtype) * weight
-    return (normed * (offset + weight.float())).to(x.dtype)
 
 
 def mlp_activation(gate: torch.Tensor, act: str) -> torch.Tensor:
