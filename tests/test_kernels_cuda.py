@@ -364,7 +364,7 @@ def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch, tmp_path):
     from teal.engine.config import EngineConfig, shape_hf_config
     from teal.kernels import configs
 
-    monkeypatch.setattr(model._ops, "cuda_kernel_available", lambda device: True)
+    monkeypatch.setattr(model.ops, "cuda_kernel_available", lambda device: True)
 
     def default_for(shape: str, dtype=torch.bfloat16):
         fake = types.SimpleNamespace(config=EngineConfig.from_hf(shape_hf_config(shape)), dtype=dtype,

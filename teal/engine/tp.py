@@ -245,7 +245,6 @@ def shard_engine(
     shard = _make_shard(local, cfg, layers, engine.embed, engine.final_norm, lm_head, t, engine.max_seq_len,
                         rank, n, group, split_vocab)
     shard.kernel_at_zero = engine.kernel_at_zero
-    shard.producer_down = engine.producer_down
     shard.fused_attention = engine.fused_attention
     if engine.sparsity is not None and any(any(f) for f in engine.sparse_flags):
         shard.set_thresholds(*_current_thresholds(engine))
