@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 
 from teal import stats
 from teal.arch import PROJECTIONS, Adapter, get_adapter, proj_key
-from teal.allocate import prepare_allocation
+from teal.allocate_greedy import allocate_greedy, capture_layer_inputs, prepare_allocation
 from teal.artifact import Thresholds
 from teal.calibrate import base_model, model_device
 from teal.nn import TealLinear, dense_linear
@@ -174,8 +174,6 @@ class _Tail:
     """Runs a causal LM from the input of decoder layer ``l`` to next-token log-probabilities."""
 
     def __init__(self, model: nn.Module, windows: torch.Tensor) -> None:
-        from teal.allocate import capture_layer_inputs
-
         self.model = model
         self.adapter = get_adapter(model)
         body = base_model(model)
@@ -473,15 +471,12 @@ def allocate_cross_layer(
     the greedy table's top). ``check_levels``: levels at which the joint KL of this allocation
     and of greedy are measured and stored beside the additive prediction (``"check"``).
     """
-    from teal.allocate import allocate as allocate_greedy
-
     windows, source = prepare_allocation(model, thresholds, data, tokens, seq_len, step, max_level,
                                windows, tokenizer)
     t0 = time.perf_counter()
     if WITHIN not in thresholds.allocations:
         previous = thresholds.method
-        allocate_greedy(model, thresholds, WITHIN, windows=windows, step=step,
-                        max_level=max_level, progress=progress)
+        allocate_greedy(model, thresholds, windows=windows, step=step, max_level=max_level, progress=progress)
         thresholds.method = previous
     top = min(max_level, float(thresholds.allocations[WITHIN]["levels"][-1]))
     probes = sorted(float(p) for p in probes if 0 < p <= top + 1e-9)

@@ -65,7 +65,7 @@ def test_allocate_errors():
 
 def _first_layer_search(model):
     """Calibrated thresholds and the arguments of `greedy_layer` for layer 0 of ``model``."""
-    from teal.allocate import capture_layer_inputs
+    from teal.allocate_greedy import capture_layer_inputs
     from teal.arch import get_adapter, proj_key
     from teal.nn import TealLinear
 
@@ -85,7 +85,7 @@ def _first_layer_search(model):
 
 
 def test_greedy_steps_remove_equal_weights_under_gqa():
-    from teal.allocate import greedy_layer
+    from teal.allocate_greedy import greedy_layer
 
     model = tiny_model("llama", hidden_size=128, intermediate_size=128, num_attention_heads=8,
                        num_key_value_heads=2)
@@ -106,7 +106,7 @@ def test_greedy_steps_remove_equal_weights_under_gqa():
 
 @pytest.mark.parametrize("fam", ["llama", "gemma3_text"])
 def test_replaying_unchanged_submodules_gives_the_same_path(fam):
-    from teal.allocate import greedy_layer
+    from teal.allocate_greedy import greedy_layer
 
     adapter, search = _first_layer_search(tiny_model(fam))
     keys, mods = search[1], search[2]

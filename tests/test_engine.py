@@ -244,7 +244,7 @@ def test_kernel_at_zero_per_group_and_without_thresholds():
         assert rel_err(engine.decode(ids[5:6], torch.tensor([5])), dense) <= 1e-5
         # the dense groups take the kernel's "dense" table; a finite threshold puts a group back on "sparse"
         assert all(r == ("dense", "dense", "sparse", "sparse") for r in engine.kernel_regimes)
-        assert engine.layer_static(0).regimes == ("dense", "dense", "sparse", "sparse")
+        assert tuple(p.regime for p in engine.projections(0)) == ("dense", "dense", "sparse", "sparse")
         th = {f"layers.{i}.{p}": -math.inf for i in range(engine.config.n_layers)
               for p in ("q", "k", "v", "o", "gate", "up", "down")}
         th["layers.0.k"] = 0.01

@@ -378,7 +378,7 @@ def test_bench_decode_tp2_random_shards(tmp_path):
 
 
 def test_tp_targets_from_rows():
-    from teal.engine.tp import tp_targets
+    from teal.bench.tp import tp_targets
 
     rows = [dict(sparsity=0.0, tokens_per_s=50.0, frac_of_roofline=0.83),
             dict(sparsity=0.0, tokens_per_s=49.0, frac_of_roofline=0.80),
@@ -393,7 +393,7 @@ def test_tp_targets_from_rows():
 
 
 def test_bench_tp_build_choice_is_checked():
-    from teal.engine.tp import _build_choice
+    from teal.bench.tp import _build_choice
 
     cpu = torch.device("cpu")
     assert _build_choice("auto", None, "tiny-llama", torch.bfloat16, cpu) == "full"

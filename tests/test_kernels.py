@@ -428,7 +428,8 @@ def _write(path, text):
 
 
 def test_bench_targets_json_and_plot(tmp_path):
-    from teal.bench.kernels import check_targets, plot, write_json
+    from teal.bench.kernels import check_targets, plot
+    from teal.bench.results import write_json
 
     def row(proj, s, us, cublas_us, k=4096, n=14336):
         kept = (1 - s) * k * n * 2

@@ -415,7 +415,7 @@ def test_engine_fused_attention_matches_default_path(windows):
     tokens, logits = {}, {}
     for fused in (False, True):
         engine.fused_attention = fused
-        assert engine.layer_static(0).fused_attention is fused
+        assert engine.decode_layer_args(0).fused_attention is fused
         tokens[fused] = Generator(engine).generate(ids, max_new_tokens=6, stop=[]).tokens
         with torch.no_grad():
             engine.prefill(ids)

@@ -364,7 +364,7 @@ def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch, tmp_path):
     from teal.engine.config import EngineConfig, shape_hf_config
     from teal.kernels import configs
 
-    monkeypatch.setattr(model._ops, "cuda_kernel_available", lambda device: True)
+    monkeypatch.setattr(model.ops, "cuda_kernel_available", lambda device: True)
 
     def default_for(shape: str, dtype=torch.bfloat16):
         fake = types.SimpleNamespace(config=EngineConfig.from_hf(shape_hf_config(shape)), dtype=dtype,
@@ -392,13 +392,13 @@ def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch, tmp_path):
 def test_benchmark_json_records_the_stated_source_commit(monkeypatch):
     """A GPU copy of the tree may carry a stale or no git history: $TEAL_SOURCE_COMMIT names the source;
     without it the commit comes from git, marked -dirty when tracked files differ from it."""
-    from teal.bench import kernels as bench_kernels
+    from teal.bench import results as bench_results
 
     monkeypatch.setenv("TEAL_SOURCE_COMMIT", "abc1234")
-    assert bench_kernels._git_commit() == "abc1234"
+    assert bench_results.git_commit() == "abc1234"
     monkeypatch.delenv("TEAL_SOURCE_COMMIT")
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-    found = bench_kernels._git_commit()
+    found = bench_results.git_commit()
     if head:  # a checkout with history (CI's clone has it)
         assert found is not None and found.split("-")[0] == head
     else:

@@ -94,7 +94,7 @@ def _row_inputs(gen: torch.Generator, k: int, dtype: torch.dtype):
 def test_add_rmsnorm_compact_matches_reference(dtype, segments, chunk, scaled, offset):
     """K = 1000 in chunks of 512 (a full chunk and a partial one) or of 128 (8 programs per segment, each
     counting the survivors of all earlier chunks); Llama's norm, or Gemma's (1 + w) rounded once."""
-    from teal.engine.model import rms_norm
+    from teal.engine.model import rms_norm  # the engine's norm: the producer's reference itself
 
     gen = torch.Generator().manual_seed(_seed(str(dtype), segments, scaled, offset))
     x, delta, weight = _row_inputs(gen, K_ODD, dtype)
@@ -365,11 +365,10 @@ def test_gather_config_table_heuristic_and_override(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ the engine's producer path
 @needs_interpreter
-@pytest.mark.parametrize("weight_aware, producer_down", [(False, False), (True, False), (True, True)],
-                         ids=["magnitude", "weight-aware", "weight-aware+down"])
+@pytest.mark.parametrize("weight_aware", [False, True], ids=["magnitude", "weight-aware"])
 @pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gemma3"])
-def test_engine_producer_path_matches_default_path(weight_aware, producer_down, shape):
-    """Gemma 3's (1 + w) norms take the producer too; its GELU-gated down never does."""
+def test_engine_producer_path_matches_default_path(weight_aware, shape):
+    """Gemma 3's (1 + w) norms take the producer too; down keeps sparse_linear."""
     from teal.engine import Generator, engine_random
     from teal.engine.reference import activation_thresholds
 
@@ -385,14 +384,12 @@ def test_engine_producer_path_matches_default_path(weight_aware, producer_down, 
     # per-projection thresholds: q, k and v (and gate, up) of one layer differ
     th = {key: value * (1.0 + 0.1 * (zlib.crc32(key.encode()) % 3)) for key, value in th.items()}
     engine.set_thresholds(th, scales)
-    engine.producer_down = producer_down  # off by default: down keeps sparse_linear
     results, logits = {}, {}
     for path in ("kernel", "producer"):
         gen = Generator(engine, sparse_path=path)
         assert engine.sparse_path == path
-        flags = engine.layer_static(0).producer_compact
-        down = producer_down and shape == "tiny-llama"
-        assert flags == ((True, False, True, down) if path == "producer" else (False,) * 4)
+        flags = tuple(p.producer for p in engine.projections(0))
+        assert flags == ((True, False, True, False) if path == "producer" else (False,) * 4)
         results[path] = gen.generate(ids, max_new_tokens=5, stop=[]).tokens
         with torch.no_grad():
             engine.prefill(ids)

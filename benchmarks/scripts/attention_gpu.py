@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             data["precompile_error"] = traceback.format_exc()[-3000:]
             print(data["precompile_error"], flush=True)
     try:
-        from teal.bench.kernels import measure_copy_bandwidth
+        from teal.bench.timing import measure_copy_bandwidth
 
         data["copy_bandwidth_Bps"] = bw = measure_copy_bandwidth(nbytes=2**30)
         print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
-from teal.bench.decode import write_json
+from teal.bench.results import write_json
 from teal.kernels import ops, sparse_linear_reference
 from teal.kernels.configs import TUNED_CUDA, KernelConfig
 from teal.kernels.tune import time_graph_us

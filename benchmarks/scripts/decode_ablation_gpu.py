@@ -26,7 +26,9 @@ import torch
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
 import teal.engine.model as model
-from teal.bench.decode import activation_threshold_levels, write_json
+import teal.engine.projection as projection
+from teal.bench.results import write_json
+from teal.engine.reference import activation_threshold_levels
 from teal.engine import Generator, engine_random
 
 PARTS = ("gemv", "attention", "norms")
@@ -42,17 +44,20 @@ def without(parts: set[str]) -> Iterator[None]:
         setattr(owner, name, value)
 
     if "gemv" in parts:
-        patch(model, "project", lambda x, w, bias, transposed, *rest, **kw: x.new_zeros(
-            x.shape[0], w.shape[1] if transposed else w.shape[0]))
-        if model._ops is not None:
-            patch(model._ops, "sparse_linear_glu", lambda gu, w, *rest, **kw: gu.new_zeros(gu.shape[0], w.shape[1]))
-    if "attention" in parts and model._attention is not None:
+        def zeros(p, x):
+            return x.new_zeros(x.shape[0], p.weight.shape[1] if p.transposed else p.weight.shape[0])
+
+        patch(model, "project", zeros)
+        patch(projection, "project", zeros)
+        patch(projection.ops, "sparse_linear_glu", lambda gu, w, *rest, **kw: gu.new_zeros(gu.shape[0], w.shape[1]))
+    if "attention" in parts:
         def q_only(qkv, cos, sin, kc, vc, mask, n_valid, scale, n_heads, *norms):
             return qkv[:, : n_heads * kc.shape[-1]].contiguous()
 
-        patch(model._attention, "decode_attention_rope", q_only)
+        patch(model.attention_ops, "decode_attention_rope", q_only)
     if "norms" in parts:
         patch(model, "rms_norm", lambda x, weight, eps, offset=0.0: x)
+        patch(projection, "rms_norm", lambda x, weight, eps, offset=0.0: x)
     try:
         yield
     finally:

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
-from teal.bench.decode import copy_bandwidth, time_engine, write_json
+from teal.bench.results import write_json
+from teal.bench.timing import copy_bandwidth, time_engine
 from teal.engine import Generator, engine_random
 from teal.engine.reference import activation_threshold_levels
 from teal.kernels import attention as attention_ops

@@ -36,8 +36,10 @@ from typing import Any
 import torch
 
 import teal.engine.model as engine_model
+import teal.engine.projection as engine_projection
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
-from teal.bench.decode import copy_bandwidth, time_engine, write_json
+from teal.bench.results import write_json
+from teal.bench.timing import copy_bandwidth, time_engine
 from teal.engine import Generator, engine_random
 from teal.engine.model import apply_rope
 from teal.engine.reference import activation_threshold_levels
@@ -73,11 +75,14 @@ def unfused_rope_attention(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale
 
 
 class UnfusedGlu:
-    """Stands in for ``teal.kernels.ops`` in the engine: down's input computed by torch, then sparse_linear."""
+    """Stands in for ``teal.kernels.ops`` in the engine's projections: down's input computed by torch, then
+    sparse_linear."""
+
+    sparse_linear = staticmethod(kernel_ops.sparse_linear)
 
     @staticmethod
-    def sparse_linear_glu(gate_up, w_t, thresholds, col_scale=None):
-        return kernel_ops.sparse_linear(kernel_ops.silu_mul(gate_up), w_t, thresholds, None, col_scale)
+    def sparse_linear_glu(gate_up, w_t, thresholds, col_scale=None, **kw):
+        return kernel_ops.sparse_linear(kernel_ops.silu_mul(gate_up), w_t, thresholds, None, col_scale, **kw)
 
 
 def check_glu_kernel(device: torch.device) -> dict[str, Any]:
@@ -153,8 +158,8 @@ def main() -> None:
     reference: dict[tuple, list[int]] = {}
     import torch._inductor.config as inductor_cfg
 
-    fused_rope_entry = engine_model._attention.decode_attention_rope
-    real_ops = engine_model._ops
+    fused_rope_entry = engine_model.attention_ops.decode_attention_rope
+    real_ops = engine_projection.ops
     for s in sparsities:
         engine.set_thresholds(levels[s], None)
         for pdl, rope, glu, inductor_pdl in COMBOS[s]:
@@ -164,8 +169,8 @@ def main() -> None:
                 inductor_cfg.triton.enable_pdl = inductor_pdl
             elif inductor_pdl:
                 continue
-            engine_model._attention.decode_attention_rope = fused_rope_entry if rope else unfused_rope_attention
-            engine_model._ops = real_ops if glu else UnfusedGlu
+            engine_model.attention_ops.decode_attention_rope = fused_rope_entry if rope else unfused_rope_attention
+            engine_projection.ops = real_ops if glu else UnfusedGlu
             torch._dynamo.reset()
             try:
                 t0 = time.perf_counter()
@@ -192,8 +197,8 @@ def main() -> None:
                 data["errors"].append(f"{label}: {type(err).__name__}: {err}")
                 traceback.print_exc()
             write_json(data, args.json_path)
-    engine_model._attention.decode_attention_rope = fused_rope_entry
-    engine_model._ops = real_ops
+    engine_model.attention_ops.decode_attention_rope = fused_rope_entry
+    engine_projection.ops = real_ops
     print(f"\n{'s':>5} {'pdl':>4} {'rope':>6} {'glu':>6} {'ind.pdl':>7} {'tok/s':>8} {'x base':>6} match repeat")
     for row in data["rows"]:
         base = next(r["tokens_per_s"] for r in data["rows"] if r["sparsity"] == row["sparsity"])

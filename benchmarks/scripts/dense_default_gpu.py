@@ -17,7 +17,8 @@ import statistics
 import torch
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
-from teal.bench.decode import _rel, write_json
+from teal.bench.decode import _rel
+from teal.bench.results import write_json
 from teal.engine import Generator
 
 

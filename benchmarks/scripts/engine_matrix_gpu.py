@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
-from teal.bench.decode import _decode_errors, _rel, write_json
+from teal.bench.decode import _decode_errors, _rel
+from teal.bench.results import write_json
 from teal.engine import Generator, engine_from_hf_model
 from teal.engine.reference import activation_thresholds, masked_hf_logits
 

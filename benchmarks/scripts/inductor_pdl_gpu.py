@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
-from teal.bench.decode import write_json
+from teal.bench.results import write_json
 from teal.engine import Generator, engine_random
 
 STEPS = 24

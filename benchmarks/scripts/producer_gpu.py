@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from teal.bench.kernels import ROTATION_BYTES, measure_copy_bandwidth
+from teal.bench.kernels import ROTATION_BYTES
+from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels.configs import TUNED_GATHER, KernelConfig, get_config, get_gather_config
 from teal.kernels.ops import compact_input, sparse_linear_triton
 from teal.kernels.producer import (

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
-from teal.bench.decode import write_json
+from teal.bench.results import write_json
 from teal.engine import engine_from_hf_model
 from teal.engine.reference import activation_thresholds
 

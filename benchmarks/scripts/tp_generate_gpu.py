@@ -19,7 +19,7 @@ import torch
 
 from _gpu_run import run_info  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 import teal
-from teal.bench.decode import write_json
+from teal.bench.results import write_json
 from teal.engine import Generator
 from teal.engine.tp import generate_tp
 

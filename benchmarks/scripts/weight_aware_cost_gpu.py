@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from _gpu_run import rotated_weights, start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
-from teal.bench.decode import write_json
+from teal.bench.results import write_json
 from teal.kernels.tune import time_graph_us
 from teal.kernels import sparse_linear, sparse_linear_reference
 

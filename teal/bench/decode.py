@@ -14,15 +14,12 @@ for smoke tests with ``--shape tiny-llama --device cpu``).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -31,13 +28,13 @@ from typing import Any
 
 import torch
 
-_IMPORT_TIME = time.time()
-
 from teal.engine import MODES, Generator, engine_from_hf_model, engine_random, resolve_thresholds  # noqa: E402
 from teal.engine.loading import text_decoder_state_dict  # noqa: E402
-from teal.engine.model import PROJECTIONS, SPARSE_PATHS, Engine  # noqa: E402
+from teal.engine.model import SPARSE_PATHS, Engine  # noqa: E402
 from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  # noqa: E402
 from teal.kernels.ops import cuda_kernel_available  # noqa: E402
+from teal.bench.results import decode_header, process_start_time, write_json  # noqa: E402
+from teal.bench.timing import bytes_per_token, copy_bandwidth, time_engine  # noqa: E402
 
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 TWIN_SEED = 0  # weights of check_twin's random HF twin
@@ -48,50 +45,6 @@ TARGETS = {
     "dense_frac_roofline": 0.85, "dense_vs_hf_static": 2.0, "sparse50_vs_dense": 1.8,
     "sparse50_frac_roofline": 0.80, "sparse40_vs_dense": 1.55, "startup_s": 60.0,
 }
-
-
-def process_start_time() -> float:
-    """Wall-clock start of this process (Linux /proc), else the import time of this module."""
-    try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return _IMPORT_TIME
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Device copy bandwidth in bytes/s (read + written), measured the same way as the kernel bench."""
-    if device.type != "cuda":
-        src = torch.empty(2**27, dtype=torch.uint8).random_(0, 255)
-        dst = torch.empty_like(src)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            dst.copy_(src)
-            times.append(time.perf_counter() - t)
-        return 2 * src.numel() / statistics.median(times)
-    from teal.bench.kernels import measure_copy_bandwidth
-
-    return measure_copy_bandwidth()
-
-
-def bytes_per_token(engine: Engine, sparsity_per_proj: dict[str, float] | None, context: float) -> float:
-    """Bytes one decode step must read: projection weights x (1 - sparsity), lm_head, norms, the
-    embedding row, and K and V of `context` positions in every layer."""
-    cfg = engine.config
-    item = engine.embed.element_size()
-    shapes = cfg.projection_shapes()
-    total = 0.0
-    for i in range(cfg.n_layers):
-        for p in PROJECTIONS:
-            k, n = shapes[p]
-            s = 0.0 if sparsity_per_proj is None else sparsity_per_proj.get(f"layers.{i}.{p}", 0.0)
-            total += k * n * item * (1.0 - s)
-        total += 2 * cfg.hidden * item
-    total += cfg.vocab_size * cfg.hidden * item + cfg.hidden * item * 2  # lm_head, embedding row, final norm
-    total += 2 * cfg.n_layers * cfg.kv_size * item * context
-    return total
 
 
 class _Clock:
@@ -131,17 +84,6 @@ def hf_decode_rate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, r
     runs = [once() for _ in range(repeats)]
     return {"tokens_per_s": statistics.median(r[0] for r in runs), "tokens_per_s_runs": [r[0] for r in runs],
             "ttft_s": statistics.median(r[1] for r in runs), "warmup_s": warm_s, "new_tokens": new_tokens}
-
-
-def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Any]:
-    """Median decode tokens/s of greedy generation (graphs captured first, one warm-up run)."""
-    capture = gen.warmup(greedy=True)
-    gen.generate(ids, max_new_tokens=new_tokens, stop=[])
-    runs = [gen.generate(ids, max_new_tokens=new_tokens, stop=[]) for _ in range(repeats)]
-    return {"tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
-            "tokens_per_s_runs": [round(r.tokens_per_s, 2) for r in runs],
-            "ttft_s": statistics.median(r.prefill_s for r in runs), "capture_s": capture, "mode": gen.mode,
-            "compile_error": gen.compile_error, "first_tokens": [int(t) for t in runs[-1].tokens[:16]]}
 
 
 def profile_decode(gen: Generator, ids: torch.Tensor, steps: int = 6, top: int = 14) -> dict[str, Any]:
@@ -320,7 +262,7 @@ def run(
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
-    tp > 1: tensor-parallel engine over `tp` GPUs of this host (`teal.engine.tp.run_decode_bench`:
+    tp > 1: tensor-parallel engine over `tp` GPUs of this host (`teal.bench.tp.run_decode_bench`:
     spawns the ranks, or runs this torchrun rank; the unsharded engine is timed on rank 0 alongside;
     no HF baselines, profiles or time budget). tp = 1 is the single-device benchmark below.
     sparse_paths: how sparse groups are multiplied (`teal.engine.model.SPARSE_PATHS`); every sparse setting
@@ -344,7 +286,7 @@ def run(
     if tp != 1:
         if sparse_paths != ["kernel"]:
             raise ValueError("the tensor-parallel decode benchmark times the default sparse path only")
-        from teal.engine.tp import run_decode_bench
+        from teal.bench.tp import run_decode_bench
 
         return run_decode_bench(tp, json_path=json_path, model=model, shape=shape, sparsities=sparsities,
                                 prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats,
@@ -363,7 +305,7 @@ def run(
     max_seq_len = -(-(prompt_len + new_tokens + 8) // 64) * 64
     context = prompt_len + new_tokens / 2  # mean positions attended per step
     deadline = time.time() + time_budget_s
-    data: dict[str, Any] = _header(model, shape, device_t, dtype, prompt_len, new_tokens, repeats, max_seq_len,
+    data: dict[str, Any] = decode_header(model, shape, device_t, dtype, prompt_len, new_tokens, repeats, max_seq_len,
                                    command)
     errors: list[str] = data["errors"]
 
@@ -610,36 +552,6 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
         log(f"error: {e}")
 
 
-def _header(model: str | None, shape: str | None, device: torch.device, dtype: torch.dtype, prompt_len: int,
-            new_tokens: int, repeats: int, max_seq_len: int, command: str | None) -> dict[str, Any]:
-    import transformers
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    import teal
-
-    return {
-        "benchmark": "decode",
-        "teal_version": getattr(teal, "__version__", None),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-        "cuda": torch.version.cuda, "python": platform.python_version(),
-        "command": command or "teal.bench.decode.run()",
-        "model": model or f"random:{shape}", "dtype": str(dtype).removeprefix("torch."),
-        "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-        "max_seq_len": max_seq_len,
-        "timing": "median over repeats of decode tokens/s (first to last new token, host clock, greedy)",
-        "roofline": "copy bandwidth / (sparsified weights x (1 - measured sparsity) + lm_head + embedding row "
-                    "+ norms + KV cache at the mean context)",
-        "checks": {}, "baselines": {}, "dense_variants": [], "results": [], "profiles": {}, "errors": [],
-    }
-
-
 def _pdl_mode(device: torch.device) -> int | None:
     """The kernels' programmatic dependent launch mode on `device` (`teal.kernels.ops.pdl_mode`), None
     without teal.kernels."""
@@ -658,20 +570,6 @@ def _sync(device: torch.device) -> None:
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Atomic write: a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

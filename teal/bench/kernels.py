@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from teal.bench.results import git_commit, write_json
+from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
 from teal.kernels import configs as kernel_configs
 from teal.kernels.configs import KernelConfig, batch_bucket, get_config
@@ -82,32 +82,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE = "cuda"
 
 
-def measure_copy_bandwidth(nbytes: int = 2 * 2**30, warmup_s: float = 0.3) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written.
-
-    Copies for ``warmup_s`` first so that the clocks have left their idle state.
-    """
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    deadline = time.perf_counter() + warmup_s
-    while time.perf_counter() < deadline:
-        dst.copy_(src)
-        torch.cuda.synchronize()
-    # Timed outside CUDA graphs: a captured copy becomes a memcpy node (copy engine), not a kernel.
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    us = statistics.median(times)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (us * 1e-6)
-
-
 def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
     return torch.full((segments,), quantile_threshold(x, sparsity), dtype=torch.float32, device=x.device)
 
@@ -136,27 +110,6 @@ def _sparsity_stats(xs: Sequence[torch.Tensor], thr: Sequence[torch.Tensor]) -> 
         zeroed.append(1.0 - float(keep.float().mean()))
         union.append(float(keep.any(dim=0).float().mean()))
     return sum(zeroed) / len(zeroed), sum(union) / len(union)
-
-
-def _git_commit() -> str | None:
-    """The source commit for the JSON: ``$TEAL_SOURCE_COMMIT`` when set (a copy of the tree without its own
-    history, e.g. on a remote GPU machine, would otherwise report a stale or no HEAD), else ``git rev-parse
-    HEAD`` with ``-dirty`` when the tree has uncommitted changes."""
-    stated = os.environ.get("TEAL_SOURCE_COMMIT")
-    if stated:
-        return stated
-    try:
-        import subprocess
-
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        head = out.stdout.strip()
-        if not head:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - provenance only
-        return None
 
 
 def self_check(dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
@@ -449,7 +402,7 @@ def run(
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": command or "teal.bench.kernels.run()",
         "dtype": dtype,
         "copy_bandwidth_start_Bps": copy_bw,
@@ -700,23 +653,6 @@ def compact_summary(data: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write ``data`` as JSON atomically (temporary file in the same folder, then rename)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str, allow_nan=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(data: dict[str, Any], out_png: str | os.PathLike[str]) -> None:
     """Time vs sparsity per projection at the smallest batch: kernel, naive, cuBLAS, ideal (1 - s) line."""
     import matplotlib
@@ -814,7 +750,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return data
 
 
-__all__ = ["SHAPES", "check_targets", "compact_summary", "main", "measure_copy_bandwidth", "plot", "run", "self_check", "write_json"]
+__all__ = ["SHAPES", "check_targets", "compact_summary", "main", "plot", "run", "self_check"]
 
 if __name__ == "__main__":
     main()

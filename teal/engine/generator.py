@@ -318,7 +318,7 @@ class Generator:
 
     def _graph_key(self, greedy: bool, use_top_p: bool) -> tuple:
         return (self.mode, greedy, use_top_p and not greedy, self.engine.transposed, self.engine.sparse_flags,
-                self.engine.effective_sparse_path, self.engine.producer_down, self.engine.max_seq_len,
+                self.engine.effective_sparse_path, self.engine.max_seq_len,
                 self.engine.use_fused_attention, self.engine.kernel_regimes, self.engine.all_reduce)
 
     def _layer_fn(self) -> Callable[..., Any]:

@@ -7,15 +7,15 @@ Weights are fused (q|k|v and gate|up) and kept in one of two layouts:
   which skips the weight rows of zeroed inputs. Prefill multiplies by the same tensors (`x @ w_t`), so
   there is one copy of each weight whatever the mode.
 
-Prefill (the prompt) is always dense. Single-token decode steps are sparse where a projection group has
-a finite threshold. The decode path is written as plain tensor code, one function per layer
-(`decode_layer`), so that it can run eagerly, be captured in a CUDA graph, or be compiled by
-`torch.compile` once and reused for every layer.
+The prompt is dense (or thresholded at every position with prefill policy "sparse"). Single-token decode
+steps are sparse where a projection group has a finite threshold. Each group is multiplied as one
+`teal.engine.projection.Projection` (weight, bias, thresholds, column scales, segments, regime, TP role).
+The decode path is written as plain tensor code, one function per layer (`decode_layer`), so that it can
+run eagerly, be captured in a CUDA graph, or be compiled by `torch.compile` once and reused for every layer.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -23,8 +23,11 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from teal.engine.collectives import all_gather_last_dim, all_reduce_sum
+from teal.engine.collectives import all_gather_last_dim
 from teal.engine.config import EngineConfig
+from teal.engine.projection import SPARSE_PATHS, Projection, glu_project, norm_project, project, rms_norm
+from teal.kernels import attention as attention_ops
+from teal.kernels import ops, producer
 from teal.nn import PREFILL_POLICIES  # how the prompt is processed once thresholds are set (`Engine.prefill_policy`)
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -70,133 +73,43 @@ class LayerSparsity(NamedTuple):
     down_scale: torch.Tensor | None = None
 
 
-class LayerStatic(NamedTuple):
-    """Python constants of one layer's decode step (hashable, so compiled code specializes on them)."""
+class DecodeLayer(NamedTuple):
+    """What one layer's decode step reads: its norms and projections, and the Python constants of its
+    attention and MLP (hashable, so compiled code specializes on them). Built by `Engine.decode_layer_args`."""
 
+    attn_norm: torch.Tensor
+    qkv: Projection
+    q_norm: torch.Tensor | None  # per-head q/k norms (Qwen3, Gemma 3)
+    k_norm: torch.Tensor | None
+    o: Projection
+    post_attn_norm: torch.Tensor | None  # Gemma 3's sandwich norms, applied before each residual add
+    mlp_norm: torch.Tensor
+    gate_up: Projection
+    down: Projection
+    post_mlp_norm: torch.Tensor | None
     n_heads: int
     n_kv_heads: int
     head_dim: int
     eps: float
-    transposed: bool
-    sparse: tuple[bool, bool, bool, bool]  # qkv, o, gate_up, down use the sparse kernel
-    tp_group: Any = None  # tensor parallelism: the ProcessGroup that sums the row-parallel o and down
-    # qkv, o, gate_up, down take the producer path (sparse_path "producer"): the kernel that computes the
-    # group's input (add + RMSNorm, SiLU * up) also lists its survivors, and `gather_linear` multiplies.
-    # Never set for o (its input comes from attention); down only with `Engine.producer_down`.
-    producer_compact: tuple[bool, bool, bool, bool] = (False, False, False, False)
+    norm_offset: float  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
+    act: str  # MLP activation of the gate: "silu" or "gelu_tanh" (Gemma 3)
+    softmax_scale: float  # scale of q·k
     # attention through `teal.kernels.attention.decode_attention_rope` (one split-KV kernel reading positions
-    # 0..pos only, which also applies the rotary embedding and writes the caches; `decode_attention` after
-    # the engine's rope when q/k norms apply) instead of `decode_attention` over the whole static cache
-    # (`Engine.use_fused_attention`)
-    fused_attention: bool = False
-    act: str = "silu"  # MLP activation of the gate: "silu" or "gelu_tanh" (Gemma 3)
-    norm_offset: float = 0.0  # RMSNorm weight used as (offset + w), Gemma style, when nonzero
-    softmax_scale: float = 0.0  # scale of q·k; 0: 1 / sqrt(head_dim)
-    all_reduce: str = "nccl"  # tensor parallelism: how o and down are summed (`teal.engine.collectives`)
-    # per group: the kernel's tuned table ("sparse", or "dense" for groups on the kernel with every threshold
-    # -inf: `Engine.kernel_regimes`, `teal.kernels.configs.REGIMES`)
-    regimes: tuple[str, str, str, str] = ("sparse", "sparse", "sparse", "sparse")
+    # 0..pos only, which also applies the q/k norms and the rotary embedding and writes the caches) instead
+    # of `decode_attention` over the whole static cache (`Engine.use_fused_attention`)
+    fused_attention: bool
 
 
-#: How sparse groups are multiplied: "kernel" (`sparse_linear`, thresholding inside the GEMV) or
-#: "producer" (for q|k|v and gate|up, survivor lists written by the add + RMSNorm kernel, then
-#: `gather_linear`; down too with `Engine.producer_down`; batch 1, on CUDA or under TRITON_INTERPRET=1,
-#: elsewhere "kernel").
-SPARSE_PATHS = ("kernel", "producer")
-
-
-
-def _resolve_sparse_linear() -> Callable[..., torch.Tensor]:
-    try:
-        from teal.kernels import sparse_linear
-    except ImportError:
-        return reference_sparse_linear
-    return sparse_linear
-
-
-def reference_sparse_linear(
-    x: torch.Tensor,
-    w_t: torch.Tensor,
-    thresholds: torch.Tensor,
-    splits: list[int] | None = None,
-    col_scale: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Plain-torch `sparse_linear` (used only when `teal.kernels` is not importable)."""
-    widths = [w_t.shape[1]] if splits is None else list(splits)
-    outs = []
-    for j, w_seg in enumerate(torch.split(w_t, widths, dim=1)):
-        score = x.abs().float()
-        if col_scale is not None:
-            score = score * col_scale[j]
-        xm = torch.where(score > thresholds[j], x, torch.zeros((), dtype=x.dtype, device=x.device))
-        outs.append((xm.float() @ w_seg.float()).to(x.dtype))
-    return torch.cat(outs, dim=1)
-
-
-sparse_linear = _resolve_sparse_linear()
-
-
-def _resolve_kernels_module(name: str) -> Any:
-    """The module `teal.kernels.<name>`, or None when teal.kernels is not importable."""
-    try:
-        return importlib.import_module(f"teal.kernels.{name}")
-    except ImportError:
-        return None
-
-
-_producer = _resolve_kernels_module("producer")
-_attention = _resolve_kernels_module("attention")
-_ops = _resolve_kernels_module("ops")
+class LayerProjections(NamedTuple):
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
 
 
 def producer_available(device: torch.device) -> bool:
     """Whether the producer ops (`teal.kernels.producer`) run their Triton kernels on `device`."""
-    return _producer is not None and _producer.uses_triton(device)
-
-
-def residual_norm_project(
-    x: torch.Tensor,
-    delta: torch.Tensor,
-    norm: torch.Tensor,
-    eps: float,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    transposed: bool,
-    sparse: bool,
-    producer: bool,
-    thresholds: torch.Tensor | None,
-    splits: list[int],
-    col_scale: torch.Tensor | None,
-    observe: Callable[[str, torch.Tensor], None] | None,
-    site: str,
-    norm_offset: float = 0.0,
-    regime: str = "sparse",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add, RMSNorm, and the projection of the normalised input. Returns (x + delta, y).
-
-    `producer`: one kernel adds, normalises and lists the survivors, then `gather_linear` multiplies
-    (same result as `project` up to fp32 summation order). The observer sees the normalised input.
-    """
-    if producer:
-        x, h, lists = _producer.add_rmsnorm_compact(x, delta, norm, eps, thresholds, col_scale, norm_offset)
-        if observe is not None:
-            observe(site, h)
-        y = _producer.gather_linear(lists, w, splits)
-        return x, y if bias is None else y + bias
-    x = x + delta
-    h = rms_norm(x, norm, eps, norm_offset)
-    if observe is not None:
-        observe(site, h)
-    return x, project(h, w, bias, transposed, sparse, thresholds, splits, col_scale, regime)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm computed in fp32. offset 0: cast back, then scaled (HF Llama's order of operations); otherwise
-    scaled by (offset + weight) in fp32, then cast (HF Gemma 3's)."""
-    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
-    if offset == 0.0:
-        return normed.to(x.dtype) * weight
-    return (normed * (offset + weight.float())).to(x.dtype)
+    return producer.uses_triton(device)
 
 
 def mlp_activation(gate: torch.Tensor, act: str) -> torch.Tensor:
@@ -211,34 +124,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def project(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    transposed: bool,
-    sparse: bool = False,
-    thresholds: torch.Tensor | None = None,
-    splits: list[int] | None = None,
-    col_scale: torch.Tensor | None = None,
-    regime: str = "sparse",
-) -> torch.Tensor:
-    """y = x W^T (+ b), dense or through the sparse kernel (its `regime`'s tuned launch). x [T, K]."""
-    if sparse:
-        y = sparse_linear(x, w, thresholds, splits, col_scale, regime=regime)
-        return y if bias is None else y + bias
-    if transposed:
-        y = x @ w
-        return y if bias is None else y + bias
-    return F.linear(x, w, bias)
-
-
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """One query position against the whole static cache. q [1, Hq, D]; caches [Hkv, L, D]; mask [L] additive fp32.
 
-    The default off CUDA; on CUDA decode steps take `teal.kernels.attention.decode_attention` (the same math
-    over positions 0..pos only, one kernel; `Engine.use_fused_attention`).
+    The default off CUDA; on CUDA decode steps take `teal.kernels.attention.decode_attention_rope` (the same
+    math over positions 0..pos only, one kernel; `Engine.use_fused_attention`).
     """
     n_kv, _, head_dim = k_cache.shape
     n_heads = q.shape[1]
@@ -248,15 +140,31 @@ def decode_attention(
     return torch.matmul(probs, v_cache).reshape(1, n_heads * head_dim)
 
 
-_NO_SPARSITY = LayerSparsity(None, None, None, None)  # type: ignore[arg-type]
+def attend(layer: DecodeLayer, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+           cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+    """The decode step's attention from the q|k|v row [1, q + 2 kv]: q/k norms, rotary embedding, K and V
+    written to the caches at `pos`, attention over the cache. Returns [1, Hq * D]."""
+    L = layer
+    if L.fused_attention:  # one kernel: q/k norms, rope, cache write, attention over 0..pos
+        return attention_ops.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, L.softmax_scale,
+                                                   L.n_heads, L.q_norm, L.k_norm, L.eps, L.norm_offset)
+    q_size, kv_size = L.n_heads * L.head_dim, L.n_kv_heads * L.head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(1, L.n_heads, L.head_dim)
+    k = k.view(1, L.n_kv_heads, L.head_dim)
+    if L.q_norm is not None:
+        q = rms_norm(q, L.q_norm, L.eps, L.norm_offset)
+        k = rms_norm(k, L.k_norm, L.eps, L.norm_offset)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
+    v_cache.index_copy_(1, pos, v.view(1, L.n_kv_heads, L.head_dim).transpose(0, 1))
+    return decode_attention(q, k_cache, v_cache, mask, L.softmax_scale)
 
 
 def decode_layer(
-    st: LayerStatic,
+    layer: DecodeLayer,
     x: torch.Tensor,
     delta: torch.Tensor,
-    w: LayerWeights,
-    sp: LayerSparsity | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     pos: torch.Tensor,
@@ -269,66 +177,34 @@ def decode_layer(
     """One decoder layer for one token. Returns (residual stream, this layer's MLP output).
 
     The residual add of the previous layer happens here (x + delta), so that a compiler can fuse it with
-    the norm that follows. n_valid: pos + 1, computed once per step by the caller (None: here; compiled
-    per layer, that is one more small kernel per layer).
+    the norm that follows. n_valid: pos + 1, computed once per step by the caller (None: here).
+    `observe(site, x)` sees the input of each projection group.
     """
+    L = layer
     n_valid = pos + 1 if n_valid is None else n_valid
-    q_size, kv_size = st.n_heads * st.head_dim, st.n_kv_heads * st.head_dim
-    if sp is None:
-        sp = _NO_SPARSITY
-    x, qkv = residual_norm_project(x, delta, w.attn_norm, st.eps, w.qkv, w.qkv_bias, st.transposed, st.sparse[0],
-                                   st.producer_compact[0], sp.qkv, [q_size, kv_size, kv_size], sp.qkv_scale,
-                                   observe, "attn_in", st.norm_offset, st.regimes[0])
-    scale = st.softmax_scale or 1.0 / math.sqrt(st.head_dim)
-    if st.fused_attention:  # one kernel: q/k norms (Qwen3, Gemma 3), rope, cache write, attention over 0..pos
-        attn = _attention.decode_attention_rope(qkv, cos, sin, k_cache, v_cache, mask, n_valid, scale, st.n_heads,
-                                                w.q_norm, w.k_norm, st.eps, st.norm_offset)
-    else:
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(1, st.n_heads, st.head_dim)
-        k = k.view(1, st.n_kv_heads, st.head_dim)
-        if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, st.eps, st.norm_offset)
-            k = rms_norm(k, w.k_norm, st.eps, st.norm_offset)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        k_cache.index_copy_(1, pos, k.transpose(0, 1))  # no host sync; compilers keep it in place
-        v_cache.index_copy_(1, pos, v.view(1, st.n_kv_heads, st.head_dim).transpose(0, 1))
-        if st.fused_attention:  # reads positions 0..pos only
-            attn = _attention.decode_attention(q, k_cache, v_cache, mask, n_valid, scale)
-        else:
-            attn = decode_attention(q, k_cache, v_cache, mask, scale)
+    x, qkv = norm_project(L.qkv, x, delta, L.attn_norm, L.eps, L.norm_offset, _at(observe, "attn_in"))
+    attn = attend(L, qkv, k_cache, v_cache, pos, cos, sin, mask, n_valid)
     if observe is not None:
         observe("attn_out", attn)
-    o = project_row_parallel(attn, w.o, w.o_bias, st.transposed, st.sparse[1],
-                             sp.o, sp.o_scale, st.tp_group, st.all_reduce, st.regimes[1])
-    if w.post_attn_norm is not None:
-        o = rms_norm(o, w.post_attn_norm, st.eps, st.norm_offset)
-    inter = w.gate_up.shape[1 if st.transposed else 0] // 2
-    x, gu = residual_norm_project(x, o, w.mlp_norm, st.eps, w.gate_up, w.gate_up_bias, st.transposed, st.sparse[2],
-                                  st.producer_compact[2], sp.gate_up, [inter, inter], sp.gate_up_scale,
-                                  observe, "mlp_in", st.norm_offset, st.regimes[2])
-    if st.producer_compact[3]:
-        mid, lists = _producer.silu_mul_compact(gu, sp.down, sp.down_scale)
-        if observe is not None:
-            observe("mlp_mid", mid)
-        out = _producer.gather_linear(lists, w.down)
-        out = out if w.down_bias is None else out + w.down_bias
-    elif st.act == "silu" and st.sparse[3] and observe is None and _ops is not None:
-        out = _ops.sparse_linear_glu(gu, w.down, sp.down, sp.down_scale, regime=st.regimes[3])  # SiLU * up in the GEMV
-        if st.tp_group is not None:  # this rank's channels of SiLU(gate) * up: a partial product
-            out = all_reduce_sum(out, st.tp_group, st.all_reduce)
-        out = out if w.down_bias is None else out + w.down_bias
+    o = project(L.o, attn)
+    if L.post_attn_norm is not None:
+        o = rms_norm(o, L.post_attn_norm, L.eps, L.norm_offset)
+    x, gate_up = norm_project(L.gate_up, x, o, L.mlp_norm, L.eps, L.norm_offset, _at(observe, "mlp_in"))
+    if L.down.sparse and L.act == "silu" and observe is None:
+        out = glu_project(L.down, gate_up)  # SiLU(gate) * up computed inside the sparse GEMV
     else:
-        gate, up = gu.split([inter, inter], dim=-1)
-        mid = mlp_activation(gate, st.act) * up
+        gate, up = gate_up.chunk(2, dim=-1)
+        mid = mlp_activation(gate, L.act) * up
         if observe is not None:
             observe("mlp_mid", mid)
-        out = project_row_parallel(mid, w.down, w.down_bias, st.transposed, st.sparse[3],
-                                   sp.down, sp.down_scale, st.tp_group, st.all_reduce, st.regimes[3])
-    if w.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
-        out = rms_norm(out, w.post_mlp_norm, st.eps, st.norm_offset)
+        out = project(L.down, mid)
+    if L.post_mlp_norm is not None:  # Gemma 3 normalises the MLP output before the residual add
+        out = rms_norm(out, L.post_mlp_norm, L.eps, L.norm_offset)
     return x, out
+
+
+def _at(observe: Callable[[str, torch.Tensor], None] | None, site: str) -> Callable[[torch.Tensor], None] | None:
+    return None if observe is None else (lambda t: observe(site, t))
 
 
 def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_head: torch.Tensor, eps: float,
@@ -342,36 +218,6 @@ def final_logits(x: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor, lm_he
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return logits if vocab_group is None else all_gather_last_dim(logits, vocab_group)
-
-
-# ---------------------------------------------------------------- tensor-parallel hooks (teal.engine.tp)
-# A single-device engine has tp_group = None and never reaches a collective: the calls below are then
-# exactly the plain `project` / `F.linear` of before.
-
-
-def project_row_parallel(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None,
-    transposed: bool,
-    sparse: bool = False,
-    thresholds: torch.Tensor | None = None,
-    col_scale: torch.Tensor | None = None,
-    group: Any = None,
-    all_reduce: str = "nccl",
-    regime: str = "sparse",
-) -> torch.Tensor:
-    """A projection whose input dimension K may be split over the ranks of `group` (o and down).
-
-    Each rank multiplies its slice of x by its rows of the weight (thresholding its own slice), the
-    partial products are summed by one all-reduce (`all_reduce`: "nccl" or "symm_mem",
-    `teal.engine.collectives`), and the bias is added once, after the sum.
-    """
-    if group is None:
-        return project(x, w, bias, transposed, sparse, thresholds, None, col_scale, regime)
-    y = all_reduce_sum(project(x, w, None, transposed, sparse, thresholds, None, col_scale, regime), group,
-                       all_reduce)
-    return y if bias is None else y + bias
 
 
 class Engine:
@@ -410,9 +256,6 @@ class Engine:
         self.kernel_at_zero: bool | tuple[bool, bool, bool, bool] | None = None
         # how sparse groups are multiplied (SPARSE_PATHS; set_sparse_path); None: `default_sparse_path`
         self.sparse_path: str | None = None
-        # producer path: down too (silu_mul_compact + gather_linear). Off: on the H200 sparse_linear's own
-        # kernel for down (23.5 us) beat SiLU's list + gather (26.6 us).
-        self.producer_down = False
         # decode attention through the split-KV op (`teal.kernels.attention`, reads positions 0..pos only);
         # None: on CUDA (6-10 us per layer vs inductor's 8-17 us over the whole cache on the H200,
         # benchmarks/results/2026-11-29-h200-attention-variants.json); False: `decode_attention`, compiled
@@ -450,18 +293,40 @@ class Engine:
         self.positions = torch.arange(max_seq_len, device=self.device)
         self.max_seq_len = max_seq_len
 
-    def layer_static(self, i: int) -> LayerStatic:
-        cfg = self.config
-        return LayerStatic(cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps, self.transposed,
-                           self.sparse_flags[i], self.tp_group, self.producer_flags(i), self.use_fused_attention,
-                           cfg.activation, cfg.norm_offset, cfg.attn_scale or 0.0, self.all_reduce,
-                           self.kernel_regimes[i])
+    def projections(self, i: int, prefill: bool = False) -> LayerProjections:
+        """Layer i's four projection groups as the decode step multiplies them (`prefill`: as the prompt's
+        forward does: thresholded only with `prefill_policy` "sparse", never on the producer path, and summed
+        over tensor-parallel ranks by NCCL, whose buffers are not limited to one token)."""
+        cfg, w = self.config, self.layers[i]
+        sp = self.sparsity[i] if self.sparsity is not None else None
+        if prefill:
+            on = self._prefill_flags(i)
+            regimes, producers, all_reduce = ("sparse",) * 4, (False,) * 4, "nccl"
+        else:
+            on, regimes, producers, all_reduce = (self.sparse_flags[i], self.kernel_regimes[i], self.producer_flags(i),
+                                                  self.all_reduce)
+        inter = w.gate_up.shape[1 if self.transposed else 0] // 2
+        splits = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "gate_up": (inter, inter),
+                  "o": (w.o.shape[1 if self.transposed else 0],), "down": (w.down.shape[1 if self.transposed else 0],)}
+        row_parallel = {"o", "down"}
+        return LayerProjections(*(
+            Projection(getattr(w, g), getattr(w, g + "_bias"), None if sp is None else getattr(sp, g),
+                       None if sp is None else getattr(sp, g + "_scale"), splits[g], self.transposed, on[gi],
+                       regimes[gi], producers[gi], self.tp_group if g in row_parallel else None, all_reduce)
+            for gi, g in enumerate(GROUPS)))
+
+    def decode_layer_args(self, i: int) -> DecodeLayer:
+        """What `decode_layer` reads for layer i: its norms, projections and constants."""
+        cfg, w = self.config, self.layers[i]
+        p = self.projections(i)
+        return DecodeLayer(w.attn_norm, p.qkv, w.q_norm, w.k_norm, p.o, w.post_attn_norm, w.mlp_norm, p.gate_up,
+                           p.down, w.post_mlp_norm, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps,
+                           cfg.norm_offset, cfg.activation, cfg.attn_scale or 1.0 / math.sqrt(cfg.head_dim),
+                           self.use_fused_attention)
 
     @property
     def use_fused_attention(self) -> bool:
         """Whether decode steps take the split-KV attention op: `fused_attention` if set, else on CUDA."""
-        if _attention is None:
-            return False
         return self.fused_attention if self.fused_attention is not None else self.device.type == "cuda"
 
     def set_sparse_path(self, path: str | None) -> None:
@@ -480,7 +345,7 @@ class Engine:
         `set_sparse_path("producer")`)."""
         if self.device.type != "cuda":
             return "kernel"
-        return "kernel" if _ops is not None and _ops.cuda_kernel_available(self.device) else "producer"
+        return "kernel" if ops.cuda_kernel_available(self.device) else "producer"
 
     @property
     def default_kernel_at_zero(self) -> tuple[bool, bool, bool, bool]:
@@ -492,8 +357,8 @@ class Engine:
         Llama-3-8B 223.6 / 224.1 / 211.8, Llama-2-7B 240.0 / 241.7 / 235.6, Gemma-3-12B 143.7 / 138.6 /
         135.8 (benchmarks/results/2026-11-29-h200-x2-decode-*-final.json). Set `kernel_at_zero` to True for
         the kernel everywhere, False for cuBLAS everywhere."""
-        on = (self.device.type == "cuda" and _ops is not None and self.effective_sparse_path == "kernel"
-              and _ops.cuda_kernel_available(self.device))
+        on = (self.device.type == "cuda" and self.effective_sparse_path == "kernel"
+              and ops.cuda_kernel_available(self.device))
         if not on:
             return (False, False, False, False)
         from teal.kernels.configs import has_dense_entry
@@ -518,14 +383,13 @@ class Engine:
         return self.sparse_path if self.sparse_path is not None else self.default_sparse_path
 
     def producer_flags(self, i: int) -> tuple[bool, bool, bool, bool]:
-        """Groups of layer i that take the producer path: sparse ones fed by a norm (q|k|v, gate|up), and
-        down (fed by SiLU * up; one device only) when `producer_down` is set, when `sparse_path` is
-        "producer" and the device runs the kernels."""
+        """Groups of layer i that take the producer path: the sparse ones fed by a norm (q|k|v, gate|up), when
+        `sparse_path` is "producer" and the device runs the kernels. (down stays on `sparse_linear`: on the
+        H200 its own kernel, 23.5 us, beat SiLU's survivor list + gather, 26.6 us.)"""
         if self.effective_sparse_path != "producer" or not producer_available(self.device):
             return (False, False, False, False)
-        qkv, _, gate_up, down = self.sparse_flags[i]
-        silu = self.config.activation == "silu"  # down's producer computes SiLU * up
-        return (qkv, False, gate_up, down and silu and self.producer_down and self.tp_group is None)
+        qkv, _, gate_up, _ = self.sparse_flags[i]
+        return (qkv, False, gate_up, False)
 
     def to_layout(self, transposed: bool) -> None:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""
@@ -617,12 +481,11 @@ class Engine:
             raise ValueError(f"unknown prefill policy {policy!r}; choose one of {', '.join(PREFILL_POLICIES)}")
         self.prefill_policy = policy
 
-    def _prefill_sparsity(self, i: int) -> tuple[LayerSparsity | None, tuple[bool, bool, bool, bool]]:
-        """Layer i's thresholds and which groups threshold the prompt (sparse prefill, finite thresholds)."""
+    def _prefill_flags(self, i: int) -> tuple[bool, ...]:
+        """Which groups of layer i threshold the prompt (sparse prefill, finite thresholds)."""
         if self.prefill_policy != "sparse" or self.sparsity is None:
-            return None, (False, False, False, False)
-        flags = tuple(on and regime == "sparse" for on, regime in zip(self.sparse_flags[i], self.kernel_regimes[i]))
-        return self.sparsity[i], flags  # type: ignore[return-value]
+            return (False, False, False, False)
+        return tuple(on and regime == "sparse" for on, regime in zip(self.sparse_flags[i], self.kernel_regimes[i]))
 
     def prefill(self, ids: torch.Tensor, observer: Observer | None = None, all_logits: bool = False) -> torch.Tensor:
         """Forward over the prompt ids [T] at positions 0..T-1 (dense, or thresholded at every position with
@@ -643,15 +506,13 @@ class Engine:
         off = cfg.norm_offset
         x = self.embed_tokens(ids)
         for i, w in enumerate(self.layers):
-            sp, on = self._prefill_sparsity(i)
-            sp = sp if sp is not None else _NO_SPARSITY
+            p = self.projections(i, prefill=True)
             rope = cfg.rope_table(i)
             cos, sin = self.cos_tables[rope][:n_tokens], self.sin_tables[rope][:n_tokens]
             h = rms_norm(x, w.attn_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "attn_in", h)
-            q, k, v = project(h, w.qkv, w.qkv_bias, self.transposed, on[0], sp.qkv, [q_size, kv_size, kv_size],
-                              sp.qkv_scale).split([q_size, kv_size, kv_size], dim=-1)
+            q, k, v = project(p.qkv, h).split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(n_tokens, cfg.n_heads, cfg.head_dim)
             k = k.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
             v = v.view(n_tokens, cfg.n_kv_heads, cfg.head_dim)
@@ -664,19 +525,16 @@ class Engine:
             attn = _prefill_attention(q, k, v, cfg.layer_windows[i], cfg.softmax_scale).reshape(n_tokens, q_size)
             if observer is not None:
                 observer(i, "attn_out", attn)
-            o = project_row_parallel(attn, w.o, w.o_bias, self.transposed, on[1], sp.o, sp.o_scale, self.tp_group)
+            o = project(p.o, attn)
             x = x + (o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, cfg.rms_eps, off))
             h = rms_norm(x, w.mlp_norm, cfg.rms_eps, off)
             if observer is not None:
                 observer(i, "mlp_in", h)
-            inter = w.gate_up.shape[1 if self.transposed else 0] // 2
-            gate, up = project(h, w.gate_up, w.gate_up_bias, self.transposed, on[2], sp.gate_up, [inter, inter],
-                               sp.gate_up_scale).chunk(2, dim=-1)
+            gate, up = project(p.gate_up, h).chunk(2, dim=-1)
             mid = mlp_activation(gate, cfg.activation) * up
             if observer is not None:
                 observer(i, "mlp_mid", mid)
-            out = project_row_parallel(mid, w.down, w.down_bias, self.transposed, on[3], sp.down, sp.down_scale,
-                                       self.tp_group)  # NCCL: the one-shot sum's buffers hold one token
+            out = project(p.down, mid)
             x = x + (out if w.post_mlp_norm is None else rms_norm(out, w.post_mlp_norm, cfg.rms_eps, off))
         if not all_logits:
             x = x[-1:]
@@ -718,12 +576,11 @@ class Engine:
         rope = [(cos[pos], sin[pos]) for cos, sin in zip(self.cos_tables, self.sin_tables)]
         masks = self.decode_masks(pos)
         n_valid = pos + 1  # once per step, not once per layer
-        for i, w in enumerate(self.layers):
-            sp = self.sparsity[i] if self.sparsity is not None else None
+        for i in range(cfg.n_layers):
             observe = None if observer is None else (lambda site, t, i=i: observer(i, site, t))
             kwargs = {} if observe is None else {"observe": observe}
             cos, sin = rope[cfg.rope_table(i)]
-            x, delta = layer_fn(self.layer_static(i), x, delta, w, sp, self.k_cache[i], self.v_cache[i],
+            x, delta = layer_fn(self.decode_layer_args(i), x, delta, self.k_cache[i], self.v_cache[i],
                                 pos, cos, sin, masks[cfg.layer_windows[i]], n_valid, **kwargs)
         return final_logits(x, delta, self.final_norm, self.lm_head, cfg.rms_eps, self.vocab_group,
                             cfg.norm_offset, cfg.final_softcap)

@@ -172,12 +172,13 @@ def _check_gather(idx: torch.Tensor, val: torch.Tensor, xm: torch.Tensor, counts
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """The engine's ``rms_norm`` (offset 0: fp32 norm, rounded to x's dtype, then scaled by the weight; else
-    Gemma's: scaled by (offset + weight) in fp32, rounded once): the numerics the producer kernel reproduces.
-    Imported at call time: the engine imports this package."""
-    from teal.engine.model import rms_norm
-
-    return rms_norm(x, weight, eps, offset)
+    """RMSNorm computed in fp32, the numerics the producer kernel reproduces and the engine's ``rms_norm``
+    (which is this function). offset 0: cast back to x's dtype, then scaled by the weight (HF Llama's order
+    of operations); otherwise scaled by (offset + weight) in fp32, then cast (HF Gemma 3's)."""
+    normed = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    if offset == 0.0:
+        return normed.to(x.dtype) * weight
+    return (normed * (offset + weight.float())).to(x.dtype)
 
 
 def survivor_lists_reference(act: torch.Tensor, thresholds: torch.Tensor, col_scale: Optional[torch.Tensor],
