@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from _gpu_run import start_rows_run  # noqa: E402 (benchmarks/scripts is on sys.path when run as a script)
 
-from teal.bench.decode import write_json
-from teal.bench.kernels import measure_copy_bandwidth
+from teal.bench.results import write_json
+from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
 from teal.kernels import persistent as P
 from teal.kernels.tune import time_graph_us
@@ -78,7 +78,7 @@ def thresholds_at(b: dict[str, Any], s: float) -> torch.Tensor:
     dev = x.device
     if s == 0:
         return torch.full((3,), float("-inf"), device=dev)
-    h = P.rms_norm_like_engine(x.reshape(1, -1), norm_w, EPS).float()
+    h = P.rms_norm_reference(x.reshape(1, -1), norm_w, EPS).float()
     t = float(torch.quantile(h.abs().flatten(), s))
     inter = w_gu.shape[1] // 2
     gu = ops.sparse_linear_reference(h.to(x.dtype), w_gu, torch.tensor([t, t], device=dev), [inter, inter])
@@ -208,13 +208,13 @@ def main() -> None:
             regime = "dense" if s == 0 else "sparse"
             w0 = b["weights"][0]
             h64, gu64, y64 = P.mlp_block_reference(b["x"], b["norm_w"], *w0, thr, EPS, compute_dtype=torch.float64)
-            h = P.rms_norm_like_engine(b["x"].reshape(1, -1), b["norm_w"], EPS)
+            h = P.rms_norm_reference(b["x"].reshape(1, -1), b["norm_w"], EPS)
             row: dict[str, Any] = {"pattern": pattern, "s": s}
             row["today_gemvs_us"] = time_graph_us(
                 [lambda w=w: per_projection(b, thr, inter, w[0], w[1], h, regime) for w in b["weights"]], replays=20)
             row["today_norm_gemvs_us"] = time_graph_us(
                 [lambda w=w: per_projection(b, thr, inter, w[0], w[1],
-                                            P.rms_norm_like_engine(b["x"].reshape(1, -1), b["norm_w"], EPS), regime)
+                                            P.rms_norm_reference(b["x"].reshape(1, -1), b["norm_w"], EPS), regime)
                  for w in b["weights"]], replays=20)
             row["today_gate_up_us"] = time_graph_us(
                 [lambda w=w: ops.sparse_linear(h, w[0], thr[:2], [inter, inter], regime=regime) for w in b["weights"]],

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from teal.kernels import cuda as _cuda
 from teal.kernels.ops import sparse_linear_reference
+from teal.kernels.producer import rms_norm_reference
 
 KERNEL_NAME = "teal_persistent_mlp"
 SOURCE_FILE = "persistent_mlp.cu"
@@ -127,12 +128,6 @@ def check_schedule(items: Sequence[tuple[int, int, int]], norm_slices: int, mid_
 # Plain-torch reference of the fused computation (the engine's roundings)
 
 
-def rms_norm_like_engine(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32, cast to x's dtype, then scaled by ``weight`` (HF Llama's order; the engine's rms_norm at
-    offset 0, restated here because kernels do not import the engine)."""
-    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
-
-
 def mlp_block_reference(x: torch.Tensor, norm_w: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor,
                         thresholds: torch.Tensor, eps: float, *,
                         compute_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +137,7 @@ def mlp_block_reference(x: torch.Tensor, norm_w: torch.Tensor, w_gu: torch.Tenso
     x2 = x.reshape(1, -1)
     inter = w_gu.shape[1] // 2
     thr = thresholds.reshape(-1).float()
-    h = rms_norm_like_engine(x2, norm_w, eps)
+    h = rms_norm_reference(x2, norm_w, eps)
     gu = sparse_linear_reference(h, w_gu, thr[:2], [inter, inter], compute_dtype=compute_dtype)
     gate, up = gu.split([inter, inter], dim=-1)
     mid = F.silu(gate) * up
@@ -166,7 +161,7 @@ def emulate_schedule(x: torch.Tensor, norm_w: torch.Tensor, w_gu: torch.Tensor, 
     groups = -(-ncb // config.d_group)
     thr = thresholds.reshape(-1).float()
     rows = k // ks_n
-    h = rms_norm_like_engine(x.reshape(1, -1), norm_w, eps).reshape(-1).float()
+    h = rms_norm_reference(x.reshape(1, -1), norm_w, eps).reshape(-1).float()
     lists_norm: dict[tuple[int, int], torch.Tensor] = {}
     part_gu = torch.zeros(ks_n, two_i)
     done_gu = [0] * ncb
