@@ -118,6 +118,18 @@ __device__ __forceinline__ int load_acquire(const int* p) {
 __device__ __forceinline__ void store_release(int* p, int v) {
     asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
+// Atomics and the sleep in PTX (NVRTC without headers: no dependence on which builtins it declares).
+__device__ __forceinline__ int atomic_add(int* p, int v) {
+    int old;
+    asm volatile("atom.add.gpu.global.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+}
+__device__ __forceinline__ int atomic_cas(int* p, int expected, int desired) {
+    int old;
+    asm volatile("atom.cas.gpu.global.b32 %0, [%1], %2, %3;" : "=r"(old) : "l"(p), "r"(expected), "r"(desired) : "memory");
+    return old;
+}
+__device__ __forceinline__ void sleep_ns(unsigned ns) { asm volatile("nanosleep.u32 %0;" ::"r"(ns)); }
 __device__ __forceinline__ unsigned long long global_time() {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -159,7 +171,7 @@ __device__ bool wait_flag(const int* flag, int* ctrl, long long spin_limit, int 
     while (load_acquire(flag) == 0) {
         if ((++n & 255) == 0 && load_cg_int(ctrl + CTRL_ERR) != 0) return false;  // someone else gave up
         if (n > spin_limit) {
-            if (atomicCAS(ctrl + CTRL_ERR, 0, 1) == 0) {
+            if (atomic_cas(ctrl + CTRL_ERR, 0, 1) == 0) {
                 ctrl[CTRL_ERR + 1] = item;
                 ctrl[CTRL_ERR + 2] = what;
                 ctrl[CTRL_ERR + 3] = index;
@@ -168,7 +180,7 @@ __device__ bool wait_flag(const int* flag, int* ctrl, long long spin_limit, int 
             }
             return false;
         }
-        __nanosleep(100);
+        sleep_ns(100);
     }
     return true;
 }
@@ -242,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) teal_persisten
     bool failed = false;
 
     for (;;) {
-        if (tid == 0) s_item = atomicAdd(ctrl + CTRL_TICKET, 1);
+        if (tid == 0) s_item = atomic_add(ctrl + CTRL_TICKET, 1);
         __syncthreads();
         const int t = s_item;
         __syncthreads();
@@ -327,7 +339,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) teal_persisten
             }
             __threadfence();
             __syncthreads();
-            if (tid == 0) s_flag = atomicAdd(ctrl + CTRL_CNT_GU + cb, 1) == KS - 1;
+            if (tid == 0) s_flag = atomic_add(ctrl + CTRL_CNT_GU + cb, 1) == KS - 1;
             __syncthreads();
             if (s_flag) {  // the last slice of column block cb: SiLU * up, threshold, publish slice cb of down's input
                 __threadfence();
@@ -397,7 +409,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) teal_persisten
             }
             __threadfence();
             __syncthreads();
-            if (tid == 0) s_flag = atomicAdd(ctrl + CTRL_CNT_D + cd, 1) == ngroups - 1;
+            if (tid == 0) s_flag = atomic_add(ctrl + CTRL_CNT_D + cd, 1) == ngroups - 1;
             __syncthreads();
             if (s_flag) {  // the last group of column block cd: add the groups' partials in order, store y
                 __threadfence();
@@ -421,7 +433,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) teal_persisten
     // The last program to leave resets the ticket, the exit count and the flags for the next call.
     if (tid == 0) {
         __threadfence();
-        if (atomicAdd(ctrl + CTRL_EXITED, 1) == gridDim.x - 1) {
+        if (atomic_add(ctrl + CTRL_EXITED, 1) == (int)gridDim.x - 1) {
             __threadfence();
             for (int i = 0; i < KS; ++i) ctrl[CTRL_FLAG_NORM + i] = 0;
             for (int i = 0; i < ncb; ++i) ctrl[CTRL_FLAG_MID + i] = 0;
