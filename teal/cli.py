@@ -521,6 +521,44 @@ def demo(
     console.print(f"total {time.perf_counter() - t_start:.0f} s")
 
 
+# ---- serve ------------------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact directory (for --sparsity > 0)"),
+    sparsity: float = typer.Option(0.0, help="decode sparsity level (needs DIR)"),
+    method: Optional[str] = typer.Option(None, help="allocation in the artifact: uniform | greedy | ... "
+                                                    "(default: the artifact's)"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens the server to the network"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY' on /v1/*"),
+    max_seq_len: Optional[int] = typer.Option(None, help="KV cache length: prompt + max_tokens of one request "
+                                                         "(default min(4096, the model's context))"),
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """OpenAI-compatible HTTP server (chat and text completions, streaming) on the engine."""
+    from teal.serve import build_served, serve as run_server
+
+    if not 0.0 <= sparsity < 1.0:
+        raise typer.BadParameter(f"--sparsity must be in [0, 1), got {sparsity}")
+    if not 0 < port < 65536:
+        raise typer.BadParameter(f"--port must be in 1..65535, got {port}")
+    if max_seq_len is not None and max_seq_len < 2:
+        raise typer.BadParameter(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    if method is not None:
+        import teal
+
+        method = resolve_methods([method], teal.Thresholds.load(artifact) if artifact else None, None, artifact)[0]
+    dev = resolve_device(device)
+    with console.status(f"loading {model}…"):
+        served = build_served(model, artifact, sparsity, method, max_seq_len=max_seq_len, device=dev,
+                              dtype=resolve_dtype(dtype, dev))
+    console.print(f"serving {served.name} on http://{host}:{port}/v1 (KV cache {served.max_seq_len} tokens, "
+                  f"sparsity {sparsity:g}{', API key required' if api_key else ''})")
+    run_server(served, host=host, port=port, api_key=api_key)
+
+
 def main() -> None:
     from teal.artifact import ArtifactError
     from teal.arch import UnsupportedArchitectureError

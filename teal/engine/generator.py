@@ -249,7 +249,7 @@ class Generator:
             self._live.close()
         times: list[float] = []
         steps = self._steps(ids, max_new_tokens, temperature, top_p, stops, seed, times)
-        self._live = TokenStream(self, len(ids), steps, times)
+        self._live = TokenStream(self, len(ids), steps, times, stops)
         return self._live
 
     def _steps(self, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, stops: set[int],
@@ -504,8 +504,10 @@ class TokenStream:
     included).
     """
 
-    def __init__(self, generator: Generator, prompt_tokens: int, steps: Iterator[int], times: list[float]) -> None:
+    def __init__(self, generator: Generator, prompt_tokens: int, steps: Iterator[int], times: list[float],
+                 stop_ids: set[int]) -> None:
         self.generator, self.prompt_tokens = generator, prompt_tokens
+        self.stop_ids = frozenset(stop_ids)  # the token ids that end this stream (handed out, then it stops)
         self.tokens: list[int] = []
         self.result: GenerationResult | None = None
         self._steps = steps
