@@ -374,7 +374,7 @@ class EngineWorker:
                 job.send("text", tail)
         job.send("finish", "stop" if stop_string or result.finish_reason == "stop" else "length")
         sparsity, probed = None, 0
-        if gen.engine.sparsity is None or gen.sparsity == 0:
+        if gen.engine.sparsity is None or not any(any(f) for f in gen.engine.sparse_flags):
             sparsity = 0.0  # no thresholds: nothing is zeroed
         elif served.probe_steps > 0 and len(result.tokens) > 1:
             sparsity, probed = probe_decode_sparsity(gen.engine, len(job.ids), result.tokens, served.probe_steps)
@@ -410,6 +410,8 @@ def probe_decode_sparsity(engine: Engine, prompt_len: int, tokens: Sequence[int]
     def observe(layer: int, site: str, x: torch.Tensor) -> None:
         nonlocal zeroed
         g = group_of_site[site]
+        if not engine.sparse_flags[layer][list(GROUPS).index(g)]:
+            return  # a dense product: nothing zeroed (stale thresholds may still sit in engine.sparsity)
         sp = engine.sparsity[layer]
         t, scale = getattr(sp, g), getattr(sp, g + "_scale")
         score = x.detach().abs().float().reshape(1, -1)

@@ -65,6 +65,110 @@ def test_generator_stream_gives_generate_tokens_and_stops_after_any_step():
         gen.stream(ids, max_new_tokens=60)
 
 
+# ---- pieces of the server, without HTTP -----------------------------------------------------------
+class Chars:
+    """A toy tokenizer: token t is chr(t); 0 is a lone UTF-8 lead byte (decodes to U+FFFD until its pair)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        text = "".join("\ufffd" if t == 0 else chr(t) for t in ids)
+        return text.replace("\ufffd\ufffd", "é")
+
+
+def test_text_pieces_hold_back_what_may_start_a_stop_string():
+    from teal.serve import TextPieces
+
+    def run(text: str, stop: list[str]) -> tuple[list[str], bool, str]:
+        pieces = TextPieces(Chars(), stop, threading.Lock())
+        out, hit = [], False
+        for ch in text:
+            piece, hit = pieces.add(ord(ch))
+            out.append(piece)
+            if hit:
+                break
+        return out, hit, "" if hit else pieces.flush()
+
+    assert run("abcENDxyz", ["END"]) == (["a", "b", "c", "", "", ""], True, "")
+    assert run("aEND", ["NDX", "END"]) == (["a", "", "", ""], True, "")
+    out, hit, tail = run("abENx", ["END"])  # "EN" waits, then goes out with the x
+    assert out == ["a", "b", "", "", "ENx"] and not hit and tail == ""
+    out, hit, tail = run("abEN", ["END"])  # the text ends inside a possible stop string: flushed at the end
+    assert "".join(out) + tail == "abEN" and not hit
+    # a piece that ends inside a multi-byte character waits for the rest of it
+    pieces = TextPieces(Chars(), [], threading.Lock())
+    assert [pieces.add(t) for t in (97, 0, 0, 98)] == [("a", False), ("", False), ("é", False), ("b", False)]
+    # no tokenizer: each token is "[id]"
+    assert TextPieces(None, [], threading.Lock()).add(42) == ("[42]", False)
+
+
+def sparse_tiny_generator() -> tuple[Generator, dict[str, float], list[int]]:
+    """The tiny random Llama shape at 50 % sparsity (thresholds: quantiles of a random prompt's inputs)."""
+    from teal.engine.reference import activation_thresholds
+
+    gen = Generator.from_pretrained("tiny-llama", max_seq_len=64, device="cpu", dtype=torch.float32)
+    gen.engine.to_layout(transposed=True)
+    vocab = gen.engine.config.vocab_size
+    calib = torch.randint(0, vocab, (48,), generator=torch.Generator().manual_seed(3))
+    thresholds = activation_thresholds(gen.engine, calib, 0.5)
+    gen.set_sparsity(0.5, thresholds)
+    return gen, thresholds, [int(t) for t in torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(4))]
+
+
+def test_probe_measures_the_decode_sparsity_of_the_request():
+    from teal.engine.reference import decode_sparsity
+    from teal.serve import probe_decode_sparsity
+
+    gen, thresholds, ids = sparse_tiny_generator()
+    out = gen.generate(ids, max_new_tokens=6, stop=[])
+    measured, steps = probe_decode_sparsity(gen.engine, len(ids), out.tokens, steps=10)
+    assert steps == 5  # 6 tokens: 5 decode steps fed tokens 0..4
+    expected, _ = decode_sparsity(gen.engine, torch.tensor(ids), 5, thresholds)  # the same greedy steps, eager
+    assert measured == pytest.approx(expected, abs=1e-6) and 0.2 < measured < 0.8
+    some, n = probe_decode_sparsity(gen.engine, len(ids), out.tokens, steps=2)  # first and last step only
+    assert n == 2 and 0.0 < some < 1.0
+    gen.set_sparsity(0.0)  # dense products (the old thresholds stay in the engine, unused)
+    assert probe_decode_sparsity(gen.engine, len(ids), out.tokens, steps=3)[0] == 0.0
+    gen.set_sparsity(0.5, {k: -1.0 for k in thresholds})  # on the kernel, thresholds below every score
+    assert probe_decode_sparsity(gen.engine, len(ids), out.tokens, steps=3)[0] == 0.0
+
+
+def test_in_process_server_on_a_random_shape_without_tokenizer():
+    """What the GPU load test serves: a random-weight shape, prompts as token ids, text as "[id]" pieces."""
+    import uvicorn
+
+    from teal.engine.reference import decode_sparsity
+    from teal.serve import ServedModel, create_app
+
+    gen, thresholds, ids = sparse_tiny_generator()
+    ref = gen.generate(ids, max_new_tokens=5, stop=[])
+    served = ServedModel(gen, "tiny-llama", sparsity=0.5, probe_steps=4)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(served), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, None, None, 60)
+        body = {"model": "tiny-llama", "prompt": ids, "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+        out = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+        assert out["choices"][0]["text"] == "".join(f"[{t}]" for t in ref.tokens)
+        teal = out["teal"]
+        expected, _ = decode_sparsity(gen.engine, torch.tensor(ids), 4, thresholds)  # steps 0..3, all probed
+        assert teal["decode_sparsity_steps"] == 4 and teal["decode_sparsity"] == pytest.approx(expected, abs=1e-4)
+        assert teal["sparsity_setting"] == 0.5 and teal["decode_tokens_per_s"] > 0
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as resp:
+            events = [json.loads(line[6:]) for line in resp.iter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        assert [e["choices"][0]["text"] for e in events[:-1]] == [f"[{t}]" for t in ref.tokens]  # one per token
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                          json={"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
+        text = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hi"}, timeout=60)
+        assert text.status_code == 400 and "no tokenizer" in text.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 # ---- a live server: `teal serve smollm2-135m` on a free loopback port ----------------------------
 MODEL = "smollm2-135m"
 KEY = "test-key-123"
