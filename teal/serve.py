@@ -373,19 +373,20 @@ class EngineWorker:
             if tail:
                 job.send("text", tail)
         job.send("finish", "stop" if stop_string or result.finish_reason == "stop" else "length")
-        sparsity, probed = None, 0
+        sparsity, probed, probe_start = None, 0, time.perf_counter()
         if gen.engine.sparsity is None or not any(any(f) for f in gen.engine.sparse_flags):
             sparsity = 0.0  # no thresholds: nothing is zeroed
         elif served.probe_steps > 0 and len(result.tokens) > 1:
             sparsity, probed = probe_decode_sparsity(gen.engine, len(job.ids), result.tokens, served.probe_steps)
+        probe_s = time.perf_counter() - probe_start
         job.send("done", {
             "usage": {"prompt_tokens": len(job.ids), "completion_tokens": len(result.tokens),
                       "total_tokens": len(job.ids) + len(result.tokens)},
             "teal": {"decode_tokens_per_s": round(result.tokens_per_s, 3), "prefill_s": round(result.prefill_s, 5),
                      "decode_s": round(result.decode_s, 5), "queue_s": round(queue_s, 5),
                      "decode_sparsity": None if sparsity is None else round(sparsity, 5),
-                     "decode_sparsity_steps": probed, "sparsity_setting": served.sparsity,
-                     "method": served.method, "engine_mode": gen.mode},
+                     "decode_sparsity_steps": probed, "probe_s": round(probe_s, 5),
+                     "sparsity_setting": served.sparsity, "method": served.method, "engine_mode": gen.mode},
         })
 
 
