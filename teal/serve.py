@@ -40,6 +40,7 @@ from teal.engine.model import GROUP_SITE, GROUPS, Engine
 log = logging.getLogger(__name__)
 
 DEFAULT_PROBE_STEPS = 4  # decode steps of each request replayed to measure its sparsity
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 # ---- errors in the OpenAI shape -----------------------------------------------------------------
@@ -191,7 +192,7 @@ class ServedModel:
                            param="messages")
         plain = []
         for m in messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(p.text for p in m.content)
+            content = m.content if not isinstance(m.content, list) else "".join(p.text for p in m.content)
             plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
         with self.tokenizer_lock:
             try:
@@ -431,6 +432,30 @@ def probe_decode_sparsity(engine: Engine, prompt_len: int, tokens: Sequence[int]
 
 
 # ---- the app ------------------------------------------------------------------------------------
+class APIKeyCheck:
+    """ASGI middleware: /v1/* needs ``Authorization: Bearer KEY`` (401 in the OpenAI shape otherwise). Plain
+    ASGI, so that handlers still see the client's disconnect (`Request.is_disconnected`)."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, given = header.partition(b" ")
+            error = None
+            if not header:
+                error = APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key")
+            elif scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), self.key):
+                error = APIError(401, "incorrect API key", code="invalid_api_key")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+
 def create_app(served: ServedModel, api_key: str | None = None, warmup: bool = True) -> FastAPI:
     """The FastAPI app serving `served`. api_key: when set, /v1/* needs ``Authorization: Bearer KEY``.
     warmup: capture the decode graphs (greedy, sampled, top-p) on the engine thread at startup."""
@@ -469,17 +494,8 @@ def create_app(served: ServedModel, api_key: str | None = None, warmup: bool = T
         log.exception("unexpected error")
         return APIError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            scheme, _, given = header.partition(" ")
-            if not header:
-                return APIError(401, "missing API key: send the header 'Authorization: Bearer KEY'",
-                                code="invalid_api_key").response()
-            if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), api_key.encode()):
-                return APIError(401, "incorrect API key", code="invalid_api_key").response()
-        return await call_next(request)
+    if api_key is not None:
+        app.add_middleware(APIKeyCheck, api_key=api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -534,22 +550,25 @@ def create_app(served: ServedModel, api_key: str | None = None, warmup: bool = T
     async def _collect(request: Request, job: Job, head: dict[str, Any], chat: bool) -> Any:
         worker.submit(job)
         text, finish = [], None
+        checked = time.monotonic()
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(job.events.get(), timeout=0.5)
+                    kind, value = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
                 except asyncio.TimeoutError:
+                    kind, value = None, None
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:  # the client gone: stop the engine
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         job.cancelled.set()
                         return None
-                    continue
                 if kind == "text":
                     text.append(value)
                 elif kind == "finish":
                     finish = value
                 elif kind == "error":
                     return APIError(500, f"generation failed: {value}", kind="server_error").response()
-                else:
+                elif kind == "done":
                     content = "".join(text)
                     choice = ({"index": 0, "message": {"role": "assistant", "content": content},
                                "logprobs": None, "finish_reason": finish} if chat else

@@ -425,6 +425,13 @@ def test_a_client_gone_mid_stream_frees_the_engine(server):
     assert out.status_code == 200 and out.json()["usage"]["completion_tokens"] >= 1
     assert time.monotonic() - start < 30
     assert httpx.get(f"{server.url}/health", timeout=10).json()["busy"] is False
+    # a client that gives up on a non-streaming request: the handler notices within its poll and stops the engine
+    with pytest.raises(httpx.ReadTimeout):
+        post(server, "/v1/completions", {**body, "stream": False}, timeout=3)
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}/health", timeout=10).json()["busy"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health", timeout=10).json()["busy"] is False
 
 
 @slow
