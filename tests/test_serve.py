@@ -389,20 +389,37 @@ def test_16_concurrent_clients_get_complete_answers(server, reference):
 
 @slow
 def test_requests_are_served_in_arrival_order(server):
+    """One long request holds the engine; three more arrive one by one (each sent once the server counts the
+    one before it as waiting) and must finish in that order."""
     done: list[int] = []
 
-    def ask(i: int) -> None:
-        post(server, "/v1/completions", {"model": MODEL, "prompt": f"Number {i} is", "max_tokens": 2,
-                                         "temperature": 0})
+    async def waiting_reaches(n: int, client: httpx.AsyncClient) -> None:
+        for _ in range(600):
+            if (await client.get(f"{server.url}/health")).json()["waiting"] >= n:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the server never had {n} requests waiting")
+
+    async def ask(i: int, client: httpx.AsyncClient) -> None:
+        body = {"model": MODEL, "prompt": f"Number {i} is", "max_tokens": 40 if i == 0 else 2, "temperature": 0,
+                "ignore_eos": True}
+        resp = await client.post(f"{server.url}/v1/completions", json=body, headers=auth())
+        assert resp.status_code == 200
         done.append(i)
 
-    threads = []
-    for i in range(4):
-        threads.append(threading.Thread(target=ask, args=(i,)))
-        threads[-1].start()
-        time.sleep(0.25)  # each arrives while the first is still decoding
-    for t in threads:
-        t.join(timeout=300)
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=300) as client:
+            tasks = [asyncio.create_task(ask(0, client))]
+            for _ in range(600):  # the first one is on the engine
+                if (await client.get(f"{server.url}/health")).json()["busy"]:
+                    break
+                await asyncio.sleep(0.05)
+            for i in (1, 2, 3):
+                tasks.append(asyncio.create_task(ask(i, client)))
+                await waiting_reaches(i, client)
+            await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+
+    asyncio.run(run())
     assert done == [0, 1, 2, 3]
 
 
