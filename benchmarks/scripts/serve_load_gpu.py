@@ -157,7 +157,8 @@ def main() -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from _gpu_run import run_info
-    from teal.bench.decode import time_engine, write_json
+    from teal.bench.results import write_json
+    from teal.bench.timing import time_engine
     from teal.engine import Generator
     from teal.engine.reference import activation_threshold_levels
     from teal.serve import ServedModel, create_app
