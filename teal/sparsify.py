@@ -26,7 +26,8 @@ def sparsify_(
     default: the artifact's own. ``prefill``: ``"sparse"`` thresholds every position,
     ``"dense"`` only single-token decode steps; ``dense_prefix=N`` keeps the first N positions
     of each forward dense. Calling it again just updates thresholds and policy.
-    ``use_kernels``: ``"auto"`` uses the sparse GEMV kernel for decode steps on CUDA.
+    ``use_kernels``: ``"auto"`` uses the sparse GEMV kernel for decode steps on CUDA (also after
+    ``model.to("cuda")`` of a model sparsified on the CPU).
     """
     check_sparsity(sparsity)
     check_prefill(prefill, dense_prefix)
@@ -50,6 +51,7 @@ def sparsify_(
         else:
             module = TealLinear(module, levels[key], scale, prefill, dense_prefix)
             adapter.replace(key, module)
+        module.kernel_auto = use_kernels == "auto"
         if use_kernels is True or (use_kernels == "auto" and module.weight.is_cuda):
             module.enable_kernel()
         module.reset_counters()
@@ -69,8 +71,8 @@ def densify_(model: nn.Module) -> nn.Module:
     for key, module in adapter.projections().items():
         if isinstance(module, TealLinear):
             linear = dense_linear(module)
-            if module.w_t is not None:
-                linear.weight.data = module.w_t.t().contiguous()
+            if not linear.weight.is_contiguous():  # the kernel's transposed layout
+                linear.weight.data = linear.weight.detach().contiguous()
             adapter.replace(key, linear)
     for attr in ("teal_sparsity", "teal_model_info"):
         if hasattr(model, attr):
