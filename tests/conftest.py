@@ -89,3 +89,22 @@ def smollm2_tokenizer(smollm2):
 
 
 # ---- end models/data helper block --------------------------------------------------------------
+
+
+# ---- GPU tests (tests/gpu/, marker `gpu`): skipped with the missing prerequisite named ------------
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    reason = None
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA device (torch.cuda.is_available() is False); run `make test-gpu` on a GPU machine"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        reason = ("TRITON_INTERPRET=1 is set (the CPU kernel tests set it on import): run tests/gpu on its own, "
+                  "`make test-gpu`")
+    if reason is not None:
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---- end GPU tests block -----------------------------------------------------------------------
