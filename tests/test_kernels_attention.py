@@ -29,7 +29,6 @@ from teal.kernels.attention import (
     decode_attention_triton,
 )
 
-triton = pytest.importorskip("triton")
 needs_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels run on CPU only under TRITON_INTERPRET=1"
 )
