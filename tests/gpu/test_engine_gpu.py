@@ -67,9 +67,17 @@ def family_model(request):
     return request.param, wide_hf_model(request.param)
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.5])
-def test_compiled_graph_matches_fp32_eager(family_model, sparsity):
-    family, hf = family_model
+def test_compiled_graph_matches_fp32_eager(family_model):
+    """At 50 % sparsity (the sparse kernels) for every family."""
+    _check_compiled_graph(*family_model, 0.5)
+
+
+def test_compiled_graph_dense_matches_fp32_eager():
+    """Sparsity 0: the dense groups (on the kernel's "dense" regime where the CUDA C++ kernel runs)."""
+    _check_compiled_graph("llama3-rope", wide_hf_model("llama3-rope"), 0.0)
+
+
+def _check_compiled_graph(family: str, hf: torch.nn.Module, sparsity: float) -> None:
     vocab = hf.config.vocab_size
     ids = torch.randint(0, vocab, (LENGTH,), generator=torch.Generator().manual_seed(9))
     calib = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(7))
