@@ -38,10 +38,11 @@ test: $(STAMP)
 # PYTHONPATH. tests/gpu alone: the CPU kernel tests set TRITON_INTERPRET=1 on import.
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= out/test-gpu
+GPU_PYTEST_ARGS ?=
 test-gpu:
 	mkdir -p $(GPU_RESULTS)
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu tests/gpu -p no:cacheprovider \
-		--junitxml=$(GPU_RESULTS)/junit.xml; status=$$?; \
+		--junitxml=$(GPU_RESULTS)/junit.xml $(GPU_PYTEST_ARGS); status=$$?; \
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) tests/gpu/summary.py $(GPU_RESULTS)/junit.xml \
 		--command "make test-gpu" -o $(GPU_RESULTS)/summary.json; exit $$status
 
