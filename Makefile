@@ -38,7 +38,9 @@ test: $(STAMP)
 # PYTHONPATH. tests/gpu alone: the CPU kernel tests set TRITON_INTERPRET=1 on import.
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= out/test-gpu
-GPU_PYTEST_ARGS ?=
+# 8 pytest-xdist workers (installed on the GPU image) share the GPU: the Triton, NVRTC and Inductor
+# compiles, most of the suite's time, run in parallel
+GPU_PYTEST_ARGS ?= -n 8 --durations=20
 test-gpu:
 	mkdir -p $(GPU_RESULTS)
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu tests/gpu -p no:cacheprovider \
