@@ -67,43 +67,56 @@ def family_model(request):
     return request.param, wide_hf_model(request.param)
 
 
-def test_compiled_graph_matches_fp32_eager(family_model):
-    """At 50 % sparsity (the sparse kernels) for every family."""
-    _check_compiled_graph(*family_model, 0.5)
+def test_compiled_graph_fp32_matches_eager_fp32(family_model):
+    """The engine in fp32 on CUDA at 50 % sparsity (the sparse kernels, compiled graph) against the masked HF
+    model in fp32 on the CPU: the same masks, so the logits agree closely (a threshold 20 % off gives a
+    relative error of ~0.8 on these models)."""
+    family, hf = family_model
+    err, agree, effect = _check_compiled_graph(hf, 0.5, torch.float32)
+    assert err <= 1e-2 and agree >= 0.95, f"{family}: rel err {err:.3e}, top-1 agreement {agree:.2f}"
 
 
-def test_compiled_graph_dense_matches_fp32_eager():
-    """Sparsity 0: the dense groups (on the kernel's "dense" regime where the CUDA C++ kernel runs)."""
-    _check_compiled_graph("llama3-rope", wide_hf_model("llama3-rope"), 0.0)
+def test_compiled_graph_bf16_dense_matches_eager_fp32():
+    """bf16 at sparsity 0: the dense groups (on the kernel's "dense" regime where the CUDA C++ kernel runs)."""
+    err, agree, _ = _check_compiled_graph(wide_hf_model("llama3-rope"), 0.0, torch.bfloat16)
+    assert err <= 3e-2 and agree >= 0.9, f"rel err {err:.3e}, top-1 agreement {agree:.2f}"
 
 
-def _check_compiled_graph(family: str, hf: torch.nn.Module, sparsity: float) -> None:
+def test_compiled_graph_bf16_sparse_against_eager_fp32():
+    """bf16 at 50 %: activations rounded to bf16 cross thresholds the fp32 ones do not, so the logits move by
+    about half the sparsification's own effect (0.36-0.46 against 0.70-0.88 with bf16 eager on the CPU); a
+    kernel returning zeros or ignoring the thresholds moves them by the whole effect or more."""
+    err, agree, effect = _check_compiled_graph(wide_hf_model("llama3-rope"), 0.5, torch.bfloat16)
+    assert err <= 0.75 * effect, f"rel err {err:.3e} against the sparsification's own effect {effect:.3e}"
+
+
+def _check_compiled_graph(hf: torch.nn.Module, sparsity: float, dtype: torch.dtype) -> tuple[float, float, float]:
+    """(relative error, top-1 agreement, sparsification effect) of the compiled graph's teacher-forced logits
+    against the fp32 masked HF model; also runs the generator's own graph loop."""
     vocab = hf.config.vocab_size
     ids = torch.randint(0, vocab, (LENGTH,), generator=torch.Generator().manual_seed(9))
     calib = torch.randint(0, vocab, (64,), generator=torch.Generator().manual_seed(7))
-    reference = engine_from_hf_model(hf, max_seq_len=LENGTH + 8)  # fp32, CPU, eager
+    reference = engine_from_hf_model(hf, max_seq_len=80)  # fp32, CPU, eager (64 calibration tokens)
     th = activation_thresholds(reference, calib, sparsity) if sparsity else None
     with torch.no_grad():
         dense = hf(ids[None]).logits[0][PROMPT:]
         exact = masked_hf_logits(hf, ids, th, dense_prefix=PROMPT)[PROMPT:] if th else dense
-    gen = Generator.from_pretrained(hf, thresholds=th, sparsity=sparsity, device="cuda", dtype=torch.bfloat16,
+    gen = Generator.from_pretrained(hf, thresholds=th, sparsity=sparsity, device="cuda", dtype=dtype,
                                     compile=True, max_seq_len=LENGTH + 8)
     assert gen.mode == "compiled-graph"
     got = graph_logits(gen, ids)
     assert gen.compile_error is None, gen.compile_error
     err = rel_err(got, exact)
     agree = float((got.argmax(-1) == exact.argmax(-1)).float().mean())
-    assert err <= 3e-2 and agree >= 0.9, f"{family} s={sparsity}: rel err {err:.3e}, top-1 agreement {agree:.2f}"
-    if sparsity:  # the thresholds matter, and the engine follows them far more closely than dense logits do
-        effect = rel_err(exact, dense)
-        assert err <= 0.25 * effect, f"{family}: rel err {err:.3e} vs sparsification's own effect {effect:.3e}"
-    # the generator's own loop (graph replays, greedy) picks the reference's top tokens
-    out = gen.generate(ids[:PROMPT], max_new_tokens=12, stop=[])
-    assert gen.mode == "compiled-graph" and gen.compile_error is None
-    seq = torch.cat([ids[:PROMPT], torch.tensor(out.tokens[:-1])])
-    with torch.no_grad():
-        ref = masked_hf_logits(hf, seq, th, dense_prefix=PROMPT) if th else hf(seq[None]).logits[0]
-    ref = ref[PROMPT - 1:]
-    margin = 4 * float((got - exact).abs().max())
-    picked = ref.gather(1, torch.tensor(out.tokens)[:, None])[:, 0]
-    assert bool((picked >= ref.max(-1).values - margin).all()), (out.tokens, ref.argmax(-1).tolist())
+    effect = rel_err(exact, dense) if th else 0.0
+    out = gen.generate(ids[:PROMPT], max_new_tokens=12, stop=[])  # the generator's own loop of graph replays
+    assert gen.mode == "compiled-graph" and gen.compile_error is None and len(out.tokens) == 12
+    if dtype == torch.float32:  # greedy tokens: the reference's top ones (up to near-ties)
+        seq = torch.cat([ids[:PROMPT], torch.tensor(out.tokens[:-1])])
+        with torch.no_grad():
+            ref = masked_hf_logits(hf, seq, th, dense_prefix=PROMPT) if th else hf(seq[None]).logits[0]
+        ref = ref[PROMPT - 1:]
+        margin = 4 * float((got - exact).abs().max()) + 1e-4
+        picked = ref.gather(1, torch.tensor(out.tokens)[:, None])[:, 0]
+        assert bool((picked >= ref.max(-1).values - margin).all()), (out.tokens, ref.argmax(-1).tolist())
+    return err, agree, effect
