@@ -46,7 +46,7 @@ test-gpu:
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu tests/gpu -p no:cacheprovider \
 		--junitxml=$(GPU_RESULTS)/junit.xml $(GPU_PYTEST_ARGS); status=$$?; \
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) tests/gpu/summary.py $(GPU_RESULTS)/junit.xml \
-		--command "make test-gpu" -o $(GPU_RESULTS)/summary.json; exit $$status
+		--command "make test-gpu" -o $(GPU_RESULTS)/summary.json || status=1; exit $$status
 
 clean:
 	rm -rf $(VENV) out

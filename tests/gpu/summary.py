@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{summary['passed']} passed, {summary['failed']} failed, {summary['errors']} errors, "
           f"{summary['skipped']} skipped on {summary['device']} -> {args.output}")
+    if summary["skipped"] or not summary["passed"]:  # on the GPU machine nothing may be skipped
+        print("make test-gpu: nothing passed, or tests were skipped (see 'skips' in the summary): a failure on the GPU machine")
+        return 1
     return 0
 
 
