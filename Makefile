@@ -35,7 +35,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # The GPU image has its own python (torch, triton, transformers, typer, rich, pytest): no venv, the tree on
-# PYTHONPATH. tests/gpu alone: the CPU kernel tests set TRITON_INTERPRET=1 on import.
+# PYTHONPATH. The `gpu`-marked tests of GPU_TESTS (not all of tests/: some modules import packages the image
+# lacks); TRITON_INTERPRET=0 so that CPU test modules imported alongside do not switch on the interpreter.
+GPU_TESTS ?= tests/gpu tests/test_kernels_persistent.py
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= out/test-gpu
 # 8 pytest-xdist workers (installed on the GPU image) share the GPU: the Triton, NVRTC and Inductor
@@ -43,7 +45,8 @@ GPU_RESULTS ?= out/test-gpu
 GPU_PYTEST_ARGS ?= -n 8 --durations=20
 test-gpu:
 	mkdir -p $(GPU_RESULTS)
-	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu tests/gpu -p no:cacheprovider \
+	TRITON_INTERPRET=0 PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) -m pytest -q -rfEs -m gpu $(GPU_TESTS) \
+		-p no:cacheprovider \
 		--junitxml=$(GPU_RESULTS)/junit.xml $(GPU_PYTEST_ARGS); status=$$?; \
 	PYTHONPATH=$(CURDIR):$(PYTHONPATH) $(GPU_PYTHON) tests/gpu/summary.py $(GPU_RESULTS)/junit.xml \
 		--command "make test-gpu" -o $(GPU_RESULTS)/summary.json || status=1; exit $$status
