@@ -148,7 +148,7 @@ def test_more_segments_than_one_launch_holds(config):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_naive_baseline_matches_reference(dtype):
     """The bench's naive baseline (one row-masked split-K launch per segment) computes ``sparse_linear``."""
-    from teal.kernels.naive import naive_sparse_linear
+    from teal.bench.naive import naive_sparse_linear
 
     gen = torch.Generator().manual_seed(zlib.crc32(str(dtype).encode()))
     k, splits = 200, [150, 101, 50]  # N = 301: no size is a multiple of a block
@@ -169,8 +169,8 @@ def test_naive_baseline_matches_reference(dtype):
 @needs_interpreter
 def test_naive_baseline_masks_are_exact_per_segment_and_row():
     """Exact data: each segment uses its own threshold, each batch row its own mask, ties are dropped."""
-    from teal.kernels import _naive_triton
-    from teal.kernels.naive import naive_sparse_linear
+    from teal.bench import _naive_triton
+    from teal.bench.naive import naive_sparse_linear
 
     gen = torch.Generator().manual_seed(5)
     k, splits = 96, [40, 24, 33]

@@ -42,14 +42,8 @@ WINDOW = 16
 # engine's math is worse in bf16 (it also rounds q . k to bf16 before scaling: 3e-3 to 6e-3 here), see
 # test_kernel_is_at_least_as_accurate_as_the_engine.
 MAX_REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-# Kernel variants: each merge, product and prefetch choice appears twice, each against both settings of
-# the others.
-VARIANTS = {
-    "ticket-dot": AttentionConfig(),
-    "kernel-dot-prefetch": AttentionConfig(merge="kernel", prefetch=True),
-    "ticket-fma-prefetch": AttentionConfig(dot=False, prefetch=True),
-    "kernel-fma": AttentionConfig(merge="kernel", dot=False),
-}
+# The configs the production table selects (`attention.CONFIG_TABLE`).
+VARIANTS = {f"block_l{config.block_l}": config for _, config in attention_module.CONFIG_TABLE}
 variants = pytest.mark.parametrize("variant", list(VARIANTS.values()), ids=list(VARIANTS))
 
 
@@ -158,9 +152,8 @@ def test_query_that_sees_nothing_gives_zeros(n_valid, mask_value, variant):
 
 @needs_interpreter
 @variants
-def test_repeated_launches_reuse_the_tickets(variant):
-    """The merging program resets its counter (and stale partials are overwritten): back-to-back launches
-    with other n_valid stay correct."""
+def test_repeated_launches_overwrite_stale_partials(variant):
+    """Back-to-back launches with other n_valid stay correct (the workspace's stale partials are overwritten)."""
     q, k, v = _inputs(1, torch.float32, seed=5)
     for n_valid in (100, 5, 64, 100):
         mask, nv = _mask(n_valid - 1), torch.tensor([n_valid])
@@ -178,7 +171,7 @@ def test_splits_depend_on_the_shape_only():
 
 
 def test_default_config_follows_the_table(monkeypatch):
-    short, long = AttentionConfig(block_l=16, merge="kernel"), AttentionConfig(block_l=64)
+    short, long = AttentionConfig(block_l=16), AttentionConfig(block_l=64)
     monkeypatch.setattr(attention_module, "CONFIG_TABLE", ((512, short), (2048, long)))
     assert default_config(384) == default_config(512) == short
     assert default_config(1024) == long
@@ -252,8 +245,6 @@ def test_argument_errors_name_the_problem():
         decode_attention_triton(q, k, v, mask, nv, SCALE, out=torch.empty(1, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match="splits must be at least 1"):
         decode_attention_triton(q, k, v, mask, nv, SCALE, splits=0)
-    with pytest.raises(ValueError, match="merge must be one of"):
-        decode_attention_triton(q, k, v, mask, nv, SCALE, config=AttentionConfig(merge="atomic"))
 
 
 # ------------------------------------------------------------------ rope + cache write fused in (decode_attention_rope)

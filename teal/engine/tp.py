@@ -47,7 +47,6 @@ from teal.engine.collectives import (ALL_REDUCES, all_gather_last_dim, release_s
                                      setup_symmetric_buffers)
 from teal.engine.model import GROUPS, PROJECTIONS, Engine, LayerWeights, Observer
 
-COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")
 ROW_PARALLEL = ("o", "down")
 DEFAULT_LAUNCH_TIMEOUT_S = 1800.0
 #: NVLink multicast off in NCCL, PyTorch's symmetric memory and NVSHMEM, in every rank (teal's sums use

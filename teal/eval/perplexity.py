@@ -81,7 +81,7 @@ def perplexity(
         "tokens_scored": count,
         "measured_sparsity": float(measured_sparsity(model)),
         "seconds": round(time.perf_counter() - t0, 2),
-        "data": data if windows is None else data,
+        "data": data,
         "seq_len": int(windows.shape[1]),
     }
 

@@ -8,17 +8,12 @@ device tensor), so every program has work at any context length and nothing depe
 n_valid))``; positions at or past ``n_valid`` are never read (every load past the slice is masked off).
 Each program runs an online softmax in fp32 over ``BLOCK_L`` positions per step (scores ``q . k * scale
 + mask`` in fp32, exponentials rounded to the cache's dtype before the product with V, as the reference
-rounds its probabilities). The products are ``tl.dot`` (``DOT``; G rows padded to 16) or broadcast
-multiplies summed in fp32 (exact fp32 products: no padding, no TF32); with ``PREFETCH`` the next block's
-K, V and mask are loaded before the current block's arithmetic.
+rounds its probabilities). The products are ``tl.dot`` (G rows padded to 16; IEEE fp32 with ``DOT_FP32``).
 
 With SPLITS == 1 the program writes ``acc / l`` itself. Otherwise it writes its partial (running max m,
 sum l, unnormalised acc [G, D]; an empty slice writes m = -inf, l = 0, acc = 0, which merge as nothing)
-to a workspace, and the partials of a kv head are merged in split order (deterministic) either
-
-- ``MERGE_TICKET``: by the program of that kv head that draws the last ticket from the head's counter
-  (one launch; it also resets the counter for the next launch), or
-- by ``combine_partials_kernel``, launched right after (grid Hq: one program per query head, no atomics).
+to a workspace, and ``combine_partials_kernel``, launched right after (grid Hq: one program per query
+head, no atomics), merges the partials of each kv head in split order (deterministic).
 
 The output is ``acc / l`` rounded to the output's dtype, 0 where l == 0 (no visible position).
 """
@@ -42,14 +37,11 @@ def _slice_bounds(nv_ptr, pid_s, L, SPLITS: tl.constexpr, BLOCK_L: tl.constexpr)
 
 
 @triton.jit
-def _mm(a, b, DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """a [M, K] @ b [K, N] with fp32 accumulation: ``tl.dot`` (IEEE fp32 if DOT_FP32), else exact fp32
-    products summed over K."""
-    if DOT:
-        if DOT_FP32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b)
-    return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+def _mm(a, b, DOT_FP32: tl.constexpr):
+    """a [M, K] @ b [K, N] with fp32 accumulation by ``tl.dot`` (IEEE fp32 if DOT_FP32)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
@@ -66,37 +58,28 @@ def _load_block(k_base, v_base, mask_ptr, start, hi, D, offs_d, d_ok, BLOCK_L: t
 
 
 @triton.jit
-def _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+def _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr):
     """One block of the online softmax: (m, l, acc) updated with positions of scores ``q . k * scale + bias``."""
-    scores = _mm(q, tl.trans(k), DOT, DOT_FP32) * scale + bias[None, :]
+    scores = _mm(q, tl.trans(k), DOT_FP32) * scale + bias[None, :]
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible position yet: avoid -inf - -inf
     alpha = tl.exp(m_i - m_ref)
     p = _round_to(tl.exp(scores - m_ref[:, None]), v.dtype)
     l_i = l_i * alpha + tl.sum(p.to(tl.float32), axis=1)
-    acc = acc * alpha[:, None] + _mm(p, v, DOT, DOT_FP32)
+    acc = acc * alpha[:, None] + _mm(p, v, DOT_FP32)
     return m_new, l_i, acc
 
 
 @triton.jit
 def _attend_slice(q, k_base, v_base, mask_ptr, lo, hi, scale, D, offs_d, d_ok, BLOCK_G: tl.constexpr,
-                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOT: tl.constexpr, DOT_FP32: tl.constexpr,
-                  PREFETCH: tl.constexpr):
+                  BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
     """Online softmax of q [BLOCK_G, BLOCK_D] over positions [lo, hi): returns (m, l, acc) in fp32."""
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    if PREFETCH:
-        k, v, bias = _load_block(k_base, v_base, mask_ptr, lo, hi, D, offs_d, d_ok, BLOCK_L)
-        for start in range(lo, hi, BLOCK_L):
-            k_next, v_next, bias_next = _load_block(k_base, v_base, mask_ptr, start + BLOCK_L, hi, D, offs_d, d_ok,
-                                                    BLOCK_L)
-            m_i, l_i, acc = _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT, DOT_FP32)
-            k, v, bias = k_next, v_next, bias_next
-    else:
-        for start in range(lo, hi, BLOCK_L):
-            k, v, bias = _load_block(k_base, v_base, mask_ptr, start, hi, D, offs_d, d_ok, BLOCK_L)
-            m_i, l_i, acc = _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT, DOT_FP32)
+    for start in range(lo, hi, BLOCK_L):
+        k, v, bias = _load_block(k_base, v_base, mask_ptr, start, hi, D, offs_d, d_ok, BLOCK_L)
+        m_i, l_i, acc = _softmax_step(q, k, v, bias, m_i, l_i, acc, scale, DOT_FP32)
     return m_i, l_i, acc
 
 
@@ -109,15 +92,13 @@ def _store_output(ptrs, acc, l, ok):
 
 @triton.jit
 def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.constexpr, BLOCK_C: tl.constexpr,
-                    RED_S: tl.constexpr, ONE_HEAD: tl.constexpr):
+                    RED_S: tl.constexpr):
     """Merges the SPLITS partials ``first ..`` (in order) over the columns ``c0 .. c0 + n_cols - 1`` of one kv
-    head's G*D outputs (column c = g * D + d; ONE_HEAD: the columns are those of one query head, whose max
-    and sum are then loaded once per partial). Returns (acc [BLOCK_C], l [BLOCK_C]) relative to a common max."""
+    head's G*D outputs (column c = g * D + d), those of one query head, whose max and sum are loaded once per
+    partial. Returns (acc [BLOCK_C], l [BLOCK_C]) relative to a common max."""
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = tl.arange(0, BLOCK_C) < n_cols
-    g_of_c = offs_c // D
-    if ONE_HEAD:
-        g_of_c = c0 // D + tl.zeros([1], dtype=tl.int32)
+    g_of_c = c0 // D + tl.zeros([1], dtype=tl.int32)
     m_run = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
     l_run = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -125,9 +106,7 @@ def _merge_partials(ws_m, ws_l, ws_acc, first, c0, n_cols, G, D, SPLITS: tl.cons
         offs_s = s0 + tl.arange(0, RED_S)
         s_ok = (offs_s < SPLITS)[:, None]
         ok = s_ok & c_ok[None, :]
-        stat_ok = ok
-        if ONE_HEAD:
-            stat_ok = s_ok
+        stat_ok = s_ok
         part = first + offs_s[:, None]
         m_t = tl.load(ws_m + part * G + g_of_c[None, :], mask=stat_ok, other=float("-inf"), cache_modifier=".cg")
         l_t = tl.load(ws_l + part * G + g_of_c[None, :], mask=stat_ok, other=0.0, cache_modifier=".cg")
@@ -207,7 +186,6 @@ def decode_attention_kernel(
     ws_m,
     ws_l,
     ws_acc,
-    tick_ptr,
     cos_ptr,
     sin_ptr,
     qn_ptr,
@@ -224,12 +202,7 @@ def decode_attention_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_L: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_GD: tl.constexpr,
-    RED_S: tl.constexpr,
-    DOT: tl.constexpr,
     DOT_FP32: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    MERGE_TICKET: tl.constexpr,
     PDL: tl.constexpr,
     ROPE: tl.constexpr,
     QK_NORM: tl.constexpr = False,
@@ -268,13 +241,13 @@ def decode_attention_kernel(
                 tl.store(k_ptr + kv_off + pos * D + offs_d, k_new, mask=d_ok)
                 tl.store(v_ptr + kv_off + pos * D + offs_d, v_new, mask=d_ok)
         m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, tl.minimum(hi, pos), scale, D,
-                                      offs_d, d_ok, BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+                                      offs_d, d_ok, BLOCK_G, BLOCK_L, BLOCK_D, DOT_FP32)
         if (pos >= lo) & (pos < hi):
             m_i, l_i, acc = _attend_new(q, k_new, v_new, tl.load(mask_ptr + pos), m_i, l_i, acc, scale)
     else:
         q = tl.load(q_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], mask=gd_ok, other=0.0)
         m_i, l_i, acc = _attend_slice(q, k_ptr + kv_off, v_ptr + kv_off, mask_ptr, lo, hi, scale, D, offs_d, d_ok,
-                                      BLOCK_G, BLOCK_L, BLOCK_D, DOT, DOT_FP32, PREFETCH)
+                                      BLOCK_G, BLOCK_L, BLOCK_D, DOT_FP32)
     pdl_release(PDL)
     if SPLITS == 1:
         _store_output(out_ptr + head_off + offs_g[:, None] * D + offs_d[None, :], acc, l_i[:, None], gd_ok)
@@ -283,16 +256,6 @@ def decode_attention_kernel(
         tl.store(ws_m + part * G + offs_g, m_i, mask=g_ok)
         tl.store(ws_l + part * G + offs_g, l_i, mask=g_ok)
         tl.store(ws_acc + part * G * D + offs_g[:, None] * D + offs_d[None, :], acc, mask=gd_ok)
-        if MERGE_TICKET:
-            # Every thread's partial is stored before the ticket is drawn (acq_rel, device scope).
-            tl.debug_barrier()
-            ticket = tl.atomic_add(tick_ptr + pid_h, 1, sem="acq_rel", scope="gpu")
-            if ticket == SPLITS - 1:
-                acc_c, l_c = _merge_partials(ws_m, ws_l, ws_acc, pid_h * SPLITS, 0, G * D, G, D, SPLITS, BLOCK_GD,
-                                             RED_S, False)
-                offs_c = tl.arange(0, BLOCK_GD)
-                _store_output(out_ptr + head_off + offs_c, acc_c, l_c, offs_c < G * D)
-                tl.atomic_xchg(tick_ptr + pid_h, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -304,6 +267,6 @@ def combine_partials_kernel(ws_m, ws_l, ws_acc, out_ptr, G, D, SPLITS: tl.conste
     h = pid // G
     pdl_wait(PDL)
     pdl_release(PDL)
-    acc, l = _merge_partials(ws_m, ws_l, ws_acc, h * SPLITS, (pid - h * G) * D, D, G, D, SPLITS, BLOCK_D, RED_S, True)
+    acc, l = _merge_partials(ws_m, ws_l, ws_acc, h * SPLITS, (pid - h * G) * D, D, G, D, SPLITS, BLOCK_D, RED_S)
     offs_d = tl.arange(0, BLOCK_D)
     _store_output(out_ptr + pid * D + offs_d, acc, l, offs_d < D)

@@ -5,8 +5,7 @@ whole static cache (``max_seq_len`` positions) and masks the positions past the 
 takes the number of positions that can be visible, ``n_valid`` (a device tensor: ``pos + 1``), and
 never reads past it. On CUDA (and on CPU tensors under ``TRITON_INTERPRET=1``) it runs a split-KV
 Triton kernel (``teal.kernels._attention_triton``: grid (kv heads, splits), online softmax per split;
-the partials are merged by the last program of each kv head or by a second, combine launch, as
-``AttentionConfig.merge`` says; ``CONFIG_TABLE`` picks the config by cache length); elsewhere a
+the partials are merged by a second, combine launch; ``CONFIG_TABLE`` picks the config by cache length); elsewhere a
 plain-torch reference. Nothing on the Triton path synchronises with the host or allocates by
 ``n_valid``, and the config and the number of splits depend only on the cache's shape, so CUDA graphs
 capture the op once for every position (call it once before capture so that its workspace exists).
@@ -52,39 +51,29 @@ from teal.kernels.producer import uses_triton
 
 
 class AttentionConfig(NamedTuple):
-    """Launch parameters (and kernel variant) of the split-KV kernel.
+    """Launch parameters of the split-KV kernel.
 
     block_l: cache positions per step of a program's loop; waves: programs per multiprocessor aimed at
-    (splits per kv head = ceil(waves * SMs / Hkv), at most one per ``block_l`` positions of the cache);
-    reduce_elems: partial entries loaded per step of a merge; merge: ``"ticket"`` (the last program of
-    each kv head merges the partials: one launch) or ``"kernel"`` (a second, combine launch merges them:
-    no atomics); dot: products by ``tl.dot`` (G rows padded to 16) rather than fp32 multiply-and-sum;
-    prefetch: a program loads its next block's K and V before the current block's arithmetic.
+    (splits per kv head = ceil(waves * SMs / Hkv), at most one per ``block_l`` positions of the cache).
     """
 
     block_l: int = 32
     waves: int = 2
     num_warps: int = 4
     num_stages: int = 2
-    reduce_elems: int = 4096
-    merge: str = "ticket"
-    dot: bool = True
-    prefetch: bool = False
 
 
-DEFAULT_CONFIG = AttentionConfig()
-MERGES = ("ticket", "kernel")
 COMBINE_ROWS = 64  # partials the combine kernel loads per step (64 x D fp32 per program)
 # (largest cache length L, config) in increasing L: ``default_config`` takes the first row with L >= the
 # cache's length (the last row past the table). benchmarks/scripts/attention_gpu.py --table-out writes it.
 # Rows: the Llama-3-8B winners (mean over n_valid = L/2 and L) of the 16-variant sweep in
 # benchmarks/results/2026-11-29-h200-attention-variants.json (H200, bf16): 6.1 / 7.2 / 10.4 us at
-# L = 384 / 1024 / 4096, against 8.2 / 9.7 / 16.6 us for inductor's code over the whole cache.
-_COMBINED = AttentionConfig(block_l=64, merge="kernel")
+# L = 384 / 1024 / 4096, against 8.2 / 9.7 / 16.6 us for inductor's code over the whole cache. Every
+# winner merged the partials in a second launch with tl.dot products and no prefetch; the other variants
+# of that sweep (one-launch "ticket" merge, fp32 multiply-and-sum products, K/V prefetch) are deleted.
 CONFIG_TABLE: tuple[tuple[int, AttentionConfig], ...] = (
-    (384, AttentionConfig(block_l=32, merge="kernel")),
-    (1024, _COMBINED),
-    (1 << 62, _COMBINED),
+    (384, AttentionConfig(block_l=32)),
+    (1 << 62, AttentionConfig(block_l=64)),
 )
 
 
@@ -234,7 +223,7 @@ def _attention_kernels() -> ModuleType:
 def decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                             n_valid: torch.Tensor, scale: float, *, config: AttentionConfig | None = None,
                             splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton implementation (one launch, two with ``merge="kernel"``). ``config`` defaults to
+    """The Triton implementation (two launches when the cache is split). ``config`` defaults to
     ``default_config(L)``; ``splits`` overrides ``attention_splits``; ``out`` [1, Hq*D] in q's dtype receives
     the result (tests poison it) instead of a fresh tensor."""
     _check_args(q, k_cache, v_cache, mask, n_valid)
@@ -269,8 +258,6 @@ def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     group = n_heads // n_kv
     width = n_heads * head_dim
     config = config or default_config(length)
-    if config.merge not in MERGES:
-        raise ValueError(f"decode_attention: merge must be one of {MERGES}, got {config.merge!r}")
     if out is None:
         out = q.new_empty((1, width))
     elif out.shape != (1, width) or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
@@ -280,31 +267,23 @@ def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     if splits < 1:
         raise ValueError(f"decode_attention: splits must be at least 1, got {splits}")
     block_d = max(16, _pow2_ceil(head_dim))
-    block_gd = _pow2_ceil(group * head_dim)
     partials = n_kv * splits * group
     ws_m = _workspace.get(q.device, "attention_max", partials, torch.float32)
     ws_l = _workspace.get(q.device, "attention_sum", partials, torch.float32)
     ws_acc = _workspace.get(q.device, "attention_acc", partials * head_dim, torch.float32)
-    tickets = _workspace.get(q.device, "attention_tickets", n_kv, torch.int32, zero=True)
     kernels = _attention_kernels()
     pdl = pdl_launch(pdl_mode(q.device))
-    ticket = config.merge == "ticket"
     cos, sin = rope if rope is not None else (q, q)
     q_norm, k_norm, eps, offset = norms if norms is not None else (q, q, 0.0, 0.0)
     kernels.decode_attention_kernel[(n_kv, splits)](
-        q, k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, tickets, cos, sin,
+        q, k_cache, v_cache, mask.contiguous(), n_valid.reshape(1), out, ws_m, ws_l, ws_acc, cos, sin,
         q_norm, k_norm, float(eps), float(offset),
         float(scale), length, group, head_dim, n_heads * head_dim, (n_heads + n_kv) * head_dim,
         SPLITS=splits,
-        BLOCK_G=max(16 if config.dot else 2, _pow2_ceil(group)),  # tl.dot needs 16 rows
+        BLOCK_G=max(16, _pow2_ceil(group)),  # tl.dot needs 16 rows
         BLOCK_L=max(16, _pow2_ceil(config.block_l)),
         BLOCK_D=block_d,
-        BLOCK_GD=block_gd,
-        RED_S=_reduce_rows(splits, block_gd, config),
-        DOT=config.dot,
         DOT_FP32=_interpreting() or q.dtype == torch.float32,
-        PREFETCH=config.prefetch,
-        MERGE_TICKET=ticket,
         ROPE=rope is not None,
         QK_NORM=norms is not None,
         OFFSET=norms is not None and offset != 0.0,
@@ -312,17 +291,12 @@ def _launch(q_rows: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
         num_stages=config.num_stages,
         **pdl,
     )
-    if splits > 1 and not ticket:
+    if splits > 1:
         kernels.combine_partials_kernel[(n_heads,)](
             ws_m, ws_l, ws_acc, out, group, head_dim,
             SPLITS=splits, BLOCK_D=block_d, RED_S=min(_pow2_ceil(splits), COMBINE_ROWS), num_warps=4, **pdl,
         )
     return out
-
-
-def _reduce_rows(splits: int, columns: int, config: AttentionConfig) -> int:
-    """Partials per step of a merge over ``columns`` (a power of two) outputs: ``config.reduce_elems`` entries."""
-    return min(_pow2_ceil(splits), max(1, config.reduce_elems // columns))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -108,32 +108,25 @@ def dtype_name(dtype: torch.dtype) -> str:
 # (K, N, batch bucket, dtype) -> config, measured on an NVIDIA H200 (see benchmarks/kernels_notes.md).
 # fp16 shares the bf16 entries (same element size); shapes not listed use `heuristic_config`.
 
-#: The version-3 table (predicated loads / per-program compaction), tuned by `python -m
-#: teal.bench.kernels --tune` (benchmarks/results/2026-11-28-h200-kernels.json); kept for comparisons
-#: (``python -m teal.bench.kernels --compare-v3``). Batches of 2 or more take the dense fallback
-#: (DENSE_FROM_BATCH), which beat every kernel variant there.
-TUNED_V3: dict[tuple[int, int, int, str], KernelConfig] = {
-    (4096, 6144, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=8),
-    (4096, 4096, 1, "bf16"): KernelConfig(block_n=64, block_r=64, split_k=8, num_warps=2),
-    (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2),
-    (14336, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
-    (4096, 12288, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=4),
-    (4096, 22016, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=2),
-    (11008, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
-}
-
-#: The table in use. Version 4 (benchmarks/results/2026-11-28-h200-kernels-v4.json): the gather path
-#: (global compaction + balanced gather) won clearly only on Llama-3 gate|up (37.6 vs 50.8 us at
-#: s = 0.5, equal at s = 0); elsewhere its fixed cost (a second launch, one more dependent load)
-#: lost to the v3 entries, which stay.
+#: The table in use. Batch-1 entries of version 3 (predicated loads / per-program compaction, tuned by
+#: `python -m teal.bench.kernels --tune`, benchmarks/results/2026-11-28-h200-kernels.json), except Llama-3
+#: gate|up, where version 4's gather path (global compaction + balanced gather,
+#: benchmarks/results/2026-11-28-h200-kernels-v4.json) won clearly (37.6 vs 50.8 us at s = 0.5, equal at
+#: s = 0); elsewhere its fixed cost (a second launch, one more dependent load) lost to the v3 entries.
+#: Batches of 2 or more take the dense fallback (DENSE_FROM_BATCH), which beat every kernel variant there.
 #: An end-to-end sweep with programmatic dependent launch on (benchmarks/results/
 #: 2026-11-29-h200-decode-config-sweep.json) kept every entry except o, where in-kernel lists
 #: (``KernelConfig(64, 32, 8, compact=True)``) decoded 1.3 % faster at s = 0.5; per call they are faster
 #: only from s = 0.5 on and 20 % slower at s = 0 (benchmarks/results/2026-11-29-h200-kernels-pdl-o-compact.json),
 #: and allocations give o lower levels than the average, so o keeps its v3 entry.
 TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
-    **TUNED_V3,
+    (4096, 6144, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=8),
+    (4096, 4096, 1, "bf16"): KernelConfig(block_n=64, block_r=64, split_k=8, num_warps=2),
     (4096, 28672, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=2, num_stages=1, gather=True),
+    (14336, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
+    (4096, 12288, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=4),
+    (4096, 22016, 1, "bf16"): KernelConfig(block_n=128, block_r=64, split_k=2),
+    (11008, 4096, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=16, compact=True),
     # Gemma 3 12B's text decoder, tuned with `python -m teal.bench.kernels --shapes gemma-3-12b --batches 1
     # --tune --tune-families all` (benchmarks/results/2026-11-29-h200-kernels-gemma-3-12b.json).
     (3840, 8192, 1, "bf16"): KernelConfig(block_n=128, block_r=32, split_k=8, compact=True),

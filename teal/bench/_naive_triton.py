@@ -1,4 +1,4 @@
-"""Triton kernel of the naive baseline (``teal.kernels.naive``). Importing it imports Triton.
+"""Triton kernel of the naive baseline (``teal.bench.naive``). Importing it imports Triton.
 
 One program multiplies a [BLOCK_K] slice of one input row by a [BLOCK_K, BLOCK_N] weight tile of one
 segment: the rows whose input entry survives the segment's threshold (``|x_k| > t``) are loaded, the

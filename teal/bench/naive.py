@@ -1,4 +1,4 @@
-"""Naive TEAL-style sparse GEMV, the benchmark's baseline (not used by the library).
+"""Naive TEAL-style sparse GEMV, `teal bench kernels`' baseline (not used by the library).
 
 The naive design the project's issue describes (and our kernel must beat): a plain Triton split-K
 kernel as TEAL's own code has it, with masked row loads and fp32 atomics into a zeroed buffer. Made a
@@ -32,7 +32,7 @@ INTERPRET_BLOCK_N = 64
 
 @functools.cache
 def _kernel() -> ModuleType:
-    from teal.kernels import _naive_triton
+    from teal.bench import _naive_triton
 
     return _naive_triton
 

@@ -1,0 +1,236 @@
+"""The one definition of the benchmark commands: `teal bench kernels` and `teal bench decode` (`teal.cli`
+registers `bench_app`) are the same commands as `python -m teal.bench.kernels` and `python -m
+teal.bench.decode` (their `main` runs `kernels_app` / `decode_app`).
+
+Choices are Enums, so `--help` lists them; comma lists (`--sparsity`, `--modes`, ...) are checked against
+their choices here. Older spellings stay accepted as aliases (`--sparsities`, `--batches`, `--thresholds`).
+Importing this module imports typer only (no torch), so `teal --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+# The choices, spelled here so that --help needs no torch import; tests/test_cli.py checks that they equal
+# the engine's and the benchmarks' own constants.
+class Shape(str, enum.Enum):
+    """Random-weight model shapes of the decode benchmark (`teal.engine.SHAPES`)."""
+
+    llama_3_8b = "llama-3-8b"
+    llama_3_1_8b = "llama-3.1-8b"
+    llama_2_7b = "llama-2-7b"
+    mistral_7b = "mistral-7b"
+    llama_2_70b = "llama-2-70b"
+    llama_3_70b = "llama-3-70b"
+    gemma_3_1b = "gemma-3-1b"
+    gemma_3_12b = "gemma-3-12b"
+    tiny_llama = "tiny-llama"
+    tiny_gemma3 = "tiny-gemma3"
+
+
+KERNEL_SHAPES = ("llama-3-8b", "llama-2-7b", "llama-2-70b-tp2", "gemma-3-12b")  # teal.bench.kernels.SHAPES
+MODES = ("eager", "graph", "compiled-graph")  # teal.engine.MODES
+SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
+ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
+
+
+class Dtype(str, enum.Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class KernelDtype(str, enum.Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Attention(str, enum.Enum):
+    default = "default"
+    fused = "fused"
+    torch = "torch"
+
+
+class TpBuild(str, enum.Enum):
+    auto = "auto"
+    full = "full"
+    shard = "shard"
+
+
+class TuneFamilies(str, enum.Enum):
+    auto = "auto"
+    cuda = "cuda"
+    all = "all"
+    gather = "gather"
+    union = "union"
+
+
+def floats(text: str, name: str) -> list[float]:
+    """Comma-separated sparsities in [0, 1)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{name} is empty")
+    for v in values:
+        if not 0.0 <= v < 1.0:
+            raise typer.BadParameter(f"{name}: {v} is outside [0, 1)")
+    return values
+
+
+def ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{name} must list integers >= 1, got {text!r}")
+    return values
+
+
+def choices(text: str, name: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma list whose every entry is one of `allowed`."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise typer.BadParameter(f"{name} takes a comma list of {', '.join(allowed)}; got {text!r}")
+    return values
+
+
+def require_cuda(command: str) -> None:
+    """Exit 2 with one line when no CUDA GPU is visible."""
+    import torch
+
+    if not torch.cuda.is_available():
+        typer.echo(f"error: {command} runs on a CUDA GPU and none is visible to torch; run it on a GPU machine "
+                   "(decode: --device cpu --shape tiny-llama for a smoke test)", err=True)
+        raise typer.Exit(2)
+
+
+def _command(ctx: typer.Context) -> str:
+    """The command line as given, for the result JSON."""
+    return ctx.find_root().info_name + " " + shlex.join(sys.argv[1:])
+
+
+bench_app = typer.Typer(help="GPU speed benchmarks.", no_args_is_help=True)
+
+
+@bench_app.command("kernels")
+def kernels_command(
+    ctx: typer.Context,
+    shapes: str = typer.Option("llama-3-8b,llama-2-7b", help=f"comma list of {', '.join(KERNEL_SHAPES)}"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65,0.8,0.9", "--sparsity", "--sparsities",
+                                 help="comma list of sparsities in [0, 1)"),
+    batch: str = typer.Option("1,2,4,8", "--batch", "--batches", help="comma list of batch sizes"),
+    dtype: KernelDtype = typer.Option(KernelDtype.bf16),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results here"),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a time-vs-sparsity figure here"),
+    tune: bool = typer.Option(False, "--tune", help="tune configurations for this GPU first (prints table entries)"),
+    tune_families: TuneFamilies = typer.Option(
+        TuneFamilies.auto, help="candidates: the CUDA C++ kernel's (cuda), every Triton family (all), the gather "
+                                "path against the table's entry (gather, batch 1), the batched union path against "
+                                "dense (union); auto: cuda where the CUDA C++ kernel runs, else all"),
+    tune_sparsities: Optional[str] = typer.Option(
+        None, help="sparsities the tuner scores candidates at (default 0,0.5,0.9 for cuda, else 0,0.5)"),
+    tune_batches: str = typer.Option("1", help="batch buckets to tune (comma list, e.g. 1,2,4)"),
+    table_out: Optional[Path] = typer.Option(None, help="write the tuned table here; use it with "
+                                                        "TEAL_KERNEL_CONFIGS=PATH"),
+    time_budget: Optional[float] = typer.Option(None, help="seconds; later projections are skipped"),
+    check: bool = typer.Option(True, "--check/--no-check", help="the GPU self-check before timing"),
+) -> None:
+    """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
+    tables to this GPU."""
+    shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
+    sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
+    buckets = ints(tune_batches, "--tune-batches")
+    require_cuda("teal bench kernels")
+    import torch
+
+    from teal.bench import kernels
+    from teal.kernels.ops import cuda_kernel_available
+
+    families = tune_families.value
+    if families == "auto":
+        families = "cuda" if cuda_kernel_available(torch.device("cuda")) else "all"
+    tune_s = (floats(tune_sparsities, "--tune-sparsities") if tune_sparsities is not None
+              else [0.0, 0.5, 0.9] if families == "cuda" else [0.0, 0.5])
+    data = kernels.run(shape_list, sparsities, batches, json_path=str(json_path) if json_path else None,
+                       dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
+                       tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
+                       time_budget_s=time_budget, check=check, command=_command(ctx))
+    if plot_path is not None:
+        kernels.plot(data, plot_path)
+
+
+@bench_app.command("decode")
+def decode_command(
+    ctx: typer.Context,
+    model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
+    shape: Shape = typer.Option(Shape.llama_3_8b, help="random-weight shape (without --model)"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65", "--sparsity", "--sparsities",
+                                 help="comma list of sparsities in [0, 1) (0 is always timed)"),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", "--thresholds",
+                                            help="thresholds artifact directory (with --model)"),
+    prompt_len: int = typer.Option(128, min=1),
+    new_tokens: int = typer.Option(256, min=2),
+    repeats: int = typer.Option(3, min=1),
+    modes: str = typer.Option("graph,compiled-graph", help=f"comma list of decode modes to time: {', '.join(MODES)}"),
+    hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache, and eager)"),
+    hf_eager_tokens: int = typer.Option(32, min=0, help="tokens for the eager HF baseline (0: skip it)"),
+    device: str = typer.Option("cuda", help="cuda, cuda:N, or cpu (a smoke test: --shape tiny-llama)"),
+    dtype: Dtype = typer.Option(Dtype.bfloat16),
+    time_budget: float = typer.Option(480.0, help="seconds; later settings are skipped after"),
+    profile: bool = typer.Option(True, "--profile/--no-profile", help="the torch.profiler kernel breakdown"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write the results here"),
+    tp: int = typer.Option(1, "--tp", min=1, help="tensor-parallel GPUs of this host (spawned; or torchrun)"),
+    tp_build: TpBuild = typer.Option(
+        TpBuild.auto, help="with --tp: full (whole engine, then shards; checks against one device) | shard (each "
+                           "rank builds only its shard: random slices of --shape, or its slices of --model's "
+                           "safetensors) | auto"),
+    all_reduce: str = typer.Option("auto", help=f"with --tp: comma list of all-reduces to time: "
+                                                f"{', '.join(ALL_REDUCES)} (auto: symm_mem where it can be set up)"),
+    sparse_path: Optional[str] = typer.Option(
+        None, help=f"comma list of sparse paths to time: {', '.join(SPARSE_PATHS)} (default: the engine's: kernel "
+                   "where the CUDA C++ GEMV runs, else producer on one GPU)"),
+    attention: Attention = typer.Option(Attention.default, help="decode attention: the engine's default, the "
+                                                                "split-KV op (fused) or compiled torch code"),
+) -> None:
+    """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA; --device cpu for a
+    smoke test)."""
+    sparsities = floats(sparsity, "--sparsity")
+    mode_list = choices(modes, "--modes", MODES)
+    reduces = choices(all_reduce, "--all-reduce", ALL_REDUCES)
+    paths = None if sparse_path is None else choices(sparse_path, "--sparse-path", SPARSE_PATHS)
+    if device.startswith("cuda"):
+        require_cuda("teal bench decode")
+    import torch
+
+    from teal.bench import decode
+
+    thresholds = None
+    if artifact is not None:
+        from teal import Thresholds
+
+        thresholds = Thresholds.load(artifact)
+    decode.run(model=model, shape=None if model else shape.value, sparsities=sparsities, prompt_len=prompt_len,
+               new_tokens=new_tokens, repeats=repeats, json_path=str(json_path) if json_path else None,
+               thresholds=thresholds, modes=tuple(mode_list), hf_baselines=hf, hf_eager_tokens=hf_eager_tokens,
+               device=device, dtype=getattr(torch, dtype.value), time_budget_s=time_budget, profile=profile,
+               command=_command(ctx), tp=tp, sparse_paths=paths,
+               fused_attention={"default": None, "fused": True, "torch": False}[attention.value],
+               tp_build=tp_build.value, all_reduces=reduces)
+
+
+def run_command(name: str, argv: list[str] | None) -> Any:
+    """`python -m teal.bench.<name>` (`teal.bench.entry`): the `teal bench <name>` command under that program
+    name."""
+    command = typer.main.get_command(bench_app).commands[name]  # type: ignore[attr-defined]
+    return command.main(args=argv, prog_name=f"python -m teal.bench.{name}")
