@@ -12,15 +12,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from teal.bench.cli import bench_app
+
 app = typer.Typer(
     help="TEAL: training-free activation sparsity for faster batch-1 LLM decoding.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
 eval_app = typer.Typer(help="Quality: perplexity and downstream tasks.", no_args_is_help=True)
-bench_app = typer.Typer(help="GPU speed benchmarks.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench")  # teal bench kernels | decode: teal.bench.cli, also python -m teal.bench.*
 console = Console()
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -52,16 +53,6 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def require_cuda(command: str) -> None:
-    """Exit with a clear message when no CUDA GPU is visible (the GPU benchmarks need one)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        console.print(f"[red]error:[/red] {command} runs on a CUDA GPU and none is visible to torch; run it on a "
-                      "GPU machine (the CPU is covered by `make test`)")
-        raise typer.Exit(2)
 
 
 def resolve_dtype(dtype: str, device: str):
@@ -381,80 +372,6 @@ def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: flo
     return prompt + tok.decode(new, skip_special_tokens=True), {
         "new_tokens": int(new.numel()), "seconds": time.perf_counter() - t0,
         "measured_sparsity": float(measured_sparsity(model))}
-
-
-# ---- bench ----------------------------------------------------------------------------------
-@bench_app.command("kernels")
-def bench_kernels(
-    shapes: str = typer.Option("llama-3-8b,llama-2-7b", help="comma list of llama-3-8b, llama-2-7b, gemma-3-12b"),
-    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65,0.8,0.9"),
-    batch: str = typer.Option("1,2,4,8"),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
-    plot_path: Optional[Path] = typer.Option(None, "--plot", help="write a time-vs-sparsity figure here"),
-    tune: bool = typer.Option(False, "--tune", help="tune configurations for this GPU first"),
-    tune_families: str = typer.Option("cuda", help="candidates to tune: cuda | all | gather | union"),
-    tune_batches: str = typer.Option("1", help="batch buckets to tune (comma list, e.g. 1,2,4)"),
-    table_out: Optional[Path] = typer.Option(
-        None, help="write the tuned table here; use it with TEAL_KERNEL_CONFIGS=PATH"),
-):
-    """Sparse GEMV kernels vs cuBLAS and copy bandwidth (needs CUDA); --tune fits the tables to this GPU."""
-    from teal.bench import kernels
-
-    if tune_families not in ("cuda", "all", "gather", "union"):
-        raise typer.BadParameter(f"--tune-families must be cuda, all, gather or union, got {tune_families!r}")
-    require_cuda("teal bench kernels")
-    data = kernels.run(parse_list(shapes), parse_floats(sparsity, "--sparsity"),
-                       [int(b) for b in parse_list(batch)], json_path=str(json_path) if json_path else None,
-                       tune=tune, tune_families=tune_families, tune_batches=[int(b) for b in parse_list(tune_batches)],
-                       tune_sparsities=(0.0, 0.5, 0.9) if tune_families == "cuda" else (0.0, 0.5),
-                       table_out=str(table_out) if table_out else None, command=" ".join(sys.argv))
-    if plot_path is not None:
-        kernels.plot(data, plot_path)
-
-
-@bench_app.command("decode")
-def bench_decode(
-    model: Optional[str] = typer.Option(None, help="model to load (else --shape, random weights)"),
-    shape: str = typer.Option("llama-3-8b", help="llama-3-8b | llama-3.1-8b | llama-2-7b | mistral-7b | llama-2-70b | "
-                                                 "llama-3-70b | gemma-3-1b | gemma-3-12b (random weights; "
-                                                 "teal.engine.SHAPES)"),
-    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
-    artifact: Optional[Path] = typer.Option(None, help="thresholds artifact for --model"),
-    prompt_len: int = typer.Option(128),
-    new_tokens: int = typer.Option(256),
-    repeats: int = typer.Option(3),
-    hf: bool = typer.Option(True, "--hf/--no-hf", help="also time HF generate (static cache)"),
-    tp: int = typer.Option(1, "--tp", help="tensor-parallel GPUs of this host"),
-    tp_build: str = typer.Option("auto", help="with --tp: full (whole engine, then shards; checks against one "
-                                              "device) | shard (each rank builds only its shard: random slices "
-                                              "of --shape, or its slices of --model's safetensors) | auto"),
-    all_reduce: str = typer.Option("auto", help="with --tp: comma list of all-reduces to time: nccl, symm_mem, "
-                                                "auto (symm_mem where it can be set up)"),
-    sparse_path: Optional[str] = typer.Option(
-        None, help="comma list of sparse paths to time: producer, kernel (default: the engine's: kernel where the "
-                   "CUDA C++ GEMV runs, else producer on one GPU)"),
-    attention: str = typer.Option("default", help="decode attention: default | fused (split-KV op) | torch"),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
-):
-    """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA)."""
-    from teal.bench import decode
-
-    attention_modes = {"default": None, "fused": True, "torch": False}
-    if attention not in attention_modes:
-        raise typer.BadParameter(f"--attention must be one of {', '.join(attention_modes)}, got {attention!r}")
-    require_cuda("teal bench decode")
-    th = None
-    if artifact is not None:
-        import teal
-
-        th = teal.Thresholds.load(artifact)
-    decode.run(model=model, shape=None if model else shape,
-               sparsities=parse_floats(sparsity, "--sparsity"), prompt_len=prompt_len,
-               new_tokens=new_tokens, repeats=repeats, thresholds=th, hf_baselines=hf, tp=tp,
-               sparse_paths=None if sparse_path is None else [p for p in sparse_path.split(",") if p],
-               fused_attention=attention_modes[attention], tp_build=tp_build,
-               all_reduces=[a for a in all_reduce.split(",") if a],
-               json_path=str(json_path) if json_path else None, command=" ".join(sys.argv))
 
 
 # ---- plot -----------------------------------------------------------------------------------

@@ -174,8 +174,8 @@ def test_score_option_and_method_labels_check_the_artifact(artifact, tmp_path):
 
 def test_bench_decode_rejects_unknown_attention_mode():
     result = runner.invoke(app, ["bench", "decode", "--attention", "bogus"])
-    assert result.exit_code != 0
-    assert "--attention must be one of default, fused, torch" in result.output
+    assert result.exit_code == 2
+    assert "'bogus' is not one of 'default', 'fused', 'torch'" in _plain(result.output)
 
 
 def test_engine_refuses_thresholds_of_another_model(artifact):
@@ -208,4 +208,100 @@ def test_bench_commands_need_a_gpu():
 
 def test_bench_kernels_rejects_unknown_tune_family():
     result = runner.invoke(app, ["bench", "kernels", "--tune", "--tune-families", "bogus"])
-    assert result.exit_code != 0 and "--tune-families must be cuda, all, gather or union" in result.output
+    assert result.exit_code == 2 and "'bogus' is not one of 'auto', 'cuda', 'all', 'gather', 'union'" in _plain(
+        result.output)
+
+
+def _plain(text: str) -> str:
+    """Help and error text without rich's box drawing, colours and line wrapping."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+def _module_help(name: str, capsys) -> str:
+    """`python -m teal.bench.<name> --help`, run in process."""
+    from teal.bench.entry import run_module
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_module(name, ["--help"])
+    assert exit_info.value.code == 0
+    return _plain(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("name, listed", [
+    ("decode", ["llama-3-8b", "gemma-3-12b", "tiny-llama", "bfloat16", "float16", "float32", "default", "fused",
+                "torch", "auto", "full", "shard", "compiled-graph", "producer", "symm_mem", "--sparsities",
+                "--thresholds", "--no-profile", "--hf-eager-tokens"]),
+    ("kernels", ["bf16", "fp16", "auto", "cuda", "all", "gather", "union", "llama-2-70b-tp2", "--sparsities",
+                 "--batches", "--no-check", "--tune-sparsities"]),
+])
+def test_bench_help_lists_the_choices_and_both_entry_points_are_one_command(name, listed, capsys, monkeypatch):
+    """`teal bench NAME --help` and `python -m teal.bench.NAME --help` list the same options and choices."""
+    from teal.bench.cli import bench_app
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich wraps and truncates help at the terminal's width
+
+    result = runner.invoke(app, ["bench", name, "--help"])
+    assert result.exit_code == 0
+    via_teal = _plain(result.output)
+    via_module = _module_help(name, capsys)
+    assert "Usage: python -m teal.bench." + name in via_module
+    assert via_teal.split("[OPTIONS]", 1)[1] == via_module.split("[OPTIONS]", 1)[1]
+    for word in listed:
+        assert word in via_teal, word
+    assert any(g.typer_instance is bench_app for g in app.registered_groups)
+
+
+def test_bench_choices_match_the_engine_and_kernel_benchmark():
+    from teal.bench import cli, kernels
+    from teal.engine import MODES, SHAPES
+    from teal.engine.collectives import ALL_REDUCES
+    from teal.engine.projection import SPARSE_PATHS
+
+    assert {s.value for s in cli.Shape} == set(SHAPES)
+    assert set(cli.MODES) == set(MODES) and set(cli.SPARSE_PATHS) == set(SPARSE_PATHS)
+    assert set(cli.ALL_REDUCES) == {"auto", *ALL_REDUCES}
+    assert set(cli.KERNEL_SHAPES) == set(kernels.SHAPES)
+
+
+HEADLINE = ["--shape", "llama-3-8b", "--sparsity", "0,0.4,0.5,0.65", "--modes", "compiled-graph", "--no-profile",
+            "--hf-eager-tokens", "0"]
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (HEADLINE, 2, "runs on a CUDA GPU and none is visible"),  # parsed; stops at the GPU check
+    (["--sparsities", "0.5", "--thresholds", "nowhere", "--no-hf"], 2, "runs on a CUDA GPU"),  # old spellings
+    (["--modes", "graph,fast"], 2, "--modes takes a comma list of eager, graph, compiled-graph"),
+    (["--sparsity", "0.5,1.5"], 2, "1.5 is outside [0, 1)"),
+    (["--shape", "llama-9"], 2, "'llama-9' is not one of"),
+])
+def test_bench_decode_parses_alike_through_both_entry_points(args, code, message, capsys):
+    import torch
+
+    from teal.bench.entry import run_module
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the headline command would run")
+    result = runner.invoke(app, ["bench", "decode", *args])
+    assert result.exit_code == code and message in _plain(result.output), result.output
+    with pytest.raises(SystemExit) as exit_info:
+        run_module("decode", args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == code and message in _plain(captured.out + captured.err)
+
+
+def test_bench_module_without_typer_says_so_in_one_line(monkeypatch, capsys):
+    import sys
+
+    from teal.bench.entry import run_module
+
+    monkeypatch.delitem(sys.modules, "teal.bench.cli", raising=False)
+    monkeypatch.setitem(sys.modules, "typer", None)
+    with pytest.raises(SystemExit) as exit_info:
+        run_module("decode", ["--help"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err
+    assert err == ("error: python -m teal.bench.decode needs the typer package (pip install typer, or put its wheel "
+                   "on PYTHONPATH)")

@@ -581,3 +581,84 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     else:
         assert sparse["speedup_vs_hf_static"] is None
     assert sparse["speedup_vs_dense"] == pytest.approx(sparse["tokens_per_s"] / best["tokens_per_s"])
+
+
+# --------------------------------------------------------------- the decode benchmark's bf16 sparse check
+def _faulty_kernels(fault: str):
+    """`sparse_linear` / `sparse_linear_glu` stand-ins with one fault each: zeros, the last output segment
+    dropped (v of q|k|v, up of gate|up), or the thresholds 1.5x too high."""
+    from teal.kernels import ops
+
+    def linear(x, w_t, thresholds, splits=None, col_scale=None, *, regime="sparse"):
+        if fault == "zeros":
+            return x.new_zeros(x.shape[0], w_t.shape[1])
+        y = ops.sparse_linear_reference(x, w_t, thresholds * (1.5 if fault == "threshold" else 1.0), splits, col_scale)
+        if fault == "dropped-segment" and splits is not None and len(splits) > 1:
+            y[:, -splits[-1]:] = 0
+        return y
+
+    def glu(gate_up, w_t, thresholds, col_scale=None, *, regime="sparse"):
+        return linear(ops.silu_mul(gate_up), w_t, thresholds, None, col_scale)
+
+    return linear, glu
+
+
+@pytest.mark.parametrize("fault", [None, "zeros", "dropped-segment", "threshold"])
+def test_bf16_sparse_check_fails_broken_kernels(fault, monkeypatch):
+    """`teal.bench.decode.check_sparse_decode` (the benchmark's bf16 sparse check): the correct kernels pass;
+    a kernel that writes zeros, drops a segment or uses wrong thresholds fails, on top-1 agreement with the
+    fp32 reference and on the logit error against the same computation with dense weights."""
+    import copy
+
+    from teal.bench.decode import check_sparse_decode, teacher_forced_logits
+    from teal.engine import engine_from_hf_model
+    from teal.kernels import ops
+
+    hf32 = tiny_hf_model("llama3-rope")
+    prompt, steps = 16, 32
+    ids = torch.randint(0, TINY["vocab_size"], (prompt + steps,), generator=torch.Generator().manual_seed(7))
+    e32 = engine_from_hf_model(hf32, max_seq_len=64)
+    e32.to_layout(transposed=True)
+    th = activation_thresholds(e32, ids[:prompt], 0.5)
+    e32.set_thresholds(th)
+    ref = teacher_forced_logits(e32, ids, prompt)
+    e16 = engine_from_hf_model(copy.deepcopy(hf32).to(torch.bfloat16), max_seq_len=64)
+    e16.to_layout(transposed=True)
+    e16.set_thresholds(th)
+    if fault is not None:
+        linear, glu = _faulty_kernels(fault)
+        monkeypatch.setattr(ops, "sparse_linear", linear)
+        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+    out = check_sparse_decode(e16, ref, ids, prompt)
+    assert out["steps"] == steps
+    # this tiny random model in bf16 is noisy (masks flip near thresholds): 0.23 median error, 72 % top-1 here
+    assert out["median_rel_err_dense_weights"] < 0.4 and out["top1_agreement_dense_weights"] >= 0.6, out
+    assert out["passed"] is (fault is None), out
+    if fault is not None:  # each bound alone catches it
+        assert out["median_rel_err"] > 1.5 * out["median_rel_err_dense_weights"] + 0.005, out
+
+
+def test_bench_decode_measures_sparsity_on_the_timed_tokens(monkeypatch):
+    """The measured sparsity of a decode row comes from the timed generation's own decode steps (its prompt,
+    its tokens), not from a few steps on the calibration prompt."""
+    from teal.bench import decode
+
+    calls = []
+    real = decode.decode_sparsity
+
+    def spy(engine, ids, steps, thresholds, col_scales=None, tokens=None):
+        out = real(engine, ids, steps, thresholds, col_scales, tokens)
+        calls.append((ids.clone(), steps, None if tokens is None else list(tokens), out[0]))
+        return out
+
+    monkeypatch.setattr(decode, "decode_sparsity", spy)
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=6, repeats=1,
+                      hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None, profile=False)
+    assert not data["errors"], data["errors"]
+    assert len(calls) == 1  # once per sparsity setting
+    ids, steps, tokens, measured = calls[0]
+    timed_prompt = torch.randint(0, data["model_info"]["vocab"], (8,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ids.cpu(), timed_prompt) and steps == 5 and len(tokens) == 6
+    rows = [r for r in data["results"] if r["sparsity"] == 0.5]
+    assert rows and all(r["first_tokens"] == tokens for r in rows) and "tokens" not in rows[0]
+    assert all(r["measured_sparsity"] == measured for r in rows) and 0.2 < measured < 0.8

@@ -10,17 +10,15 @@ in the same run. Run with ``python -m teal.bench.kernels --json PATH``.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import math
 import os
 import platform
-import shlex
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +29,7 @@ from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
 from teal.kernels import configs as kernel_configs
 from teal.kernels.configs import KernelConfig, batch_bucket, get_config
-from teal.kernels.naive import naive_sparse_linear
+from teal.bench.naive import naive_sparse_linear
 from teal.kernels.ops import pdl_mode
 from teal.kernels.ops import (
     compact_input,
@@ -356,7 +354,6 @@ def run(
     tune_sparsities: Sequence[float] = (0.0, 0.5),
     tune_families: str = "all",
     table_out: str | os.PathLike[str] | None = None,
-    compare: Mapping[str, Mapping[kernel_configs.TableKey, KernelConfig]] | None = None,
     time_budget_s: float | None = None,
     check: bool = True,
     seed: int = 0,
@@ -367,8 +364,7 @@ def run(
 
     ``tune``: time candidate configurations per shape and batch bucket of ``tune_batches`` first (at
     ``tune_sparsities``; ``tune_families`` as in ``teal.kernels.tune.candidate_configs``) and use the winners; ``table_out`` receives them as
-    a table for ``$TEAL_KERNEL_CONFIGS``. ``compare``: named tables whose configurations are timed
-    beside the chosen one at batch 1 (``<name>_us`` per row). ``time_budget_s``: projections not
+    a table for ``$TEAL_KERNEL_CONFIGS``. ``time_budget_s``: projections not
     started by then are skipped (listed under ``skipped``).
     """
     if not torch.cuda.is_available():
@@ -420,8 +416,6 @@ def run(
             console.print(f"  [red]FAILED[/] {r}")
 
     tuned_keys: set[tuple[int, int, int, str]] = set()
-    compare = dict(compare or {})
-    data["compare"] = {name: {repr(key): cfg.as_dict() for key, cfg in table.items()} for name, table in compare.items()}
     data["skipped"] = []
     for model in shapes:
         for proj, k, splits in SHAPES[model]:
@@ -507,14 +501,6 @@ def run(
                             row["compact_us"] = time_graph_us([
                                 lambda x=x, t=t: compact_input(x, t, None, len(splits)) for x, t in zip(xs, thr)
                             ])
-                        for name, table in compare.items():
-                            other = table.get(key)
-                            if other is not None and batch == 1:
-                                row[f"{name}_config"] = other.as_dict()
-                                row[f"{name}_us"] = time_graph_us([
-                                    lambda x=x, w=w, t=t, c=other: sparse_linear_triton(x, w, t, list(splits), config=c)
-                                    for x, w, t in zip(xs, w_ts, thr)
-                                ])
                     except Exception:  # noqa: BLE001 - one broken row must not lose the run
                         row["error"] = traceback.format_exc()[-2000:]
                         console.print(f"[red]error[/] {model} {proj} B={batch} s={s}\n{row['error']}")
@@ -597,8 +583,7 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
 
     copy_tbps = data["copy_bandwidth_Bps"] / 1e12
     table = Table(title=f"sparse GEMV on {data['device']} ({data['dtype']}), copy {copy_tbps:.2f} TB/s")
-    names = list(data.get("compare", {}))
-    cols = ["model", "proj", "B", "s", "us", "cuBLAS", "naive", *[f"{m} us" for m in names], "phase A", "eff bw",
+    cols = ["model", "proj", "B", "s", "us", "cuBLAS", "naive", "phase A", "eff bw",
             "x cuBLAS", "x naive", "rel err", "path"]
     for col in cols:
         table.add_column(col, justify="right")
@@ -607,10 +592,9 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
             table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", "error",
                           *[""] * (len(cols) - 5))
             continue
-        others = [f"{r[f'{m}_us']:.1f}" if f"{m}_us" in r else "" for m in names]
         table.add_row(
             r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", f"{r['us']:.1f}", f"{r['cublas_us']:.1f}",
-            f"{r['naive_us']:.1f}", *others, f"{r['compact_us']:.1f}" if "compact_us" in r else "",
+            f"{r['naive_us']:.1f}", f"{r['compact_us']:.1f}" if "compact_us" in r else "",
             f"{r['eff_bw_frac']:.0%}", f"{r['speedup_vs_cublas']:.2f}", f"{r['speedup_vs_naive']:.2f}",
             f"{r['rel_err']:.1e}", r.get("path", "?"),
         )
@@ -633,8 +617,7 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
 
 
 def compact_summary(data: dict[str, Any]) -> list[str]:
-    """One line per (model, projection, batch): times in us per sparsity, then the compared tables'."""
-    names = list(data.get("compare", {}))
+    """One line per (model, projection, batch): times in us per sparsity (and the gather path's phase A)."""
     groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
     for r in data.get("results", []):
         groups.setdefault((r["model"], r["proj"], r["batch"]), []).append(r)
@@ -646,9 +629,8 @@ def compact_summary(data: dict[str, Any]) -> list[str]:
             lines.append(f"{model} {proj} B={batch}: no timed rows")
             continue
         head = f"{model} {proj} {rows[0]['K']}x{rows[0]['N']} B={batch} cuBLAS {timed[0]['cublas_us']:.1f}"
-        cells = [f"s={r['sparsity']:g}: {r['us']:.1f}" + "".join(
-            f"/{m} {r[f'{m}_us']:.1f}" for m in names if f"{m}_us" in r) + (
-            f"/A {r['compact_us']:.1f}" if "compact_us" in r else "") for r in timed]
+        cells = [f"s={r['sparsity']:g}: {r['us']:.1f}" + (f"/A {r['compact_us']:.1f}" if "compact_us" in r else "")
+                 for r in timed]
         lines.append(head + " | " + " | ".join(cells))
     return lines
 
@@ -704,53 +686,9 @@ def plot(data: dict[str, Any], out_png: str | os.PathLike[str]) -> None:
             os.unlink(tmp)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(",") if v.strip())
+__all__ = ["SHAPES", "check_targets", "compact_summary", "plot", "run", "self_check"]
 
+if __name__ == "__main__":  # the `teal bench kernels` command (one definition: teal/bench/cli.py)
+    from teal.bench.entry import run_module
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m teal.bench.kernels", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", default="llama-3-8b,llama-2-7b", help=f"comma list of {sorted(SHAPES)}")
-    parser.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
-    parser.add_argument("--batches", default=",".join(str(b) for b in DEFAULT_BATCHES))
-    parser.add_argument("--dtype", default="bf16", choices=sorted(_DTYPES))
-    parser.add_argument("--json", dest="json_path", default=None, help="write results here")
-    parser.add_argument("--plot", dest="plot_path", default=None, help="write a time-vs-sparsity figure here")
-    parser.add_argument("--tune", action="store_true", help="tune configurations first (prints table entries)")
-    parser.add_argument("--tune-sparsities", default="0,0.5", help="sparsities the tuner scores candidates at")
-    parser.add_argument("--tune-families", default="all", choices=("all", "gather", "union", "cuda"),
-                        help="candidates: every family, the gather path against the v3 table entry (batch 1), or "
-                             "the batched union path against dense (batches 2-8)")
-    parser.add_argument("--tune-batches", default="1", help="batch buckets to tune (comma list, e.g. 2,4,8)")
-    parser.add_argument("--table-out", default=None, help="write the tuned entries here (for $TEAL_KERNEL_CONFIGS)")
-    parser.add_argument("--compare-v3", action="store_true", help="also time the version-3 table's configuration")
-    parser.add_argument("--time-budget", type=float, default=None, help="seconds; later projections are skipped")
-    parser.add_argument("--no-check", dest="check", action="store_false", help="skip the GPU self-check")
-    args = parser.parse_args(argv)
-    args_given = sys.argv[1:] if argv is None else list(argv)
-    command = "python -m teal.bench.kernels " + " ".join(shlex.quote(a) for a in args_given)
-    data = run(
-        shapes=tuple(s.strip() for s in args.shapes.split(",") if s.strip()),
-        sparsities=_floats(args.sparsities),
-        batches=tuple(int(b) for b in args.batches.split(",") if b.strip()),
-        json_path=args.json_path,
-        dtype=args.dtype,
-        tune=args.tune,
-        tune_sparsities=_floats(args.tune_sparsities),
-        tune_families=args.tune_families,
-        tune_batches=tuple(int(b) for b in args.tune_batches.split(",") if b.strip()),
-        table_out=args.table_out,
-        compare={"v3": kernel_configs.TUNED_V3} if args.compare_v3 else None,
-        time_budget_s=args.time_budget,
-        check=args.check,
-        command=command,
-    )
-    if args.plot_path:
-        plot(data, args.plot_path)
-    return data
-
-
-__all__ = ["SHAPES", "check_targets", "compact_summary", "main", "plot", "run", "self_check"]
-
-if __name__ == "__main__":
-    main()
+    run_module("kernels")

@@ -72,12 +72,15 @@ def bytes_per_token(engine: Engine, sparsity_per_proj: Mapping[str, float] | Non
     return total
 
 
-def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, Any]:
-    """Median decode tokens/s of greedy generation (graphs captured first, one warm-up run)."""
+def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int,
+                keep_tokens: bool = False) -> dict[str, Any]:
+    """Median decode tokens/s of greedy generation (graphs captured first, one warm-up run); `keep_tokens`:
+    also every token of the last timed run (`tokens`)."""
     capture = gen.warmup(greedy=True)
     gen.generate(ids, max_new_tokens=new_tokens, stop=[])
     runs = [gen.generate(ids, max_new_tokens=new_tokens, stop=[]) for _ in range(repeats)]
     return {"tokens_per_s": statistics.median(r.tokens_per_s for r in runs),
             "tokens_per_s_runs": [round(r.tokens_per_s, 2) for r in runs],
             "ttft_s": statistics.median(r.prefill_s for r in runs), "capture_s": capture, "mode": gen.mode,
-            "compile_error": gen.compile_error, "first_tokens": [int(t) for t in runs[-1].tokens[:16]]}
+            "compile_error": gen.compile_error, "first_tokens": [int(t) for t in runs[-1].tokens[:16]],
+            **({"tokens": [int(t) for t in runs[-1].tokens]} if keep_tokens else {})}

@@ -109,8 +109,10 @@ def decode_sparsity(
     steps: int,
     thresholds: Mapping[str, float],
     col_scales: Mapping[str, torch.Tensor] | None = None,
+    tokens: Sequence[int] | None = None,
 ) -> tuple[float, dict[str, float]]:
-    """Measured sparsity of greedy decode steps after a dense prefill of ids [T], eagerly.
+    """Measured sparsity of `steps` decode steps after a dense prefill of ids [T], eagerly: greedy, or fed
+    `tokens` (teacher-forced: step i decodes tokens[i], e.g. the tokens a timed generation produced).
 
     Returns (effective sparsity weighted by each projection's parameter count, per-projection values).
     """
@@ -127,8 +129,12 @@ def decode_sparsity(
     ids = ids.to(engine.device)
     logits = engine.prefill(ids)
     token = logits.argmax(-1)
+    if tokens is not None and len(tokens) < steps:
+        raise ValueError(f"decode_sparsity: {steps} steps need at least {steps} tokens, got {len(tokens)}")
     for step in range(steps):
         pos = torch.tensor([ids.shape[0] + step], device=engine.device)
+        if tokens is not None:
+            token = torch.tensor([int(tokens[step])], device=engine.device)
         token = engine.decode(token, pos, observer=observe).argmax(-1)
     per = {k: zeros[k] / totals[k] for k in totals}
     sizes = engine.config.projection_shapes()
