@@ -519,3 +519,12 @@ def test_bench_decode_tp2_checkpoint_shards(checkpoints, tmp_path):
     with pytest.raises(Exception, match=r"ArtifactError.*model_type=llama"):  # raised in a rank, re-raised here
         decode.run(model=checkpoints["qwen3-qknorm"], shape=None, sparsities=(0.5,), prompt_len=12, new_tokens=6,
                    repeats=1, thresholds=th, device="cpu", dtype=torch.float32, tp=2, tp_build="shard")
+
+
+def test_symm_mem_sum_without_its_buffer_raises_instead_of_falling_back():
+    """A "symm_mem" sum never runs NCCL under the symm_mem label: without a symmetric buffer of its size it
+    raises (the engine's prefill asks for "nccl" itself)."""
+    from teal.engine.collectives import all_reduce_sum
+
+    with pytest.raises(RuntimeError, match=r"symm_mem all-reduce: no symmetric buffer for a \(1, 48\)"):
+        all_reduce_sum(torch.ones(1, 48), None, "symm_mem")

@@ -311,7 +311,7 @@ def test_tuner_picks_a_configuration_per_regime():
     assert pick_best(both, {k: v[1:] for k, v in times.items()}, bucket=1) == fast_sparse
 
 
-def test_pick_best_never_slower_than_dense_at_batches():
+def test_pick_best_at_batches_allows_at_most_dense_slack_over_the_fallback():
     from teal.kernels.tune import pick_best
 
     dense = KernelConfig(dense=True)
@@ -320,7 +320,7 @@ def test_pick_best_never_slower_than_dense_at_batches():
     times = {repr(dense): [20.0, 20.0, 20.0], repr(fast_sparse): [24.0, 18.0, 5.0], repr(steady): [20.4, 17.0, 9.0]}
     configs = [dense, fast_sparse, steady]
     assert pick_best(configs, times, bucket=1) == fast_sparse  # batch 1: best mean relative time
-    assert pick_best(configs, times, bucket=2) == steady  # 24 > 1.03 x 20 at s = 0 disqualifies fast_sparse
+    assert pick_best(configs, times, bucket=2) == steady  # 20.4: within DENSE_SLACK (3 %); 24 > 1.03 x 20 is not
     times[repr(steady)] = [21.0, 17.0, 9.0]
     assert pick_best(configs, times, bucket=4) == dense
 

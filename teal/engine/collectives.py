@@ -9,7 +9,8 @@ Two implementations of the sum (`ALL_REDUCES`):
   sums. A decode step's partial products are tiny ([1, hidden]), so the NCCL call's fixed cost dominates;
   the one-shot kernel is a single launch with a device-side barrier, capturable in CUDA graphs. It uses
   peer-to-peer loads, not NVLink multicast. Buffers are set up once per (group, device, dtype, size) by
-  `setup_symmetric_buffers`, a collective call; a sum whose size has no buffer (prefill) takes NCCL.
+  `setup_symmetric_buffers`, a collective call; prefill sums (any size) take NCCL, and a symm_mem sum
+  without its buffer raises rather than falling back.
 """
 
 from __future__ import annotations
@@ -27,8 +28,14 @@ _SYMMETRIC_BUFFERS: dict[tuple[str, int, torch.dtype, int], torch.Tensor] = {}
 def all_reduce_sum(t: torch.Tensor, group: Any, impl: str = "nccl") -> torch.Tensor:
     """Sum of `t` over the ranks of `group`. impl "nccl": in-place `torch.distributed.all_reduce` (eager and
     CUDA-graph capture) or the traceable functional collective (torch.compile); "symm_mem": the one-shot
-    symmetric-memory kernel where a buffer of t's size was set up, else NCCL."""
-    if impl == "symm_mem" and t.is_cuda and symmetric_buffer_key(t, group) in _SYMMETRIC_BUFFERS:
+    symmetric-memory kernel through the buffer of t's size (`setup_symmetric_buffers`). There is no silent
+    fallback: a "symm_mem" sum without its buffer raises, so a result labelled symm_mem ran symm_mem (the
+    engine asks for "nccl" where sizes vary: prefill)."""
+    if impl == "symm_mem":
+        if not (t.is_cuda and symmetric_buffer_key(t, group) in _SYMMETRIC_BUFFERS):
+            raise RuntimeError(f"symm_mem all-reduce: no symmetric buffer for a {tuple(t.shape)} {t.dtype} tensor on "
+                               f"{t.device} (setup_symmetric_buffers sets them up; TensorParallelEngine.set_all_reduce"
+                               f"('symm_mem') does for decode steps)")
         return torch.ops.teal.one_shot_all_reduce(t.contiguous(), _group_name(group))
     if torch.compiler.is_compiling():
         import torch.distributed._functional_collectives as funcol

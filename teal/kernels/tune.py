@@ -285,7 +285,7 @@ def tune_shape(
         raise RuntimeError(f"no candidate configuration could be timed for K={k}, N={n}, B={batch}")
     sparse_cols = [i for i, s in enumerate(sparsities) if s > 0] or list(range(len(sparsities)))
     bucket = batch_bucket(batch)
-    if bucket > 1:  # batches: never slower than the dense fallback at any tuned sparsity (pick_best)
+    if bucket > 1:  # batches: at most DENSE_SLACK x the dense fallback at every tuned sparsity (pick_best)
         best = pick_best(timed, times, bucket)
     else:
         best = pick_best(timed, {key: [row[i] for i in sparse_cols] for key, row in times.items()}, bucket)
@@ -301,15 +301,18 @@ def tune_shape(
 
 
 #: At batches of 2 or more a kernel configuration must stay within this factor of the dense fallback at
-#: every tuned sparsity (the union of several rows' survivors is often nearly dense).
+#: every tuned sparsity (the union of several rows' survivors is often nearly dense). Not 1.0: two graph
+#: timings of the same dense path differed by up to 7 % between runs (2026-11-29-h200-kernels-final-mma-2.json),
+#: so a strict bound would choose on noise; the committed batch entries were picked with 1.03. So the
+#: guarantee is "at most 3 % slower than the fallback, as timed when tuning", not "never slower".
 DENSE_SLACK = 1.03
 
 
 def pick_best(configs: Sequence[KernelConfig], times: dict[str, list[float]], bucket: int) -> KernelConfig:
     """The configuration with the lowest mean time relative to the best at each tuned sparsity. At batches
-    of 2 or more (when the dense fallback was timed) only configurations never slower than
-    ``DENSE_SLACK`` x the dense fallback at any tuned sparsity qualify, so a batch is never slower
-    than dense for a gain at high sparsity only."""
+    of 2 or more (when the dense fallback was timed) only configurations at most ``DENSE_SLACK`` x the
+    dense fallback (3 % slower) at every tuned sparsity qualify, so a batch does not lose to dense beyond
+    the timing resolution for a gain at high sparsity only."""
     n = len(next(iter(times.values())))
     best_per_s = [min(times[repr(c)][i] for c in configs) for i in range(n)]
     score = {repr(c): sum(t / b for t, b in zip(times[repr(c)], best_per_s)) for c in configs}
