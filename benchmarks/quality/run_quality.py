@@ -177,20 +177,15 @@ def evaluate_tasks(model, tok, args) -> dict[str, Any]:
 
 
 def at_measured(results: list[dict], method: str, key: str, level: float) -> float | None:
-    """``key`` of ``method`` at measured sparsity ``level``, linear between the two settings that
-    bracket it (None where one of them lacks ``key``). Lambada PPL is placed by the sparsity
-    measured on lambada, the rest by the one measured on olmo-wiki."""
+    """``key`` of ``method`` at measured sparsity ``level``, interpolated between the two settings
+    that bracket it (:func:`interpolate`; None where one of them lacks ``key`` or none brackets it).
+    Lambada PPL is placed by the sparsity measured on lambada, the rest by the one measured on
+    olmo-wiki."""
     axis = "measured_sparsity_lambada" if key == "ppl_lambada" else "measured_sparsity"
-    pts = sorted((0.0 if r["method"] == "dense" else r[axis], r.get(key)) for r in results
-                 if r["method"] in (method, "dense"))
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= level <= x1 and x1 > x0:
-            if y0 is None or y1 is None:
-                return None
-            if key.startswith("ppl"):  # perplexity: interpolate its logarithm
-                return math.exp(math.log(y0) + (level - x0) / (x1 - x0) * (math.log(y1) - math.log(y0)))
-            return y0 + (level - x0) / (x1 - x0) * (y1 - y0)
-    return None
+    points = [{"nominal": r["sparsity"], "measured": 0.0 if r["method"] == "dense" else r[axis],
+               key: r.get(key)} for r in results if r["method"] in (method, "dense")]
+    b = bracket(points, level)
+    return None if b is None else interpolate(*b, level, key)
 
 
 SCHEMA_METHODS = ("teal-uniform", "teal-greedy", "wa-uniform", "wa-greedy", "teal-fisher", "wa-fisher")
@@ -207,6 +202,20 @@ def bracket(points: list[dict], level: float) -> tuple[dict, dict] | None:
         if lo["measured"] <= level <= hi["measured"] and hi["measured"] > lo["measured"]:
             return lo, hi
     return None
+
+
+def interpolate(lo: dict, hi: dict, level: float, key: str) -> float | None:
+    """``key`` at measured sparsity ``level`` between the settings ``lo`` and ``hi`` (dicts with
+    ``measured`` and ``key``): perplexities (keys starting with ``ppl``) log-linear, the rest
+    linear in measured sparsity. The one interpolation of every comparison between methods in
+    this report. None where either setting lacks ``key``."""
+    y0, y1 = lo.get(key), hi.get(key)
+    if y0 is None or y1 is None:
+        return None
+    t = (level - lo["measured"]) / (hi["measured"] - lo["measured"])
+    if key.startswith("ppl"):
+        return math.exp(math.log(y0) + t * (math.log(y1) - math.log(y0)))
+    return y0 + t * (y1 - y0)
 
 
 def schema_reports(data: dict[str, Any], source_name: str = "") -> dict[str, dict[str, Any]]:
@@ -246,12 +255,9 @@ def schema_reports(data: dict[str, Any], source_name: str = "") -> dict[str, dic
                     omitted.append(f"{m} at {level:g} (measured range {lo_m:.3f}-{hi_m:.3f})")
                     continue
                 lo, hi = b
-                t = (level - lo["measured"]) / (hi["measured"] - lo["measured"])
-                ppl = math.exp(math.log(lo["ppl"]) + t * (math.log(hi["ppl"]) - math.log(lo["ppl"])))
-                tasks = None
-                if lo["tasks_avg"] is not None and hi["tasks_avg"] is not None:
-                    tasks = lo["tasks_avg"] + t * (hi["tasks_avg"] - lo["tasks_avg"])
-                else:
+                ppl = interpolate(lo, hi, level, "ppl")
+                tasks = interpolate(lo, hi, level, "tasks_avg")
+                if tasks is None:
                     no_tasks.append(f"{m} at {level:g}")
                 rows.append({"method": m, "sparsity": level, "measured_sparsity": level,
                              "ppl": ppl, "tasks_avg": tasks,
