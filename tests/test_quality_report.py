@@ -101,3 +101,34 @@ def test_out_of_range_targets_are_omitted(rq, full):
     assert ("teal-uniform", 0.65) not in lam and ("teal-uniform", 0.5) in lam
     # methods absent from the full JSON get no rows
     assert {m for m, _ in wiki} == {"teal-uniform", "teal-fisher"}
+
+
+def test_summary_and_per_source_rows_use_the_same_interpolation(rq, full):
+    # the 50 % summary (at_measured) and the per-source rows (schema_reports) agree exactly
+    wiki = {(r["method"], r["sparsity"]): r for r in rq.schema_reports(full)["olmo-wiki"]["results"]
+            if "interpolated" in r}
+    for level in (0.25, 0.4, 0.5):
+        r = wiki[("teal-uniform", level)]
+        assert rq.at_measured(full["results"], "teal-uniform", "ppl", level) == r["ppl"]
+        assert rq.at_measured(full["results"], "teal-uniform", "tasks_avg", level) == r["tasks_avg"]
+    lam = {(r["method"], r["sparsity"]): r for r in rq.schema_reports(full)["lambada"]["results"]
+           if "interpolated" in r}
+    assert rq.at_measured(full["results"], "teal-fisher", "ppl_lambada", 0.5) == lam[("teal-fisher", 0.5)]["ppl"]
+
+
+def test_report_compares_methods_only_at_equal_measured_sparsity(rq, full):
+    md = rq.markdown(full)
+    assert "nominal 0.50" not in md and "at each nominal level" not in md
+    # the comparison table: teal-uniform at measured 0.4 is the geometric mean of its settings at
+    # measured 0.2 (PPL 12) and 0.6 (PPL 48); lambada along lambada's measured sparsity
+    wiki_04 = math.sqrt(12.0 * 48.0)
+    lam_04 = rq.at_measured(full["results"], "teal-uniform", "ppl_lambada", 0.4)
+    row = next(line for line in md.splitlines() if line.startswith("| teal-uniform | ")
+               and " / " in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == f"{wiki_04:.2f} / {lam_04:.2f} / 0.440"  # target 0.40
+    assert cells[4] == "-"  # 0.65 lies beyond teal-uniform's measured range
+    # the 50 % table is at measured 0.5, not at the nominal 0.5 setting (PPL 48, measured 0.6)
+    s = rq.summarize(full["results"])
+    assert s["at_level"]["teal-uniform"]["ppl"] == pytest.approx(math.exp(math.log(12) + 0.75 * math.log(4)))
+    assert not any("nominal" in k for k in s)
