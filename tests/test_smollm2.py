@@ -1,5 +1,8 @@
 """The whole workflow on the real SmolLM2-135M (installed by the test setup)."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 import teal
@@ -7,6 +10,7 @@ from teal.eval import perplexity_sweep
 
 EVAL_TOKENS = 4096
 SEQ_LEN = 1024
+GREEDY_BOUND = 1.15  # greedy's PPL at most this multiple of uniform's at equal measured sparsity
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,28 @@ def test_measured_sparsity_matches_nominal_on_evaluation_text(sweep):
         assert row["tokens_scored"] == EVAL_TOKENS // SEQ_LEN * (SEQ_LEN - 1)
 
 
-def test_greedy_not_worse_than_uniform_at_half(sweep):
-    assert sweep[("teal-greedy", 0.5)]["ppl"] <= sweep[("teal-uniform", 0.5)]["ppl"]
+def _at_measured():
+    """The quality report's interpolation at a measured sparsity (benchmarks/quality/run_quality.py)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run_quality.py"
+    spec = importlib.util.spec_from_file_location("run_quality", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.at_measured
+
+
+def test_greedy_close_to_uniform_at_equal_measured_sparsity(sweep):
+    """Greedy against uniform at equal *measured* sparsity (each interpolated between its settings, log-PPL
+    linear in measured sparsity, as the quality report compares methods). At the same nominal level greedy
+    zeroes fewer inputs than uniform, so a nominal comparison flatters it. At equal measured sparsity greedy
+    does not beat uniform on SmolLM2 (3-10 % worse at 0.4-0.5 in benchmarks/quality/README.md and in the
+    main job): this bounds how much worse it may be, which a broken allocation exceeds."""
+    at_measured = _at_measured()
+    rows = [dict(r, method="dense") if r["sparsity"] == 0 else r for r in sweep.values()]
+    for level in (0.4, 0.5):
+        uniform = at_measured(rows, "teal-uniform", "ppl", level)
+        greedy = at_measured(rows, "teal-greedy", "ppl", level)
+        assert uniform is not None and greedy is not None, level  # both bracket the level
+        assert greedy <= GREEDY_BOUND * uniform, (level, greedy, uniform)
 
 
 def test_artifact_refuses_another_model(smollm2_thresholds, tmp_path):
