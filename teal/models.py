@@ -36,6 +36,7 @@ __all__ = [
     "ModelAlias",
     "ModelLoadError",
     "cache_dir",
+    "check_model_name",
     "checkpoint_info",
     "load_model",
     "model_fingerprint",
@@ -441,6 +442,61 @@ def _from_dir(directory: Path | str, dtype, device, **kwargs):
     return model, tokenizer
 
 
+def check_model_name(name: str) -> None:
+    """Raise now, without loading anything, the error `load_model` would raise for ``name`` that can be known
+    locally: a missing path, a directory that is no model (a thresholds artifact: say so), a file that is no
+    .gguf, an alias whose package is missing and uncached, a hub id absent from the local cache while
+    HF_HUB_OFFLINE is set. Hub ids are otherwise left to `load_model`."""
+    name = str(name)
+    alias = resolve_alias(name)
+    if alias is not None:
+        try:
+            _alias_sources(MODEL_ALIASES[alias])
+        except ModelLoadError:
+            if not _cache_is_valid(cache_dir() / "models" / alias, None):
+                raise
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    elif path.is_dir():
+        _check_model_dir(path)
+    elif path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    elif _looks_like_path(name):
+        raise FileNotFoundError(_missing_path_message(name))
+    elif _offline() and not _in_hub_cache(name):
+        raise _offline_error(name)
+
+
+def _check_model_dir(path: Path) -> None:
+    if (path / "teal_config.json").is_file() and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a thresholds artifact (it holds teal_config.json), not a model; pass the model "
+            f"first and the artifact after it: teal COMMAND MODEL {path}"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a directory but not a Hugging Face model directory (no config.json in it)"
+        )
+
+
+def _missing_path_message(name: str) -> str:
+    return (f"model path {name!r} does not exist. Pass a model alias ({', '.join(MODEL_ALIASES)}), an existing "
+            "local Hugging Face directory, a .gguf file, or a hub id (org/name)")
+
+
+def _offline_error(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {name!r}: it is not a model alias ({', '.join(MODEL_ALIASES)}), a local directory "
+        "or a .gguf file, and as a hub id it cannot be loaded offline: it is not in the local Hugging Face cache "
+        "and HF_HUB_OFFLINE is set."
+        + (_alias_hint(name) or " Pass a local model directory or .gguf file, or download the model where "
+           "the hub is reachable.")
+    )
+
+
 def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: Any = "cpu"):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -467,16 +523,7 @@ def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: A
             model, tok = _from_dir(_gguf_dir(path.resolve()), torch_dtype, device)
             label = str(path)
         elif path.is_dir():
-            if (path / "teal_config.json").is_file() and not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"{path} is a thresholds artifact (it holds teal_config.json), not a model; pass the model "
-                    f"first and the artifact after it: teal COMMAND MODEL {path}"
-                )
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"{path} is a directory but not a Hugging Face model directory "
-                    "(no config.json in it)"
-                )
+            _check_model_dir(path)
             model, tok = _from_dir(path, torch_dtype, device)
             label = str(path)
         elif path.exists():
@@ -484,11 +531,7 @@ def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: A
                 f"{path} is neither a .gguf file nor a Hugging Face model directory"
             )
         elif _looks_like_path(name):
-            raise FileNotFoundError(
-                f"model path {name!r} does not exist. Pass a model alias "
-                f"({', '.join(MODEL_ALIASES)}), an existing local Hugging Face directory, "
-                "a .gguf file, or a hub id (org/name)"
-            )
+            raise FileNotFoundError(_missing_path_message(name))
         else:
             model, tok = _from_hub(name, torch_dtype, device)
             label = name
@@ -550,13 +593,7 @@ def _probe_hub(name: str) -> None:
 def _from_hub(name: str, dtype, device):
     cached = _in_hub_cache(name)
     if not cached and _offline():  # fail at once: nothing to find locally, and no network allowed
-        raise ModelLoadError(
-            f"could not load {name!r}: it is not a model alias ({', '.join(MODEL_ALIASES)}), a local directory "
-            "or a .gguf file, and as a hub id it cannot be loaded offline: it is not in the local Hugging Face cache "
-            "and HF_HUB_OFFLINE is set."
-            + (_alias_hint(name) or " Pass a local model directory or .gguf file, or download the model where "
-               "the hub is reachable.")
-        )
+        raise _offline_error(name)
     first: Exception | None = None
     if cached:
         try:  # in the local HF cache: no network
