@@ -524,7 +524,14 @@ def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: A
             label = str(path)
         elif path.is_dir():
             _check_model_dir(path)
-            model, tok = _from_dir(path, torch_dtype, device)
+            try:
+                model, tok = _from_dir(path, torch_dtype, device)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # a broken or unsupported checkpoint
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                raise ModelLoadError(
+                    f"could not load the model in {path} with transformers ({type(e).__name__}: {first}); "
+                    "check that it is a complete Hugging Face causal-LM checkpoint with its tokenizer"
+                ) from e
             label = str(path)
         elif path.exists():
             raise ModelLoadError(
