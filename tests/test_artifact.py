@@ -159,7 +159,7 @@ def test_corrupt_column_norms_are_refused(tmp_path):
 
 def test_bad_allocation_table_is_refused(calibrated, tmp_path):
     model, th = calibrated
-    teal.allocate(model, th, method="greedy", windows=random_windows(2, 32, seed=3), step=0.1, progress=False)
+    teal.allocate(model, th, method="greedy", windows=random_windows(2, 32, seed=3), step=0.05, progress=False)
     d = th.save(tmp_path / "a")
     cfg = json.loads((d / "teal_config.json").read_text())
     row = next(iter(cfg["allocations"]["greedy"]["sparsities"].values()))
