@@ -178,11 +178,19 @@ def test_empty_histogram_error_names_the_site(calibrated):
         broken.thresholds(0.5)
 
 
-def test_a_save_interrupted_between_the_files_never_loads_as_mixed(calibrated, tmp_path, monkeypatch):
+@pytest.mark.parametrize("a_has_checksum", [True, False], ids=["A-saved-now", "A-from-an-earlier-teal"])
+def test_a_save_interrupted_between_the_files_never_loads_as_mixed(calibrated, tmp_path, monkeypatch,
+                                                                    a_has_checksum):
     """Save artifact A, then save B over it and stop after the first file is replaced: loading must refuse
-    (or give A whole), never B's config with A's histograms or the reverse."""
+    (or give A whole), never B's config with A's histograms or the reverse. A may come from an earlier teal,
+    whose config records no checksum."""
     model, th = calibrated
     d = th.save(tmp_path / "x")
+    if not a_has_checksum:
+        cfg = json.loads((d / "teal_config.json").read_text())
+        del cfg["histograms_sha256"]
+        (d / "teal_config.json").write_text(json.dumps(cfg))
+        assert Thresholds.load(d).config() == th.config()
     other = teal.calibrate(model, None, windows=random_windows(3, 48, seed=9), progress=False)
     other.allocations = {"greedy": {"levels": [0.0, 0.5], "sparsities": {p: [0.0, 0.5] for p in other.proj_sizes}}}
     real_replace = os.replace
