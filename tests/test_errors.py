@@ -274,6 +274,13 @@ def test_python_api_refuses_bad_sparsity(bad):
         Generator.from_pretrained(model, sparsity=bad, device="cpu", max_seq_len=16)
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         perplexity_sweep(model, None, None, [0.0, bad], ["uniform"], data="sotu")
+    from teal.engine.tp import generate_tp
+    from teal.eval.lm_eval_adapter import TealLM
+
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        generate_tp("no-such-checkpoint", 2, "a prompt", sparsity=bad)
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        TealLM(model=model, tokenizer=object(), sparsity=bad)
 
 
 # ---- calibration token count ----------------------------------------------------------------------
