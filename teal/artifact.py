@@ -3,10 +3,17 @@
 On disk it is a directory with ``teal_config.json`` (human-readable metadata and allocation
 tables) and ``teal_histograms.safetensors`` (per-site or per-projection score histograms and,
 for weight-aware scoring, the weight column norms). No pickle anywhere.
+
+The two files are one artifact, but the directory may hold other files too (a model saved beside it,
+a model card), so a save does not swap the whole directory: each file is replaced atomically, and the
+config records the sha256 of the histograms file. The config is written first, so a save interrupted
+between the two files leaves a new config beside old histograms, which `Thresholds.load` refuses
+(the checksum differs) instead of loading mixed content. Files are written with the user's umask.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -17,7 +24,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from teal import stats
 from teal.arch import PROJ_SITE, split_key
@@ -27,6 +35,7 @@ CONFIG_NAME = "teal_config.json"
 HISTOGRAMS_NAME = "teal_histograms.safetensors"
 SCORES = ("magnitude", "weight-aware")
 MAX_SPARSITY = 0.99
+CHECKSUM_KEY = "histograms_sha256"  # in teal_config.json: sha256 of teal_histograms.safetensors
 
 
 class ArtifactError(ValueError):
@@ -40,23 +49,62 @@ def check_sparsity(sparsity: float) -> float:
     return s
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restored)."""
     try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_error(path: Path, err: OSError) -> OSError:
+    """The same error, naming the user's path (not the temporary file beside it)."""
+    return type(err)(err.errno, f"cannot write {path}: {err.strerror or err}") if err.errno else OSError(
+        f"cannot write {path}: {err}")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (temporary file beside it, fsync, rename), with the user's
+    umask (``tempfile.mkstemp`` alone gives 0600)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from e
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _write_error(path, e) from e
         raise
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` with an error that names ``path`` (a parent that is a file, no permission)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise NotADirectoryError(e.errno, f"cannot create directory {path}: a file of that name exists") from e
+    except OSError as e:
+        raise _write_error(path, e) from e
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write JSON so that a reader sees the old file or the whole new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"cannot write {path}: it is a directory; give a file name (e.g. {path}/results.json)")
+    make_dirs(path.parent)
     _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
@@ -111,7 +159,7 @@ class Thresholds:
         key = self.hist_key(proj)
         if key not in self.histograms:
             raise KeyError(f"no calibration histogram for {key!r} (projection {proj!r})")
-        return stats.quantile(self.histograms[key], s)
+        return stats.quantile(self.histograms[key], s, name=key)
 
     def sparsities(self, level: float, method: str | None = None) -> dict[str, float]:
         """Per-projection sparsity for the effective (model-wide) sparsity ``level``."""
@@ -171,22 +219,20 @@ class Thresholds:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the artifact directory atomically (each file replaced whole)."""
+        """Write the artifact directory: each file replaced atomically, the config (with the histograms'
+        sha256) first, so an interrupted save never loads as a mix of old and new (see the module doc)."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        if d.exists() and not d.is_dir():
+            raise NotADirectoryError(20, f"cannot save the thresholds artifact to {d}: it is a file, not a directory")
+        make_dirs(d)
         tensors = {f"hist/{k}": v.detach().cpu().long().contiguous() for k, v in self.histograms.items()}
         tensors.update(
             {f"colnorm/{k}": v.detach().cpu().float().contiguous() for k, v in self.col_norms.items()}
         )
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{HISTOGRAMS_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format_version": str(FORMAT_VERSION)})
-            os.replace(tmp, d / HISTOGRAMS_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        atomic_write_json(d / CONFIG_NAME, self.config())
+        blob = save_safetensors(tensors, metadata={"format_version": str(FORMAT_VERSION)})
+        config = {**self.config(), CHECKSUM_KEY: hashlib.sha256(blob).hexdigest()}
+        atomic_write_json(d / CONFIG_NAME, config)
+        _atomic_write_bytes(d / HISTOGRAMS_NAME, blob)
         return d
 
     @classmethod
@@ -220,9 +266,17 @@ class Thresholds:
         ) != stats.BINS_PER_OCTAVE:
             raise ArtifactError(f"{d}: histogram grid {hist_cfg} differs from this teal's; recalibrate.")
         try:
-            tensors = load_file(str(d / HISTOGRAMS_NAME))
+            blob = (d / HISTOGRAMS_NAME).read_bytes()
+            tensors = load_safetensors(blob)
         except (SafetensorError, OSError, ValueError) as e:
             raise ArtifactError(f"{d / HISTOGRAMS_NAME} is unreadable ({e}); recalibrate.") from e
+        expected = cfg.get(CHECKSUM_KEY)
+        if expected is not None and hashlib.sha256(blob).hexdigest() != expected:
+            raise ArtifactError(
+                f"{d / HISTOGRAMS_NAME} does not match {d / CONFIG_NAME} (sha256 differs from the recorded one): "
+                "a save was interrupted or a file was replaced by hand; save the artifact again or recalibrate "
+                "(teal calibrate MODEL -o DIR)."
+            )
         try:
             th = cls(
                 model=cfg["model"],
@@ -241,9 +295,52 @@ class Thresholds:
             raise ArtifactError(
                 f"{d / HISTOGRAMS_NAME} lacks histograms for {sorted(missing)[:3]}…; recalibrate."
             )
+        th.validate(d)
         if model is not None:
             th.check_model(model)
         return th
+
+    def validate(self, where: str | Path = "the thresholds") -> None:
+        """Raise :class:`ArtifactError` unless every histogram, column norm and allocation table is usable:
+        a histogram has the grid's bin count and finite, non-negative, integral counts that are not all zero;
+        a column norm is finite and non-negative; an allocation's sparsities are finite, in [0, 1).
+        ``where``: the artifact directory, named in the message."""
+        hist_file = Path(where) / HISTOGRAMS_NAME if isinstance(where, Path) else where
+        cfg_file = Path(where) / CONFIG_NAME if isinstance(where, Path) else where
+        for key, counts in self.histograms.items():
+            problem = stats.counts_problem(counts)
+            if problem:
+                raise ArtifactError(
+                    f"{hist_file}: the histogram of {key!r} {problem}; the file is corrupt. Recalibrate "
+                    "(teal calibrate MODEL -o DIR)."
+                )
+        for key, norms in self.col_norms.items():
+            bad = norms.dim() != 1 or not bool(torch.isfinite(norms.float()).all()) or bool((norms < 0).any())
+            if bad:
+                raise ArtifactError(
+                    f"{hist_file}: the weight column norms of {key!r} are not a vector of finite, non-negative "
+                    "values; the file is corrupt. Recalibrate (teal calibrate MODEL -o DIR --score weight-aware)."
+                )
+        if self.score == "weight-aware":
+            lacking = sorted(set(self.proj_sizes) - set(self.col_norms))
+            if lacking:
+                raise ArtifactError(
+                    f"{hist_file} holds weight-aware histograms but no column norms for {lacking[:3]}; recalibrate "
+                    "(teal calibrate MODEL -o DIR --score weight-aware)."
+                )
+        for method, table in self.allocations.items():
+            try:
+                levels = [float(v) for v in table["levels"]]
+                rows = {p: [float(x) for x in v] for p, v in table["sparsities"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ArtifactError(f"{cfg_file}: the {method!r} allocation table is malformed ({e}); "
+                                    f"run `teal allocate MODEL DIR --method {method}` again.") from e
+            values = levels + [x for v in rows.values() for x in v]
+            if any(not (0.0 <= x < 1.0) for x in values) or any(len(v) != len(levels) for v in rows.values()):
+                raise ArtifactError(
+                    f"{cfg_file}: the {method!r} allocation table has sparsities outside [0, 1) or rows of the "
+                    f"wrong length; run `teal allocate MODEL DIR --method {method}` again."
+                )
 
     def check_config(self, config: Any, name: str | None = None) -> None:
         """Raise :class:`ArtifactError` unless an HF config (of a checkpoint not loaded: tensor-parallel
@@ -269,7 +366,17 @@ class Thresholds:
         from teal.models import model_info
 
         # a sparsified model keeps the info of its dense self (its parameter names changed)
-        info = getattr(model, "teal_model_info", None) or model_info(model)
+        self.check_info(getattr(model, "teal_model_info", None) or model_info(model))
+
+    def check_checkpoint(self, directory: str | Path) -> None:
+        """`check_model` for an HF checkpoint directory not loaded as a model (the engine reads its
+        safetensors directly): the same sizes and weights fingerprint, read without loading the weights."""
+        from teal.models import checkpoint_info
+
+        self.check_info(checkpoint_info(directory))
+
+    def check_info(self, info: dict[str, Any]) -> None:
+        """Raise :class:`ArtifactError` unless ``info`` (`teal.models.model_info`) is the calibrated model's."""
         mine = self.model
         for field_name in ("model_type", "n_layers", "hidden_size", "intermediate_size"):
             if info.get(field_name) != mine.get(field_name):

@@ -72,18 +72,22 @@ def calibrate(
     ``score="magnitude"`` (TEAL) keeps one histogram of |x| per site; ``"weight-aware"`` one per
     projection of |x_i| * ||W[:, i]||_2. Memory stays bounded: only counts are kept.
     ``windows`` ([n, seq_len] token ids) replaces ``data``/``tokens`` when given.
+    ``tokens`` is rounded up to whole windows of ``seq_len``; fewer tokens than one window shorten the
+    window to ``tokens`` (``tokens=512`` calibrates 512 tokens, not one default window of 2048).
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-    if tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens}")
+    if windows is None and not tokens >= 2:
+        raise ValueError(f"tokens must be at least 2 (one window of two tokens), got {tokens}")
+    if not int(batch_size) >= 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     adapter = get_adapter(model)
     projections = adapter.projections()
     if any(isinstance(m, TealLinear) for m in projections.values()):
         raise ValueError("the model is sparsified; call teal.densify_(model) before calibrating")
     source = data if windows is None else "windows"
     if windows is None:
-        seq_len = default_seq_len(model, seq_len)
+        seq_len = min(default_seq_len(model, seq_len), int(tokens))
         from teal.data import token_windows
 
         windows = token_windows(tokenizer, data, tokens, seq_len, split="calibration")

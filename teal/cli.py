@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -28,19 +29,119 @@ DEFAULT_MODEL = "smollm2-135m"
 ModelArg = typer.Argument(DEFAULT_MODEL, help="alias (smollm2-135m, gemma3-270m), hub id, HF dir or .gguf")
 DtypeOpt = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)")
 DeviceOpt = typer.Option("auto", help="cpu | cuda | cuda:N | auto")
+DATA_HELP = "text source: sotu, olmo-wiki, lambada, brown, file:PATH, hf:NAME[:CONFIG:SPLIT]"
+Prefill = Literal["sparse", "dense"]
+Score = Literal["magnitude", "weight-aware"]
+
+
+# ---- validation: every check runs before any work (model loading, calibration) -----------------
+def check_sparsity_option(value: Optional[float]) -> Optional[float]:
+    """typer callback for a single --sparsity: a finite number in [0, 1)."""
+    if value is not None and not 0.0 <= value < 1.0:  # also refuses nan and inf
+        raise typer.BadParameter(f"{value} is not a sparsity in [0, 1) (e.g. 0.5 for 50 %)")
+    return value
+
+
+def check_open_range(value: float, low: float, high: float, closed_high: bool = False) -> float:
+    """typer callback: ``low < value < high`` (``<= high`` with ``closed_high``), finite."""
+    if not (low < value and (value <= high if closed_high else value < high)):
+        raise typer.BadParameter(f"{value} is not in ({low}, {high}{']' if closed_high else ')'}")
+    return value
+
+
+def SparsityOpt(default: float = 0.0, help: str = "effective (model-wide) sparsity in [0, 1); above 0 needs "
+                "a thresholds artifact") -> Any:
+    """A single --sparsity option, validated (commands added elsewhere reuse it)."""
+    return typer.Option(default, callback=check_sparsity_option, help=help)
 
 
 def parse_floats(text: str, name: str) -> list[float]:
+    """Comma-separated sparsities, each a finite number in [0, 1)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+        raise typer.BadParameter(f"{name} must be comma-separated numbers in [0, 1), got {text!r}") from None
     if not values:
-        raise typer.BadParameter(f"{name} is empty")
+        raise typer.BadParameter(f"{name} is empty; give comma-separated numbers in [0, 1), e.g. 0,0.5")
     for v in values:
-        if not 0.0 <= v < 1.0:
-            raise typer.BadParameter(f"{name}: {v} is outside [0, 1)")
+        if not 0.0 <= v < 1.0:  # also refuses nan and inf
+            raise typer.BadParameter(f"{name}: {v} is not a sparsity in [0, 1) (e.g. 0.5 for 50 %)")
     return values
+
+
+def _first_existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_creatable(path: Path, option: str) -> None:
+    """``path`` does not exist yet: its nearest existing ancestor must be a writable directory."""
+    base = _first_existing(path)
+    if not base.is_dir():
+        raise typer.BadParameter(f"cannot create {path}: {base} is a file, not a directory", param_hint=option)
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise typer.BadParameter(f"cannot create {path}: no write permission in {base}", param_hint=option)
+
+
+def check_output_dir(path: Optional[Path], option: str) -> None:
+    """An output directory (artifact): an existing writable directory, or creatable."""
+    if path is None:
+        return
+    if path.exists():
+        if not path.is_dir():
+            raise typer.BadParameter(f"{path} is a file; give a directory for the artifact (it will be created)",
+                                     param_hint=option)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise typer.BadParameter(f"no write permission in {path}", param_hint=option)
+        return
+    _check_creatable(path, option)
+
+
+def check_output_file(path: Optional[Path], option: str) -> None:
+    """An output file (JSON, figure): not a directory, and writable or creatable."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise typer.BadParameter(f"{path} is a directory; give a file name, e.g. {path / 'results.json'}",
+                                 param_hint=option)
+    if path.exists():
+        if not os.access(path, os.W_OK) or not os.access(path.absolute().parent, os.W_OK | os.X_OK):
+            raise typer.BadParameter(f"no write permission for {path}", param_hint=option)
+        return
+    _check_creatable(path, option)
+
+
+def check_model_arg(model: str, command: str) -> None:
+    """A thresholds artifact where MODEL goes (`teal eval ppl DIR`, a likely first mistake) gets told so."""
+    from teal.artifact import CONFIG_NAME
+
+    from teal.models import check_model_name
+
+    p = Path(model).expanduser()
+    if p.is_dir() and (p / CONFIG_NAME).is_file() and not (p / "config.json").is_file():
+        raise typer.BadParameter(f"{model} is a thresholds artifact, not a model; pass the model first: "
+                                 f"{command} MODEL {model}", param_hint="MODEL")
+    check_model_name(model)  # a missing path, an offline hub id not cached, ...: before any work
+
+
+def check_data_arg(data: str, option: str = "--data") -> None:
+    from teal.data import DataSourceError, check_source
+
+    try:
+        check_source(data)
+    except DataSourceError as e:
+        raise typer.BadParameter(str(e), param_hint=option) from None
+
+
+def load_artifact(artifact: Optional[Path]):
+    """The thresholds artifact, read (and validated) before the model is loaded; None if not given."""
+    if artifact is None:
+        return None
+    from teal.artifact import Thresholds
+
+    return Thresholds.load(artifact)
 
 
 def parse_list(text: str) -> list[str]:
@@ -52,6 +153,15 @@ def resolve_device(device: str) -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise typer.BadParameter(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto",
+                                 param_hint="--device") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise typer.BadParameter(f"{device}: no such CUDA GPU is visible to torch "
+                                 f"({torch.cuda.device_count()} visible); use --device cpu or auto",
+                                 param_hint="--device")
     return device
 
 
@@ -71,8 +181,9 @@ def load(model: str, dtype: str, device: str):
     from teal.models import load_model
 
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     with console.status(f"loading {model}…"):
-        return load_model(model, dtype=resolve_dtype(dtype, device), device=device)
+        return load_model(model, dtype=torch_dtype, device=device)
 
 
 def environment() -> dict[str, Any]:
@@ -137,24 +248,29 @@ def ppl_table(rows: list[dict[str, Any]], title: str) -> Table:
 @app.command()
 def calibrate(
     model: str = ModelArg,
-    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
-    data: str = typer.Option("sotu", help="text source: sotu, olmo-wiki, lambada, brown, file:PATH, hf:NAME[:CONFIG:SPLIT]"),
-    tokens: int = typer.Option(65536, help="calibration tokens"),
-    seq_len: Optional[int] = typer.Option(None, help="window length (default min(2048, context))"),
-    score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware"),
-    batch_size: int = typer.Option(1),
+    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write (created if needed)"),
+    data: str = typer.Option("sotu", help=DATA_HELP),
+    tokens: int = typer.Option(65536, min=2, help="calibration tokens, in whole windows of --seq-len (rounded up); "
+                                                   "fewer than one window shorten the window to --tokens"),
+    seq_len: Optional[int] = typer.Option(None, min=2, help="window length (default min(2048, context))"),
+    score: Score = typer.Option("magnitude", help="threshold rule: magnitude (TEAL) | weight-aware"),
+    batch_size: int = typer.Option(1, min=1, help="windows per forward pass"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Histogram activation scores at every site and write a thresholds artifact."""
     import teal
 
+    check_output_dir(output, "-o")
+    check_data_arg(data)
+    check_model_arg(model, "teal calibrate")
     hf_model, tok = load(model, dtype, device)
     th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
                         batch_size=batch_size)
     th.save(output)
-    console.print(f"calibrated {th.calibration['tokens']} tokens of {data} in "
-                  f"{th.calibration['seconds']:.1f} s → {output}")
+    cal = th.calibration
+    console.print(f"calibrated {cal['tokens']} tokens of {data} ({cal['windows']} windows of {cal['seq_len']}) in "
+                  f"{cal['seconds']:.1f} s → {output}")
 
 
 @app.command()
@@ -162,11 +278,13 @@ def allocate(
     model: str = ModelArg,
     artifact: Path = typer.Argument(..., help="artifact directory from `teal calibrate`"),
     method: str = typer.Option("greedy", help="greedy (TEAL block-wise) | fisher | cross-layer | uniform"),
-    data: str = typer.Option("sotu"),
-    tokens: int = typer.Option(1024, help="calibration tokens for the search"),
-    seq_len: int = typer.Option(512),
-    step: float = typer.Option(0.01, help="effective-sparsity step of the search (≤ 0.05)"),
-    max_level: float = typer.Option(0.9),
+    data: str = typer.Option("sotu", help=DATA_HELP),
+    tokens: int = typer.Option(1024, min=2, help="calibration tokens for the search"),
+    seq_len: int = typer.Option(512, min=2, help="window length of the search's text"),
+    step: float = typer.Option(0.01, callback=lambda v: check_open_range(v, 0.0, 0.05, closed_high=True),
+                               help="effective-sparsity step of the search, in (0, 0.05]"),
+    max_level: float = typer.Option(0.9, callback=lambda v: check_open_range(v, 0.0, 1.0),
+                                    help="highest effective sparsity of the table, in (0, 1)"),
     lazy: bool = typer.Option(False, "--lazy/--exact", help="lazy greedy: far fewer evaluations"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
@@ -175,8 +293,12 @@ def allocate(
     """Search per-projection sparsities and store the table in the artifact."""
     import teal
 
+    check_output_dir(artifact, "ARTIFACT")
+    check_data_arg(data)
+    check_model_arg(model, "teal allocate")
+    th = load_artifact(artifact)
     hf_model, tok = load(model, dtype, device)
-    th = teal.Thresholds.load(artifact, model=hf_model)
+    th.check_model(hf_model)
     (method,) = resolve_methods([method], th, score, artifact)
     teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
                   step=step, max_level=max_level, tokenizer=tok, lazy=lazy)
@@ -191,26 +313,35 @@ def allocate(
 def eval_ppl(
     model: str = ModelArg,
     artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for sparsity > 0)"),
-    sparsity: str = typer.Option("0,0.25,0.4,0.5", help="comma-separated effective sparsities"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5", help="comma-separated effective sparsities in [0, 1)"),
     method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
-    data: str = typer.Option("olmo-wiki"),
-    tokens: int = typer.Option(32768),
-    seq_len: Optional[int] = typer.Option(None),
-    prefill: str = typer.Option("sparse", help="sparse | dense"),
-    dense_prefix: int = typer.Option(0),
+    data: str = typer.Option("olmo-wiki", help=DATA_HELP + " (its evaluation half)"),
+    tokens: int = typer.Option(32768, min=2, help="tokens scored per setting, in whole windows of --seq-len "
+                                                   "(rounded up)"),
+    seq_len: Optional[int] = typer.Option(None, min=2, help="window length (default min(2048, context))"),
+    prefill: Prefill = typer.Option("sparse", help="sparse (every position thresholded) | dense (only single-token "
+                                                   "steps)"),
+    dense_prefix: int = typer.Option(0, min=0, help="keep the first N positions of each window dense"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Perplexity at each sparsity, with measured sparsity."""
-    import teal
     from teal.eval import perplexity_sweep
 
     levels = parse_floats(sparsity, "--sparsity")
-    hf_model, tok = load(model, dtype, device)
-    th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
+    check_output_file(json_path, "--json")
+    check_data_arg(data)
+    check_model_arg(model, "teal eval ppl")
+    th = load_artifact(artifact)
+    if th is None and any(s > 0 for s in levels):
+        raise typer.BadParameter("sparsities above 0 need a thresholds artifact: teal eval ppl MODEL DIR "
+                                 "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     methods = resolve_methods(parse_list(method), th, score, artifact)
+    hf_model, tok = load(model, dtype, device)
+    if th is not None:
+        th.check_model(hf_model)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
                             seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
     console.print(ppl_table(rows, f"{model} · {data}"))
@@ -238,14 +369,16 @@ def tasks_table(rows: list[dict], task_names: list[str], title: str) -> Table:
 @eval_app.command("tasks")
 def eval_tasks(
     model: str = ModelArg,
-    artifact: Optional[Path] = typer.Argument(None),
-    sparsity: str = typer.Option("0,0.5"),
-    method: str = typer.Option("uniform"),
-    tasks: str = typer.Option("hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq"),
-    limit: Optional[int] = typer.Option(None, help="items per task (seeded random subset)"),
-    seed: int = typer.Option(1234),
-    prefill: str = typer.Option("sparse"),
-    json_path: Optional[Path] = typer.Option(None, "--json"),
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for sparsity > 0)"),
+    sparsity: str = typer.Option("0,0.5", help="comma-separated effective sparsities in [0, 1)"),
+    method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
+    tasks: str = typer.Option("hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq",
+                              help="comma-separated task names, or file:PATH.jsonl of {context, choices, gold}"),
+    limit: Optional[int] = typer.Option(None, min=1, help="items per task (seeded random subset)"),
+    seed: int = typer.Option(1234, help="seed of the --limit subset"),
+    prefill: Prefill = typer.Option("sparse", help="sparse (every position thresholded) | dense (only single-token "
+                                                   "steps)"),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -257,12 +390,18 @@ def eval_tasks(
     from teal.sparsify import densify_, measured_sparsity
 
     levels = parse_floats(sparsity, "--sparsity")
-    hf_model, tok = load(model, dtype, device)
-    th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
+    check_output_file(json_path, "--json")
+    check_model_arg(model, "teal eval tasks")
+    th = load_artifact(artifact)
     if th is None and any(s > 0 for s in levels):
-        raise typer.BadParameter("sparsities above 0 need a thresholds artifact (teal calibrate)")
+        raise typer.BadParameter("sparsities above 0 need a thresholds artifact: teal eval tasks MODEL DIR "
+                                 "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
+    methods = resolve_methods(parse_list(method), th, score, artifact)
+    hf_model, tok = load(model, dtype, device)
+    if th is not None:
+        th.check_model(hf_model)
     rows = []
-    for m in resolve_methods(parse_list(method), th, score, artifact):
+    for m in methods:
         for s in levels:
             if s > 0:
                 teal.sparsify_(hf_model, th, s, method=m, prefill=prefill)
@@ -283,35 +422,40 @@ def eval_tasks(
 @app.command()
 def generate(
     model: str = ModelArg,
-    artifact: Optional[Path] = typer.Argument(None),
-    sparsity: float = typer.Option(0.0),
-    method: Optional[str] = typer.Option(None),
-    prompt: str = typer.Option("The history of the United States"),
-    max_new_tokens: int = typer.Option(64),
-    temperature: float = typer.Option(0.0),
-    top_p: float = typer.Option(1.0),
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact from `teal calibrate` (needed for "
+                                                          "--sparsity above 0)"),
+    sparsity: float = SparsityOpt(),
+    method: Optional[str] = typer.Option(None, help="allocation to read the levels from: uniform, greedy, ... "
+                                                    "(default: the artifact's own)"),
+    prompt: str = typer.Option("The history of the United States", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, min=1, help="tokens to generate"),
+    temperature: float = typer.Option(0.0, min=0.0, help="sampling temperature; 0: greedy"),
+    top_p: float = typer.Option(1.0, callback=lambda v: check_open_range(v, 0.0, 1.0, closed_high=True),
+                                help="nucleus sampling mass, in (0, 1] (with --temperature above 0)"),
     engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
-    tp: int = typer.Option(1, "--tp", help="engine split over this many GPUs of this host (tensor parallel; "
-                                           "MODEL: an HF checkpoint directory or hub id with safetensors)"),
+    tp: int = typer.Option(1, "--tp", min=1, help="engine split over this many GPUs of this host (tensor parallel; "
+                                                  "MODEL: an HF checkpoint directory or hub id with safetensors)"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
-    prefill: str = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse (thresholded "
-                                               "too; not with --tp)"),
+    prefill: Prefill = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse "
+                                                  "(thresholded too; not with --tp)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Generate text with sparse decode steps (dense prompt unless --prefill sparse)."""
     import teal
-    from teal.nn import PREFILL_POLICIES
 
-    if tp < 1:
-        raise typer.BadParameter(f"--tp must be at least 1, got {tp}")
-    if prefill not in PREFILL_POLICIES:
-        raise typer.BadParameter(f"--prefill must be dense or sparse, got {prefill!r}")
+    if not prompt.strip():
+        raise typer.BadParameter("the prompt is empty; give the text to continue, e.g. --prompt 'Once upon a time'",
+                                 param_hint="--prompt")
     if tp > 1 and prefill != "dense":
         raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")
+    if sparsity > 0 and artifact is None:
+        raise typer.BadParameter("a sparsity above 0 needs a thresholds artifact: teal generate MODEL DIR "
+                                 "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
+    check_model_arg(model, "teal generate")
+    th = load_artifact(artifact)
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
-        plain = resolve_methods([method] if method else [], teal.Thresholds.load(artifact) if artifact else None,
-                                score, artifact)
+        plain = resolve_methods([method] if method else [], th, score, artifact)
         method = plain[0] if method else None
     if tp > 1:
         from teal.engine.tp import generate_tp
@@ -330,9 +474,6 @@ def generate(
         from teal.engine import Generator
         from teal.engine.generator import TextStream, engine_summary
 
-        if sparsity > 0 and artifact is None:
-            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
-        th = teal.Thresholds.load(artifact) if artifact else None
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
                                         device=resolve_device(device),
                                         dtype=resolve_dtype(dtype, resolve_device(device)))
@@ -342,10 +483,9 @@ def generate(
         console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s; {engine_summary(gen)}]")
         return
     hf_model, tok = load(model, dtype, device)
+    if th is not None:
+        th.check_model(hf_model)
     if sparsity > 0:
-        if artifact is None:
-            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
-        th = teal.Thresholds.load(artifact, model=hf_model)
         teal.sparsify_(hf_model, th, sparsity, method=method, prefill=prefill)
     text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
     console.print(text)
@@ -384,6 +524,8 @@ def plot(
     """Draw quality (or speed) against measured sparsity."""
     from teal.plots import plot as draw
 
+    check_output_file(output, "-o")
+
     console.print(f"wrote {draw(paths, output, metric)}")
 
 
@@ -392,16 +534,17 @@ def plot(
 def demo(
     model: str = ModelArg,
     out: Path = typer.Option(Path("out/smollm2-135m"), help="artifact + results directory"),
-    calib_data: str = typer.Option("sotu"),
-    calib_tokens: int = typer.Option(32768),
-    eval_data: str = typer.Option("olmo-wiki"),
-    eval_tokens: int = typer.Option(8192),
-    seq_len: int = typer.Option(2048),
-    greedy_tokens: int = typer.Option(256),
-    greedy_step: float = typer.Option(0.01),
-    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
-    prompt: str = typer.Option("The most important duty of a government is"),
-    score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware: the threshold rule calibrated"),
+    calib_data: str = typer.Option("sotu", help="calibration " + DATA_HELP),
+    calib_tokens: int = typer.Option(32768, min=2, help="calibration tokens (whole windows of --seq-len)"),
+    eval_data: str = typer.Option("olmo-wiki", help="perplexity " + DATA_HELP + " (its evaluation half)"),
+    eval_tokens: int = typer.Option(8192, min=2, help="tokens scored per perplexity setting"),
+    seq_len: int = typer.Option(2048, min=2, help="window length of calibration and perplexity"),
+    greedy_tokens: int = typer.Option(256, min=2, help="tokens of the greedy allocation's search"),
+    greedy_step: float = typer.Option(0.01, callback=lambda v: check_open_range(v, 0.0, 0.05, closed_high=True),
+                                      help="effective-sparsity step of the greedy search, in (0, 0.05]"),
+    sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65", help="comma-separated sparsities of the perplexity table"),
+    prompt: str = typer.Option("The most important duty of a government is", help="prompt of the final generation"),
+    score: Score = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware: the threshold rule calibrated"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -412,8 +555,11 @@ def demo(
 
     t_start = time.perf_counter()
     levels = parse_floats(sparsity, "--sparsity")
+    check_output_dir(out, "--out")
+    check_data_arg(calib_data, "--calib-data")
+    check_data_arg(eval_data, "--eval-data")
+    check_model_arg(model, "teal demo")
     hf_model, tok = load(model, dtype, device)
-    resolve_methods([], None, score, None)
     console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores)")
     th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score)
     th.save(out / "thresholds")
@@ -443,11 +589,11 @@ def demo(
 def serve(
     model: str = ModelArg,
     artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact directory (for --sparsity > 0)"),
-    sparsity: float = typer.Option(0.0, help="decode sparsity level (needs DIR)"),
+    sparsity: float = SparsityOpt(help="decode sparsity level in [0, 1) (above 0 needs DIR)"),
     method: Optional[str] = typer.Option(None, help="allocation in the artifact: uniform | greedy | ... "
                                                     "(default: the artifact's)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 opens the server to the network"),
-    port: int = typer.Option(8000),
+    port: int = typer.Option(8000, help="TCP port to listen on (1..65535)"),
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length: prompt + max_tokens of one request "
                                                          "(default min(4096, the model's context))"),
@@ -463,6 +609,7 @@ def serve(
         raise typer.BadParameter(f"--port must be in 1..65535, got {port}")
     if max_seq_len is not None and max_seq_len < 2:
         raise typer.BadParameter(f"--max-seq-len must be at least 2, got {max_seq_len}")
+    check_model_arg(model, "teal serve")
     if method is not None:
         import teal
 
@@ -476,15 +623,66 @@ def serve(
     run_server(served, host=host, port=port, api_key=api_key)
 
 
-def main() -> None:
-    from teal.artifact import ArtifactError
-    from teal.arch import UnsupportedArchitectureError
+# ---- errors: one line, exit code 2; tracebacks only with --debug -----------------------------------
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback (for bug reports) "
+                                                       "instead of one line; also TEAL_DEBUG=1"),
+) -> None:
+    """TEAL: training-free activation sparsity for faster batch-1 LLM decoding."""
 
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (a path, a value, an artifact, a model name): one line, exit code 2."""
+    from teal.arch import UnsupportedArchitectureError
+    from teal.artifact import ArtifactError
+    from teal.models import ModelLoadError
+
+    return (ArtifactError, UnsupportedArchitectureError, ModelLoadError, ValueError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (an OSError with its file name, never a temporary file's)."""
+    if isinstance(error, typer.TyperException):  # typer's usage errors: bad option values, missing arguments
+        text = error.format_message()
+        ctx = getattr(error, "ctx", None)
+        if ctx is not None:
+            text += f" (see: {ctx.command_path} --help)"
+    elif isinstance(error, OSError) and error.strerror:
+        text = f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"{typer.style('error:', fg='red', bold=True)} {message}", err=True)
+    raise SystemExit(code)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The `teal` entry point: bad input gives one line on stderr and exit code 2; an unexpected error one line
+    and exit code 1; `--debug` (anywhere on the line) or TEAL_DEBUG=1 shows the traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("TEAL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+    args = [a for a in args if a != "--debug"]
     try:
-        app()
-    except (ArtifactError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise SystemExit(2) from None
+        code = app(args=args, prog_name="teal", standalone_mode=False)
+    except typer.TyperException as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `teal eval` alone: its help is already printed
+            raise SystemExit(e.exit_code) from None
+        if debug:
+            raise
+        fail(one_line(e), 2)
+    except (KeyboardInterrupt, typer.Abort):
+        fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - every error ends as one line unless --debug
+        if debug:
+            raise
+        if isinstance(e, user_errors()):
+            fail(one_line(e), 2)
+        fail(f"{one_line(e)} ({type(e).__name__}: an internal error; rerun with --debug and report the traceback)", 1)
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

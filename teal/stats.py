@@ -33,18 +33,40 @@ def histogram(scores: torch.Tensor) -> torch.Tensor:
     return torch.bincount(idx, minlength=NUM_BINS)
 
 
-def quantile(counts: torch.Tensor, q: float) -> float:
+def counts_problem(counts: torch.Tensor) -> str | None:
+    """What makes ``counts`` unusable as a histogram of this grid (None if nothing): the wrong shape or bin
+    count, NaN/inf, negative or fractional counts, or no counts at all."""
+    if counts.dim() != 1 or counts.numel() != NUM_BINS:
+        return f"has shape {tuple(counts.shape)}, not ({NUM_BINS},) bins of this teal's grid"
+    c = counts.detach()
+    if c.is_floating_point():
+        if not bool(torch.isfinite(c).all()):
+            return "has NaN or infinite counts"
+        if not bool((c == c.round()).all()):
+            return "has fractional counts"
+    elif c.dtype == torch.bool or c.is_complex():
+        return f"has dtype {c.dtype}, not integer counts"
+    if bool((c < 0).any()):
+        return "has negative counts"
+    if not bool((c > 0).any()):
+        return "is empty (no counts)"
+    return None
+
+
+def quantile(counts: torch.Tensor, q: float, name: str | None = None) -> float:
     """The score ``t`` with a fraction ``q`` of the counted mass at or below it.
 
     Inside a bin the mass is taken as spread log-uniformly, so ``t`` is interpolated
-    geometrically between the bin's edges.
+    geometrically between the bin's edges. ``name`` (the site) is named in errors.
     """
     if not 0.0 <= q <= 1.0:
         raise ValueError(f"quantile must be in [0, 1], got {q}")
     c = counts.detach().to("cpu", torch.float64)
     total = float(c.sum())
-    if total <= 0:
-        raise ValueError("empty histogram: calibration saw no activations for this site")
+    if not total > 0:
+        site = f" of {name!r}" if name else ""
+        raise ValueError(f"empty histogram{site}: calibration saw no activations there; recalibrate with more "
+                         "tokens (teal calibrate MODEL -o DIR --tokens N)")
     cum = torch.cumsum(c, 0)
     target = q * total
     b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64)).item())

@@ -165,6 +165,32 @@ def test_file_source(tmp_path):
         documents(f"file:{tmp_path / 'missing.txt'}")
 
 
+def test_unreadable_file_sources_name_the_file(tmp_path):
+    """A binary file, a file of NUL bytes and a directory: each message names the path and says what to give."""
+    png = tmp_path / "image.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(DataSourceError, match=f"{png} is not UTF-8 text \\(byte 0x89 at offset 0\\)"):
+        documents(f"file:{png}")
+    nul = tmp_path / "zeros.bin"
+    nul.write_bytes(b"\x00" * 64)
+    with pytest.raises(DataSourceError, match=f"{nul} holds NUL bytes"):
+        documents(f"file:{nul}")
+    with pytest.raises(DataSourceError, match=f"{tmp_path} is a directory; file:PATH takes one UTF-8 text file"):
+        documents(f"file:{tmp_path}")
+
+
+def test_check_source_before_any_model_is_loaded(tmp_path):
+    """`check_source` refuses what `documents` would, without tokenizing; accepts the readable ones."""
+    f = tmp_path / "t.txt"
+    f.write_text("a text\n")
+    assert data.check_source(f"file:{f}") == f"file:{f}"
+    assert data.check_source(" SOTU ") == "sotu"
+    for bad, message in ((f"file:{tmp_path / 'none.txt'}", "no such file"), (f"file:{tmp_path}", "is a directory"),
+                         ("wikipedia", "unknown text source"), ("hf:a:b:c:d", "bad source")):
+        with pytest.raises(DataSourceError, match=message):
+            data.check_source(bad)
+
+
 def test_hf_local_dataset(tmp_path):
     ds = tmp_path / "ds"
     ds.mkdir()

@@ -379,3 +379,26 @@ def test_gemma3_alias():
         out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "France" in tok.decode(out[0]) or "Paris" in tok.decode(out[0])
     assert model_info(model)["n_layers"] == 18
+
+
+def test_an_artifact_where_the_model_goes_is_named(tmp_path):
+    """`teal eval ppl DIR` with DIR a thresholds artifact: say so, and how to call it."""
+    from teal.models import check_model_name
+
+    (tmp_path / "teal_config.json").write_text("{}")
+    for call in (check_model_name, load_model):
+        with pytest.raises(ModelLoadError, match=f"{tmp_path} is a thresholds artifact.*MODEL {tmp_path}"):
+            call(str(tmp_path))
+
+
+def test_check_model_name_matches_load_model_without_loading(tmp_path, monkeypatch):
+    from teal.models import check_model_name
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_model_name(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        check_model_name(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="cannot be loaded offline.*Did you mean 'gemma3-270m'"):
+        check_model_name("gemma3-207m")
+    check_model_name("smollm2-135m")  # installed (or cached): nothing raised

@@ -90,7 +90,7 @@ class Generator:
         self._top_p = torch.ones((), dtype=torch.float32, device=dev)
         self._host_tokens = torch.zeros(engine.max_seq_len, dtype=torch.long, pin_memory=on_cuda)
         self._live: TokenStream | None = None  # the stream now using the decode state
-        if thresholds is not None or sparsity > 0:
+        if thresholds is not None or sparsity != 0:  # set_sparsity refuses a negative or NaN level
             self.set_sparsity(sparsity, thresholds, method)
 
     # ---------------------------------------------------------------- build
@@ -140,6 +140,7 @@ class Generator:
         elif isinstance(model, (str, Path)) and Path(model).is_dir():
             from transformers import AutoConfig
 
+            getattr(thresholds, "check_checkpoint", lambda _dir: None)(model)  # refuse another model's artifact
             seq = max_seq_len or _default_seq_len(AutoConfig.from_pretrained(model))
             engine = engine_from_checkpoint(model, max_seq_len=seq, **build)
             if tokenizer is None:

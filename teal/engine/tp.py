@@ -577,6 +577,9 @@ def generate_tp(
     text as it comes (`stream`). Returns rank 0's result: text, token ids, tok/s, and how decode ran."""
     import tempfile
 
+    from teal.artifact import check_sparsity
+
+    check_sparsity(sparsity)  # a negative or NaN level must not run dense silently
     if sparsity > 0 and thresholds is None:
         raise ValueError("sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
     directory = checkpoint_dir(model)

@@ -101,7 +101,7 @@ class TealLM(LM):
         import teal
 
         super().__init__()
-        sparsity = float(sparsity or 0.0)
+        sparsity = teal.artifact.check_sparsity(sparsity or 0.0)  # a negative or NaN level must not run dense
         if model is None:
             device = device or ("cuda" if torch.cuda.is_available() else "cpu")
             model, tokenizer = teal.load_model(str(pretrained), dtype=dtype, device=device)
