@@ -121,6 +121,34 @@ def resolve_methods(methods: list[str], th: Any, score: Optional[str], artifact:
     return plain
 
 
+CALIBRATION_HELP = ("sequential | dense: thresholds corrected so that the sparsified model zeroes the fraction "
+                    "asked for (sequential), or TEAL's from dense activations (dense: measured sparsity drifts "
+                    "from nominal); default: the artifact's own (sequential where it has the table)")
+
+
+def select_calibration(th: Any, methods: list[str], calibration: Optional[str]) -> dict[str, str]:
+    """Per method, the calibration its thresholds will use; ``dense`` drops the artifact's sequential
+    tables from this (unsaved) copy. A clear error for ``sequential`` without the table; a note where an
+    artifact without it falls back to dense."""
+    from teal.sequential import CALIBRATIONS
+
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
+    if th is None:
+        return {}
+    try:
+        modes = {m: th.calibration_mode(m, calibration) for m in methods}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if calibration == "dense":
+        th.sequential = {}
+    for m, mode in modes.items():
+        if calibration is None and mode == "dense":
+            console.print(f"[yellow]note:[/yellow] the artifact has no sequential calibration for {m!r}: thresholds "
+                          "from dense activations (measured sparsity may drift from nominal; recalibrate to fix)")
+    return modes
+
+
 def ppl_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for col in ("method", "sparsity", "measured", "PPL", "ΔPPL", "tokens", "seconds"):
@@ -143,15 +171,26 @@ def calibrate(
     seq_len: Optional[int] = typer.Option(None, help="window length (default min(2048, context))"),
     score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware"),
     batch_size: int = typer.Option(1),
+    calibration: str = typer.Option(
+        "sequential", help="sequential: also measure, at --levels, the thresholds each projection needs with the "
+                           "projections before it already sparse (measured sparsity = nominal) | dense: TEAL's only"),
+    levels: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                               help="effective sparsities of the sequential table (others interpolate)"),
+    sequential_tokens: int = typer.Option(8192, help="calibration tokens of each sequential pass (one batch)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Histogram activation scores at every site and write a thresholds artifact."""
     import teal
+    from teal.sequential import CALIBRATIONS
 
+    if calibration not in CALIBRATIONS:
+        raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
+    level_list = parse_floats(levels, "--levels")
     hf_model, tok = load(model, dtype, device)
     th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
-                        batch_size=batch_size)
+                        batch_size=batch_size, calibration=calibration, levels=level_list,
+                        sequential_tokens=sequential_tokens)
     th.save(output)
     console.print(f"calibrated {th.calibration['tokens']} tokens of {data} in "
                   f"{th.calibration['seconds']:.1f} s → {output}")
@@ -200,19 +239,25 @@ def eval_ppl(
     dense_prefix: int = typer.Option(0),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Perplexity at each sparsity, with measured sparsity."""
     import teal
     from teal.eval import perplexity_sweep
+    from teal.eval.perplexity import method_label
 
     levels = parse_floats(sparsity, "--sparsity")
     hf_model, tok = load(model, dtype, device)
     th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
     methods = resolve_methods(parse_list(method), th, score, artifact)
+    modes = select_calibration(th, methods, calibration)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
                             seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
+    labels = {method_label(m, th.score): mode for m, mode in modes.items()} if th else {}
+    for r in rows:
+        r["calibration"] = labels.get(r["method"]) if r["sparsity"] > 0 else None
     console.print(ppl_table(rows, f"{model} · {data}"))
     if json_path:
         write_json(json_path, {**environment(), "kind": "ppl", "model": model, "data": data,
@@ -247,6 +292,7 @@ def eval_tasks(
     prefill: str = typer.Option("sparse"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -262,7 +308,9 @@ def eval_tasks(
     if th is None and any(s > 0 for s in levels):
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact (teal calibrate)")
     rows = []
-    for m in resolve_methods(parse_list(method), th, score, artifact):
+    methods = resolve_methods(parse_list(method), th, score, artifact)
+    modes = select_calibration(th, methods, calibration)
+    for m in methods:
         for s in levels:
             if s > 0:
                 teal.sparsify_(hf_model, th, s, method=m, prefill=prefill)
@@ -270,7 +318,8 @@ def eval_tasks(
                 densify_(hf_model)
             res = run_tasks(hf_model, tok, parse_list(tasks), limit=limit, seed=seed)
             rows.append({"method": method_label(m, th.score if th else "magnitude"), "sparsity": s,
-                         "measured_sparsity": float(measured_sparsity(hf_model)), **res})
+                         "measured_sparsity": float(measured_sparsity(hf_model)),
+                         "calibration": modes.get(m) if s > 0 else None, **res})
     densify_(hf_model)
     console.print(tasks_table(rows, parse_list(tasks), f"{model} · tasks"))
     if json_path:
@@ -296,6 +345,7 @@ def generate(
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     prefill: str = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse (thresholded "
                                                "too; not with --tp)"),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -309,6 +359,8 @@ def generate(
         raise typer.BadParameter(f"--prefill must be dense or sparse, got {prefill!r}")
     if tp > 1 and prefill != "dense":
         raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")
+    if tp > 1 and calibration is not None:
+        raise typer.BadParameter("--calibration is not available with --tp (the shards use the artifact's own)")
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
         plain = resolve_methods([method] if method else [], teal.Thresholds.load(artifact) if artifact else None,
                                 score, artifact)
@@ -333,6 +385,7 @@ def generate(
         if sparsity > 0 and artifact is None:
             raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact) if artifact else None
+        select_calibration(th if sparsity > 0 else None, [method or (th.method if th else "uniform")], calibration)
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
                                         device=resolve_device(device),
                                         dtype=resolve_dtype(dtype, resolve_device(device)))
@@ -346,6 +399,7 @@ def generate(
         if artifact is None:
             raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact, model=hf_model)
+        select_calibration(th, [method or th.method], calibration)
         teal.sparsify_(hf_model, th, sparsity, method=method, prefill=prefill)
     text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
     console.print(text)
