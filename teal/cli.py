@@ -456,6 +456,8 @@ def demo(
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65"),
     prompt: str = typer.Option("The most important duty of a government is"),
     score: str = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware: the threshold rule calibrated"),
+    calibration: str = typer.Option("sequential", help="sequential (thresholds measured with the projections before "
+                                                       "already sparse, at the --sparsity levels) | dense (TEAL's)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -468,8 +470,9 @@ def demo(
     levels = parse_floats(sparsity, "--sparsity")
     hf_model, tok = load(model, dtype, device)
     resolve_methods([], None, score, None)
-    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores)")
-    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score)
+    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores, {calibration})")
+    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score,
+                        calibration=calibration, levels=[s for s in levels if s > 0] or [0.5])
     th.save(out / "thresholds")
     console.rule("2/4 greedy allocation")
     teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens,
@@ -478,7 +481,9 @@ def demo(
     console.rule(f"3/4 perplexity on {eval_data} ({eval_tokens} tokens per setting)")
     rows = perplexity_sweep(hf_model, tok, th, levels, ["uniform", "greedy"], data=eval_data,
                             tokens=eval_tokens, seq_len=seq_len)
-    console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse"))
+    for r in rows:
+        r["calibration"] = calibration if r["sparsity"] > 0 else None
+    console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse · {calibration} calibration"))
     write_json(out / "ppl.json", {**environment(), "kind": "ppl", "model": model, "data": eval_data,
                                   "tokens": eval_tokens, "calibration": th.calibration,
                                   "command": " ".join(sys.argv), "results": rows})

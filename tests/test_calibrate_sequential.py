@@ -176,3 +176,41 @@ def test_smollm2_measured_within_one_point_of_nominal(smollm2):
             teal.densify_(model)
     assert abs(got["dense"] - 0.65) > 0.01, got
     assert abs(got["sequential"] - 0.65) <= 0.01, got
+
+
+def test_cli_calibration_flag(smollm2, tmp_path):
+    from typer.testing import CliRunner
+
+    from teal.cli import app
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    seq, dense = tmp_path / "seq", tmp_path / "dense"
+    r = invoke("calibrate", "smollm2-135m", "-o", seq, "--tokens", 1024, "--seq-len", 256, "--levels", "0.5",
+               "--sequential-tokens", 512)
+    assert r.exit_code == 0, r.output
+    assert Thresholds.load(seq).sequential["uniform"]["levels"] == [0.5]
+    r = invoke("calibrate", "smollm2-135m", "-o", dense, "--tokens", 1024, "--seq-len", 256,
+               "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    assert Thresholds.load(dense).sequential == {}
+    rows = {}
+    for art, flag in ((seq, None), (seq, "dense"), (dense, None)):
+        js = tmp_path / f"{art.name}-{flag}.json"
+        extra = ["--calibration", flag] if flag else []
+        r = invoke("eval", "ppl", "smollm2-135m", art, "--sparsity", "0.5", "--tokens", 512, "--seq-len", 256,
+                   "--json", js, *extra)
+        assert r.exit_code == 0, r.output
+        (row,) = json.loads(js.read_text())["results"]
+        rows[(art.name, flag)] = row
+    assert rows[("seq", None)]["calibration"] == "sequential"
+    assert rows[("seq", "dense")]["calibration"] == "dense" == rows[("dense", None)]["calibration"]
+    # same dense histograms from the same text: the dense flag reproduces the old thresholds exactly
+    assert rows[("seq", "dense")]["measured_sparsity"] == rows[("dense", None)]["measured_sparsity"]
+    assert rows[("seq", None)]["measured_sparsity"] != rows[("dense", None)]["measured_sparsity"]
+    r = invoke("eval", "ppl", "smollm2-135m", dense, "--sparsity", "0.5", "--tokens", 512, "--seq-len", 256,
+               "--calibration", "sequential")
+    assert r.exit_code == 2 and "no sequential calibration" in r.output, r.output
+    r = invoke("calibrate", "smollm2-135m", "-o", tmp_path / "x", "--calibration", "layerwise")
+    assert r.exit_code == 2 and "--calibration must be sequential or dense" in r.output, r.output
