@@ -2,14 +2,17 @@
 
 One artifact per model, as `teal demo` builds it: dense histograms on ``--calib-tokens`` of sotu
 (calibration split), the uniform sequential table at ``--levels``, TEAL's greedy allocation (lazy,
-``--greedy-tokens``, step 0.01) and its sequential table. Then, for uniform and greedy at every level,
+``--greedy-tokens``, ``--greedy-step``) and its sequential table. Then, for uniform and greedy at every level,
 perplexity and measured effective sparsity on the olmo-wiki evaluation split (every position
 sparsified) with ``calibration="dense"`` (TEAL's thresholds, the old behaviour) and
-``"sequential"`` (the new default). Rows of every model run go into one JSON (``--json``; a model's
-earlier rows are replaced), rewritten after every setting.
+``"sequential"`` (the new default). The model's rows go into ``--json`` (other models' entries in it
+are kept; rewritten after every setting).
 
-    nice -n 10 python benchmarks/quality/sequential_calibration.py --model smollm2-135m
-    nice -n 10 python benchmarks/quality/sequential_calibration.py --model gemma3-270m
+    nice -n 10 python benchmarks/quality/sequential_calibration.py --model smollm2-135m \
+        --calib-tokens 4096 --seq-tokens 2048 --eval-tokens 1024 --seq-len 1024 --greedy-step 0.05 \
+        --json benchmarks/quality/sequential-calibration-smollm2-135m.json
+    (the same with --model gemma3-270m and its own --json: the committed results; small budgets for the
+    shared 2-core CPU)
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ def parse_args(argv=None):
     p.add_argument("--calib-tokens", type=int, default=16384, help="sotu tokens of the dense histograms")
     p.add_argument("--seq-tokens", type=int, default=4096, help="sotu tokens of each sequential pass")
     p.add_argument("--greedy-tokens", type=int, default=256)
+    p.add_argument("--greedy-step", type=float, default=0.01)
     p.add_argument("--eval-tokens", type=int, default=2048, help="olmo-wiki evaluation tokens per setting")
     p.add_argument("--seq-len", type=int, default=2048, help="window length (calibration and evaluation)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--json", type=Path, default=HERE / "sequential-calibration.json")
+    p.add_argument("--json", type=Path, default=None, help="default: sequential-calibration-MODEL.json here")
     return p.parse_args(argv)
 
 
@@ -64,6 +68,8 @@ def log(msg: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.json is None:
+        args.json = HERE / f"sequential-calibration-{args.model}.json"
     levels = [float(v) for v in args.levels.split(",")]
     torch.manual_seed(0)
     old = {}
@@ -87,7 +93,7 @@ def main(argv=None) -> None:
         "date": data["date"],
         "dtype": args.dtype,
         "budgets": {"calib_tokens": args.calib_tokens, "seq_tokens": args.seq_tokens,
-                    "greedy_tokens": args.greedy_tokens, "eval_tokens": args.eval_tokens,
+                    "greedy_tokens": args.greedy_tokens, "greedy_step": args.greedy_step, "eval_tokens": args.eval_tokens,
                     "seq_len": args.seq_len},
         "levels": levels,
         "results": [],
@@ -109,7 +115,7 @@ def main(argv=None) -> None:
     log(f"sequential table (uniform, {len(levels)} levels): {th.sequential['uniform']['seconds']} s")
     t0 = time.perf_counter()
     teal.allocate(model, th, "greedy", data="sotu", tokens=args.greedy_tokens,
-                  seq_len=min(args.greedy_tokens, 512), step=0.01, tokenizer=tok, lazy=True, progress=False)
+                  seq_len=min(args.greedy_tokens, 512), step=args.greedy_step, tokenizer=tok, lazy=True, progress=False)
     entry["seconds"]["greedy_allocation_and_sequential"] = round(time.perf_counter() - t0, 1)
     entry["seconds"]["sequential_greedy"] = th.sequential["greedy"]["seconds"]
     entry["sequential_tables"] = {m: {k: v for k, v in t.items() if k != "quantiles"}
@@ -119,6 +125,7 @@ def main(argv=None) -> None:
 
     ev = token_windows(tok, "olmo-wiki", args.eval_tokens, args.seq_len, split="evaluation")
     dense = perplexity(model, tok, windows=ev, progress=False)
+    log(f"dense perplexity: {dense['seconds']} s")
     entry["results"].append({"method": "dense", "calibration": None, "sparsity": 0.0,
                              "measured_sparsity": 0.0, "ppl": dense["ppl"], "tokens_scored": dense["tokens_scored"]})
     save()
