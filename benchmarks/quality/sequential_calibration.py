@@ -1,17 +1,18 @@
 """Nominal vs measured sparsity (and PPL) with dense and with sequential calibration.
 
 One artifact per model, as `teal demo` builds it: dense histograms on ``--calib-tokens`` of sotu
-(calibration split), the uniform sequential table at ``--levels``, TEAL's greedy allocation (lazy,
-``--greedy-tokens``, ``--greedy-step``) and its sequential table. Then, for uniform and greedy at every level,
+(calibration split) and TEAL's greedy allocation (lazy, ``--greedy-tokens``, ``--greedy-step``); at each
+of ``--levels``, the uniform and greedy sequential tables at that level (``--seq-tokens`` of sotu). Then,
+for uniform and greedy at every level,
 perplexity and measured effective sparsity on the olmo-wiki evaluation split (every position
 sparsified) with ``calibration="dense"`` (TEAL's thresholds, the old behaviour) and
 ``"sequential"`` (the new default). The model's rows go into ``--json`` (other models' entries in it
 are kept; rewritten after every setting).
 
     nice -n 10 python benchmarks/quality/sequential_calibration.py --model smollm2-135m \
-        --calib-tokens 4096 --seq-tokens 2048 --eval-tokens 1024 --seq-len 1024 --greedy-step 0.05 \
-        --json benchmarks/quality/sequential-calibration-smollm2-135m.json
-    (the same with --model gemma3-270m and its own --json: the committed results; small budgets for the
+        --levels 0.65,0.5,0.4,0.25 --calib-tokens 2048 --seq-tokens 1024 --eval-tokens 1024 --seq-len 1024 \
+        --greedy-tokens 256 --greedy-step 0.05
+    (and the same with --model gemma3-270m: the committed results; small budgets for the
     shared 2-core CPU)
 """
 
@@ -109,30 +110,30 @@ def main(argv=None) -> None:
                         calibration="dense", progress=False)
     entry["seconds"] = {"dense_histograms": round(time.perf_counter() - t0, 1)}
     log(f"dense histograms: {entry['seconds']['dense_histograms']} s")
-    seq_windows = token_windows(tok, "sotu", args.seq_tokens, args.seq_len, split="calibration")
-    calibrate_sequential(model, th, "uniform", levels, windows=seq_windows, data="sotu", progress=False)
-    entry["seconds"]["sequential_uniform"] = th.sequential["uniform"]["seconds"]
-    log(f"sequential table (uniform, {len(levels)} levels): {th.sequential['uniform']['seconds']} s")
     t0 = time.perf_counter()
     teal.allocate(model, th, "greedy", data="sotu", tokens=args.greedy_tokens,
-                  seq_len=min(args.greedy_tokens, 512), step=args.greedy_step, tokenizer=tok, lazy=True, progress=False)
-    entry["seconds"]["greedy_allocation_and_sequential"] = round(time.perf_counter() - t0, 1)
-    entry["seconds"]["sequential_greedy"] = th.sequential["greedy"]["seconds"]
-    entry["sequential_tables"] = {m: {k: v for k, v in t.items() if k != "quantiles"}
-                                  for m, t in th.sequential.items()}
-    log(f"greedy allocation + its sequential table: {entry['seconds']['greedy_allocation_and_sequential']} s")
-    save()
-
+                  seq_len=min(args.greedy_tokens, 512), step=args.greedy_step, tokenizer=tok, lazy=True,
+                  progress=False)
+    entry["seconds"]["greedy_allocation"] = round(time.perf_counter() - t0, 1)
+    log(f"greedy allocation: {entry['seconds']['greedy_allocation']} s")
+    seq_windows = token_windows(tok, "sotu", args.seq_tokens, args.seq_len, split="calibration")
     ev = token_windows(tok, "olmo-wiki", args.eval_tokens, args.seq_len, split="evaluation")
     dense = perplexity(model, tok, windows=ev, progress=False)
     log(f"dense perplexity: {dense['seconds']} s")
     entry["results"].append({"method": "dense", "calibration": None, "sparsity": 0.0,
                              "measured_sparsity": 0.0, "ppl": dense["ppl"], "tokens_scored": dense["tokens_scored"]})
+    entry["sequential_tables"] = {}
     save()
     log(f"{'method':<14} {'calibration':<11} {'nominal':>7} {'measured':>8} {'Δ':>7} {'PPL':>9}")
     log(f"{'dense':<14} {'':<11} {0:>7.2f} {0:>8.3f} {'':>7} {dense['ppl']:>9.2f}")
-    for method in ("uniform", "greedy"):
-        for level in levels:
+    # level by level (rows are saved as they come): the sequential tables at exactly this level (a table
+    # evaluated at one of its levels uses its quantiles as measured, as the artifact does at its grid levels)
+    for level in levels:
+        for method in ("uniform", "greedy"):
+            calibrate_sequential(model, th, method, [level], windows=seq_windows, data="sotu", progress=False)
+            table = th.sequential[method]
+            entry["sequential_tables"].setdefault(method, []).append(
+                {k: v for k, v in table.items() if k != "quantiles"})
             for cal in ("dense", "sequential"):
                 teal.sparsify_(model, th, level, method=method, calibration=cal)
                 try:
@@ -143,6 +144,9 @@ def main(argv=None) -> None:
                        "measured_sparsity": round(r["measured_sparsity"], 5),
                        "deviation": round(r["measured_sparsity"] - level, 5), "ppl": r["ppl"],
                        "tokens_scored": r["tokens_scored"], "seconds": r["seconds"]}
+                if cal == "sequential":
+                    row["sequential_seconds"] = table["seconds"]
+                    row["measured_on_calibration"] = table["measured_on_calibration"][0]
                 entry["results"].append(row)
                 save()
                 log(f"{row['method']:<14} {cal:<11} {level:>7.2f} {row['measured_sparsity']:>8.3f} "
