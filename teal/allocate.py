@@ -16,6 +16,7 @@ from teal.allocate_greedy import (DEFAULT_GREEDY_SEQ_LEN, DEFAULT_GREEDY_TOKENS,
                                   allocate_greedy)
 from teal.allocate_xl import allocate_xl
 from teal.artifact import Thresholds
+from teal.calibrate import follow_allocation
 
 METHODS = ("uniform", "greedy", "fisher", "cross-layer")
 
@@ -38,16 +39,20 @@ def allocate(
 
     The table lists, for effective sparsity 0, step, 2*step, ... up to ``max_level``, the
     sparsity of every projection; :meth:`Thresholds.sparsities` interpolates between rows.
-    ``lazy``: greedy only (`teal.allocate_greedy.greedy_layer`).
+    ``lazy``: greedy only (`teal.allocate_greedy.greedy_layer`). Where the artifact has a sequential
+    uniform table, the method's own sequential table is measured too (`teal.calibrate.follow_allocation`).
     """
     if method == "uniform":
         thresholds.method = "uniform"
         return thresholds
     if method in ("fisher", "cross-layer"):
-        return allocate_xl(model, thresholds, method, data=data, tokens=tokens, seq_len=seq_len,
-                           step=step, max_level=max_level, progress=progress, windows=windows,
-                           tokenizer=tokenizer)
-    if method != "greedy":
+        allocate_xl(model, thresholds, method, data=data, tokens=tokens, seq_len=seq_len,
+                    step=step, max_level=max_level, progress=progress, windows=windows,
+                    tokenizer=tokenizer)
+    elif method == "greedy":
+        allocate_greedy(model, thresholds, data=data, tokens=tokens, seq_len=seq_len, step=step,
+                        max_level=max_level, progress=progress, windows=windows, tokenizer=tokenizer, lazy=lazy)
+    else:
         raise ValueError(f"unknown allocation method {method!r}; choose one of {METHODS}")
-    return allocate_greedy(model, thresholds, data=data, tokens=tokens, seq_len=seq_len, step=step,
-                           max_level=max_level, progress=progress, windows=windows, tokenizer=tokenizer, lazy=lazy)
+    # an artifact calibrated sequentially gets the new allocation's sequential table (teal.calibrate)
+    return follow_allocation(model, thresholds, method, tokenizer, windows, progress)

@@ -27,10 +27,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from teal import stats
+from teal import sequential, stats
 from teal.arch import PROJ_SITE, split_key
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sequential-calibration tables ("sequential"); 1 still loads (no tables)
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "teal_config.json"
 HISTOGRAMS_NAME = "teal_histograms.safetensors"
 SCORES = ("magnitude", "weight-aware")
@@ -124,6 +125,8 @@ class Thresholds:
     col_norms: dict[str, torch.Tensor] = field(default_factory=dict)
     allocations: dict[str, dict[str, Any]] = field(default_factory=dict)
     method: str = "uniform"
+    #: per allocation method, the sequential-calibration table (teal/sequential.py)
+    sequential: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.score not in SCORES:
@@ -188,9 +191,41 @@ class Thresholds:
             p: float((1 - w) * v[j] + w * v[j + 1]) for p, v in table["sparsities"].items()
         }
 
-    def thresholds(self, level: float, method: str | None = None) -> dict[str, float]:
-        """Per-projection thresholds for effective sparsity ``level``."""
-        return {p: self.threshold(p, s) for p, s in self.sparsities(level, method).items()}
+    def calibration_mode(self, method: str | None = None, calibration: str | None = None) -> str:
+        """``calibration`` if given, else ``"sequential"`` where this artifact has the method's
+        sequential table, else ``"dense"``. Asking for ``"sequential"`` without the table is an error."""
+        method = method or self.method
+        if sequential.check_calibration(calibration) is None:
+            return "sequential" if method in self.sequential else "dense"
+        if calibration == "sequential" and method not in self.sequential:
+            raise ValueError(
+                f"this artifact has no sequential calibration for {method!r} (it has: "
+                f"{', '.join(self.sequential) or 'none'}); recalibrate with `teal calibrate` (sequential is the "
+                f"default{'' if method == 'uniform' else ', then `teal allocate`'}) or use --calibration dense."
+            )
+        return calibration
+
+    def thresholds(
+        self, level: float, method: str | None = None, calibration: str | None = None
+    ) -> dict[str, float]:
+        """Per-projection thresholds for effective sparsity ``level``.
+
+        ``calibration="dense"``: each projection's quantile of its dense histogram at its nominal
+        sparsity. ``"sequential"``: that quantile corrected by the method's sequential table, so that
+        the sparsified model zeroes the nominal fraction (teal/sequential.py). Default: the artifact's
+        own (sequential where it has the table).
+        """
+        method = method or self.method
+        sparsities = self.sparsities(level, method)
+        if self.calibration_mode(method, calibration) == "dense":
+            return {p: self.threshold(p, s) for p, s in sparsities.items()}
+        table = self.sequential[method]
+        grid = [self.sparsities(lv, method) for lv in table["levels"]]
+        return {
+            p: self.threshold(p, sequential.corrected_quantile(
+                s, sequential.offset(table, p, level, [g[p] for g in grid]), MAX_SPARSITY))
+            for p, s in sparsities.items()
+        }
 
     def effective(self, sparsities: dict[str, float]) -> float:
         """Parameter-weighted mean of per-projection sparsities."""
@@ -216,6 +251,7 @@ class Thresholds:
             },
             "projection_sizes": self.proj_sizes,
             "allocations": self.allocations,
+            "sequential": self.sequential,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -254,11 +290,11 @@ class Thresholds:
             cfg = json.loads((d / CONFIG_NAME).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ArtifactError(f"{d / CONFIG_NAME} is not valid JSON ({e}); recalibrate.") from e
-        if not isinstance(cfg, dict) or cfg.get("format_version") != FORMAT_VERSION:
+        if not isinstance(cfg, dict) or cfg.get("format_version") not in READABLE_VERSIONS:
             raise ArtifactError(
                 f"{d / CONFIG_NAME}: unsupported format_version "
                 f"{cfg.get('format_version') if isinstance(cfg, dict) else None!r} "
-                f"(this teal reads {FORMAT_VERSION})."
+                f"(this teal reads {', '.join(map(str, READABLE_VERSIONS))})."
             )
         hist_cfg = cfg.get("histogram", {})
         if hist_cfg.get("num_bins") != stats.NUM_BINS or hist_cfg.get(
@@ -287,7 +323,10 @@ class Thresholds:
                 calibration=cfg.get("calibration", {}),
                 allocations=cfg.get("allocations", {}),
                 method=cfg.get("method", "uniform"),
+                sequential=cfg.get("sequential", {}),  # absent in format 1
             )
+            for m, table in th.sequential.items():
+                sequential.check_table(table, th.projections, f"{d / CONFIG_NAME}: sequential[{m!r}]")
         except (KeyError, TypeError, ValueError) as e:
             raise ArtifactError(f"{d / CONFIG_NAME} is missing or has a bad field: {e}") from e
         missing = {th.hist_key(p) for p in th.proj_sizes} - set(th.histograms)

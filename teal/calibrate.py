@@ -11,11 +11,16 @@ from tqdm.auto import tqdm
 
 from teal import stats
 from teal.arch import get_adapter
-from teal.artifact import SCORES, Thresholds
+from teal.artifact import MAX_SPARSITY, SCORES, Thresholds, check_sparsity
 from teal.nn import TealLinear
+from teal.sequential import CALIBRATIONS
 
 DEFAULT_TOKENS = 65536
 DEFAULT_SEQ_LEN = 2048
+#: effective levels at which sequential calibration measures its table (others interpolate)
+DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: calibration tokens of the sequential passes (the first windows of the calibration text)
+DEFAULT_SEQUENTIAL_TOKENS = 8192
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -66,6 +71,9 @@ def calibrate(
     batch_size: int = 1,
     progress: bool = True,
     windows: torch.Tensor | None = None,
+    calibration: str = "sequential",
+    levels: tuple[float, ...] | list[float] = DEFAULT_LEVELS,
+    sequential_tokens: int = DEFAULT_SEQUENTIAL_TOKENS,
 ) -> Thresholds:
     """Histogram the activation score at every site over ``tokens`` tokens of ``data``.
 
@@ -74,6 +82,11 @@ def calibrate(
     ``windows`` ([n, seq_len] token ids) replaces ``data``/``tokens`` when given.
     ``tokens`` is rounded up to whole windows of ``seq_len``; fewer tokens than one window shorten the
     window to ``tokens`` (``tokens=512`` calibrates 512 tokens, not one default window of 2048).
+
+    ``calibration="sequential"`` (default) then runs :func:`calibrate_sequential` for the uniform
+    allocation at ``levels`` on the first ``sequential_tokens`` tokens, so that the sparsified model
+    zeroes the fraction asked for; ``"dense"`` stops after the dense histograms (thresholds from
+    dense activations: measured sparsity drifts from nominal).
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}, got {score!r}")
@@ -81,6 +94,12 @@ def calibrate(
         raise ValueError(f"tokens must be at least 2 (one window of two tokens), got {tokens}")
     if not int(batch_size) >= 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if calibration == "sequential":
+        levels = check_levels(levels)
+        if sequential_tokens <= 0:
+            raise ValueError(f"sequential_tokens must be positive, got {sequential_tokens}")
     adapter = get_adapter(model)
     projections = adapter.projections()
     if any(isinstance(m, TealLinear) for m in projections.values()):
@@ -125,7 +144,7 @@ def calibrate(
             h.remove()
     from teal.models import model_info
 
-    return Thresholds(
+    th = Thresholds(
         model=model_info(model),
         histograms={k: v.cpu() for k, v in counts.items()},
         col_norms={k: v.cpu() for k, v in col_norms.items()},
@@ -141,3 +160,166 @@ def calibrate(
             "seconds": round(time.perf_counter() - t0, 2),
         },
     )
+    if calibration == "sequential":
+        calibrate_sequential(model, th, "uniform", levels, first_tokens(windows, sequential_tokens),
+                             data=source, progress=progress)
+    return th
+
+
+def check_levels(levels: Any) -> list[float]:
+    """Sorted distinct levels in (0, MAX_SPARSITY], or a ValueError naming the bad one."""
+    out = sorted({check_sparsity(v) for v in levels})
+    if not out or out[0] <= 0 or out[-1] > MAX_SPARSITY:
+        raise ValueError(f"sequential levels must be in (0, {MAX_SPARSITY}], got {list(levels)!r}")
+    return out
+
+
+def first_tokens(windows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The first windows holding ``tokens`` tokens (at least one window)."""
+    return windows[: max(1, -(-tokens // windows.shape[1]))]
+
+
+def sequential_pass(
+    model: nn.Module, thresholds: Thresholds, sparsities: dict[str, float], windows: torch.Tensor
+) -> tuple[dict[str, float], float]:
+    """Thresholds of every projection with all projections before it already sparsified.
+
+    The model is sparsified (every position) and ``windows`` go through it as ONE batch. A
+    forward pre-hook on the first projection of each site to run histograms the site's score on the
+    whole batch, as it arrives with every earlier projection already at its target, and sets the
+    threshold of every projection at that site to the quantile of their target sparsity before any
+    of them masks its input: one pass gives exactly the sequential thresholds, in execution order,
+    also inside a layer (o after q/k/v, down after gate/up).
+    Returns per projection its threshold as a quantile of its *dense* histogram, and the effective
+    sparsity the pass produced (≈ the nominal one, on these windows).
+    """
+    from teal.sparsify import densify_, measured_sparsity, sparsify_
+
+    adapter = get_adapter(model)
+    sparsify_(model, thresholds, 0.0, method="uniform", prefill="sparse", use_kernels=False,
+              check_model=False)
+    modules = adapter.projections()
+    groups: dict[str, list[str]] = {}
+    for p in sparsities:
+        groups.setdefault(thresholds.hist_key(p), []).append(p)
+    quantiles: dict[str, float] = {}
+    done: set[str] = set()
+    hooks = []
+
+    def make_hook(key: str):
+        def hook(_mod, args):
+            if key in done:
+                return
+            done.add(key)
+            x = args[0]
+            for p in groups[key]:
+                s = sparsities[p]
+                scale = thresholds.col_scale(p)
+                if s <= 0:
+                    t = -1.0
+                    quantiles[p] = 0.0
+                else:
+                    score = x.abs().float()
+                    if scale is not None:
+                        score = score * scale.to(score.device)
+                    t = stats.quantile(stats.histogram(score), s)
+                    quantiles[p] = min(stats.fraction_at_or_below(thresholds.histograms[key], t), 1.0)
+                modules[p].set_threshold(t, scale)
+
+        return hook
+
+    try:
+        for key, projs in groups.items():
+            for p in projs:
+                hooks.append(modules[p].register_forward_pre_hook(make_hook(key)))
+        run_windows(model, windows, len(windows), "sequential", False)
+        measured = float(measured_sparsity(model))
+    finally:
+        for h in hooks:
+            h.remove()
+        densify_(model)
+    missing = set(sparsities) - set(quantiles)
+    if missing:
+        raise RuntimeError(f"sequential calibration never reached {sorted(missing)[:3]}")
+    return quantiles, measured
+
+
+def calibrate_sequential(
+    model: nn.Module,
+    thresholds: Thresholds,
+    method: str = "uniform",
+    levels: tuple[float, ...] | list[float] | None = None,
+    windows: torch.Tensor | None = None,
+    tokenizer: Any = None,
+    data: str | None = None,
+    tokens: int | None = None,
+    progress: bool = True,
+) -> Thresholds:
+    """Add (or replace) the sequential-calibration table of allocation ``method`` (in place).
+
+    At each effective level of ``levels`` (default: those of the artifact's uniform table, else
+    :data:`DEFAULT_LEVELS`), one :func:`sequential_pass` over ``windows`` (default: the first
+    ``tokens`` tokens of ``data``, both defaulting to what the artifact's uniform table used, read
+    again with ``tokenizer``) gives every projection the threshold it needs with everything upstream
+    already sparse. Levels above the method's allocation table are left out.
+    """
+    thresholds.check_model(model)
+    if any(isinstance(m, TealLinear) for m in get_adapter(model).projections().values()):
+        raise ValueError("the model is sparsified; call teal.densify_(model) before calibrating")
+    previous = thresholds.sequential.get("uniform", {})
+    levels = check_levels(levels if levels is not None else previous.get("levels", DEFAULT_LEVELS))
+    if method != "uniform":
+        top = thresholds.allocations[method]["levels"][-1] if method in thresholds.allocations else None
+        if top is None:
+            thresholds.sparsities(0.5, method)  # raises the "no such allocation" error
+        levels = [lv for lv in levels if lv <= top + 1e-9]
+        if not levels:
+            raise ValueError(f"the {method!r} allocation ends at {top}, below every sequential level")
+    source = data or "windows"
+    if windows is None:
+        data = data or previous.get("data") or thresholds.calibration.get("data")
+        tokens = tokens or previous.get("tokens") or DEFAULT_SEQUENTIAL_TOKENS
+        seq_len = previous.get("seq_len") or thresholds.calibration.get("seq_len")
+        if data in (None, "windows") or tokenizer is None:
+            raise ValueError("sequential calibration needs `windows`, or `tokenizer` and a text source `data`")
+        from teal.data import token_windows
+
+        windows = token_windows(tokenizer, data, tokens, default_seq_len(model, seq_len), split="calibration")
+        source = data
+    t0 = time.perf_counter()
+    table: dict[str, Any] = {"levels": [], "quantiles": {p: [] for p in thresholds.projections}}
+    measured = []
+    for level in tqdm(levels, desc=f"sequential ({method})", unit="level", disable=not progress):
+        q, m = sequential_pass(model, thresholds, thresholds.sparsities(level, method), windows)
+        table["levels"].append(round(level, 6))
+        for p in thresholds.projections:
+            table["quantiles"][p].append(round(q[p], 7))
+        measured.append(round(m, 5))
+    table.update({
+        "data": source,
+        "tokens": int(windows.numel()),
+        "seq_len": int(windows.shape[1]),
+        "measured_on_calibration": measured,
+        "seconds": round(time.perf_counter() - t0, 2),
+    })
+    thresholds.sequential[method] = table
+    return thresholds
+
+
+def follow_allocation(
+    model: nn.Module, thresholds: Thresholds, method: str, tokenizer: Any = None,
+    windows: torch.Tensor | None = None, progress: bool = True,
+) -> Thresholds:
+    """After a new ``method`` allocation: give it a sequential table like the uniform one's (same
+    levels, text and token count; ``windows`` where that text was given as windows), so that the
+    artifact's default calibration stays sequential for every method. A no-op on an artifact
+    calibrated densely (no uniform table)."""
+    uniform = thresholds.sequential.get("uniform")
+    if uniform is None or method == "uniform":
+        return thresholds
+    thresholds.sequential.pop(method, None)  # a stale table of an older allocation never survives
+    if uniform.get("data") in (None, "windows") or tokenizer is None:
+        if windows is None:
+            raise ValueError(f"the {method!r} allocation needs a sequential table: pass `tokenizer` (or `windows`)")
+        return calibrate_sequential(model, thresholds, method, windows=windows, progress=progress)
+    return calibrate_sequential(model, thresholds, method, tokenizer=tokenizer, progress=progress)

@@ -232,6 +232,34 @@ def resolve_methods(methods: list[str], th: Any, score: Optional[str], artifact:
     return plain
 
 
+CALIBRATION_HELP = ("sequential | dense: thresholds corrected so that the sparsified model zeroes the fraction "
+                    "asked for (sequential), or TEAL's from dense activations (dense: measured sparsity drifts "
+                    "from nominal); default: the artifact's own (sequential where it has the table)")
+
+
+def select_calibration(th: Any, methods: list[str], calibration: Optional[str]) -> dict[str, str]:
+    """Per method, the calibration its thresholds will use; ``dense`` drops the artifact's sequential
+    tables from this (unsaved) copy. A clear error for ``sequential`` without the table; a note where an
+    artifact without it falls back to dense."""
+    from teal.sequential import CALIBRATIONS
+
+    if calibration is not None and calibration not in CALIBRATIONS:
+        raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
+    if th is None:
+        return {}
+    try:
+        modes = {m: th.calibration_mode(m, calibration) for m in methods}
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if calibration == "dense":
+        th.sequential = {}
+    for m, mode in modes.items():
+        if calibration is None and mode == "dense":
+            console.print(f"[yellow]note:[/yellow] the artifact has no sequential calibration for {m!r}: thresholds "
+                          "from dense activations (measured sparsity may drift from nominal; recalibrate to fix)")
+    return modes
+
+
 def ppl_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for col in ("method", "sparsity", "measured", "PPL", "ΔPPL", "tokens", "seconds"):
@@ -255,18 +283,29 @@ def calibrate(
     seq_len: Optional[int] = typer.Option(None, min=2, help="window length (default min(2048, context))"),
     score: Score = typer.Option("magnitude", help="threshold rule: magnitude (TEAL) | weight-aware"),
     batch_size: int = typer.Option(1, min=1, help="windows per forward pass"),
+    calibration: str = typer.Option(
+        "sequential", help="sequential: also measure, at --levels, the thresholds each projection needs with the "
+                           "projections before it already sparse (measured sparsity = nominal) | dense: TEAL's only"),
+    levels: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
+                               help="effective sparsities of the sequential table (others interpolate)"),
+    sequential_tokens: int = typer.Option(8192, help="calibration tokens of each sequential pass (one batch)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Histogram activation scores at every site and write a thresholds artifact."""
     import teal
+    from teal.sequential import CALIBRATIONS
 
     check_output_dir(output, "-o")
     check_data_arg(data)
     check_model_arg(model, "teal calibrate")
+    if calibration not in CALIBRATIONS:
+        raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
+    level_list = parse_floats(levels, "--levels")
     hf_model, tok = load(model, dtype, device)
     th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
-                        batch_size=batch_size)
+                        batch_size=batch_size, calibration=calibration, levels=level_list,
+                        sequential_tokens=sequential_tokens)
     th.save(output)
     cal = th.calibration
     console.print(f"calibrated {cal['tokens']} tokens of {data} ({cal['windows']} windows of {cal['seq_len']}) in "
@@ -324,11 +363,13 @@ def eval_ppl(
     dense_prefix: int = typer.Option(0, min=0, help="keep the first N positions of each window dense"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
     """Perplexity at each sparsity, with measured sparsity."""
     from teal.eval import perplexity_sweep
+    from teal.eval.perplexity import method_label
 
     levels = parse_floats(sparsity, "--sparsity")
     check_output_file(json_path, "--json")
@@ -339,11 +380,15 @@ def eval_ppl(
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact: teal eval ppl MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     methods = resolve_methods(parse_list(method), th, score, artifact)
+    modes = select_calibration(th, methods, calibration)
     hf_model, tok = load(model, dtype, device)
     if th is not None:
         th.check_model(hf_model)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
                             seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
+    labels = {method_label(m, th.score): mode for m, mode in modes.items()} if th else {}
+    for r in rows:
+        r["calibration"] = labels.get(r["method"]) if r["sparsity"] > 0 else None
     console.print(ppl_table(rows, f"{model} · {data}"))
     if json_path:
         write_json(json_path, {**environment(), "kind": "ppl", "model": model, "data": data,
@@ -380,6 +425,7 @@ def eval_tasks(
                                                    "steps)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -401,6 +447,7 @@ def eval_tasks(
     if th is not None:
         th.check_model(hf_model)
     rows = []
+    modes = select_calibration(th, methods, calibration)
     for m in methods:
         for s in levels:
             if s > 0:
@@ -409,7 +456,8 @@ def eval_tasks(
                 densify_(hf_model)
             res = run_tasks(hf_model, tok, parse_list(tasks), limit=limit, seed=seed)
             rows.append({"method": method_label(m, th.score if th else "magnitude"), "sparsity": s,
-                         "measured_sparsity": float(measured_sparsity(hf_model)), **res})
+                         "measured_sparsity": float(measured_sparsity(hf_model)),
+                         "calibration": modes.get(m) if s > 0 else None, **res})
     densify_(hf_model)
     console.print(tasks_table(rows, parse_list(tasks), f"{model} · tasks"))
     if json_path:
@@ -438,6 +486,7 @@ def generate(
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     prefill: Prefill = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse "
                                                   "(thresholded too; not with --tp)"),
+    calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -449,11 +498,14 @@ def generate(
                                  param_hint="--prompt")
     if tp > 1 and prefill != "dense":
         raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")
+    if tp > 1 and calibration is not None:
+        raise typer.BadParameter("--calibration is not available with --tp (the shards use the artifact's own)")
     if sparsity > 0 and artifact is None:
         raise typer.BadParameter("a sparsity above 0 needs a thresholds artifact: teal generate MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     check_model_arg(model, "teal generate")
     th = load_artifact(artifact)
+    select_calibration(th if sparsity > 0 else None, [method or (th.method if th else "uniform")], calibration)
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
         plain = resolve_methods([method] if method else [], th, score, artifact)
         method = plain[0] if method else None
@@ -545,6 +597,8 @@ def demo(
     sparsity: str = typer.Option("0,0.25,0.4,0.5,0.65", help="comma-separated sparsities of the perplexity table"),
     prompt: str = typer.Option("The most important duty of a government is", help="prompt of the final generation"),
     score: Score = typer.Option("magnitude", help="magnitude (TEAL) | weight-aware: the threshold rule calibrated"),
+    calibration: str = typer.Option("sequential", help="sequential (thresholds measured with the projections before "
+                                                       "already sparse, at the --sparsity levels) | dense (TEAL's)"),
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -560,8 +614,10 @@ def demo(
     check_data_arg(eval_data, "--eval-data")
     check_model_arg(model, "teal demo")
     hf_model, tok = load(model, dtype, device)
-    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores)")
-    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score)
+    resolve_methods([], None, score, None)
+    console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores, {calibration})")
+    th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score,
+                        calibration=calibration, levels=[s for s in levels if s > 0] or [0.5])
     th.save(out / "thresholds")
     console.rule("2/4 greedy allocation")
     teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens,
@@ -570,7 +626,9 @@ def demo(
     console.rule(f"3/4 perplexity on {eval_data} ({eval_tokens} tokens per setting)")
     rows = perplexity_sweep(hf_model, tok, th, levels, ["uniform", "greedy"], data=eval_data,
                             tokens=eval_tokens, seq_len=seq_len)
-    console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse"))
+    for r in rows:
+        r["calibration"] = calibration if r["sparsity"] > 0 else None
+    console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse · {calibration} calibration"))
     write_json(out / "ppl.json", {**environment(), "kind": "ppl", "model": model, "data": eval_data,
                                   "tokens": eval_tokens, "calibration": th.calibration,
                                   "command": " ".join(sys.argv), "results": rows})

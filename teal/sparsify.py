@@ -19,6 +19,7 @@ def sparsify_(
     dense_prefix: int = 0,
     use_kernels: bool | str = "auto",
     check_model: bool = True,
+    calibration: str | None = None,
 ) -> nn.Module:
     """Sparsify every q/k/v/o/gate/up/down projection of ``model`` at effective ``sparsity``.
 
@@ -28,6 +29,9 @@ def sparsify_(
     of each forward dense. Calling it again just updates thresholds and policy.
     ``use_kernels``: ``"auto"`` uses the sparse GEMV kernel for decode steps on CUDA (also after
     ``model.to("cuda")`` of a model sparsified on the CPU).
+    ``calibration``: ``"sequential"`` (thresholds corrected so that the sparsified model zeroes the
+    nominal fraction) or ``"dense"`` (TEAL's thresholds from dense activations); default: the
+    artifact's own (sequential where it has the method's table).
     """
     check_sparsity(sparsity)
     check_prefill(prefill, dense_prefix)
@@ -38,7 +42,8 @@ def sparsify_(
     if check_model:
         thresholds.check_model(model)
     adapter = get_adapter(model)
-    levels = thresholds.thresholds(sparsity, method)
+    calibration = thresholds.calibration_mode(method, calibration)
+    levels = thresholds.thresholds(sparsity, method, calibration)
     projections = adapter.projections()
     missing = set(projections) - set(levels)
     if missing:
@@ -59,6 +64,7 @@ def sparsify_(
         "sparsity": float(sparsity),
         "method": method or thresholds.method,
         "score": thresholds.score,
+        "calibration": calibration,
         "prefill": prefill,
         "dense_prefix": int(dense_prefix),
     }

@@ -35,10 +35,12 @@ def _dense_site_inputs(model, windows):
 
 
 def test_thresholds_reproduce_sparsity_on_calibration_data(calibrated):
+    """Dense-calibrated thresholds zero s of the *dense* site inputs (sequential ones are checked in
+    tests/test_calibrate_sequential.py)."""
     model, th, windows = calibrated
     inputs = _dense_site_inputs(model, windows)
     for s in (0.0, 0.1, 0.25, 0.5, 0.65, 0.8, 0.95):
-        for key, t in th.thresholds(s).items():
+        for key, t in th.thresholds(s, calibration="dense").items():
             got = float((inputs[key].abs() <= t).float().mean())
             assert abs(got - s) <= 0.005, (key, s, got)
     # through TealLinear: layer 0's attention input is unchanged by sparsity upstream
@@ -102,7 +104,7 @@ def test_weight_aware_rule_matches_definition():
     assert all(abs(per[f"layers.0.{p}"] - 0.5) <= 0.005 for p in "qkv"), per
     teal.densify_(model)
     inputs = _dense_site_inputs(model, windows)
-    for key, t in th.thresholds(0.65).items():
+    for key, t in th.thresholds(0.65, calibration="dense").items():
         score = inputs[key].abs() * th.col_scale(key)
         assert abs(float((score <= t).float().mean()) - 0.65) <= 0.005, key
 
