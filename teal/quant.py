@@ -1,0 +1,133 @@
+"""Weight formats for the sparse kernels: int8 per output channel and int4 group-wise along the input.
+
+Both keep the kernels' row layout: the transposed weight ``w_t`` is [K, N] (one row per input channel), and
+each input channel's codes are contiguous, so a zeroed input entry skips its bytes.
+
+- ``int8``: ``w_t[i, n] = codes[i, n] * scale[n]`` — symmetric, one scale per output channel (W8A16).
+- ``int4``: ``w_t[i, n] = (q[i, n] - zero[g, n]) * scale[g, n]`` with ``g = i // group_size`` —
+  asymmetric, one (scale, zero) pair per group of ``group_size`` input channels and output channel.
+  Two codes share a byte along N (column ``2j`` in the low nibble, ``2j + 1`` in the high one), so row
+  ``i`` is ``ceil(N / 2)`` contiguous bytes. Scales and zeros are [G, N] in the weight's dtype: the
+  pair of group ``g`` is one row, read without touching any code row.
+
+Quantization is round-to-nearest (RTN). ``dequantize`` is the exact inverse map used by every kernel and
+by the float64 references in the tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+WEIGHT_FORMATS = ("bf16", "int8", "int4")
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A transposed weight [K, N] in one of the quantized formats (see the module docstring)."""
+
+    format: str  # "int8" | "int4"
+    codes: torch.Tensor  # int8 [K, N] or uint8 [K, ceil(N/2)]
+    scales: torch.Tensor  # [N] (int8) or [G, N] (int4), in the compute dtype
+    zeros: torch.Tensor | None  # [G, N] (int4), in the compute dtype
+    shape: tuple[int, int]  # (K, N) of the transposed weight
+    group_size: int = 0  # int4 only
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def nbytes(self) -> int:
+        """Bytes a dense GEMV reads: codes, scales and zeros."""
+        parts = [self.codes, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(self.format, move(self.codes), move(self.scales), move(self.zeros), self.shape,
+                               self.group_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The transposed weight [K, N] these codes stand for (float32 arithmetic, then ``dtype``)."""
+        return dequantize(self, dtype)
+
+
+def check_format(weights: str, group_size: int = 128) -> None:
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weights!r}: use one of {', '.join(WEIGHT_FORMATS)}")
+    if weights == "int4" and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+
+
+def quantize_int8(w_t: torch.Tensor) -> QuantizedWeight:
+    """Symmetric int8 with one scale per output channel (column of ``w_t`` [K, N])."""
+    k, n = w_t.shape
+    w = w_t.float()
+    amax = w.abs().amax(dim=0)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax)).to(w_t.dtype)
+    codes = torch.round(w / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return QuantizedWeight("int8", codes.contiguous(), scale.contiguous(), None, (k, n))
+
+
+def quantize_int4(w_t: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+    """Asymmetric int4 with a (scale, zero) per group of ``group_size`` input channels and output channel."""
+    check_format("int4", group_size)
+    k, n = w_t.shape
+    groups = -(-k // group_size)
+    w = w_t.float()
+    pad = groups * group_size - k
+    if pad:  # the last group is partial: pad with its own first row, which leaves min and max unchanged
+        w = torch.cat([w, w[-group_size + pad:][:1].expand(pad, n)], dim=0)
+    wg = w.view(groups, group_size, n)
+    lo = wg.amin(dim=1).clamp(max=0)  # the range always holds 0, so the integer zero point is exact (as GPTQ)
+    hi = wg.amax(dim=1).clamp(min=0)
+    scale = ((hi - lo) / 15.0).to(w_t.dtype).float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-lo / scale).clamp_(0, 15)
+    q = torch.round(wg / scale[:, None, :] + zero[:, None, :]).clamp_(0, 15).to(torch.uint8)
+    q = q.view(groups * group_size, n)[:k]
+    return QuantizedWeight("int4", pack_int4(q), scale.to(w_t.dtype).contiguous(), zero.to(w_t.dtype).contiguous(),
+                           (k, n), group_size)
+
+
+def quantize(w_t: torch.Tensor, weights: str, group_size: int = 128) -> QuantizedWeight:
+    """Quantize a transposed weight [K, N] to ``weights`` ("int8" or "int4")."""
+    check_format(weights, group_size)
+    if weights == "int8":
+        return quantize_int8(w_t)
+    if weights == "int4":
+        return quantize_int4(w_t, group_size)
+    raise ValueError("bf16 weights are not quantized")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] codes in 0..15 → [K, ceil(N/2)] bytes, column 2j in the low nibble and 2j+1 in the high one."""
+    k, n = q.shape
+    if n % 2:
+        q = torch.cat([q, torch.zeros(k, 1, dtype=q.dtype, device=q.device)], dim=1)
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ``pack_int4``: [K, ceil(N/2)] bytes → [K, N] codes (uint8)."""
+    lo = packed & 0xF
+    hi = packed >> 4
+    return torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, :n]
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
+    k, n = qw.shape
+    if qw.format == "int8":
+        w = qw.codes.float() * qw.scales.float()[None, :]
+    else:
+        q = unpack_int4(qw.codes, n).float()
+        group = torch.arange(k, device=q.device) // qw.group_size
+        w = (q - qw.zeros.float()[group]) * qw.scales.float()[group]
+    return w.to(dtype or qw.dtype)
