@@ -131,3 +131,58 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
         group = torch.arange(k, device=q.device) // qw.group_size
         w = (q - qw.zeros.float()[group]) * qw.scales.float()[group]
     return w.to(dtype or qw.dtype)
+
+
+class QuantLinear(torch.nn.Module):
+    """A projection whose weight is stored quantized (``QuantizedWeight``, transposed layout).
+
+    ``weight`` is the dequantized [N, K] matrix (what the model computes with), so everything that reads
+    ``module.weight`` — calibration, TealLinear's masked dense path, fingerprints — sees the quantized
+    model's weights. Swapped in by ``quantize_weights`` (torchao's ``quantize_`` pattern).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, weights: str, group_size: int = 128) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        qw = quantize(linear.weight.detach().t(), weights, group_size)
+        self.format, self.group_size = qw.format, qw.group_size
+        self.register_buffer("codes", qw.codes)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("zeros", qw.zeros)
+        self.bias = linear.bias
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.format, self.codes, self.scales, self.zeros, (self.in_features, self.out_features),
+                               self.group_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.dequantize().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.format == "int4" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}{group}"
+
+
+def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: int = 128) -> torch.nn.Module:
+    """Quantize every sparsifiable projection (q, k, v, o, gate, up, down) of ``model`` in place, round to
+    nearest. Embeddings, norms and lm_head stay in the model's dtype. Run it before calibration: thresholds
+    depend on the activations the quantized model produces. ``weights="bf16"`` leaves the model as it is."""
+    check_format(weights, group_size)
+    if weights == "bf16":
+        return model
+    from teal.arch import get_adapter
+
+    adapter = get_adapter(model)
+    for key, module in adapter.projections().items():
+        if isinstance(module, QuantLinear):
+            raise ValueError(f"{key} is already quantized ({module.format}); load the model again to change format")
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"{key} is a {type(module).__name__}; quantize before teal.sparsify_")
+        adapter.replace(key, QuantLinear(module, weights, group_size))
+    model.teal_weights = {"format": weights, "group_size": group_size if weights == "int4" else None}  # type: ignore[attr-defined]
+    return model

@@ -151,3 +151,60 @@ def test_bad_arguments_are_refused():
         quantize(torch.randn(4, 4), "int3")
     with pytest.raises(ValueError, match="group_size"):
         quantize(torch.randn(4, 4), "int4", group_size=48)
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantize_weights_swaps_projections_and_computes_with_the_codes(fmt):
+    from teal.arch import get_adapter
+    from teal.quant import QuantLinear, quantize_weights
+
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        dense = model(ids).logits
+        expected = {k: dequantize(quantize(m.weight.detach().t(), fmt, 32), torch.float32).t()
+                    for k, m in get_adapter(model).projections().items()}
+        quantize_weights(model, fmt, group_size=32)
+        mods = get_adapter(model).projections()
+        assert all(isinstance(m, QuantLinear) for m in mods.values()) and len(mods) == 14
+        for k, m in mods.items():
+            assert torch.equal(m.weight, expected[k])
+        quant = model(ids).logits
+    assert model.lm_head.weight.dtype == torch.float32 and not isinstance(model.lm_head, QuantLinear)
+    rel = (quant - dense).norm() / dense.norm()
+    assert 0 < rel < (0.05 if fmt == "int8" else 0.3)  # changed, but still the same model
+    assert model.teal_weights["format"] == fmt
+
+
+def test_sparsify_runs_on_a_quantized_model():
+    import teal
+    from teal.quant import quantize_weights
+
+    model = _tiny_llama(1)
+    quantize_weights(model, "int4", group_size=32)
+    ids = torch.randint(0, 64, (2, 16))
+    th = teal.calibrate(model, None, windows=ids, progress=False)  # on the quantized model's activations
+    teal.sparsify_(model, th, sparsity=0.5)
+    with torch.no_grad():
+        model(ids)
+    assert 0.4 < teal.measured_sparsity(model) < 0.6
+
+
+def test_quantize_weights_refuses_twice_and_bad_formats():
+    from teal.quant import quantize_weights
+
+    model = _tiny_llama()
+    quantize_weights(model, "int8")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_weights(model, "int4")
+    with pytest.raises(ValueError, match="unknown weight format"):
+        quantize_weights(_tiny_llama(), "fp4")
