@@ -10,7 +10,9 @@ each input channel's codes are contiguous, so a zeroed input entry skips its byt
   ``i`` is ``ceil(N / 2)`` contiguous bytes. Scales and zeros are [G, N] in the weight's dtype: the
   pair of group ``g`` is one row, read without touching any code row.
 
-Quantization is round-to-nearest (RTN). ``dequantize`` is the exact inverse map used by every kernel and
+Quantization is round-to-nearest (RTN); int4 can instead take HQQ's half-quadratic optimiser of the
+(scale, zero) pairs (``method="hqq"``, the ``hqq`` package): it needs no calibration data, runs in seconds,
+and its zero point is a float, which this format stores as it is. ``dequantize`` is the exact inverse map used by every kernel and
 by the float64 references in the tests.
 """
 
@@ -22,6 +24,7 @@ import torch
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128)
+INT4_METHODS = ("rtn", "hqq")
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,11 @@ def quantize_int8(w_t: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight("int8", codes.contiguous(), scale.contiguous(), None, (k, n))
 
 
-def quantize_int4(w_t: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
+def quantize_int4(w_t: torch.Tensor, group_size: int = 128, method: str = "rtn") -> QuantizedWeight:
     """Asymmetric int4 with a (scale, zero) per group of ``group_size`` input channels and output channel."""
     check_format("int4", group_size)
+    if method not in INT4_METHODS:
+        raise ValueError(f"int4 method must be one of {INT4_METHODS}, got {method!r}")
     k, n = w_t.shape
     groups = -(-k // group_size)
     w = w_t.float()
@@ -90,19 +95,38 @@ def quantize_int4(w_t: torch.Tensor, group_size: int = 128) -> QuantizedWeight:
     scale = ((hi - lo) / 15.0).to(w_t.dtype).float()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / scale).clamp_(0, 15)
-    q = torch.round(wg / scale[:, None, :] + zero[:, None, :]).clamp_(0, 15).to(torch.uint8)
-    q = q.view(groups * group_size, n)[:k]
+    if method == "hqq":
+        q, scale, zero = _hqq_refine(wg, scale, zero)
+    else:
+        q = torch.round(wg / scale[:, None, :] + zero[:, None, :]).clamp_(0, 15)
+    q = q.to(torch.uint8).reshape(groups * group_size, n)[:k]
     return QuantizedWeight("int4", pack_int4(q), scale.to(w_t.dtype).contiguous(), zero.to(w_t.dtype).contiguous(),
                            (k, n), group_size)
 
 
-def quantize(w_t: torch.Tensor, weights: str, group_size: int = 128) -> QuantizedWeight:
-    """Quantize a transposed weight [K, N] to ``weights`` ("int8" or "int4")."""
+def _hqq_refine(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """HQQ's proximal optimiser of the zero points, from the RTN start; groups along dim 1 of ``wg`` [G, S, N]."""
+    try:
+        from hqq.core.optimize import optimize_weights_proximal_legacy
+    except ImportError:
+        raise ImportError("method='hqq' needs the hqq package: pip install 'teal-sparsity[quant]'") from None
+    g, size, n = wg.shape
+    flat = wg.permute(1, 0, 2).reshape(size, g * n)  # HQQ reduces along axis 0: one group per column
+    q, inv_scale, zero = optimize_weights_proximal_legacy(
+        flat, (1.0 / scale).reshape(1, -1), zero.reshape(1, -1), min_max=[0, 15], axis=0, device=str(wg.device))
+    q = q.reshape(size, g, n).permute(1, 0, 2)
+    return q, (1.0 / inv_scale).reshape(g, n), zero.reshape(g, n)
+
+
+def quantize(w_t: torch.Tensor, weights: str, group_size: int = 128, method: str = "rtn") -> QuantizedWeight:
+    """Quantize a transposed weight [K, N] to ``weights`` ("int8" or "int4"; int4 by ``method`` rtn or hqq)."""
     check_format(weights, group_size)
     if weights == "int8":
+        if method != "rtn":
+            raise ValueError("int8 is quantized round-to-nearest only (method='rtn')")
         return quantize_int8(w_t)
     if weights == "int4":
-        return quantize_int4(w_t, group_size)
+        return quantize_int4(w_t, group_size, method)
     raise ValueError("bf16 weights are not quantized")
 
 
@@ -141,10 +165,10 @@ class QuantLinear(torch.nn.Module):
     model's weights. Swapped in by ``quantize_weights`` (torchao's ``quantize_`` pattern).
     """
 
-    def __init__(self, linear: torch.nn.Linear, weights: str, group_size: int = 128) -> None:
+    def __init__(self, linear: torch.nn.Linear, weights: str, group_size: int = 128, method: str = "rtn") -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        qw = quantize(linear.weight.detach().t(), weights, group_size)
+        qw = quantize(linear.weight.detach().t(), weights, group_size, method)
         self.format, self.group_size = qw.format, qw.group_size
         self.register_buffer("codes", qw.codes)
         self.register_buffer("scales", qw.scales)
@@ -168,7 +192,8 @@ class QuantLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.format}{group}"
 
 
-def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: int = 128) -> torch.nn.Module:
+def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: int = 128,
+                     method: str = "rtn") -> torch.nn.Module:
     """Quantize every sparsifiable projection (q, k, v, o, gate, up, down) of ``model`` in place, round to
     nearest. Embeddings, norms and lm_head stay in the model's dtype. Run it before calibration: thresholds
     depend on the activations the quantized model produces. ``weights="bf16"`` leaves the model as it is."""
@@ -183,6 +208,7 @@ def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: 
             raise ValueError(f"{key} is already quantized ({module.format}); load the model again to change format")
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"{key} is a {type(module).__name__}; quantize before teal.sparsify_")
-        adapter.replace(key, QuantLinear(module, weights, group_size))
-    model.teal_weights = {"format": weights, "group_size": group_size if weights == "int4" else None}  # type: ignore[attr-defined]
+        adapter.replace(key, QuantLinear(module, weights, group_size, method))
+    model.teal_weights = {  # type: ignore[attr-defined]
+        "format": weights, "group_size": group_size if weights == "int4" else None, "method": method}
     return model

@@ -208,3 +208,15 @@ def test_quantize_weights_refuses_twice_and_bad_formats():
         quantize_weights(model, "int4")
     with pytest.raises(ValueError, match="unknown weight format"):
         quantize_weights(_tiny_llama(), "fp4")
+
+
+def test_hqq_lowers_the_int4_weight_error_against_rtn():
+    pytest.importorskip("hqq", reason="the hqq package (extra [quant]) provides the optimiser")
+    gen = torch.Generator().manual_seed(5)
+    w_t = (torch.randn(256, 96, generator=gen) * 0.02).to(torch.float16)
+    w_t[::17] *= 6  # a few outlier rows, where the min-max grid is poor
+    rtn = quantize(w_t, "int4", group_size=64)
+    hqq = quantize(w_t, "int4", group_size=64, method="hqq")
+    assert hqq.codes.dtype == torch.uint8 and hqq.zeros.shape == (4, 96)
+    err = lambda q: (dequantize(q, torch.float32) - w_t.float()).abs().mean()  # noqa: E731  (HQQ's objective: lp error)
+    assert err(hqq) < 0.97 * err(rtn)
