@@ -270,6 +270,12 @@ class Engine:
         # weights) or "sparse" (every position thresholded like a decode step, as `teal.sparsify_(...,
         # prefill="sparse")`; the same masked products, computed densely, so no faster)
         self.prefill_policy = "dense"
+        # weight format of the four projection groups ("bf16": the model's dtype; "int8" / "int4": the layers'
+        # fused weights hold codes in the transposed layout and `quant_params[i][group]` their (scales, zeros);
+        # set by `quantize_weights`)
+        self.weight_format = "bf16"
+        self.group_size = 0
+        self.quant_params: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
         # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
         self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
         self.allocate_cache(max_seq_len)
@@ -309,11 +315,41 @@ class Engine:
         splits = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "gate_up": (inter, inter),
                   "o": (w.o.shape[1 if self.transposed else 0],), "down": (w.down.shape[1 if self.transposed else 0],)}
         row_parallel = {"o", "down"}
+        if self.weight_format != "bf16":  # codes: the quantized kernel, never the producer path
+            producers = (False,) * 4
+            splits["o"] = splits["down"] = (cfg.hidden,)
+            splits["gate_up"] = (cfg.intermediate, cfg.intermediate)
+        quant = self.quant_params[i] if self.quant_params else {}
         return LayerProjections(*(
             Projection(getattr(w, g), getattr(w, g + "_bias"), None if sp is None else getattr(sp, g),
                        None if sp is None else getattr(sp, g + "_scale"), splits[g], self.transposed, on[gi],
-                       regimes[gi], producers[gi], self.tp_group if g in row_parallel else None, all_reduce)
+                       regimes[gi], producers[gi], self.tp_group if g in row_parallel else None, all_reduce,
+                       *quant.get(g, (None, None)), self.weight_format, self.group_size)
             for gi, g in enumerate(GROUPS)))
+
+    def quantize_weights(self, weights: str, group_size: int = 128, method: str = "rtn") -> None:
+        """Store the four projection groups' weights as `teal.quant` codes (int8 or int4), in place: decode and
+        prefill then multiply through `teal.kernels.quant_gemv`. Embeddings, norms and lm_head stay as they
+        are. Irreversible; "bf16" is a no-op."""
+        from teal.quant import check_format, quantize
+
+        check_format(weights, group_size)
+        if weights == "bf16":
+            return
+        if self.weight_format != "bf16":
+            raise ValueError(f"the engine's weights are already {self.weight_format}")
+        if self.tp_group is not None:
+            raise ValueError("quantized weights are not supported with tensor parallelism")
+        self.to_layout(True)
+        self.quant_params = []
+        for i, w in enumerate(self.layers):
+            fields, params = w._asdict(), {}
+            for g in GROUPS:
+                qw = quantize(fields[g], weights, group_size, method)
+                fields[g], params[g] = qw.codes, (qw.scales, qw.zeros)
+            self.layers[i] = LayerWeights(**fields)
+            self.quant_params.append(params)
+        self.weight_format, self.group_size = weights, (group_size if weights == "int4" else 0)
 
     def decode_layer_args(self, i: int) -> DecodeLayer:
         """What `decode_layer` reads for layer i: its norms, projections and constants."""
@@ -395,6 +431,8 @@ class Engine:
         """Convert the fused weights in place to the dense ([N, K]) or transposed ([K, N]) layout."""
         if transposed == self.transposed:
             return
+        if self.weight_format != "bf16":
+            raise ValueError(f"{self.weight_format} codes have one layout, the transposed one")
         for i, w in enumerate(self.layers):
             fields = w._asdict()
             for name in ("qkv", "o", "gate_up", "down"):
@@ -608,6 +646,11 @@ class Engine:
             for group, prefix, names in (("qkv", "self_attn.", ("q", "k", "v")), ("o", "self_attn.", ("o",)),
                                          ("gate_up", "mlp.", ("gate", "up")), ("down", "mlp.", ("down",))):
                 weight = getattr(w, group)
+                if self.weight_format != "bf16":  # a dequantized copy (codes have no HF parameter form)
+                    weight = self.projections(i).__getattribute__(group)
+                    from teal.engine.projection import quantized_weight
+
+                    weight = quantized_weight(weight).dequantize(self.dtype)
                 dense = weight.t() if self.transposed else weight
                 bias = getattr(w, group + "_bias")
                 parts = dense.split(split[group], dim=0) if group in split else (dense,)
@@ -626,10 +669,16 @@ class Engine:
         cfg = self.config
         item = self.embed.element_size()
         shapes = cfg.projection_shapes()
-        for _ in self.layers:
-            for p in PROJECTIONS:
-                k, n = shapes[p]
-                yield p, k * n * item
+        for i, _ in enumerate(self.layers):
+            if self.weight_format != "bf16":  # codes, scales and zeros, per group (q|k|v, gate|up fused)
+                for g, p in self.projections(i)._asdict().items():
+                    from teal.engine.projection import quantized_weight
+
+                    yield g, quantized_weight(p).nbytes()
+            else:
+                for p in PROJECTIONS:
+                    k, n = shapes[p]
+                    yield p, k * n * item
             yield "norm", 2 * cfg.hidden * item
         yield "embed", self.embed.numel() * item
         if not cfg.tie_embeddings:

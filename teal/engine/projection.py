@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from teal.engine.collectives import all_reduce_sum
 from teal.kernels import ops, producer
 from teal.kernels.producer import rms_norm_reference as rms_norm  # the producer kernel's roundings
+from teal.kernels.quant_gemv import quant_sparse_linear
+from teal.quant import QuantizedWeight
 
 #: How sparse groups are multiplied: "kernel" (`teal.kernels.sparse_linear`, thresholding inside the
 #: GEMV) or "producer" (for q|k|v and gate|up: survivor lists written by the add + RMSNorm kernel, then
@@ -39,6 +41,9 @@ class Projection(NamedTuple):
     A row-parallel projection (o, down split by input channel over the ranks of `group`) sums the ranks'
     partial products with `all_reduce` ("nccl" or "symm_mem", `teal.engine.collectives`) before the bias;
     column-parallel and unsharded projections have `group` None.
+    Quantized weights (`weights` "int8" or "int4", `teal.quant`): `weight` holds the codes in the transposed
+    layout, `scales` and `zeros` the rest of the format; every product goes through
+    `teal.kernels.quant_gemv.quant_sparse_linear` (thresholds -inf where the group is dense).
     """
 
     weight: torch.Tensor
@@ -52,12 +57,24 @@ class Projection(NamedTuple):
     producer: bool = False
     group: Any = None
     all_reduce: str = "nccl"
+    scales: torch.Tensor | None = None
+    zeros: torch.Tensor | None = None
+    weights: str = "bf16"
+    group_size: int = 0
+
+
+def quantized_weight(p: Projection) -> QuantizedWeight:
+    """The quantized weight of a projection whose `weights` is "int8" or "int4"."""
+    return QuantizedWeight(p.weights, p.weight, p.scales, p.zeros, (p.weight.shape[0], sum(p.splits)), p.group_size)
 
 
 def project(p: Projection, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T (+ b) for x [T, K]: dense, or through the sparse kernel (its `regime`'s tuned launch); summed
     over the ranks of a row-parallel projection's `group`, the bias added once, after the sum."""
-    if p.sparse:
+    if p.weights != "bf16":
+        thresholds = p.thresholds if p.sparse else torch.full((len(p.splits),), float("-inf"), device=x.device)
+        y = quant_sparse_linear(x, quantized_weight(p), thresholds, p.splits, p.col_scale if p.sparse else None)
+    elif p.sparse:
         y = ops.sparse_linear(x, p.weight, p.thresholds, list(p.splits) if len(p.splits) > 1 else None,
                               p.col_scale, regime=p.regime)
     elif p.transposed:
@@ -97,5 +114,9 @@ def norm_project(p: Projection, x: torch.Tensor, delta: torch.Tensor, norm: torc
 
 def glu_project(p: Projection, gate_up: torch.Tensor) -> torch.Tensor:
     """down(SiLU(gate) * up) from the gate|up row [T, 2K] through the sparse kernel, the SiLU product computed
-    inside the GEMV at batch 1 on CUDA (`teal.kernels.sparse_linear_glu`). `p` is sparse."""
+    inside the GEMV at batch 1 on CUDA (`teal.kernels.sparse_linear_glu`). `p` is sparse. Quantized weights
+    take the SiLU product first (the quantized kernel has no fused GLU input)."""
+    if p.weights != "bf16":
+        gate, up = gate_up.chunk(2, dim=-1)
+        return project(p, F.silu(gate) * up)
     return _finish(p, ops.sparse_linear_glu(gate_up, p.weight, p.thresholds, p.col_scale, regime=p.regime))
