@@ -9,6 +9,7 @@ entry ``quant_sparse_linear_triton`` runs on GPUs and under ``TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -47,7 +48,10 @@ def quant_sparse_linear_reference(x: torch.Tensor, qw: QuantizedWeight, threshol
     return torch.cat(outs, dim=1).to(x.dtype)
 
 
-def _block_table(split_sizes: Sequence[int], block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+@functools.lru_cache(maxsize=256)
+def _block_table(split_sizes: tuple[int, ...], block_n: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Per column block its segment and first column, and each segment's end (cached: a CUDA graph capture
+    may not copy from the host)."""
     seg, col, ends, start = [], [], [], 0
     for j, width in enumerate(split_sizes):
         for c in range(start, start + width, block_n):
@@ -72,7 +76,7 @@ def quant_sparse_linear_triton(x: torch.Tensor, qw: QuantizedWeight, thresholds:
         raise ValueError(f"the quantized kernel takes at most {MAX_BATCH} rows, got {x.shape[0]}")
     x = x.contiguous()
     k, n = qw.shape
-    seg, col, ends = _block_table(split_sizes, block_n, x.device)
+    seg, col, ends = _block_table(tuple(split_sizes), block_n, x.device)
     if split_k is None:  # enough programs to cover the GPU at batch 1; one split in the interpreter
         split_k = 1 if x.device.type == "cpu" else max(1, min(16, 4 * 132 // max(1, seg.numel()), k // 256))
     rows_per_split = -(-k // split_k)
