@@ -63,26 +63,16 @@ TIME_LENGTHS = (384, 1024, 4096)
 ROTATION_BYTES = 192 * 2**20  # cache copies per timed case together at least this (the H200's L2: 60 MB)
 MAX_COPIES = 64
 DEFAULT = "default"
-# Kernel variants checked and timed: name -> config. t/k: merge by ticket / by a combine kernel; dot/fma:
-# tl.dot / fp32 multiply-and-sum; the block length; pf: prefetch of the next block; w: waves; nw: warps.
-_K = AttentionConfig(merge="kernel")
-_FMA = _K._replace(dot=False)
+# Launch configs checked and timed: name -> config (block length, w: waves, nw: warps). The sweep that chose
+# the table (2026-11-29-h200-attention-variants.json) also had a one-launch "ticket" merge, fp32
+# multiply-and-sum products and K/V prefetch; they lost and are deleted (benchmarks/notes/paths.md).
 VARIANTS: dict[str, AttentionConfig] = {
-    "t-dot-32": AttentionConfig(),
-    "t-dot-64": AttentionConfig(block_l=64),
-    "t-dot-64-w1": AttentionConfig(block_l=64, waves=1),
-    "t-fma-16-nw4": AttentionConfig(block_l=16, dot=False),
-    "k-dot-16-nw1": _K._replace(block_l=16, num_warps=1),
-    "k-dot-16-nw2": _K._replace(block_l=16, num_warps=2),
-    "k-dot-32": _K,
-    "k-dot-32-pf": _K._replace(prefetch=True),
-    "k-dot-64": _K._replace(block_l=64),
-    "k-dot-64-pf-nw8": _K._replace(block_l=64, prefetch=True, num_warps=8),
-    "k-dot-128-nw8": _K._replace(block_l=128, num_warps=8),
-    "k-fma-16-nw4": _FMA._replace(block_l=16),
-    "k-fma-16-pf-nw4": _FMA._replace(block_l=16, prefetch=True),
-    "k-fma-32-nw8": _FMA._replace(num_warps=8),
-    "k-fma-32-pf-nw8": _FMA._replace(prefetch=True, num_warps=8),
+    "16-nw1": AttentionConfig(block_l=16, num_warps=1),
+    "16-nw2": AttentionConfig(block_l=16, num_warps=2),
+    "32": AttentionConfig(),
+    "64": AttentionConfig(block_l=64),
+    "64-w1": AttentionConfig(block_l=64, waves=1),
+    "128-nw8": AttentionConfig(block_l=128, num_warps=8),
 }
 
 
