@@ -245,6 +245,28 @@ class Thresholds:
             th.check_model(model)
         return th
 
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False,
+                        repo_id: str | None = None, **hub_kwargs: Any) -> Path:
+        """``save`` (the transformers spelling); with ``push_to_hub``, upload it too."""
+        d = self.save(save_directory)
+        if push_to_hub:
+            self.push_to_hub(repo_id or d.name, **hub_kwargs)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, model: torch.nn.Module | None = None,
+                        revision: str | None = None, token: str | bool | None = None) -> Thresholds:
+        """An artifact directory, a model directory saved after ``sparsify_``, or a hub id."""
+        from teal.hub import load_thresholds
+
+        return load_thresholds(name_or_path, model=model, revision=revision, token=token)
+
+    def push_to_hub(self, repo_id: str, **hub_kwargs: Any) -> str:
+        """Upload the artifact to a hub repository (``huggingface_hub``); returns the commit URL."""
+        from teal.hub import push_thresholds
+
+        return push_thresholds(self, repo_id, **hub_kwargs)
+
     def check_config(self, config: Any, name: str | None = None) -> None:
         """Raise :class:`ArtifactError` unless an HF config (of a checkpoint not loaded: tensor-parallel
         decoding) has the architecture and sizes these were calibrated on. Weaker than `check_model`:

@@ -55,6 +55,10 @@ def sparsify_(
         if use_kernels is True or (use_kernels == "auto" and module.weight.is_cuda):
             module.enable_kernel()
         module.reset_counters()
+    if hasattr(model, "save_pretrained") and hasattr(model, "config"):  # an HF model: save_pretrained keeps it
+        from teal.quantizer import attach
+
+        attach(model, thresholds, float(sparsity), method or thresholds.method, prefill, int(dense_prefix))
     model.teal_sparsity = {  # type: ignore[attr-defined]
         "sparsity": float(sparsity),
         "method": method or thresholds.method,
@@ -74,6 +78,10 @@ def densify_(model: nn.Module) -> nn.Module:
             if not linear.weight.is_contiguous():  # the kernel's transposed layout
                 linear.weight.data = linear.weight.detach().contiguous()
             adapter.replace(key, linear)
+    if hasattr(model, "config"):
+        from teal.quantizer import detach
+
+        detach(model)
     for attr in ("teal_sparsity", "teal_model_info"):
         if hasattr(model, attr):
             delattr(model, attr)
