@@ -24,6 +24,22 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")  # teal bench kernels | decode: teal.bench.cli, also python -m teal.bench.*
 console = Console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from teal import __version__
+
+        typer.echo(f"teal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print teal's version and exit"),
+) -> None:
+    """TEAL: training-free activation sparsity for faster batch-1 LLM decoding."""
+
 DEFAULT_MODEL = "smollm2-135m"
 ModelArg = typer.Argument(DEFAULT_MODEL, help="alias (smollm2-135m, gemma3-270m), hub id, HF dir or .gguf")
 DtypeOpt = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)")
@@ -477,12 +493,14 @@ def serve(
 
 
 def main() -> None:
-    from teal.artifact import ArtifactError
-    from teal.arch import UnsupportedArchitectureError
-
     try:
         app()
-    except (ArtifactError, UnsupportedArchitectureError, FileNotFoundError, ValueError) as e:
+    except Exception as e:
+        from teal.artifact import ArtifactError  # imported here: `teal --help` loads no torch
+        from teal.arch import UnsupportedArchitectureError
+
+        if not isinstance(e, (ArtifactError, UnsupportedArchitectureError, FileNotFoundError, ValueError)):
+            raise
         console.print(f"[red]error:[/red] {e}")
         raise SystemExit(2) from None
 
