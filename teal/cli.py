@@ -295,17 +295,30 @@ def eval_tasks(
                                "results": rows})
 
 
-# ---- generate --------------------------------------------------------------------------------
+# ---- generate / chat --------------------------------------------------------------------------
+ChatTemplateOpt = typer.Option(True, "--chat-template/--no-chat-template",
+                               help="wrap the prompt in the tokenizer's chat template when it has one (instruct "
+                                    "models); --no-chat-template sends the raw text")
+SeedOpt = typer.Option(None, help="random seed for sampling (temperature > 0)")
+
+
+def write_piece(text: str) -> None:
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    console.file.flush()
+
+
 @app.command()
 def generate(
     model: str = ModelArg,
     artifact: Optional[Path] = typer.Argument(None),
     sparsity: float = typer.Option(0.0),
     method: Optional[str] = typer.Option(None),
-    prompt: str = typer.Option("The history of the United States"),
+    prompt: str = typer.Option("What is the capital of France?"),
     max_new_tokens: int = typer.Option(64),
     temperature: float = typer.Option(0.0),
     top_p: float = typer.Option(1.0),
+    seed: Optional[int] = SeedOpt,
+    chat_template: bool = ChatTemplateOpt,
     engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
     tp: int = typer.Option(1, "--tp", help="engine split over this many GPUs of this host (tensor parallel; "
                                            "MODEL: an HF checkpoint directory or hub id with safetensors)"),
@@ -315,8 +328,9 @@ def generate(
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
-    """Generate text with sparse decode steps (dense prompt unless --prefill sparse)."""
+    """Generate text with sparse decode steps (dense prompt unless --prefill sparse), streamed as it comes."""
     import teal
+    from teal.chat import engine_reply, format_stats, has_chat_template, hf_reply, prompt_ids
     from teal.nn import PREFILL_POLICIES
 
     if tp < 1:
@@ -342,31 +356,112 @@ def generate(
         console.print(f"[{len(res['tokens'])} tokens, {res['tokens_per_s']:.1f} tok/s over {tp} ranks "
                       f"({res['all_reduce']} all-reduce); {res['summary']}]")
         return
+    if sparsity > 0 and artifact is None:
+        raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
     if engine:
         from teal.engine import Generator
-        from teal.engine.generator import TextStream, engine_summary
+        from teal.engine.generator import engine_summary
 
-        if sparsity > 0 and artifact is None:
-            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact) if artifact else None
+        dev = resolve_device(device)
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
-                                        device=resolve_device(device),
-                                        dtype=resolve_dtype(dtype, resolve_device(device)))
-        console.print(prompt, end="")
-        res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stream=TextStream(gen.tokenizer, lambda text: console.print(text, end="")))
-        console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s; {engine_summary(gen)}]")
+                                        device=dev, dtype=resolve_dtype(dtype, dev))
+        templated = chat_template and has_chat_template(gen.tokenizer)
+        if not templated:
+            write_piece(prompt)
+        reply = engine_reply(gen, prompt_ids(gen.tokenizer, prompt, chat_template), max_new_tokens, temperature,
+                             top_p, seed, write_piece, thresholds=th, method=method)
+        console.print(f"\n{format_stats(reply, sparsity)[:-1]}; {engine_summary(gen)}]")
         return
     hf_model, tok = load(model, dtype, device)
     if sparsity > 0:
-        if artifact is None:
-            raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
         th = teal.Thresholds.load(artifact, model=hf_model)
         teal.sparsify_(hf_model, th, sparsity, method=method, prefill=prefill)
-    text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
-    console.print(text)
-    console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
-                  f"{info['measured_sparsity']:.3f}]")
+    if not (chat_template and has_chat_template(tok)):
+        write_piece(prompt)
+    reply = hf_reply(hf_model, tok, prompt_ids(tok, prompt, chat_template), max_new_tokens, temperature, top_p,
+                     seed, write_piece)
+    console.print(f"\n[{reply.new_tokens} tokens in {reply.seconds:.1f} s, {reply.tokens_per_s:.1f} tok/s, measured "
+                  f"sparsity {reply.measured_sparsity:.3f}]")
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for --sparsity > 0)"),
+    sparsity: float = typer.Option(0.0, help="decode sparsity level"),
+    method: Optional[str] = typer.Option(None, help="allocation in the artifact (default: the artifact's)"),
+    backend: str = typer.Option("auto", help="auto (the engine where a CUDA GPU is present, else HF) | engine | hf"),
+    system: Optional[str] = typer.Option(None, help="system message (default: the chat template's own)"),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = SeedOpt,
+    chat_template: bool = ChatTemplateOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Multi-turn chat in the terminal (chat template; dense prompt, sparse decode). Each reply ends with its
+    tok/s and measured decode sparsity. Commands: /reset clears the conversation, /exit (or end of input) quits."""
+    import teal
+    from teal.chat import Chat, engine_reply, format_stats, hf_reply
+
+    if backend not in ("auto", "engine", "hf"):
+        raise typer.BadParameter(f"--backend must be auto, engine or hf, got {backend!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise typer.BadParameter(f"--sparsity must be in [0, 1), got {sparsity}")
+    if sparsity > 0 and artifact is None:
+        raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "engine" if dev.startswith("cuda") else "hf"
+    th = teal.Thresholds.load(artifact) if artifact else None
+    if method is not None:
+        method = resolve_methods([method], th, None, artifact)[0]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if backend == "engine":
+        from teal.engine import Generator
+
+        with console.status(f"loading {model} on the engine…"):
+            gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, device=dev,
+                                            dtype=resolve_dtype(dtype, dev))
+        tok = gen.tokenizer
+
+        def respond(ids, emit):
+            return engine_reply(gen, ids, emit=emit, thresholds=th, method=method, **sampling)
+    else:
+        hf_model, tok = load(model, dtype, device)
+        if sparsity > 0:
+            th.check_model(hf_model)
+            teal.sparsify_(hf_model, th, sparsity, method=method, prefill="dense")
+
+        def respond(ids, emit):
+            return hf_reply(hf_model, tok, ids, emit=emit, **sampling)
+
+    conversation = Chat(respond, tok, chat_template=chat_template, system=system)
+    console.print(f"chatting with {model} on {backend} (sparsity {sparsity:g}); /reset, /exit")
+    while True:
+        console.print("[bold]you>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            console.print()
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            conversation.reset()
+            console.print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        console.print("[bold]teal>[/bold] ", end="")
+        try:
+            reply = conversation.reply(text, write_piece)
+        except ValueError as e:  # e.g. the conversation outgrew the engine's KV cache
+            console.print(f"\n[red]error:[/red] {e} (/reset starts over)")
+            continue
+        console.print(f"\n{format_stats(reply, sparsity)}", markup=False, highlight=False)
 
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0,
