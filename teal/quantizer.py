@@ -160,7 +160,8 @@ def attach(model, thresholds, sparsity: float, method: str, prefill: str, dense_
         model.hf_quantizer.quantization_config = config
     else:
         model.hf_quantizer = TealHfQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
+    # the weights keep their dtype, so .half() / .float() stay allowed (transformers refuses them when is_quantized)
+    model.is_quantized = False
     model.quantization_method = QUANT_METHOD
 
 

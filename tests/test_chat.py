@@ -90,3 +90,13 @@ def test_chat_keeps_the_history(smollm2):
     assert QUESTION in seen[1] and "Paris" in seen[1] and seen[1].count("<|im_start|>user") == 2
     chat.reset()
     assert chat.messages == []
+
+
+def test_engine_reply_reports_measured_decode_sparsity(smollm2, smollm2_thresholds):
+    from teal.engine import Generator
+
+    model, tok = smollm2
+    gen = Generator.from_pretrained(model, thresholds=smollm2_thresholds, sparsity=0.5, tokenizer=tok, device="cpu")
+    reply = engine_reply(gen, prompt_ids(tok, QUESTION), max_new_tokens=8, thresholds=smollm2_thresholds)
+    assert reply.new_tokens >= 2 and reply.tokens_per_s > 0
+    assert 0.35 < reply.measured_sparsity < 0.65
