@@ -25,11 +25,12 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "teal"
-TENSOR_PREFIX = "teal.thresholds."
+from teal.artifact import MODEL_TENSOR_PREFIX as TENSOR_PREFIX
+from teal.artifact import QUANT_METHOD, from_checkpoint
+
 _UNEXPECTED = r"^teal\.thresholds\."
 
-__all__ = ["TealConfig", "TealHfQuantizer", "attach", "detach", "thresholds_from_tensors"]
+__all__ = ["TealConfig", "TealHfQuantizer"]
 
 
 class TealConfig(QuantizationConfigMixin):
@@ -51,46 +52,6 @@ class TealConfig(QuantizationConfigMixin):
         return {"quant_method": QUANT_METHOD, "sparsity": self.sparsity, "method": self.method,
                 "prefill": self.prefill, "dense_prefix": self.dense_prefix,
                 "teal_version": self.teal_version, "artifact": self.artifact}
-
-
-def thresholds_from_tensors(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str):
-    """A :class:`teal.Thresholds` from an artifact config and its ``hist/`` / ``colnorm/`` tensors."""
-    from teal import stats
-    from teal.artifact import FORMAT_VERSION, ArtifactError, Thresholds
-
-    if cfg.get("format_version") != FORMAT_VERSION or cfg.get("histogram", {}).get("num_bins") != stats.NUM_BINS:
-        raise ArtifactError(f"{where}: its teal thresholds (format {cfg.get('format_version')!r}) are not the format "
-                            f"this teal reads ({FORMAT_VERSION}); sparsify the dense model again.")
-    try:
-        return Thresholds(
-            model=cfg["model"],
-            histograms={k[5:]: v for k, v in tensors.items() if k.startswith("hist/")},
-            col_norms={k[8:]: v for k, v in tensors.items() if k.startswith("colnorm/")},
-            proj_sizes={k: int(v) for k, v in cfg["projection_sizes"].items()},
-            score=cfg["score"], calibration=cfg.get("calibration", {}),
-            allocations=cfg.get("allocations", {}), method=cfg.get("method", "uniform"))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{where}: the teal quantization_config is missing or has a bad field: {e}") from e
-
-
-def read_checkpoint_thresholds(files: list[str], cfg: dict[str, Any], where: str):
-    """The thresholds stored inside a sparsified model's safetensors files."""
-    from safetensors import safe_open
-
-    from teal.artifact import ArtifactError
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        if not str(f).endswith(".safetensors"):
-            continue
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():
-                if key.startswith(TENSOR_PREFIX):
-                    tensors[key[len(TENSOR_PREFIX):]] = sf.get_tensor(key)
-    if not tensors:
-        raise ArtifactError(f"{where}: config.json says the model is teal-sparsified, but its safetensors hold no "
-                            f"{TENSOR_PREFIX}* tensors; save it again with model.save_pretrained after teal.sparsify_.")
-    return thresholds_from_tensors(cfg, tensors, where)
 
 
 class TealHfQuantizer(HfQuantizer):
@@ -116,7 +77,7 @@ class TealHfQuantizer(HfQuantizer):
 
         qc = self.quantization_config
         where = str(getattr(model.config, "_name_or_path", "") or "the checkpoint")
-        th = read_checkpoint_thresholds(self.checkpoint_files, qc.artifact, where)
+        th = from_checkpoint(self.checkpoint_files, qc.artifact, where)
         sparsify_(model, th, qc.sparsity, method=qc.method, prefill=qc.prefill, dense_prefix=qc.dense_prefix)
         return model
 
@@ -139,6 +100,32 @@ class TealHfQuantizer(HfQuantizer):
                 out[f"{TENSOR_PREFIX}colnorm/{k}"] = v.detach().cpu().float().contiguous()
         return out, {}
 
+    @staticmethod
+    def attach(model, thresholds, sparsity: float, method: str, prefill: str, dense_prefix: int) -> None:
+        """Mark a model just sparsified by ``sparsify_`` so that ``save_pretrained`` keeps it sparsified."""
+        config = TealConfig(sparsity, method, prefill, dense_prefix, artifact=thresholds.config())
+        model.teal_thresholds = thresholds
+        model.config.quantization_config = config
+        if isinstance(getattr(model, "hf_quantizer", None), TealHfQuantizer):
+            model.hf_quantizer.quantization_config = config
+        else:
+            model.hf_quantizer = TealHfQuantizer(config, pre_quantized=True)
+        # the weights keep their dtype, so .half() / .float() stay allowed (transformers refuses them when is_quantized)
+        model.is_quantized = False
+        model.quantization_method = QUANT_METHOD
+
+    @staticmethod
+    def detach(model) -> None:
+        """Undo :meth:`attach` (``densify_``): the model saves as the plain dense model again."""
+        if isinstance(getattr(model, "hf_quantizer", None), TealHfQuantizer):
+            model.hf_quantizer = None
+            if hasattr(model, "quantization_method"):
+                delattr(model, "quantization_method")
+        if isinstance(getattr(model.config, "quantization_config", None), TealConfig):
+            del model.config.quantization_config
+        if hasattr(model, "teal_thresholds"):
+            del model.teal_thresholds
+
     def is_serializable(self) -> bool:
         return True
 
@@ -149,34 +136,6 @@ class TealHfQuantizer(HfQuantizer):
     @property
     def is_compileable(self) -> bool:
         return True
-
-
-def attach(model, thresholds, sparsity: float, method: str, prefill: str, dense_prefix: int) -> None:
-    """Mark a model just sparsified by ``sparsify_`` so that ``save_pretrained`` keeps it sparsified."""
-    config = TealConfig(sparsity, method, prefill, dense_prefix, artifact=thresholds.config())
-    model.teal_thresholds = thresholds
-    model.config.quantization_config = config
-    if isinstance(getattr(model, "hf_quantizer", None), TealHfQuantizer):
-        model.hf_quantizer.quantization_config = config
-    else:
-        model.hf_quantizer = TealHfQuantizer(config, pre_quantized=True)
-    # the weights keep their dtype, so .half() / .float() stay allowed (transformers refuses them when is_quantized)
-    model.is_quantized = False
-    model.quantization_method = QUANT_METHOD
-
-
-def detach(model) -> None:
-    """Undo :func:`attach` (``densify_``): the model saves as the plain dense model again."""
-    if isinstance(getattr(model, "hf_quantizer", None), TealHfQuantizer):
-        model.hf_quantizer = None
-        model.is_quantized = False
-        for attr in ("quantization_method",):
-            if hasattr(model, attr):
-                delattr(model, attr)
-    if isinstance(getattr(model.config, "quantization_config", None), TealConfig):
-        del model.config.quantization_config
-    if hasattr(model, "teal_thresholds"):
-        del model.teal_thresholds
 
 
 def register() -> None:

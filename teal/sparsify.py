@@ -55,10 +55,9 @@ def sparsify_(
         if use_kernels is True or (use_kernels == "auto" and module.weight.is_cuda):
             module.enable_kernel()
         module.reset_counters()
-    if hasattr(model, "save_pretrained") and hasattr(model, "config"):  # an HF model: save_pretrained keeps it
-        from teal.quantizer import attach
-
-        attach(model, thresholds, float(sparsity), method or thresholds.method, prefill, int(dense_prefix))
+    quantizer = _teal_quantizer(model)
+    if quantizer is not None:  # an HF model: save_pretrained keeps it sparsified
+        quantizer.attach(model, thresholds, float(sparsity), method or thresholds.method, prefill, int(dense_prefix))
     model.teal_sparsity = {  # type: ignore[attr-defined]
         "sparsity": float(sparsity),
         "method": method or thresholds.method,
@@ -67,6 +66,16 @@ def sparsify_(
         "dense_prefix": int(dense_prefix),
     }
     return model
+
+
+def _teal_quantizer(model: nn.Module):
+    """teal's transformers quantizer (:class:`teal.quantizer.TealHfQuantizer`), looked up in transformers'
+    registry where ``import teal`` registered it; None for a model that is not a transformers model."""
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        return None
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    return AUTO_QUANTIZER_MAPPING["teal"]
 
 
 def densify_(model: nn.Module) -> nn.Module:
@@ -78,10 +87,9 @@ def densify_(model: nn.Module) -> nn.Module:
             if not linear.weight.is_contiguous():  # the kernel's transposed layout
                 linear.weight.data = linear.weight.detach().contiguous()
             adapter.replace(key, linear)
-    if hasattr(model, "config"):
-        from teal.quantizer import detach
-
-        detach(model)
+    quantizer = _teal_quantizer(model)
+    if quantizer is not None:
+        quantizer.detach(model)
     for attr in ("teal_sparsity", "teal_model_info"):
         if hasattr(model, attr):
             delattr(model, attr)
