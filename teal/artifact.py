@@ -381,6 +381,59 @@ class Thresholds:
                     f"wrong length; run `teal allocate MODEL DIR --method {method}` again."
                 )
 
+    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False,
+                        repo_id: str | None = None, **hub_kwargs: Any) -> Path:
+        """``save`` (the transformers spelling); with ``push_to_hub``, upload it too."""
+        d = self.save(save_directory)
+        if push_to_hub:
+            self.push_to_hub(repo_id or d.name, **hub_kwargs)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, model: torch.nn.Module | None = None,
+                        revision: str | None = None, token: str | bool | None = None) -> Thresholds:
+        """An artifact directory, a model directory saved after ``teal.sparsify_`` (its thresholds are inside),
+        or a hub id (downloaded through ``huggingface_hub`` unless offline)."""
+        from teal.hub import HubError, local_dir
+
+        try:
+            d = local_dir(name_or_path, [CONFIG_NAME, HISTOGRAMS_NAME], "thresholds", revision, token)
+        except HubError as e:
+            raise ArtifactError(str(e)) from e
+        if d.is_dir() and not (d / CONFIG_NAME).is_file() and (d / "config.json").is_file():
+            th = from_model_dir(d)
+            if model is not None:
+                th.check_model(model)
+            return th
+        return cls.load(d, model=model)
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload TEAL thresholds", **hub_kwargs: Any) -> str:
+        """Upload the artifact to a hub repository (``huggingface_hub``); returns the commit URL."""
+        from teal.hub import upload_dir
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save(tmp)
+            return upload_dir(tmp, repo_id, commit_message=commit_message, **hub_kwargs)
+
+    @classmethod
+    def from_tensors(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> Thresholds:
+        """From a ``teal_config.json`` dict and the ``hist/`` / ``colnorm/`` tensors (as a sparsified model's
+        checkpoint carries them)."""
+        if cfg.get("format_version") not in READABLE_VERSIONS or cfg.get("histogram", {}).get("num_bins") != stats.NUM_BINS:
+            raise ArtifactError(f"{where}: its teal thresholds (format {cfg.get('format_version')!r}) are not a "
+                                f"format this teal reads ({READABLE_VERSIONS}); sparsify the dense model again.")
+        try:
+            return cls(
+                model=cfg["model"],
+                histograms={k[5:]: v for k, v in tensors.items() if k.startswith("hist/")},
+                col_norms={k[8:]: v for k, v in tensors.items() if k.startswith("colnorm/")},
+                proj_sizes={k: int(v) for k, v in cfg["projection_sizes"].items()},
+                score=cfg["score"], calibration=cfg.get("calibration", {}),
+                allocations=cfg.get("allocations", {}), method=cfg.get("method", "uniform"),
+                sequential=cfg.get("sequential", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"{where}: the teal thresholds' config is missing or has a bad field: {e}") from e
+
     def check_config(self, config: Any, name: str | None = None) -> None:
         """Raise :class:`ArtifactError` unless an HF config (of a checkpoint not loaded: tensor-parallel
         decoding) has the architecture and sizes these were calibrated on. Weaker than `check_model`:
@@ -431,3 +484,39 @@ class Thresholds:
                 f"{info.get('name_or_path')!r} (fingerprint {info.get('fingerprint')}): same shape, "
                 "different weights. Calibrate this model first."
             )
+
+
+# ---- the thresholds inside a model checkpoint saved after teal.sparsify_ (teal.quantizer writes them) ----------
+QUANT_METHOD = "teal"  # config.json's quantization_config.quant_method
+MODEL_TENSOR_PREFIX = "teal.thresholds."  # the artifact's tensors inside the model's safetensors
+
+
+def from_checkpoint(files: list[str], cfg: dict[str, Any], where: str) -> Thresholds:
+    """The thresholds stored inside a sparsified model's safetensors ``files`` (``cfg``: the artifact config)."""
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not str(f).endswith(".safetensors"):
+            continue
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                if key.startswith(MODEL_TENSOR_PREFIX):
+                    tensors[key[len(MODEL_TENSOR_PREFIX):]] = sf.get_tensor(key)
+    if not tensors:
+        raise ArtifactError(f"{where}: config.json says the model is teal-sparsified, but its safetensors hold no "
+                            f"{MODEL_TENSOR_PREFIX}* tensors; save it again with model.save_pretrained after "
+                            "teal.sparsify_.")
+    return Thresholds.from_tensors(cfg, tensors, where)
+
+
+def from_model_dir(path: Path) -> Thresholds:
+    """The thresholds of a model directory saved after ``teal.sparsify_``."""
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path / 'config.json'} is unreadable ({e})") from e
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ArtifactError(f"{path} is a model directory without teal thresholds (no {CONFIG_NAME}, and its "
+                            "config.json is not teal-sparsified); pass the artifact from `teal calibrate`.")
+    return from_checkpoint(sorted(map(str, path.glob("*.safetensors"))), qc.get("artifact", {}), str(path))

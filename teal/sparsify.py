@@ -60,6 +60,9 @@ def sparsify_(
         if use_kernels is True or (use_kernels == "auto" and module.weight.is_cuda):
             module.enable_kernel()
         module.reset_counters()
+    quantizer = _teal_quantizer(model)
+    if quantizer is not None:  # an HF model: save_pretrained keeps it sparsified
+        quantizer.attach(model, thresholds, float(sparsity), method or thresholds.method, prefill, int(dense_prefix))
     model.teal_sparsity = {  # type: ignore[attr-defined]
         "sparsity": float(sparsity),
         "method": method or thresholds.method,
@@ -71,6 +74,16 @@ def sparsify_(
     return model
 
 
+def _teal_quantizer(model: nn.Module):
+    """teal's transformers quantizer (:class:`teal.quantizer.TealHfQuantizer`), looked up in transformers'
+    registry where ``import teal`` registered it; None for a model that is not a transformers model."""
+    if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
+        return None
+    from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+
+    return AUTO_QUANTIZER_MAPPING["teal"]
+
+
 def densify_(model: nn.Module) -> nn.Module:
     """Undo :func:`sparsify_`: put the original ``nn.Linear`` modules back."""
     adapter = get_adapter(model)
@@ -80,6 +93,9 @@ def densify_(model: nn.Module) -> nn.Module:
             if not linear.weight.is_contiguous():  # the kernel's transposed layout
                 linear.weight.data = linear.weight.detach().contiguous()
             adapter.replace(key, linear)
+    quantizer = _teal_quantizer(model)
+    if quantizer is not None:
+        quantizer.detach(model)
     for attr in ("teal_sparsity", "teal_model_info"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -1,8 +1,8 @@
 """Quality evaluation: perplexity and offline downstream tasks."""
 
-from teal.eval.perplexity import method_label, perplexity, perplexity_sweep
+from teal.eval.perplexity import method_label, perplexity, perplexity_sweep, wikitext2_perplexity
 
-__all__ = ["method_label", "perplexity", "perplexity_sweep", "run_tasks"]
+__all__ = ["method_label", "perplexity", "perplexity_sweep", "run_tasks", "wikitext2_perplexity"]
 
 
 def __getattr__(name: str):

@@ -1,6 +1,6 @@
 """lm-evaluation-harness model ``teal``: a TEAL-sparsified model behind lm-eval's ``LM`` API.
 
-Needs the optional dependency ``lm-eval`` (``pip install 'teal-sparsity[lm-eval]'``); teal itself
+Needs the optional dependency ``lm-eval`` (``pip install 'teal-sparsity[eval]'``); teal itself
 never imports this module. lm-eval does not discover third-party models by itself, so run its
 command line through this module, which registers ``--model teal`` first::
 
@@ -37,7 +37,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
     raise ImportError(
         "teal.eval.lm_eval_adapter needs lm-evaluation-harness: "
-        "pip install 'teal-sparsity[lm-eval]' (or `pip install lm-eval`)"
+        "pip install 'teal-sparsity[eval]' (or `pip install lm-eval`)"
     ) from e
 
 from teal.eval.tasks import (
