@@ -41,7 +41,7 @@ TWIN_SEED = 0  # weights of check_twin's random HF twin
 SPARSE_CHECK_STEPS = 64  # teacher-forced decode steps of check_twin's bf16 sparse check
 FP32_REL_ERR_BOUND = 1e-4  # engine vs HF logits in fp32 on the GPU
 
-# Targets for the Llama-3-8B shape on an H200 (see benchmarks/engine_notes.md).
+# Targets for the Llama-3-8B shape on an H200 (see benchmarks/notes/decode-step.md).
 TARGETS = {
     "dense_frac_roofline": 0.85, "dense_vs_hf_static": 2.0, "sparse50_vs_dense": 1.8,
     "sparse50_frac_roofline": 0.80, "sparse40_vs_dense": 1.55, "startup_s": 60.0,

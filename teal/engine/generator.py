@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # graph. compiled-graph: each layer compiled once by torch.compile (fused norms, rope, residual adds,
 # softmax), the whole step, sampling included, captured in one CUDA graph. On an H200 (Llama-3-8B
 # shape, bf16) compiled-graph decodes 207 tok/s dense and 249 at 50 % sparsity, graph 159 and 181
-# (benchmarks/engine_notes.md), so it is the default.
+# (benchmarks/notes/decode-step.md), so it is the default.
 MODES = ("eager", "graph", "compiled-graph")
 DEFAULT_CUDA_MODE = "compiled-graph"
 

@@ -375,7 +375,7 @@ class Engine:
     @property
     def default_sparse_path(self) -> str:
         """"kernel" where the CUDA C++ sparse GEMV runs (compute capability 9.0+; faster than the producer
-        path on the H200, benchmarks/engine_notes.md), "producer" on other CUDA devices (faster there than
+        path on the H200, benchmarks/notes/decode-step.md), "producer" on other CUDA devices (faster there than
         the Triton kernels alone: benchmarks/results/2026-11-29-h200-decode-producer.json), "kernel" off
         CUDA (on the CPU the producer kernels would only run interpreted; ask for them with
         `set_sparse_path("producer")`)."""

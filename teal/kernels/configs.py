@@ -105,7 +105,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     return names[dtype]
 
 
-# (K, N, batch bucket, dtype) -> config, measured on an NVIDIA H200 (see benchmarks/kernels_notes.md).
+# (K, N, batch bucket, dtype) -> config, measured on an NVIDIA H200 (see benchmarks/notes/tuned-tables.md).
 # fp16 shares the bf16 entries (same element size); shapes not listed use `heuristic_config`.
 
 #: The table in use. Batch-1 entries of version 3 (predicated loads / per-program compaction, tuned by
@@ -138,7 +138,7 @@ TUNED: dict[tuple[int, int, int, str], KernelConfig] = {
 #: The CUDA C++ kernel's table (devices where it runs: ``get_config(cuda_ok=True)``), tuned with
 #: ``python -m teal.bench.kernels --tune --tune-families cuda --tune-sparsities 0,0.5,0.9``, which times
 #: its candidates against the ``TUNED`` entry at batch 1 (the CUDA kernel won every shape) and against the
-#: dense fallback at batches (benchmarks/kernels_notes.md, "Version 9"); all with ``TEAL_CUDA_PDL=2``.
+#: dense fallback at batches (benchmarks/notes/tuned-tables.md); all with ``TEAL_CUDA_PDL=2``.
 TUNED_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     # Llama-3-8B: the TEAL_CUDA_PDL=2 tuning of 2026-11-29-h200-kernels-cuda-pdl.json, which the decode run
     # 2026-11-29-h200-decode-cuda.json used (the later full run picked the same except q|k|v: split 4, 16 warps)
@@ -305,7 +305,7 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
     """A CUDA C++ configuration (batch 1) for a shape that is not in the tuned table: 256 columns per
     program, 8 rows per warp and step, clusters of the power-of-two size that puts about one program on
     each multiprocessor (at most 8), 16 warps when every warp still gets 32 rows, else 8 (the shapes of
-    the H200 tuning, benchmarks/kernels_notes.md, "Version 9")."""
+    the H200 tuning, benchmarks/notes/tuned-tables.md)."""
     n_blocks = -(-n // 256)
     split = max(1, min(8, _pow2_floor(max(1, sm_count // n_blocks)), _pow2_floor(max(1, k // 256))))
     warps = 16 if -(-k // split) >= 16 * 32 else 8

@@ -93,7 +93,7 @@ def gather_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
 
 #: Batched union candidates (compact, batch 2..8): (block_n, block_r, warps, use_dot, waves of programs per SM,
 #: dense_above, num_stages). The row loops are pipelined by Triton (num_stages). On the H200 none of them
-#: beat the dense fallback except at s = 0.9 with two rows (benchmarks/kernels_notes.md, "Batched union").
+#: beat the dense fallback except at s = 0.9 with two rows (benchmarks/notes/batches.md).
 UNION_TILES: tuple[tuple[int, int, int, bool, int, float, int], ...] = (
     (128, 32, 4, True, 4, 0.9, 3),
     (128, 32, 4, True, 4, 0.9, 5),
