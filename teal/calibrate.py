@@ -156,6 +156,7 @@ def calibrate(
             "windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "weights": getattr(model, "teal_weights", {}).get("format", "bf16"),
             "device": str(device),
             "seconds": round(time.perf_counter() - t0, 2),
         },

@@ -195,13 +195,43 @@ def resolve_dtype(dtype: str, device: str):
     return table[dtype]
 
 
-def load(model: str, dtype: str, device: str):
+Weights = Literal["bf16", "int8", "int4"]
+WeightsOpt = typer.Option("bf16", help="projection weights: bf16 (the model's own dtype) | int8 (per output channel) "
+                                       "| int4 (group-wise, --group-size; round to nearest); calibrate with the "
+                                       "format you run")
+def _check_group_size(value: int) -> int:
+    if value not in (32, 64, 128):
+        raise typer.BadParameter(f"the int4 group size must be 32, 64 or 128, got {value}")
+    return value
+
+
+GroupSizeOpt = typer.Option(128, callback=_check_group_size, help="int4 group size along the input: 32 | 64 | 128")
+
+
+def load(model: str, dtype: str, device: str, weights: str = "bf16", group_size: int = 128):
+    """The HF model and tokenizer, its projections quantized to ``weights`` (teal.quant) unless bf16."""
     from teal.models import load_model
 
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     with console.status(f"loading {model}…"):
-        return load_model(model, dtype=torch_dtype, device=device)
+        hf_model, tok = load_model(model, dtype=torch_dtype, device=device)
+    if weights != "bf16":
+        from teal.quant import quantize_weights
+
+        with console.status(f"quantizing the projections to {weights}…"):
+            quantize_weights(hf_model, weights, group_size)
+    return hf_model, tok
+
+
+def check_weights(th: Any, weights: str) -> None:
+    """Warn when the artifact was calibrated with another weight format (its thresholds follow the activations
+    of the weights it was calibrated on)."""
+    done = th.calibration.get("weights", "bf16") if th is not None else weights
+    if done != weights:
+        console.print(f"[yellow]warning:[/yellow] the thresholds were calibrated with {done} weights and --weights "
+                      f"{weights} was asked; recalibrate with --weights {weights} for thresholds that follow this "
+                      "model's activations")
 
 
 def environment() -> dict[str, Any]:
@@ -307,6 +337,8 @@ def calibrate(
     levels: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9",
                                help="effective sparsities of the sequential table (others interpolate)"),
     sequential_tokens: int = typer.Option(8192, help="calibration tokens of each sequential pass (one batch)"),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -320,7 +352,7 @@ def calibrate(
     if calibration not in CALIBRATIONS:
         raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
     level_list = parse_floats(levels, "--levels")
-    hf_model, tok = load(model, dtype, device)
+    hf_model, tok = load(model, dtype, device, weights, group_size)
     th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
                         batch_size=batch_size, calibration=calibration, levels=level_list,
                         sequential_tokens=sequential_tokens)
@@ -344,6 +376,8 @@ def allocate(
                                     help="highest effective sparsity of the table, in (0, 1)"),
     lazy: bool = typer.Option(False, "--lazy/--exact", help="lazy greedy: far fewer evaluations"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -354,7 +388,8 @@ def allocate(
     check_data_arg(data)
     check_model_arg(model, "teal allocate")
     th = load_artifact(artifact)
-    hf_model, tok = load(model, dtype, device)
+    hf_model, tok = load(model, dtype, device, weights, group_size)
+    check_weights(th, weights)
     th.check_model(hf_model)
     (method,) = resolve_methods([method], th, score, artifact)
     teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
@@ -386,6 +421,8 @@ def eval_ppl(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -403,7 +440,8 @@ def eval_ppl(
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     methods = resolve_methods(parse_list(method), th, score, artifact)
     modes = select_calibration(th, methods, calibration)
-    hf_model, tok = load(model, dtype, device)
+    hf_model, tok = load(model, dtype, device, weights, group_size)
+    check_weights(th, weights)
     if th is not None:
         th.check_model(hf_model)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
@@ -454,6 +492,8 @@ def eval_tasks(
     json_path: Optional[Path] = typer.Option(None, "--json", help="write results here"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -478,7 +518,8 @@ def eval_tasks(
         from teal.eval.harness import load_tasks
 
         task_dict = load_tasks(parse_list(tasks), include_path)
-    hf_model, tok = load(model, dtype, device)
+    hf_model, tok = load(model, dtype, device, weights, group_size)
+    check_weights(th, weights)
     if th is not None:
         th.check_model(hf_model)
     if harness == "lm-eval":
@@ -541,6 +582,8 @@ def generate(
     prefill: Prefill = typer.Option("dense", help="dense (the prompt through the dense weights) | sparse "
                                                   "(thresholded too; not with --tp)"),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -584,8 +627,10 @@ def generate(
         from teal.engine.generator import engine_summary
 
         dev = resolve_device(device)
+        check_weights(th, weights)
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
-                                        device=dev, dtype=resolve_dtype(dtype, dev))
+                                        device=dev, dtype=resolve_dtype(dtype, dev), weights=weights,
+                                        group_size=group_size)
         templated = chat_template and has_chat_template(gen.tokenizer)
         if not templated:
             write_piece(prompt)
@@ -593,7 +638,8 @@ def generate(
                              top_p, seed, write_piece, thresholds=th, method=method)
         console.print(f"\n{format_stats(reply, sparsity)[:-1]}; {engine_summary(gen)}]")
         return
-    hf_model, tok = load(model, dtype, device)
+    hf_model, tok = load(model, dtype, device, weights, group_size)
+    check_weights(th, weights)
     if th is not None:
         th.check_model(hf_model)
     if sparsity > 0:

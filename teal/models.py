@@ -653,6 +653,11 @@ def model_fingerprint(model) -> str:
         if prefix in wrapped and "." not in leaf:
             name = f"{prefix}.{leaf}"
         params.append((name, tuple(p.shape), p))
+    for prefix, m in model.named_modules():  # quantized projections (teal.quant.QuantLinear): their dequantized weight
+        if type(m).__name__ == "QuantLinear":
+            prefix = prefix.removesuffix(".linear") if prefix.removesuffix(".linear") in wrapped else prefix
+            params.append((f"{prefix}.weight", (m.out_features, m.in_features), m.weight))
+    params.sort(key=lambda t: t[0])
 
     def sample(p: torch.Tensor, idx: list[int]) -> torch.Tensor:
         index = torch.tensor(idx, device=p.device)

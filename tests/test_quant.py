@@ -220,3 +220,57 @@ def test_hqq_lowers_the_int4_weight_error_against_rtn():
     assert hqq.codes.dtype == torch.uint8 and hqq.zeros.shape == (4, 96)
     err = lambda q: (dequantize(q, torch.float32) - w_t.float()).abs().mean()  # noqa: E731  (HQQ's objective: lp error)
     assert err(hqq) < 0.97 * err(rtn)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """An HF directory (random Llama + a word-level tokenizer) and a text file, for the CLI."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(60)]
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>"] + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    root = tmp_path_factory.mktemp("quant-cli")
+    model = _tiny_llama(2)
+    model.config.vocab_size = len(vocab)
+    model.resize_token_embeddings(len(vocab))
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(rng.choices(words, k=6000)) + "\n")
+    return root
+
+
+def test_cli_weights_int4_calibrate_eval_and_mismatch_warning(tiny_model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from teal.cli import app
+
+    root = tiny_model_dir
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    common = ("--data", f"file:{root / 'text.txt'}", "--seq-len", 64)
+    r = run("calibrate", root / "model", "-o", root / "art4", "--tokens", 1024, *common, "--weights", "int4",
+            "--group-size", 32, "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "art4" / "teal_config.json").read_text())["calibration"]["weights"] == "int4"
+    js = root / "ppl.json"
+    r = run("eval", "ppl", root / "model", root / "art4", "--sparsity", "0,0.5", "--tokens", 256, *common,
+            "--weights", "int4", "--group-size", 32, "--json", js)
+    assert r.exit_code == 0, r.output
+    assert "warning" not in r.output
+    rows = {x["sparsity"]: x for x in json.loads(js.read_text())["results"]}
+    assert 0.4 < rows[0.5]["measured_sparsity"] < 0.6
+    r = run("eval", "ppl", root / "model", root / "art4", "--sparsity", "0", "--tokens", 256, *common,
+            "--weights", "int8")
+    assert "calibrated with int4 weights" in r.output  # a mismatch is named (then the model check decides)
+    r = run("eval", "ppl", root / "model", "--sparsity", "0", "--tokens", 256, *common, "--weights", "int4",
+            "--group-size", 48)
+    assert r.exit_code == 2 and "group size must be 32, 64 or 128" in r.output
