@@ -657,7 +657,6 @@ def model_fingerprint(model) -> str:
         if type(m).__name__ == "QuantLinear":
             prefix = prefix.removesuffix(".linear") if prefix.removesuffix(".linear") in wrapped else prefix
             params.append((f"{prefix}.weight", (m.out_features, m.in_features), m.weight))
-    params.sort(key=lambda t: t[0])
 
     def sample(p: torch.Tensor, idx: list[int]) -> torch.Tensor:
         index = torch.tensor(idx, device=p.device)
