@@ -116,7 +116,7 @@ def test_bad_arguments():
         teal.sparsify_(model, th, 1.0)
     with pytest.raises(ValueError, match="prefill must be one of"):
         teal.sparsify_(model, th, 0.5, prefill="half")
-    with pytest.raises(ValueError, match="tokens must be positive"):
+    with pytest.raises(ValueError, match="tokens must be at least 2"):
         teal.calibrate(model, None, tokens=0)
     teal.sparsify_(model, th, 0.5)
     with pytest.raises(ValueError, match="densify_"):
