@@ -98,7 +98,7 @@ def test_plot_refuses_results_without_the_metric(tmp_path):
 
 def test_generate(artifact):
     r = invoke("generate", "smollm2-135m", artifact, "--sparsity", 0.5, "--prompt",
-               "The capital of France is", "--max-new-tokens", 6)
+               "The capital of France is", "--max-new-tokens", 6, "--no-chat-template")
     assert r.exit_code == 0, r.output
     assert "The capital of France is" in r.output and "measured sparsity" in r.output
 
@@ -106,9 +106,10 @@ def test_generate(artifact):
 def test_generate_with_the_engine_streams_text(artifact):
     """`--engine` on the CPU: the decode engine (eager), text streamed after the prompt, allocation methods."""
     r = invoke("generate", "smollm2-135m", "--engine", "--prompt", "The capital of France is",
-               "--max-new-tokens", 6)
+               "--max-new-tokens", 6, "--no-chat-template")
     assert r.exit_code == 0, r.output
-    dense_hf = invoke("generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", 6)
+    dense_hf = invoke("generate", "smollm2-135m", "--prompt", "The capital of France is", "--max-new-tokens", 6,
+                      "--no-chat-template")
     # greedy, dense, fp32: the engine writes HF generate's text, not token ids
     def text(output: str) -> str:  # from the prompt to the timing line (progress bars may come before)
         return output[output.index("The capital of France is"):].split("\n[")[0].strip()
@@ -117,13 +118,13 @@ def test_generate_with_the_engine_streams_text(artifact):
     assert "tok/s; decode eager, dense products, sparsity setting 0]" in r.output
     for method in ("uniform", "greedy"):
         r = invoke("generate", "smollm2-135m", artifact, "--engine", "--sparsity", 0.5, "--method", method,
-                   "--prompt", "The capital of France is", "--max-new-tokens", 4)
+                   "--prompt", "The capital of France is", "--max-new-tokens", 4, "--no-chat-template")
         assert r.exit_code == 0, r.output
         assert "The capital of France is" in r.output and "tok/s; decode eager, 120/120 projection groups" in r.output
         assert "sparsity setting 0.5]" in r.output
     # a thresholded prompt (--prefill sparse): the engine writes what the sparsified HF model does
     sparse_args = ("--sparsity", 0.5, "--prefill", "sparse", "--prompt", "The capital of France is",
-                   "--max-new-tokens", 6)
+                   "--max-new-tokens", 6, "--no-chat-template")
     engine_sparse = invoke("generate", "smollm2-135m", artifact, "--engine", *sparse_args)
     hf_sparse = invoke("generate", "smollm2-135m", artifact, *sparse_args)
     assert engine_sparse.exit_code == 0 and hf_sparse.exit_code == 0, engine_sparse.output + hf_sparse.output
