@@ -206,10 +206,9 @@ class _Lib:
     """NVRTC and the CUDA driver library, loaded once."""
 
     def __init__(self) -> None:
-        self.nvrtc = _load_nvrtc()
+        self.nvrtc = nvrtc_library()
         self.cuda = ctypes.CDLL("libcuda.so.1" if sys.platform.startswith("linux") else "nvcuda.dll")
         self.cuda.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
-        self.nvrtc.nvrtcGetErrorString.restype = ctypes.c_char_p
 
     def check_cuda(self, result: int, what: str) -> None:
         if result != 0:
@@ -218,13 +217,26 @@ class _Lib:
             raise RuntimeError(f"{what} failed: CUDA error {result} ({(msg.value or b'?').decode()})")
 
     def check_nvrtc(self, result: int, what: str) -> None:
-        if result != 0:
-            raise RuntimeError(f"{what} failed: NVRTC error {result} ({self.nvrtc.nvrtcGetErrorString(result).decode()})")
+        _check_nvrtc(self.nvrtc, result, what)
+
+
+def _check_nvrtc(nv: ctypes.CDLL, result: int, what: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{what} failed: NVRTC error {result} ({nv.nvrtcGetErrorString(result).decode()})")
+
+
+@functools.cache
+def nvrtc_library() -> ctypes.CDLL:
+    """NVRTC alone (compiling needs no GPU and no driver): PyTorch's own, else an ``nvidia-cuda-nvrtc``
+    wheel on ``sys.path``, else the system's."""
+    nv = _load_nvrtc()
+    nv.nvrtcGetErrorString.restype = ctypes.c_char_p
+    return nv
 
 
 def _load_nvrtc() -> ctypes.CDLL:
     getter = getattr(getattr(torch.cuda, "_utils", None), "_get_gpu_rtc_library", None)
-    if getter is not None:
+    if getter is not None and torch.version.cuda is not None:
         try:
             return getter()
         except Exception:  # noqa: BLE001 - fall through to our own search
@@ -232,16 +244,46 @@ def _load_nvrtc() -> ctypes.CDLL:
     names = ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
     candidates: list[str] = []
     for base in sys.path:
-        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so*")))
-        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so*")))
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "*", "lib", "libnvrtc.so.*[0-9]")))
+        candidates += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so.*[0-9]")))
     errors = []
-    for name in names + candidates:
+    for name in names + [c for c in candidates if ".alt." not in c]:
         try:
             return ctypes.CDLL(name)
         except OSError as exc:
             errors.append(str(exc))
     raise RuntimeError("the CUDA sparse GEMV needs NVRTC (libnvrtc), which was not found; install PyTorch's "
                        "CUDA build (it depends on nvidia-cuda-nvrtc) or use the Triton kernels")
+
+
+def nvrtc_compile(src: str, file_name: str, options: Sequence[str]) -> bytes:
+    """Machine code (a cubin) of CUDA C++ ``src`` for the ``--gpu-architecture`` among ``options``; a
+    compile error raises with NVRTC's log. Needs NVRTC only, so it also runs on machines without a GPU."""
+    return nvrtc_compile_with_log(src, file_name, options)[0]
+
+
+def nvrtc_compile_with_log(src: str, file_name: str, options: Sequence[str]) -> tuple[bytes, str]:
+    """``nvrtc_compile`` and NVRTC's log (ptxas's register and spill report with ``-Xptxas -v``)."""
+    nv = nvrtc_library()
+    prog = ctypes.c_void_p()
+    _check_nvrtc(nv, nv.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), file_name.encode(), 0, None, None),
+                 "nvrtcCreateProgram")
+    try:
+        arr = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        result = nv.nvrtcCompileProgram(prog, len(options), arr)
+        size = ctypes.c_size_t()
+        nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log_buf = ctypes.create_string_buffer(size.value)
+        nv.nvrtcGetProgramLog(prog, log_buf)
+        log = log_buf.value.decode(errors="replace")
+        if result != 0:
+            raise RuntimeError(f"NVRTC could not compile {file_name} ({' '.join(options)}):\n{log}")
+        _check_nvrtc(nv, nv.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check_nvrtc(nv, nv.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return cubin.raw, log
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 _lib_lock = threading.Lock()
@@ -262,8 +304,8 @@ def nvrtc_options(variant: Variant, arch: str) -> list[str]:
 
 def nvrtc_version() -> str:
     major, minor = ctypes.c_int(), ctypes.c_int()
-    lib = _library()
-    lib.check_nvrtc(lib.nvrtc.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    nv = nvrtc_library()
+    _check_nvrtc(nv, nv.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
     return f"{major.value}.{minor.value}"
 
 
@@ -307,29 +349,7 @@ def cubin_for(variant: Variant, arch: str) -> bytes:
 
 def compile_cubin(variant: Variant, arch: str = "sm_90") -> bytes:
     """The variant's machine code for ``arch`` (NVRTC)."""
-    lib = _library()
-    nv = lib.nvrtc
-    prog = ctypes.c_void_p()
-    src = source().encode()
-    lib.check_nvrtc(nv.nvrtcCreateProgram(ctypes.byref(prog), src, SOURCE_FILE.encode(), 0, None, None),
-                    "nvrtcCreateProgram")
-    try:
-        opts = nvrtc_options(variant, arch)
-        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-        result = nv.nvrtcCompileProgram(prog, len(opts), arr)
-        if result != 0:
-            size = ctypes.c_size_t()
-            nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            nv.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {SOURCE_FILE} ({variant}):\n{log.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        lib.check_nvrtc(nv.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.check_nvrtc(nv.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin.raw
-    finally:
-        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+    return nvrtc_compile(source(), SOURCE_FILE, nvrtc_options(variant, arch))
 
 
 class _Kernel:

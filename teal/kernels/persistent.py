@@ -268,27 +268,8 @@ def _attribute(func: ctypes.c_void_p, attr: int) -> int:
 
 @functools.cache
 def _compile(options: tuple[str, ...], arch: str) -> bytes:
-    lib = _cuda._library()
-    nv = lib.nvrtc
-    prog = ctypes.c_void_p()
-    lib.check_nvrtc(nv.nvrtcCreateProgram(ctypes.byref(prog), source().encode(), SOURCE_FILE.encode(), 0, None, None),
-                    "nvrtcCreateProgram")
-    try:
-        opts = [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space", *options]
-        arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
-        if nv.nvrtcCompileProgram(prog, len(opts), arr) != 0:
-            size = ctypes.c_size_t()
-            nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            log = ctypes.create_string_buffer(size.value)
-            nv.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile {SOURCE_FILE} ({options}):\n{log.value.decode(errors='replace')}")
-        size = ctypes.c_size_t()
-        lib.check_nvrtc(nv.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.check_nvrtc(nv.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
-        return cubin.raw
-    finally:
-        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+    return _cuda.nvrtc_compile(source(), SOURCE_FILE,
+                               [f"--gpu-architecture={arch}", "-std=c++17", "--device-as-default-execution-space", *options])
 
 
 class PersistentMLP:
