@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import sys
 
 import pytest
 import torch
@@ -21,6 +23,24 @@ TINY = dict(
     max_position_embeddings=256,
 )
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+
+def _nvrtc_problem() -> str | None:
+    from teal.kernels import cuda
+
+    try:
+        cuda.nvrtc_library()
+    except (OSError, RuntimeError) as exc:
+        return f"NVRTC not installed ({exc}); the [dev] extra installs nvidia-cuda-nvrtc-cu12"
+    return None
+
+
+#: The CUDA C++ kernels compile with NVRTC alone (no GPU): skipped only where NVRTC is missing.
+requires_nvrtc = pytest.mark.skipif(_nvrtc_problem() is not None, reason=str(_nvrtc_problem()))
+#: Triton's wheel ships cuobjdump (for SASS checks; those parts are skipped without it).
+CUOBJDUMP = next(iter(sorted(glob.glob(os.path.join(os.path.dirname(sys.executable), "..", "lib", "python*",
+                                                    "site-packages", "triton", "backends", "nvidia", "bin",
+                                                    "cuobjdump")))), None)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

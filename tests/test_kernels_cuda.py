@@ -10,15 +10,14 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (teal.kernels imports it lazily)
 
 import dataclasses  # noqa: E402
-import glob  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import CUOBJDUMP, requires_nvrtc  # noqa: E402
 from teal.kernels import cuda, ops
 from teal.kernels.configs import KernelConfig, get_config, heuristic_cuda_config
 from teal.kernels.tune import candidate_configs, cuda_candidates
@@ -181,22 +180,7 @@ def test_cuda_config_on_cpu_falls_back_to_triton_silently():
     assert ops.path_counts.get("cuda", 0) == before.get("cuda", 0)
 
 
-def _nvrtc_problem() -> str | None:
-    try:
-        cuda.nvrtc_library()
-    except (OSError, RuntimeError) as exc:
-        return f"NVRTC not installed ({exc}); the [dev] extra installs nvidia-cuda-nvrtc-cu12"
-    return None
-
-
-NVRTC_PROBLEM = _nvrtc_problem()
-#: Triton's wheel ships cuobjdump (for the SASS check; skipped without it).
-CUOBJDUMP = next(iter(sorted(glob.glob(os.path.join(os.path.dirname(sys.executable), "..", "lib", "python*",
-                                                    "site-packages", "triton", "backends", "nvidia", "bin",
-                                                    "cuobjdump")))), None)
-
-
-@pytest.mark.skipif(NVRTC_PROBLEM is not None, reason=str(NVRTC_PROBLEM))
+@requires_nvrtc
 @pytest.mark.parametrize("elem,scale,glu", [(0, False, False), (1, True, True), (2, True, False)])
 def test_source_compiles_for_sm90_without_spills(tmp_path, elem, scale, glu):
     """Every tuner shape of the kernel compiles for sm_90 with no local-memory spills, and the row loads of

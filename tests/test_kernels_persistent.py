@@ -9,18 +9,16 @@ reference. The source compiles with nvcc for sm_90 where nvcc is installed. The 
 
 from __future__ import annotations
 
-import glob
-import os
 import random
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import CUOBJDUMP, requires_nvrtc
 from teal.kernels import cuda as _cuda
 from teal.kernels import persistent as P
 from teal.kernels.ops import sparse_linear_reference
@@ -161,22 +159,7 @@ def test_shape_problems_are_named():
     assert "down block" in P.shape_problem(4096, 14336, 4000, torch.bfloat16, c)
 
 
-def _nvrtc_problem() -> str | None:
-    try:
-        _cuda.nvrtc_library()
-    except (OSError, RuntimeError) as exc:
-        return f"NVRTC not installed ({exc}); the [dev] extra installs nvidia-cuda-nvrtc-cu12"
-    return None
-
-
-NVRTC_PROBLEM = _nvrtc_problem()
-#: Triton's wheel ships cuobjdump (for the SASS check; skipped without it).
-CUOBJDUMP = next(iter(sorted(glob.glob(os.path.join(os.path.dirname(sys.executable), "..", "lib", "python*",
-                                                    "site-packages", "triton", "backends", "nvidia", "bin",
-                                                    "cuobjdump")))), None)
-
-
-@pytest.mark.skipif(NVRTC_PROBLEM is not None, reason=str(NVRTC_PROBLEM))
+@requires_nvrtc
 @pytest.mark.parametrize("elem", [0, 1, 2])
 def test_source_compiles_for_sm90(tmp_path: Path, elem: int):
     """Compiles for sm_90 (with stamps); 16-bit elements without spills at 2 programs per SM, and each weight
