@@ -105,6 +105,25 @@ def choices(text: str, name: str, allowed: tuple[str, ...]) -> list[str]:
     return values
 
 
+MASKS_HELP = ("survivor masks, a comma list: random (uniform) and/or real:PROFILE (a keep profile file, or a name "
+              "under benchmarks/profiles/, e.g. real:smollm2-135m: masks drawn from a real model's per-channel keep "
+              "frequencies, stretched to the shape's widths); each is timed at every sparsity > 0")
+
+
+def mask_sources(text: str, sparsities: list[float]) -> list[Any]:
+    """The `--masks` sources (`teal.bench.masks.parse_masks`), each checked to hold every sparsity > 0."""
+    from teal.keep_profile import KeepProfileError
+    from teal.bench.masks import parse_masks
+
+    try:
+        sources = parse_masks(text)
+        for source in sources:
+            source.check_levels(sparsities)
+    except KeepProfileError as err:
+        raise typer.BadParameter(str(err)) from None
+    return sources
+
+
 def require_cuda(command: str) -> None:
     """Exit 2 with one line when no CUDA GPU is visible."""
     import torch
@@ -145,12 +164,14 @@ def kernels_command(
                                                         "TEAL_KERNEL_CONFIGS=PATH"),
     time_budget: Optional[float] = typer.Option(None, help="seconds; later projections are skipped"),
     check: bool = typer.Option(True, "--check/--no-check", help="the GPU self-check before timing"),
+    masks: str = typer.Option("random", "--masks", help=MASKS_HELP),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
+    sources = mask_sources(masks, sparsities)
     require_cuda("teal bench kernels")
     import torch
 
@@ -165,7 +186,7 @@ def kernels_command(
     data = kernels.run(shape_list, sparsities, batches, json_path=str(json_path) if json_path else None,
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
-                       time_budget_s=time_budget, check=check, command=_command(ctx))
+                       time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 
@@ -202,6 +223,10 @@ def decode_command(
                    "where the CUDA C++ GEMV runs, else producer on one GPU)"),
     attention: Attention = typer.Option(Attention.default, help="decode attention: the engine's default, the "
                                                                 "split-KV op (fused) or compiled torch code"),
+    masks: str = typer.Option("random", "--masks", help=MASKS_HELP + "; real: the random-weight shape's channels "
+                              "are scaled so that its survivors follow the profile (not with --model/--artifact)"),
+    mask_steps: int = typer.Option(64, min=0, help="decode steps whose survivor masks each (sparsity, masks) "
+                                                   "report describes: imbalance, keep rate, fit (0: no report)"),
 ) -> None:
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA; --device cpu for a
     smoke test)."""
@@ -209,6 +234,10 @@ def decode_command(
     mode_list = choices(modes, "--modes", MODES)
     reduces = choices(all_reduce, "--all-reduce", ALL_REDUCES)
     paths = None if sparse_path is None else choices(sparse_path, "--sparse-path", SPARSE_PATHS)
+    sources = mask_sources(masks, [s for s in sparsities if s > 0])
+    if any(not m.is_random for m in sources) and (model is not None or artifact is not None or tp != 1):
+        raise typer.BadParameter("--masks real:PROFILE shapes a random-weight model (--shape, one GPU); a real "
+                                 "model (--model), a thresholds artifact or --tp: use --masks random")
     if device.startswith("cuda"):
         require_cuda("teal bench decode")
     import torch
@@ -226,7 +255,7 @@ def decode_command(
                device=device, dtype=getattr(torch, dtype.value), time_budget_s=time_budget, profile=profile,
                command=_command(ctx), tp=tp, sparse_paths=paths,
                fused_attention={"default": None, "fused": True, "torch": False}[attention.value],
-               tp_build=tp_build.value, all_reduces=reduces)
+               tp_build=tp_build.value, all_reduces=reduces, masks=sources, mask_steps=mask_steps)
 
 
 def run_command(name: str, argv: list[str] | None) -> Any:

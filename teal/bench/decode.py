@@ -6,6 +6,11 @@ decode tokens/s over `repeats`, and the roofline tokens/s = copy bandwidth / byt
 copy bandwidth measured in the same run. Baselines in the same run: our dense engine, HF `generate`
 with a static cache (its automatic torch.compile) and eager HF generate, on the same weights.
 Before timing, the engine is checked against HF (`check_twin`: fp32 exact, bf16 relative to HF's own error).
+Survivor masks (`masks`): a random-weight model scatters survivors uniformly ("random"); with a real model's
+keep profile ("real:PROFILE") its weights are first scaled per channel so that its survivors follow the
+profile at each sparsity (`teal.bench.shaping`), and the rows of both are timed in the same run. Each
+(sparsity, mask source) gets a report of its decode masks (`mask_reports`: imbalance over static channel
+splits, keep rate, per-channel fit to the profile) and `mask_comparison` puts real against random.
 
 Run: ``python -m teal.bench.decode --shape llama-3-8b --json out.json`` (needs CUDA; CPU runs are
 for smoke tests with ``--shape tiny-llama --device cpu``).
@@ -33,10 +38,14 @@ from teal.engine.loading import text_decoder_state_dict
 from teal.engine.model import SPARSE_PATHS, Engine  
 from teal.engine.reference import activation_threshold_levels, decode_sparsity, masked_hf_logits  
 from teal.kernels.ops import cuda_kernel_available, silu_mul, sparse_linear_reference  
+from teal.bench.masks import MaskSource
 from teal.bench.results import decode_header, process_start_time, write_json  
+from teal.bench.shaping import ProfileShaper, keep_rates, mask_report
 from teal.bench.timing import bytes_per_token, copy_bandwidth, time_engine  
 
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
+MASK_STEPS = 64  # eager decode steps whose masks each (sparsity, mask source) report describes
+SHAPE_PROMPTS = 2  # random prompts (of up to 256 tokens) whose activations set the shaping factors
 TWIN_SEED = 0  # weights of check_twin's random HF twin
 SPARSE_CHECK_STEPS = 64  # teacher-forced decode steps of check_twin's bf16 sparse check
 FP32_REL_ERR_BOUND = 1e-4  # engine vs HF logits in fp32 on the GPU
@@ -321,6 +330,9 @@ def run(
     fused_attention: bool | None = None,
     tp_build: str = "auto",
     all_reduces: Sequence[str] = ("auto",),
+    masks: Sequence[MaskSource] = (MaskSource("random"),),
+    mask_steps: int = MASK_STEPS,
+    mask_seed: int = 0,
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -336,7 +348,19 @@ def run(
     for models too large for one device), "auto" (shard for a random shape or a checkpoint directory over
     40 % of the device's memory). all_reduces (tp > 1): sum implementations to time, "nccl",
     "symm_mem" (`teal.engine.collectives`) or "auto" (symm_mem where it can be set up).
+    masks: survivor-mask sources (`teal.bench.masks`), each timed at every sparsity > 0 (rows' field
+    ``masks``; s = 0 rows are "random"); a real profile needs a random-weight shape (no model, no thresholds
+    artifact) and every sparsity > 0 among its levels. mask_steps: decode steps of each mask report (0: none).
     """
+    masks = list(masks) or [MaskSource("random")]
+    real = [m for m in masks if not m.is_random]
+    if real and (model is not None or thresholds is not None):
+        raise ValueError("--masks real:PROFILE shapes a random-weight model (--shape); a real model (--model) or a "
+                         "thresholds artifact times its own activations: use --masks random")
+    if real and tp != 1:
+        raise ValueError("--masks real:PROFILE is not supported with --tp")
+    for source in masks:
+        source.check_levels([s for s in sparsities if s > 0])
     if sparse_paths is None:  # the engine's default on one device; shards always use "kernel"
         cuda_device = str(device).startswith("cuda")
         producer = tp == 1 and cuda_device and not cuda_kernel_available(torch.device(device))
@@ -370,6 +394,10 @@ def run(
     data: dict[str, Any] = decode_header(model, shape, device_t, dtype, prompt_len, new_tokens, repeats, max_seq_len,
                                    command)
     errors: list[str] = data["errors"]
+    data["masks"] = [m.spec for m in masks]
+    data["mask_profiles"] = {m.spec: m.profile.info for m in real}
+    data["mask_reports"] = []
+    data["shaping"] = []
 
     def save() -> None:
         if json_path is not None:
@@ -478,8 +506,21 @@ def run(
     best_first = sorted(dense_rows, key=lambda r: -r["tokens_per_s"])
     sparse_modes = list(dict.fromkeys([r["mode"] for r in best_first] + list(modes)))
     priority = [s for s in (0.5, 0.4) if s in levels] + [s for s in sparsities if s not in (0.5, 0.4)]
-    for s in priority:
+    shaper = ProfileShaper(engine) if real else None
+    shape_len = min(256, max_seq_len)
+    shape_ids = [torch.randint(0, engine.config.vocab_size, (shape_len,), device=device_t,
+                               generator=torch.Generator(device=device_t).manual_seed(10 + i))
+                 for i in range(SHAPE_PROMPTS)]
+    settings = [(s, source) for s in priority for source in (masks if s > 0 else [MaskSource("random")])]
+    for s, source in settings:
         th, cs = levels[s]
+        if shaper is not None and s > 0:  # shape the weights to this source (random: undo), then thresholds
+            summary = phase(f"shape {source.spec} s={s}", lambda: shaper.apply(source, s, shape_ids, mask_seed))
+            if summary is None:
+                continue
+            data["shaping"].append(summary)
+            th = activation_threshold_levels(engine, calib_ids, [s])[0]
+        reported = mask_steps <= 0 or s == 0
         # s = 0: the kernel for every group (the engine's default where the CUDA C++ kernel runs), cuBLAS for
         # every group, and the kernel for q|k|v and o with cuBLAS for the MLP (in isolation on the H200 the
         # kernel wins on the small projections at s = 0, cuBLAS on the large)
@@ -496,7 +537,7 @@ def run(
                 engine.set_sparse_path(path)
                 for mode in sparse_modes:
                     if time.time() > deadline:
-                        errors.append(f"time budget reached: skipped s={s} {op} {path} {mode}")
+                        errors.append(f"time budget reached: skipped s={s} {source.spec} {op} {path} {mode}")
                         continue
                     label = op if op != "kernel" or path == "kernel" else f"{op}/{path}"
                     gen = Generator(engine, mode=mode)
@@ -506,35 +547,64 @@ def run(
                         continue
                     if measured is None:  # the timed run's decode steps, replayed eagerly with its tokens
                         measured, per = decode_sparsity(engine, ids, len(row["tokens"]) - 1, th, cs, row["tokens"])
+                    if not reported:  # survivor masks of the same tokens' first decode steps
+                        reported = True
+                        steps = min(mask_steps, len(row["tokens"]) - 1)
+                        report = phase(f"masks s={s} {source.spec}", lambda: mask_report(
+                            keep_rates(engine, ids, steps, th, row["tokens"]),
+                            shaper.targets if shaper is not None and not source.is_random else None))
+                        if report is not None:
+                            data["mask_reports"].append({"sparsity": s, "masks": source.spec, "steps": steps,
+                                                         "measured_sparsity": measured, "sites": report})
                     row.pop("tokens")
                     nbytes = bytes_per_token(engine, per if s > 0 else None, context)
                     roof = bw / nbytes
-                    result = {"sparsity": s, "measured_sparsity": measured, "op": op,
+                    result = {"sparsity": s, "measured_sparsity": measured, "masks": source.spec, "op": op,
                               "sparse_path": path if op == "kernel" else None, "requested_mode": mode, **row,
                               "bytes_per_token": nbytes, "roofline_tokens_per_s": roof,
                               "frac_of_roofline": row["tokens_per_s"] / roof,
                               "speedup_vs_dense": row["tokens_per_s"] / dense_best,
                               "speedup_vs_hf_static": row["tokens_per_s"] / hf_static if hf_static else None}
                     data["results"].append(result)
-                    key = f"s0.5-{row['mode']}" + ("" if path == "kernel" else f"-{path}")
+                    key = (f"s0.5-{row['mode']}" + ("" if path == "kernel" else f"-{path}")
+                           + ("" if source.is_random else f"-{source.spec}"))
                     if profile and device_t.type == "cuda" and s == 0.5 and key not in data["profiles"]:
                         gen = Generator(engine, mode=mode)
                         data["profiles"][key] = phase(f"profile s=0.5 {path}", lambda: profile_decode(gen, ids))
                         del gen
-                    log(f"  s={s:.2f} ({measured:.3f}) {label:15s} {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
+                    log(f"  s={s:.2f} ({measured:.3f}) {source.spec:10s} {label:15s} {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
                         f"roofline {roof:7.1f} ({result['frac_of_roofline']:.0%})")
         engine.kernel_at_zero = None
         engine.set_sparse_path(None)
-    data["results"].sort(key=lambda r: (r["sparsity"], r["op"], r["sparse_path"] or "", r["mode"]))
+    if shaper is not None:
+        shaper.reset()
+    data["results"].sort(key=lambda r: (r["sparsity"], r["masks"], r["op"], r["sparse_path"] or "", r["mode"]))
     data["dense_roofline_tokens_per_s"] = bw / bytes_per_token(engine, None, context)
     data["dense_best"] = dense_baseline(data)
     for r in data["results"]:  # ratios against the fastest dense path, whichever it is
         r["speedup_vs_dense"] = r["tokens_per_s"] / data["dense_best"]["tokens_per_s"]
     data["targets"] = evaluate_targets(data)
+    data["mask_comparison"] = mask_comparison(data)
     data["total_s"] = time.time() - t_process
     save()
     print_table(data, log)
     return data
+
+
+def mask_comparison(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per sparsity > 0, op, sparse path and mode: each real mask source's tokens/s against the random masks'
+    of the same run (``ratio`` < 1: slower on the real pattern), with both measured sparsities."""
+    rows = {(r["sparsity"], r["op"], r.get("sparse_path"), r["mode"], r.get("masks", "random")): r
+            for r in data["results"] if r["sparsity"] > 0}
+    out = []
+    for (s, op, path, mode, masks), r in rows.items():
+        base = rows.get((s, op, path, mode, "random"))
+        if masks != "random" and base is not None:
+            out.append({"sparsity": s, "op": op, "sparse_path": path, "mode": mode, "masks": masks,
+                        "tokens_per_s": r["tokens_per_s"], "random_tokens_per_s": base["tokens_per_s"],
+                        "ratio": r["tokens_per_s"] / base["tokens_per_s"], "measured_sparsity": r["measured_sparsity"],
+                        "random_measured_sparsity": base["measured_sparsity"]})
+    return out
 
 
 def dense_baseline(data: dict[str, Any]) -> dict[str, Any]:
@@ -560,8 +630,9 @@ def evaluate_targets(data: dict[str, Any]) -> dict[str, Any]:
     roof = data.get("dense_roofline_tokens_per_s")
     hf = (data["baselines"].get("hf_static_compile") or {}).get("tokens_per_s")
 
-    def best(s: float) -> dict[str, Any] | None:
-        rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"]
+    def best(s: float) -> dict[str, Any] | None:  # the targets are the random-mask rows'
+        rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"
+                and r.get("masks", "random") == "random"]
         return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
 
     out: dict[str, Any] = {}
@@ -596,11 +667,12 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
     for name, b in data["baselines"].items():
         if b:
             log(f"{name:22s} {b['tokens_per_s']:8.1f} tok/s  ({b['new_tokens']} tokens, warm-up {b['warmup_s']:.1f}s)")
-    log(f"{'sparsity':>8} {'measured':>8} {'op':>8} {'path':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} {'%roof':>6} "
-        f"{'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
+    log(f"{'sparsity':>8} {'measured':>8} {'masks':>10} {'op':>8} {'path':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} "
+        f"{'%roof':>6} {'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
     for r in data["results"]:
         hf = r.get("speedup_vs_hf_static")
-        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r['op']:>8} {r.get('sparse_path') or '-':>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
+        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r.get('masks', 'random'):>10} {r['op']:>8} "
+            f"{r.get('sparse_path') or '-':>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
             f"{r['roofline_tokens_per_s']:8.1f} {r['frac_of_roofline']:6.0%} {r['speedup_vs_dense']:7.2f} "
             f"{(f'{hf:.2f}' if hf else '-'):>6} {r['ttft_s'] * 1e3:7.1f}")
     log("startup: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
@@ -615,6 +687,15 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
             log(f"profile {name} ({prof['mode']}): {prof['kernels_per_step']:.0f} kernels, "
                 f"{prof['kernel_us_per_step']:.0f} us of kernels per step; top: "
                 + "; ".join(f"{r['kernel'][:40]} x{r['per_step']:.0f} {r['us_per_step']:.0f}us" for r in prof["top"][:6]))
+    for c in data.get("mask_comparison", []):
+        log(f"masks {c['masks']} vs random s={c['sparsity']:g} {c['op']}/{c['sparse_path']} {c['mode']}: "
+            f"{c['tokens_per_s']:.1f} vs {c['random_tokens_per_s']:.1f} tok/s (x{c['ratio']:.3f}), measured sparsity "
+            f"{c['measured_sparsity']:.4f} vs {c['random_measured_sparsity']:.4f}")
+    for m in data.get("mask_reports", []):
+        log(f"mask report s={m['sparsity']:g} {m['masks']}: " + "; ".join(
+            f"{site} keep {e['keep_rate']:.3f}, busiest of 132 slices {e['imbalance'].get('132', {}).get('max_over_mean', float('nan')):.2f}x"
+            + (f", channel fit r={e['channel_fit']['corr']:.3f}" if "channel_fit" in e else "")
+            for site, e in m["sites"].items()))
     for e in data["errors"]:
         log(f"error: {e}")
 

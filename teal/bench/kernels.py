@@ -3,7 +3,10 @@
 Per configuration (model shape, projection, batch, sparsity): a float64 correctness check on fresh
 inputs, then the median time of the kernel, of dense ``torch.nn.functional.linear`` (cuBLAS) and of the
 naive split-K kernel, each captured in a CUDA graph over weight copies rotated so that weights are
-read from device memory (together well over the L2 size). Effective bandwidth is the kept weight bytes,
+read from device memory (together well over the L2 size). Survivor masks (``masks``, one row per source)
+are uniformly random, or drawn from a real model's keep profile stretched to the projection's width
+(`teal.bench.masks`), over ``mask_inputs`` distinct inputs per timed graph (real masks: one profile layer
+after another), with their imbalance over static channel splits. Effective bandwidth is the kept weight bytes,
 ``(1 - s) * K * N * elem``, over the time, as a fraction of the device-to-device copy bandwidth measured
 in the same run. Run with ``python -m teal.bench.kernels --json PATH``.
 """
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from teal.bench.masks import GROUP_SITE, MaskSource, imbalance, inputs_for_masks, sample_masks
 from teal.bench.results import git_commit, write_json
 from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
@@ -78,6 +82,29 @@ ROTATION_BYTES = 192 * 2**20  # weight copies per shape total at least this (the
 MAX_REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE = "cuda"
+MASK_INPUTS = 32  # distinct masked inputs per timed graph (cycled over the rotated weight copies)
+
+
+def masked_inputs(
+    source: MaskSource, proj: str, k: int, batch: int, sparsity: float, n_inputs: int, dtype: torch.dtype,
+    segments: int, device: torch.device | str, seed: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """``n_inputs`` inputs [batch, k] whose survivors under threshold 1.0 (one per segment) follow ``source``
+    at ``sparsity``: input j draws its rows' masks from the profile's layer j (cycling), for the site that
+    feeds ``proj``. Returns (inputs, thresholds, all masks [n_inputs * batch, k])."""
+    site = GROUP_SITE[proj]
+    gen = torch.Generator().manual_seed(seed)
+    layers = 1 if source.is_random else source.profile.n_layers
+    masks = torch.empty(n_inputs, batch, k, dtype=torch.bool)
+    for layer in range(min(layers, n_inputs)):
+        rows = list(range(layer, n_inputs, layers))
+        p = source.probabilities(site, layer, k, sparsity, seed)
+        drawn = sample_masks(p, len(rows) * batch, rate_quantiles=source.rate_quantiles(site, layer, sparsity),
+                             generator=gen)
+        masks[rows] = drawn.view(len(rows), batch, k)
+    xs = [inputs_for_masks(m, dtype, gen).to(device) for m in masks]
+    thr = [torch.ones(segments, dtype=torch.float32, device=device) for _ in xs]
+    return xs, thr, masks.view(-1, k)
 
 
 def _thresholds(x: torch.Tensor, sparsity: float, segments: int) -> torch.Tensor:
@@ -359,13 +386,16 @@ def run(
     seed: int = 0,
     command: str | None = None,
     console: Any = None,
+    masks: Sequence[MaskSource] = (MaskSource("random"),),
+    mask_inputs: int = MASK_INPUTS,
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
     ``tune``: time candidate configurations per shape and batch bucket of ``tune_batches`` first (at
     ``tune_sparsities``; ``tune_families`` as in ``teal.kernels.tune.candidate_configs``) and use the winners; ``table_out`` receives them as
     a table for ``$TEAL_KERNEL_CONFIGS``. ``time_budget_s``: projections not
-    started by then are skipped (listed under ``skipped``).
+    started by then are skipped (listed under ``skipped``). ``masks``: survivor-mask sources, each timed at
+    every sparsity > 0 (one row each, field ``masks``; at s = 0 nothing is masked: one row, labelled random).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
@@ -374,6 +404,9 @@ def run(
         raise ValueError(f"unknown shape(s) {unknown}; known: {sorted(SHAPES)}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    masks = list(masks)
+    for source in masks:
+        source.check_levels(list(sparsities))
     torch_dtype = _DTYPES[dtype]
     from rich.console import Console
 
@@ -405,6 +438,9 @@ def run(
         "copy_bandwidth_Bps": copy_bw,
         "timing": "median per call of CUDA-graph replays over rotated weight copies (>= 192 MiB per shape)",
         "programmatic_dependent_launch": pdl_mode(device),
+        "masks": [m.spec for m in masks],
+        "mask_inputs": mask_inputs,
+        "mask_profiles": {m.spec: m.profile.info for m in masks if m.profile is not None},
         "tuning": [],
         "results": [],
     }
@@ -462,14 +498,15 @@ def run(
                     lambda x=x, w=w, t=t: dense_masked_linear(x, w, t, list(splits), None)
                     for x, w, t in zip(xs, w_ts, half)
                 ])
-                for s in sparsities:
+                for s, source in [(s, m) for s in sparsities for m in (masks if s > 0 else [MaskSource("random")])]:
                     # s = 0 at batch 1: the kernel as a dense product, the engine's dense groups (their regime)
                     regime = "dense" if s == 0 and batch_bucket(batch) == 1 else "sparse"
                     config = get_config(k, n, batch, torch_dtype, sms, cuda_ok=ops.cuda_kernel_available(device),
                                         regime=regime)
                     row: dict[str, Any] = dict(model=model, proj=proj, K=k, N=n, splits=list(splits), batch=batch,
-                                               sparsity=s, weight_bytes=weight_bytes, config=config.as_dict(),
-                                               regime=regime, cublas_us=cublas_us, dense_fallback_us=fallback_us)
+                                               sparsity=s, masks=source.spec, weight_bytes=weight_bytes,
+                                               config=config.as_dict(), regime=regime, cublas_us=cublas_us,
+                                               dense_fallback_us=fallback_us)
                     try:
                         # Correctness on a fresh input, output poisoned first.
                         xc = torch.randn(batch, k, device=device, dtype=torch_dtype)
@@ -487,23 +524,30 @@ def run(
                         ref = _reference64(xc, w64, tc, splits)
                         row["rel_err"] = _rel_err(out, ref)
                         row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
-                        thr = [_thresholds(x, s, len(splits)) for x in xs]
-                        row["measured_sparsity"], row["union_density"] = _sparsity_stats(xs, thr)
+                        if s > 0:  # inputs whose survivors follow the mask source
+                            txs, thr, drawn = masked_inputs(source, proj, k, batch, s, max(copies, mask_inputs),
+                                                            torch_dtype, len(splits), device, seed)
+                            row["mask_imbalance"] = imbalance(drawn)
+                        else:
+                            txs, thr = xs, [_thresholds(x, s, len(splits)) for x in xs]
+                        weights = [w_ts[j % copies] for j in range(len(txs))]
+                        row["timed_inputs"] = len(txs)
+                        row["measured_sparsity"], row["union_density"] = _sparsity_stats(txs, thr)
                         us = time_graph_us([
                             lambda x=x, w=w, t=t: torch.ops.teal.sparse_linear(x, w, t, list(splits), None, regime)
-                            for x, w, t in zip(xs, w_ts, thr)
+                            for x, w, t in zip(txs, weights, thr)
                         ])
                         naive_us = time_graph_us([
-                            lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(xs, w_ts, thr)
+                            lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(txs, weights, thr)
                         ], min_calls=8, replays=10)
                         row.update(us=us, naive_us=naive_us)
                         if config.gather and batch == 1:  # phase A alone
                             row["compact_us"] = time_graph_us([
-                                lambda x=x, t=t: compact_input(x, t, None, len(splits)) for x, t in zip(xs, thr)
+                                lambda x=x, t=t: compact_input(x, t, None, len(splits)) for x, t in zip(txs, thr)
                             ])
                     except Exception:  # noqa: BLE001 - one broken row must not lose the run
                         row["error"] = traceback.format_exc()[-2000:]
-                        console.print(f"[red]error[/] {model} {proj} B={batch} s={s}\n{row['error']}")
+                        console.print(f"[red]error[/] {model} {proj} B={batch} s={s} {source.spec}\n{row['error']}")
                     data["results"].append(row)
                 del xs
             del ws, w_ts, w64
@@ -526,6 +570,7 @@ def run(
     for row in data["results"]:
         _derive(row, copy_bw)
     data["targets"] = check_targets(data["results"])
+    data["mask_comparison"] = mask_comparison(data["results"])
     _print_results(data, console)
     if json_path is not None:
         write_json(data, json_path)
@@ -557,7 +602,7 @@ def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r.get("batch") != 1 or "us" not in r:
             continue
-        name = f"{r['model']}/{r['proj']} s={r['sparsity']}"
+        name = f"{r['model']}/{r['proj']} s={r['sparsity']}" + _masks_label(r)
         square = r["K"] == 4096 and r["N"] == 4096
         if r["sparsity"] <= 0.65:
             goal = 0.65 if square else 0.80
@@ -573,8 +618,33 @@ def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if "rel_err" in r:
             ok = r["rel_err"] <= 1e-2
             if not ok:
-                out.append(dict(check="rel_err", case=f"{r['model']}/{r['proj']} B={r['batch']} s={r['sparsity']}",
+                out.append(dict(check="rel_err", case=f"{r['model']}/{r['proj']} B={r['batch']} s={r['sparsity']}"
+                                                      + _masks_label(r),
                                 value=r["rel_err"], goal=1e-2, ok=False))
+    return out
+
+
+def _masks_label(row: dict[str, Any]) -> str:
+    masks = row.get("masks", "random")
+    return "" if masks == "random" else f" masks={masks}"
+
+
+def mask_comparison(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, projection, batch, sparsity > 0): each non-random mask source's time against the random
+    masks' of the same run (``us_ratio`` > 1: slower on the real pattern), with both measured sparsities and
+    the survivor imbalance over 132 static slices."""
+    timed = {(r["model"], r["proj"], r["batch"], r["sparsity"], r.get("masks", "random")): r
+             for r in rows if "us" in r and r["sparsity"] > 0}
+    out = []
+    for (model, proj, batch, s, masks), r in timed.items():
+        base = timed.get((model, proj, batch, s, "random"))
+        if masks == "random" or base is None:
+            continue
+        out.append(dict(model=model, proj=proj, batch=batch, sparsity=s, masks=masks, us=r["us"], random_us=base["us"],
+                        us_ratio=r["us"] / base["us"], measured_sparsity=r["measured_sparsity"],
+                        random_measured_sparsity=base["measured_sparsity"],
+                        imbalance_132=r["mask_imbalance"].get("132", {}).get("max_over_mean"),
+                        random_imbalance_132=base["mask_imbalance"].get("132", {}).get("max_over_mean")))
     return out
 
 
@@ -583,17 +653,18 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
 
     copy_tbps = data["copy_bandwidth_Bps"] / 1e12
     table = Table(title=f"sparse GEMV on {data['device']} ({data['dtype']}), copy {copy_tbps:.2f} TB/s")
-    cols = ["model", "proj", "B", "s", "us", "cuBLAS", "naive", "phase A", "eff bw",
+    cols = ["model", "proj", "B", "s", "masks", "us", "cuBLAS", "naive", "phase A", "eff bw",
             "x cuBLAS", "x naive", "rel err", "path"]
     for col in cols:
         table.add_column(col, justify="right")
     for r in data["results"]:
         if "us" not in r:
-            table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", "error",
-                          *[""] * (len(cols) - 5))
+            table.add_row(r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", r.get("masks", "random"),
+                          "error", *[""] * (len(cols) - 6))
             continue
         table.add_row(
-            r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", f"{r['us']:.1f}", f"{r['cublas_us']:.1f}",
+            r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", r.get("masks", "random"), f"{r['us']:.1f}",
+            f"{r['cublas_us']:.1f}",
             f"{r['naive_us']:.1f}", f"{r['compact_us']:.1f}" if "compact_us" in r else "",
             f"{r['eff_bw_frac']:.0%}", f"{r['speedup_vs_cublas']:.2f}", f"{r['speedup_vs_naive']:.2f}",
             f"{r['rel_err']:.1e}", r.get("path", "?"),
@@ -601,6 +672,11 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
     console.print(table)
     for line in compact_summary(data):
         print(line, flush=True)
+    for c in data.get("mask_comparison", []):
+        print(f"masks {c['masks']} vs random: {c['model']} {c['proj']} B={c['batch']} s={c['sparsity']:g}: "
+              f"{c['us']:.1f} vs {c['random_us']:.1f} us (x{c['us_ratio']:.3f}), measured sparsity "
+              f"{c['measured_sparsity']:.4f} vs {c['random_measured_sparsity']:.4f}, busiest of 132 slices "
+              f"{c['imbalance_132']:.2f} vs {c['random_imbalance_132']:.2f} x mean", flush=True)
     if data["tuning"]:
         console.print("tuned table entries (teal/kernels/configs.py TUNED, or TUNED_CUDA for cuda=True):")
         for t in data["tuning"]:
@@ -617,18 +693,19 @@ def _print_results(data: dict[str, Any], console: Any) -> None:
 
 
 def compact_summary(data: dict[str, Any]) -> list[str]:
-    """One line per (model, projection, batch): times in us per sparsity (and the gather path's phase A)."""
-    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    """One line per (model, projection, batch, mask source): times in us per sparsity (and the gather path's
+    phase A)."""
+    groups: dict[tuple[str, str, int, str], list[dict[str, Any]]] = {}
     for r in data.get("results", []):
-        groups.setdefault((r["model"], r["proj"], r["batch"]), []).append(r)
+        groups.setdefault((r["model"], r["proj"], r["batch"], _masks_label(r)), []).append(r)
     lines = []
-    for (model, proj, batch), rows in groups.items():
+    for (model, proj, batch, label), rows in groups.items():
         rows = sorted(rows, key=lambda r: r["sparsity"])
         timed = [r for r in rows if "us" in r]
         if not timed:
-            lines.append(f"{model} {proj} B={batch}: no timed rows")
+            lines.append(f"{model} {proj} B={batch}{label}: no timed rows")
             continue
-        head = f"{model} {proj} {rows[0]['K']}x{rows[0]['N']} B={batch} cuBLAS {timed[0]['cublas_us']:.1f}"
+        head = f"{model} {proj} {rows[0]['K']}x{rows[0]['N']} B={batch}{label} cuBLAS {timed[0]['cublas_us']:.1f}"
         cells = [f"s={r['sparsity']:g}: {r['us']:.1f}" + (f"/A {r['compact_us']:.1f}" if "compact_us" in r else "")
                  for r in timed]
         lines.append(head + " | " + " | ".join(cells))
@@ -643,6 +720,8 @@ def plot(data: dict[str, Any], out_png: str | os.PathLike[str]) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in data.get("results", []) if "us" in r]
+    first = data.get("masks", ["random"])[0]
+    rows = [r for r in rows if r["sparsity"] == 0 or r.get("masks", "random") == first]  # the first source's
     if not rows:
         raise ValueError("plot: the data holds no timed results")
     batch = min(r["batch"] for r in rows)
