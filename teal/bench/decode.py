@@ -40,12 +40,13 @@ from teal.engine.reference import activation_threshold_levels, decode_sparsity, 
 from teal.kernels.ops import cuda_kernel_available, silu_mul, sparse_linear_reference  
 from teal.bench.masks import MaskSource
 from teal.bench.results import decode_header, process_start_time, write_json  
-from teal.bench.shaping import ProfileShaper, keep_rates, mask_report
+from teal.bench.shaping import ProfileShaper, decode_thresholds, keep_rates, mask_report
 from teal.bench.timing import bytes_per_token, copy_bandwidth, time_engine  
 
 DEFAULT_SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65)
 MASK_STEPS = 64  # eager decode steps whose masks each (sparsity, mask source) report describes
 SHAPE_PROMPTS = 2  # random prompts (of up to 256 tokens) whose activations set the shaping factors
+THRESHOLD_STEPS = 32  # with a real mask source: eager decode steps whose |x| quantiles give every row's thresholds
 TWIN_SEED = 0  # weights of check_twin's random HF twin
 SPARSE_CHECK_STEPS = 64  # teacher-forced decode steps of check_twin's bf16 sparse check
 FP32_REL_ERR_BOUND = 1e-4  # engine vs HF logits in fp32 on the GPU
@@ -493,7 +494,9 @@ def run(
         levels = {s: resolve_thresholds(thresholds, s, engine) for s in sparsities}
     else:
         levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib_ids, sparsities))}
-    data["thresholds_source"] = "artifact" if thresholds is not None else "quantiles of |x| over a random prompt"
+    data["thresholds_source"] = ("artifact" if thresholds is not None else "quantiles of |x| over a random prompt"
+                                 if not real else f"s > 0: quantiles of |x| over {THRESHOLD_STEPS} greedy decode steps "
+                                 "after a random prompt, per mask source (its weights shaped first)")
     data["measured_sparsity_source"] = ("zeros of the timed generation's decode steps (its prompt and tokens, "
                                         "replayed eagerly), per sparsity setting: the first timed row's tokens")
     del hf
@@ -516,10 +519,11 @@ def run(
         th, cs = levels[s]
         if shaper is not None and s > 0:  # shape the weights to this source (random: undo), then thresholds
             summary = phase(f"shape {source.spec} s={s}", lambda: shaper.apply(source, s, shape_ids, mask_seed))
-            if summary is None:
+            th = phase(f"thresholds {source.spec} s={s}", lambda: decode_thresholds(
+                engine, calib_ids, min(THRESHOLD_STEPS, max_seq_len - prompt_len), s))
+            if summary is None or th is None:
                 continue
             data["shaping"].append(summary)
-            th = activation_threshold_levels(engine, calib_ids, [s])[0]
         reported = mask_steps <= 0 or s == 0
         # s = 0: the kernel for every group (the engine's default where the CUDA C++ kernel runs), cuBLAS for
         # every group, and the kernel for q|k|v and o with cuBLAS for the MLP (in isolation on the H200 the

@@ -171,6 +171,36 @@ class ProfileShaper:
 
 
 @torch.no_grad()
+def decode_thresholds(engine: Any, ids: torch.Tensor, steps: int, sparsity: float) -> dict[str, float]:
+    """Thresholds that zero the fraction ``sparsity`` of each projection's inputs over ``steps`` greedy eager
+    decode steps after a dense prefill of ``ids``: measured where the timed steps run (the prompt's positions
+    see shorter attention averages than the decode steps', so prefill quantiles drift from the target)."""
+    from teal.engine.model import PROJECTIONS
+    from teal.engine.reference import PROJ_SITE
+
+    values: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+    def observe(layer: int, site: str, x: torch.Tensor) -> None:
+        values.setdefault((layer, site), []).append(x.detach().abs().float().flatten())
+
+    engine.set_thresholds(None)
+    ids = ids.to(engine.device)
+    token = engine.prefill(ids).argmax(-1)
+    for step in range(steps):
+        pos = torch.tensor([ids.shape[0] + step], device=engine.device)
+        token = engine.decode(token, pos, observer=observe).argmax(-1)
+    out: dict[str, float] = {}
+    for (layer, site), chunks in values.items():
+        ordered = torch.cat(chunks).sort().values
+        k = max(1, min(ordered.numel(), round(sparsity * ordered.numel())))
+        t = float(ordered[k - 1]) if sparsity > 0 else -1.0
+        for p in PROJECTIONS:
+            if PROJ_SITE[p] == site:
+                out[f"layers.{layer}.{p}"] = t
+    return out
+
+
+@torch.no_grad()
 def keep_rates(engine: Any, ids: torch.Tensor, steps: int, thresholds: dict[str, float],
                tokens: list[int] | None = None) -> dict[tuple[int, str], torch.Tensor]:
     """Survivor masks [steps, K] of every (layer, site) over ``steps`` eager decode steps after a dense prefill
@@ -211,4 +241,4 @@ def mask_report(masks: dict[tuple[int, str], torch.Tensor], targets: dict[tuple[
     return out
 
 
-__all__ = ["ProfileShaper", "expand_groups", "keep_rates", "mask_report", "row_quantiles"]
+__all__ = ["ProfileShaper", "decode_thresholds", "expand_groups", "keep_rates", "mask_report", "row_quantiles"]
