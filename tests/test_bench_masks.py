@@ -19,6 +19,7 @@ from teal.bench.masks import (
     sample_masks,
     shift_to_rate,
     stretch,
+    stretch_blocks,
 )
 from teal.keep_profile import KeepProfile, KeepProfileError
 
@@ -40,7 +41,7 @@ def synthetic_profile(tmp_path, hidden=128, q_size=128, inter=352, layers=2, lev
         for site, k in (("attn_in", hidden), ("attn_out", q_size), ("mlp_in", hidden), ("mlp_mid", inter)):
             counts[f"layers.{i}.{site}"] = (skewed(k, seed + i) * tokens).round().long()
             quantiles[f"layers.{i}.{site}"] = torch.linspace(0.3, 0.7, 101, dtype=torch.float64)
-    profile = KeepProfile(info={"name": "synthetic"}, tokens=tokens, counts={f"{level:g}": counts},
+    profile = KeepProfile(info={"name": "synthetic", "model": {"num_attention_heads": 4}}, tokens=tokens, counts={f"{level:g}": counts},
                           token_quantiles={f"{level:g}": quantiles})
     return profile.save(tmp_path / "synthetic.safetensors")
 
@@ -61,6 +62,24 @@ def test_stretch_keeps_the_sorted_distribution_and_the_mean(width):
     assert torch.equal(stretch(src, width, seed=3), out)
     assert not torch.equal(stretch(src, width, seed=4), out)
     assert index_structure(out, 8)["recorded_order"] < 0.2
+
+
+def test_stretch_blocks_keeps_whole_heads():
+    """o's input: heads whose channels are mostly kept or mostly dropped stay whole heads when stretched."""
+    g = torch.Generator().manual_seed(0)
+    head_means = torch.tensor([0.05, 0.2, 0.5, 0.6, 0.8, 0.95, 0.4, 0.3, 0.7], dtype=torch.float64)
+    src = (head_means[:, None] + 0.05 * torch.randn(9, 64, generator=g, dtype=torch.float64)).clamp(0, 1).flatten()
+    out = stretch_blocks(src, 64, 4096, 128, rate=0.5, seed=1)
+    assert out.numel() == 4096 and float(out.mean()) == pytest.approx(0.5, abs=1e-9)
+    structure = index_structure(out, 32)
+    assert structure["recorded_order"] > 3 * structure["permuted"]
+    assert index_structure(stretch(src, 4096, rate=0.5, seed=1), 32)["recorded_order"] < 0.1
+    # each head is one source head's channels: its spread is a head's, not the whole profile's
+    unshifted = stretch_blocks(src, 64, 4096, 128, seed=1).view(32, 128)
+    assert float(unshifted.std(dim=1).max()) < 0.1 < float(src.std())
+    distance = (unshifted.mean(dim=1)[:, None] - src.view(9, 64).mean(dim=1)[None, :]).abs()
+    assert float(distance.min(dim=1).values.max()) < 0.01  # every head is near one source head's mean ...
+    assert set(distance.argmin(dim=1).tolist()) == set(range(9))  # ... and every source head is used
 
 
 def test_shift_to_rate_reaches_each_rate():

@@ -6,8 +6,9 @@ Per model, level and site kind (averaged over layers):
 - the per-token keep fraction's spread (5-95 % quantiles);
 - index structure: the spread (std / mean) of the mean frequency over 8 and 32 contiguous channel blocks in the
   recorded channel order, against the same channels randomly permuted (what `teal.bench.masks.stretch` does);
-- the imbalance of masks sampled from the profile stretched to Llama-3-8B's widths over 132 static slices,
-  against uniform masks at the same rate.
+- the imbalance of masks sampled from the profile's middle layer stretched to Llama-3-8B's widths (as
+  `teal bench kernels --masks real:...` does: o's input head by head) over 132 static slices, against uniform
+  masks at the same rate.
 
 Run: PYTHONPATH=$PWD python benchmarks/scripts/keep_profile_stats.py
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from teal.bench.masks import PROFILE_DIR, imbalance, index_structure, sample_masks, stretch
+from teal.bench.masks import PROFILE_DIR, MaskSource, imbalance, index_structure, sample_masks
 from teal.keep_profile import SITES, KeepProfile
 
 WIDTH = {"attn_in": 4096, "attn_out": 4096, "mlp_in": 4096, "mlp_mid": 14336}  # Llama-3-8B
@@ -45,7 +46,7 @@ def main() -> None:
                     return sum(r[key] for r in rows) / len(rows)
 
                 layer = profile.n_layers // 2
-                p = stretch(freqs[layer], WIDTH[site], rate=1 - level, seed=layer)
+                p = MaskSource(f"real:{path.stem}", profile).probabilities(site, layer, WIDTH[site], level, 0, 128)
                 real = imbalance(sample_masks(p, 256, rate_quantiles=profile.rate_quantiles(level, site)[layer]),
                                  (132,))["132"]["max_over_mean"]
                 uniform = imbalance(sample_masks(torch.full_like(p, 1 - level), 256), (132,))["132"]["max_over_mean"]

@@ -83,22 +83,24 @@ MAX_REL_ERR = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE = "cuda"
 MASK_INPUTS = 32  # distinct masked inputs per timed graph (cycled over the rotated weight copies)
+HEAD_DIM = {"llama-3-8b": 128, "llama-2-7b": 128, "llama-2-70b-tp2": 128, "gemma-3-12b": 256}  # o's input blocks
 
 
 def masked_inputs(
     source: MaskSource, proj: str, k: int, batch: int, sparsity: float, n_inputs: int, dtype: torch.dtype,
-    segments: int, device: torch.device | str, seed: int = 0,
+    segments: int, device: torch.device | str, seed: int = 0, head_dim: int | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """``n_inputs`` inputs [batch, k] whose survivors under threshold 1.0 (one per segment) follow ``source``
     at ``sparsity``: input j draws its rows' masks from the profile's layer j (cycling), for the site that
-    feeds ``proj``. Returns (inputs, thresholds, all masks [n_inputs * batch, k])."""
+    feeds ``proj`` (o's input stretched head by head with ``head_dim``). Returns (inputs, thresholds, all masks
+    [n_inputs * batch, k])."""
     site = GROUP_SITE[proj]
     gen = torch.Generator().manual_seed(seed)
     layers = 1 if source.is_random else source.profile.n_layers
     masks = torch.empty(n_inputs, batch, k, dtype=torch.bool)
     for layer in range(min(layers, n_inputs)):
         rows = list(range(layer, n_inputs, layers))
-        p = source.probabilities(site, layer, k, sparsity, seed)
+        p = source.probabilities(site, layer, k, sparsity, seed, head_dim)
         drawn = sample_masks(p, len(rows) * batch, rate_quantiles=source.rate_quantiles(site, layer, sparsity),
                              generator=gen)
         masks[rows] = drawn.view(len(rows), batch, k)
@@ -526,7 +528,8 @@ def run(
                         row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
                         if s > 0:  # inputs whose survivors follow the mask source
                             txs, thr, drawn = masked_inputs(source, proj, k, batch, s, max(copies, mask_inputs),
-                                                            torch_dtype, len(splits), device, seed)
+                                                            torch_dtype, len(splits), device, seed,
+                                                            HEAD_DIM.get(model))
                             row["mask_imbalance"] = imbalance(drawn)
                         else:
                             txs, thr = xs, [_thresholds(x, s, len(splits)) for x in xs]

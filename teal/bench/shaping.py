@@ -8,8 +8,8 @@ threshold t at the rate p_c of the profile (stretched to the engine's widths, `t
 - q|k|v and gate|up inputs (``attn_in``, ``mlp_in``): the RMSNorm weight of channel c (Gemma's ``1 + w``
   as a whole);
 - o's input (``attn_out``): column c of v (attention mixes v's channels over positions, never across them;
-  with grouped KV heads one v channel feeds the heads of its group, so the profile is stretched to the v
-  channels and shared by the group's heads);
+  with grouped KV heads one v channel feeds the heads of its group, so the profile is stretched head by head
+  to the v channels and shared by the group's heads);
 - down's input (``mlp_mid``): column c of up (act(gate) * up is linear in up).
 
 f_c = t / q_c, where q_c is the (1 - p_c) quantile of |x_c| over a dense prefill of random tokens with
@@ -156,7 +156,7 @@ class ProfileShaper:
         for layer in range(self.engine.config.n_layers):
             for site in SITE_ORDER:
                 groups, _ = _groups(self.engine, site)
-                p = source.probabilities(site, layer, groups, sparsity, seed)
+                p = source.probabilities(site, layer, groups, sparsity, seed, self.engine.config.head_dim)
                 rows = torch.cat([_grouped(self.engine, site, self._capture(x, layer, site)) for x in prompts], dim=1)
                 q = row_quantiles(rows, 1.0 - p).double().cpu().clamp_min(1e-30)
                 t = q.median()
