@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from teal.bench.masks import GROUP_SITE, MaskSource, imbalance, inputs_for_masks, sample_masks
+from teal.bench.masks import GROUP_SITE, MaskSource, imbalance, inputs_for_masks, sample_masks, token_rates
 from teal.bench.results import git_commit, write_json
 from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
@@ -98,12 +98,15 @@ def masked_inputs(
     gen = torch.Generator().manual_seed(seed)
     layers = 1 if source.is_random else source.profile.n_layers
     masks = torch.empty(n_inputs, batch, k, dtype=torch.bool)
-    for layer in range(min(layers, n_inputs)):
-        rows = list(range(layer, n_inputs, layers))
+    used = range(min(layers, n_inputs))
+    rows = [list(range(layer, n_inputs, layers)) for layer in used]
+    quantiles = [source.rate_quantiles(site, layer, sparsity) for layer in used]
+    rates = (token_rates(quantiles, [len(r) * batch for r in rows], 1.0 - sparsity, gen)
+             if all(q is not None for q in quantiles) else [None] * len(rows))
+    for layer, layer_rows, layer_rates in zip(used, rows, rates):
         p = source.probabilities(site, layer, k, sparsity, seed, head_dim)
-        drawn = sample_masks(p, len(rows) * batch, rate_quantiles=source.rate_quantiles(site, layer, sparsity),
-                             generator=gen)
-        masks[rows] = drawn.view(len(rows), batch, k)
+        drawn = sample_masks(p, len(layer_rows) * batch, rates=layer_rates, generator=gen)
+        masks[layer_rows] = drawn.view(len(layer_rows), batch, k)
     xs = [inputs_for_masks(m, dtype, gen).to(device) for m in masks]
     thr = [torch.ones(segments, dtype=torch.float32, device=device) for _ in xs]
     return xs, thr, masks.view(-1, k)

@@ -29,7 +29,7 @@ benchmarks/profiles/, e.g. ``real:smollm2-135m``); several, comma-separated.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class MaskSource:
 
     spec: str
     profile: KeepProfile | None = None
+    _stretched_cache: dict = field(default_factory=dict, compare=False, repr=False)  # reused across rows
 
     @property
     def is_random(self) -> bool:
@@ -73,6 +74,14 @@ class MaskSource:
         rate = 1.0 - sparsity
         if self.profile is None:
             return torch.full((width,), rate, dtype=torch.float64)
+        key = (site, layer, width, round(sparsity, 9), seed, head_dim)
+        if key not in self._stretched_cache:
+            self._stretched_cache[key] = self._stretched(site, layer, width, sparsity, seed, head_dim)
+        return self._stretched_cache[key]
+
+    def _stretched(self, site: str, layer: int, width: int, sparsity: float, seed: int, head_dim: int | None
+                   ) -> torch.Tensor:
+        rate = 1.0 - sparsity
         freqs = self.profile.frequencies(sparsity, site)
         source = freqs[layer % len(freqs)]
         heads = (self.profile.info.get("model") or {}).get("num_attention_heads")
@@ -150,16 +159,17 @@ def shift_to_rate(p: torch.Tensor, rate: torch.Tensor | float) -> torch.Tensor:
     if bool(((rate_t < 0) | (rate_t > 1)).any()):
         raise ValueError(f"keep rates must lie in [0, 1], got {rate_t.min().item()}..{rate_t.max().item()}")
     logit = _logit(p.flatten())
-    flat = rate_t.flatten()
-    if flat.numel() > 64:  # many rates: bisect on a grid of them, interpolate d (smooth and increasing in rate)
-        grid = torch.linspace(float(flat.min()), float(flat.max()), 129, dtype=torch.float64)
+    flat, inverse = rate_t.flatten().unique(return_inverse=True)
+    if flat.numel() > 16:  # many rates: bisect on a grid of them, interpolate d (smooth and increasing in rate)
+        grid = torch.linspace(float(flat.min()), float(flat.max()), 33, dtype=torch.float64)
         d_grid = _shift(logit, grid)
         pos = (flat - grid[0]) / max(float(grid[1] - grid[0]), 1e-300)
-        i = pos.floor().long().clamp(0, 127)
+        i = pos.floor().long().clamp(0, 31)
         w = (pos - i).clamp(0, 1)
         d = d_grid[i] * (1 - w) + d_grid[i + 1] * w
     else:
         d = _shift(logit, flat)
+    d = d[inverse.flatten()]
     out = torch.sigmoid(logit[None, :] + d[:, None])
     return out.reshape(*rate_t.shape, -1) if rate_t.dim() else out[0]
 
@@ -221,11 +231,35 @@ def index_structure(freqs: torch.Tensor, parts: int, seed: int = 0) -> dict[str,
 
 
 # ---- masks ------------------------------------------------------------------------------------------
+def token_rates(quantiles: list[torch.Tensor], counts: list[int], rate: float,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """Per-token keep rates for groups of tokens (``counts[i]`` tokens drawing from ``quantiles[i]`` [Q], the
+    quantiles of a real model's per-token keep fraction): stratified over all the tokens together, each
+    re-centred on ``rate`` (the quantiles' own mean removed), then shifted so that the mean over all tokens is
+    exactly ``rate`` (a handful of tokens then averages to the target, not to a random draw near it)."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    total = sum(counts)
+    u = (torch.randperm(total, generator=gen).double() + torch.rand(total, generator=gen, dtype=torch.float64)) / total
+    out, start = [], 0
+    for q, n in zip(quantiles, counts):
+        q = q.double().flatten()
+        grid = torch.linspace(0, 1, q.numel(), dtype=torch.float64)
+        uu = u[start:start + n]
+        idx = (uu * (q.numel() - 1)).floor().long().clamp(max=q.numel() - 2)
+        w = (uu - grid[idx]) / (grid[idx + 1] - grid[idx])
+        out.append(q[idx] * (1 - w) + q[idx + 1] * w - q.mean() + rate)
+        start += n
+    allr = torch.cat(out)
+    shift = rate - float(allr.mean())
+    return [(r + shift).clamp(1e-6, 1 - 1e-6) for r in out]
+
+
 def sample_masks(
     p: torch.Tensor,
     n_tokens: int,
     *,
     rate_quantiles: torch.Tensor | None = None,
+    rates: torch.Tensor | None = None,
     exact_count: bool = True,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -235,20 +269,18 @@ def sample_masks(
     from them (stratified over the tokens) and re-centred on mean(p), and its probabilities are p shifted to
     that rate; None: every token keeps mean(p) of the channels. ``exact_count``: each token keeps exactly
     round(rate * K) channels (systematic sampling in a random order, inclusion probabilities exactly the
-    token's p); else independent Bernoulli draws.
+    token's p); else independent Bernoulli draws. ``rates`` [n_tokens]: the tokens' rates, given (`token_rates`).
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     p = p.double().flatten()
     k = p.numel()
     mean = float(p.mean())
-    if rate_quantiles is not None:
-        q = rate_quantiles.double().flatten()
-        u = (torch.randperm(n_tokens, generator=gen).double() + torch.rand(n_tokens, generator=gen, dtype=torch.float64)) / n_tokens
-        grid = torch.linspace(0, 1, q.numel(), dtype=torch.float64)
-        idx = (u * (q.numel() - 1)).floor().long().clamp(max=q.numel() - 2)
-        w = (u - grid[idx]) / (grid[idx + 1] - grid[idx])
-        drawn = q[idx] * (1 - w) + q[idx + 1] * w
-        rates = (drawn - q.mean() + mean).clamp(1.0 / k, 1.0 - 1.0 / k)
+    if rates is not None:
+        rates = rates.double().flatten().clamp(1.0 / k, 1.0 - 1.0 / k)
+        if rates.numel() != n_tokens:
+            raise ValueError(f"rates has {rates.numel()} entries for {n_tokens} tokens")
+    elif rate_quantiles is not None:
+        rates = token_rates([rate_quantiles], [n_tokens], mean, gen)[0].clamp(1.0 / k, 1.0 - 1.0 / k)
     else:
         rates = torch.full((n_tokens,), mean, dtype=torch.float64)
     if exact_count:
@@ -315,4 +347,4 @@ def channel_rate_fit(target: torch.Tensor, measured: torch.Tensor) -> dict[str, 
 
 
 __all__ = ["GROUP_SITE", "MaskSource", "channel_rate_fit", "imbalance", "index_structure", "inputs_for_masks",
-           "parse_masks", "resolve_profile", "sample_masks", "shift_to_rate", "stretch", "stretch_blocks"]
+           "parse_masks", "resolve_profile", "sample_masks", "shift_to_rate", "stretch", "stretch_blocks", "token_rates"]
