@@ -251,6 +251,8 @@ def test_bench_decode_times_random_and_real_masks_on_cpu(tmp_path):
     reports = {m["masks"]: m for m in saved["mask_reports"]}
     assert set(reports) == {"random", real.spec}
     assert "channel_fit" not in reports["random"]["sites"]["mlp_mid"]
+    for site, entry in reports[real.spec]["sites"].items():  # each step keeps the channels the profile favours
+        assert entry["target_of_kept"] > entry["target_of_zeroed"] + 0.1, (site, entry)
     assert reports[real.spec]["sites"]["mlp_mid"]["channel_fit"]["corr"] > 0.5
     assert {"8", "32", "tokens"} <= set(reports[real.spec]["sites"]["mlp_mid"]["imbalance"])
     (cmp,) = saved["mask_comparison"]

@@ -698,7 +698,9 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
     for m in data.get("mask_reports", []):
         log(f"mask report s={m['sparsity']:g} {m['masks']}: " + "; ".join(
             f"{site} keep {e['keep_rate']:.3f}, busiest of 132 slices {e['imbalance'].get('132', {}).get('max_over_mean', float('nan')):.2f}x"
-            + (f", channel fit r={e['channel_fit']['corr']:.3f}" if "channel_fit" in e else "")
+            + (f", channel fit r={e['channel_fit']['corr']:.3f}, target of kept / zeroed {e['target_of_kept']:.3f} / "
+               f"{e['target_of_zeroed']:.3f} (ideal {e['ideal_target_of_kept']:.3f} / {e['ideal_target_of_zeroed']:.3f})"
+               if "channel_fit" in e else "")
             for site, e in m["sites"].items()))
     for e in data["errors"]:
         log(f"error: {e}")

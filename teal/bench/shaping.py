@@ -237,6 +237,18 @@ def mask_report(masks: dict[tuple[int, str], torch.Tensor], targets: dict[tuple[
             rates = torch.cat([masks[k].float().mean(dim=0) for k in keys])
             target = torch.cat([targets[k] for k in keys])
             entry["channel_fit"] = channel_rate_fit(target, rates)
+            # per step: the targets of the channels kept and of those zeroed (greedy decoding of random weights
+            # repeats tokens, which blurs rates over steps but not which channels each step keeps); a sampler
+            # with exactly the target probabilities would give the ideal_ values
+            kept = sum(float((masks[k].double() * targets[k]).sum()) for k in keys)
+            zeroed = sum(float(((~masks[k]).double() * targets[k]).sum()) for k in keys)
+            n_kept = sum(float(masks[k].sum()) for k in keys)
+            n_zeroed = sum(float((~masks[k]).sum()) for k in keys)
+            t = target.double()
+            entry["target_of_kept"] = kept / max(n_kept, 1.0)
+            entry["target_of_zeroed"] = zeroed / max(n_zeroed, 1.0)
+            entry["ideal_target_of_kept"] = float((t * t).sum() / t.sum())
+            entry["ideal_target_of_zeroed"] = float((t * (1 - t)).sum() / (1 - t).sum())
         out[site] = entry
     return out
 
