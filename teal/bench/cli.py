@@ -226,7 +226,7 @@ def decode_command(
     masks: str = typer.Option("random", "--masks", help=MASKS_HELP + "; real: the random-weight shape's channels "
                               "are scaled so that its survivors follow the profile (not with --model/--artifact)"),
     mask_steps: int = typer.Option(64, min=0, help="decode steps whose survivor masks each (sparsity, masks) "
-                                                   "report describes: imbalance, keep rate, fit (0: no report)"),
+                                                   "report describes: imbalance, keep rate, fit (0: no report; runs with real:… masks only)"),
 ) -> None:
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA; --device cpu for a
     smoke test)."""

@@ -524,7 +524,8 @@ def run(
             if summary is None or th is None:
                 continue
             data["shaping"].append(summary)
-        reported = mask_steps <= 0 or s == 0
+        # mask reports only in runs that compare real masks (a random-only run times as before)
+        reported = mask_steps <= 0 or s == 0 or all(m.is_random for m in masks)
         # s = 0: the kernel for every group (the engine's default where the CUDA C++ kernel runs), cuBLAS for
         # every group, and the kernel for q|k|v and o with cuBLAS for the MLP (in isolation on the H200 the
         # kernel wins on the small projections at s = 0, cuBLAS on the large)
