@@ -2,23 +2,29 @@
 
 One artifact per model, built as `run_quality.py` builds the report's: dense histograms on
 ``--calib-tokens`` of the calibration split of ``--calib-data`` (olmo-wiki), TEAL's greedy allocation
-(lazy, ``--alloc-tokens``, ``--step``), then the sequential tables of uniform and greedy as the
-default ``teal calibrate`` / ``teal allocate`` build them (the first ``--seq-tokens`` tokens of the
-calibration windows, one pass per level of ``--seq-levels``: the default grid 0.1, 0.2, ...; levels
-above the largest evaluated one never change its thresholds, so the grid may stop there).
+(lazy, ``--alloc-tokens``, ``--step``) where ``--methods`` has it, then the sequential table of every
+method as the default ``teal calibrate`` / ``teal allocate`` build them (the first ``--seq-tokens``
+tokens of the calibration windows, one pass per level of ``--seq-levels``: the default grid 0.1, 0.2,
+...; levels above the largest evaluated one never change its thresholds, so the grid may stop there).
 
-For uniform and greedy, with ``calibration="dense"`` (TEAL's thresholds) and ``"sequential"``
-(the default), at every nominal level of ``--levels``: PPL on the olmo-wiki and lambada evaluation
-splits and the six-task average (`run_quality.evaluate`: same text, windows, tasks, items and seed as
-the quality report), and the measured effective sparsity. Where a series' settings do not bracket a
-``--targets`` level in measured sparsity, one more setting is added just beyond it (nominal moved by
-the shortfall). Every comparison is then made at equal *measured* sparsity, interpolated between the
-two bracketing settings with the report's own rule (`run_quality.interpolate`). Writes
-``sequential-calibration-<model>.json`` (rewritten after every setting; ``--resume`` keeps the rows of
-a run with the same budgets, with the artifact kept in ``--artifacts``) and ``.md`` beside it.
+For every method, with ``calibration="dense"`` (TEAL's thresholds) and ``"sequential"`` (the
+default), at every nominal level of ``--levels``: PPL on the olmo-wiki and lambada evaluation splits
+and the measured effective sparsity on each (`run_quality.evaluate`: same text and windows as the
+quality report). Where a series' settings do not bracket a ``--targets`` level in measured sparsity,
+one more setting is added just beyond it (nominal moved by the shortfall). Then the six-task average
+(same tasks, items and seed as the report; the costly part) on the dense model and on the two settings
+of each series that bracket each ``--task-targets`` level. Every comparison is made at equal
+*measured* sparsity, interpolated between the two bracketing settings with the report's own rule
+(`run_quality.interpolate`). Writes ``sequential-calibration-<model>.json`` (rewritten after every
+setting; ``--resume`` keeps the rows of a run with the same budgets, with the artifact kept in
+``--artifacts``; a larger ``--task-targets`` adds tasks to kept rows) and the ``.md`` tables beside it
+(``--replot`` rewrites the ``.md`` from the JSON).
 
-    nice -n 10 python benchmarks/quality/sequential_calibration.py --model smollm2-135m \
-        --artifacts /tmp/teal-seqcal
+    python benchmarks/quality/sequential_calibration.py --model smollm2-135m --levels 0.25,0.4,0.5 \
+        --task-targets 0.5 --threads 2 --artifacts /tmp/seqcal-art
+    python benchmarks/quality/sequential_calibration.py --model gemma3-270m --methods uniform \
+        --levels 0.25,0.4,0.5 --task-targets 0.5 --threads 2 --artifacts /tmp/seqcal-art
+    (the committed results: the shared 2-core CPU, so Gemma with uniform only)
 """
 
 from __future__ import annotations
@@ -133,11 +139,13 @@ def markdown(data: dict) -> str:
         f"### Sequential vs dense calibration: {data['model']}",
         "",
         f"Artifact: dense histograms on {b['calib_tokens']:,} tokens of {data['calib_data']} (calibration split, "
-        f"windows of {b['calib_seq_len']}), greedy lazy on {b['alloc_tokens']:,} tokens (step {b['step']}); "
+        f"windows of {b['calib_seq_len']})"
+        + (f", greedy lazy on {b['alloc_tokens']:,} tokens (step {b['step']})" if "greedy" in data["methods"] else "")
+        + "; "
         f"sequential tables on the first {b['seq_tokens']:,} of those tokens at levels "
         f"{', '.join(f'{v:g}' for v in b['seq_levels'])}. Evaluation: olmo-wiki and lambada (evaluation splits, "
         f"{b['eval_tokens']:,} tokens each, windows of {b['eval_seq_len']}, every position sparsified), "
-        f"six tasks ({b['task_limit']} items each, seed {b['task_seed']}; run on the dense model and on the two "
+        f"{len(data['tasks'])} tasks ({b['task_limit']} items each, seed {b['task_seed']}; run on the dense model and on the two "
         f"settings of each series that bracket measured {', '.join(f'{v:g}' for v in data['task_targets'])}, "
         f"empty elsewhere); {data['dtype']} on the CPU. "
         f"Sequential tables measured on their calibration text: "
