@@ -82,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=50, help="items per task")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--task-targets", default=None,
-                   help="measured levels where the tasks are compared (default: --targets); the tasks run on "
+                   help="measured levels where the tasks are compared (default: --targets; 'none': no tasks, "
+                        "a later --resume may add them); the tasks run on "
                         "the dense model and on the two settings of each series that bracket each of them")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--threads", type=int, default=None)
@@ -209,7 +210,8 @@ def main(argv=None) -> int:
     levels, methods = floats(args.levels), [m for m in args.methods.split(",") if m]
     targets = floats(args.targets) if args.targets else levels
     seq_levels = floats(args.seq_levels)
-    task_targets = floats(args.task_targets) if args.task_targets else targets
+    task_targets = ([] if args.task_targets == "none" else
+                    floats(args.task_targets) if args.task_targets else targets)
     if max(levels + targets) > max(seq_levels):
         raise SystemExit(f"--seq-levels must reach the largest level evaluated ({max(levels + targets)})")
     t_start = time.perf_counter()
@@ -312,7 +314,7 @@ def main(argv=None) -> int:
             teal.sparsify_(model, th, level, method=method, calibration=cal, prefill="sparse")
         try:
             row = {"method": method, "calibration": cal, "sparsity": round(level, 4),
-                   **evaluate(model, tok, windows, args, method == "dense")}
+                   **evaluate(model, tok, windows, args, False)}
         finally:
             teal.densify_(model)
         data["results"].append(row)
@@ -340,7 +342,13 @@ def main(argv=None) -> int:
                           key=lambda r: r["sparsity"])
                 short = t - min(top["measured_sparsity"], top["measured_sparsity_lambada"])
                 measure(m, cal, round(top["sparsity"] + short + 0.01, 3))
-    # the tasks (the costly part) on the two settings of each series that bracket each task target
+    # the tasks (the costly part, after every PPL): the dense model, then the two settings of each series
+    # that bracket each task target
+    dense_row = next(r for r in data["results"] if r["method"] == "dense")
+    if task_targets and dense_row.get("tasks_avg") is None:
+        dense_row.update(evaluate_tasks(model, tok, args))
+        save()
+        log(f"dense: tasks {dense_row['tasks_avg']:.3f} ({dense_row['tasks_seconds']:.0f} s)")
     for m in methods:
         for cal in CALIBRATIONS:
             for t in task_targets:
