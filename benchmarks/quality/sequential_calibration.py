@@ -146,9 +146,10 @@ def markdown(data: dict) -> str:
         f"sequential tables on the first {b['seq_tokens']:,} of those tokens at levels "
         f"{', '.join(f'{v:g}' for v in b['seq_levels'])}. Evaluation: olmo-wiki and lambada (evaluation splits, "
         f"{b['eval_tokens']:,} tokens each, windows of {b['eval_seq_len']}, every position sparsified), "
-        f"{len(data['tasks'])} tasks ({b['task_limit']} items each, seed {b['task_seed']}; run on the dense model and on the two "
-        f"settings of each series that bracket measured {', '.join(f'{v:g}' for v in data['task_targets'])}, "
-        f"empty elsewhere); {data['dtype']} on the CPU. "
+        + (f"{len(data['tasks'])} tasks ({b['task_limit']} items each, seed {b['task_seed']}; run on the dense model "
+           f"and on the two settings of each series that bracket measured "
+           f"{', '.join(f'{v:g}' for v in data['task_targets'])}, empty elsewhere); " if data["task_targets"] else "")
+        + f"{data['dtype']} on the CPU. "
         f"Sequential tables measured on their calibration text: "
         + "; ".join(f"{m} {', '.join(f'{v:.3f}' for v in t['measured_on_calibration'])} ({t['seconds']:.0f} s)"
                     for m, t in data.get("sequential_tables", {}).items()) + ".",
