@@ -20,11 +20,9 @@ setting; ``--resume`` keeps the rows of a run with the same budgets, with the ar
 ``--artifacts``; a larger ``--task-targets`` adds tasks to kept rows) and the ``.md`` tables beside it
 (``--replot`` rewrites the ``.md`` from the JSON).
 
-    python benchmarks/quality/sequential_calibration.py --model smollm2-135m --levels 0.25,0.4,0.5 \
-        --task-targets 0.5 --threads 2 --artifacts /tmp/seqcal-art
-    python benchmarks/quality/sequential_calibration.py --model gemma3-270m --methods uniform \
-        --levels 0.25,0.4,0.5 --task-targets 0.5 --threads 2 --artifacts /tmp/seqcal-art
-    (the committed results: the shared 2-core CPU, so Gemma with uniform only)
+    python benchmarks/quality/sequential_calibration.py --model smollm2-135m --levels 0.25,0.4,0.5
+    (defaults: the quality report's budgets; the committed results used a reduced grid on the contended
+    CPU, their commands in benchmarks/quality/README.md, "Reproduce")
 """
 
 from __future__ import annotations
