@@ -1,0 +1,392 @@
+"""Quality of activation sparsity on quantized weights: PPL and the six-task average per weight format.
+
+For every weight format (``bf16``: the model's own weights; ``int8`` per output channel; ``int4-rtn``
+and ``int4-hqq``: group-wise int4, group 128, round to nearest or HQQ's optimiser, ``teal.quant``) the
+model is loaded afresh, quantized, and calibrated *on the quantized model* (magnitude score, the
+calibration split of ``--calib-data``, dense calibration as in the quality report), the ``fisher``
+allocation is added (the best allocation of the quality report), and every method (``teal-uniform``,
+``teal-fisher``) and nominal sparsity is measured with the harness of ``run_quality.py``
+(``prefill="sparse"``, PPL on the evaluation splits of olmo-wiki and lambada, the six tasks).
+
+Writes ``<out>/<model>-quant.json`` (rewritten after every setting; ``--resume`` skips the settings
+already in it) and ``<out>/<model>-quant.md`` (the tables: direct rows, PPL at equal measured
+sparsity, and where quantization and sparsity errors compound). ``--replot`` rewrites the .md from the
+JSON.
+
+    python benchmarks/quality/run_quant_quality.py --model smollm2-135m --out benchmarks/quality \
+        --artifacts out/quant-quality/artifacts --resume --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import teal
+from teal.artifact import atomic_write_json
+from teal.data import token_windows
+from teal.eval.tasks import DEFAULT_TASKS
+from teal.quant import QuantLinear, quantize_weights
+
+_spec = importlib.util.spec_from_file_location("run_quality", Path(__file__).resolve().parent / "run_quality.py")
+rq = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rq)  # the report's harness: evaluate, bracket, interpolate, slug, versions
+
+# label -> (teal.quant format, int4 method)
+FORMATS = {"bf16": ("bf16", "rtn"), "int8": ("int8", "rtn"), "int4-rtn": ("int4", "rtn"),
+           "int4-hqq": ("int4", "hqq")}
+METHODS = ("teal-uniform", "teal-fisher")
+TARGETS = (0.25, 0.4, 0.5)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--formats", default=",".join(FORMATS), help=f"comma list of {', '.join(FORMATS)}")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size")
+    p.add_argument("--methods", default=",".join(METHODS), help="teal-uniform and/or teal-fisher")
+    p.add_argument("--sparsities", default="0.25,0.4,0.5,0.55",
+                   help="nominal levels (0.55 brackets the 50 %% measured comparison from above)")
+    p.add_argument("--task-sparsities", default="0.25,0.4,0.5",
+                   help="levels at which the tasks run (besides dense); 'none' skips them")
+    p.add_argument("--task-formats", default=None, help="formats whose rows run the tasks (default: all)")
+    p.add_argument("--ppl-only-methods", default="",
+                   help="methods measured without tasks (a reduced grid)")
+    p.add_argument("--limit", type=int, default=50, help="items per task")
+    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--tokens", type=int, default=4096, help="evaluation tokens per PPL source")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--calib-data", default="olmo-wiki")
+    p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--calib-seq-len", type=int, default=2048)
+    p.add_argument("--calibration", default="dense", choices=("dense", "sequential"),
+                   help="teal.calibrate's calibration: dense (the quality report's: it predates sequential "
+                        "calibration) or sequential (tables at the evaluated levels)")
+    p.add_argument("--fisher-tokens", type=int, default=2048)
+    p.add_argument("--alloc-seq-len", type=int, default=512)
+    p.add_argument("--step", type=float, default=0.05)
+    p.add_argument("--artifacts", type=Path, default=None, help="keep/reuse the thresholds artifacts here")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--replot", action="store_true", help="only rewrite the .md from the JSON")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="combine the JSONs of runs split by format (each run's --out) into --out's JSON and .md")
+    return p.parse_args(argv)
+
+
+def floats(text: str) -> list[float]:
+    return [] if text == "none" else [float(x) for x in text.split(",") if x.strip()]
+
+
+def materialize(model: torch.nn.Module) -> int:
+    """Swap each ``QuantLinear`` for an ``nn.Linear`` holding its dequantized weight: the same forward
+    (``QuantLinear.forward`` multiplies by exactly this matrix), without dequantizing at every call."""
+    from teal.arch import get_adapter
+
+    adapter = get_adapter(model)
+    n = 0
+    for key, module in adapter.projections().items():
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                     device=module.codes.device, dtype=module.scales.dtype)
+            with torch.no_grad():
+                linear.weight.copy_(module.weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            adapter.replace(key, linear)
+            n += 1
+    return n
+
+
+def weight_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> float:
+    """Relative Frobenius error of the projections' weights against ``reference`` (all projections)."""
+    from teal.arch import get_adapter
+
+    num = den = 0.0
+    for key, module in get_adapter(model).projections().items():
+        w, r = module.weight.detach().double(), reference[key].double()
+        num += float((w - r).pow(2).sum())
+        den += float(r.pow(2).sum())
+    return math.sqrt(num / den)
+
+
+def load_quantized(args, label: str, log) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    from teal.arch import get_adapter
+
+    fmt, method = FORMATS[label]
+    model, tok = teal.load_model(args.model, dtype=torch.float32)
+    model.eval()
+    info: dict[str, Any] = {"format": fmt, "method": method if fmt == "int4" else ("rtn" if fmt == "int8" else None),
+                            "group_size": args.group_size if fmt == "int4" else None}
+    if fmt != "bf16":
+        ref = {k: m.weight.detach().clone() for k, m in get_adapter(model).projections().items()}
+        t0 = time.perf_counter()
+        quantize_weights(model, fmt, args.group_size, method)
+        info["quantize_seconds"] = round(time.perf_counter() - t0, 1)
+        info["weight_rel_err"] = weight_error(model, ref)
+        materialize(model)
+        info["weight_rel_err_after_materialize"] = weight_error(model, ref)
+        log(f"{label}: quantized in {info['quantize_seconds']} s, weight rel. error {info['weight_rel_err']:.4f}")
+    return model, tok, info
+
+
+def build_artifact(model, tok, args, label: str, allocations: list[str], levels: list[float], log) -> teal.Thresholds:
+    path = None if args.artifacts is None else args.artifacts / f"{rq.slug(args.model)}-{label}"
+    th = None
+    if path is not None and path.is_dir():
+        try:
+            th = teal.Thresholds.load(path, model=model)
+            log(f"reusing {path}")
+        except teal.ArtifactError as e:
+            log(f"not reusing {path}: {e}")
+    if th is None:
+        t0 = time.perf_counter()
+        th = teal.calibrate(model, tok, data=args.calib_data, tokens=args.calib_tokens, seq_len=args.calib_seq_len,
+                            score="magnitude", progress=False, calibration=args.calibration,
+                            **({"levels": levels} if args.calibration == "sequential" else {}))
+        log(f"{label}: calibrated in {time.perf_counter() - t0:.0f} s")
+        if path is not None:
+            th.save(path)
+    for alloc in allocations:
+        if alloc == "uniform" or alloc in th.allocations:
+            continue
+        windows = token_windows(tok, args.calib_data, args.fisher_tokens, args.alloc_seq_len, split="calibration")
+        t0 = time.perf_counter()
+        teal.allocate(model, th, alloc, windows=windows, step=args.step, progress=False)
+        log(f"{label}: {alloc} allocation in {time.perf_counter() - t0:.0f} s")
+        if path is not None:
+            th.save(path)
+    return th
+
+
+# ------------------------------------------------------------------ tables
+def points(results: list[dict], label: str, method: str, key: str) -> list[dict]:
+    """Direct settings of (format, method) with the format's dense row at measured sparsity 0."""
+    axis = "measured_sparsity_lambada" if key == "ppl_lambada" else "measured_sparsity"
+    out = []
+    for r in results:
+        if r["weights"] != label or r["method"] not in (method, "dense"):
+            continue
+        out.append({"nominal": r["sparsity"], "measured": 0.0 if r["method"] == "dense" else r[axis],
+                    key: r.get(key)})
+    return out
+
+
+def at_measured(results: list[dict], label: str, method: str, key: str, level: float) -> float | None:
+    """``key`` of (format, method) at measured sparsity ``level`` (run_quality's interpolation, no
+    extrapolation)."""
+    b = rq.bracket(points(results, label, method, key), level)
+    return None if b is None else rq.interpolate(*b, level, key)
+
+
+def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per quantized format, method and target measured sparsity s: the PPL factor of quantization at s
+    (PPL(quant, s) / PPL(bf16, s)) beside its factor dense (PPL(quant, 0) / PPL(bf16, 0)). Their ratio
+    is the interaction on the log-PPL scale: 1 means the two errors add in log-PPL (independent), above
+    1 they compound (quantization hurts more on the sparse model), below 1 they overlap."""
+    res = data["results"]
+    labels = [l for l in data["formats"] if l != "bf16"]
+    out = []
+    for key in ("ppl", "ppl_lambada"):
+        base0 = next((r[key] for r in res if r["weights"] == "bf16" and r["method"] == "dense"), None)
+        for label in labels:
+            q0 = next((r[key] for r in res if r["weights"] == label and r["method"] == "dense"), None)
+            if base0 is None or q0 is None:
+                continue
+            for method in data["methods"]:
+                for s in TARGETS:
+                    b, q = at_measured(res, "bf16", method, key, s), at_measured(res, label, method, key, s)
+                    if b is None or q is None:
+                        continue
+                    out.append({"source": "olmo-wiki" if key == "ppl" else "lambada", "weights": label,
+                                "method": method, "measured_sparsity": s, "quant_factor_dense": q0 / base0,
+                                "quant_factor_sparse": q / b, "interaction": (q / b) / (q0 / base0),
+                                "ppl_bf16_sparse": b, "ppl_quant_sparse": q})
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    res = data["results"]
+    tasks = data["tasks"]
+    lines = [f"### {data['model']}: quantized weights with activation sparsity", "",
+             f"Command: `{data['command']}`", "",
+             "Direct measurements (`nominal`: the level set; `measured`: zeros produced on the olmo-wiki "
+             "evaluation text; fp32 arithmetic on the CPU, `prefill=\"sparse\"`; thresholds calibrated on each "
+             "format's own quantized model). `weight err`: relative Frobenius error of the projections' weights.",
+             "",
+             "| weights | weight err | method | nominal | measured | PPL wiki | PPL lambada | tasks avg | "
+             + " | ".join(tasks) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    for r in res:
+        t = r.get("tasks") or {}
+        err = data["format_info"].get(r["weights"], {}).get("weight_rel_err")
+        lines.append("| " + " | ".join([
+            r["weights"], "-" if err is None else f"{err:.4f}", r["method"], f"{r['sparsity']:.2f}",
+            f"{r['measured_sparsity']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_lambada']:.2f}",
+            "" if r.get("tasks_avg") is None else f"{r['tasks_avg']:.3f}",
+            *("" if t.get(x) is None else f"{t[x]:.2f}" for x in tasks)]) + " |")
+    lines += ["", "PPL wiki / PPL lambada at equal measured sparsity (each format and method interpolated "
+              "between its two settings bracketing the target, log-PPL linear in measured sparsity, as "
+              "`run_quality.py`; `-`: no bracket, no extrapolation); tasks avg: the direct row at that "
+              "nominal level (its measured sparsity is in the table above):", "",
+              "| weights | method | dense | " + " | ".join(f"{x:.2f}" for x in TARGETS) + " |",
+              "|---|---|---|" + "---|" * len(TARGETS)]
+    for label in data["formats"]:
+        dense = next((r for r in res if r["weights"] == label and r["method"] == "dense"), None)
+        if dense is None:
+            continue
+        for method in data["methods"]:
+            cells = [f"{dense['ppl']:.2f} / {dense['ppl_lambada']:.2f} / "
+                     + ("" if dense.get("tasks_avg") is None else f"{dense['tasks_avg']:.3f}")]
+            for s in TARGETS:
+                p, lam = at_measured(res, label, method, "ppl", s), at_measured(res, label, method, "ppl_lambada", s)
+                direct = next((r for r in res if r["weights"] == label and r["method"] == method
+                               and abs(r["sparsity"] - s) < 1e-9), None)
+                tk = "" if direct is None or direct.get("tasks_avg") is None else f"{direct['tasks_avg']:.3f}"
+                cells.append(("-" if p is None else f"{p:.2f}") + " / " + ("-" if lam is None else f"{lam:.2f}")
+                             + " / " + tk)
+            lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+    comp = compounding(data)
+    if comp:
+        lines += ["", "Where the errors compound: the PPL factor of quantization on the sparse model "
+                  "(PPL(format, s) / PPL(bf16, s), both at measured sparsity s) against its factor on the dense "
+                  "model (PPL(format, 0) / PPL(bf16, 0)). `interaction` = their ratio: 1 = the two errors add "
+                  "in log-PPL (independent); above 1 they compound; below 1 they overlap.", "",
+                  "| source | weights | method | measured | factor dense | factor sparse | interaction |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in comp:
+            lines.append(f"| {c['source']} | {c['weights']} | {c['method']} | {c['measured_sparsity']:.2f} | "
+                         f"{c['quant_factor_dense']:.4f} | {c['quant_factor_sparse']:.4f} | {c['interaction']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(data: dict[str, Any], out: Path) -> Path:
+    path = out / f"{rq.slug(data['model'])}-quant.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(markdown(data))
+    tmp.replace(path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    labels = [x for x in args.formats.split(",") if x]
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [x for x in labels if x not in FORMATS] + [m for m in methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"unknown format/method {bad}: formats {', '.join(FORMATS)}; methods {', '.join(METHODS)}")
+    sparsities, task_levels = floats(args.sparsities), floats(args.task_sparsities)
+    task_formats = labels if args.task_formats is None else args.task_formats.split(",")
+    ppl_only = set(x for x in args.ppl_only_methods.split(",") if x)
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path = args.out / f"{rq.slug(args.model)}-quant.json"
+    if args.merge:
+        parts = [json.loads((d / f"{rq.slug(args.model)}-quant.json").read_text()) for d in args.merge]
+        data = dict(parts[0])
+        data["formats"] = [x for x in FORMATS if any(x in p["formats"] for p in parts)]
+        data["methods"] = list(dict.fromkeys(m for p in parts for m in p["methods"]))
+        data["results"] = sorted((r for p in parts for r in p["results"]),
+                                 key=lambda r: (list(FORMATS).index(r["weights"]), r["sparsity"],
+                                                ["dense", *METHODS].index(r["method"])))
+        data["format_info"] = {k: v for p in parts for k, v in p["format_info"].items()}
+        data["runs"] = [{k: p.get(k) for k in ("formats", "command", "date", "seconds_total", "history")}
+                        for p in parts]
+        data["compounding"] = compounding(data)
+        atomic_write_json(json_path, data)
+        print(f"wrote {json_path} and {write_markdown(data, args.out)}")
+        return 0
+    if args.replot:
+        data = json.loads(json_path.read_text())
+        print(f"wrote {write_markdown(data, args.out)}")
+        return 0
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.0f} s] {msg}", flush=True)
+
+    data: dict[str, Any] = {
+        "model": args.model, "formats": labels, "methods": methods, "group_size": args.group_size,
+        "data": {"calibration": f"{args.calib_data} (calibration split)", "ppl": "olmo-wiki (evaluation split)",
+                 "ppl_lambada": "lambada (evaluation split)"},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": rq.versions(),
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
+        "device": "cpu", "threads": torch.get_num_threads(), "dtype": "float32", "prefill": "sparse",
+        "budgets": {"calibration_tokens": args.calib_tokens, "calibration_seq_len": args.calib_seq_len,
+                    "calibration": args.calibration,
+                    "calibration_levels": sparsities if args.calibration == "sequential" else None,
+                    "fisher_tokens": args.fisher_tokens, "allocation_seq_len": args.alloc_seq_len,
+                    "allocation_step": args.step, "eval_tokens_per_source": args.tokens, "eval_seq_len": args.seq_len,
+                    "task_limit": args.limit, "task_seed": args.seed, "task_sparsities": task_levels,
+                    "task_formats": task_formats, "ppl_only_methods": sorted(ppl_only)},
+        "tasks": args.tasks.split(","), "format_info": {}, "results": [],
+    }
+    if args.resume and json_path.is_file():
+        old = json.loads(json_path.read_text())
+        if old.get("budgets", {}).get("eval_tokens_per_source") == args.tokens and old.get("tasks") == data["tasks"]:
+            data["results"] = old["results"]
+            data["format_info"] = old.get("format_info", {})
+            data["history"] = [*old.get("history", []), {k: old.get(k) for k in ("date", "command", "seconds_total")}]
+            log(f"resuming: {len(data['results'])} rows in {json_path}")
+    done = {(r["weights"], r["method"], r["sparsity"]) for r in data["results"]}
+
+    def save() -> None:
+        data["compounding"] = compounding(data)
+        data["seconds_total"] = round(time.perf_counter() - t_start, 1)
+        atomic_write_json(json_path, data)
+
+    for label in labels:
+        todo = [(m, s) for s in sparsities for m in methods if (label, m, s) not in done]
+        if (label, "dense", 0.0) in done and not todo:
+            continue
+        model, tok, info = load_quantized(args, label, log)
+        data["format_info"][label] = info
+        windows = {src: token_windows(tok, src, args.tokens, args.seq_len, split="evaluation")
+                   for src in rq.EVAL_SOURCES.values()}
+        tasks_here = bool(task_levels) and label in task_formats
+        if (label, "dense", 0.0) not in done:
+            row = {"weights": label, "method": "dense", "sparsity": 0.0,
+                   **rq.evaluate(model, tok, windows, args, tasks_here)}
+            data["results"].append(row)
+            save()
+            log(f"{label} dense: ppl {row['ppl']:.3f} lambada {row['ppl_lambada']:.2f} tasks {row.get('tasks_avg')}")
+        if todo:
+            th = build_artifact(model, tok, args, label, [m.partition("-")[2] for m in methods], sparsities, log)
+            for m, s in todo:
+                alloc = m.partition("-")[2]
+                teal.sparsify_(model, th, s, method=alloc, prefill="sparse")
+                try:
+                    with_tasks = tasks_here and s in task_levels and m not in ppl_only
+                    row = {"weights": label, "method": m, "sparsity": s,
+                           **rq.evaluate(model, tok, windows, args, with_tasks)}
+                finally:
+                    teal.densify_(model)
+                data["results"].append(row)
+                save()
+                log(f"{label} {m} @ {s:.2f}: measured {row['measured_sparsity']:.3f} ppl {row['ppl']:.3f} "
+                    f"lambada {row['ppl_lambada']:.2f} tasks {row.get('tasks_avg')} ({row['seconds']:.0f} s)")
+        del model
+    order = {x: i for i, x in enumerate(labels)}
+    morder = {m: i for i, m in enumerate(["dense", *methods])}
+    data["results"].sort(key=lambda r: (order.get(r["weights"], 99), r["sparsity"], morder.get(r["method"], 99)))
+    save()
+    print(markdown(data))
+    log(f"wrote {json_path} and {write_markdown(data, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
