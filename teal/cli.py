@@ -842,6 +842,8 @@ def serve(
     api_key: Optional[str] = typer.Option(None, help="require 'Authorization: Bearer KEY' on /v1/*"),
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length: prompt + max_tokens of one request "
                                                          "(default min(4096, the model's context))"),
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -860,11 +862,15 @@ def serve(
 
         method = resolve_methods([method], teal.Thresholds.load(artifact) if artifact else None, None, artifact)[0]
     dev = resolve_device(device)
+    if artifact is not None:
+        import teal
+
+        check_weights(teal.Thresholds.load(artifact), weights)
     with console.status(f"loading {model}…"):
         served = build_served(model, artifact, sparsity, method, max_seq_len=max_seq_len, device=dev,
-                              dtype=resolve_dtype(dtype, dev))
+                              dtype=resolve_dtype(dtype, dev), weights=weights, group_size=group_size)
     console.print(f"serving {served.name} on http://{host}:{port}/v1 (KV cache {served.max_seq_len} tokens, "
-                  f"sparsity {sparsity:g}{', API key required' if api_key else ''})")
+                  f"sparsity {sparsity:g}, {weights} weights{', API key required' if api_key else ''})")
     run_server(served, host=host, port=port, api_key=api_key)
 
 

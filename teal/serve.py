@@ -506,7 +506,8 @@ def create_app(served: ServedModel, api_key: str | None = None, warmup: bool = T
         return {"id": served.name, "object": "model", "created": served.created, "owned_by": "teal",
                 "max_model_len": served.max_seq_len,
                 "teal": {"sparsity_setting": served.sparsity, "method": served.method, "engine_mode": gen.mode,
-                         "device": str(gen.engine.device), "max_seq_len": served.max_seq_len}}
+                         "device": str(gen.engine.device), "max_seq_len": served.max_seq_len,
+                         "weights": gen.engine.weight_format, "group_size": gen.engine.group_size or None}}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -632,9 +633,10 @@ def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_ke
 
 def build_served(model: str, artifact: Any = None, sparsity: float = 0.0, method: str | None = None, *,
                  max_seq_len: int | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 probe_steps: int = DEFAULT_PROBE_STEPS) -> ServedModel:
+                 probe_steps: int = DEFAULT_PROBE_STEPS, weights: str = "bf16", group_size: int = 128) -> ServedModel:
     """Load MODEL (alias, hub id, HF dir, .gguf or a random-weight shape) into a `Generator`, sparse at
-    `sparsity` with the thresholds artifact directory `artifact` (allocation `method`, None: its default)."""
+    `sparsity` with the thresholds artifact directory `artifact` (allocation `method`, None: its default),
+    its projections in `weights` ("bf16", "int8" or "int4" in groups of `group_size`, `teal.quant`)."""
     thresholds = None
     if artifact is not None:
         from teal.artifact import Thresholds
@@ -644,5 +646,6 @@ def build_served(model: str, artifact: Any = None, sparsity: float = 0.0, method
         raise ValueError("--sparsity > 0 needs a thresholds artifact: teal serve MODEL DIR --sparsity S "
                          "(DIR from teal calibrate)")
     gen = Generator.from_pretrained(model, thresholds=thresholds, sparsity=sparsity, method=method,
-                                    max_seq_len=max_seq_len, device=device, dtype=dtype)
+                                    max_seq_len=max_seq_len, device=device, dtype=dtype, weights=weights,
+                                    group_size=group_size)
     return ServedModel(gen, str(model), sparsity=sparsity, method=method, probe_steps=probe_steps)

@@ -39,6 +39,8 @@ KERNEL_SHAPES = ("llama-3-8b", "llama-2-7b", "llama-2-70b-tp2", "gemma-3-12b")  
 MODES = ("eager", "graph", "compiled-graph")  # teal.engine.MODES
 SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
 ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
+WEIGHT_FORMATS = ("bf16", "int8", "int4")  # teal.quant.WEIGHT_FORMATS
+INT4_GROUP_SIZES = (32, 64, 128)  # teal.quant.INT4_GROUP_SIZES
 
 
 class Dtype(str, enum.Enum):
@@ -122,6 +124,16 @@ def mask_sources(text: str, sparsities: list[float]) -> list[Any]:
     except KeepProfileError as err:
         raise typer.BadParameter(str(err)) from None
     return sources
+def group_size_option(value: int) -> int:
+    if value not in INT4_GROUP_SIZES:
+        raise typer.BadParameter(f"the int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
+                                 f"got {value}")
+    return value
+
+
+WEIGHTS_HELP = ("comma list of projection weight formats to time: bf16 | int8 (per output channel) | int4 (group-wise, "
+                "--group-size); every row of the JSON carries its `weights`")
+GroupSizeOpt = typer.Option(128, callback=group_size_option, help="int4 group size along the input: 32 | 64 | 128")
 
 
 def require_cuda(command: str) -> None:
@@ -165,10 +177,14 @@ def kernels_command(
     time_budget: Optional[float] = typer.Option(None, help="seconds; later projections are skipped"),
     check: bool = typer.Option(True, "--check/--no-check", help="the GPU self-check before timing"),
     masks: str = typer.Option("random", "--masks", help=MASKS_HELP),
+    weights: str = typer.Option("bf16", help=WEIGHTS_HELP + " (int8 / int4: the fused quantized kernel, checked "
+                                             "against a float64 dequantize-then-multiply reference first)"),
+    group_size: int = GroupSizeOpt,
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
+    formats = choices(weights, "--weights", WEIGHT_FORMATS)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
     sources = mask_sources(masks, sparsities)
@@ -186,7 +202,8 @@ def kernels_command(
     data = kernels.run(shape_list, sparsities, batches, json_path=str(json_path) if json_path else None,
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
-                       time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources)
+                       time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
+                       weights=formats, group_size=group_size)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 
@@ -227,6 +244,12 @@ def decode_command(
                               "are scaled so that its survivors follow the profile (not with --model/--artifact)"),
     mask_steps: int = typer.Option(64, min=0, help="decode steps whose survivor masks each (sparsity, masks) "
                                                    "report describes: imbalance, keep rate, fit (0: no report; runs with real:… masks only)"),
+    weights: str = typer.Option("bf16", help=WEIGHTS_HELP + "; bf16 is always timed (the ratios' reference), each "
+                                             "quantized format after a correctness check against float64"),
+    group_size: int = GroupSizeOpt,
+    torchao: bool = typer.Option(True, "--torchao/--no-torchao",
+                                 help="with int8/int4: also time torchao's weight-only config of that format in HF "
+                                      "static-cache generate (where torchao imports; a failure is recorded)"),
 ) -> None:
     """End-to-end decode tokens/s: engine dense and sparse, HF generate, roofline (needs CUDA; --device cpu for a
     smoke test)."""
@@ -238,6 +261,9 @@ def decode_command(
     if any(not m.is_random for m in sources) and (model is not None or artifact is not None or tp != 1):
         raise typer.BadParameter("--masks real:PROFILE shapes a random-weight model (--shape, one GPU); a real "
                                  "model (--model), a thresholds artifact or --tp: use --masks random")
+    formats = choices(weights, "--weights", WEIGHT_FORMATS)
+    if tp > 1 and formats != ["bf16"]:
+        raise typer.BadParameter("quantized weights are not supported with --tp above 1", param_hint="--weights")
     if device.startswith("cuda"):
         require_cuda("teal bench decode")
     import torch
@@ -255,7 +281,8 @@ def decode_command(
                device=device, dtype=getattr(torch, dtype.value), time_budget_s=time_budget, profile=profile,
                command=_command(ctx), tp=tp, sparse_paths=paths,
                fused_attention={"default": None, "fused": True, "torch": False}[attention.value],
-               tp_build=tp_build.value, all_reduces=reduces, masks=sources, mask_steps=mask_steps)
+               tp_build=tp_build.value, all_reduces=reduces, masks=sources, mask_steps=mask_steps,
+               weights=formats, group_size=group_size, torchao=torchao)
 
 
 def run_command(name: str, argv: list[str] | None) -> Any:

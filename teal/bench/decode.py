@@ -204,6 +204,36 @@ def check_dense(engine: Engine, hf: torch.nn.Module, ids: torch.Tensor, steps: i
     return {"prefill_rel_err": prefill, "decode_rel_err_max": _decode_errors(engine, ref, ids, ids.numel() - steps)}
 
 
+def shallow_hf_twin(engine: Engine, source: torch.nn.Module | None = None,
+                    n_layers: int = 4) -> tuple[torch.nn.Module, int]:
+    """An fp32 HF model with the engine's widths and `n_layers` layers (at least one full-attention layer):
+    the source model's first layers when given, else seeded random weights (the same model on every run,
+    so checks compare kernels, not random draws). Returns (model, its layer count)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(engine.config.hf_config)
+    layer_types = list(getattr(cfg, "layer_types", None) or [])
+    if "full_attention" in layer_types:  # keep one full-attention layer (Gemma 3: one in six)
+        n_layers = max(n_layers, layer_types.index("full_attention") + 1)
+    if layer_types:
+        n_layers = min(n_layers, len(layer_types))
+    cfg.num_hidden_layers = n_layers
+    if layer_types:
+        cfg.layer_types = layer_types[:n_layers]
+    # the caller's RNG state is restored
+    rng_devices = [engine.device.index or 0] if engine.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch.device(engine.device):
+        torch.manual_seed(TWIN_SEED)
+        hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if source is not None:  # its first layers (a multimodal model's text decoder)
+        wanted = hf32.state_dict()
+        source_state = text_decoder_state_dict(source)
+        hf32.load_state_dict({k: v.float() for k, v in source_state.items() if k in wanted}, strict=False)
+    return hf32, n_layers
+
+
 def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None, n_layers: int = 4,
                sparsity: float = 0.5) -> dict[str, Any]:
     """Correctness on a shallow twin (the engine's widths, `n_layers` layers; the source model's first
@@ -216,29 +246,9 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     """
     import copy
 
-    from transformers import AutoModelForCausalLM
-
     from teal.engine.reference import activation_thresholds
 
-    cfg = copy.deepcopy(engine.config.hf_config)
-    layer_types = list(getattr(cfg, "layer_types", None) or [])
-    if "full_attention" in layer_types:  # keep one full-attention layer (Gemma 3: one in six)
-        n_layers = max(n_layers, layer_types.index("full_attention") + 1)
-    if layer_types:
-        n_layers = min(n_layers, len(layer_types))
-    cfg.num_hidden_layers = n_layers
-    if layer_types:
-        cfg.layer_types = layer_types[:n_layers]
-    # Seeded (the caller's RNG state is restored): the twin is the same model on every run, so the check
-    # compares kernels, not random draws (an activation within rounding of its threshold flips a mask entry).
-    rng_devices = [engine.device.index or 0] if engine.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=rng_devices), torch.device(engine.device):
-        torch.manual_seed(TWIN_SEED)
-        hf32 = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    if source is not None:  # its first layers (a multimodal model's text decoder)
-        wanted = hf32.state_dict()
-        source_state = text_decoder_state_dict(source)
-        hf32.load_state_dict({k: v.float() for k, v in source_state.items() if k in wanted}, strict=False)
+    hf32, n_layers = shallow_hf_twin(engine, source, n_layers)
     gen_ids = torch.Generator(device=engine.device).manual_seed(3)
     prompt, steps = 40, SPARSE_CHECK_STEPS
     ids = torch.randint(0, engine.config.vocab_size, (prompt + steps,), device=engine.device, generator=gen_ids)
@@ -334,6 +344,9 @@ def run(
     masks: Sequence[MaskSource] = (MaskSource("random"),),
     mask_steps: int = MASK_STEPS,
     mask_seed: int = 0,
+    weights: Sequence[str] = ("bf16",),
+    group_size: int = 128,
+    torchao: bool = True,
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -352,7 +365,20 @@ def run(
     masks: survivor-mask sources (`teal.bench.masks`), each timed at every sparsity > 0 (rows' field
     ``masks``; s = 0 rows are "random"); a real profile needs a random-weight shape (no model, no thresholds
     artifact) and every sparsity > 0 among its levels. mask_steps: decode steps of each mask report (0: none).
+    weights: weight formats to time ("bf16", "int8", "int4"; `teal.quant`, int4 in groups of `group_size`);
+    bf16 is always timed (the quantized targets compare against our bf16 dense engine), then each quantized
+    format by `teal.bench.quant_decode` (with torchao's weight-only config of that format in HF static-cache
+    generate when `torchao` and it imports). Every row carries its `weights`.
     """
+    from teal.quant import WEIGHT_FORMATS, check_format
+
+    unknown_formats = [w for w in weights if w not in WEIGHT_FORMATS]
+    if unknown_formats:
+        raise ValueError(f"unknown weight formats {unknown_formats}; choose from {', '.join(WEIGHT_FORMATS)}")
+    check_format("int4", group_size)
+    quant_formats = [w for w in dict.fromkeys(weights) if w != "bf16"]
+    if quant_formats and tp != 1:
+        raise ValueError("quantized weights are not supported with tensor parallelism (--tp 1)")
     masks = list(masks) or [MaskSource("random")]
     real = [m for m in masks if not m.is_random]
     if real and (model is not None or thresholds is not None):
@@ -399,6 +425,8 @@ def run(
     data["mask_profiles"] = {m.spec: m.profile.info for m in real}
     data["mask_reports"] = []
     data["shaping"] = []
+    data["weights"] = ["bf16", *quant_formats]
+    data["group_size"] = group_size if "int4" in quant_formats else None
 
     def save() -> None:
         if json_path is not None:
@@ -468,7 +496,7 @@ def run(
         gen = Generator(engine, mode=mode)
         row = phase(f"dense engine {mode}", lambda: time_engine(gen, ids, new_tokens, repeats))
         if row:
-            dense_rows.append({"layout": "[N,K] F.linear", "requested_mode": mode, **row})
+            dense_rows.append({"weights": "bf16", "layout": "[N,K] F.linear", "requested_mode": mode, **row})
             log(f"  dense {mode}: {row['tokens_per_s']:.1f} tok/s")
         del gen
 
@@ -480,10 +508,11 @@ def run(
     # 4. HF baselines
     if hf is not None and hf_baselines:
         data["baselines"]["hf_static_compile"] = phase(
-            "HF generate static cache", lambda: hf_decode_rate(hf, ids, new_tokens, repeats, "static"))
+            "HF generate static cache", lambda: {"weights": "bf16",
+                                                 **hf_decode_rate(hf, ids, new_tokens, repeats, "static")})
         if hf_eager_tokens and time.time() < deadline:
             data["baselines"]["hf_eager"] = phase(
-                "HF generate eager", lambda: hf_decode_rate(hf, ids, hf_eager_tokens, 1, None))
+                "HF generate eager", lambda: {"weights": "bf16", **hf_decode_rate(hf, ids, hf_eager_tokens, 1, None)})
 
     # 5. transposed layout: thresholds, sparse check against HF
     engine.to_layout(transposed=True)
@@ -564,7 +593,7 @@ def run(
                     row.pop("tokens")
                     nbytes = bytes_per_token(engine, per if s > 0 else None, context)
                     roof = bw / nbytes
-                    result = {"sparsity": s, "measured_sparsity": measured, "masks": source.spec, "op": op,
+                    result = {"weights": "bf16", "sparsity": s, "measured_sparsity": measured, "masks": source.spec, "op": op,
                               "sparse_path": path if op == "kernel" else None, "requested_mode": mode, **row,
                               "bytes_per_token": nbytes, "roofline_tokens_per_s": roof,
                               "frac_of_roofline": row["tokens_per_s"] / roof,
@@ -588,8 +617,37 @@ def run(
     data["dense_best"] = dense_baseline(data)
     for r in data["results"]:  # ratios against the fastest dense path, whichever it is
         r["speedup_vs_dense"] = r["tokens_per_s"] / data["dense_best"]["tokens_per_s"]
+    if quant_formats:  # 7. int8 / int4 weights: the engine built again per format (teal.bench.quant_decode)
+        from teal.bench import quant_decode
+
+        del engine, gen0
+        gc.collect()
+        _empty_cache(device_t)
+
+        def build_engine() -> Engine:
+            if model is None:
+                return engine_random(shape, dtype=dtype, device=device_t, max_seq_len=max_seq_len)
+            from teal.models import load_model
+
+            source, _ = load_model(model, dtype=dtype, device=device_t)
+            return engine_from_hf_model(source.eval(), max_seq_len=max_seq_len)
+
+        def build_hf(engine: Engine) -> torch.nn.Module:
+            if model is None:
+                return build_hf_twin(engine)
+            from teal.models import load_model
+
+            return load_model(model, dtype=dtype, device=device_t)[0].eval()
+
+        for fmt in quant_formats:
+            quant_decode.run_quantized(data, fmt, group_size, build_engine, build_hf, lambda: None, ids,
+                                       sparsities, sparse_modes, new_tokens, repeats, bw, context, thresholds,
+                                       torchao and hf_baselines, deadline, phase, log)
+        quant_decode.finish_quantized(data)
     data["targets"] = evaluate_targets(data)
     data["mask_comparison"] = mask_comparison(data)
+    if quant_formats:
+        data["targets"].update(quant_decode.quant_targets(data))
     data["total_s"] = time.time() - t_process
     save()
     print_table(data, log)
@@ -619,7 +677,7 @@ def dense_baseline(data: dict[str, Any]) -> dict[str, Any]:
     rows = [dict(path=f"cuBLAS [N,K] F.linear ({r['mode']})", tokens_per_s=r["tokens_per_s"])
             for r in data["dense_variants"] if r.get("tokens_per_s")]
     for r in data["results"]:
-        if r["sparsity"] == 0 and r.get("tokens_per_s"):
+        if r["sparsity"] == 0 and r.get("tokens_per_s") and r.get("weights", "bf16") == "bf16":
             names = {"kernel": f"sparse kernel, thresholds -inf ({r.get('sparse_path')})",
                      "mixed": "sparse kernel at -inf for q|k|v and o, cuBLAS x @ w_t for the MLP",
                      "default": "the engine's default dense groups (Engine.default_kernel_at_zero)"}
@@ -638,6 +696,9 @@ def evaluate_targets(data: dict[str, Any]) -> dict[str, Any]:
     def best(s: float) -> dict[str, Any] | None:  # the targets are the random-mask rows'
         rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"
                 and r.get("masks", "random") == "random"]
+    def best(s: float) -> dict[str, Any] | None:
+        rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"
+                and r.get("weights", "bf16") == "bf16"]
         return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
 
     out: dict[str, Any] = {}
@@ -670,16 +731,22 @@ def print_table(data: dict[str, Any], log: Callable[[str], None] = print) -> Non
         log(f"dense  [N,K] F.linear  {r['mode']:15s} {r['tokens_per_s']:8.1f} tok/s  capture {r['capture_s']:.1f}s"
             + (f"  (compile failed: {r['compile_error'][:80]})" if r.get("compile_error") else ""))
     for name, b in data["baselines"].items():
-        if b:
+        if b and "tokens_per_s" in b:
             log(f"{name:22s} {b['tokens_per_s']:8.1f} tok/s  ({b['new_tokens']} tokens, warm-up {b['warmup_s']:.1f}s)")
-    log(f"{'sparsity':>8} {'measured':>8} {'masks':>10} {'op':>8} {'path':>8} {'mode':>15} {'tok/s':>8} {'roofline':>8} "
-        f"{'%roof':>6} {'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
+        elif b:
+            log(f"{name:22s} not timed: {b.get('error') or b.get('skipped')}")
+    log(f"{'weights':>7} {'sparsity':>8} {'measured':>8} {'masks':>10} {'op':>12} {'path':>8} {'mode':>15} {'tok/s':>8} "
+        f"{'roofline':>8} {'%roof':>6} {'x dense':>7} {'x HF':>6} {'ttft ms':>7}")
     for r in data["results"]:
-        hf = r.get("speedup_vs_hf_static")
-        log(f"{r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} {r.get('masks', 'random'):>10} {r['op']:>8} "
+        hf = r.get("speedup_vs_hf_static") or r.get("speedup_vs_torchao")
+        dense = r.get("speedup_vs_dense")
+        log(f"{r.get('weights', 'bf16'):>7} {r['sparsity']:8.2f} {r['measured_sparsity']:8.3f} "
+            f"{r.get('masks', 'random'):>10} {r['op']:>12} "
             f"{r.get('sparse_path') or '-':>8} {r['mode']:>15} {r['tokens_per_s']:8.1f} "
-            f"{r['roofline_tokens_per_s']:8.1f} {r['frac_of_roofline']:6.0%} {r['speedup_vs_dense']:7.2f} "
+            f"{r['roofline_tokens_per_s']:8.1f} {r['frac_of_roofline']:6.0%} {(f'{dense:.2f}' if dense else '-'):>7} "
             f"{(f'{hf:.2f}' if hf else '-'):>6} {r['ttft_s'] * 1e3:7.1f}")
+    log("(x dense: against the fastest dense row of the same weights; x HF: HF static-cache generate, bf16 rows, "
+        "or torchao's of the same format, quantized rows)")
     log("startup: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
                                   for k, v in data.get("startup", {}).items()}))
     log("checks: " + json.dumps(data.get("checks", {}), default=str))

@@ -393,6 +393,8 @@ def run(
     console: Any = None,
     masks: Sequence[MaskSource] = (MaskSource("random"),),
     mask_inputs: int = MASK_INPUTS,
+    weights: Sequence[str] = ("bf16",),
+    group_size: int = 128,
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
@@ -401,6 +403,9 @@ def run(
     a table for ``$TEAL_KERNEL_CONFIGS``. ``time_budget_s``: projections not
     started by then are skipped (listed under ``skipped``). ``masks``: survivor-mask sources, each timed at
     every sparsity > 0 (one row each, field ``masks``; at s = 0 nothing is masked: one row, labelled random).
+    started by then are skipped (listed under ``skipped``). ``weights``: the formats to time; "bf16" is the
+    sparse kernel above, "int8" / "int4" the fused quantized kernel (`teal.bench.quant_kernels`, int4 in groups
+    of ``group_size``), whose rows go to ``quant_results`` (each with its ``weights``).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
@@ -458,7 +463,8 @@ def run(
 
     tuned_keys: set[tuple[int, int, int, str]] = set()
     data["skipped"] = []
-    for model in shapes:
+    data["weights"] = list(weights)
+    for model in (shapes if "bf16" in weights else ()):
         for proj, k, splits in SHAPES[model]:
             if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                 data["skipped"].append(f"{model}/{proj}")
@@ -508,7 +514,7 @@ def run(
                     regime = "dense" if s == 0 and batch_bucket(batch) == 1 else "sparse"
                     config = get_config(k, n, batch, torch_dtype, sms, cuda_ok=ops.cuda_kernel_available(device),
                                         regime=regime)
-                    row: dict[str, Any] = dict(model=model, proj=proj, K=k, N=n, splits=list(splits), batch=batch,
+                    row: dict[str, Any] = dict(weights="bf16", model=model, proj=proj, K=k, N=n, splits=list(splits), batch=batch,
                                                sparsity=s, masks=source.spec, weight_bytes=weight_bytes,
                                                config=config.as_dict(), regime=regime, cublas_us=cublas_us,
                                                dense_fallback_us=fallback_us)
@@ -569,10 +575,26 @@ def run(
             {key: kernel_configs.TUNED_CUDA_DENSE[key] for key in sorted(tuned_keys)
              if key in kernel_configs.TUNED_CUDA_DENSE}),
             table_out)
+    quant_formats = [w for w in weights if w != "bf16"]
+    if quant_formats:
+        from teal.bench import quant_kernels
+
+        deadline = None if time_budget_s is None else t_start + time_budget_s
+        data["quant_results"] = quant_kernels.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
+                                                        copy_bw, torch_dtype, console, deadline)
+        data["quant_targets"] = quant_kernels.quant_targets(data["quant_results"])
+        quant_kernels.print_quant(data["quant_results"], console)
+        bad = [t for t in data["quant_targets"] if not t["ok"]]
+        console.print(f"quantized kernel within {quant_kernels.REL_ERR_BOUND:g} of float64: "
+                      f"{len(data['quant_targets']) - len(bad)}/{len(data['quant_targets'])}")
     # Copy bandwidth again at the end; ratios use the higher of the two readings.
     copy_end = measure_copy_bandwidth()
     data["copy_bandwidth_end_Bps"] = copy_end
     data["copy_bandwidth_Bps"] = copy_bw = max(copy_bw, copy_end)
+    for row in data.get("quant_results", []):
+        if "us" in row:
+            row.update(ideal_us=row["bytes_read"] / copy_bw * 1e6,
+                       eff_bw_frac=row["bytes_read"] / (row["us"] * 1e-6) / copy_bw)
     for row in data["results"]:
         _derive(row, copy_bw)
     data["targets"] = check_targets(data["results"])

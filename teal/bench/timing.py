@@ -56,20 +56,35 @@ def copy_bandwidth(device: torch.device) -> float:
 def bytes_per_token(engine: Engine, sparsity_per_proj: Mapping[str, float] | None, context: float) -> float:
     """Bytes one decode step of `engine` must read: its projection weights x (1 - sparsity), its lm_head
     rows, norms, the embedding row, and K and V of `context` positions in every layer. On a tensor-parallel
-    shard (`teal.engine.tp`) the engine's config and lm_head are the rank's own, so this is per rank."""
+    shard (`teal.engine.tp`) the engine's config and lm_head are the rank's own, so this is per rank.
+    With int8 / int4 weights (`Engine.quantize_weights`) a projection reads its surviving rows of codes and
+    all its scales (and int4 zeros, `quant_param_bytes`): at the sparsities timed, nearly every group of
+    128 rows keeps a survivor."""
     cfg = engine.config
     item = engine.embed.element_size()
     shapes = cfg.projection_shapes()
+    fmt = getattr(engine, "weight_format", "bf16")
+    row_bytes = {"bf16": item, "int8": 1, "int4": 0.5}[fmt]
     total = 0.0
     for i in range(cfg.n_layers):
         for p in PROJECTIONS:
             k, n = shapes[p]
             s = 0.0 if sparsity_per_proj is None else float(sparsity_per_proj.get(f"layers.{i}.{p}", 0.0))
-            total += k * n * item * (1.0 - s)
+            total += k * n * row_bytes * (1.0 - s)
+            if fmt != "bf16":
+                total += quant_param_bytes(fmt, k, n, engine.group_size, item)
         total += 2 * cfg.hidden * item
     total += engine.lm_head.numel() * item + 2 * cfg.hidden * item  # lm_head (rows), embedding row, final norm
     total += 2 * cfg.n_layers * cfg.kv_size * item * context
     return total
+
+
+def quant_param_bytes(fmt: str, k: int, n: int, group_size: int, item: int) -> int:
+    """Bytes of the scales (int8: one per output channel) or scales and zeros (int4: one pair per group of
+    `group_size` inputs and output channel) of a [K, N] projection, each `item` bytes (`teal.quant`)."""
+    if fmt == "int8":
+        return n * item
+    return 2 * (-(-k // group_size)) * n * item
 
 
 def time_engine(gen: Generator, ids: torch.Tensor, new_tokens: int, repeats: int,

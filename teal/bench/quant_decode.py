@@ -1,0 +1,293 @@
+"""Decode with int8 / int4 weights in `teal bench decode --weights bf16,int4,int8` (`teal.bench.decode.run`).
+
+Per quantized format: the engine is built again with the bf16 run's weights (same seed or checkpoint),
+HF generate with a static cache on torchao's weight-only config of that format is timed on the bf16
+weights (when torchao imports; a failure is recorded with its one-line reason), then the engine is
+quantized (`Engine.quantize_weights`, `teal.quant`: int8 per output channel, int4 group-wise) and checked
+before any timing (`check_quantized`: the fused quantized kernel against a float64 dequantize-then-multiply
+reference, per projection and through teacher-forced decode steps of a shallow twin; a format that fails
+is not timed). Then our dense and sparse decode are timed at every sparsity. Rows carry `weights`; the
+roofline counts codes, scales, zeros and what stays bf16 (lm_head, norms, embedding row, KV cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from teal.bench.decode import (_rel, build_hf_twin, hf_decode_rate, shallow_hf_twin,  # noqa: F401
+                               teacher_forced_logits)
+from teal.bench.timing import bytes_per_token, time_engine
+from teal.engine import Generator, engine_from_hf_model, resolve_thresholds
+from teal.engine.model import Engine
+from teal.engine.projection import quantized_weight
+from teal.engine.reference import activation_threshold_levels, activation_thresholds, decode_sparsity
+from teal.kernels.quant_gemv import quant_sparse_linear_reference
+
+QUANT_FORMATS = ("int8", "int4")
+KERNEL_REL_ERR = 1e-2  # the issue's bound on each kernel against the float64 reference
+TWIN_TOP1_MIN = 0.9  # teacher-forced top-1 agreement of the kernels with the float64 products (shallow twin)
+TWIN_MEDIAN_REL_ERR = 0.03  # their median relative logit error (bf16 rounding of the outputs only)
+TORCHAO_CONFIGS = {
+    "int4": "Int4WeightOnlyConfig(group_size=128, int4_packing_format='tile_packed_to_4d')",
+    "int8": "Int8WeightOnlyConfig()",
+}
+GPT_FAST_INT4_H100 = 241.0  # tok/s, gpt-fast's int4 Llama-3.1-8B on an H100 (torchao's README)
+QUANT_TARGETS = {
+    "int4_dense_frac_roofline": 0.80, "int4_dense_vs_torchao_int4": 2.0,
+    "int4_dense_vs_gpt_fast_h100": GPT_FAST_INT4_H100, "int4_sparse50_vs_int4_dense": 1.6,
+    "int8_sparse50_vs_int8_dense": 1.7, "int4_sparse50_vs_bf16_dense": 2.8,
+}
+
+
+@contextlib.contextmanager
+def float64_quant_products() -> Iterator[None]:
+    """Within: every quantized product of the engine is `quant_sparse_linear_reference` in float64 (dequantize,
+    mask, multiply; rounded to the activations' dtype at the output) instead of the kernel."""
+    from teal.engine import projection
+
+    def reference(x, qw, thresholds, split_sizes, col_scale=None):
+        return quant_sparse_linear_reference(x.double(), qw, thresholds, split_sizes, col_scale,
+                                             compute_dtype=torch.float64).to(x.dtype)
+
+    saved = projection.quant_sparse_linear
+    projection.quant_sparse_linear = reference
+    try:
+        yield
+    finally:
+        projection.quant_sparse_linear = saved
+
+
+def check_projections(engine: Engine, layers: Sequence[int] | None = None, batches: Sequence[int] = (1, 4),
+                      sparsities: Sequence[float] = (0.0, 0.5), seed: int = 0) -> dict[str, Any]:
+    """Each projection group of `layers` (default: the first and the last) through `quant_sparse_linear` (the
+    engine's dispatch: the Triton kernel on CUDA) against the float64 reference, on random inputs at each
+    batch and sparsity (thresholds: quantiles of |x|): relative error <= `KERNEL_REL_ERR`, no NaN."""
+    from teal.engine import projection
+
+    layers = [0, engine.config.n_layers - 1] if layers is None else list(layers)
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    cases = []
+    for i in dict.fromkeys(layers):
+        for group, p in engine.projections(i)._asdict().items():
+            qw = quantized_weight(p)
+            for b in batches:
+                x = torch.randn(b, qw.shape[0], device=engine.device, dtype=engine.dtype, generator=gen)
+                for s in sparsities:
+                    t = (float("-inf") if s == 0 else float(torch.quantile(x.abs().float().flatten()[:2**16], s)))
+                    thr = torch.full((len(p.splits),), t, device=engine.device)
+                    with torch.inference_mode():
+                        y = projection.quant_sparse_linear(x, qw, thr, p.splits)
+                        ref = quant_sparse_linear_reference(x.double(), qw, thr, p.splits, compute_dtype=torch.float64)
+                    finite = bool(torch.isfinite(y).all())
+                    err = float((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)) if finite else float("inf")
+                    cases.append({"layer": i, "group": group, "batch": b, "sparsity": s, "rel_err": err,
+                                  "finite": finite})
+    worst = max(cases, key=lambda c: c["rel_err"])
+    return {"cases": len(cases), "max_rel_err": worst["rel_err"], "worst": worst, "bound": KERNEL_REL_ERR,
+            "passed": all(c["finite"] and c["rel_err"] <= KERNEL_REL_ERR for c in cases)}
+
+
+def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn.Module | None = None,
+                 n_layers: int = 4, sparsity: float = 0.5, steps: int = 48) -> dict[str, Any]:
+    """Teacher-forced decode steps of a shallow twin (the engine's widths, `n_layers` layers), quantized alike,
+    through the kernels against the same steps with float64 products, dense and at `sparsity` (thresholds:
+    quantiles of the twin's own activations). Passes when the top-1 token agrees on >= `TWIN_TOP1_MIN` of the
+    steps and the median relative logit error is <= `TWIN_MEDIAN_REL_ERR`, without NaN."""
+    hf32, n_layers = shallow_hf_twin(engine, source, n_layers)
+    prompt = 32
+    max_seq_len = -(-(prompt + steps) // 64) * 64
+    twin = engine_from_hf_model(hf32.to(engine.dtype), max_seq_len=max_seq_len)
+    del hf32
+    twin.quantize_weights(weights, group_size)
+    ids = torch.randint(0, engine.config.vocab_size, (prompt + steps,), device=engine.device,
+                        generator=torch.Generator(device=engine.device).manual_seed(3))
+    out: dict[str, Any] = {"n_layers": n_layers, "steps": steps, "sparsity": sparsity}
+    th = activation_thresholds(twin, ids[:prompt], sparsity)
+    passed = True
+    for name, thresholds in (("dense", None), ("sparse", th)):
+        twin.set_thresholds(thresholds)
+        kernel = teacher_forced_logits(twin, ids, prompt)
+        with float64_quant_products():
+            ref = teacher_forced_logits(twin, ids, prompt)
+        errs = (kernel - ref).norm(dim=-1) / ref.norm(dim=-1)
+        res = {"top1_agreement": float((kernel.argmax(-1) == ref.argmax(-1)).float().mean()),
+               "median_rel_err": float(errs.median()), "max_rel_err": float(errs.max()),
+               "finite": bool(torch.isfinite(kernel).all())}
+        res["passed"] = bool(res["finite"] and res["top1_agreement"] >= TWIN_TOP1_MIN
+                             and res["median_rel_err"] <= TWIN_MEDIAN_REL_ERR)
+        passed = passed and res["passed"]
+        out[name] = res
+    out["bounds"] = {"top1_min": TWIN_TOP1_MIN, "median_rel_err": TWIN_MEDIAN_REL_ERR}
+    out["passed"] = passed
+    return out
+
+
+def check_quantized(engine: Engine, source: torch.nn.Module | None = None) -> dict[str, Any]:
+    """`check_projections` on the engine's own (quantized) weights and `check_decode` on a shallow twin."""
+    proj = check_projections(engine)
+    dec = check_decode(engine, engine.weight_format, engine.group_size or 128, source)
+    return {"projections": proj, "decode": dec, "passed": bool(proj["passed"] and dec["passed"])}
+
+
+def torchao_decode_rate(hf: torch.nn.Module, weights: str, ids: torch.Tensor, new_tokens: int,
+                        repeats: int) -> dict[str, Any]:
+    """HF generate (static cache) with torchao's weight-only `weights` config on every decoder projection
+    (lm_head stays bf16, as in our engine). A missing torchao or a failure is returned as a row with its
+    one-line reason (`skipped` / `error`), not raised."""
+    row: dict[str, Any] = {"weights": weights, "op": "torchao", "config": TORCHAO_CONFIGS[weights],
+                           "path": "HF generate, static cache"}
+    try:
+        import torchao
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except ImportError as err:
+        row["skipped"] = f"torchao is not importable ({err}); pip install torchao==0.18.0"
+        return row
+    row["torchao"] = torchao.__version__
+    try:
+        config = (Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d") if weights == "int4"
+                  else Int8WeightOnlyConfig())
+        quantize_(hf, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+        row.update(hf_decode_rate(hf, ids, new_tokens, repeats, "static"))
+    except Exception as err:  # noqa: BLE001 - the row records why torchao could not run here
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
+    return row
+
+
+def run_quantized(
+    data: dict[str, Any],
+    weights: str,
+    group_size: int,
+    build_engine: Callable[[], Engine],
+    build_hf: Callable[[Engine], torch.nn.Module],
+    source: Callable[[], torch.nn.Module | None],
+    ids: torch.Tensor,
+    sparsities: Sequence[float],
+    modes: Sequence[str],
+    new_tokens: int,
+    repeats: int,
+    bw: float,
+    context: float,
+    thresholds: Any,
+    torchao: bool,
+    deadline: float,
+    phase: Callable[[str, Callable[[], Any]], Any],
+    log: Callable[[str], None] = print,
+) -> None:
+    """Time one quantized format (see the module docstring); rows go to `data["results"]`, the torchao row to
+    `data["baselines"]`, the check to `data["checks"]`."""
+    engine = build_engine()
+    device = engine.device
+    if torchao:
+        hf = build_hf(engine)
+        data["baselines"][f"torchao_{weights}_hf_static"] = row = phase(
+            f"torchao {weights} HF generate static cache", lambda: torchao_decode_rate(hf, weights, ids, new_tokens,
+                                                                                        repeats))
+        if row:
+            log(f"  torchao {weights}: " + (f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row
+                                             else row.get("error") or row.get("skipped")))
+        del hf
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    engine.quantize_weights(weights, group_size)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    data["model_info"].setdefault("weight_bytes_by_format", {})[weights] = sum(b for _, b in engine.iter_weight_bytes())
+    check = phase(f"check {weights} kernels vs float64", lambda: check_quantized(engine, source()))
+    data["checks"][f"quant_{weights}"] = check
+    if not check or not check["passed"]:
+        data["errors"].append(f"{weights}: the correctness check failed; {weights} is not timed")
+        log(f"  {weights}: correctness check FAILED, not timed")
+        return
+    calib_ids = torch.randint(0, engine.config.vocab_size, (ids.numel(),), device=device,
+                              generator=torch.Generator(device=device).manual_seed(2))
+    if thresholds is not None:
+        levels = {s: resolve_thresholds(thresholds, s, engine) for s in sparsities}
+    else:  # quantiles of the quantized engine's own activations
+        levels = {s: (th, None) for s, th in zip(sparsities, activation_threshold_levels(engine, calib_ids, sparsities))}
+    for s in sparsities:
+        th, cs = levels[s]
+        engine.set_thresholds(th if s > 0 else None, cs if s > 0 else None)
+        measured, per = (0.0, {}) if s == 0 else (None, {})
+        for mode in modes:
+            if time.time() > deadline:
+                data["errors"].append(f"time budget reached: skipped {weights} s={s} {mode}")
+                continue
+            gen = Generator(engine, mode=mode)
+            row = phase(f"{weights} s={s} {mode}", lambda: time_engine(gen, ids, new_tokens, repeats, True))
+            del gen
+            if not row:
+                continue
+            if measured is None:
+                measured, per = decode_sparsity(engine, ids, len(row["tokens"]) - 1, th, cs, row["tokens"])
+            row.pop("tokens")
+            nbytes = bytes_per_token(engine, per if s > 0 else None, context)
+            result = {"weights": weights, "group_size": group_size if weights == "int4" else None, "sparsity": s,
+                      "measured_sparsity": measured, "op": "quant-kernel", "sparse_path": None,
+                      "requested_mode": mode, **row, "bytes_per_token": nbytes, "roofline_tokens_per_s": bw / nbytes,
+                      "frac_of_roofline": row["tokens_per_s"] * nbytes / bw}
+            data["results"].append(result)
+            log(f"  {weights} s={s:.2f} ({measured:.3f}) {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
+                f"roofline {bw / nbytes:7.1f} ({result['frac_of_roofline']:.0%})")
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish_quantized(data: dict[str, Any]) -> None:
+    """Ratios of the quantized rows (against this format's fastest dense row, our bf16 dense and torchao's HF
+    static-cache rate of the format) and the quantized targets, into `data`."""
+    bf16 = (data.get("dense_best") or {}).get("tokens_per_s")
+    for fmt in QUANT_FORMATS:
+        rows = [r for r in data["results"] if r.get("weights") == fmt]
+        if not rows:
+            continue
+        dense = max((r["tokens_per_s"] for r in rows if r["sparsity"] == 0), default=None)
+        ao = (data["baselines"].get(f"torchao_{fmt}_hf_static") or {}).get("tokens_per_s")
+        for r in rows:
+            r["speedup_vs_dense"] = r["tokens_per_s"] / dense if dense else None
+            r["speedup_vs_bf16_dense"] = r["tokens_per_s"] / bf16 if bf16 and bf16 == bf16 else None
+            r["speedup_vs_torchao"] = r["tokens_per_s"] / ao if ao else None
+            r["speedup_vs_hf_static"] = None
+    data.setdefault("targets", {}).update(quant_targets(data))
+
+
+def quant_targets(data: dict[str, Any]) -> dict[str, Any]:
+    """The issue's int4 / int8 targets, each {value, target, met} where this run has the numbers."""
+    def best(fmt: str, s: float) -> dict[str, Any] | None:
+        rows = [r for r in data["results"] if r.get("weights") == fmt and abs(r["sparsity"] - s) < 1e-9]
+        return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
+
+    out: dict[str, Any] = {}
+
+    def add(name: str, value: float | None, note: str | None = None) -> None:
+        if value is not None:
+            out[name] = {"value": value, "target": QUANT_TARGETS[name], "met": value >= QUANT_TARGETS[name]}
+            if note:
+                out[name]["note"] = note
+
+    bf16 = (data.get("dense_best") or {}).get("tokens_per_s")
+    bf16 = bf16 if bf16 and bf16 == bf16 else None
+    i4, i4s, i8, i8s = best("int4", 0.0), best("int4", 0.5), best("int8", 0.0), best("int8", 0.5)
+    ao4 = (data["baselines"].get("torchao_int4_hf_static") or {}).get("tokens_per_s")
+    if i4:
+        add("int4_dense_frac_roofline", i4["frac_of_roofline"])
+        add("int4_dense_vs_torchao_int4", i4["tokens_per_s"] / ao4 if ao4 else None)
+        if "H100" in str(data.get("device")) and str(data.get("model", "")).endswith(("llama-3-8b", "llama-3.1-8b")):
+            add("int4_dense_vs_gpt_fast_h100", i4["tokens_per_s"], "tok/s against gpt-fast's published 241 tok/s "
+                                                                  "(int4, Llama-3.1-8B, H100)")
+    if i4 and i4s:
+        add("int4_sparse50_vs_int4_dense", i4s["tokens_per_s"] / i4["tokens_per_s"])
+    if i8 and i8s:
+        add("int8_sparse50_vs_int8_dense", i8s["tokens_per_s"] / i8["tokens_per_s"])
+    if i4s and bf16:
+        add("int4_sparse50_vs_bf16_dense", i4s["tokens_per_s"] / bf16)
+    return out
