@@ -128,10 +128,11 @@ def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn
     return out
 
 
-def check_quantized(engine: Engine, source: torch.nn.Module | None = None) -> dict[str, Any]:
-    """`check_projections` on the engine's own (quantized) weights and `check_decode` on a shallow twin."""
+def check_quantized(engine: Engine, source: torch.nn.Module | None = None, steps: int = 48) -> dict[str, Any]:
+    """`check_projections` on the engine's own (quantized) weights and `check_decode` (`steps` teacher-forced
+    steps) on a shallow twin."""
     proj = check_projections(engine)
-    dec = check_decode(engine, engine.weight_format, engine.group_size or 128, source)
+    dec = check_decode(engine, engine.weight_format, engine.group_size or 128, source, steps=steps)
     return {"projections": proj, "decode": dec, "passed": bool(proj["passed"] and dec["passed"])}
 
 

@@ -1,0 +1,251 @@
+"""`--weights` on `teal bench decode`, `teal bench kernels` and `teal serve` (CPU): option parsing, the decode
+benchmark's quantized rows and their `weights` field, its correctness check against float64 (which a broken
+kernel fails), the torchao row's one-line failure, and the quantized kernel bench's check row."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import types
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (the kernels' check on the CPU)
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from teal.cli import app
+
+runner = CliRunner()
+
+
+def _plain(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text).replace("│", " "))
+
+
+def _no_gpu() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the command would run past parsing")
+
+
+# ------------------------------------------------------------------------------------------ parsing
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "int4,fp8"], "--weights takes a comma list of bf16, int8, int4"),
+    (["--weights", "int4", "--group-size", "48"], "the int4 group size must be one of 32, 64, 128"),
+    (["--weights", "bf16,int4", "--tp", "2"], "quantized weights are not supported with --tp"),
+    (["--weights", "bf16,int4,int8", "--group-size", "64", "--no-torchao"], "runs on a CUDA GPU"),  # parsed
+])
+def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args, message, capsys):
+    from teal.bench.entry import run_module
+
+    _no_gpu()
+    result = runner.invoke(app, ["bench", "decode", *args])
+    assert result.exit_code == 2 and message in _plain(result.output), result.output
+    with pytest.raises(SystemExit) as exit_info:
+        run_module("decode", args)
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and message in _plain(captured.out + captured.err)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--weights", "int3"], "--weights takes a comma list of bf16, int8, int4"),
+    (["--weights", "int4", "--group-size", "100"], "the int4 group size must be one of 32, 64, 128"),
+    (["--weights", "int8,int4", "--group-size", "32"], "runs on a CUDA GPU"),  # parsed
+])
+def test_bench_kernels_weights_option(args, message):
+    _no_gpu()
+    result = runner.invoke(app, ["bench", "kernels", *args])
+    assert result.exit_code == 2 and message in _plain(result.output), result.output
+
+
+def test_bench_decode_weights_reach_the_benchmark(monkeypatch):
+    """The parsed formats, group size and torchao switch are what `decode.run` receives."""
+    from teal.bench import decode
+
+    seen = {}
+    monkeypatch.setattr(decode, "run", lambda **kw: seen.update(kw))
+    result = runner.invoke(app, ["bench", "decode", "--device", "cpu", "--shape", "tiny-llama", "--weights",
+                                 "int4,bf16", "--group-size", "64", "--no-torchao"])
+    assert result.exit_code == 0, result.output
+    assert seen["weights"] == ["int4", "bf16"] and seen["group_size"] == 64 and seen["torchao"] is False
+
+
+def test_serve_weights_option_reaches_the_engine(monkeypatch):
+    """`teal serve --weights int8` builds the served generator with int8 projections (and the model card says so)."""
+    import teal.serve
+    from teal.serve import build_served
+
+    built = {}
+
+    def fake_build(model, artifact, sparsity, method, **kw):
+        built.update(kw)
+        return build_served("tiny-llama", None, 0.0, None, max_seq_len=32, device="cpu", dtype=torch.float32,
+                            weights=kw["weights"], group_size=kw["group_size"])
+
+    monkeypatch.setattr(teal.serve, "build_served", fake_build)
+    monkeypatch.setattr(teal.serve, "serve", lambda served, **kw: built.update(served=served))
+    result = runner.invoke(app, ["serve", "tiny-llama", "--weights", "int4", "--group-size", "32", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert built["weights"] == "int4" and built["group_size"] == 32
+    engine = built["served"].generator.engine
+    assert engine.weight_format == "int4" and engine.group_size == 32
+    assert "int4 weights" in _plain(result.output)
+    bad = runner.invoke(app, ["serve", "tiny-llama", "--weights", "int2"])
+    assert bad.exit_code == 2 and "int2" in _plain(bad.output)
+
+
+# ------------------------------------------------------------------------------ decode benchmark
+def _tiny_engine(weights: str = "int4"):
+    from teal.engine import engine_random
+
+    engine = engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=128)
+    engine.quantize_weights(weights, 32)
+    return engine
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatch):
+    from teal.bench.quant_decode import check_quantized
+    from teal.engine import projection
+
+    engine = _tiny_engine(weights)
+    good = check_quantized(engine, steps=16)
+    assert good["passed"], good
+    assert good["projections"]["max_rel_err"] <= 1e-2 and good["decode"]["sparse"]["top1_agreement"] >= 0.9
+
+    kernel = projection.quant_sparse_linear
+    broken = {
+        "zeros": lambda x, qw, t, splits, cs=None: torch.zeros_like(kernel(x, qw, t, splits, cs)),
+        "last segment dropped": lambda x, qw, t, splits, cs=None: torch.cat(
+            [kernel(x, qw, t, splits, cs)[:, :-splits[-1]], torch.zeros(x.shape[0], splits[-1], dtype=x.dtype)], 1),
+        "threshold ignored": lambda x, qw, t, splits, cs=None: kernel(x, qw, torch.full_like(t, float("-inf")),
+                                                                      splits, cs),
+    }
+    for name, fn in broken.items():
+        monkeypatch.setattr(projection, "quant_sparse_linear", fn)
+        bad = check_quantized(engine, steps=16)
+        assert not bad["passed"] and not bad["projections"]["passed"], name
+        if name == "zeros":  # the decode steps alone catch it too
+            assert not bad["decode"]["passed"]
+        monkeypatch.setattr(projection, "quant_sparse_linear", kernel)
+
+
+def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path):
+    from teal.bench import decode
+
+    path = tmp_path / "decode.json"
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=4, repeats=1, json_path=path,
+                      hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None,
+                      weights=("bf16", "int4"), group_size=32, profile=False)
+    assert not data["errors"], data["errors"]
+    saved = json.loads(path.read_text())
+    rows = saved["results"] + saved["dense_variants"]
+    assert rows and all(r["weights"] in ("bf16", "int8", "int4") for r in rows)
+    assert saved["weights"] == ["bf16", "int4"]
+    for fmt in ("int4",):
+        assert saved["checks"][f"quant_{fmt}"]["passed"]
+        mine = {r["sparsity"]: r for r in saved["results"] if r["weights"] == fmt}
+        assert set(mine) == {0.0, 0.5}
+        assert 0.4 < mine[0.5]["measured_sparsity"] < 0.6
+        assert mine[0.5]["bytes_per_token"] < mine[0.0]["bytes_per_token"]
+        assert mine[0.5]["speedup_vs_dense"] == pytest.approx(mine[0.5]["tokens_per_s"] / mine[0.0]["tokens_per_s"])
+    bf16 = next(r for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0)
+    i4 = next(r for r in saved["results"] if r["weights"] == "int4" and r["sparsity"] == 0)
+    assert i4["bytes_per_token"] < bf16["bytes_per_token"]
+    assert {"int4_sparse50_vs_int4_dense", "int4_sparse50_vs_bf16_dense", "int4_dense_frac_roofline"} <= set(
+        saved["targets"])
+    # the bf16 targets still use only the bf16 rows
+    best = max(r["tokens_per_s"] for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0.5
+               and r["op"] == "kernel")
+    assert saved["targets"]["sparse50_vs_dense"]["value"] == pytest.approx(best / saved["dense_best"]["tokens_per_s"])
+
+
+def test_quantized_bytes_per_token_counts_codes_scales_zeros_and_bf16_rest():
+    from teal.bench.timing import bytes_per_token
+    from teal.engine import engine_random
+
+    bf16 = engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=64)
+    int4 = _tiny_engine("int4")
+    cfg = bf16.config
+    shapes = cfg.projection_shapes()
+    item = 4
+    rest = bytes_per_token(bf16, None, 0) - sum(k * n * item for k, n in shapes.values()) * cfg.n_layers
+    expected = rest + cfg.n_layers * sum(k * n / 2 + 2 * -(-k // 32) * n * item for k, n in shapes.values())
+    assert bytes_per_token(int4, None, 0) == pytest.approx(expected)
+    half = {f"layers.{i}.{p}": 0.5 for i in range(cfg.n_layers) for p in shapes}
+    codes = cfg.n_layers * sum(k * n / 2 for k, n in shapes.values())
+    assert bytes_per_token(int4, half, 0) == pytest.approx(expected - codes / 2)
+    int8 = _tiny_engine("int8")
+    expected8 = rest + cfg.n_layers * sum(k * n + n * item for k, n in shapes.values())
+    assert bytes_per_token(int8, None, 0) == pytest.approx(expected8)
+
+
+def test_torchao_row_records_a_missing_package_and_a_failure_in_one_line(monkeypatch):
+    from teal.bench.quant_decode import torchao_decode_rate
+
+    ids = torch.arange(4)
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    row = torchao_decode_rate(torch.nn.Linear(2, 2), "int4", ids, 4, 1)
+    assert row["weights"] == "int4" and "torchao is not importable" in row["skipped"] and "tokens_per_s" not in row
+
+    fake = types.ModuleType("torchao")
+    fake.__version__ = "0.18.0"
+    quantization = types.ModuleType("torchao.quantization")
+
+    def fail(model, config, filter_fn=None):
+        raise RuntimeError("plain int4 needs mslk >= 1.0\nsecond line")
+
+    quantization.quantize_ = fail
+    quantization.Int4WeightOnlyConfig = lambda **kw: ("int4", kw)
+    quantization.Int8WeightOnlyConfig = lambda **kw: ("int8", kw)
+    fake.quantization = quantization
+    monkeypatch.setitem(sys.modules, "torchao", fake)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", quantization)
+    row = torchao_decode_rate(torch.nn.Linear(2, 2), "int8", ids, 4, 1)
+    assert row["error"] == "RuntimeError: plain int4 needs mslk >= 1.0" and row["torchao"] == "0.18.0"
+    assert row["config"] == "Int8WeightOnlyConfig()" and "tokens_per_s" not in row
+
+
+def test_quant_targets_met_and_missed():
+    from teal.bench.quant_decode import quant_targets
+
+    def row(fmt, s, tps, frac=0.5):
+        return {"weights": fmt, "sparsity": s, "tokens_per_s": tps, "frac_of_roofline": frac}
+
+    data = {"results": [row("int4", 0.0, 300.0, 0.85), row("int4", 0.5, 450.0), row("int8", 0.0, 200.0),
+                        row("int8", 0.5, 360.0)],
+            "baselines": {"torchao_int4_hf_static": {"tokens_per_s": 120.0}}, "dense_best": {"tokens_per_s": 200.0},
+            "device": "NVIDIA H100 80GB HBM3", "model": "random:llama-3-8b"}
+    t = quant_targets(data)
+    assert t["int4_dense_frac_roofline"]["met"] and t["int4_dense_vs_torchao_int4"]["value"] == 2.5
+    assert t["int4_dense_vs_gpt_fast_h100"]["met"]  # 300 > 241
+    assert not t["int4_sparse50_vs_int4_dense"]["met"]  # 1.5 < 1.6
+    assert t["int8_sparse50_vs_int8_dense"]["met"]  # 1.8
+    assert not t["int4_sparse50_vs_bf16_dense"]["met"]  # 2.25 < 2.8
+
+
+# ----------------------------------------------------------------------------- kernel benchmark
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton kernel runs on CPU only under "
+                                                                     "TRITON_INTERPRET=1")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_kernel_bench_check_row_passes_and_fails_on_a_broken_kernel(fmt):
+    from teal.bench.quant_kernels import check_row
+    from teal.kernels.quant_gemv import quant_sparse_linear_triton
+    from teal.quant import quantize
+
+    torch.manual_seed(0)
+    splits = (48, 16, 16)
+    qw = quantize(torch.randn(96, 80).to(torch.bfloat16), fmt, 32)
+    assert check_row(qw, splits, 2, 0.5, torch.bfloat16)["ok"]
+    zeros = lambda x, q, t, s: torch.zeros(x.shape[0], sum(s), dtype=x.dtype)  # noqa: E731
+    assert not check_row(qw, splits, 2, 0.5, torch.bfloat16, kernel=zeros)["ok"]
+
+    def nan(x, q, t, s):
+        y = quant_sparse_linear_triton(x, q, t, s)
+        y[0, 0] = float("nan")
+        return y
+
+    bad = check_row(qw, splits, 2, 0.5, torch.bfloat16, kernel=nan)
+    assert not bad["ok"] and not bad["finite"]
