@@ -138,7 +138,7 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path):
     path = tmp_path / "decode.json"
     data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=4, repeats=1, json_path=path,
                       hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None,
-                      weights=("bf16", "int4"), group_size=32, profile=False)
+                      weights=("bf16", "int4"), group_size=32, profile=False, time_budget_s=1e6)
     assert not data["errors"], data["errors"]
     saved = json.loads(path.read_text())
     rows = saved["results"] + saved["dense_variants"]
@@ -249,3 +249,10 @@ def test_kernel_bench_check_row_passes_and_fails_on_a_broken_kernel(fmt):
 
     bad = check_row(qw, splits, 2, 0.5, torch.bfloat16, kernel=nan)
     assert not bad["ok"] and not bad["finite"]
+
+
+def test_bench_cli_weight_choices_match_teal_quant():
+    from teal import quant
+    from teal.bench import cli
+
+    assert cli.WEIGHT_FORMATS == quant.WEIGHT_FORMATS and cli.INT4_GROUP_SIZES == quant.INT4_GROUP_SIZES
