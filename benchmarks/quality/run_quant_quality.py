@@ -192,28 +192,36 @@ def at_measured(results: list[dict], label: str, method: str, key: str, level: f
 
 
 def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per quantized format, method and target measured sparsity s: the PPL factor of quantization at s
-    (PPL(quant, s) / PPL(bf16, s)) beside its factor dense (PPL(quant, 0) / PPL(bf16, 0)). Their ratio
-    is the interaction on the log-PPL scale: 1 means the two errors add in log-PPL (independent), above
-    1 they compound (quantization hurts more on the sparse model), below 1 they overlap."""
+    """Per quantized format, method and nominal level s measured in both: the PPL factor of quantization on
+    the sparse model (PPL(format, s) / PPL(bf16, s)) beside its factor on the dense model (PPL(format, 0) /
+    PPL(bf16, 0)), with both rows' measured sparsities (each format is calibrated on its own model, so they
+    measure alike: the pair is at equal measured sparsity where the two agree). `interaction` = the ratio of
+    the two factors, i.e. the interaction on the log-PPL scale: 1 means the two errors add in log-PPL
+    (independent), above 1 they compound (quantization hurts more on the sparse model), below 1 they overlap."""
     res = data["results"]
-    labels = [l for l in data["formats"] if l != "bf16"]
+    labels = [label for label in data["formats"] if label != "bf16"]
     out = []
-    for key in ("ppl", "ppl_lambada"):
-        base0 = next((r[key] for r in res if r["weights"] == "bf16" and r["method"] == "dense"), None)
+    for key, axis in (("ppl", "measured_sparsity"), ("ppl_lambada", "measured_sparsity_lambada")):
+        def row(label: str, method: str, s: float) -> dict[str, Any] | None:
+            return next((r for r in res if r["weights"] == label and r["method"] == method
+                         and abs(r["sparsity"] - s) < 1e-9), None)
+
+        base0 = row("bf16", "dense", 0.0)
         for label in labels:
-            q0 = next((r[key] for r in res if r["weights"] == label and r["method"] == "dense"), None)
+            q0 = row(label, "dense", 0.0)
             if base0 is None or q0 is None:
                 continue
             for method in data["methods"]:
-                for s in TARGETS:
-                    b, q = at_measured(res, "bf16", method, key, s), at_measured(res, label, method, key, s)
+                for s in sorted({r["sparsity"] for r in res if r["method"] == method}):
+                    b, q = row("bf16", method, s), row(label, method, s)
                     if b is None or q is None:
                         continue
+                    dense_factor, sparse_factor = q0[key] / base0[key], q[key] / b[key]
                     out.append({"source": "olmo-wiki" if key == "ppl" else "lambada", "weights": label,
-                                "method": method, "measured_sparsity": s, "quant_factor_dense": q0 / base0,
-                                "quant_factor_sparse": q / b, "interaction": (q / b) / (q0 / base0),
-                                "ppl_bf16_sparse": b, "ppl_quant_sparse": q})
+                                "method": method, "sparsity": s, "measured_bf16": b[axis], "measured": q[axis],
+                                "quant_factor_dense": dense_factor, "quant_factor_sparse": sparse_factor,
+                                "interaction": sparse_factor / dense_factor, "ppl_bf16_sparse": b[key],
+                                "ppl_quant_sparse": q[key]})
     return out
 
 
@@ -261,14 +269,16 @@ def markdown(data: dict[str, Any]) -> str:
     comp = compounding(data)
     if comp:
         lines += ["", "Where the errors compound: the PPL factor of quantization on the sparse model "
-                  "(PPL(format, s) / PPL(bf16, s), both at measured sparsity s) against its factor on the dense "
-                  "model (PPL(format, 0) / PPL(bf16, 0)). `interaction` = their ratio: 1 = the two errors add "
-                  "in log-PPL (independent); above 1 they compound; below 1 they overlap.", "",
-                  "| source | weights | method | measured | factor dense | factor sparse | interaction |",
-                  "|---|---|---|---|---|---|---|"]
+                  "(PPL(format, s) / PPL(bf16, s), the same method and nominal level; `measured`: bf16's / the "
+                  "format's measured sparsity on that source) against its factor on the dense model "
+                  "(PPL(format, 0) / PPL(bf16, 0)). `interaction` = their ratio: 1 = the two errors add in "
+                  "log-PPL (independent); above 1 they compound; below 1 they overlap.", "",
+                  "| source | weights | method | nominal | measured | factor dense | factor sparse | interaction |",
+                  "|---|---|---|---|---|---|---|---|"]
         for c in comp:
-            lines.append(f"| {c['source']} | {c['weights']} | {c['method']} | {c['measured_sparsity']:.2f} | "
-                         f"{c['quant_factor_dense']:.4f} | {c['quant_factor_sparse']:.4f} | {c['interaction']:.4f} |")
+            lines.append(f"| {c['source']} | {c['weights']} | {c['method']} | {c['sparsity']:.2f} | "
+                         f"{c['measured_bf16']:.3f} / {c['measured']:.3f} | {c['quant_factor_dense']:.3f} | "
+                         f"{c['quant_factor_sparse']:.3f} | {c['interaction']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
