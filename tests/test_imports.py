@@ -136,6 +136,14 @@ def test_teal_has_no_import_circle():
     assert cycles(graph) == []
 
 
+def test_entry_modules_are_imported_by_nothing():
+    """`python -m teal.bench.decode` runs the package's `__main__.py`: the one place that may import what
+    imports the package (the command line), as long as no module imports it back."""
+    graph = import_graph(ROOT)
+    assert {"teal.bench.decode.__main__", "teal.bench.kernels.__main__"} <= set(graph)
+    assert sorted((a, b) for a, edges in graph.items() for b in edges if b.endswith(".__main__")) == []
+
+
 def test_kernels_never_import_the_engine_and_the_engine_never_imports_a_benchmark():
     assert forbidden_edges(import_graph(ROOT)) == []
 
