@@ -283,8 +283,7 @@ def layer_sensitivities(
 
 
 def joint_kl(
-    model: nn.Module, thresholds: Thresholds, levels: Sequence[float], within: str, tail: _Tail,
-    dense_lp: torch.Tensor,
+    thresholds: Thresholds, levels: Sequence[float], within: str, tail: _Tail, dense_lp: torch.Tensor,
 ) -> float:
     """KL(dense || sparse) per token with every layer ``l`` sparsified at ``levels[l]``."""
     originals = _sparsify_layers(tail.adapter, thresholds, dict(enumerate(levels)), within)
@@ -516,9 +515,8 @@ def allocate_cross_layer(
             check.append({
                 "level": levels[j],
                 "kl_predicted": predicted,
-                "kl_measured": joint_kl(model, thresholds, mine, WITHIN, tail, dense_lp),
-                f"kl_measured_{WITHIN}": joint_kl(model, thresholds, [levels[j]] * n_layers,
-                                                  WITHIN, tail, dense_lp),
+                "kl_measured": joint_kl(thresholds, mine, WITHIN, tail, dense_lp),
+                f"kl_measured_{WITHIN}": joint_kl(thresholds, [levels[j]] * n_layers, WITHIN, tail, dense_lp),
             })
     thresholds.allocations[CROSS_LAYER] = {
         "levels": levels,

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from torch import nn
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-SITES = ("attn_in", "attn_out", "mlp_in", "mlp_mid")
 PROJ_SITE = {
     "q": "attn_in",
     "k": "attn_in",

@@ -3,8 +3,9 @@ its layers point one way: kernels never import the engine, the engine never impo
 
 The root `teal/__init__.py` is the public facade (re-exports only): `from teal import Thresholds` counts as
 an import of the module that defines `Thresholds`; `import teal` and `from teal import __version__` add no edge.
-Imports under `if __name__ == "__main__":` belong to the script run by `python -m`, a module apart from the
-imported one, and add no edge.
+Imports under `if __name__ == "__main__":` count like any other: a module whose `python -m` block imports what
+imports it is a circle to a reader (and to the before-stop hook). A command run by `python -m` lives in a
+package's `__main__.py`, which nothing imports (`teal/bench/decode/__main__.py`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ def _facade(root_name: str, modules: dict[str, Path]) -> dict[str, str]:
     return out
 
 
-def _is_main_block(node: ast.stmt) -> bool:
-    return isinstance(node, ast.If) and ast.unparse(node.test).replace("'", '"') == '__name__ == "__main__"'
-
-
 def import_graph(root: Path) -> dict[str, set[str]]:
     """{module: modules of the tree it imports}, from every import statement of every module."""
     modules = module_files(root)
@@ -67,9 +64,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges: set[str] = set()
-        tree = ast.parse(path.read_text(), filename=str(path))
-        tree.body = [n for n in tree.body if not _is_main_block(n)]
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
@@ -141,6 +136,14 @@ def test_teal_has_no_import_circle():
     assert cycles(graph) == []
 
 
+def test_entry_modules_are_imported_by_nothing():
+    """`python -m teal.bench.decode` runs the package's `__main__.py`: the one place that may import what
+    imports the package (the command line), as long as no module imports it back."""
+    graph = import_graph(ROOT)
+    assert {"teal.bench.decode.__main__", "teal.bench.kernels.__main__"} <= set(graph)
+    assert sorted((a, b) for a, edges in graph.items() for b in edges if b.endswith(".__main__")) == []
+
+
 def test_kernels_never_import_the_engine_and_the_engine_never_imports_a_benchmark():
     assert forbidden_edges(import_graph(ROOT)) == []
 
@@ -161,8 +164,10 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
     ({"__init__.py": "from teal.b import B\n", "a.py": "def f():\n    from teal import B\n",
       "b.py": "from . import a\nB = 1\n"}, [["teal.a", "teal.b"]]),
     ({"__init__.py": "__version__ = '0'\n", "a.py": "from teal import __version__\n"}, []),
-    # a module's `python -m` block may import what imports the module
-    ({"__init__.py": "", "a.py": "if __name__ == '__main__':\n    import teal.b\n", "b.py": "import teal.a\n"}, []),
+    # a module's `python -m` block counts; a package's `__main__.py`, which nothing imports, closes no circle
+    ({"__init__.py": "", "a.py": "if __name__ == '__main__':\n    import teal.b\n", "b.py": "import teal.a\n"},
+     [["teal.a", "teal.b"]]),
+    ({"__init__.py": "", "a/__init__.py": "", "a/__main__.py": "import teal.b\n", "b.py": "import teal.a\n"}, []),
 ])
 def test_the_walk_finds_circles(tmp_path, files, expected):
     assert cycles(import_graph(_tree(tmp_path, files))) == expected

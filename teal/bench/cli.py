@@ -1,6 +1,6 @@
 """The one definition of the benchmark commands: `teal bench kernels` and `teal bench decode` (`teal.cli`
 registers `bench_app`) are the same commands as `python -m teal.bench.kernels` and `python -m
-teal.bench.decode` (their `main` runs `kernels_app` / `decode_app`).
+teal.bench.decode` (the packages' `__main__` modules run them through `teal.bench.entry`).
 
 Choices are Enums, so `--help` lists them; comma lists (`--sparsity`, `--modes`, ...) are checked against
 their choices here. Older spellings stay accepted as aliases (`--sparsities`, `--batches`, `--thresholds`).

@@ -1,6 +1,7 @@
-"""`python -m teal.bench.kernels` / `python -m teal.bench.decode`: the `teal bench` commands of
-`teal.bench.cli` under those program names, or one line saying that typer is missing (the GPU image has no
-typer: carry its wheel on PYTHONPATH)."""
+"""What `python -m teal.bench.kernels` / `python -m teal.bench.decode` run (their `__main__` modules): the
+`teal bench` commands of `teal.bench.cli` under those program names, or one line saying that typer is missing
+(the GPU image has no typer: carry its wheel on PYTHONPATH). In teal/, only those
+`__main__` modules import this one."""
 
 from __future__ import annotations
 

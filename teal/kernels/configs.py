@@ -282,7 +282,7 @@ def _pow2_floor(value: float) -> int:
     return 1 << max(0, int(value).bit_length() - 1)
 
 
-def heuristic_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int) -> KernelConfig:
+def heuristic_config(k: int, n: int, batch: int, sm_count: int) -> KernelConfig:
     """A reasonable configuration for a shape that is not in the tuned table.
 
     Column blocks of 128 (fewer for narrow outputs), and enough row splits that about four programs
@@ -344,7 +344,7 @@ def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = D
     tuned = TUNED.get(key)
     if tuned is not None:
         return tuned
-    return heuristic_config(k, n, batch, dtype, sm_count)
+    return heuristic_config(k, n, batch, sm_count)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -176,7 +176,7 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
     extra: list[KernelConfig] = []
     if families == "cuda":  # against the Triton table's entry (batch 1) or the dense fallback (batches)
         current = TUNED.get((k, n, bucket, "bf16"))
-        out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count)] + ([current] if current else [])
+        out = [heuristic_config(k, n, batch, sm_count)] + ([current] if current else [])
         out += [KernelConfig(dense=True)] if bucket > 1 else []
         return list(dict.fromkeys(out + cuda_candidates(k, n, sm_count, batch)))
     if bucket == 1:  # (block_n, block_r, warps, use_dot, compact, waves of programs per SM)
@@ -196,7 +196,7 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
         tiles += [(128, max(2, 16 // bucket), 4, False, False, 4)]
         if families == "union":
             tiles = []
-    out = [heuristic_config(k, n, batch, torch.bfloat16, sm_count), KernelConfig(dense=True)]
+    out = [heuristic_config(k, n, batch, sm_count), KernelConfig(dense=True)]
     for block_n, block_r, warps, use_dot, compact, waves in tiles:
         n_blocks = -(-n // block_n)
         split = _pow2_round(waves * sm_count / n_blocks)

@@ -792,9 +792,3 @@ def _sync(device: torch.device) -> None:
 def _empty_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-if __name__ == "__main__":  # the `teal bench decode` command (one definition: teal/bench/cli.py)
-    from teal.bench.entry import run_module
-
-    run_module("decode")

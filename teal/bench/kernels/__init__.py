@@ -794,8 +794,3 @@ def plot(data: dict[str, Any], out_png: str | os.PathLike[str]) -> None:
 
 
 __all__ = ["SHAPES", "check_targets", "compact_summary", "plot", "run", "self_check"]
-
-if __name__ == "__main__":  # the `teal bench kernels` command (one definition: teal/bench/cli.py)
-    from teal.bench.entry import run_module
-
-    run_module("kernels")
