@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from teal.bench.decode import (_rel, build_hf_twin, hf_decode_rate, shallow_hf_twin,  # noqa: F401
+from teal.bench.decode.checks import (_rel, build_hf_twin, hf_decode_rate, shallow_hf_twin,  # noqa: F401
                                teacher_forced_logits)
 from teal.bench.timing import bytes_per_token, time_engine
 from teal.engine import Generator, engine_from_hf_model, resolve_thresholds
