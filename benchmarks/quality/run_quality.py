@@ -84,6 +84,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def reusable_artifact(path: Path | None, model, log) -> teal.Thresholds | None:
+    """The artifact saved at ``path`` for this model, or None (no path, nothing there, or not loadable: said)."""
+    if path is None or not path.is_dir():
+        return None
+    try:
+        th = teal.Thresholds.load(path, model=model)
+    except teal.ArtifactError as e:
+        log(f"not reusing {path}: {e}")
+        return None
+    log(f"reusing {path} (allocations: {', '.join(th.allocations) or 'none'})")
+    return th
+
+
 def slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model).name if os.sep in model else model)
 
@@ -110,13 +123,7 @@ def build_artifact(model, tok, score: str, args, methods: list[str], log,
     ``must_reuse``: existing rows of the JSON were measured with this artifact (resume adds tasks
     to them), so recalibrating or re-allocating would silently mix two artifacts: refuse instead."""
     path = None if args.artifacts is None else args.artifacts / f"{slug(args.model)}-{score}"
-    th = None
-    if path is not None and path.is_dir():
-        try:
-            th = teal.Thresholds.load(path, model=model)
-            log(f"reusing {score} artifact {path} (allocations: {', '.join(th.allocations) or 'none'})")
-        except teal.ArtifactError as e:
-            log(f"not reusing {path}: {e}")
+    th = reusable_artifact(path, model, log)
     if must_reuse and (th is None or any(m not in th.allocations for m in methods if m != "uniform")):
         raise SystemExit(
             f"--resume: the JSON has rows measured with the {score} artifact, but {path} could not be "

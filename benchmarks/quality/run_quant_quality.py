@@ -144,13 +144,7 @@ def load_quantized(args, label: str, log) -> tuple[torch.nn.Module, Any, dict[st
 
 def build_artifact(model, tok, args, label: str, allocations: list[str], levels: list[float], log) -> teal.Thresholds:
     path = None if args.artifacts is None else args.artifacts / f"{rq.slug(args.model)}-{label}"
-    th = None
-    if path is not None and path.is_dir():
-        try:
-            th = teal.Thresholds.load(path, model=model)
-            log(f"reusing {path}")
-        except teal.ArtifactError as e:
-            log(f"not reusing {path}: {e}")
+    th = rq.reusable_artifact(path, model, log)
     if th is None:
         t0 = time.perf_counter()
         th = teal.calibrate(model, tok, data=args.calib_data, tokens=args.calib_tokens, seq_len=args.calib_seq_len,
