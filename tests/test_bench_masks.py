@@ -257,3 +257,17 @@ def test_bench_decode_times_random_and_real_masks_on_cpu(tmp_path):
     assert {"8", "32", "tokens"} <= set(reports[real.spec]["sites"]["mlp_mid"]["imbalance"])
     (cmp,) = saved["mask_comparison"]
     assert cmp["masks"] == real.spec and cmp["ratio"] == pytest.approx(cmp["tokens_per_s"] / cmp["random_tokens_per_s"])
+
+
+def test_decode_targets_come_from_bf16_random_mask_rows_only():
+    """A faster real-mask or int4 row must not stand in for the bf16 random-mask target (the target is
+    defined on random masks of the bf16 weights)."""
+    from teal.bench.decode import evaluate_targets
+
+    def row(tps, **kw):
+        return dict(sparsity=0.5, op="kernel", tokens_per_s=tps, frac_of_roofline=tps / 1000, **kw)
+
+    data = {"dense_best": {"tokens_per_s": 100.0}, "baselines": {}, "results": [
+        row(150.0), row(400.0, masks="real:x"), row(500.0, weights="int4"), row(160.0, masks="random")]}
+    got = evaluate_targets(data)["sparse50_vs_dense"]["value"]
+    assert got == pytest.approx(1.6)

@@ -429,12 +429,9 @@ def evaluate_targets(data: dict[str, Any]) -> dict[str, Any]:
     roof = data.get("dense_roofline_tokens_per_s")
     hf = (data["baselines"].get("hf_static_compile") or {}).get("tokens_per_s")
 
-    def best(s: float) -> dict[str, Any] | None:  # the targets are the random-mask rows'
+    def best(s: float) -> dict[str, Any] | None:  # the targets are the bf16 random-mask rows'
         rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"
-                and r.get("masks", "random") == "random"]
-    def best(s: float) -> dict[str, Any] | None:
-        rows = [r for r in data["results"] if abs(r["sparsity"] - s) < 1e-9 and r["op"] == "kernel"
-                and r.get("weights", "bf16") == "bf16"]
+                and r.get("weights", "bf16") == "bf16" and r.get("masks", "random") == "random"]
         return max(rows, key=lambda r: r["tokens_per_s"]) if rows else None
 
     out: dict[str, Any] = {}

@@ -17,7 +17,6 @@ import datetime as _dt
 import math
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
