@@ -389,3 +389,54 @@ def test_benchmark_json_records_the_stated_source_commit(monkeypatch):
         assert found is not None and found.split("-")[0] == head
     else:
         assert found is None
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quantized_variants_compile_for_sm90_without_spills(tmp_path, weights):
+    """The int8 / int4 variants of the CUDA kernel (``WFMT``) at the configurations the dispatch picks, for
+    1-8 rows, bf16 and fp16, compile for sm_90 with no spills; at batch 1 a step's code loads (8 or 4 bytes
+    per lane and row) come before the first FFMA in the SASS."""
+    from teal.kernels.configs import quant_cuda_config
+
+    variants = set()
+    for dtype in (torch.bfloat16, torch.float16):
+        for k, n in ((14336, 4096), (1000, 792)):
+            for batch in ((1, 2, 8) if dtype == torch.bfloat16 else (1,)):
+                cfg = quant_cuda_config(k, n, batch, 132)
+                assert cuda.register_problem(cfg, dtype, batch, weights) is None
+                geo = cuda.geometry(k, [n], cfg, dtype, batch)
+                variants.add(cuda.variant_for(cfg, dtype, has_scale=batch == 2, glu=False, pdl=2,
+                                              rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights,
+                                              group=32 if k == 1000 else 128))
+    assert {v.weights for v in variants} == {cuda.WEIGHT_CODES[weights]}
+    load = "LDG.E.NA.64" if weights == "int8" else "LDG.E.NA"
+    for variant in sorted(variants, key=repr):
+        code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                                [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills and all(s == "0" for s in spills), (variant, log)
+        if CUOBJDUMP is not None and variant.batch == 1:
+            cubin = tmp_path / "q.cubin"
+            cubin.write_bytes(code)
+            sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+            ops_seen = re.findall(r"\b(LDG\.E\.NA(?:\.64)?\.CONSTANT|LDG\.E\.NA(?:\.64)?\b|FFMA)", sass)
+            codes = [i for i, o in enumerate(ops_seen) if o.startswith(load) and ".128" not in o]
+            assert codes, (variant, sorted(set(ops_seen)))
+            first = codes[0]
+            burst = next((i for i, o in enumerate(ops_seen[first:]) if o == "FFMA"), len(ops_seen) - first)
+            assert burst >= variant.unroll * variant.vecs, (variant, ops_seen[first : first + 2 * variant.unroll])
+
+
+def test_quantized_rows_per_step_and_registers():
+    """bf16 variants keep their rows per step; int4 at 5-8 rows takes at most 16 per step; a block too wide for
+    the quantized sums is refused with the numbers, and fp32 inputs are refused for quantized weights."""
+    cfg = KernelConfig(block_n=256, block_r=32, split_k=8, num_warps=8, cuda=True)
+    assert cuda.rows_per_step(cfg, torch.bfloat16, 1) == 32
+    assert cuda.rows_per_step(cfg, torch.bfloat16, 1, cuda.WEIGHT_CODES["int4"]) == 32
+    assert cuda.rows_per_step(cfg, torch.bfloat16, 8, cuda.WEIGHT_CODES["int4"]) == 16
+    wide = KernelConfig(block_n=512, block_r=16, split_k=4, num_warps=8, cuda=True)
+    assert "int4" in (cuda.register_problem(wide, torch.bfloat16, 8, "int4") or "")
+    assert "fp32" in (cuda.register_problem(cfg, torch.float32, 1, "int8") or "") or \
+        "float32" in (cuda.register_problem(cfg, torch.float32, 1, "int8") or "")

@@ -274,3 +274,50 @@ def test_cli_weights_int4_calibrate_eval_and_mismatch_warning(tiny_model_dir):
     r = run("eval", "ppl", root / "model", "--sparsity", "0", "--tokens", 256, *common, "--weights", "int4",
             "--group-size", 48)
     assert r.exit_code == 2 and "group size must be 32, 64 or 128" in r.output
+
+
+def _kernel_decode(word_bytes: torch.Tensor, fmt: str) -> torch.Tensor:
+    """The CUDA kernel's code decode (``sparse_gemv.cu``'s ``decode_codes``) emulated bit for bit: a byte
+    under the exponent bits 0x4B as fp32 is 2^23 + byte; int8 first flips each byte's sign bit."""
+    b = word_bytes.to(torch.int32) & 0xFF
+    if fmt == "int8":
+        biased = (b ^ 0x80) | 0x4B000000
+        return biased.view(torch.float32) - 8388736.0
+    lo, hi = (b & 0x0F) | 0x4B000000, ((b >> 4) & 0x0F) | 0x4B000000
+    return torch.stack([lo.view(torch.float32), hi.view(torch.float32)], dim=-1).flatten(-2) - 8388608.0
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_kernel_decode_and_group_fold_reproduce_dequantize(fmt):
+    """The CUDA kernel's arithmetic, emulated: codes decoded by byte permutes, int8 scaled after the sum, int4
+    summed per group as x*q and x, folded as scale * (sum_xq - zero * sum_x), equals x @ dequantize."""
+    gen = torch.Generator().manual_seed(3)
+    k, n, group = 96, 16, 32
+    qw = quantize(torch.randn(k, n, generator=gen), fmt, group_size=group)
+    x = torch.randn(k, generator=gen, dtype=torch.float64)
+    q = _kernel_decode(qw.codes.view(torch.uint8) if fmt == "int8" else qw.codes, fmt).double()
+    if fmt == "int8":
+        assert torch.equal(q, qw.codes.double())
+        y = (x @ q) * qw.scales.double()
+    else:
+        y = torch.zeros(n, dtype=torch.float64)
+        for g in range(k // group):
+            rows = slice(g * group, (g + 1) * group)
+            gsum, xsum = x[rows] @ q[rows], x[rows].sum()
+            y += qw.scales[g].double() * (gsum - qw.zeros[g].double() * xsum)
+    ref = x @ qw.dequantize(torch.float64)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)  # dequantize multiplies in fp32
+
+
+def test_quant_op_compiles_whole_and_a_bad_kernel_choice_is_named(monkeypatch):
+    """The dispatch is one custom op: torch.compile(fullgraph=True) takes it and gives the reference's result;
+    a bad $TEAL_QUANT_KERNEL is refused with the variable's name."""
+    from teal.kernels import quant_gemv
+
+    qw = quantize(torch.randn(64, 24), "int4", group_size=32)
+    x, t = torch.randn(2, 64), torch.tensor([0.3, 0.6])
+    fn = torch.compile(lambda v: quant_gemv.quant_sparse_linear(v, qw, t, [16, 8]), fullgraph=True, backend="eager")
+    assert torch.equal(fn(x), quant_sparse_linear_reference(x, qw, t, [16, 8]))
+    monkeypatch.setenv("TEAL_QUANT_KERNEL", "fast")
+    with pytest.raises(ValueError, match="TEAL_QUANT_KERNEL"):
+        quant_gemv.quant_kernel_choice()

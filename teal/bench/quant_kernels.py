@@ -1,6 +1,7 @@
 """`teal bench kernels --weights int8,int4`: the fused threshold + dequantize + sparse GEMV
-(`teal.kernels.quant_gemv`, Triton) per (shape, projection, batch, sparsity), against cuBLAS on the bf16
-weight of the same shape and against the copy bandwidth (bytes: kept code rows + every scale and zero).
+(`teal.kernels.quant_gemv`: the CUDA C++ kernel where the device runs it, and Triton, each a row) per (shape,
+projection, batch, sparsity), against cuBLAS on the bf16 weight of the same shape and against the copy
+bandwidth (bytes: kept code rows + every scale and zero).
 
 Each row is first checked on a fresh input against the float64 dequantize-then-multiply reference (output
 poisoned with NaN first): relative error <= 1e-2 and no NaN, the issue's bound; then timed in a CUDA graph
@@ -13,13 +14,15 @@ import math
 import time
 import traceback
 from collections.abc import Sequence
+from itertools import product
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from teal.bench.timing import quant_param_bytes
-from teal.kernels.quant_gemv import quant_sparse_linear_reference, quant_sparse_linear_triton
+from teal.kernels.quant_gemv import (quant_sparse_linear_cuda, quant_sparse_linear_reference,
+                                     quant_sparse_linear_triton)
 from teal.quant import quantize
 
 REL_ERR_BOUND = 1e-2
@@ -50,8 +53,13 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     """Rows of every (format, shape, projection, batch, sparsity); see the module docstring."""
     from teal.kernels.tune import time_graph_us
 
+    from teal.kernels.ops import cuda_kernel_available
+
     device = torch.device("cuda")
     rows: list[dict[str, Any]] = []
+    kernels = {"triton": quant_sparse_linear_triton}
+    if cuda_kernel_available(device):
+        kernels = {"cuda": quant_sparse_linear_cuda, **kernels}
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
         for model in models:
@@ -73,20 +81,24 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(copies)]
                     xw = [torch.randn(batch, k, device=device, dtype=dtype) for _ in ws]
                     cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xw, ws)])
-                    for s in sparsities:
-                        row: dict[str, Any] = {"weights": fmt, "group_size": group_size if fmt == "int4" else None,
+                    for s, (name, kern) in product(sparsities, kernels.items()):
+                        row: dict[str, Any] = {"weights": fmt, "kernel": name,
+                                               "group_size": group_size if fmt == "int4" else None,
                                                "model": model, "proj": proj, "K": k, "N": n, "splits": list(splits),
                                                "batch": batch, "sparsity": s, "code_bytes": code_bytes,
                                                "param_bytes": param_bytes, "bf16_weight_bytes": k * n * elem,
                                                "cublas_bf16_us": cublas_us}
                         try:
-                            row.update(check_row(qw, splits, batch, s, dtype))
+                            row.update(check_row(qw, splits, batch, s, dtype, kern))
+                            if not row["ok"]:
+                                raise RuntimeError(f"{name} {fmt}: relative error {row['rel_err']:.2e} against float64 "
+                                                   f"(bound {REL_ERR_BOUND}); not timed")
                             thr = [_thresholds(x, s, len(splits)) for x in xs]
                             kept = [float((x.abs().float() > t[0]).any(dim=0).float().mean()) for x, t in zip(xs, thr)]
                             row["union_density"] = sum(kept) / len(kept)
                             row["measured_sparsity"] = sum(float((x.abs().float() <= t[0]).float().mean())
                                                            for x, t in zip(xs, thr)) / len(xs)
-                            row["us"] = time_graph_us([lambda x=x, q=q, t=t: quant_sparse_linear_triton(x, q, t, splits)
+                            row["us"] = time_graph_us([lambda x=x, q=q, t=t, kern=kern: kern(x, q, t, splits)
                                                        for x, q, t in zip(xs, qws, thr)])
                             read = row["union_density"] * code_bytes + param_bytes
                             row.update(bytes_read=read, ideal_us=read / copy_bw * 1e6,
@@ -94,7 +106,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                                        speedup_vs_cublas_bf16=cublas_us / row["us"])
                         except Exception:  # noqa: BLE001 - one broken row must not lose the run
                             row["error"] = traceback.format_exc()[-2000:]
-                            console.print(f"[red]error[/] {fmt} {model} {proj} B={batch} s={s}\n{row['error']}")
+                            console.print(f"[red]error[/] {name} {fmt} {model} {proj} B={batch} s={s}\n{row['error']}")
                         rows.append(row)
                     del xs, xw
                 del qws, ws, w
@@ -106,16 +118,17 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
 def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
-    table = Table(title="fused quantized sparse GEMV (Triton) vs cuBLAS on bf16 weights")
-    cols = ["weights", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw", "rel err"]
+    table = Table(title="fused quantized sparse GEMV (CUDA C++ / Triton) vs cuBLAS on bf16 weights")
+    cols = ["weights", "kernel", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw", "rel err"]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         if "us" not in r:
-            table.add_row(r["weights"], r["model"], r["proj"], str(r.get("batch", "")), str(r.get("sparsity", "")),
-                          "skipped" if "skipped" in r else "error", *[""] * 4)
+            table.add_row(r["weights"], r.get("kernel", ""), r["model"], r["proj"], str(r.get("batch", "")),
+                          str(r.get("sparsity", "")), "skipped" if "skipped" in r else "error", *[""] * 4)
             continue
-        table.add_row(r["weights"], r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}", f"{r['us']:.1f}",
+        table.add_row(r["weights"], r["kernel"], r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}",
+                      f"{r['us']:.1f}",
                       f"{r['cublas_bf16_us']:.1f}", f"{r['speedup_vs_cublas_bf16']:.2f}", f"{r['eff_bw_frac']:.0%}",
                       f"{r['rel_err']:.1e}")
     console.print(table)
@@ -123,6 +136,6 @@ def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
 
 def quant_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every checked row within `REL_ERR_BOUND` of float64 and finite (the issue's kernel bound)."""
-    return [dict(check="rel_err_and_finite", case=f"{r['weights']} {r['model']}/{r['proj']} B={r['batch']} "
+    return [dict(check="rel_err_and_finite", case=f"{r['kernel']} {r['weights']} {r['model']}/{r['proj']} B={r['batch']} "
                                                   f"s={r['sparsity']}",
                  value=r["rel_err"], goal=REL_ERR_BOUND, ok=bool(r["ok"])) for r in rows if "ok" in r]

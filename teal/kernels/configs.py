@@ -312,6 +312,15 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
     return KernelConfig(block_n=256, block_r=8, split_k=split, num_warps=warps, cuda=True)
 
 
+def quant_cuda_config(k: int, n: int, batch: int, sm_count: int) -> KernelConfig:
+    """The CUDA C++ configuration of an int8 / int4 call (not tuned on a GPU yet): 256 columns per program
+    (the blocks of 16-bit weights: a lane's 8 columns are 8 or 4 code bytes per row), clusters as
+    ``heuristic_cuda_config``, 8 warps (255 registers per thread: the decoded codes and the int4 group
+    sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it per batch)."""
+    base = heuristic_cuda_config(k, n, sm_count)
+    return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=8, cuda=True)
+
+
 def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT,
                cuda_ok: bool = False, regime: str = "sparse") -> KernelConfig:
     """The configuration of one ``sparse_linear`` call.

@@ -28,11 +28,14 @@ from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from teal.kernels.configs import KernelConfig
+
+if TYPE_CHECKING:
+    from teal.quant import QuantizedWeight
 
 KERNEL_NAME = "teal_sparse_gemv"
 SOURCE_FILE = "sparse_gemv.cu"
@@ -40,6 +43,11 @@ SOURCE_FILE = "sparse_gemv.cu"
 #: Element-type codes of the source's ``ELEM`` macro and the elements per 16-byte vector.
 ELEM_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 ELEMS_PER_VECTOR = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+
+#: Codes of the source's ``WFMT`` macro: weights in the element type, int8 or int4 codes (``teal.quant``).
+WEIGHT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
+#: Registers a lane holds per row and vector of weights: 16 bytes, 8 int8 codes, 8 int4 codes.
+REGISTERS_PER_VECTOR = {0: 4, 1: 2, 2: 1}
 
 #: Input rows one launch takes (more: the caller's dense fallback).
 MAX_BATCH = 8
@@ -68,13 +76,18 @@ class Variant:
     list_step: int = 4  # input entries per lane and listing round
     batch: int = 1
     mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
+    weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
+    group: int = 0  # int4: input rows per (scale, zero) group
 
     def defines(self) -> list[str]:
-        return [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
+        out = [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
             f"-DELEM={self.elem}", f"-DWARPS={self.warps}", f"-DUNROLL={self.unroll}", f"-DVECS={self.vecs}",
             f"-DSPLIT={self.split}", f"-DHAS_SCALE={int(self.has_scale)}", f"-DGLU={int(self.glu)}",
             f"-DPDL={int(self.pdl)}",
         ]
+        if self.weights:
+            out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -100,20 +113,27 @@ def vectors_per_lane(config: KernelConfig, dtype: torch.dtype) -> int:
     return max(1, config.block_n // (32 * ELEMS_PER_VECTOR[dtype]))
 
 
-def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> int:
+def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, weights: int = 0) -> int:
     """Rows per warp and step actually compiled: ``block_r``, capped so that a step's weight vectors (4
-    registers each) fit the register budget without spills: at batch 1, 16 vectors per lane with 16 or
-    more warps (128 registers per thread), 32 below; with more rows, what the per-thread register limit
-    leaves after the batch's fp32 sums (8 per row and vector)."""
+    registers each; quantized: ``REGISTERS_PER_VECTOR``) fit the register budget without spills: at batch
+    1, 64 registers of vectors per lane with 16 or more warps (128 registers per thread), 128 below; with
+    more rows, what the per-thread register limit leaves after the batch's fp32 sums (8 per row and
+    vector; twice that for int4's group sums)."""
     vecs = vectors_per_lane(config, dtype)
     if config.use_dot:
         return MMA_ROWS
+    per_vector = REGISTERS_PER_VECTOR[weights]
     if batch == 1:
-        budget = 16 if config.num_warps >= 16 else 32
+        budget = 64 if config.num_warps >= 16 else 128
+        if weights:  # the sums, scales and row indices of the quantized loop take their share
+            budget -= 16 * vecs + 16
     else:
         limit = min(255, 65536 // (32 * config.num_warps))
-        budget = max(1, min(32, (limit - 40 - 8 * batch * vecs) // 4))
-    return max(1, min(config.block_r, budget // vecs))
+        sums = 8 * batch * vecs * (2 if weights == 2 else 1) + (16 * vecs if weights else 0)
+        budget = max(per_vector, min(128, limit - 40 - sums))
+        if weights == 2 and batch > 4:  # each row's decoded codes meet 5-8 rows of sums (ptxas, sm_90: 32
+            budget = min(budget, 16 * per_vector)  # rows per step spill 32 bytes at 8 rows, 16 do not)
+    return max(1, min(config.block_r, budget // (per_vector * vecs)))
 
 
 #: Rows per warp and step of the tensor-core inner product (the k of one mma.m16n8k16).
@@ -147,12 +167,13 @@ def list_step(rows_per_warp: int, batch: int = 1) -> int:
 
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
-                rows_per_warp: int = 128, batch: int = 1) -> Variant:
+                rows_per_warp: int = 128, batch: int = 1, weights: str = "bf16", group: int = 0) -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
-    ``geometry``)."""
-    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch),
+    ``geometry``; ``weights``/``group``: the weight format, ``WEIGHT_CODES``)."""
+    code = WEIGHT_CODES[weights]
+    return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch, code),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, mma_slots(config))
+                   list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0)
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -178,10 +199,21 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
 
 
-def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int) -> Optional[str]:
-    """Why the fp32 sums of ``batch`` rows (8 registers per row and 16-byte vector) do not fit the
-    per-thread register limit of ``config``'s block (None when they do)."""
+def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weights: str = "bf16") -> Optional[str]:
+    """Why the fp32 sums of ``batch`` rows (8 registers per row and 16-byte vector; int4 twice that, with its
+    group sums) do not fit the per-thread register limit of ``config``'s block (None when they do)."""
     limit = min(255, 65536 // (32 * config.num_warps))
+    if weights != "bf16":
+        if dtype not in (torch.bfloat16, torch.float16):
+            return f"quantized weights take bf16 or fp16 inputs on the CUDA kernel, not {dtype}"
+        if config.use_dot:
+            return "quantized weights take the FMA inner product (use_dot off)"
+        vecs = vectors_per_lane(config, dtype)
+        sums = 8 * vecs * batch * (2 if weights == "int4" else 1) + 16 * vecs
+        if sums + 48 > limit:
+            return (f"{batch} rows x block_n={config.block_n} of {weights} need {sums} registers of sums and scales "
+                    f"per thread; {config.num_warps} warps leave {limit}: use fewer warps or a narrower block")
+        return None
     if config.use_dot:
         if dtype == torch.float32:
             return "the tensor-core inner product (use_dot) takes bf16 or fp16 inputs, not fp32"
@@ -495,23 +527,75 @@ def launch(
     column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
     most 4 segments.
     """
-    k = w_t.shape[0]
-    batch = x.shape[0]
-    if glu and batch != 1:
+    if glu and x.shape[0] != 1:
         raise ValueError("the CUDA kernel fuses the SiLU-gated input at batch 1 only")
+    _launch(x, w_t.data_ptr(), w_t.shape[0], w_t.stride(0), y, thresholds, col_scale, split_list, config,
+            glu=glu, pdl=pdl)
+
+
+def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list: Sequence[int],
+                             config: KernelConfig) -> Optional[str]:
+    """None when ``launch_quant`` can run this call, else why not (the caller falls back to Triton)."""
+    if x.device.type != "cuda":
+        return "the CUDA kernel runs on CUDA tensors only"
+    if not 1 <= x.shape[0] <= MAX_BATCH:
+        return f"the CUDA kernel takes 1..{MAX_BATCH} input rows, got {x.shape[0]}"
+    if not 1 <= len(split_list) <= MAX_SEGMENTS:
+        return f"the CUDA kernel takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}"
+    if any(width % 8 for width in split_list):
+        return f"{ALIGNMENT_PREFIX} with segment widths multiples of 8 (widths {list(split_list)})"
+    code_align = 8 if qw.format == "int8" else 4
+    tensors = [qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
+    if (qw.codes.data_ptr() % code_align or qw.codes.stride(0) % code_align or not qw.codes.is_contiguous()
+            or any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors)):
+        return f"{ALIGNMENT_PREFIX} (quantized codes {code_align}-byte, scales and zeros 16-byte, contiguous)"
+    if qw.codes.numel() >= 2**31:
+        return "weights above 2^31 codes"
+    device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    problem = register_problem(config, x.dtype, x.shape[0], qw.format)
+    if problem:
+        return problem
+    if qw.scales.dtype != x.dtype:
+        return f"the scales are {qw.scales.dtype} and the input {x.dtype}; the kernel takes one type"
+    geo = geometry(qw.shape[0], split_list, config, x.dtype, x.shape[0])
+    limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
+    if geo.shared_bytes > limit:
+        return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
+    return device_problem(device_index)
+
+
+def launch_quant(x: torch.Tensor, qw: "QuantizedWeight", y: torch.Tensor, thresholds: torch.Tensor,
+                 col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *,
+                 pdl: int = 0) -> None:
+    """``y[b, seg_j] = mask_j(x[b]) @ dequantize(qw)[:, seg_j]`` on the codes (``unsupported_quant_reason``
+    must have said None); y [B, N] contiguous rows, the input's dtype."""
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    _launch(x, qw.codes.data_ptr(), qw.shape[0], qw.codes.stride(0), y, thresholds, col_scale, split_list, config,
+            pdl=pdl, weights=qw.format, group=qw.group_size, qscale=qw.scales, qzero=zeros,
+            stride_q=qw.scales.stride(0) if qw.format == "int4" else 0)
+
+
+def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor, thresholds: torch.Tensor,
+            col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *, glu: bool = False,
+            pdl: int = 0, weights: str = "bf16", group: int = 0, qscale: Optional[torch.Tensor] = None,
+            qzero: Optional[torch.Tensor] = None, stride_q: int = 0) -> None:
+    batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
-                          rows_per_warp=geo.rows_per_warp, batch=batch)
+                          rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds
+    qs = qscale if qscale is not None else thresholds
+    qz = qzero if qzero is not None else thresholds
     holders = [
-        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_t.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+        ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(w_ptr), ctypes.c_void_p(y.data_ptr()),
         ctypes.c_void_p(thresholds.data_ptr()), ctypes.c_void_p(scale.data_ptr()),
-        ctypes.c_int(k), ctypes.c_int(w_t.stride(0)), ctypes.c_int(geo.rows_per_split), ctypes.c_int(geo.rows_per_warp),
+        ctypes.c_int(k), ctypes.c_int(stride_w), ctypes.c_int(geo.rows_per_split), ctypes.c_int(geo.rows_per_warp),
         *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
         ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
+        ctypes.c_void_p(qs.data_ptr()), ctypes.c_void_p(qz.data_ptr()), ctypes.c_int(stride_q),
     ]
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()

@@ -3,17 +3,24 @@
 ``quant_sparse_linear(x, qw, thresholds, split_sizes)`` is the same operation as
 ``teal.kernels.ops.sparse_linear`` with the transposed weight replaced by its quantized codes: the
 columns of ``qw`` are cut into segments (q|k|v, gate|up), segment ``j`` keeps ``|x_i| * c[j, i] > t[j]``.
-``quant_sparse_linear_reference`` is the plain-torch definition (dequantize, mask, multiply); the Triton
-entry ``quant_sparse_linear_triton`` runs on GPUs and under ``TRITON_INTERPRET=1``.
+``quant_sparse_linear_reference`` is the plain-torch definition (dequantize, mask, multiply). Two kernels:
+``quant_sparse_linear_cuda``, the CUDA C++ sparse GEMV's int8 / int4 variants (``sparse_gemv.cu`` with
+``WFMT``; compute capability 9.0+, NVRTC), and ``quant_sparse_linear_triton``, which runs on any CUDA GPU
+and under ``TRITON_INTERPRET=1``. ``quant_sparse_linear`` is one custom op (``teal::quant_sparse_linear``,
+opaque to ``torch.compile`` and captured by CUDA graphs) that takes the CUDA kernel where it applies, else
+Triton (1-8 rows on CUDA), else the reference (prefill, CPU).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
+from teal.kernels.configs import KernelConfig, quant_cuda_config
 from teal.quant import QuantizedWeight
 
 MAX_BATCH = 8
@@ -96,9 +103,86 @@ def quant_sparse_linear_triton(x: torch.Tensor, qw: QuantizedWeight, thresholds:
     return y.to(x.dtype)
 
 
+def quant_sparse_linear_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
+                             split_sizes: Sequence[int], col_scale: torch.Tensor | None = None, *,
+                             config: KernelConfig | None = None) -> torch.Tensor:
+    """The CUDA C++ kernel (``teal.kernels.cuda.launch_quant``); x [B <= 8, K]. Raises ValueError naming why
+    where it does not apply (``cuda.unsupported_quant_reason``)."""
+    from teal.kernels import cuda, ops
+
+    _check(x, qw, thresholds, split_sizes, col_scale)
+    x = x.contiguous()
+    k, n = qw.shape
+    config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device))
+    reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
+    if reason is not None:
+        raise ValueError(f"the CUDA quantized kernel does not apply: {reason}")
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    thr = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
+    cs = col_scale.to(device=x.device, dtype=torch.float32).contiguous() if col_scale is not None else None
+    cuda.launch_quant(x, qw, y, thr, cs, list(split_sizes), config, pdl=ops.cuda_pdl_mode(x.device))
+    return y
+
+
+#: ``$TEAL_QUANT_KERNEL``: "auto" (default: CUDA C++ where it applies, else Triton), "cuda" or "triton".
+QUANT_KERNEL_ENV = "TEAL_QUANT_KERNEL"
+
+
+def quant_kernel_choice() -> str:
+    choice = os.environ.get(QUANT_KERNEL_ENV, "auto")
+    if choice not in ("auto", "cuda", "triton"):
+        raise ValueError(f"${QUANT_KERNEL_ENV} must be auto, cuda or triton, got {choice!r}")
+    return choice
+
+
+#: How many calls took each path (tests and benchmarks read it).
+path_counts: dict[str, int] = {}
+
+
+def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, split_sizes: Sequence[int],
+              col_scale: torch.Tensor | None) -> torch.Tensor:
+    if not x.is_cuda or x.shape[0] > MAX_BATCH:
+        path = "reference"
+        y = quant_sparse_linear_reference(x, qw, thresholds, split_sizes, col_scale)
+    else:
+        from teal.kernels import cuda, ops
+
+        choice = quant_kernel_choice()
+        path = "triton"
+        if choice != "triton" and ops.cuda_kernel_available(x.device):
+            config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device))
+            reason = cuda.unsupported_quant_reason(x.contiguous(), qw, list(split_sizes), config)
+            if reason is None:
+                path = "cuda"
+            elif choice == "cuda":
+                raise ValueError(f"${QUANT_KERNEL_ENV}=cuda but the CUDA quantized kernel does not apply: {reason}")
+            else:
+                cuda.warn_fallback(reason)
+        elif choice == "cuda":
+            raise ValueError(f"${QUANT_KERNEL_ENV}=cuda but the CUDA C++ kernel does not run on {x.device}")
+        run = quant_sparse_linear_cuda if path == "cuda" else quant_sparse_linear_triton
+        y = run(x, qw, thresholds, split_sizes, col_scale)
+    path_counts[path] = path_counts.get(path, 0) + 1
+    return y
+
+
+@torch.library.custom_op("teal::quant_sparse_linear", mutates_args=())
+def _quant_sparse_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                            thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], split_sizes: list[int],
+                            fmt: str, k: int, group_size: int) -> torch.Tensor:
+    qw = QuantizedWeight(fmt, codes, scales, zeros, (k, sum(split_sizes)), group_size)
+    return _dispatch(x, qw, thresholds, split_sizes, col_scale)
+
+
+@_quant_sparse_linear_op.register_fake
+def _quant_sparse_linear_fake(x, codes, scales, zeros, thresholds, col_scale, split_sizes, fmt, k, group_size):
+    return x.new_empty(x.shape[0], sum(split_sizes))
+
+
 def quant_sparse_linear(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
                         split_sizes: Sequence[int], col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Dispatch: the Triton kernel on CUDA for 1-8 rows, else the reference (prefill, CPU)."""
-    if x.is_cuda and x.shape[0] <= MAX_BATCH:
-        return quant_sparse_linear_triton(x, qw, thresholds, split_sizes, col_scale)
-    return quant_sparse_linear_reference(x, qw, thresholds, split_sizes, col_scale)
+    """The fused threshold + dequantize + sparse GEMV: the CUDA C++ kernel where it applies (``$TEAL_QUANT_KERNEL``
+    chooses), else Triton on CUDA for 1-8 rows, else the reference (prefill, CPU)."""
+    _check(x, qw, thresholds, split_sizes, col_scale)
+    return _quant_sparse_linear_op(x, qw.codes, qw.scales, qw.zeros, thresholds, col_scale, list(split_sizes),
+                                   qw.format, qw.shape[0], qw.group_size)

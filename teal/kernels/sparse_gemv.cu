@@ -35,8 +35,16 @@
 //             columns s * 64 + g * 8 .. + 8 of each slot s; byte permutes pair two rows' values of
 //             one column into a fragment register, so no shared memory staging is needed. It keeps the
 //             batch's products off the FMA pipes, which bound the FMA loop at 4-8 rows.
+//   WFMT      weights: 0 in the element type; 1 int8 codes, one scale per output column (y = scale * sum);
+//             2 int4 codes, two per byte along N (low nibble first), with a (scale, zero) pair per group of
+//             GROUP input rows and output column: w = (q - zero) * scale (teal/quant.py). A lane's 8 columns
+//             are 8 (int8) or 4 (int4) code bytes per row, so the column blocks are those of 16-bit weights;
+//             the codes become fp32 exactly by byte permutes (2^23 + code, minus 2^23); int4 sums
+//             x * q and x per group and folds scale * (sum_xq - zero * sum_x) in when the group changes,
+//             the next group's pair loaded while the current one is summed. 16-bit inputs, no MMA, no GLU.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
-// w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py).
+// w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
+// widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
 
 #if ELEM == 2
 typedef float elem_t;
@@ -61,6 +69,20 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #endif
 #if MMA && (ELEM == 2 || VECS != 1 || GLU || (MMA != 2 && MMA != 4))
 #error "the tensor-core inner product takes 16-bit elements, 2 or 4 slots (block_n 128 or 256) and no GLU"
+#endif
+#ifndef WFMT
+#define WFMT 0
+#endif
+#ifndef GROUP
+#define GROUP 128
+#endif
+#if WFMT && (MMA || ELEM == 2 || GLU)
+#error "quantized weights take 16-bit inputs, the FMA inner product and no fused GLU"
+#endif
+#if WFMT
+typedef unsigned char weight_t;  // codes
+#else
+typedef elem_t weight_t;
 #endif
 
 #define LANE_COLS (EPV * VECS)
@@ -173,6 +195,52 @@ __device__ __forceinline__ void fma_vector(float* acc, float xv, vec_u32x4 v) {
 #endif
 }
 
+#if WFMT
+// The code bytes of one lane's 8 columns: 8 (int8) or 4 (int4).
+#define QWORDS (WFMT == 1 ? 2 : 1)
+struct qvec_t { unsigned u[QWORDS]; };
+
+__device__ __forceinline__ qvec_t load_codes(const weight_t* p, bool pred) {
+    qvec_t v;
+#if WFMT == 1
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %3, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t"
+        "@p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n\t}"
+        : "=r"(v.u[0]), "=r"(v.u[1])
+        : "l"(p), "r"((int)pred));
+#else
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0;\n\t"
+        "@p ld.global.nc.L1::no_allocate.u32 %0, [%1];\n\t}"
+        : "=r"(v.u[0])
+        : "l"(p), "r"((int)pred));
+#endif
+    return v;
+}
+
+// Byte j of `word` as the fp32 2^23 + byte (exact): the byte under the exponent bits 0x4B.
+__device__ __forceinline__ float biased_byte(unsigned word, int j) {
+    return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540 | j));
+}
+
+// The 8 codes of a lane's columns as fp32, exactly: int8 the signed code, int4 the code 0..15.
+__device__ __forceinline__ void decode_codes(float* out, qvec_t v) {
+#if WFMT == 1
+#pragma unroll
+    for (int w = 0; w < 2; ++w) {
+        const unsigned biased = v.u[w] ^ 0x80808080u;  // code + 128 in each byte
+#pragma unroll
+        for (int j = 0; j < 4; ++j) out[4 * w + j] = biased_byte(biased, j) - 8388736.0f;  // 2^23 + 128
+    }
+#else
+    const unsigned lo = v.u[0] & 0x0F0F0F0Fu, hi = (v.u[0] >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        out[2 * j] = biased_byte(lo, j) - 8388608.0f;
+        out[2 * j + 1] = biased_byte(hi, j) - 8388608.0f;
+    }
+#endif
+}
+#endif
+
 #if MMA
 // Two fp32 values (exactly representable: masked copies of 16-bit inputs) as one register of the element type,
 // `lo` in the low half (the smaller k of a fragment pair).
@@ -240,10 +308,11 @@ __device__ __forceinline__ float load_cluster_shared(unsigned addr, unsigned ran
 // reused for the warps' column sums [WARPS][BATCH][BLOCK_N]; then the program's partial sums
 // [BATCH][BLOCK_N].
 extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_sparse_gemv(
-    const elem_t* __restrict__ x, const elem_t* __restrict__ w, elem_t* __restrict__ y,
+    const elem_t* __restrict__ x, const weight_t* __restrict__ w, elem_t* __restrict__ y,
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
-    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y) {
+    int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y,
+    const elem_t* __restrict__ qscale, const elem_t* __restrict__ qzero, int stride_q) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
@@ -264,6 +333,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
 
+#if WFMT
+    // The lane's code columns, and the first scales (and zeros) it needs: loaded before the wait for the
+    // previous kernel (they do not depend on it), so their latency hides behind the listing phase.
+    bool col_ok[VECS];
+    const weight_t* wcol[VECS];
+    int qcol[VECS];
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {
+        const int col = col0 + v * 32 * EPV + lane * EPV;
+        col_ok[v] = col < seg_end;
+        wcol[v] = w + (WFMT == 1 ? col : col / 2);
+        qcol[v] = col;
+    }
+    vec_u32x4 s_cur[VECS];
+#if WFMT == 1
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) s_cur[v] = load_stream(qscale + qcol[v], col_ok[v]);
+#else
+    vec_u32x4 z_cur[VECS], s_nxt[VECS], z_nxt[VECS];
+    int group = (unsigned)row_lo / GROUP;
+    auto load_group = [&](vec_u32x4* sv, vec_u32x4* zv, int g, bool pred) {
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+            sv[v] = load_stream(qscale + (long long)g * stride_q + qcol[v], pred && col_ok[v]);
+            zv[v] = load_stream(qzero + (long long)g * stride_q + qcol[v], pred && col_ok[v]);
+        }
+    };
+    load_group(s_cur, z_cur, group, row_lo < row_hi);
+    load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+#endif
+#endif
 #if PDL == 1
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -361,6 +461,106 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
                           pair_high(u2[p], u3[p]), b0, b1);
         }
     }
+#elif WFMT
+    // 2''. Stream the listed rows' codes: UNROLL rows per step, every load of a step issued first, then
+    //      decoded and multiplied (int4: into the group's sums, folded in at each change of group).
+    float acc[BATCH][LANE_COLS];
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+        for (int c = 0; c < LANE_COLS; ++c) acc[b][c] = 0.0f;
+#if WFMT == 2
+    float gsum[BATCH][LANE_COLS];  // sum of x * q over the current group's listed rows
+    float xsum[BATCH];             // sum of x over them
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+        xsum[b] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < LANE_COLS; ++c) gsum[b][c] = 0.0f;
+    }
+    auto fold_group = [&]() {  // acc += scale * (sum x q - zero * sum x), then the group's sums restart
+#pragma unroll
+        for (int v = 0; v < VECS; ++v) {
+            float sv[EPV], zv[EPV];
+            unpack_vector(sv, s_cur[v]);
+            unpack_vector(zv, z_cur[v]);
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+                for (int e = 0; e < EPV; ++e) {
+                    const int c = v * EPV + e;
+                    acc[b][c] = fmaf(sv[e], fmaf(-zv[e], xsum[b], gsum[b][c]), acc[b][c]);
+                    gsum[b][c] = 0.0f;
+                }
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) xsum[b] = 0.0f;
+    };
+#define QSUM gsum
+#else
+#define QSUM acc
+#endif
+    for (int i = 0; i < count; i += UNROLL) {
+        qvec_t tile[UNROLL][VECS];
+        int rows[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const bool live = i + u < count;
+            rows[u] = live ? list_idx[i + u] : 0;
+#pragma unroll
+            for (int v = 0; v < VECS; ++v)
+                tile[u][v] = load_codes(wcol[v] + (long long)rows[u] * stride_w, live && col_ok[v]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const bool live = i + u < count;
+#if WFMT == 2
+            const int g = (unsigned)rows[u] / GROUP;
+            if (live && g != group) {  // the same row in every lane: no divergence
+                fold_group();
+                if (g == group + 1) {
+#pragma unroll
+                    for (int v = 0; v < VECS; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
+                } else {  // the list skipped a whole group
+                    load_group(s_cur, z_cur, g, true);
+                }
+                group = g;
+                load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+            }
+#endif
+            float xv[BATCH];
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b) {
+                xv[b] = live ? list_val[(i + u) * BATCH + b] : 0.0f;
+#if WFMT == 2
+                xsum[b] += xv[b];
+#endif
+            }
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                float q[EPV];
+                decode_codes(q, tile[u][v]);
+#pragma unroll
+                for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+                    for (int e = 0; e < EPV; ++e) QSUM[b][v * EPV + e] = fmaf(xv[b], q[e], QSUM[b][v * EPV + e]);
+            }
+        }
+    }
+#undef QSUM
+#if WFMT == 2
+    fold_group();
+#else
+#pragma unroll
+    for (int v = 0; v < VECS; ++v) {  // int8: one scale per column, applied to the sum
+        float sv[EPV];
+        unpack_vector(sv, s_cur[v]);
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+            for (int e = 0; e < EPV; ++e) acc[b][v * EPV + e] *= sv[e];
+    }
+#endif
 #else
     // 2. Stream the listed rows: UNROLL rows per step, every load of a step issued first.
     float acc[BATCH][LANE_COLS];

@@ -1,12 +1,13 @@
-"""The int8 / int4 fused threshold + dequantize + sparse GEMV (Triton) on the GPU against float64, and the
-engine with quantized weights against the same engine's fp32 eager decode (run by ``make test-gpu``)."""
+"""The int8 / int4 fused threshold + dequantize + sparse GEMV (CUDA C++ and Triton) on the GPU against float64,
+and the engine with quantized weights against the same engine's fp32 eager decode (run by ``make test-gpu``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from teal.kernels.quant_gemv import quant_sparse_linear_triton
+from teal.kernels import ops
+from teal.kernels.quant_gemv import quant_sparse_linear_cuda, quant_sparse_linear_triton
 from teal.quant import quantize
 
 pytestmark = pytest.mark.gpu
@@ -23,12 +24,19 @@ def _float64_reference(x, qw, thresholds, splits, col_scale=None):
     return torch.cat(outs, dim=1)
 
 
+def _kernel(name):
+    if name == "cuda" and not ops.cuda_kernel_available(torch.device("cuda")):
+        pytest.skip("the CUDA C++ kernel needs compute capability 9.0+ and NVRTC")
+    return quant_sparse_linear_cuda if name == "cuda" else quant_sparse_linear_triton
+
+
+@pytest.mark.parametrize("kernel", ["cuda", "triton"])
 @pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
 @pytest.mark.parametrize("weight_aware", [False, True])
-def test_quant_kernel_matches_float64(fmt, group, dtype, batch, sparsity, weight_aware):
+def test_quant_kernel_matches_float64(kernel, fmt, group, dtype, batch, sparsity, weight_aware):
     gen = torch.Generator(device="cuda").manual_seed(batch + 17 * int(sparsity * 100))
     k, splits = 1000, [520, 136, 136]  # odd widths; K not a multiple of the group
     w_t = (torch.randn(k, sum(splits), device="cuda", generator=gen) * k**-0.5).to(dtype)
@@ -39,7 +47,7 @@ def test_quant_kernel_matches_float64(fmt, group, dtype, batch, sparsity, weight
     thr = (torch.quantile(score.reshape(-1, k).float(), sparsity, dim=1) if sparsity > 0
            else torch.full((len(splits),), -1.0, device="cuda"))
     thr = thr.expand(len(splits)).contiguous() if thr.numel() == 1 else thr
-    out = quant_sparse_linear_triton(x, qw, thr, splits, scale)
+    out = _kernel(kernel)(x, qw, thr, splits, scale)
     ref = _float64_reference(x, qw, thr, splits, scale)
     assert not torch.isnan(out).any()
     err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-12))
@@ -56,3 +64,38 @@ def test_quantized_generator_on_cuda_matches_its_eager_steps():
     ids = torch.arange(1, 9)
     assert gen.generate(ids, max_new_tokens=12, stop=[]).tokens == eager.generate(ids, max_new_tokens=12,
                                                                                    stop=[]).tokens
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_quant_kernel_at_real_shapes_and_skipped_groups(fmt):
+    """The CUDA kernel at Llama-3-8B's q|k|v and down shapes (split into clusters, many warps), at a sparsity
+    that leaves whole int4 groups without a survivor in a warp's share (the group reload branch)."""
+    run = _kernel("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    for k, splits in ((4096, [4096, 1024, 1024]), (14336, [4096])):
+        w_t = (torch.randn(k, sum(splits), device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
+        qw = quantize(w_t, fmt, group_size=32)
+        x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+        x[:, : k // 2] *= 1e-3  # the first half's groups are all below the threshold
+        for t in (float("-inf"), 0.5, 2.5):
+            thr = torch.full((len(splits),), t, device="cuda")
+            out = run(x, qw, thr, splits)
+            ref = _float64_reference(x, qw, thr, splits)
+            err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+            assert err <= 1e-2, f"{fmt} K={k} t={t}: relative error {err:.2e}"
+
+
+def test_dispatch_takes_the_cuda_kernel_where_it_applies(monkeypatch):
+    from teal.kernels import quant_gemv
+
+    if not ops.cuda_kernel_available(torch.device("cuda")):
+        pytest.skip("the CUDA C++ kernel needs compute capability 9.0+ and NVRTC")
+    qw = quantize(torch.randn(512, 256, device="cuda").to(torch.bfloat16), "int4", 128)
+    x = torch.randn(1, 512, device="cuda").to(torch.bfloat16)
+    thr = torch.tensor([0.5], device="cuda")
+    before = dict(quant_gemv.path_counts)
+    quant_gemv.quant_sparse_linear(x, qw, thr, [256])
+    assert quant_gemv.path_counts.get("cuda", 0) == before.get("cuda", 0) + 1
+    monkeypatch.setenv("TEAL_QUANT_KERNEL", "triton")
+    quant_gemv.quant_sparse_linear(x, qw, thr, [256])
+    assert quant_gemv.path_counts.get("triton", 0) == before.get("triton", 0) + 1
