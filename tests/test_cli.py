@@ -215,7 +215,7 @@ def test_bench_commands_need_a_gpu():
 
 def test_bench_kernels_rejects_unknown_tune_family():
     result = runner.invoke(app, ["bench", "kernels", "--tune", "--tune-families", "bogus"])
-    assert result.exit_code == 2 and "'bogus' is not one of 'auto', 'cuda', 'all', 'gather', 'union'" in _plain(
+    assert result.exit_code == 2 and "'bogus' is not one of 'auto', 'cuda', 'all', 'gather'." in _plain(
         result.output)
 
 
@@ -241,7 +241,7 @@ def _module_help(name: str) -> str:
     ("decode", ["llama-3-8b", "gemma-3-12b", "tiny-llama", "bfloat16", "float16", "float32", "default", "fused",
                 "torch", "auto", "full", "shard", "compiled-graph", "producer", "symm_mem", "--sparsities",
                 "--thresholds", "--no-profile", "--hf-eager-tokens"]),
-    ("kernels", ["bf16", "fp16", "auto", "cuda", "all", "gather", "union", "llama-2-70b-tp2", "--sparsities",
+    ("kernels", ["bf16", "fp16", "auto", "cuda", "all", "gather", "llama-2-70b-tp2", "--sparsities",
                  "--batches", "--no-check", "--tune-sparsities"]),
 ])
 def test_bench_help_lists_the_choices_and_both_entry_points_are_one_command(name, listed, monkeypatch):
@@ -266,11 +266,15 @@ def test_bench_choices_match_the_engine_and_kernel_benchmark():
     from teal.engine import MODES, SHAPES
     from teal.engine.collectives import ALL_REDUCES
     from teal.engine.projection import SPARSE_PATHS
+    from teal.kernels.tune import candidate_configs
 
     assert {s.value for s in cli.Shape} == set(SHAPES)
     assert set(cli.MODES) == set(MODES) and set(cli.SPARSE_PATHS) == set(SPARSE_PATHS)
     assert set(cli.ALL_REDUCES) == {"auto", *ALL_REDUCES}
     assert set(cli.KERNEL_SHAPES) == set(kernels.SHAPES)
+    for family in {f.value for f in cli.TuneFamilies} - {"auto"}:  # each one the tuner knows
+        for batch in (1, 2):
+            assert candidate_configs(4096, 4096, batch, 132, families=family), (family, batch)
 
 
 HEADLINE = ["--shape", "llama-3-8b", "--sparsity", "0,0.4,0.5,0.65", "--modes", "compiled-graph", "--no-profile",

@@ -32,8 +32,7 @@ needs_interpreter = pytest.mark.skipif(
 
 FMA = KernelConfig(block_n=64, block_r=16, split_k=4)
 FMA_ONE_SPLIT = KernelConfig(block_n=128, block_r=32, split_k=1)
-COMPACT = KernelConfig(block_n=64, block_r=16, split_k=4, compact=True)  # batches: the union, FMA
-COMPACT_DOT = KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True, compact=True)  # batches: union, tl.dot
+COMPACT = KernelConfig(block_n=64, block_r=16, split_k=4, compact=True)  # in-kernel survivor lists, batch 1 only
 DOT = KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True)
 FMA_BATCH = KernelConfig(block_n=64, block_r=8, split_k=4)
 DENSE = KernelConfig(dense=True)
@@ -65,7 +64,7 @@ def _run_and_check(x, w_t, thr, splits, scale, config, tol):
 @needs_interpreter
 @pytest.mark.parametrize(
     "config",
-    [FMA, FMA_ONE_SPLIT, COMPACT, COMPACT_DOT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT],
+    [FMA, FMA_ONE_SPLIT, COMPACT, DOT, FMA_BATCH, DENSE, GATHER, GATHER_PIPE, GATHER_ONE_SPLIT],
     ids=repr,
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -74,19 +73,19 @@ def test_kernel_matches_reference_on_odd_shapes(config, dtype):
     k, splits = 203, [150, 101, 50]  # no size is a multiple of any block (K = 7 x 29)
     w_t = torch.randn(k, sum(splits), generator=gen).to(dtype)
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
-    for batch in (1, 3, 8):
+    for batch in (1,) if config.compact else (1, 3, 8):
         for sparsity in (0.0, 0.5, 0.99):
             x = torch.randn(batch, k, generator=gen).to(dtype)
             _run_and_check(x, w_t, _thresholds(x, sparsity, 3), splits, None, config, tol)
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, COMPACT_DOT, DOT, GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, GATHER, GATHER_PIPE], ids=repr)
 def test_weight_aware_scale_and_single_segment(config):
     gen = torch.Generator().manual_seed(7)
     k, n = 173, 301
     w_t = torch.randn(k, n, generator=gen).to(torch.bfloat16)
-    for batch in (1, 3):
+    for batch in (1,) if config.compact else (1, 3):
         x = torch.randn(batch, k, generator=gen).to(torch.bfloat16)
         scale = torch.rand(1, k, generator=gen) * 2 + 0.1
         thr = torch.tensor([float(torch.quantile((x.abs().float() * scale).flatten(), 0.5))])
@@ -97,7 +96,7 @@ def test_weight_aware_scale_and_single_segment(config):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("config", [FMA, COMPACT, COMPACT_DOT, DOT, DENSE, GATHER, GATHER_PIPE], ids=repr)
+@pytest.mark.parametrize("config", [FMA, COMPACT, DOT, DENSE, GATHER, GATHER_PIPE], ids=repr)
 def test_masks_are_exact_with_ties_and_per_row_masks(config):
     """Exactly representable data: the kernel must equal the reference bit for bit.
 
@@ -113,7 +112,7 @@ def test_masks_are_exact_with_ties_and_per_row_masks(config):
     x = x.to(torch.bfloat16)
     x[0, :48] = 0.25  # row 0 drops its whole first half at the 0.75 threshold, other rows keep entries there
     thr = torch.tensor([0.75, 1.0])  # exactly equal to some |x|: those entries must be dropped
-    for batch_rows in ([0], [0, 1, 2]):
+    for batch_rows in ([0],) if config.compact else ([0], [0, 1, 2]):
         xb = x[batch_rows]
         out = torch.full((xb.shape[0], sum(splits)), float("nan"), dtype=torch.bfloat16)
         sparse_linear_triton(xb, w_t, thr, splits, None, config=config, out=out)
@@ -185,31 +184,6 @@ def test_naive_baseline_masks_are_exact_per_segment_and_row():
     # On CUDA the tiles are autotuned per (K, N); the accumulator slice is zeroed between tuning runs.
     tuner = _naive_triton.naive_sparse_gemv_autotuned
     assert tuner.keys == ["K", "N"] and tuner.reset_to_zero == ["acc_ptr"] and 10 <= len(tuner.configs) <= 16
-
-@needs_interpreter
-@pytest.mark.parametrize("config", [COMPACT, COMPACT_DOT], ids=repr)
-def test_batched_union_streams_or_gathers_per_program_from_its_union_count(config):
-    """A batched compact program streams all its rows iff more than ``dense_above`` of them are in the union
-    of the batch rows' survivors, and gathers the union otherwise; both give the reference's result."""
-    from teal.kernels.ops import last_union_branches
-
-    gen = torch.Generator().manual_seed(37)
-    k, n = 256, 70
-    w_t = torch.randn(k, n, generator=gen).to(torch.bfloat16)
-    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-    x[:, : k // 2] *= 0.01  # the first half of the rows survives in no batch row at the threshold below
-    thr = torch.tensor([float(torch.quantile(x[:, k // 2 :].abs().float(), 0.3))])
-    rows_per_split = k // config.split_k
-    second_half = [p * rows_per_split >= k // 2 for p in range(config.split_k)]
-    # dense_above 0: every program with a nonempty union streams (those over the first half have none);
-    # 0.9: the second half's union (~97 % of its rows at this threshold) streams; 1.0: nothing streams.
-    for dense_above, expect in ((0.0, second_half), (0.9, second_half), (1.0, [False] * config.split_k)):
-        cfg = KernelConfig(**{**config.as_dict(), "dense_above": dense_above})
-        _run_and_check(x, w_t, thr, None, None, cfg, 1e-2)
-        flags = last_union_branches(x.device).view(config.split_k, -1)
-        for p in range(config.split_k):
-            assert flags[p].tolist() == [expect[p]] * flags.shape[1], (dense_above, p, flags.tolist())
-
 
 @needs_interpreter
 @pytest.mark.parametrize("config", [GATHER, GATHER_PIPE], ids=repr)
@@ -415,6 +389,27 @@ def test_config_table_file_overrides_the_builtin_table(tmp_path, monkeypatch):
         configs.load_table(bad)
     with pytest.raises(ValueError, match="not a teal kernel configuration table"):
         configs.load_table(_write(tmp_path / "other.json", "{}"))
+
+
+def test_compact_is_refused_beyond_batch_one(tmp_path):
+    """In-kernel survivor lists (``compact``) are a batch-1 path: a direct call with more rows, a table entry
+    for a larger batch bucket and ``compact`` with ``use_dot`` each fail in one line naming the problem."""
+    from teal.kernels import configs
+
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    w_t = torch.randn(64, 40).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"compact=True, which runs batch 1 only, but x has 3 rows; use a config "
+                                         r"without compact"):
+        sparse_linear_triton(x, w_t, torch.tensor([0.5]), config=COMPACT)
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps(configs.table_to_json({(64, 40, 1, "bf16"): COMPACT, (64, 40, 2, "bf16"): COMPACT})))
+    with pytest.raises(ValueError, match=r"entry 1 is not a valid configuration: compact=True runs batch 1 only, "
+                                         r"but its bucket is 2"):
+        configs.load_table(table)
+    table.write_text(json.dumps(configs.table_to_json({(64, 40, 1, "bf16"): COMPACT})))
+    assert configs.load_table(table) == {(64, 40, 1, "bf16"): COMPACT}
+    with pytest.raises(ValueError, match="compact .batch 1. cannot be combined with use_dot"):
+        KernelConfig(compact=True, use_dot=True)
 
 
 def _write(path, text):

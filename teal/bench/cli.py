@@ -71,7 +71,6 @@ class TuneFamilies(str, enum.Enum):
     cuda = "cuda"
     all = "all"
     gather = "gather"
-    union = "union"
 
 
 def floats(text: str, name: str) -> list[float]:
@@ -167,8 +166,8 @@ def kernels_command(
     tune: bool = typer.Option(False, "--tune", help="tune configurations for this GPU first (prints table entries)"),
     tune_families: TuneFamilies = typer.Option(
         TuneFamilies.auto, help="candidates: the CUDA C++ kernel's (cuda), every Triton family (all), the gather "
-                                "path against the table's entry (gather, batch 1), the batched union path against "
-                                "dense (union); auto: cuda where the CUDA C++ kernel runs, else all"),
+                                "path against the table's entry (gather, batch 1); auto: cuda where the CUDA C++ "
+                                "kernel runs, else all"),
     tune_sparsities: Optional[str] = typer.Option(
         None, help="sparsities the tuner scores candidates at (default 0,0.5,0.9 for cuda, else 0,0.5)"),
     tune_batches: str = typer.Option("1", help="batch buckets to tune (comma list, e.g. 1,2,4)"),

@@ -53,18 +53,6 @@ def _load_input(x_ptr, offs, valid, K, GLU: tl.constexpr):
 
 
 @triton.jit
-def _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_row, thr, rows, live,
-                BLOCK_R: tl.constexpr, HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    """``acc [BB, BN] += (x[:, rows] masked per batch row) @ w_t[rows, cols]`` for one tile of rows."""
-    w = tl.load(w_cols + rows[:, None] * stride_wk, mask=live[:, None] & n_mask[None, :], other=0.0,
-                eviction_policy="evict_first")
-    cv = _col_scale(scale_row, rows, live, HAS_SCALE, BLOCK_R)
-    xv = tl.load(x_rows + rows[None, :], mask=b_valid & live[None, :], other=0.0)
-    xm = tl.where(_keep(xv, cv[None, :], thr, b_valid & live[None, :]), xv, tl.zeros_like(xv))
-    return _batch_product(acc, xm, w, USE_DOT, DOT_FP32)
-
-
-@triton.jit
 def _batch_product(acc, xm, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
     """``acc [BB, BN] + xm [BB, BR] @ w [BR, BN]`` in fp32: tensor cores (``tl.dot``; exact fp32 products with
     DOT_FP32) or FMAs."""
@@ -89,7 +77,6 @@ def sparse_gemv_kernel(
     cnt_ptr,
     sidx_ptr,
     sval_ptr,
-    branch_ptr,
     B,
     K,
     N,
@@ -116,17 +103,10 @@ def sparse_gemv_kernel(
     CHUNK: tl.constexpr,
     PDL: tl.constexpr,
     GLU: tl.constexpr,
-    DENSE_NUM: tl.constexpr,
 ):
     """See the module docstring. GLU (batch 1 only): x is the gate|up row [2K] and the input entry i is
-    ``silu(x[i]) * x[K + i]`` (the SiLU-gated product, computed where it is loaded).
-
-    COMPACT with BLOCK_B > 1 (batches): each program lists the union of its rows' survivors over the
-    batch (indices only, in its scratch slot); if more than ``DENSE_NUM / 64`` of its rows are in the
-    union it streams all of them (no list reads; weight loads independent of the input, so they
-    pipeline), else it gathers the listed rows. Either way each batch row multiplies by its own masked
-    input, reloaded from x next to the weight tile, and ``branch[pid_k * num_programs(0) + pid_n]``
-    records the choice (1: streamed)."""
+    ``silu(x[i]) * x[K + i]`` (the SiLU-gated product, computed where it is loaded). COMPACT: batch 1
+    only (``ops._launch`` rejects it for batches)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
 
@@ -220,41 +200,6 @@ def sparse_gemv_kernel(
             w_cur = w_nxt
             x_nxt = x_nxt2
         acc = tl.sum(acc2, axis=0)[None, :]
-    elif COMPACT:
-        # Batches, compacted union: list the rows that some batch row keeps, then stream or gather.
-        offs_b = tl.arange(0, BLOCK_B)
-        b_valid = (offs_b < B)[:, None]
-        x_rows = x_ptr + offs_b[:, None] * stride_xb
-        slot = (pid_k * tl.num_programs(0) + pid_n) * rows_per_split
-        count = k_start * 0  # int32 scalar
-        for c0 in range(k_start, k_end, CHUNK):
-            offs_c = c0 + tl.arange(0, CHUNK)
-            valid = offs_c < k_end
-            cv = _col_scale(scale_ptr + seg * K, offs_c, valid, HAS_SCALE, CHUNK)
-            xv = tl.load(x_rows + offs_c[None, :], mask=b_valid & valid[None, :], other=0.0)
-            union = tl.max(_keep(xv, cv[None, :], thr, b_valid & valid[None, :]).to(tl.int32), axis=0)
-            pos = count + tl.cumsum(union, axis=0) - 1
-            tl.store(sidx_ptr + slot + pos, offs_c, mask=union > 0)
-            count += tl.sum(union, axis=0)
-        tl.debug_barrier()  # the list is read back by other threads of this program
-        streamed = count * 64 > (k_end - k_start) * DENSE_NUM
-        tl.store(branch_ptr + pid_k * tl.num_programs(0) + pid_n, streamed.to(tl.int32))
-        # Row loops left to Triton's pipeliner (num_stages): the streamed loop's weight loads do not
-        # depend on loaded data; the gathered loop's depend on the list entries loaded in the same step.
-        acc = tl.zeros([BLOCK_B, BLOCK_N], dtype=tl.float32)
-        q_offs = tl.arange(0, BLOCK_R)
-        if streamed:
-            for r0 in range(k_start, k_end, BLOCK_R):
-                rows = r0 + q_offs
-                acc = _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_ptr + seg * K, thr, rows,
-                                  rows < k_end, BLOCK_R, HAS_SCALE, USE_DOT, DOT_FP32)
-        else:
-            for q0 in range(0, count, BLOCK_R):
-                q = q0 + q_offs
-                live = q < count
-                rows = tl.load(sidx_ptr + slot + q, mask=live, other=0, cache_modifier=".cg")
-                acc = _batch_tile(acc, x_rows, b_valid, w_cols, n_mask, stride_wk, scale_ptr + seg * K, thr, rows,
-                                  live, BLOCK_R, HAS_SCALE, USE_DOT, DOT_FP32)
     else:
         offs_b = tl.arange(0, BLOCK_B)
         b_valid = (offs_b < B)[:, None]

@@ -36,15 +36,13 @@ class KernelConfig:
     ``use_dot`` computes the block with ``tl.dot`` (tensor cores; batch padded to 16) instead of
     fp32 FMAs; ``num_stages`` is Triton's own pipelining (1: only the kernel's hand-written prefetch).
     ``dense`` selects the dense fallback (cuBLAS on the masked input) for this shape and batch.
-    ``compact`` first lists each program's surviving rows, then gathers only those rows, so the work,
-    not only the bytes, scales with the density; for batches the list is the union over the batch rows,
-    and a program whose union holds more than ``dense_above`` of its rows streams all of them instead
-    (decided on the device, per program).
+    ``compact`` (batch 1 only; a table entry for a larger bucket is rejected) first lists each program's
+    surviving rows, then gathers only those rows, so the work, not only the bytes, scales with the density.
     ``gather`` (batch 1) lists the surviving rows once per call in a separate launch shared by all
     column blocks, then splits each segment's list evenly over ``split_k`` programs per column block;
     when more than ``dense_above`` of the entries survive (decided on the device, per segment), the
-    programs stream every row instead. With ``gather``, ``num_stages`` is the software-pipelining
-    depth of the row loop (1: one tile prefetched by hand).
+    programs stream every row instead (``dense_above`` is used by ``gather`` only). With ``gather``,
+    ``num_stages`` is the software-pipelining depth of the row loop (1: one tile prefetched by hand).
     ``cuda`` (batches 1..8, compute capability 9.0+) runs the CUDA C++ kernel of ``teal.kernels.cuda``
     instead: ``block_n`` columns per program (one or two 16-byte vectors per lane), ``block_r`` rows per
     warp and loop step, ``split_k`` programs per column block forming one cluster (at most 8),
@@ -74,6 +72,8 @@ class KernelConfig:
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 1, got {value}")
         if self.gather and (self.compact or self.use_dot):
             raise ValueError("KernelConfig: gather cannot be combined with compact or use_dot")
+        if self.compact and self.use_dot:
+            raise ValueError("KernelConfig: compact (batch 1) cannot be combined with use_dot (batches)")
         if not 0.0 <= self.dense_above <= 1.0:
             raise ValueError(f"KernelConfig.dense_above must be a fraction in [0, 1], got {self.dense_above}")
         if self.num_stages < 1:
@@ -264,6 +264,9 @@ def load_table(path: str | os.PathLike[str], regime: str = "sparse") -> dict[Tab
             if marked not in REGIMES:
                 raise ValueError(f"regime {marked!r} is not one of {', '.join(REGIMES)}")
             config = KernelConfig(**entry["config"])
+            if config.compact and key[2] > 1:
+                raise ValueError(f"compact=True runs batch 1 only, but its bucket is {key[2]}; drop compact "
+                                 f"or the entry")
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{os.fspath(path)!r}: entry {i} is not a valid configuration: {exc}") from exc
         if marked == regime:

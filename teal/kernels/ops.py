@@ -269,9 +269,13 @@ def _launch(
 ) -> None:
     """One kernel launch over up to MAX_SEGMENTS_PER_LAUNCH segments (w_t and y may be column views).
 
-    glu: x is one gate|up row [1, 2K] and the kernel multiplies silu(gate) * up (batch-1 kernels only)."""
-    kernels = _triton_kernels()
+    glu: x is one gate|up row [1, 2K] and the kernel multiplies silu(gate) * up (batch-1 kernels only).
+    ``config.compact`` (in-kernel survivor lists) is a batch-1 path: a ValueError for more rows."""
     batch, k = x.shape[0], w_t.shape[0]
+    if config.compact and batch > 1:
+        raise ValueError(f"sparse_linear: {config} has compact=True, which runs batch 1 only, but x has {batch} "
+                         f"rows; use a config without compact (or KernelConfig(dense=True)) for batches")
+    kernels = _triton_kernels()
     n = sum(split_list)
     block_n, block_r, split_k = config.block_n, config.block_r, config.split_k
     ends = list(accumulate(split_list))
@@ -288,12 +292,9 @@ def _launch(
     compact = config.compact
     slots = blocks[-1] * split_k * rows_per_split if compact else 1
     row_list = _workspace.get(x.device, "rows", slots, torch.int32)
-    value_list = _workspace.get(x.device, "values", slots if batch == 1 else 1, torch.float32)
-    branch = _workspace.get(x.device, "union_branch", blocks[-1] * split_k, torch.int32)
-    if compact and batch > 1:
-        _last_union_programs[_device_key(x.device)] = blocks[-1] * split_k
-    # Entries listed per step: a [rows of the batch, CHUNK] tile of x at most 4096 elements.
-    chunk = min(4096 // block_b if batch > 1 else 4096, 1 << (rows_per_split - 1).bit_length())
+    value_list = _workspace.get(x.device, "values", slots, torch.float32)
+    # Entries of x listed per step (compact): at most 4096.
+    chunk = min(4096, 1 << (rows_per_split - 1).bit_length())
     scale = col_scale if col_scale is not None else thresholds
     kernels.sparse_gemv_kernel[(blocks[-1], split_k)](
         x,
@@ -305,7 +306,6 @@ def _launch(
         tickets,
         row_list,
         value_list,
-        branch,
         batch,
         k,
         n,
@@ -331,7 +331,6 @@ def _launch(
         COMPACT=compact,
         CHUNK=chunk,
         GLU=glu,
-        DENSE_NUM=round(config.dense_above * 64),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch(pdl_mode(x.device)),
@@ -344,9 +343,6 @@ _COMPACT_CHUNK = 1024
 
 #: Column blocks of the last gather launch per device, for ``last_gather_branches``.
 _last_gather_blocks: dict[tuple[str, Optional[int]], int] = {}
-
-#: Programs of the last batched compact (union) launch per device, for ``last_union_branches``.
-_last_union_programs: dict[tuple[str, Optional[int]], int] = {}
 
 
 def _device_key(device: torch.device) -> tuple[str, Optional[int]]:
@@ -385,32 +381,18 @@ def compact_input(
     return idx, val, xm, counts
 
 
-def _read_branch_flags(device: torch.device, counts: dict[tuple[str, Optional[int]], int], name: str,
-                       what: str) -> torch.Tensor:
-    """The first ``counts[device]`` int32 flags of workspace buffer ``name`` as booleans (synchronises)."""
-    key = _device_key(device)
-    if key not in counts:
-        raise RuntimeError(f"no {what} launch has run on {device} yet")
-    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), name, counts[key],
-                           torch.int32)
-    return flags[: counts[key]].bool()
-
-
 def last_gather_branches(device: torch.device) -> torch.Tensor:
     """Per column block of the last gather launch on ``device``: True where it took the dense branch.
 
     Diagnostics for tests and benchmarks; reads device memory (synchronises).
     """
-    return _read_branch_flags(device, _last_gather_blocks, "gather_branch", "gather")
-
-
-def last_union_branches(device: torch.device) -> torch.Tensor:
-    """Per program (row split major, then column block) of the last batched compact launch on ``device``:
-    True where the program streamed all its rows instead of gathering the union's.
-
-    Diagnostics for tests and benchmarks; reads device memory (synchronises).
-    """
-    return _read_branch_flags(device, _last_union_programs, "union_branch", "batched compact")
+    key = _device_key(device)
+    if key not in _last_gather_blocks:
+        raise RuntimeError(f"no gather launch has run on {device} yet")
+    blocks = _last_gather_blocks[key]
+    flags = _workspace.get(torch.device(*key) if key[1] is not None else torch.device(key[0]), "gather_branch",
+                           blocks, torch.int32)
+    return flags[:blocks].bool()
 
 
 def _launch_gather(

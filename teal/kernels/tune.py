@@ -91,35 +91,6 @@ def gather_candidates(k: int, n: int, sm_count: int) -> list[KernelConfig]:
     return out
 
 
-#: Batched union candidates (compact, batch 2..8): (block_n, block_r, warps, use_dot, waves of programs per SM,
-#: dense_above, num_stages). The row loops are pipelined by Triton (num_stages). On the H200 none of them
-#: beat the dense fallback except at s = 0.9 with two rows (benchmarks/notes/batches.md).
-UNION_TILES: tuple[tuple[int, int, int, bool, int, float, int], ...] = (
-    (128, 32, 4, True, 4, 0.9, 3),
-    (128, 32, 4, True, 4, 0.9, 5),
-    (128, 64, 4, True, 4, 0.9, 3),
-    (256, 32, 8, True, 2, 0.9, 3),
-    (64, 32, 4, True, 4, 0.9, 4),
-    (128, 32, 4, True, 4, 1.0, 3),
-    (128, 32, 4, False, 4, 0.9, 3),
-)
-
-
-def union_candidates(k: int, n: int, batch: int, sm_count: int) -> list[KernelConfig]:
-    """Batched union configurations (``compact`` at batch 2..8), split to fill a few waves of SMs; FMA tiles
-    (no ``use_dot``) only for two rows, where the [B, block_r, block_n] products fit in registers."""
-    out = []
-    for block_n, block_r, warps, use_dot, waves, dense_above, stages in UNION_TILES:
-        if not use_dot and batch_bucket(batch) > 2:
-            continue
-        n_blocks = -(-n // block_n)
-        split = _pow2_round(waves * sm_count / n_blocks)
-        split = max(1, min(split, 64, max(1, k // (2 * block_r))))
-        out.append(KernelConfig(block_n=block_n, block_r=block_r, split_k=split, num_warps=warps, use_dot=use_dot,
-                                compact=True, dense_above=dense_above, num_stages=stages))
-    return out
-
-
 #: Batch-1 CUDA C++ candidates (``KernelConfig(cuda=True)``): (block_n, rows per warp and step, warps,
 #: programs per SM). ``split_k`` (the cluster) is the power of two nearest to that many programs per SM
 #: over the column blocks, at most 8.
@@ -167,12 +138,12 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
     At batch 1, ``families="gather"`` times the gather candidates against the version-3 table entry
     (when the shape has one), the heuristic and dense only; ``"all"`` adds the older families' sweep.
     ``families="cuda"`` times the CUDA C++ candidates against the table's current entry and the heuristic
-    (at batches of 2 or more: against the dense fallback). At batches of 2 or more, ``families="union"`` times the union candidates against dense only;
-    ``"all"`` adds predicated-load tiles.
+    (at batches of 2 or more: against the dense fallback). At batches of 2 or more, ``"all"`` and
+    ``"gather"`` time predicated-load tiles against the heuristic and dense.
     """
     bucket = batch_bucket(batch)
-    if families not in ("all", "gather", "union", "cuda"):
-        raise ValueError(f"families must be 'all', 'gather', 'union' or 'cuda', got {families!r}")
+    if families not in ("all", "gather", "cuda"):
+        raise ValueError(f"families must be 'all', 'gather' or 'cuda', got {families!r}")
     extra: list[KernelConfig] = []
     if families == "cuda":  # against the Triton table's entry (batch 1) or the dense fallback (batches)
         current = TUNED.get((k, n, bucket, "bf16"))
@@ -191,11 +162,8 @@ def candidate_configs(k: int, n: int, batch: int, sm_count: int, *, families: st
         if families == "gather":
             tiles = []
     else:
-        extra = union_candidates(k, n, batch, sm_count)
         tiles = [(128, 32, 4, True, False, w) for w in (2, 4)] + [(256, 32, 4, True, False, 4)]
         tiles += [(128, max(2, 16 // bucket), 4, False, False, 4)]
-        if families == "union":
-            tiles = []
     out = [heuristic_config(k, n, batch, sm_count), KernelConfig(dense=True)]
     for block_n, block_r, warps, use_dot, compact, waves in tiles:
         n_blocks = -(-n // block_n)

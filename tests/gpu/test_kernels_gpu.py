@@ -45,13 +45,12 @@ SPARSITIES = (0.0, 0.5, 0.99)
 BATCHES = (1, 2, 3, 5, 8)
 CUDA = torch.device("cuda")
 
-# Triton configurations: every kernel family (FMA, tensor-core, union-compact, gather, dense fallback)
+# Triton configurations: every kernel family (FMA, tensor-core, compact and gather at batch 1, dense fallback)
 TRITON_CONFIGS = {
     "fma": KernelConfig(block_n=64, block_r=16, split_k=4),
     "fma-one-split": KernelConfig(block_n=128, block_r=32, split_k=1),
     "dot": KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True),
     "compact": KernelConfig(block_n=64, block_r=16, split_k=4, compact=True),
-    "compact-dot": KernelConfig(block_n=32, block_r=16, split_k=2, use_dot=True, compact=True),
     "gather": KernelConfig(block_n=64, block_r=16, split_k=4, gather=True),
     "gather-pipelined": KernelConfig(block_n=32, block_r=8, split_k=2, num_stages=3, gather=True),
     "dense": KernelConfig(dense=True),
@@ -103,7 +102,7 @@ def test_triton_sparse_linear_against_float64(name, dtype):
     config = TRITON_CONFIGS[name]
     gen = _gen(name, str(dtype))
     w_t = torch.randn(K_ODD, sum(SPLITS_ODD), generator=gen).to(dtype).to(CUDA)
-    for batch in (1,) if config.gather else BATCHES:
+    for batch in (1,) if config.gather or config.compact else BATCHES:
         for sparsity in SPARSITIES:
             x = torch.randn(batch, K_ODD, generator=gen).to(dtype).to(CUDA)
             thr = _thresholds(x, sparsity, 3)

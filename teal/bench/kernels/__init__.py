@@ -38,7 +38,6 @@ from teal.kernels.ops import (
     compact_input,
     dense_masked_linear,
     last_gather_branches,
-    last_union_branches,
     path_counts,
     sm_count,
     sparse_linear_triton,
@@ -528,9 +527,6 @@ def run(
                         if config.gather and batch == 1:
                             row["path"] = "gather"
                             row["dense_branch_fraction"] = float(last_gather_branches(device).float().mean())
-                        elif config.compact and batch > 1 and not config.dense:
-                            row["path"] = "union"
-                            row["dense_branch_fraction"] = float(last_union_branches(device).float().mean())
                         ref = _reference64(xc, w64, tc, splits)
                         row["rel_err"] = _rel_err(out, ref)
                         row["naive_rel_err"] = _rel_err(naive_sparse_linear(xc, w_ts[0], tc, splits), ref)
