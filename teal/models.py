@@ -428,9 +428,32 @@ def _looks_like_path(name: str) -> bool:
     )
 
 
-def _from_dir(directory: Path | str, dtype, device, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+#: ``quantization_config.quant_method`` values teal loads: its own (a saved sparsified or quantized model).
+OWN_QUANT_METHODS = ("teal",)
 
+
+def refuse_prequantized(config: Any, name: str) -> None:
+    """ModelLoadError for a checkpoint whose weights are stored quantized by another method (GPTQ, AWQ,
+    compressed-tensors, bitsandbytes, torchao, ...): teal thresholds the inputs of ``nn.Linear`` projections
+    and re-quantizes from dense weights, so it needs the unquantized checkpoint. GGUF files are dequantized
+    on load instead (``load_model``)."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method in OWN_QUANT_METHODS:
+        return
+    raise ModelLoadError(
+        f"{name} is a pre-quantized checkpoint (quant_method={method!r}); teal needs the unquantized weights: "
+        "load the original model (or a .gguf file, which teal dequantizes) and pass --weights int4 or int8 "
+        "(teal.quantize_weights) for quantized weights")
+
+
+def _from_dir(directory: Path | str, dtype, device, **kwargs):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    refuse_prequantized(AutoConfig.from_pretrained(str(directory), **kwargs), str(directory))
     load_kwargs: dict[str, Any] = {"dtype": dtype, **kwargs}
     dev = torch.device(device)
     if dev.type != "cpu":
@@ -605,12 +628,16 @@ def _from_hub(name: str, dtype, device):
     if cached:
         try:  # in the local HF cache: no network
             return _from_dir(name, dtype, device, local_files_only=True)
+        except ModelLoadError:
+            raise
         except Exception as local_err:  # noqa: BLE001
             first = local_err
     if not _offline():
         _probe_hub(name)
         try:
             return _from_dir(name, dtype, device)
+        except ModelLoadError:
+            raise
         except Exception as e:  # noqa: BLE001
             first = e
     cause = f"{type(first).__name__}: {str(first).splitlines()[0] if str(first) else ''}"

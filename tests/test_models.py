@@ -402,3 +402,23 @@ def test_check_model_name_matches_load_model_without_loading(tmp_path, monkeypat
     with pytest.raises(ModelLoadError, match="cannot be loaded offline.*Did you mean 'gemma3-270m'"):
         check_model_name("gemma3-207m")
     check_model_name("smollm2-135m")  # installed (or cached): nothing raised
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
+def test_a_prequantized_checkpoint_is_refused_in_one_line(tmp_path, method):
+    """A checkpoint stored quantized by another method is refused before transformers loads it, naming the
+    method and what to load instead; teal's own quantization_config still loads."""
+    import json
+
+    model = _tiny_llama(seed=0)
+    model.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=rf"pre-quantized checkpoint \(quant_method='{method}'\).*--weights"):
+        load_model(str(tmp_path / "m"))
+    from transformers import AutoConfig
+
+    cfg["quantization_config"] = {"quant_method": "teal"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    models.refuse_prequantized(AutoConfig.from_pretrained(str(tmp_path / "m")), "m")  # no error
