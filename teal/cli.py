@@ -239,7 +239,11 @@ def environment() -> dict[str, Any]:
 
     from teal import __version__
 
-    env = {"teal_version": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    from teal.bench.results import git_commit
+
+    env = {"teal_version": __version__, "commit": git_commit(),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+           "python": platform.python_version()}
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
     else:

@@ -13,6 +13,7 @@ import dataclasses  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
 import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -375,7 +376,7 @@ def test_default_kernel_at_zero_follows_the_dense_table(monkeypatch, tmp_path):
     assert model.Engine.default_kernel_at_zero.fget(cpu) == (False,) * 4
 
 
-def test_benchmark_json_records_the_stated_source_commit(monkeypatch):
+def test_benchmark_json_records_the_stated_source_commit(monkeypatch, tmp_path):
     """A GPU copy of the tree may carry a stale or no git history: $TEAL_SOURCE_COMMIT names the source;
     without it the commit comes from git, marked -dirty when tracked files differ from it."""
     from teal.bench import results as bench_results
@@ -383,12 +384,19 @@ def test_benchmark_json_records_the_stated_source_commit(monkeypatch):
     monkeypatch.setenv("TEAL_SOURCE_COMMIT", "abc1234")
     assert bench_results.git_commit() == "abc1234"
     monkeypatch.delenv("TEAL_SOURCE_COMMIT")
-    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    root = Path(bench_results.__file__).resolve().parents[2]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                          cwd=root).stdout.strip()
+    monkeypatch.chdir(tmp_path)  # the checkout holding teal, not the caller's directory
     found = bench_results.git_commit()
     if head:  # a checkout with history (CI's clone has it)
         assert found is not None and found.split("-")[0] == head
     else:
         assert found is None
+    from teal.cli import environment
+
+    env = environment()
+    assert env["commit"] == found and env["date"].endswith("Z")
 
 
 @requires_nvrtc

@@ -18,17 +18,19 @@ _IMPORT_TIME = time.time()
 def git_commit() -> str | None:
     """The source commit for the JSON: ``$TEAL_SOURCE_COMMIT`` when set (a copy of the tree without its own
     history, e.g. on a remote GPU machine, would otherwise report a stale or no HEAD), else ``git rev-parse
-    HEAD`` with ``-dirty`` when the tree has uncommitted changes; None outside a git checkout."""
+    HEAD`` of the checkout holding this package (not the caller's directory) with ``-dirty`` when its tree
+    has uncommitted changes; None outside a git checkout."""
     stated = os.environ.get("TEAL_SOURCE_COMMIT")
     if stated:
         return stated
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
         head = out.stdout.strip()
         if not head:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+                               text=True, timeout=5, cwd=here).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):  # no git binary, or it hung
         return None
