@@ -485,7 +485,8 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     problem = register_problem(config, x.dtype, x.shape[0])
     if problem:
         return problem
-    geo = geometry(w_t.shape[0], split_list, config, x.dtype, x.shape[0])
+    # launches take up to MAX_SEGMENTS segments each (the caller splits); shared memory does not depend on them
+    geo = geometry(w_t.shape[0], split_list[:MAX_SEGMENTS], config, x.dtype, x.shape[0])
     limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     if geo.shared_bytes > limit:
         return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"

@@ -287,3 +287,31 @@ def test_decode_attention_rope_against_reference(dtype, norms):
                                   norms or 0.0)
         assert torch.equal(k[:, pos], k_ref[:, pos]) and torch.equal(v[:, pos], v_ref[:, pos]), "cache write"
         assert not torch.isnan(y).any() and _rel_err(y, ref) <= ATT_TOL[dtype], pos
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_default_configs_at_llama3_8b_widths_against_float64(dtype):
+    """The configurations the engine takes at Llama-3-8B's widths (tuned tables or heuristics, both regimes;
+    fp32 too, which the engine's fp32 twin checks run and no other GPU test covers): q|k|v, o, gate|up, down
+    and the SiLU-fused down, batch 1 and 4, sparsity 0 and 0.5."""
+    gen = _gen("llama3-widths", str(dtype))
+    for k, splits in ((4096, [4096, 1024, 1024]), (4096, [4096]), (4096, [14336, 14336]), (14336, [4096])):
+        w_t = (torch.randn(k, sum(splits), generator=gen) * k**-0.5).to(dtype).to(CUDA)
+        for batch in (1, 4):
+            for sparsity in (0.0, 0.5):
+                x = torch.randn(batch, k, generator=gen).to(dtype).to(CUDA)
+                thr = _thresholds(x, sparsity, len(splits))
+                ref = sparse_linear_reference(x, w_t, thr, splits, compute_dtype=torch.float64, out_dtype=torch.float64)
+                for regime in ("sparse", "dense"):
+                    got = sparse_linear(x, w_t, thr, splits if len(splits) > 1 else None, regime=regime)
+                    err = _rel_err(got, ref)
+                    assert not torch.isnan(got).any() and err <= TOL[dtype], (k, splits, batch, sparsity, regime, err)
+    k, n = 14336, 4096
+    w_t = (torch.randn(k, n, generator=gen) * k**-0.5).to(dtype).to(CUDA)
+    for sparsity in (0.0, 0.5):
+        gate_up = (2 * torch.randn(1, 2 * k, generator=gen)).to(dtype).to(CUDA)
+        thr = _thresholds(silu_mul(gate_up), sparsity, 1)
+        ref = sparse_linear_glu_reference(gate_up, w_t, thr, compute_dtype=torch.float64, out_dtype=torch.float64)
+        got = sparse_linear_glu(gate_up, w_t, thr)
+        err = _rel_err(got, ref)
+        assert not torch.isnan(got).any() and err <= TOL[dtype], ("glu", sparsity, err)
