@@ -316,3 +316,20 @@ def test_bench_module_without_typer_says_so_in_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 2 and "\n" not in err
     assert err == ("error: python -m teal.bench.decode needs the typer package (pip install typer, or put its wheel "
                    "on PYTHONPATH)")
+
+
+def test_serve_probe_steps_option(monkeypatch):
+    """--probe-steps reaches the served model (0 turns the sparsity report off); a negative value is refused."""
+    import teal.serve
+
+    seen = {}
+
+    def fake_build(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(teal.serve, "build_served", fake_build)
+    result = runner.invoke(app, ["serve", "smollm2-135m", "--probe-steps", "0", "--device", "cpu"])
+    assert result.exit_code == 0 and seen["probe_steps"] == 0, result.output
+    result = runner.invoke(app, ["serve", "smollm2-135m", "--probe-steps", "-1"])
+    assert result.exit_code == 2 and "--probe-steps must be 0 or more" in _message(result)
