@@ -137,6 +137,7 @@ def main() -> None:
         log(f"s={s}: HF {hf_row['tokens_per_s']:.1f} tok/s (measured {hf_measured:.3f}), engine "
             f"{eng_row['tokens_per_s']:.1f} tok/s (measured {eng_measured:.3f}); {agree}/16 greedy tokens shared")
         del gen
+        write_json(data, args.json_path)  # each level as it ends: a run stopped by its time limit keeps them
     teal.densify_(hf)
 
     hf_dense = next((r["tokens_per_s"] for r in data["rows"] if r["sparsity"] == 0 and r["setting"].startswith("HF")),
