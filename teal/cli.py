@@ -806,23 +806,31 @@ def demo(
     check_model_arg(model, "teal demo")
     hf_model, tok = load(model, dtype, device)
     resolve_methods([], None, score, None)
+    timings = {"load_s": round(time.perf_counter() - t_start, 1)}
     console.rule(f"1/4 calibrate on {calib_data} ({calib_tokens} tokens, {score} scores, {calibration})")
+    t = time.perf_counter()
     th = teal.calibrate(hf_model, tok, data=calib_data, tokens=calib_tokens, seq_len=seq_len, score=score,
                         calibration=calibration, levels=[s for s in levels if s > 0] or [0.5])
     th.save(out / "thresholds")
+    timings["calibrate_s"] = round(time.perf_counter() - t, 1)
     console.rule("2/4 greedy allocation")
+    t = time.perf_counter()
     teal.allocate(hf_model, th, "greedy", data=calib_data, tokens=greedy_tokens,
                   seq_len=min(greedy_tokens, 512), step=greedy_step, tokenizer=tok, lazy=True)
     th.save(out / "thresholds")
+    timings["allocate_s"] = round(time.perf_counter() - t, 1)
     console.rule(f"3/4 perplexity on {eval_data} ({eval_tokens} tokens per setting)")
+    t = time.perf_counter()
     rows = perplexity_sweep(hf_model, tok, th, levels, ["uniform", "greedy"], data=eval_data,
                             tokens=eval_tokens, seq_len=seq_len)
+    timings["perplexity_s"] = round(time.perf_counter() - t, 1)
+    timings["until_table_s"] = round(time.perf_counter() - t_start, 1)
     for r in rows:
         r["calibration"] = calibration if r["sparsity"] > 0 else None
     console.print(ppl_table(rows, f"{model} · {eval_data} · prefill sparse · {calibration} calibration"))
     write_json(out / "ppl.json", {**environment(), "kind": "ppl", "model": model, "data": eval_data,
                                   "tokens": eval_tokens, "calibration": th.calibration,
-                                  "command": " ".join(sys.argv), "results": rows})
+                                  "command": " ".join(sys.argv), "timings": timings, "results": rows})
     console.print(f"wrote {draw([out / 'ppl.json'], out / 'ppl.png')}")
     console.rule("4/4 generation at 50 % (greedy, dense prompt, sparse decode)")
     teal.sparsify_(hf_model, th, 0.5, method="greedy", prefill="dense")

@@ -333,3 +333,19 @@ def test_serve_probe_steps_option(monkeypatch):
     assert result.exit_code == 0 and seen["probe_steps"] == 0, result.output
     result = runner.invoke(app, ["serve", "smollm2-135m", "--probe-steps", "-1"])
     assert result.exit_code == 2 and "--probe-steps must be 0 or more" in _message(result)
+
+
+def test_demo_runs_small_and_records_what_ran(tmp_path):
+    """`teal demo` end to end at a small size: the table's JSON records the commit, the date, per-phase times
+    and one row per (allocation, sparsity), each with a measured sparsity near its setting."""
+    out = tmp_path / "demo"
+    r = invoke("demo", "--out", out, "--calib-tokens", 1024, "--eval-tokens", 512, "--seq-len", 256,
+               "--greedy-tokens", 128, "--greedy-step", 0.05, "--sparsity", "0,0.5", "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "ppl.json").read_text())
+    assert {"commit", "date", "timings", "command"} <= set(data)
+    assert set(data["timings"]) == {"load_s", "calibrate_s", "allocate_s", "perplexity_s", "until_table_s"}
+    assert sorted((row["method"], row["sparsity"]) for row in data["results"]) == [
+        ("teal-greedy", 0.0), ("teal-greedy", 0.5), ("teal-uniform", 0.0), ("teal-uniform", 0.5)]
+    for row in data["results"]:
+        assert abs(row["measured_sparsity"] - row["sparsity"]) < 0.1 and row["ppl"] > 1
