@@ -151,6 +151,7 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path):
         assert 0.4 < mine[0.5]["measured_sparsity"] < 0.6
         assert mine[0.5]["bytes_per_token"] < mine[0.0]["bytes_per_token"]
         assert mine[0.5]["speedup_vs_dense"] == pytest.approx(mine[0.5]["tokens_per_s"] / mine[0.0]["tokens_per_s"])
+        assert set(mine[0.5]["quant_kernel_calls"]) == {"reference"}  # the CPU's path, counted per timed row
     bf16 = next(r for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0)
     i4 = next(r for r in saved["results"] if r["weights"] == "int4" and r["sparsity"] == 0)
     assert i4["bytes_per_token"] < bf16["bytes_per_token"]

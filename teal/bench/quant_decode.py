@@ -27,6 +27,7 @@ from teal.engine import Generator, engine_from_hf_model, resolve_thresholds
 from teal.engine.model import Engine
 from teal.engine.projection import quantized_weight
 from teal.engine.reference import activation_threshold_levels, activation_thresholds, decode_sparsity
+from teal.kernels import quant_gemv
 from teal.kernels.quant_gemv import quant_sparse_linear_reference
 
 QUANT_FORMATS = ("int8", "int4")
@@ -221,9 +222,13 @@ def run_quantized(
             if time.time() > deadline:
                 data["errors"].append(f"time budget reached: skipped {weights} s={s} {mode}")
                 continue
+            calls_before = dict(quant_gemv.path_counts)
             gen = Generator(engine, mode=mode)
             row = phase(f"{weights} s={s} {mode}", lambda: time_engine(gen, ids, new_tokens, repeats, True))
             del gen
+            if row:  # which kernel the timed code called (a CUDA graph replays what its capture called)
+                row["quant_kernel_calls"] = {k: v - calls_before.get(k, 0) for k, v in quant_gemv.path_counts.items()
+                                             if v != calls_before.get(k, 0)}
             if not row:
                 continue
             if measured is None:
