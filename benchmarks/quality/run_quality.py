@@ -27,6 +27,7 @@ import re
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,16 @@ def build_artifact(model, tok, score: str, args, methods: list[str], log,
         if path is not None:
             th.save(path)
     return th
+
+
+@contextmanager
+def sparsified(model, thresholds, sparsity: float, **kwargs: Any):
+    """``teal.sparsify_`` (prefill "sparse": every position measured) for the body, dense again after it."""
+    teal.sparsify_(model, thresholds, sparsity, prefill="sparse", **kwargs)
+    try:
+        yield model
+    finally:
+        teal.densify_(model)
 
 
 def evaluate(model, tok, windows: dict[str, torch.Tensor], args, with_tasks: bool) -> dict[str, Any]:
@@ -560,11 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                 if s in task_levels and m in task_methods and row.get("tasks_avg") is None:
                     # resume: add the tasks to a row measured without them; its PPL is kept
                     prefix, _, alloc = m.partition("-")
-                    teal.sparsify_(model, artifacts[prefix], s, method=alloc, prefill="sparse")
-                    try:
+                    with sparsified(model, artifacts[prefix], s, method=alloc):
                         row.update(evaluate_tasks(model, tok, args))
-                    finally:
-                        teal.densify_(model)
                     save()
                     log(f"{m} @ {s:.2f}: tasks {row['tasks_avg']:.3f} added (PPL kept: "
                         f"{row['ppl']:.3f}) ({row['tasks_seconds']:.0f} s)")
@@ -572,13 +580,9 @@ def main(argv: list[str] | None = None) -> int:
             prefix, _, alloc = m.partition("-")
             th = artifacts[prefix]
             assert method_label(alloc, th.score) == m
-            teal.sparsify_(model, th, s, method=alloc, prefill="sparse")
-            try:
+            with sparsified(model, th, s, method=alloc):
                 row = {"method": m, "sparsity": s,
-                       **evaluate(model, tok, windows, args,
-                                  s in task_levels and m in task_methods)}
-            finally:
-                teal.densify_(model)
+                       **evaluate(model, tok, windows, args, s in task_levels and m in task_methods)}
             data["results"].append(row)
             save()
             log(f"{m} @ {s:.2f}: measured {row['measured_sparsity']:.3f} ppl {row['ppl']:.3f} "

@@ -371,13 +371,10 @@ def main(argv: list[str] | None = None) -> int:
             th = build_artifact(model, tok, args, label, [m.partition("-")[2] for m in methods], sparsities, log)
             for m, s in todo:
                 alloc = m.partition("-")[2]
-                teal.sparsify_(model, th, s, method=alloc, prefill="sparse")
-                try:
-                    with_tasks = tasks_here and s in task_levels and m not in ppl_only
+                with_tasks = tasks_here and s in task_levels and m not in ppl_only
+                with rq.sparsified(model, th, s, method=alloc):
                     row = {"weights": label, "method": m, "sparsity": s,
                            **rq.evaluate(model, tok, windows, args, with_tasks)}
-                finally:
-                    teal.densify_(model)
                 data["results"].append(row)
                 save()
                 log(f"{label} {m} @ {s:.2f}: measured {row['measured_sparsity']:.3f} ppl {row['ppl']:.3f} "

@@ -49,7 +49,7 @@ from teal.eval.tasks import DEFAULT_TASKS
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run_quality import bracket, evaluate, evaluate_tasks, interpolate, slug, versions  # noqa: E402  (the report's harness)
+from run_quality import bracket, evaluate, evaluate_tasks, interpolate, slug, sparsified, versions  # noqa: E402  (the report's harness)
 
 CALIBRATIONS = ("dense", "sequential")
 KEYS = {"ppl": "measured_sparsity", "ppl_lambada": "measured_sparsity_lambada", "tasks_avg": "measured_sparsity"}
@@ -357,11 +357,8 @@ def main(argv=None) -> int:
                                 and abs(r["sparsity"] - p["nominal"]) < 1e-9), None)
                     if row is None or row.get("tasks_avg") is not None:
                         continue  # the dense model (tasks measured first) or done already
-                    teal.sparsify_(model, th, row["sparsity"], method=m, calibration=cal, prefill="sparse")
-                    try:
+                    with sparsified(model, th, row["sparsity"], method=m, calibration=cal):
                         row.update(evaluate_tasks(model, tok, args))
-                    finally:
-                        teal.densify_(model)
                     save()
                     log(f"{m:<8} {cal:<10} nominal {row['sparsity']:.3f}: tasks {row['tasks_avg']:.3f} "
                         f"(measured {row['measured_sparsity_tasks']:.3f} on the tasks, {row['tasks_seconds']:.0f} s)")
