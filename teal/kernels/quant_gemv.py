@@ -117,6 +117,15 @@ def quant_sparse_linear_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: t
     reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
     if reason is not None:
         raise ValueError(f"the CUDA quantized kernel does not apply: {reason}")
+    return _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config)
+
+
+def _launch_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, split_sizes: Sequence[int],
+                 col_scale: torch.Tensor | None, config: KernelConfig) -> torch.Tensor:
+    """The launch of ``quant_sparse_linear_cuda`` once ``cuda.unsupported_quant_reason`` said None (x contiguous)."""
+    from teal.kernels import cuda, ops
+
+    n = qw.shape[1]
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     thr = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
     cs = col_scale.to(device=x.device, dtype=torch.float32).contiguous() if col_scale is not None else None
@@ -149,9 +158,10 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, sp
 
         choice = quant_kernel_choice()
         path = "triton"
+        x = x.contiguous()
         if choice != "triton" and ops.cuda_kernel_available(x.device):
             config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device))
-            reason = cuda.unsupported_quant_reason(x.contiguous(), qw, list(split_sizes), config)
+            reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
             if reason is None:
                 path = "cuda"
             elif choice == "cuda":
@@ -160,8 +170,10 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, sp
                 cuda.warn_fallback(reason)
         elif choice == "cuda":
             raise ValueError(f"${QUANT_KERNEL_ENV}=cuda but the CUDA C++ kernel does not run on {x.device}")
-        run = quant_sparse_linear_cuda if path == "cuda" else quant_sparse_linear_triton
-        y = run(x, qw, thresholds, split_sizes, col_scale)
+        if path == "cuda":  # checked just above: launch without checking again
+            y = _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config)
+        else:
+            y = quant_sparse_linear_triton(x, qw, thresholds, split_sizes, col_scale)
     path_counts[path] = path_counts.get(path, 0) + 1
     return y
 
