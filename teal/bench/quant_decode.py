@@ -34,6 +34,7 @@ QUANT_FORMATS = ("int8", "int4")
 KERNEL_REL_ERR = 1e-2  # the issue's bound on each kernel against the float64 reference
 TWIN_TOP1_MIN = 0.9  # teacher-forced top-1 agreement of the kernels with the float64 products (shallow twin)
 TWIN_MEDIAN_REL_ERR = 0.03  # their median relative logit error (bf16 rounding of the outputs only)
+SPARSE_TOP1_SLACK, SPARSE_ERR_RATIO, SPARSE_ERR_SLACK = 0.1, 1.5, 0.005  # sparse: beside float32 torch products
 TORCHAO_CONFIGS = {
     "int4": "Int4WeightOnlyConfig(group_size=128, int4_packing_format='tile_packed_to_4d')",
     "int8": "Int8WeightOnlyConfig()",
@@ -47,14 +48,16 @@ QUANT_TARGETS = {
 
 
 @contextlib.contextmanager
-def float64_quant_products() -> Iterator[None]:
-    """Within: every quantized product of the engine is `quant_sparse_linear_reference` in float64 (dequantize,
-    mask, multiply; rounded to the activations' dtype at the output) instead of the kernel."""
+def torch_quant_products(compute_dtype: torch.dtype = torch.float64) -> Iterator[None]:
+    """Within: every quantized product of the engine is `quant_sparse_linear_reference` in `compute_dtype`
+    (dequantize, mask, multiply in plain torch; rounded to the activations' dtype at the output) instead of
+    the kernel. float64 is the reference; float32 rounds like the kernel (fp32 sums, output rounded to the
+    activations' dtype) but cannot skip or misread a row."""
     from teal.engine import projection
 
     def reference(x, qw, thresholds, split_sizes, col_scale=None):
-        return quant_sparse_linear_reference(x.double(), qw, thresholds, split_sizes, col_scale,
-                                             compute_dtype=torch.float64).to(x.dtype)
+        return quant_sparse_linear_reference(x.to(compute_dtype), qw, thresholds, split_sizes, col_scale,
+                                             compute_dtype=compute_dtype).to(x.dtype)
 
     saved = projection.quant_sparse_linear
     projection.quant_sparse_linear = reference
@@ -97,9 +100,19 @@ def check_projections(engine: Engine, layers: Sequence[int] | None = None, batch
 def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn.Module | None = None,
                  n_layers: int = 4, sparsity: float = 0.5, steps: int = 48) -> dict[str, Any]:
     """Teacher-forced decode steps of a shallow twin (the engine's widths, `n_layers` layers), quantized alike,
-    through the kernels against the same steps with float64 products, dense and at `sparsity` (thresholds:
-    quantiles of the twin's own activations). Passes when the top-1 token agrees on >= `TWIN_TOP1_MIN` of the
-    steps and the median relative logit error is <= `TWIN_MEDIAN_REL_ERR`, without NaN."""
+    through the kernels against the same steps with float64 products (`torch_quant_products`), dense and at
+    `sparsity` (thresholds: quantiles of the twin's own activations).
+
+    Dense passes when the top-1 token agrees on >= `TWIN_TOP1_MIN` of the steps and the median relative logit
+    error is <= `TWIN_MEDIAN_REL_ERR`, without NaN. Sparse cannot use absolute bounds: an activation within
+    a rounding step of its threshold flips its mask entry, and in a random twin at 8B widths such flips move
+    the logits a lot (H100: median error 0.28 against float64 with correct kernels,
+    `benchmarks/results/2026-12-07-h100-quant-decode-llama-3-8b-check-failed.json`). So the kernels' run is
+    judged beside the same steps with float32 torch products, which round alike but cannot skip or misread
+    a row (the rule of `teal.bench.decode.checks.check_sparse_decode`): top-1 agreement with the float64
+    run at least the float32 run's less `SPARSE_TOP1_SLACK`, and median error at most `SPARSE_ERR_RATIO` x
+    the float32 run's + `SPARSE_ERR_SLACK`. On a twin where rounding flips nothing, that is as strict as
+    the dense bounds."""
     hf32, n_layers = shallow_hf_twin(engine, source, n_layers)
     prompt = 32
     max_seq_len = -(-(prompt + steps) // 64) * 64
@@ -110,22 +123,34 @@ def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn
                         generator=torch.Generator(device=engine.device).manual_seed(3))
     out: dict[str, Any] = {"n_layers": n_layers, "steps": steps, "sparsity": sparsity}
     th = activation_thresholds(twin, ids[:prompt], sparsity)
-    passed = True
+
+    def score(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+        errs = (logits - ref).norm(dim=-1) / ref.norm(dim=-1)
+        return {"top1_agreement": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
+                "median_rel_err": float(errs.median()), "max_rel_err": float(errs.max()),
+                "finite": bool(torch.isfinite(logits).all())}
+
     for name, thresholds in (("dense", None), ("sparse", th)):
         twin.set_thresholds(thresholds)
         kernel = teacher_forced_logits(twin, ids, prompt)
-        with float64_quant_products():
+        with torch_quant_products(torch.float64):
             ref = teacher_forced_logits(twin, ids, prompt)
-        errs = (kernel - ref).norm(dim=-1) / ref.norm(dim=-1)
-        res = {"top1_agreement": float((kernel.argmax(-1) == ref.argmax(-1)).float().mean()),
-               "median_rel_err": float(errs.median()), "max_rel_err": float(errs.max()),
-               "finite": bool(torch.isfinite(kernel).all())}
-        res["passed"] = bool(res["finite"] and res["top1_agreement"] >= TWIN_TOP1_MIN
-                             and res["median_rel_err"] <= TWIN_MEDIAN_REL_ERR)
-        passed = passed and res["passed"]
+        res = score(kernel, ref)
+        if name == "dense":
+            res["passed"] = bool(res["finite"] and res["top1_agreement"] >= TWIN_TOP1_MIN
+                                 and res["median_rel_err"] <= TWIN_MEDIAN_REL_ERR)
+        else:
+            with torch_quant_products(torch.float32):
+                floor = score(teacher_forced_logits(twin, ids, prompt), ref)
+            res["torch_float32_products"] = floor
+            res["passed"] = bool(
+                res["finite"] and res["top1_agreement"] >= floor["top1_agreement"] - SPARSE_TOP1_SLACK
+                and res["median_rel_err"] <= SPARSE_ERR_RATIO * floor["median_rel_err"] + SPARSE_ERR_SLACK)
         out[name] = res
-    out["bounds"] = {"top1_min": TWIN_TOP1_MIN, "median_rel_err": TWIN_MEDIAN_REL_ERR}
-    out["passed"] = passed
+    out["bounds"] = {"dense_top1_min": TWIN_TOP1_MIN, "dense_median_rel_err": TWIN_MEDIAN_REL_ERR,
+                     "sparse_top1_slack": SPARSE_TOP1_SLACK, "sparse_err_ratio": SPARSE_ERR_RATIO,
+                     "sparse_err_slack": SPARSE_ERR_SLACK}
+    out["passed"] = bool(out["dense"]["passed"] and out["sparse"]["passed"])
     return out
 
 
