@@ -561,7 +561,8 @@ def test_bench_decode_smoke_on_cpu(tmp_path, shape):
     assert not data["errors"], data["errors"]
     twin = data["checks"]["twin"]
     assert twin["passed"], twin
-    assert twin["fp32_sparse_decode_rel_err"] <= 1e-4 and twin["fp32_graph_tokens_match_hf"]
+    assert twin["fp32_sparse"]["passed"] and twin["fp32_graph_tokens_match_hf"]
+    assert twin["fp32_sparse_decode_rel_err"] <= 1e-4  # no mask flips in this tiny twin
     rows = {(r["sparsity"], r["op"]) for r in data["results"]}
     assert rows == {(0.0, "kernel"), (0.0, "x @ w_t"), (0.0, "mixed"), (0.5, "kernel")}
     sparse = next(r for r in data["results"] if r["sparsity"] == 0.5)
@@ -636,6 +637,35 @@ def test_bf16_sparse_check_fails_broken_kernels(fault, monkeypatch):
     assert out["passed"] is (fault is None), out
     if fault is not None:  # each bound alone catches it
         assert out["median_rel_err"] > 1.5 * out["median_rel_err_dense_weights"] + 0.005, out
+
+
+@pytest.mark.parametrize("fault", [None, "zeros", "dropped-segment", "threshold"])
+def test_fp32_sparse_check_fails_broken_kernels(fault, monkeypatch):
+    """`check_fp32_sparse_decode` (the benchmark's fp32 sparse check, robust to mask flips near thresholds):
+    the correct kernels pass; a kernel that writes zeros, drops a segment or uses wrong thresholds fails."""
+    from teal.bench.decode.checks import check_fp32_sparse_decode
+    from teal.engine import engine_from_hf_model
+    from teal.engine.reference import masked_hf_logits
+    from teal.kernels import ops
+
+    hf32 = tiny_hf_model("llama3-rope")
+    prompt, steps = 16, 24
+    ids = torch.randint(0, TINY["vocab_size"], (prompt + steps,), generator=torch.Generator().manual_seed(7))
+    e32 = engine_from_hf_model(hf32, max_seq_len=64)
+    e32.to_layout(transposed=True)
+    th = activation_thresholds(e32, ids[:prompt], 0.5)
+    e32.set_thresholds(th)
+    with torch.inference_mode():
+        masked = masked_hf_logits(hf32, ids, th, dense_prefix=prompt)
+    if fault is not None:
+        linear, glu = _faulty_kernels(fault)
+        monkeypatch.setattr(ops, "sparse_linear", linear)
+        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+    out = check_fp32_sparse_decode(e32, masked, ids, prompt)
+    assert out["steps"] == steps and out["torch_products_median_rel_err_vs_hf"] < 1e-5, out
+    assert out["passed"] is (fault is None), out
+    if fault is not None:
+        assert out["median_rel_err_vs_torch_products"] > 100 * out["bound"], out
 
 
 def test_bench_decode_measures_sparsity_on_the_timed_tokens(monkeypatch):

@@ -102,6 +102,42 @@ def _decode_errors(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, prompt:
                    for t in range(prompt, ids.numel()))
 
 
+def _step_errors(logits: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-step relative error of logits [S, V] against ref [S, V]."""
+    return (logits.float() - ref.float()).norm(dim=-1) / ref.float().norm(dim=-1)
+
+
+def check_fp32_sparse_decode(engine: Engine, masked_hf: torch.Tensor, ids: torch.Tensor, prompt: int,
+                             bound: float = FP32_REL_ERR_BOUND) -> dict[str, Any]:
+    """The fp32 engine's sparse decode (thresholds set) on its kernels, teacher-forced at positions
+    prompt..T-1, against HF with the same input masks (`masked_hf`: logits [T, V]) and against the same
+    engine with its sparse products in plain torch (`dense_weight_products`).
+
+    An activation within rounding of its threshold flips its mask entry between two correct computations
+    that only sum in another order, and in a random twin at 8B widths one flip moves the logits by 1e-2 to
+    3e-1 from then on (through the KV cache): the torch-product run shows the same error against HF as the
+    kernels (`benchmarks/results/2026-12-07-h100-twin-sparse-steps-llama-3-8b.json`, and on the CPU
+    `2026-12-07-cpu-twin-sparse-steps-llama-3-8b.json`). So the maximum over steps cannot bound the
+    kernels. Passes when the kernels match the torch products to `bound` at the median step (flips are rare
+    between those two: the same engine, only the GEMV's summation order differs), and their median error
+    against HF is at most 1.5 x the torch products' + `bound`. A kernel that writes zeros, drops a segment
+    or thresholds wrongly misses the first rule by orders of magnitude (tests/test_engine.py)."""
+    ref = masked_hf[prompt:]
+    kernel = teacher_forced_logits(engine, ids, prompt)
+    with dense_weight_products(engine):
+        plain = teacher_forced_logits(engine, ids, prompt)
+    k_hf, p_hf, k_p = _step_errors(kernel, ref), _step_errors(plain, ref), _step_errors(kernel, plain)
+    out = {"steps": int(ref.shape[0]), "max_rel_err_vs_hf": float(k_hf.max()),
+           "median_rel_err_vs_hf": float(k_hf.median()),
+           "torch_products_max_rel_err_vs_hf": float(p_hf.max()),
+           "torch_products_median_rel_err_vs_hf": float(p_hf.median()),
+           "median_rel_err_vs_torch_products": float(k_p.median()),
+           "steps_over_bound_vs_torch_products": int((k_p > bound).sum()), "bound": bound}
+    out["passed"] = bool(torch.isfinite(kernel).all() and out["median_rel_err_vs_torch_products"] <= bound
+                         and out["median_rel_err_vs_hf"] <= 1.5 * out["torch_products_median_rel_err_vs_hf"] + bound)
+    return out
+
+
 def teacher_forced_logits(engine: Engine, ids: torch.Tensor, prompt: int) -> torch.Tensor:
     """fp32 logits [T - prompt, V] of teacher-forced decode steps at positions prompt..T-1 (after a prefill
     of ids[:prompt])."""
@@ -206,8 +242,9 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     """Correctness on a shallow twin (the engine's widths, `n_layers` layers; the source model's first
     layers when given, else random), where rounding noise does not snowball through 32 random layers.
 
-    fp32: the engine (eager and CUDA-graph decode) must match HF to 1e-4, dense and with masked
-    inputs at 50 % sparsity (HF inputs masked by forward pre-hooks). bf16 dense prefill: within 1.5x HF
+    fp32: the engine (eager and CUDA-graph decode) must match HF to 1e-4 dense; at 50 % sparsity
+    `check_fp32_sparse_decode` (against HF with inputs masked by forward pre-hooks, and against the same
+    engine's products in plain torch). bf16 dense prefill: within 1.5x HF
     bf16's own error + 0.01. bf16 sparse decode: `check_sparse_decode` over `SPARSE_CHECK_STEPS`
     teacher-forced steps against the fp32 masked HF logits.
     """
@@ -234,7 +271,8 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     th = activation_thresholds(e32, ids[:prompt], sparsity)
     e32.set_thresholds(th)
     masked32 = masked_hf_logits(hf32, ids, th, dense_prefix=prompt)
-    out["fp32_sparse_decode_rel_err"] = _decode_errors(e32, masked32, ids, prompt)
+    out["fp32_sparse"] = check_fp32_sparse_decode(e32, masked32, ids, prompt)
+    out["fp32_sparse_decode_rel_err"] = out["fp32_sparse"]["max_rel_err_vs_hf"]  # informational: see its docstring
     # Graph vs eager greedy tokens, sparse, on the "kernel" path (required) and the "producer" path
     # (informational). Compiled and eager code differ by an ulp here and there; an activation that close
     # to its threshold flips a mask entry, and in this random twin one flip moves the logits a lot
@@ -256,7 +294,7 @@ def check_twin(engine: Engine, mode: str, source: torch.nn.Module | None = None,
     out["bf16_sparse"] = check_sparse_decode(e16, masked32[prompt:], ids, prompt)
     out["passed"] = bool(
         out["fp32_prefill_rel_err"] <= FP32_REL_ERR_BOUND and out["fp32_decode_rel_err"] <= FP32_REL_ERR_BOUND
-        and out["fp32_sparse_decode_rel_err"] <= FP32_REL_ERR_BOUND and out["fp32_graph_tokens_match_hf"]
+        and out["fp32_sparse"]["passed"] and out["fp32_graph_tokens_match_hf"]
         and out["fp32_sparse_graph_tokens_match_eager_kernel"]
         and out["bf16_prefill_rel_err"] <= 1.5 * out["hf_bf16_prefill_rel_err"] + 0.01
         and out["bf16_sparse"]["passed"])
