@@ -31,6 +31,7 @@ _LAZY = {
     "measured_sparsity": "teal.sparsify",
     "sparsify_": "teal.sparsify",
     "TealConfig": "teal.quantizer",
+    "quantize_weights": "teal.quant",
 }
 _SUBPACKAGES = ("eval", "engine")
 

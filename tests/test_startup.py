@@ -26,3 +26,18 @@ def test_version():
 
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"teal {teal.__version__}"
+
+
+def test_every_teal_name_in_the_readme_resolves():
+    """Each `teal.NAME` the README's Python examples and prose use is an attribute of the package (lazy names
+    included), so a newcomer's first copy-paste does not raise AttributeError."""
+    import re
+    from pathlib import Path
+
+    import teal
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    names = set(re.findall(r"\bteal\.([A-Za-z_][A-Za-z0-9_]*)", readme))
+    assert {"load_model", "calibrate", "sparsify_", "quantize_weights"} <= names, names
+    missing = sorted(n for n in names if not hasattr(teal, n))
+    assert not missing, f"README uses teal.{missing} but the package has no such attribute"
