@@ -168,6 +168,46 @@ def dense_weight_products(engine: Engine) -> Iterator[None]:
         engine.set_sparse_path(saved_path)
 
 
+PRODUCT_REL_ERR_P90 = 2e-2  # 90th percentile of per-call kernel vs fp32 product errors (bf16 rounding ~1e-3)
+
+
+@contextlib.contextmanager
+def recorded_products(engine: Engine) -> Iterator[list[dict[str, Any]]]:
+    """Within: every sparse product of the engine's "kernel" path runs the kernel as usual and, on the very same
+    input, the plain-torch fp32 product (`sparse_linear_reference`; the GLU's SiLU product in the engine's
+    dtype first, as the kernel rounds it); the yielded list gets one {"call", "rel_err"} per product. Inputs
+    are identical, so this checks the kernels at the model's widths, thresholds and activations without the
+    step-to-step divergence that mask flips cause in a whole decode."""
+    from teal.engine import projection
+
+    kernels, saved_path = projection.ops, engine.sparse_path
+    calls: list[dict[str, Any]] = []
+
+    def record(name: str, y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        finite = bool(torch.isfinite(y).all())
+        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)) if finite else float("inf")
+        calls.append({"call": name, "rel_err": err})
+        return y
+
+    def linear(x, w_t, thresholds, splits=None, col_scale=None, *, regime="sparse"):
+        y = kernels.sparse_linear(x, w_t, thresholds, splits, col_scale, regime=regime)
+        ref = sparse_linear_reference(x, w_t, thresholds, splits, col_scale, out_dtype=torch.float32)
+        return record("linear", y, ref)
+
+    def glu(gate_up, w_t, thresholds, col_scale=None, *, regime="sparse"):
+        y = kernels.sparse_linear_glu(gate_up, w_t, thresholds, col_scale, regime=regime)
+        return record("glu", y, sparse_linear_reference(silu_mul(gate_up), w_t, thresholds, None, col_scale,
+                                                        out_dtype=torch.float32))
+
+    projection.ops = SimpleNamespace(sparse_linear=linear, sparse_linear_glu=glu)
+    engine.set_sparse_path("kernel")
+    try:
+        yield calls
+    finally:
+        projection.ops = kernels
+        engine.set_sparse_path(saved_path)
+
+
 def check_sparse_decode(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, prompt: int,
                         top1_slack: float = 0.1, err_ratio: float = 1.5, err_slack: float = 0.005) -> dict[str, Any]:
     """The engine's sparse decode (thresholds set, e.g. bf16) against `ref`, the fp32 logits [T - prompt, V] of
@@ -176,13 +216,25 @@ def check_sparse_decode(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, pr
     which rounds alike but cannot skip a row wrongly). Passes when the kernels' run
     - agrees with `ref` on the top-1 token at least as often as the dense-weight run, less `top1_slack`, and
     - has a median (over steps) relative logit error at most `err_ratio` x the dense-weight run's + `err_slack`.
-    A kernel that writes zeros, drops a segment or thresholds wrongly fails both by far (tests/test_engine.py);
-    mask entries that flip near a threshold under bf16 rounding flip in both runs alike."""
-    kernel = teacher_forced_logits(engine, ids, prompt)
+    - and, on every product of the kernels' run, the kernel's output agrees with the plain-torch fp32 product of
+      the same input (`recorded_products`): 90th percentile of the per-call relative errors <=
+      `PRODUCT_REL_ERR_P90`.
+    A kernel that writes zeros, drops a segment or thresholds wrongly fails each rule by far on a small twin
+    (tests/test_engine.py); mask entries that flip near a threshold under bf16 rounding flip in both runs alike.
+    In a random twin at 8B widths those flips make the first two rules weak (dense-weight run: median error
+    0.68, top-1 0.09 on the H100, bounds that all-zero logits would meet); the per-call rule does not depend on
+    them and carries the check there."""
+    with recorded_products(engine) as calls:
+        kernel = teacher_forced_logits(engine, ids, prompt)
     with dense_weight_products(engine):
         dense = teacher_forced_logits(engine, ids, prompt)
     ref = ref.float()
     top = ref.argmax(dim=-1)
+    call_errs = torch.tensor([c["rel_err"] for c in calls] or [float("inf")], dtype=torch.float64)
+    products = {"calls": len(calls), "median_rel_err": float(call_errs.median()),
+                "p90_rel_err": float(torch.quantile(call_errs, 0.9)), "max_rel_err": float(call_errs.max()),
+                "bound_p90": PRODUCT_REL_ERR_P90}
+    products["passed"] = bool(calls and products["p90_rel_err"] <= PRODUCT_REL_ERR_P90)
 
     def errors(logits: torch.Tensor) -> torch.Tensor:
         return (logits - ref).norm(dim=-1) / ref.norm(dim=-1)
@@ -194,8 +246,10 @@ def check_sparse_decode(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, pr
            "median_rel_err_dense_weights": float(errors(dense).median()),
            "max_rel_err": float(errors(kernel).max()),
            "bounds": {"top1_slack": top1_slack, "err_ratio": err_ratio, "err_slack": err_slack}}
+    out["products"] = products
     out["passed"] = bool(out["top1_agreement"] >= out["top1_agreement_dense_weights"] - top1_slack
-                         and out["median_rel_err"] <= err_ratio * out["median_rel_err_dense_weights"] + err_slack)
+                         and out["median_rel_err"] <= err_ratio * out["median_rel_err_dense_weights"] + err_slack
+                         and products["passed"])
     return out
 
 
