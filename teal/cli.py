@@ -94,39 +94,50 @@ def _first_existing(path: Path) -> Path:
     return path
 
 
+def _probe_write(directory: Path, path: Path, option: str) -> None:
+    """Create and delete a temporary file in ``directory``: permission bits (``os.access``) pass for root and
+    say nothing of read-only or special filesystems (/proc), so only a real write shows the output can land."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".teal-write-check-"):
+            pass
+    except OSError as e:
+        raise typer.BadParameter(f"cannot write {path}: {e.strerror or e} in {directory}", param_hint=option) from None
+
+
 def _check_creatable(path: Path, option: str) -> None:
-    """``path`` does not exist yet: its nearest existing ancestor must be a writable directory."""
+    """``path`` does not exist yet: its nearest existing ancestor must be a directory that takes a file."""
     base = _first_existing(path)
     if not base.is_dir():
         raise typer.BadParameter(f"cannot create {path}: {base} is a file, not a directory", param_hint=option)
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise typer.BadParameter(f"cannot create {path}: no write permission in {base}", param_hint=option)
+    _probe_write(base, path, option)
 
 
 def check_output_dir(path: Optional[Path], option: str) -> None:
-    """An output directory (artifact): an existing writable directory, or creatable."""
+    """An output directory (artifact): an existing directory that takes a file, or creatable; checked by a real
+    write before the work starts."""
     if path is None:
         return
     if path.exists():
         if not path.is_dir():
             raise typer.BadParameter(f"{path} is a file; give a directory for the artifact (it will be created)",
                                      param_hint=option)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise typer.BadParameter(f"no write permission in {path}", param_hint=option)
+        _probe_write(path, path, option)
         return
     _check_creatable(path, option)
 
 
 def check_output_file(path: Optional[Path], option: str) -> None:
-    """An output file (JSON, figure): not a directory, and writable or creatable."""
+    """An output file (JSON, figure): not a directory, and its directory takes a file (a real write; the file
+    itself is replaced atomically from a temporary file there)."""
     if path is None:
         return
     if path.is_dir():
         raise typer.BadParameter(f"{path} is a directory; give a file name, e.g. {path / 'results.json'}",
                                  param_hint=option)
     if path.exists():
-        if not os.access(path, os.W_OK) or not os.access(path.absolute().parent, os.W_OK | os.X_OK):
-            raise typer.BadParameter(f"no write permission for {path}", param_hint=option)
+        _probe_write(path.absolute().parent, path, option)
         return
     _check_creatable(path, option)
 

@@ -95,6 +95,10 @@ BAD_INVOCATIONS = [
     (["eval", "ppl", "--sparsity", "0", "--json", "{a_dir}"], "{a_dir} is a directory"),
     (["eval", "tasks", "--sparsity", "0", "--json", "{a_dir}"], "{a_dir} is a directory"),
     (["plot", "{file.txt}", "-o", "{a_dir}"], "{a_dir} is a directory"),
+    # where permission bits say yes (root) but no file can be written: a real write is tried first
+    (["calibrate", "-o", "/proc/teal-artifact"], "cannot write /proc/teal-artifact"),
+    (["eval", "ppl", "--sparsity", "0", "--json", "/proc/teal.json"], "cannot write /proc/teal.json"),
+    (["eval", "tasks", "--sparsity", "0", "--json", "/proc/self/teal.json"], "cannot write /proc/self/teal.json"),
     (["calibrate", "-o", "{out}", "--batch-size", "0"], "--batch-size"),
     (["calibrate", "-o", "{out}", "--tokens", "0"], "--tokens"),
     (["calibrate", "-o", "{out}", "--score", "cosine"], "--score"),
