@@ -268,6 +268,9 @@ def _gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     except ImportError:  # pragma: no cover - older transformers always dequantize
         pass
     directory, fname = str(gguf_path.parent), gguf_path.name
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelLoadError(f"reading {gguf_path} needs the gguf package: pip install 'teal-sparsity[gguf]' "
+                             "(or pip install gguf)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=fname)
         model = AutoModelForCausalLM.from_pretrained(

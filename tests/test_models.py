@@ -422,3 +422,17 @@ def test_a_prequantized_checkpoint_is_refused_in_one_line(tmp_path, method):
     cfg["quantization_config"] = {"quant_method": "teal"}
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     models.refuse_prequantized(AutoConfig.from_pretrained(str(tmp_path / "m")), "m")  # no error
+
+
+def test_a_gguf_without_the_gguf_package_names_the_extra(monkeypatch, tmp_path):
+    """Reading a .gguf without the gguf package: one clear error naming the extra to install."""
+    import importlib.util
+
+    from teal import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF")
+    with pytest.raises(models.ModelLoadError, match=r"teal-sparsity\[gguf\]"):
+        models._gguf_to_hf(path, tmp_path / "out")
