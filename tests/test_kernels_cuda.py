@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported (tea
 import dataclasses  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -514,6 +515,7 @@ def _isa_script():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "scripts" / "quant_kernel_isa.py"
     spec = importlib.util.spec_from_file_location("quant_kernel_isa", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
