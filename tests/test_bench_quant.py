@@ -135,8 +135,10 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
         monkeypatch.setattr(projection, "quant_sparse_linear", kernel)
 
 
-def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path):
+def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
     from teal.bench import decode
+
+    monkeypatch.setenv("TEAL_INT4_DECODE", "lean")  # recorded (on the CPU the reference path runs)
 
     path = tmp_path / "decode.json"
     data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=4, repeats=1, json_path=path,
@@ -146,7 +148,7 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path):
     saved = json.loads(path.read_text())
     rows = saved["results"] + saved["dense_variants"]
     assert rows and all(r["weights"] in ("bf16", "int8", "int4") for r in rows)
-    assert saved["weights"] == ["bf16", "int4"]
+    assert saved["weights"] == ["bf16", "int4"] and saved["int4_decode"] == "lean"
     for fmt in ("int4",):
         assert saved["checks"][f"quant_{fmt}"]["passed"]
         mine = {r["sparsity"]: r for r in saved["results"] if r["weights"] == fmt}
