@@ -117,6 +117,9 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #if INT4_DECODE && WFMT != 2
 #error "INT4_DECODE selects the int4 loop (WFMT 2)"
 #endif
+#if INT4_DECODE == 1 && UNROLL > 32
+#error "the lean int4 loop takes at most 32 rows per step (one listed row per lane)"
+#endif
 // The lean int4 decode (INT4_DECODE 1): a nibble q in byte 2 under the exponent byte INT4_LEAN_EXP is the fp32
 // INT4_LEAN_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
 // selected by INT4_LEAN_SELECT | (j << 8) (bytes 3, 1, 0 from the constant). Rows per exit check: LEAN_CHUNK.
