@@ -55,7 +55,8 @@
 //   INT4_DECODE  (WFMT 2) 0: the loop above, a group check per listed row; 1 ("lean"): fewer instructions
 //             per code byte. A step never crosses a group (it ends at the group's last listed row, found by
 //             one ballot; the fold and the scale prefetch run between steps), so the unrolled step is one
-//             block of straight code with an exit check every LEAN_CHUNK rows; a code becomes the fp32
+//             block of straight code with an exit check every LEAN_CHUNK rows (in the loads and in the
+//             products, so a step that ends early issues neither for the rows past its end); a code becomes the fp32
 //             128 + q by one byte permute under the exponent byte 0x43 (the constant 128 folded into the
 //             zero point: scale * (sum x (128 + q) - (128 + zero) * sum x)), no subtraction per code; the
 //             step's sum of x is one warp reduction, and a row's address one wide multiply-add.
@@ -688,7 +689,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         for (int b = 0; b < BATCH; ++b) xl[b] = mine ? list_val[mine_at * BATCH + b] : 0.0f;
         unsigned tile[UNROLL][VECS];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {  // every load of the step issued before any product
+            if (u % LEAN_CHUNK == 0 && u >= n) break;  // the same in every lane: short steps issue fewer loads
             const unsigned r = (unsigned)__shfl_sync(0xffffffffu, my_row, u);
 #pragma unroll
             for (int v = 0; v < VECS; ++v) tile[u][v] = load_code_word(wcol[v], r, (unsigned)stride_w, u < n && col_ok[v]);
