@@ -321,3 +321,113 @@ def test_quant_op_compiles_whole_and_a_bad_kernel_choice_is_named(monkeypatch):
     monkeypatch.setenv("TEAL_QUANT_KERNEL", "fast")
     with pytest.raises(ValueError, match="TEAL_QUANT_KERNEL"):
         quant_gemv.quant_kernel_choice()
+
+
+# ------------------------------------------------------------------ the lean int4 loop (INT4_DECODE 1), emulated
+def _byte_perm(x: torch.Tensor, y: int, selector: int) -> torch.Tensor:
+    """CUDA's __byte_perm on int64 tensors holding 32-bit words: result byte k is byte (selector >> 4k) & 7 of
+    the 8 bytes (x, y) (x's bytes 0-3, y's 4-7)."""
+    out = torch.zeros_like(x)
+    for k in range(4):
+        pick = (selector >> (4 * k)) & 7
+        src = (x >> (8 * pick)) & 0xFF if pick < 4 else torch.full_like(x, (y >> (8 * (pick - 4))) & 0xFF)
+        out |= src << (8 * k)
+    return out
+
+
+def _lean_decode_from_source(src: str):
+    """The lean decode as ``sparse_gemv.cu`` writes it, read off the source: the masks of ``decode_int4_lean``,
+    which masked word (lo / hi) feeds output 2j and 2j + 1, the exponent constant, the selector and the bias
+    folded into the zero point. Returns (decode(words int64 [..]) -> float32 [.., 8], bias)."""
+    import re
+
+    define = lambda name: re.search(rf"#define {name} (\S+)", src).group(1)  # noqa: E731
+    exp, select = int(define("INT4_LEAN_EXP").rstrip("u"), 16), int(define("INT4_LEAN_SELECT"), 16)
+    bias = float(define("INT4_LEAN_BIAS").rstrip("f"))
+    body = src[src.index("void decode_int4_lean("):]
+    body = body[:body.index("\n}\n")]
+    masks = re.search(r"lo = word & (0x[0-9A-Fa-f]+)u, hi = \(word >> (\d+)\) & (0x[0-9A-Fa-f]+)u;", body)
+    lo_mask, shift, hi_mask = int(masks.group(1), 16), int(masks.group(2)), int(masks.group(3), 16)
+    feeds = dict(re.findall(r"out\[(2 \* j(?: \+ 1)?)\] = __uint_as_float\(__byte_perm\((lo|hi), INT4_LEAN_EXP, "
+                            r"INT4_LEAN_SELECT \| \(j << 8\)\)\);", body))
+    assert set(feeds) == {"2 * j", "2 * j + 1"}, body
+
+    def decode(words: torch.Tensor) -> torch.Tensor:
+        masked = {"lo": words & lo_mask, "hi": (words >> shift) & hi_mask}
+        out = []
+        for j in range(4):
+            for slot in ("2 * j", "2 * j + 1"):
+                bits = _byte_perm(masked[feeds[slot]], exp, select | (j << 8))
+                out.append(bits.to(torch.int32).view(torch.float32))
+        return torch.stack(out, dim=-1)
+
+    return decode, bias
+
+
+def _lean_matvec(src: str, qw, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ w the lean loop's way, per lane word: codes decoded as the source says, fp32 sums of x * decoded
+    per group in row order (x is 16-bit and decoded <= 143, so each product is exact and an FMA is a rounded
+    add), the group's sum of x in fp32, folded as scale * (sum - (bias + zero) * sum_x) (the two FMAs in
+    float64, then rounded to fp32)."""
+    decode, bias = _lean_decode_from_source(src)
+    k, n = qw.shape
+    b = qw.codes.to(torch.int64)  # [K, N/2] bytes; a lane's word is 4 consecutive bytes (columns 8l .. 8l+7)
+    words = b[:, 0::4] | (b[:, 1::4] << 8) | (b[:, 2::4] << 16) | (b[:, 3::4] << 24)
+    q = decode(words).reshape(k, -1)[:, :n]  # [K, N] fp32
+    xf = x.float()
+    acc = torch.zeros(n, dtype=torch.float32)
+    for g in range(-(-k // qw.group_size)):
+        rows = range(g * qw.group_size, min(k, (g + 1) * qw.group_size))
+        gsum, xsum = torch.zeros(n, dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+        for r in rows:
+            gsum = gsum + xf[r] * q[r]
+            xsum = xsum + xf[r]
+        s, z = qw.scales[g].double(), qw.zeros[g].double()
+        inner = (-(z.float() + bias).double() * xsum.double() + gsum.double()).float()
+        acc = (s * inner.double() + acc.double()).float()
+    return acc
+
+
+_LEAN_FAULTS = {
+    "nibbles swapped": ("out[2 * j] = __uint_as_float(__byte_perm(lo,", "out[2 * j] = __uint_as_float(__byte_perm(hi,"),
+    "zero point not shifted by the bias": ("#define INT4_LEAN_BIAS 128.0f", "#define INT4_LEAN_BIAS 0.0f"),
+    "wrong byte selected": ("#define INT4_LEAN_SELECT 0x7044", "#define INT4_LEAN_SELECT 0x7144"),
+    "high nibble not shifted": ("hi = (word >> 4) & 0x0F0F0F0Fu", "hi = (word >> 0) & 0x0F0F0F0Fu"),
+}
+
+
+@pytest.mark.parametrize("fault", [None, *_LEAN_FAULTS])
+def test_lean_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
+    """The lean int4 loop (``sparse_gemv.cu``, INT4_DECODE 1) emulated from its own source text: every code 0..15
+    at every nibble position of a word decodes bit-exactly to bias + code, and the per-group sums folded with
+    the bias in the zero point match x @ dequantize in float64 (RTN and float zero points, groups 32 and 128,
+    a partial last group) within 2e-5 relative: the bias costs about log2(128 / |q - zero|) bits of the fp32
+    sums, far below the kernels' 1e-2 bound. Each fault injected into the source breaks it."""
+    from teal.kernels import cuda
+
+    src = cuda.source()
+    if fault is not None:
+        old, new = _LEAN_FAULTS[fault]
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    decode, bias = _lean_decode_from_source(src)
+    # every code at every position: word w holds code (w + p) % 16 at nibble p
+    nib = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16
+    words = sum(nib[:, p].to(torch.int64) << (4 * p) for p in range(8))
+    exact = torch.equal(decode(words), nib.float() + 128.0) and bias == 128.0
+    gen = torch.Generator().manual_seed(11)
+    errors = []
+    for k, n, group, method in ((96 + 40, 24, 32, "rtn"), (256, 16, 128, "rtn"), (160, 16, 32, "float zeros")):
+        qw = quantize(torch.randn(k, n, generator=gen).to(torch.bfloat16), "int4", group_size=group)
+        if method == "float zeros":  # HQQ stores float zero points: the fold takes them as they are
+            qw = QuantizedWeight("int4", qw.codes, qw.scales,
+                                 (qw.zeros.float() + torch.rand(qw.zeros.shape, generator=gen) - 0.5).to(qw.dtype),
+                                 qw.shape, group)
+        codes = unpack_int4(qw.codes, n)
+        assert set(codes.unique().tolist()) == set(range(16)) or k < 200  # random groups cover the codes
+        x = torch.randn(k, generator=gen).to(torch.bfloat16)
+        ref = x.double() @ qw.dequantize(torch.float64)
+        y = _lean_matvec(src, qw, x)
+        errors.append(float((y.double() - ref).norm() / ref.norm()))
+    ok = exact and max(errors) <= 2e-5
+    assert ok == (fault is None), (fault, exact, errors)

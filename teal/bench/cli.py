@@ -41,6 +41,7 @@ SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
 ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # teal.quant.WEIGHT_FORMATS
 INT4_GROUP_SIZES = (32, 64, 128)  # teal.quant.INT4_GROUP_SIZES
+INT4_DECODES = ("current", "lean")  # teal.kernels.cuda.INT4_DECODES (the CUDA kernel's int4 loops)
 
 
 class Dtype(str, enum.Enum):
@@ -179,11 +180,15 @@ def kernels_command(
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + " (int8 / int4: the fused quantized kernel, checked "
                                              "against a float64 dequantize-then-multiply reference first)"),
     group_size: int = GroupSizeOpt,
+    quant_variants: str = typer.Option("current", "--quant-variants",
+                                       help="comma list of the CUDA kernel's int4 loops to time side by side: "
+                                            f"{' | '.join(INT4_DECODES)} (a row each; int8 and Triton rows once)"),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
+    decodes = choices(quant_variants, "--quant-variants", INT4_DECODES)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
     sources = mask_sources(masks, sparsities)
@@ -202,7 +207,7 @@ def kernels_command(
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
                        time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
-                       weights=formats, group_size=group_size)
+                       weights=formats, group_size=group_size, int4_decodes=decodes)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 

@@ -10,6 +10,7 @@ over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -47,21 +48,37 @@ def check_row(qw: Any, splits: Sequence[int], batch: int, sparsity: float, dtype
     return {"rel_err": err, "finite": finite, "ok": finite and err <= REL_ERR_BOUND}
 
 
+def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("current",)) -> list[tuple[str, Any, Any]]:
+    """(kernel name, int4 loop or None, callable) of every row of one format: the CUDA kernel once per int4 loop
+    in ``int4_decodes`` (int8: once) where the device runs it, then Triton."""
+    from teal.kernels.cuda import INT4_DECODES
+
+    bad = [d for d in int4_decodes if d not in INT4_DECODES]
+    if bad or not int4_decodes:
+        raise ValueError(f"int4 loops must be among {', '.join(INT4_DECODES)}, got {list(int4_decodes)}")
+    out: list[tuple[str, Any, Any]] = []
+    if cuda_ok:
+        for decode in (int4_decodes if fmt == "int4" else ("current",)):
+            out.append(("cuda", decode if fmt == "int4" else None,
+                        functools.partial(quant_sparse_linear_cuda, int4_decode=decode)))
+    return out + [("triton", None, quant_sparse_linear_triton)]
+
+
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
-              deadline: float | None = None) -> list[dict[str, Any]]:
-    """Rows of every (format, shape, projection, batch, sparsity); see the module docstring."""
+              deadline: float | None = None, int4_decodes: Sequence[str] = ("current",)) -> list[dict[str, Any]]:
+    """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. The CUDA
+    kernel's int4 rows come once per loop of ``int4_decodes`` (``teal.kernels.cuda.INT4_DECODES``)."""
     from teal.kernels.tune import time_graph_us
 
     from teal.kernels.ops import cuda_kernel_available
 
     device = torch.device("cuda")
     rows: list[dict[str, Any]] = []
-    kernels = {"triton": quant_sparse_linear_triton}
-    if cuda_kernel_available(device):
-        kernels = {"cuda": quant_sparse_linear_cuda, **kernels}
+    cuda_ok = cuda_kernel_available(device)
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
+        kernels = kernels_for(fmt, cuda_ok, int4_decodes)
         for model in models:
             for proj, k, splits in shapes[model]:
                 if deadline is not None and time.perf_counter() > deadline:
@@ -81,8 +98,8 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(copies)]
                     xw = [torch.randn(batch, k, device=device, dtype=dtype) for _ in ws]
                     cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xw, ws)])
-                    for s, (name, kern) in product(sparsities, kernels.items()):
-                        row: dict[str, Any] = {"weights": fmt, "kernel": name,
+                    for s, (name, decode, kern) in product(sparsities, kernels):
+                        row: dict[str, Any] = {"weights": fmt, "kernel": name, "int4_decode": decode,
                                                "group_size": group_size if fmt == "int4" else None,
                                                "model": model, "proj": proj, "K": k, "N": n, "splits": list(splits),
                                                "batch": batch, "sparsity": s, "code_bytes": code_bytes,
@@ -106,7 +123,8 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                                        speedup_vs_cublas_bf16=cublas_us / row["us"])
                         except Exception:  # noqa: BLE001 - one broken row must not lose the run
                             row["error"] = traceback.format_exc()[-2000:]
-                            console.print(f"[red]error[/] {name} {fmt} {model} {proj} B={batch} s={s}\n{row['error']}")
+                            console.print(f"[red]error[/] {name} {decode or ''} {fmt} {model} {proj} B={batch} s={s}\n"
+                                          f"{row['error']}")
                         rows.append(row)
                     del xs, xw
                 del qws, ws, w
@@ -119,15 +137,18 @@ def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="fused quantized sparse GEMV (CUDA C++ / Triton) vs cuBLAS on bf16 weights")
-    cols = ["weights", "kernel", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw", "rel err"]
+    cols = ["weights", "kernel", "loop", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw",
+            "rel err"]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         if "us" not in r:
-            table.add_row(r["weights"], r.get("kernel", ""), r["model"], r["proj"], str(r.get("batch", "")),
+            table.add_row(r["weights"], r.get("kernel", ""), r.get("int4_decode") or "", r["model"], r["proj"],
+                          str(r.get("batch", "")),
                           str(r.get("sparsity", "")), "skipped" if "skipped" in r else "error", *[""] * 4)
             continue
-        table.add_row(r["weights"], r["kernel"], r["model"], r["proj"], str(r["batch"]), f"{r['sparsity']:.2f}",
+        table.add_row(r["weights"], r["kernel"], r.get("int4_decode") or "", r["model"], r["proj"], str(r["batch"]),
+                      f"{r['sparsity']:.2f}",
                       f"{r['us']:.1f}",
                       f"{r['cublas_bf16_us']:.1f}", f"{r['speedup_vs_cublas_bf16']:.2f}", f"{r['eff_bw_frac']:.0%}",
                       f"{r['rel_err']:.1e}")
@@ -136,6 +157,7 @@ def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
 
 def quant_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every checked row within `REL_ERR_BOUND` of float64 and finite (the issue's kernel bound)."""
-    return [dict(check="rel_err_and_finite", case=f"{r['kernel']} {r['weights']} {r['model']}/{r['proj']} B={r['batch']} "
+    return [dict(check="rel_err_and_finite", case=f"{r['kernel']}{'-' + r['int4_decode'] if r.get('int4_decode') else ''} "
+                                                  f"{r['weights']} {r['model']}/{r['proj']} B={r['batch']} "
                                                   f"s={r['sparsity']}",
                  value=r["rel_err"], goal=REL_ERR_BOUND, ok=bool(r["ok"])) for r in rows if "ok" in r]

@@ -52,6 +52,14 @@
 //             the codes become fp32 exactly by byte permutes (2^23 + code, minus 2^23); int4 sums
 //             x * q and x per group and folds scale * (sum_xq - zero * sum_x) in when the group changes,
 //             the next group's pair loaded while the current one is summed. 16-bit inputs, no MMA, no GLU.
+//   INT4_DECODE  (WFMT 2) 0: the loop above, a group check per listed row; 1 ("lean"): fewer instructions
+//             per code byte. A step never crosses a group (it ends at the group's last listed row, found by
+//             one ballot; the fold and the scale prefetch run between steps), so the unrolled step is one
+//             block of straight code with an exit check every LEAN_CHUNK rows (in the loads and in the
+//             products, so a step that ends early issues neither for the rows past its end); a code becomes the fp32
+//             128 + q by one byte permute under the exponent byte 0x43 (the constant 128 folded into the
+//             zero point: scale * (sum x (128 + q) - (128 + zero) * sum x)), no subtraction per code; the
+//             step's sum of x is one warp reduction, and a row's address one wide multiply-add.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -104,6 +112,22 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #define SF_ERROR 8
 #define SF_FLAGS 32
 
+#ifndef INT4_DECODE
+#define INT4_DECODE 0
+#endif
+#if INT4_DECODE && WFMT != 2
+#error "INT4_DECODE selects the int4 loop (WFMT 2)"
+#endif
+#if INT4_DECODE == 1 && UNROLL > 32
+#error "the lean int4 loop takes at most 32 rows per step (one listed row per lane)"
+#endif
+// The lean int4 decode (INT4_DECODE 1): a nibble q in byte 2 under the exponent byte INT4_LEAN_EXP is the fp32
+// INT4_LEAN_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
+// selected by INT4_LEAN_SELECT | (j << 8) (bytes 3, 1, 0 from the constant). Rows per exit check: LEAN_CHUNK.
+#define INT4_LEAN_EXP 0x43000000u
+#define INT4_LEAN_BIAS 128.0f
+#define INT4_LEAN_SELECT 0x7044
+#define LEAN_CHUNK 8
 #if WFMT
 typedef unsigned char weight_t;  // codes
 #else
@@ -322,6 +346,33 @@ __device__ __forceinline__ void decode_codes(float* out, qvec_t v) {
     }
 #endif
 }
+
+#if INT4_DECODE == 1
+// The code word of one lane's columns at `col` + row * stride (one wide multiply-add) if `pred`; else the
+// register is left as it was (the lean loop multiplies such a row by x = 0, and every word decodes to a
+// finite value).
+__device__ __forceinline__ unsigned load_code_word(const weight_t* col, unsigned row, unsigned stride, bool pred) {
+    unsigned long long a;
+    unsigned v;
+    asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(a) : "r"(row), "r"(stride), "l"(col));
+    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t"
+        "@p ld.global.nc.L1::no_allocate.u32 %0, [%1];\n\t}"
+        : "=r"(v)
+        : "l"(a), "r"((int)pred));
+    return v;
+}
+
+// The 8 int4 codes of a lane's columns (low nibble of byte j: column 2j, high: 2j + 1) as the fp32
+// INT4_LEAN_BIAS + code, exactly: two masks, then one byte permute per code.
+__device__ __forceinline__ void decode_int4_lean(float* out, unsigned word) {
+    const unsigned lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        out[2 * j] = __uint_as_float(__byte_perm(lo, INT4_LEAN_EXP, INT4_LEAN_SELECT | (j << 8)));
+        out[2 * j + 1] = __uint_as_float(__byte_perm(hi, INT4_LEAN_EXP, INT4_LEAN_SELECT | (j << 8)));
+    }
+}
+#endif
 #endif
 
 #if MMA
@@ -594,7 +645,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
                 for (int e = 0; e < EPV; ++e) {
                     const int c = v * EPV + e;
+#if INT4_DECODE == 1  // the sums hold x * (128 + q): the constant joins the zero point
+                    acc[b][c] = fmaf(sv[e], fmaf(-(zv[e] + INT4_LEAN_BIAS), xsum[b], gsum[b][c]), acc[b][c]);
+#else
                     acc[b][c] = fmaf(sv[e], fmaf(-zv[e], xsum[b], gsum[b][c]), acc[b][c]);
+#endif
                     gsum[b][c] = 0.0f;
                 }
         }
@@ -605,6 +660,67 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #else
 #define QSUM acc
 #endif
+#if INT4_DECODE == 1
+    // The lean int4 loop (see INT4_DECODE): a step takes the listed rows from i on, at most UNROLL, up to the
+    // last one of row i's group. Lane l holds listed row i + l (its index, and its values, zero where it is not
+    // in the step); the rows of a step are a prefix of the list from i (the list ascends), counted by a ballot.
+    // Row u's index and values reach every lane by shuffles, so a row past the step's end multiplies x = 0
+    // and needs no predicate (its load is off).
+    for (int i = 0; i < count;) {
+        const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
+        if (g != group) {
+            fold_group();
+            if (g == group + 1) {
+#pragma unroll
+                for (int v = 0; v < VECS; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
+            } else {  // the list skipped a whole group
+                load_group(s_cur, z_cur, g, true);
+            }
+            group = g;
+            load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+        }
+        const int mine_at = i + lane;
+        const bool listed = lane < UNROLL && mine_at < count;
+        const int my_row = listed ? list_idx[mine_at] : 0;
+        const bool mine = listed && my_row < (g + 1) * GROUP;
+        const int n = __popc(__ballot_sync(0xffffffffu, mine));  // rows in this step, 1..UNROLL
+        float xl[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) xl[b] = mine ? list_val[mine_at * BATCH + b] : 0.0f;
+        unsigned tile[UNROLL][VECS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {  // every load of the step issued before any product
+            if (u % LEAN_CHUNK == 0 && u >= n) break;  // the same in every lane: short steps issue fewer loads
+            const unsigned r = (unsigned)__shfl_sync(0xffffffffu, my_row, u);
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) tile[u][v] = load_code_word(wcol[v], r, (unsigned)stride_w, u < n && col_ok[v]);
+        }
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {  // the step's sum of x: one warp reduction per input row
+            float s = xl[b];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            xsum[b] += s;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (u % LEAN_CHUNK == 0 && u >= n) break;  // the same in every lane
+            float xv[BATCH];
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b) xv[b] = __shfl_sync(0xffffffffu, xl[b], u);
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                float q[EPV];
+                decode_int4_lean(q, tile[u][v]);
+#pragma unroll
+                for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+                    for (int e = 0; e < EPV; ++e) gsum[b][v * EPV + e] = fmaf(xv[b], q[e], gsum[b][v * EPV + e]);
+            }
+        }
+        i += n;
+    }
+#else
     for (int i = 0; i < count; i += UNROLL) {
         qvec_t tile[UNROLL][VECS];
         int rows[UNROLL];
@@ -652,6 +768,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             }
         }
     }
+#endif  // INT4_DECODE
 #undef QSUM
 #if WFMT == 2
     fold_group();
