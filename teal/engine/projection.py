@@ -43,7 +43,8 @@ class Projection(NamedTuple):
     column-parallel and unsharded projections have `group` None.
     Quantized weights (`weights` "int8" or "int4", `teal.quant`): `weight` holds the codes in the transposed
     layout, `scales` and `zeros` the rest of the format; every product goes through
-    `teal.kernels.quant_gemv.quant_sparse_linear` (thresholds -inf where the group is dense).
+    `teal.kernels.quant_gemv.quant_sparse_linear` (thresholds None where the group is dense: the fused kernels
+    take -inf, the large-batch path of prefill one GEMM).
     """
 
     weight: torch.Tensor
@@ -72,8 +73,8 @@ def project(p: Projection, x: torch.Tensor) -> torch.Tensor:
     """y = x W^T (+ b) for x [T, K]: dense, or through the sparse kernel (its `regime`'s tuned launch); summed
     over the ranks of a row-parallel projection's `group`, the bias added once, after the sum."""
     if p.weights != "bf16":
-        thresholds = p.thresholds if p.sparse else torch.full((len(p.splits),), float("-inf"), device=x.device)
-        y = quant_sparse_linear(x, quantized_weight(p), thresholds, p.splits, p.col_scale if p.sparse else None)
+        y = quant_sparse_linear(x, quantized_weight(p), p.thresholds if p.sparse else None, p.splits,
+                                p.col_scale if p.sparse else None)
     elif p.sparse:
         y = ops.sparse_linear(x, p.weight, p.thresholds, list(p.splits) if len(p.splits) > 1 else None,
                               p.col_scale, regime=p.regime)

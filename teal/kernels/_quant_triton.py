@@ -1,4 +1,5 @@
-"""Triton kernel of the fused threshold + dequantize + sparse GEMV on int8 / int4 weights.
+"""Triton kernels on int8 / int4 weights: the fused threshold + dequantize + sparse GEMV (1-8 rows), and the
+one-pass dequantize that the large-batch path (``quant_gemv.dequant_matmul``) multiplies with cuBLAS.
 
 ``y[b, n] = sum_i x[b, i] * keep_j(b, i) * W(i, n)`` for column ``n`` of segment ``j``, where ``W`` is the
 dequantized transposed weight (``teal.quant``) and ``keep_j(b, i) = |x[b, i]| * c[j, i] > t[j]``.
@@ -67,3 +68,35 @@ def quant_sparse_gemv_kernel(
         acc = acc * tl.load(scales_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = y_ptr + b[:, None] * stride_yb + cols[None, :]
     tl.atomic_add(out, acc, mask=b_valid[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def dequantize_kernel(
+    codes_ptr, scales_ptr, zeros_ptr, out_ptr, K, N, stride_codes, stride_scales, stride_out,
+    INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out[i, n] = W(i, n)`` (``teal.quant.dequantize``: fp32 arithmetic, one rounding to nearest into ``out``'s
+    dtype; Triton 3.9's interpreter truncates fp32 -> bf16 instead, so there bf16 may differ by one unit).
+
+    Grid: (row blocks, column blocks). ``BLOCK_K`` divides ``GROUP``, so a program's rows share one int4
+    group and it loads one scale row (and zero row) for its columns. int4 lanes of a code byte's two columns
+    load that byte alike (adjacent lanes: one transaction)."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = rows < K
+    n_mask = cols < N
+    mask = r_mask[:, None] & n_mask[None, :]
+    if INT4:
+        g = (pid_k * BLOCK_K) // GROUP
+        s = tl.load(scales_ptr + g * stride_scales + cols, mask=n_mask, other=0.0).to(tl.float32)
+        z = tl.load(zeros_ptr + g * stride_scales + cols, mask=n_mask, other=0.0).to(tl.float32)
+        byte = tl.load(codes_ptr + rows[:, None] * stride_codes + (cols // 2)[None, :], mask=mask, other=0)
+        q = ((byte.to(tl.int32) >> ((cols % 2) * 4)[None, :]) & 0xF).to(tl.float32)
+        w = (q - z[None, :]) * s[None, :]
+    else:
+        s = tl.load(scales_ptr + cols, mask=n_mask, other=0.0).to(tl.float32)
+        q = tl.load(codes_ptr + rows[:, None] * stride_codes + cols[None, :], mask=mask, other=0).to(tl.float32)
+        w = q * s[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)

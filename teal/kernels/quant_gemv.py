@@ -6,9 +6,17 @@ columns of ``qw`` are cut into segments (q|k|v, gate|up), segment ``j`` keeps ``
 ``quant_sparse_linear_reference`` is the plain-torch definition (dequantize, mask, multiply). Two kernels:
 ``quant_sparse_linear_cuda``, the CUDA C++ sparse GEMV's int8 / int4 variants (``sparse_gemv.cu`` with
 ``WFMT``; compute capability 9.0+, NVRTC), and ``quant_sparse_linear_triton``, which runs on any CUDA GPU
-and under ``TRITON_INTERPRET=1``. ``quant_sparse_linear`` is one custom op (``teal::quant_sparse_linear``,
-opaque to ``torch.compile`` and captured by CUDA graphs) that takes the CUDA kernel where it applies, else
-Triton (1-8 rows on CUDA), else the reference (prefill, CPU).
+and under ``TRITON_INTERPRET=1``; both for 1-8 rows. Above 8 rows (prefill, large batches)
+``dequant_matmul`` dequantizes the weight in one pass (``dequantize_triton`` on CUDA) and multiplies with
+``torch.matmul`` (cuBLAS). ``quant_sparse_linear`` is one custom op (``teal::quant_sparse_linear``, opaque to
+``torch.compile`` and captured by CUDA graphs) whose dispatch is, by rows B and device:
+
+- B <= 8 on CUDA: the CUDA kernel where it applies (``$TEAL_QUANT_KERNEL`` chooses), else Triton;
+- B > 8 (any device): ``dequant_matmul`` (``$TEAL_QUANT_LARGE_BATCH=reference`` takes the reference instead,
+  for before/after measurements);
+- B <= 8 elsewhere (CPU): the reference.
+
+``path_counts`` counts the calls of each path ("cuda", "triton", "dequant-matmul", "reference").
 """
 
 from __future__ import annotations
@@ -26,24 +34,34 @@ from teal.quant import QuantizedWeight
 MAX_BATCH = 8
 
 
-def _check(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, split_sizes: Sequence[int],
+def _check(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | None, split_sizes: Sequence[int],
            col_scale: torch.Tensor | None) -> None:
     k, n = qw.shape
     if x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"x must be [B, {k}], got {list(x.shape)}")
     if sum(split_sizes) != n or any(s <= 0 for s in split_sizes):
         raise ValueError(f"split_sizes {list(split_sizes)} must be positive and sum to N={n}")
-    if thresholds.numel() != len(split_sizes):
+    if thresholds is not None and thresholds.numel() != len(split_sizes):
         raise ValueError(f"need one threshold per segment ({len(split_sizes)}), got {thresholds.numel()}")
     if col_scale is not None and tuple(col_scale.shape) != (len(split_sizes), k):
         raise ValueError(f"col_scale must be [{len(split_sizes)}, {k}], got {list(col_scale.shape)}")
 
 
-def quant_sparse_linear_reference(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
+def _dense_thresholds(thresholds: torch.Tensor | None, split_sizes: Sequence[int],
+                      device: torch.device) -> torch.Tensor:
+    """``thresholds``, or -inf per segment where None (dense: every entry kept)."""
+    if thresholds is not None:
+        return thresholds
+    return torch.full((len(split_sizes),), float("-inf"), device=device)
+
+
+def quant_sparse_linear_reference(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | None,
                                   split_sizes: Sequence[int], col_scale: torch.Tensor | None = None,
                                   compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain torch: per segment, mask ``x`` by its rule and multiply by the dequantized columns."""
+    """Plain torch: per segment, mask ``x`` by its rule and multiply by the dequantized columns (``thresholds``
+    None: dense)."""
     _check(x, qw, thresholds, split_sizes, col_scale)
+    thresholds = _dense_thresholds(thresholds, split_sizes, x.device)
     w = qw.dequantize(compute_dtype)
     xs = x.to(compute_dtype)
     outs, start = [], 0
@@ -53,6 +71,65 @@ def quant_sparse_linear_reference(x: torch.Tensor, qw: QuantizedWeight, threshol
         outs.append(xm @ w[:, start:start + width])
         start += width
     return torch.cat(outs, dim=1).to(x.dtype)
+
+
+def dequantize_triton(qw: QuantizedWeight, dtype: torch.dtype, *, block_k: int = 32,
+                      block_n: int = 256) -> torch.Tensor:
+    """The transposed weight [K, N] in ``dtype``, in one Triton pass (``_quant_triton.dequantize_kernel``):
+    the same values as ``qw.dequantize(dtype)`` (fp32 arithmetic, one rounding), which takes several torch
+    passes with [K, N] fp32 temporaries. Reads the codes (K·N or K·N/2 bytes) and the scales (and zeros),
+    writes K·N elements of ``dtype``. ``block_k`` must divide the int4 group (one scale row per program)."""
+    import triton
+
+    from teal.kernels._quant_triton import dequantize_kernel
+
+    k, n = qw.shape
+    if qw.format == "int4" and qw.group_size % block_k:
+        raise ValueError(f"block_k={block_k} must divide the int4 group size {qw.group_size}")
+    out = torch.empty(k, n, dtype=dtype, device=qw.device)
+    zeros = qw.zeros if qw.zeros is not None else qw.scales
+    dequantize_kernel[(triton.cdiv(k, block_k), triton.cdiv(n, block_n))](
+        qw.codes, qw.scales, zeros, out, k, n, qw.codes.stride(0),
+        qw.scales.stride(0) if qw.format == "int4" else 0, out.stride(0),
+        INT4=qw.format == "int4", GROUP=max(1, qw.group_size), BLOCK_K=block_k, BLOCK_N=block_n,
+    )
+    return out
+
+
+def dequant_matmul(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | None,
+                   split_sizes: Sequence[int], col_scale: torch.Tensor | None = None, *,
+                   triton: bool | None = None) -> torch.Tensor:
+    """The large-batch path (B > 8 rows: prefill, batched decode): dequantize, then a cuBLAS GEMM.
+
+    The weight is dequantized to ``x``'s dtype in one pass (``dequantize_triton`` on CUDA or where ``triton``
+    says so, as tests do under ``TRITON_INTERPRET=1``; else ``qw.dequantize``; the same values HF's ``teal.quant.QuantLinear`` multiplies by) into a temporary of this call
+    only (no dequantized copy is kept: that would erase the memory saving). Thresholded inputs are masked
+    first, per segment (``|x_i| * c[j, i] > t[j]``), and each segment multiplies its columns; ``thresholds``
+    None is dense, one GEMM.
+
+    Expected cost of one call on a [K, N] weight and B rows, e bytes per element of ``x``'s dtype (2 for bf16):
+    the dequantize reads the codes (K·N int8, K·N/2 int4) plus scales (and zeros: 2·e·N·K/group int4) and
+    writes K·N·e; the GEMM reads K·N·e and B·K·e and writes B·N·e. Per weight element that is 1 + 2e = 5
+    bytes (int8) or 0.5 + 2e (+ 2e/group) = 4.53 bytes (int4, group 128), against e = 2 for the bf16 GEMM,
+    at the same 2·B·K·N flops: up to B of a few hundred rows an H100 GEMM is bandwidth-bound, so about 2.3-2.5x
+    the bf16 GEMM's time, still a GEMM's, not a loop of small ops. torch's ``_weight_int8pack_mm`` wants the
+    weight as [N, K] and ``_weight_int4pack_mm`` its own tiled packing with zero-as-offset, neither our
+    transposed row layout: using them would mean a second copy of the codes.
+    """
+    _check(x, qw, thresholds, split_sizes, col_scale)
+    use_triton = x.is_cuda if triton is None else triton
+    w = dequantize_triton(qw, x.dtype) if use_triton else qw.dequantize(x.dtype)
+    if thresholds is None:
+        return x @ w
+    score = x.abs().float()
+    thr = thresholds.to(device=x.device, dtype=torch.float32)
+    outs, start = [], 0
+    for j, width in enumerate(split_sizes):
+        keep = (score * col_scale[j].to(device=x.device, dtype=torch.float32) if col_scale is not None
+                else score) > thr[j]
+        outs.append(torch.where(keep, x, 0) @ w[:, start:start + width])
+        start += width
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -164,16 +241,34 @@ def int4_decode_choice() -> str:
     return choice
 
 
-#: How many calls took each path (tests and benchmarks read it).
+#: ``$TEAL_QUANT_LARGE_BATCH``: the path above ``MAX_BATCH`` rows, "dequant-matmul" (default) or "reference"
+#: (the plain-torch float32 definition: several [K, N] fp32 passes and an fp32 GEMM; for before/after timings).
+QUANT_LARGE_BATCH_ENV = "TEAL_QUANT_LARGE_BATCH"
+
+
+def large_batch_choice() -> str:
+    choice = os.environ.get(QUANT_LARGE_BATCH_ENV, "dequant-matmul")
+    if choice not in ("dequant-matmul", "reference"):
+        raise ValueError(f"${QUANT_LARGE_BATCH_ENV} must be dequant-matmul or reference, got {choice!r}")
+    return choice
+
+
+#: How many calls took each path (tests and benchmarks read it): "cuda", "triton" (1-8 rows on CUDA),
+#: "dequant-matmul" (more than 8 rows), "reference" (1-8 rows off CUDA, or forced by $TEAL_QUANT_LARGE_BATCH).
 path_counts: dict[str, int] = {}
 
 
-def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, split_sizes: Sequence[int],
+def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | None, split_sizes: Sequence[int],
               col_scale: torch.Tensor | None) -> torch.Tensor:
-    if not x.is_cuda or x.shape[0] > MAX_BATCH:
+    large = x.shape[0] > MAX_BATCH
+    if large and large_batch_choice() == "dequant-matmul":
+        path = "dequant-matmul"
+        y = dequant_matmul(x, qw, thresholds, split_sizes, col_scale)
+    elif large or not x.is_cuda:
         path = "reference"
         y = quant_sparse_linear_reference(x, qw, thresholds, split_sizes, col_scale)
     else:
+        thresholds = _dense_thresholds(thresholds, split_sizes, x.device)
         from teal.kernels import cuda, ops
 
         choice = quant_kernel_choice()
@@ -200,8 +295,8 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, sp
 
 @torch.library.custom_op("teal::quant_sparse_linear", mutates_args=())
 def _quant_sparse_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                            thresholds: torch.Tensor, col_scale: Optional[torch.Tensor], split_sizes: list[int],
-                            fmt: str, k: int, group_size: int) -> torch.Tensor:
+                            thresholds: Optional[torch.Tensor], col_scale: Optional[torch.Tensor],
+                            split_sizes: list[int], fmt: str, k: int, group_size: int) -> torch.Tensor:
     qw = QuantizedWeight(fmt, codes, scales, zeros, (k, sum(split_sizes)), group_size)
     return _dispatch(x, qw, thresholds, split_sizes, col_scale)
 
@@ -211,10 +306,11 @@ def _quant_sparse_linear_fake(x, codes, scales, zeros, thresholds, col_scale, sp
     return x.new_empty(x.shape[0], sum(split_sizes))
 
 
-def quant_sparse_linear(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
+def quant_sparse_linear(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | None,
                         split_sizes: Sequence[int], col_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The fused threshold + dequantize + sparse GEMV: the CUDA C++ kernel where it applies (``$TEAL_QUANT_KERNEL``
-    chooses), else Triton on CUDA for 1-8 rows, else the reference (prefill, CPU)."""
+    """The fused threshold + dequantize + sparse GEMV (``thresholds`` None: dense): for 1-8 rows on CUDA the
+    CUDA C++ kernel where it applies (``$TEAL_QUANT_KERNEL`` chooses), else Triton; above 8 rows
+    ``dequant_matmul``; else (CPU) the reference. The module docstring lists the dispatch."""
     _check(x, qw, thresholds, split_sizes, col_scale)
     return _quant_sparse_linear_op(x, qw.codes, qw.scales, qw.zeros, thresholds, col_scale, list(split_sizes),
                                    qw.format, qw.shape[0], qw.group_size)
