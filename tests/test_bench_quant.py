@@ -123,8 +123,7 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
         "zeros": lambda x, qw, t, splits, cs=None: torch.zeros_like(kernel(x, qw, t, splits, cs)),
         "last segment dropped": lambda x, qw, t, splits, cs=None: torch.cat(
             [kernel(x, qw, t, splits, cs)[:, :-splits[-1]], torch.zeros(x.shape[0], splits[-1], dtype=x.dtype)], 1),
-        "threshold ignored": lambda x, qw, t, splits, cs=None: kernel(x, qw, torch.full_like(t, float("-inf")),
-                                                                      splits, cs),
+        "threshold ignored": lambda x, qw, t, splits, cs=None: kernel(x, qw, None, splits, cs),
     }
     for name, fn in broken.items():
         monkeypatch.setattr(projection, "quant_sparse_linear", fn)
@@ -138,10 +137,12 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
 def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
     from teal.bench import decode
 
-    monkeypatch.setenv("TEAL_INT4_DECODE", "lean")  # recorded (on the CPU the reference path runs)
+    for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH"):  # the defaults, recorded in the JSON
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TEAL_INT4_DECODE", "lean")  # recorded (on the CPU the CUDA kernel does not run)
 
     path = tmp_path / "decode.json"
-    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=8, new_tokens=4, repeats=1, json_path=path,
+    data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=16, new_tokens=4, repeats=1, json_path=path,
                       hf_baselines=False, device="cpu", dtype=torch.float32, log=lambda _: None,
                       weights=("bf16", "int4"), group_size=32, profile=False, time_budget_s=1e6)
     assert not data["errors"], data["errors"]
@@ -156,7 +157,12 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, mon
         assert 0.4 < mine[0.5]["measured_sparsity"] < 0.6
         assert mine[0.5]["bytes_per_token"] < mine[0.0]["bytes_per_token"]
         assert mine[0.5]["speedup_vs_dense"] == pytest.approx(mine[0.5]["tokens_per_s"] / mine[0.0]["tokens_per_s"])
-        assert set(mine[0.5]["quant_kernel_calls"]) == {"reference"}  # the CPU's path, counted per timed row
+        # the CPU's paths, counted per timed row: the 16-token prefill's products above 8 rows, decode's below
+        assert set(mine[0.5]["quant_kernel_calls"]) == {"dequant-matmul", "reference"}
+        for r in mine.values():  # one prefill: every projection group of every layer on the large-batch path
+            assert list(r["prefill_quant_kernel_calls"]) == ["dequant-matmul"]
+            assert r["prefill_quant_kernel_calls"]["dequant-matmul"] % 4 == 0, r["prefill_quant_kernel_calls"]
+    assert saved["quant_dispatch"] == {"TEAL_QUANT_KERNEL": "auto", "TEAL_QUANT_LARGE_BATCH": "dequant-matmul"}
     bf16 = next(r for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0)
     i4 = next(r for r in saved["results"] if r["weights"] == "int4" and r["sparsity"] == 0)
     assert i4["bytes_per_token"] < bf16["bytes_per_token"]

@@ -6,8 +6,10 @@ weights (when torchao imports; a failure is recorded with its one-line reason), 
 quantized (`Engine.quantize_weights`, `teal.quant`: int8 per output channel, int4 group-wise) and checked
 before any timing (`check_quantized`: the fused quantized kernel against a float64 dequantize-then-multiply
 reference, per projection and through teacher-forced decode steps of a shallow twin; a format that fails
-is not timed). Then our dense and sparse decode are timed at every sparsity. Rows carry `weights`; the
-roofline counts codes, scales, zeros and what stays bf16 (lm_head, norms, embedding row, KV cache).
+is not timed). Then our dense and sparse decode are timed at every sparsity. Rows carry `weights`, the
+quantized paths the timed code called (`quant_kernel_calls`) and those of one prefill of the prompt
+(`prefill_quant_kernel_calls`, beside `ttft_s`); the roofline counts codes, scales, zeros and what stays
+bf16 (lm_head, norms, embedding row, KV cache).
 """
 
 from __future__ import annotations
@@ -67,11 +69,22 @@ def torch_quant_products(compute_dtype: torch.dtype = torch.float64) -> Iterator
         projection.quant_sparse_linear = saved
 
 
-def check_projections(engine: Engine, layers: Sequence[int] | None = None, batches: Sequence[int] = (1, 4),
+def prefill_paths(engine: Engine, ids: torch.Tensor) -> dict[str, int]:
+    """How many products of one prefill of `ids` took each path of `teal::quant_sparse_linear` (its
+    `path_counts`: "dequant-matmul" above 8 prompt tokens, else the small-batch kernels). The timed rows' TTFT
+    is that prefill; `quant_kernel_calls` mixes it with the decode graphs' captures."""
+    before = dict(quant_gemv.path_counts)
+    with torch.inference_mode():
+        engine.prefill(ids)
+    return {k: v - before.get(k, 0) for k, v in quant_gemv.path_counts.items() if v != before.get(k, 0)}
+
+
+def check_projections(engine: Engine, layers: Sequence[int] | None = None, batches: Sequence[int] = (1, 4, 16),
                       sparsities: Sequence[float] = (0.0, 0.5), seed: int = 0) -> dict[str, Any]:
     """Each projection group of `layers` (default: the first and the last) through `quant_sparse_linear` (the
-    engine's dispatch: the Triton kernel on CUDA) against the float64 reference, on random inputs at each
-    batch and sparsity (thresholds: quantiles of |x|): relative error <= `KERNEL_REL_ERR`, no NaN."""
+    engine's dispatch: the fused kernels at batch 1 and 4, `dequant_matmul` at 16, prefill's path) against the
+    float64 reference, on random inputs at each batch and sparsity (thresholds: quantiles of |x|): relative
+    error <= `KERNEL_REL_ERR`, no NaN."""
     from teal.engine import projection
 
     layers = [0, engine.config.n_layers - 1] if layers is None else list(layers)
@@ -207,7 +220,10 @@ def run_quantized(
     log: Callable[[str], None] = print,
 ) -> None:
     """Time one quantized format (see the module docstring); rows go to `data["results"]`, the torchao row to
-    `data["baselines"]`, the check to `data["checks"]`."""
+    `data["baselines"]`, the check to `data["checks"]`; the dispatch's settings ($TEAL_QUANT_KERNEL,
+    $TEAL_QUANT_LARGE_BATCH) to `data["quant_dispatch"]`."""
+    data["quant_dispatch"] = {quant_gemv.QUANT_KERNEL_ENV: quant_gemv.quant_kernel_choice(),
+                              quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice()}
     engine = build_engine()
     device = engine.device
     if torchao:
@@ -254,6 +270,7 @@ def run_quantized(
             if row:  # which kernel the timed code called (a CUDA graph replays what its capture called)
                 row["quant_kernel_calls"] = {k: v - calls_before.get(k, 0) for k, v in quant_gemv.path_counts.items()
                                              if v != calls_before.get(k, 0)}
+                row["prefill_quant_kernel_calls"] = prefill_paths(engine, ids)
             if not row:
                 continue
             if measured is None:
@@ -266,7 +283,8 @@ def run_quantized(
                       "frac_of_roofline": row["tokens_per_s"] * nbytes / bw}
             data["results"].append(result)
             log(f"  {weights} s={s:.2f} ({measured:.3f}) {mode:15s} {row['tokens_per_s']:7.1f} tok/s "
-                f"roofline {bw / nbytes:7.1f} ({result['frac_of_roofline']:.0%})")
+                f"roofline {bw / nbytes:7.1f} ({result['frac_of_roofline']:.0%})  TTFT {row['ttft_s'] * 1e3:.1f} ms "
+                f"(prefill {', '.join(row['prefill_quant_kernel_calls']) or '?'})")
     del engine
     gc.collect()
     if device.type == "cuda":

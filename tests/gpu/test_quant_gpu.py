@@ -106,3 +106,26 @@ def test_dispatch_takes_the_cuda_kernel_where_it_applies(monkeypatch):
     monkeypatch.setenv("TEAL_QUANT_KERNEL", "triton")
     quant_gemv.quant_sparse_linear(x, qw, thr, [256])
     assert quant_gemv.path_counts.get("triton", 0) == before.get("triton", 0) + 1
+
+
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_large_batch_dequant_matmul_on_cuda(fmt, group, dtype):
+    """Above 8 rows the dispatch takes `dequant_matmul`: the Triton dequantize equals `teal.quant.dequantize` bit
+    for bit (bf16 rounded to nearest on the GPU), and the product matches float64, dense and thresholded."""
+    from teal.kernels import quant_gemv
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    k, splits = 1000, [520, 136, 136]
+    qw = quantize((torch.randn(k, sum(splits), device="cuda", generator=gen) * k**-0.5).to(dtype), fmt, group)
+    assert torch.equal(quant_gemv.dequantize_triton(qw, dtype), qw.dequantize(dtype))
+    x = torch.randn(128, k, device="cuda", generator=gen).to(dtype)
+    scale = torch.rand(len(splits), k, device="cuda", generator=gen) + 0.5
+    for thr, cs in ((None, None), (torch.tensor([0.3, 0.6, 0.9], device="cuda"), scale)):
+        before = quant_gemv.path_counts.get("dequant-matmul", 0)
+        out = quant_gemv.quant_sparse_linear(x, qw, thr, splits, cs)
+        assert quant_gemv.path_counts.get("dequant-matmul", 0) == before + 1
+        ref = _float64_reference(x, qw, thr if thr is not None else torch.full((3,), float("-inf"), device="cuda"),
+                                 splits, cs)
+        err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+        assert not torch.isnan(out).any() and err <= 1e-2, f"relative error {err:.2e}"
