@@ -9,7 +9,8 @@ allocation is added (the best allocation of the quality report), and every metho
 (``prefill="sparse"``, PPL on the evaluation splits of olmo-wiki and lambada, the six tasks).
 
 Writes ``<out>/<model>-quant.json`` (rewritten after every setting; ``--resume`` skips the settings
-already in it) and ``<out>/<model>-quant.md`` (the tables: direct rows, PPL at equal measured
+already in it and adds the tasks to its rows measured without them, PPL kept, where ``--task-sparsities``
+now asks for them) and ``<out>/<model>-quant.md`` (the tables: direct rows, PPL at equal measured
 sparsity, and where quantization and sparsity errors compound). ``--replot`` rewrites the .md from the
 JSON.
 
@@ -20,6 +21,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import math
@@ -47,6 +49,11 @@ FORMATS = {"bf16": ("bf16", "rtn"), "int8": ("int8", "rtn"), "int4-rtn": ("int4"
            "int4-hqq": ("int4", "hqq")}
 METHODS = ("teal-uniform", "teal-fisher")
 TARGETS = (0.25, 0.4, 0.5)
+# budgets that may differ between the runs of one JSON (--resume): which rows get the tasks
+RESUMABLE_BUDGETS = ("task_sparsities", "task_formats", "ppl_only_methods", "calibration_levels")
+# each measured sparsity of a row and the text it was measured on
+MEASURED = {"measured_sparsity": "olmo-wiki", "measured_sparsity_lambada": "lambada",
+            "measured_sparsity_tasks": "the tasks"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,6 +127,40 @@ def weight_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> 
         num += float((w - r).pow(2).sum())
         den += float(r.pow(2).sum())
     return math.sqrt(num / den)
+
+
+def artifact_fingerprint(th: teal.Thresholds) -> dict[str, str]:
+    """sha256 (16 hex digits) of the artifact's histograms and of each allocation table: a resumed run
+    must sparsify with the thresholds that measured the rows it adds tasks to."""
+    h = hashlib.sha256()
+    for key in sorted(th.histograms):
+        h.update(key.encode())
+        h.update(th.histograms[key].double().contiguous().numpy().tobytes())
+    out = {"histograms": h.hexdigest()[:16]}
+    for name, table in th.allocations.items():
+        out[name] = hashlib.sha256(json.dumps(table, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return out
+
+
+def check_row(row: dict[str, Any]) -> None:
+    """Raise ValueError where a row claims a setting its measurements do not show: tasks without the
+    sparsity measured while they ran, a dense row that zeroed inputs, or a sparse row whose PPL or tasks
+    ran (nearly) dense, i.e. measured below half the nominal level it claims."""
+    name = f"{row['weights']} {row['method']} at nominal {row['sparsity']:.2f}"
+    if row.get("tasks_avg") is not None and row.get("measured_sparsity_tasks") is None:
+        raise ValueError(f"{name}: has a tasks average but no measured_sparsity_tasks")
+    for key, text in MEASURED.items():
+        m = row.get(key)
+        if m is None:
+            if key != "measured_sparsity_tasks":
+                raise ValueError(f"{name}: no {key}")
+            continue
+        if row["method"] == "dense" or row["sparsity"] == 0:
+            if m > 1e-6:
+                raise ValueError(f"{name}: the dense row zeroed {m:.3f} of the inputs on {text}")
+        elif not m >= 0.5 * row["sparsity"]:
+            raise ValueError(f"{name}: measured {m:.3f} on {text}, below half the level it claims; "
+                             "the rows were not measured sparse")
 
 
 def load_quantized(args, label: str, log) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
@@ -228,21 +269,22 @@ def markdown(data: dict[str, Any]) -> str:
              "evaluation text; fp32 arithmetic on the CPU, `prefill=\"sparse\"`; thresholds calibrated on each "
              "format's own quantized model). `weight err`: relative Frobenius error of the projections' weights.",
              "",
-             "| weights | weight err | method | nominal | measured | PPL wiki | PPL lambada | tasks avg | "
-             + " | ".join(tasks) + " |",
-             "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+             "| weights | weight err | method | nominal | measured | PPL wiki | PPL lambada | measured tasks | "
+             "tasks avg | " + " | ".join(tasks) + " |",
+             "|---|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
     for r in res:
         t = r.get("tasks") or {}
         err = data["format_info"].get(r["weights"], {}).get("weight_rel_err")
         lines.append("| " + " | ".join([
             r["weights"], "-" if err is None else f"{err:.4f}", r["method"], f"{r['sparsity']:.2f}",
             f"{r['measured_sparsity']:.3f}", f"{r['ppl']:.3f}", f"{r['ppl_lambada']:.2f}",
+            "" if r.get("measured_sparsity_tasks") is None else f"{r['measured_sparsity_tasks']:.3f}",
             "" if r.get("tasks_avg") is None else f"{r['tasks_avg']:.3f}",
             *("" if t.get(x) is None else f"{t[x]:.2f}" for x in tasks)]) + " |")
-    lines += ["", "PPL wiki / PPL lambada at equal measured sparsity (each format and method interpolated "
-              "between its two settings bracketing the target, log-PPL linear in measured sparsity, as "
-              "`run_quality.py`; `-`: no bracket, no extrapolation); tasks avg: the direct row at that "
-              "nominal level (its measured sparsity is in the table above):", "",
+    lines += ["", "PPL wiki / PPL lambada / tasks avg at equal measured sparsity (each format and method "
+              "interpolated between its two settings bracketing the target, log-PPL and tasks avg linear in "
+              "the sparsity measured on olmo-wiki, lambada PPL along lambada's, as `run_quality.py`; `-`: no "
+              "bracket with that number in both settings, no extrapolation):", "",
               "| weights | method | dense | " + " | ".join(f"{x:.2f}" for x in TARGETS) + " |",
               "|---|---|---|" + "---|" * len(TARGETS)]
     for label in data["formats"]:
@@ -254,9 +296,8 @@ def markdown(data: dict[str, Any]) -> str:
                      + ("" if dense.get("tasks_avg") is None else f"{dense['tasks_avg']:.3f}")]
             for s in TARGETS:
                 p, lam = at_measured(res, label, method, "ppl", s), at_measured(res, label, method, "ppl_lambada", s)
-                direct = next((r for r in res if r["weights"] == label and r["method"] == method
-                               and abs(r["sparsity"] - s) < 1e-9), None)
-                tk = "" if direct is None or direct.get("tasks_avg") is None else f"{direct['tasks_avg']:.3f}"
+                t = at_measured(res, label, method, "tasks_avg", s)
+                tk = "-" if t is None else f"{t:.3f}"
                 cells.append(("-" if p is None else f"{p:.2f}") + " / " + ("-" if lam is None else f"{lam:.2f}")
                              + " / " + tk)
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
@@ -309,12 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         data["format_info"] = {k: v for p in parts for k, v in p["format_info"].items()}
         data["runs"] = [{k: p.get(k) for k in ("formats", "command", "date", "seconds_total", "history")}
                         for p in parts]
+        for r in data["results"]:
+            check_row(r)
         data["compounding"] = compounding(data)
         atomic_write_json(json_path, data)
         print(f"wrote {json_path} and {write_markdown(data, args.out)}")
         return 0
     if args.replot:
         data = json.loads(json_path.read_text())
+        for r in data["results"]:
+            check_row(r)
         print(f"wrote {write_markdown(data, args.out)}")
         return 0
     t_start = time.perf_counter()
@@ -340,48 +385,99 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.resume and json_path.is_file():
         old = json.loads(json_path.read_text())
-        if old.get("budgets", {}).get("eval_tokens_per_source") == args.tokens and old.get("tasks") == data["tasks"]:
-            data["results"] = old["results"]
-            data["format_info"] = old.get("format_info", {})
-            data["history"] = [*old.get("history", []), {k: old.get(k) for k in ("date", "command", "seconds_total")}]
-            log(f"resuming: {len(data['results'])} rows in {json_path}")
-    done = {(r["weights"], r["method"], r["sparsity"]) for r in data["results"]}
+
+        def comparable(budgets: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in budgets.items() if k not in RESUMABLE_BUDGETS}
+
+        differ = sorted(k for k in {**comparable(old.get("budgets", {})), **comparable(data["budgets"])}
+                        if old.get("budgets", {}).get(k) != data["budgets"].get(k))
+        if old.get("tasks") != data["tasks"]:
+            differ.append("tasks")
+        if differ:
+            print(f"--resume: {json_path} was measured with other settings ({', '.join(differ)}); "
+                  "give the same settings or another --out", file=sys.stderr)
+            return 2
+        data["results"] = old["results"]
+        data["format_info"] = old.get("format_info", {})
+        data["formats"] = [x for x in FORMATS if x in labels or x in old["formats"]]
+        data["methods"] = [m for m in METHODS if m in methods or m in old["methods"]]
+        data["history"] = [*old.get("history", []), {k: old.get(k) for k in ("date", "command", "seconds_total")}]
+        log(f"resuming: {len(data['results'])} rows in {json_path}")
+    done = {(r["weights"], r["method"], r["sparsity"]): r for r in data["results"]}
 
     def save() -> None:
+        for r in data["results"]:
+            check_row(r)
         data["compounding"] = compounding(data)
         data["seconds_total"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(json_path, data)
 
+    def with_tasks(label: str, m: str, s: float) -> bool:
+        """Whether the setting's row carries the tasks (dense: wherever any level does)."""
+        if not task_levels or label not in task_formats:
+            return False
+        return m == "dense" or (s in task_levels and m not in ppl_only)
+
+    def lacks_tasks(label: str, m: str, s: float) -> bool:
+        row = done.get((label, m, s))
+        return row is not None and row.get("tasks_avg") is None and with_tasks(label, m, s)
+
     for label in labels:
-        todo = [(m, s) for s in sparsities for m in methods if (label, m, s) not in done]
-        if (label, "dense", 0.0) in done and not todo:
+        settings = [(m, s) for s in sparsities for m in methods]
+        todo = [(m, s) for m, s in settings if (label, m, s) not in done or lacks_tasks(label, m, s)]
+        if (label, "dense", 0.0) in done and not lacks_tasks(label, "dense", 0.0) and not todo:
             continue
         model, tok, info = load_quantized(args, label, log)
+        recorded = data["format_info"].get(label, {}).get("artifact", {})
+        if recorded:
+            info["artifact"] = recorded
         data["format_info"][label] = info
         windows = {src: token_windows(tok, src, args.tokens, args.seq_len, split="evaluation")
                    for src in rq.EVAL_SOURCES.values()}
-        tasks_here = bool(task_levels) and label in task_formats
         if (label, "dense", 0.0) not in done:
             row = {"weights": label, "method": "dense", "sparsity": 0.0,
-                   **rq.evaluate(model, tok, windows, args, tasks_here)}
+                   **rq.evaluate(model, tok, windows, args, with_tasks(label, "dense", 0.0))}
             data["results"].append(row)
             save()
             log(f"{label} dense: ppl {row['ppl']:.3f} lambada {row['ppl_lambada']:.2f} tasks {row.get('tasks_avg')}")
+        elif lacks_tasks(label, "dense", 0.0):
+            row = done[(label, "dense", 0.0)]
+            row.update(rq.evaluate_tasks(model, tok, args))
+            save()
+            log(f"{label} dense: tasks {row['tasks_avg']:.3f} added ({row['tasks_seconds']:.0f} s)")
         if todo:
             th = build_artifact(model, tok, args, label, [m.partition("-")[2] for m in methods], sparsities, log)
+            info["artifact"] = artifact_fingerprint(th)
+            changed = [k for k, v in recorded.items() if info["artifact"].get(k, v) != v]
+            if changed:
+                print(f"--resume: the {label} thresholds artifact differs from the one that measured the rows in "
+                      f"{json_path} ({', '.join(changed)}); give the same --artifacts or another --out",
+                      file=sys.stderr)
+                return 2
             for m, s in todo:
                 alloc = m.partition("-")[2]
-                with_tasks = tasks_here and s in task_levels and m not in ppl_only
                 with rq.sparsified(model, th, s, method=alloc):
-                    row = {"weights": label, "method": m, "sparsity": s,
-                           **rq.evaluate(model, tok, windows, args, with_tasks)}
-                data["results"].append(row)
+                    if (label, m, s) in done:  # measured without the tasks: add them, the PPL is kept
+                        row = done[(label, m, s)]
+                        row.update(rq.evaluate_tasks(model, tok, args))
+                    else:
+                        row = {"weights": label, "method": m, "sparsity": s,
+                               **rq.evaluate(model, tok, windows, args, with_tasks(label, m, s))}
+                        data["results"].append(row)
+                try:
+                    check_row(row)
+                except ValueError as e:
+                    print(f"not recorded: {e}", file=sys.stderr)
+                    return 1
+                done[(label, m, s)] = row
                 save()
                 log(f"{label} {m} @ {s:.2f}: measured {row['measured_sparsity']:.3f} ppl {row['ppl']:.3f} "
-                    f"lambada {row['ppl_lambada']:.2f} tasks {row.get('tasks_avg')} ({row['seconds']:.0f} s)")
+                    f"lambada {row['ppl_lambada']:.2f} tasks {row.get('tasks_avg')} "
+                    f"(tasks measured {row.get('measured_sparsity_tasks')}; {row.get('seconds', 0):.0f} s PPL, "
+                    f"{row.get('tasks_seconds', 0):.0f} s tasks)")
         del model
-    order = {x: i for i, x in enumerate(labels)}
-    morder = {m: i for i, m in enumerate(["dense", *methods])}
+    order = {x: i for i, x in enumerate(data["formats"])}
+    morder = {m: i for i, m in enumerate(["dense", *data["methods"]])}
     data["results"].sort(key=lambda r: (order.get(r["weights"], 99), r["sparsity"], morder.get(r["method"], 99)))
     save()
     print(markdown(data))

@@ -1,0 +1,127 @@
+"""benchmarks/quality/run_quant_quality.py: tasks added to rows measured without them (``--resume``), and
+no row recorded that claims a sparsity it did not measure. A tiny random llama with SmolLM2's tokenizer
+stands in for the model (seconds)."""
+
+import contextlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "run_quant_quality.py"
+# tiny budgets: every number below is measured, only on little text
+BUDGETS = ["--model", "tiny", "--formats", "bf16,int8", "--methods", "teal-uniform", "--sparsities", "0.5",
+           "--calib-tokens", "128", "--calib-seq-len", "64", "--tokens", "64", "--seq-len", "64",
+           "--tasks", "piqa", "--limit", "2", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def qq():
+    spec = importlib.util.spec_from_file_location("run_quant_quality", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("run_quant_quality", None)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from teal.models import _alias_dir
+
+    return AutoTokenizer.from_pretrained(str(_alias_dir("smollm2-135m")))
+
+
+@pytest.fixture
+def tiny(qq, tokenizer, monkeypatch):
+    """``teal.load_model`` gives a fresh tiny llama (the same weights every load, as a real model)."""
+    monkeypatch.setattr(qq.teal, "load_model",
+                        lambda name, dtype=None: (tiny_model("llama", vocab_size=len(tokenizer)), tokenizer))
+
+
+def run(qq, out: Path, *extra: str) -> tuple[int, dict]:
+    rc = qq.main([*BUDGETS, "--artifacts", str(out / "artifacts"), "--out", str(out), "--resume", *extra])
+    path = out / "tiny-quant.json"
+    return rc, (json.loads(path.read_text()) if path.is_file() else {})
+
+
+def rows(data: dict) -> dict:
+    return {(r["weights"], r["method"], r["sparsity"]): r for r in data["results"]}
+
+
+def test_resume_adds_tasks_to_sparse_rows_and_keeps_their_ppl(qq, tiny, tmp_path):
+    rc, first = run(qq, tmp_path, "--task-sparsities", "none")
+    assert rc == 0
+    assert all(r.get("tasks_avg") is None for r in first["results"])
+    rc, second = run(qq, tmp_path, "--task-sparsities", "0.5")
+    assert rc == 0
+    before, after = rows(first), rows(second)
+    assert before.keys() == after.keys()  # no row measured twice
+    for key, r in after.items():
+        assert r["ppl"] == before[key]["ppl"] and r["measured_sparsity"] == before[key]["measured_sparsity"]
+        assert r["tasks_avg"] is not None and set(r["tasks"]) == {"piqa"}
+    for label in ("bf16", "int8"):
+        assert after[(label, "dense", 0.0)]["measured_sparsity_tasks"] == 0.0
+        # the tasks ran sparse: about the nominal level on their own text
+        assert 0.3 < after[(label, "teal-uniform", 0.5)]["measured_sparsity_tasks"] < 0.8
+        assert second["format_info"][label]["artifact"]["histograms"]
+    md = (tmp_path / "tiny-quant.md").read_text()
+    m = after[("int8", "teal-uniform", 0.5)]["measured_sparsity_tasks"]
+    assert f"| {m:.3f} | " in md  # the tasks' own measured sparsity is in the report
+
+
+def test_tasks_that_ran_dense_are_not_recorded(qq, tiny, tmp_path, monkeypatch):
+    rc, first = run(qq, tmp_path, "--task-sparsities", "none")
+    assert rc == 0
+    # fault: the sparsifier does nothing, so the tasks of the 0.5 rows run on the dense model
+    monkeypatch.setattr(qq.rq, "sparsified", lambda *a, **k: contextlib.nullcontext())
+    rc, second = run(qq, tmp_path, "--task-sparsities", "0.5")
+    assert rc == 1
+    assert rows(second)[("bf16", "teal-uniform", 0.5)].get("tasks_avg") is None
+
+
+def test_a_new_row_measured_dense_is_not_recorded(qq, tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(qq.rq, "sparsified", lambda *a, **k: contextlib.nullcontext())
+    rc, data = run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16")
+    assert rc == 1
+    assert ("bf16", "teal-uniform", 0.5) not in rows(data)
+
+
+def test_resume_refuses_other_thresholds(qq, tiny, tmp_path):
+    assert run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16")[0] == 0
+    # the rows were measured with these thresholds; recalibrated on other text they are not the same
+    rc, data = run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16")
+    assert rc == 0 and data["format_info"]["bf16"]["artifact"]
+    data["format_info"]["bf16"]["artifact"]["histograms"] = "0" * 16
+    (tmp_path / "tiny-quant.json").write_text(json.dumps(data))
+    assert run(qq, tmp_path, "--task-sparsities", "0.5", "--formats", "bf16")[0] == 2
+
+
+def test_resume_refuses_other_budgets(qq, tiny, tmp_path):
+    assert run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16")[0] == 0
+    assert run(qq, tmp_path, "--task-sparsities", "0.5", "--formats", "bf16", "--limit", "3")[0] == 2
+
+
+@pytest.mark.parametrize("fault", ["tasks without their sparsity", "tasks ran dense", "PPL ran dense",
+                                   "dense row sparse"])
+def test_check_row(qq, fault):
+    sparse = {"weights": "int8", "method": "teal-uniform", "sparsity": 0.5, "measured_sparsity": 0.52,
+              "measured_sparsity_lambada": 0.53, "tasks_avg": 0.4, "measured_sparsity_tasks": 0.6}
+    dense = {"weights": "int8", "method": "dense", "sparsity": 0.0, "measured_sparsity": 0.0,
+             "measured_sparsity_lambada": 0.0, "tasks_avg": 0.45, "measured_sparsity_tasks": 0.0}
+    qq.check_row(sparse)
+    qq.check_row(dense)
+    row = dict(dense if fault == "dense row sparse" else sparse)
+    key = {"tasks without their sparsity": "measured_sparsity_tasks", "tasks ran dense": "measured_sparsity_tasks",
+           "PPL ran dense": "measured_sparsity", "dense row sparse": "measured_sparsity_tasks"}[fault]
+    if fault == "tasks without their sparsity":
+        del row[key]
+    else:
+        row[key] = 0.3 if fault == "dense row sparse" else 0.01
+    with pytest.raises(ValueError):
+        qq.check_row(row)
