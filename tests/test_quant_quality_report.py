@@ -73,6 +73,10 @@ def test_resume_adds_tasks_to_sparse_rows_and_keeps_their_ppl(qq, tiny, tmp_path
     md = (tmp_path / "tiny-quant.md").read_text()
     m = after[("int8", "teal-uniform", 0.5)]["measured_sparsity_tasks"]
     assert f"| {m:.3f} | " in md  # the tasks' own measured sparsity is in the report
+    r = after[("bf16", "teal-uniform", 0.5)]
+    # the formats side by side at the same setting, each with both its measured sparsities
+    assert (f"| teal-uniform | 0.50 | {r['tasks_avg']:.3f} ({r['measured_sparsity']:.3f} / "
+            f"{r['measured_sparsity_tasks']:.3f}) | ") in md
 
 
 def test_tasks_that_ran_dense_are_not_recorded(qq, tiny, tmp_path, monkeypatch):

@@ -301,6 +301,22 @@ def markdown(data: dict[str, Any]) -> str:
                 cells.append(("-" if p is None else f"{p:.2f}") + " / " + ("-" if lam is None else f"{lam:.2f}")
                              + " / " + tk)
             lines.append(f"| {label} | {method} | " + " | ".join(cells) + " |")
+    settings = sorted({(r["method"], r["sparsity"]) for r in res if r.get("tasks_avg") is not None},
+                      key=lambda x: (x[1], x[0] != "dense", x[0]))
+    if settings:
+        lines += ["", "Tasks avg by weight format at the same setting (each format calibrated on its own model, so a "
+                  "setting measures alike in every format; in brackets the sparsity measured on olmo-wiki / on the "
+                  "tasks' own text; empty: not measured):", "",
+                  "| method | nominal | " + " | ".join(data["formats"]) + " |",
+                  "|---|---|" + "---|" * len(data["formats"])]
+        for m, s in settings:
+            cells = []
+            for label in data["formats"]:
+                r = next((r for r in res if (r["weights"], r["method"]) == (label, m)
+                          and abs(r["sparsity"] - s) < 1e-9), None)
+                cells.append("" if r is None or r.get("tasks_avg") is None else
+                             f"{r['tasks_avg']:.3f} ({r['measured_sparsity']:.3f} / {r['measured_sparsity_tasks']:.3f})")
+            lines.append(f"| {m} | {s:.2f} | " + " | ".join(cells) + " |")
     comp = compounding(data)
     if comp:
         lines += ["", "Where the errors compound: the PPL factor of quantization on the sparse model "
