@@ -129,3 +129,14 @@ def test_check_row(qq, fault):
         row[key] = 0.3 if fault == "dense row sparse" else 0.01
     with pytest.raises(ValueError):
         qq.check_row(row)
+
+
+def test_no_interpolation_across_a_wide_bracket(qq):
+    def r(method, s, ms, ppl):
+        return {"weights": "bf16", "method": method, "sparsity": s, "measured_sparsity": ms, "ppl": ppl}
+
+    res = [r("dense", 0.0, 0.0, 10.0), r("teal-uniform", 0.5, 0.48, 40.0)]
+    # dense to 0.48 is wider than the grid's steps: no number at 0.25 or 0.4, none at 0.5 (no extrapolation)
+    assert [qq.at_measured(res, "bf16", "teal-uniform", "ppl", x) for x in (0.25, 0.4, 0.5)] == [None] * 3
+    res.append(r("teal-uniform", 0.25, 0.24, 20.0))
+    assert qq.at_measured(res, "bf16", "teal-uniform", "ppl", 0.4) == pytest.approx(20.0 * 2 ** (16 / 24))

@@ -49,6 +49,10 @@ FORMATS = {"bf16": ("bf16", "rtn"), "int8": ("int8", "rtn"), "int4-rtn": ("int4"
            "int4-hqq": ("int4", "hqq")}
 METHODS = ("teal-uniform", "teal-fisher")
 TARGETS = (0.25, 0.4, 0.5)
+# widest bracket (in measured sparsity) interpolated across: the grid's widest step, dense to 0.25 (up to 0.26
+# measured on lambada); a wider one (e.g. dense to 0.49 where only 0.5 was measured) would print a guess as if
+# it were a measurement
+MAX_BRACKET = 0.3
 # budgets that may differ between the runs of one JSON (--resume): which rows get the tasks
 RESUMABLE_BUDGETS = ("task_sparsities", "task_formats", "ppl_only_methods", "calibration_levels")
 # each measured sparsity of a row and the text it was measured on
@@ -221,9 +225,11 @@ def points(results: list[dict], label: str, method: str, key: str) -> list[dict]
 
 def at_measured(results: list[dict], label: str, method: str, key: str, level: float) -> float | None:
     """``key`` of (format, method) at measured sparsity ``level`` (run_quality's interpolation, no
-    extrapolation)."""
+    extrapolation; None across a bracket wider than ``MAX_BRACKET``)."""
     b = rq.bracket(points(results, label, method, key), level)
-    return None if b is None else rq.interpolate(*b, level, key)
+    if b is None or b[1]["measured"] - b[0]["measured"] > MAX_BRACKET:
+        return None
+    return rq.interpolate(*b, level, key)
 
 
 def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -284,7 +290,7 @@ def markdown(data: dict[str, Any]) -> str:
     lines += ["", "PPL wiki / PPL lambada / tasks avg at equal measured sparsity (each format and method "
               "interpolated between its two settings bracketing the target, log-PPL and tasks avg linear in "
               "the sparsity measured on olmo-wiki, lambada PPL along lambada's, as `run_quality.py`; `-`: no "
-              "bracket with that number in both settings, no extrapolation):", "",
+              f"bracket at most {MAX_BRACKET} wide with that number in both settings, no extrapolation):", "",
               "| weights | method | dense | " + " | ".join(f"{x:.2f}" for x in TARGETS) + " |",
               "|---|---|---|" + "---|" * len(TARGETS)]
     for label in data["formats"]:
