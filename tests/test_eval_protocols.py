@@ -154,6 +154,28 @@ def test_lm_eval_harness_on_the_sparsified_model(smollm2, smollm2_thresholds, ti
         teal.densify_(model)
 
 
+def test_cli_eval_tasks_through_lm_eval(smollm2, smollm2_thresholds, tiny_task, tmp_path):
+    """`teal eval tasks --harness lm-eval`: lm-eval's own task definition (a local YAML here) on the model
+    sparsified by the CLI, scored as by hand at 0, and at 0.5 on a model measured at about 0.5."""
+    from teal.cli import app
+
+    model, tok = smollm2
+    art = smollm2_thresholds.save(tmp_path / "th")
+    out = tmp_path / "tasks.json"
+    res = CliRunner().invoke(app, ["eval", "tasks", "smollm2-135m", str(art), "--sparsity", "0,0.5",
+                                   "--harness", "lm-eval", "--tasks", "teal_tiny_capitals",
+                                   "--include-path", str(tiny_task), "--json", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    saved = json.loads(out.read_text())
+    rows = saved["results"]
+    assert saved["data"] == "lm-eval" and [r["sparsity"] for r in rows] == [0, 0.5]
+    assert rows[0]["tasks"]["teal_tiny_capitals"]["score"] == pytest.approx(
+        _direct_accuracy(model, tok, tiny_task / "data.jsonl"))
+    assert rows[0]["measured_sparsity"] == 0.0 and 0.35 < rows[1]["measured_sparsity"] < 0.65
+    bad = CliRunner().invoke(app, ["eval", "tasks", "--harness", "lm_eval"])
+    assert bad.exit_code == 2 and "lm-eval" in bad.output  # the choices are listed
+
+
 def test_lm_eval_offline_data_is_one_clear_line(monkeypatch):
     import datasets
     import huggingface_hub
