@@ -193,3 +193,24 @@ def test_sparsify_then_to_cuda_and_back(model_dir, thresholds):
     assert _rel(_logits(model, ids), cpu_logits) <= 1e-5
     teal.densify_(model)
     assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["auto", "hf"])
+def test_cli_chat_on_cuda(model_dir, artifact, backend):
+    """`teal chat` on a CUDA device: two turns from stdin, each reply ending with its tok/s and the measured
+    decode sparsity (auto: the engine where a GPU is present; hf: HF generate)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from teal.cli import app
+
+    model, _, _, _ = model_dir
+    r = CliRunner().invoke(app, ["chat", str(model), str(artifact), "--sparsity", "0.5", "--max-new-tokens", "8",
+                                 "--backend", backend, "--no-chat-template", "--device", "cuda"],
+                           input="w1 w2 w3\nw4 w5\n")
+    assert r.exit_code == 0, f"{r.output}\n{r.exception!r}"
+    stats = re.findall(r"\[(\d+) tokens, ([\d.]+) tok/s, measured decode sparsity ([\d.]+)", r.output)
+    assert len(stats) == 2, r.output
+    for _n, tps, measured in stats:
+        assert float(tps) > 0 and 0.3 < float(measured) < 0.7, r.output
