@@ -147,3 +147,23 @@ def test_push_to_hub_uploads_the_artifact(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     assert th.push_to_hub("me/th") == "hub/me/th/commit/1"
     assert uploaded == {"repo": "me/th", "files": ["teal_config.json", "teal_histograms.safetensors"]}
+
+
+def test_round_trip_of_the_real_smollm2(smollm2, smollm2_thresholds, tmp_path):
+    """The issue's own case: SmolLM2-135M (30 layers) sparsified at 0.5 greedy, saved, loaded back by
+    `AutoModelForCausalLM.from_pretrained` after `import teal`: every projection wrapped again and the fp32
+    logits bit-identical (before the fix, every projection weight of all 30 layers came back random)."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = smollm2
+    ids = tok("The capital of France is Paris. The capital of Italy is", return_tensors="pt").input_ids
+    teal.sparsify_(model, smollm2_thresholds, 0.5, method="greedy", prefill="sparse")
+    try:
+        want = _logits(model, ids)
+        model.save_pretrained(tmp_path)
+    finally:
+        teal.densify_(model)
+    tok.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert sum(isinstance(m, TealLinear) for m in loaded.modules()) == 30 * 7
+    assert torch.equal(_logits(loaded, ids), want)
