@@ -604,6 +604,30 @@ def _faulty_kernels(fault: str):
     return linear, glu
 
 
+def _tiny_sparse_twin(prompt: int, steps: int):
+    """A tiny fp32 HF Llama, teacher-forcing ids, and its fp32 engine (transposed layout) with 50 % thresholds
+    calibrated on the prompt: (hf32, ids, e32, thresholds)."""
+    from teal.engine import engine_from_hf_model
+
+    hf32 = tiny_hf_model("llama3-rope")
+    ids = torch.randint(0, TINY["vocab_size"], (prompt + steps,), generator=torch.Generator().manual_seed(7))
+    e32 = engine_from_hf_model(hf32, max_seq_len=64)
+    e32.to_layout(transposed=True)
+    th = activation_thresholds(e32, ids[:prompt], 0.5)
+    e32.set_thresholds(th)
+    return hf32, ids, e32, th
+
+
+def _install_fault(monkeypatch, fault):
+    """Patch `ops.sparse_linear` / `ops.sparse_linear_glu` with `_faulty_kernels(fault)` (None: leave them)."""
+    from teal.kernels import ops
+
+    if fault is not None:
+        linear, glu = _faulty_kernels(fault)
+        monkeypatch.setattr(ops, "sparse_linear", linear)
+        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+
+
 @pytest.mark.parametrize("fault", [None, "zeros", "dropped-segment", "threshold"])
 def test_bf16_sparse_check_fails_broken_kernels(fault, monkeypatch):
     """`teal.bench.decode.check_sparse_decode` (the benchmark's bf16 sparse check): the correct kernels pass;
@@ -613,23 +637,14 @@ def test_bf16_sparse_check_fails_broken_kernels(fault, monkeypatch):
 
     from teal.bench.decode import check_sparse_decode, teacher_forced_logits
     from teal.engine import engine_from_hf_model
-    from teal.kernels import ops
 
-    hf32 = tiny_hf_model("llama3-rope")
     prompt, steps = 16, 32
-    ids = torch.randint(0, TINY["vocab_size"], (prompt + steps,), generator=torch.Generator().manual_seed(7))
-    e32 = engine_from_hf_model(hf32, max_seq_len=64)
-    e32.to_layout(transposed=True)
-    th = activation_thresholds(e32, ids[:prompt], 0.5)
-    e32.set_thresholds(th)
+    hf32, ids, e32, th = _tiny_sparse_twin(prompt, steps)
     ref = teacher_forced_logits(e32, ids, prompt)
     e16 = engine_from_hf_model(copy.deepcopy(hf32).to(torch.bfloat16), max_seq_len=64)
     e16.to_layout(transposed=True)
     e16.set_thresholds(th)
-    if fault is not None:
-        linear, glu = _faulty_kernels(fault)
-        monkeypatch.setattr(ops, "sparse_linear", linear)
-        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+    _install_fault(monkeypatch, fault)
     out = check_sparse_decode(e16, ref, ids, prompt)
     assert out["steps"] == steps
     # this tiny random model in bf16 is noisy (masks flip near thresholds): 0.23 median error, 72 % top-1 here
@@ -651,7 +666,6 @@ def test_bf16_sparse_check_fails_broken_kernels_where_the_twin_is_noise(fault, m
 
     from teal.bench.decode import check_sparse_decode
     from teal.engine import engine_from_hf_model
-    from teal.kernels import ops
 
     hf32 = tiny_hf_model("llama3-rope")
     prompt, steps = 16, 16
@@ -660,10 +674,7 @@ def test_bf16_sparse_check_fails_broken_kernels_where_the_twin_is_noise(fault, m
     e16.to_layout(transposed=True)
     e16.set_thresholds(activation_thresholds(e16, ids[:prompt], 0.5))
     noise = torch.randn(steps, TINY["vocab_size"], generator=torch.Generator().manual_seed(1))
-    if fault is not None:
-        linear, glu = _faulty_kernels(fault)
-        monkeypatch.setattr(ops, "sparse_linear", linear)
-        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+    _install_fault(monkeypatch, fault)
     out = check_sparse_decode(e16, noise, ids, prompt)
     assert out["median_rel_err_dense_weights"] > 0.9  # the whole-decode rules are vacuous here
     assert out["passed"] is (fault is None) and out["products"]["passed"] is (fault is None), out
@@ -674,23 +685,13 @@ def test_fp32_sparse_check_fails_broken_kernels(fault, monkeypatch):
     """`check_fp32_sparse_decode` (the benchmark's fp32 sparse check, robust to mask flips near thresholds):
     the correct kernels pass; a kernel that writes zeros, drops a segment or uses wrong thresholds fails."""
     from teal.bench.decode.checks import check_fp32_sparse_decode
-    from teal.engine import engine_from_hf_model
     from teal.engine.reference import masked_hf_logits
-    from teal.kernels import ops
 
-    hf32 = tiny_hf_model("llama3-rope")
     prompt, steps = 16, 24
-    ids = torch.randint(0, TINY["vocab_size"], (prompt + steps,), generator=torch.Generator().manual_seed(7))
-    e32 = engine_from_hf_model(hf32, max_seq_len=64)
-    e32.to_layout(transposed=True)
-    th = activation_thresholds(e32, ids[:prompt], 0.5)
-    e32.set_thresholds(th)
+    hf32, ids, e32, th = _tiny_sparse_twin(prompt, steps)
     with torch.inference_mode():
         masked = masked_hf_logits(hf32, ids, th, dense_prefix=prompt)
-    if fault is not None:
-        linear, glu = _faulty_kernels(fault)
-        monkeypatch.setattr(ops, "sparse_linear", linear)
-        monkeypatch.setattr(ops, "sparse_linear_glu", glu)
+    _install_fault(monkeypatch, fault)
     out = check_fp32_sparse_decode(e32, masked, ids, prompt)
     assert out["steps"] == steps and out["torch_products_median_rel_err_vs_hf"] < 1e-5, out
     assert out["passed"] is (fault is None), out
