@@ -89,10 +89,6 @@ class Adapter:
         i, p = split_key(key)
         self.layers[i].set_submodule(_LLAMA_PATHS[p], module)
 
-    def site_of(self, key: str) -> str:
-        i, p = split_key(key)
-        return site_key(i, PROJ_SITE[p])
-
     def sites(self) -> dict[str, list[str]]:
         """Site key -> projection keys it feeds."""
         out: dict[str, list[str]] = {}

@@ -253,10 +253,9 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weigh
 
 
 class _Lib:
-    """NVRTC and the CUDA driver library, loaded once."""
+    """The CUDA driver library, loaded once (NVRTC: ``nvrtc_library``)."""
 
     def __init__(self) -> None:
-        self.nvrtc = nvrtc_library()
         self.cuda = ctypes.CDLL("libcuda.so.1" if sys.platform.startswith("linux") else "nvcuda.dll")
         self.cuda.cuGetErrorString.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
 
@@ -265,9 +264,6 @@ class _Lib:
             msg = ctypes.c_char_p()
             self.cuda.cuGetErrorString(result, ctypes.byref(msg))
             raise RuntimeError(f"{what} failed: CUDA error {result} ({(msg.value or b'?').decode()})")
-
-    def check_nvrtc(self, result: int, what: str) -> None:
-        _check_nvrtc(self.nvrtc, result, what)
 
 
 def _check_nvrtc(nv: ctypes.CDLL, result: int, what: str) -> None:
