@@ -303,3 +303,21 @@ def test_int4_loop_choice_is_checked(monkeypatch):
     qw = quantize(torch.randn(64, 16), "int8")
     with pytest.raises(ValueError, match="int4 only"):
         quant_gemv.quant_sparse_linear_cuda(torch.randn(1, 64), qw, torch.tensor([0.1]), [16], int4_decode="lean")
+
+
+def test_bench_kernels_run_keeps_its_arguments():
+    """`teal.bench.kernels.run` reads `weights` after its bf16 loop (which formats are quantized): a local in
+    that loop that rebound the parameter made a bf16-only run treat every weight row as a format and crash.
+    No parameter is rebound inside a loop (normalising one up front, `masks = list(masks)`, is fine)."""
+    import ast
+    import inspect
+    import textwrap
+
+    from teal.bench import kernels
+
+    fn = ast.parse(textwrap.dedent(inspect.getsource(kernels.run))).body[0]
+    params = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+    rebound = sorted({t.id for loop in ast.walk(fn) if isinstance(loop, (ast.For, ast.While))
+                      for stmt in loop.body for t in ast.walk(stmt)
+                      if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store) and t.id in params})
+    assert rebound == [], f"kernels.run rebinds its parameters {rebound} inside a loop"

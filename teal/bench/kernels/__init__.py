@@ -539,15 +539,15 @@ def run(
                             row["mask_imbalance"] = imbalance(drawn)
                         else:
                             txs, thr = xs, [_thresholds(x, s, len(splits)) for x in xs]
-                        weights = [w_ts[j % copies] for j in range(len(txs))]
+                        w_inputs = [w_ts[j % copies] for j in range(len(txs))]
                         row["timed_inputs"] = len(txs)
                         row["measured_sparsity"], row["union_density"] = _sparsity_stats(txs, thr)
                         us = time_graph_us([
                             lambda x=x, w=w, t=t: torch.ops.teal.sparse_linear(x, w, t, list(splits), None, regime)
-                            for x, w, t in zip(txs, weights, thr)
+                            for x, w, t in zip(txs, w_inputs, thr)
                         ])
                         naive_us = time_graph_us([
-                            lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(txs, weights, thr)
+                            lambda x=x, w=w, t=t: naive_sparse_linear(x, w, t, splits) for x, w, t in zip(txs, w_inputs, thr)
                         ], min_calls=8, replays=10)
                         row.update(us=us, naive_us=naive_us)
                         if config.gather and batch == 1:  # phase A alone
