@@ -117,6 +117,8 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
     assert good["passed"], good
     assert good["projections"]["max_rel_err"] <= 1e-2 and good["decode"]["sparse"]["top1_agreement"] >= 0.9
     assert good["decode"]["sparse"]["torch_float32_products"]["median_rel_err"] < 1e-3, good["decode"]
+    for part in ("dense", "sparse"):  # every product of the kernels' run beside its float32 torch product
+        assert good["decode"][part]["products"]["passed"] and good["decode"][part]["products"]["calls"] > 16
 
     kernel = projection.quant_sparse_linear
     broken = {
@@ -131,7 +133,27 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
         assert not bad["passed"] and not bad["projections"]["passed"], name
         # the decode steps alone catch each one too, on the sparse steps beside float32 torch products
         assert not bad["decode"]["sparse"]["passed"], (name, bad["decode"])
+        assert not bad["decode"]["sparse"]["products"]["passed"], (name, bad["decode"]["sparse"]["products"])
         monkeypatch.setattr(projection, "quant_sparse_linear", kernel)
+
+
+def test_float32_products_can_leave_the_prefill_to_the_engines_path(monkeypatch):
+    """`torch_quant_products(max_rows=8)` replaces the decode steps' products only: a 9-row call (a prefill)
+    runs what the engine would run, a 1-row call the float32 reference."""
+    from teal.bench.quant_decode import torch_quant_products
+    from teal.engine import projection
+    from teal.quant import quantize
+
+    qw = quantize(torch.randn(64, 48), "int8")
+    seen = []
+    monkeypatch.setattr(projection, "quant_sparse_linear", lambda x, *a, **k: seen.append(x.shape[0]) or x[:, :48] * 0)
+    with torch_quant_products(torch.float32, max_rows=8):
+        big = projection.quant_sparse_linear(torch.randn(9, 64), qw, None, [48])
+        one = projection.quant_sparse_linear(torch.randn(1, 64), qw, None, [48])
+    assert seen == [9] and bool((big == 0).all()) and float(one.abs().sum()) > 0
+    with torch_quant_products(torch.float32):
+        projection.quant_sparse_linear(torch.randn(9, 64), qw, None, [48])
+    assert seen == [9]
 
 
 def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
@@ -288,15 +310,15 @@ def test_kernel_bench_times_each_int4_loop_side_by_side():
 
 
 def test_int4_loop_choice_is_checked(monkeypatch):
-    """$TEAL_INT4_DECODE picks the dispatch's int4 loop (default current); a bad value is named; a lean loop on
+    """$TEAL_INT4_DECODE picks the dispatch's int4 loop (default lean); a bad value is named; a lean loop on
     int8 weights is refused before any launch."""
     from teal.kernels import quant_gemv
     from teal.quant import quantize
 
     monkeypatch.delenv("TEAL_INT4_DECODE", raising=False)
-    assert quant_gemv.int4_decode_choice() == "current"
-    monkeypatch.setenv("TEAL_INT4_DECODE", "lean")
     assert quant_gemv.int4_decode_choice() == "lean"
+    monkeypatch.setenv("TEAL_INT4_DECODE", "current")
+    assert quant_gemv.int4_decode_choice() == "current"
     monkeypatch.setenv("TEAL_INT4_DECODE", "fast")
     with pytest.raises(ValueError, match="TEAL_INT4_DECODE"):
         quant_gemv.int4_decode_choice()

@@ -180,7 +180,7 @@ def kernels_command(
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + " (int8 / int4: the fused quantized kernel, checked "
                                              "against a float64 dequantize-then-multiply reference first)"),
     group_size: int = GroupSizeOpt,
-    quant_variants: str = typer.Option("current", "--quant-variants",
+    quant_variants: str = typer.Option("lean", "--quant-variants",
                                        help="comma list of the CUDA kernel's int4 loops to time side by side: "
                                             f"{' | '.join(INT4_DECODES)} (a row each; int8 and Triton rows once)"),
 ) -> None:

@@ -48,7 +48,7 @@ def check_row(qw: Any, splits: Sequence[int], batch: int, sparsity: float, dtype
     return {"rel_err": err, "finite": finite, "ok": finite and err <= REL_ERR_BOUND}
 
 
-def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("current",)) -> list[tuple[str, Any, Any]]:
+def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("lean",)) -> list[tuple[str, Any, Any]]:
     """(kernel name, int4 loop or None, callable) of every row of one format: the CUDA kernel once per int4 loop
     in ``int4_decodes`` (int8: once) where the device runs it, then Triton."""
     from teal.kernels.cuda import INT4_DECODES
@@ -66,7 +66,7 @@ def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("current
 
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
-              deadline: float | None = None, int4_decodes: Sequence[str] = ("current",)) -> list[dict[str, Any]]:
+              deadline: float | None = None, int4_decodes: Sequence[str] = ("lean",)) -> list[dict[str, Any]]:
     """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. The CUDA
     kernel's int4 rows come once per loop of ``int4_decodes`` (``teal.kernels.cuda.INT4_DECODES``)."""
     from teal.kernels.tune import time_graph_us

@@ -208,6 +208,17 @@ def recorded_products(engine: Engine) -> Iterator[list[dict[str, Any]]]:
         engine.set_sparse_path(saved_path)
 
 
+def product_summary(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-call errors of `recorded_products` (or the quantized `recorded_quant_products`) summarised, and
+    `passed`: at least one call, 90th percentile <= `PRODUCT_REL_ERR_P90`."""
+    call_errs = torch.tensor([c["rel_err"] for c in calls] or [float("inf")], dtype=torch.float64)
+    out = {"calls": len(calls), "median_rel_err": float(call_errs.median()),
+           "p90_rel_err": float(torch.quantile(call_errs, 0.9)), "max_rel_err": float(call_errs.max()),
+           "bound_p90": PRODUCT_REL_ERR_P90}
+    out["passed"] = bool(calls and out["p90_rel_err"] <= PRODUCT_REL_ERR_P90)
+    return out
+
+
 def check_sparse_decode(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, prompt: int,
                         top1_slack: float = 0.1, err_ratio: float = 1.5, err_slack: float = 0.005) -> dict[str, Any]:
     """The engine's sparse decode (thresholds set, e.g. bf16) against `ref`, the fp32 logits [T - prompt, V] of
@@ -230,11 +241,7 @@ def check_sparse_decode(engine: Engine, ref: torch.Tensor, ids: torch.Tensor, pr
         dense = teacher_forced_logits(engine, ids, prompt)
     ref = ref.float()
     top = ref.argmax(dim=-1)
-    call_errs = torch.tensor([c["rel_err"] for c in calls] or [float("inf")], dtype=torch.float64)
-    products = {"calls": len(calls), "median_rel_err": float(call_errs.median()),
-                "p90_rel_err": float(torch.quantile(call_errs, 0.9)), "max_rel_err": float(call_errs.max()),
-                "bound_p90": PRODUCT_REL_ERR_P90}
-    products["passed"] = bool(calls and products["p90_rel_err"] <= PRODUCT_REL_ERR_P90)
+    products = product_summary(calls)
 
     def errors(logits: torch.Tensor) -> torch.Tensor:
         return (logits - ref).norm(dim=-1) / ref.norm(dim=-1)

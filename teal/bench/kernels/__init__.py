@@ -393,7 +393,7 @@ def run(
     mask_inputs: int = MASK_INPUTS,
     weights: Sequence[str] = ("bf16",),
     group_size: int = 128,
-    int4_decodes: Sequence[str] = ("current",),
+    int4_decodes: Sequence[str] = ("lean",),
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
