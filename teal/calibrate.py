@@ -143,7 +143,9 @@ def calibrate(
         for h in hooks:
             h.remove()
     from teal.models import model_info
+    from teal.quant import weights_setting
 
+    quant = getattr(model, "teal_weights", {})  # teal.quantize_weights: format, group size, method
     th = Thresholds(
         model=model_info(model),
         histograms={k: v.cpu() for k, v in counts.items()},
@@ -156,7 +158,7 @@ def calibrate(
             "windows": int(windows.shape[0]),
             "seq_len": int(windows.shape[1]),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "weights": getattr(model, "teal_weights", {}).get("format", "bf16"),
+            **weights_setting(quant.get("format", "bf16"), quant.get("group_size"), quant.get("method")),
             "device": str(device),
             "seconds": round(time.perf_counter() - t0, 2),
         },

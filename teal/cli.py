@@ -209,7 +209,7 @@ def resolve_dtype(dtype: str, device: str):
 
 Weights = Literal["bf16", "int8", "int4"]
 WeightsOpt = typer.Option("bf16", help="projection weights: bf16 (the model's own dtype) | int8 (per output channel) "
-                                       "| int4 (group-wise, --group-size; round to nearest); calibrate with the "
+                                       "| int4 (group-wise: --group-size, --quant-method); calibrate with the "
                                        "format you run")
 def _check_group_size(value: int) -> int:
     if value not in (32, 64, 128):
@@ -218,12 +218,30 @@ def _check_group_size(value: int) -> int:
 
 
 GroupSizeOpt = typer.Option(128, callback=_check_group_size, help="int4 group size along the input: 32 | 64 | 128")
+QuantMethod = Literal["rtn", "hqq"]
+QuantMethodOpt = typer.Option("rtn", "--quant-method",
+                              help="how the int4 scales and zeros are chosen: rtn (round to nearest) | hqq (HQQ's "
+                                   "optimiser; the quant extra: pip install 'teal-sparsity[quant]'); int8 is rtn")
 
 
-def load(model: str, dtype: str, device: str, weights: str = "bf16", group_size: int = 128):
-    """The HF model and tokenizer, its projections quantized to ``weights`` (teal.quant) unless bf16."""
+def check_quant_method(weights: str, quant_method: str) -> None:
+    """--quant-method against --weights, before any work (teal.quant.check_method): hqq is for int4 and needs
+    the hqq package; one line (exit code 2) otherwise."""
+    from teal.quant import check_method
+
+    try:
+        check_method(weights, quant_method)
+    except (ValueError, ImportError) as e:
+        raise typer.BadParameter(str(e), param_hint="--quant-method") from None
+
+
+def load(model: str, dtype: str, device: str, weights: str = "bf16", group_size: int = 128,
+         quant_method: str = "rtn"):
+    """The HF model and tokenizer, its projections quantized to ``weights`` by ``quant_method`` (teal.quant)
+    unless bf16."""
     from teal.models import load_model
 
+    check_quant_method(weights, quant_method)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     with console.status(f"loading {model}…"):
@@ -232,18 +250,22 @@ def load(model: str, dtype: str, device: str, weights: str = "bf16", group_size:
         from teal.quant import quantize_weights
 
         with console.status(f"quantizing the projections to {weights}…"):
-            quantize_weights(hf_model, weights, group_size)
+            quantize_weights(hf_model, weights, group_size, quant_method)
     return hf_model, tok
 
 
-def check_weights(th: Any, weights: str) -> None:
-    """Warn when the artifact was calibrated with another weight format (its thresholds follow the activations
-    of the weights it was calibrated on)."""
-    done = th.calibration.get("weights", "bf16") if th is not None else weights
-    if done != weights:
-        console.print(f"[yellow]warning:[/yellow] the thresholds were calibrated with {done} weights and --weights "
-                      f"{weights} was asked; recalibrate with --weights {weights} for thresholds that follow this "
-                      "model's activations")
+def check_weights(th: Any, weights: str, group_size: int = 128, quant_method: str = "rtn") -> None:
+    """Warn, in one line, when the artifact was calibrated on other weights: another format, int4 group size or
+    quantization method (its thresholds follow the activations of the weights it was calibrated on). Artifacts
+    from before the group size and method were recorded are compared on what they record: a missing key gives
+    no warning (teal.quant.weights_mismatch)."""
+    from rich.markup import escape
+
+    from teal.quant import weights_mismatch
+
+    message = None if th is None else weights_mismatch(th.calibration, weights, group_size, quant_method)
+    if message:
+        console.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
 
 
 def environment() -> dict[str, Any]:
@@ -355,6 +377,7 @@ def calibrate(
     sequential_tokens: int = typer.Option(8192, help="calibration tokens of each sequential pass (one batch)"),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -368,7 +391,7 @@ def calibrate(
     if calibration not in CALIBRATIONS:
         raise typer.BadParameter(f"--calibration must be sequential or dense, got {calibration!r}")
     level_list = parse_floats(levels, "--levels")
-    hf_model, tok = load(model, dtype, device, weights, group_size)
+    hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
     th = teal.calibrate(hf_model, tok, data=data, tokens=tokens, seq_len=seq_len, score=score,
                         batch_size=batch_size, calibration=calibration, levels=level_list,
                         sequential_tokens=sequential_tokens)
@@ -394,6 +417,7 @@ def allocate(
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -404,8 +428,8 @@ def allocate(
     check_data_arg(data)
     check_model_arg(model, "teal allocate")
     th = load_artifact(artifact)
-    hf_model, tok = load(model, dtype, device, weights, group_size)
-    check_weights(th, weights)
+    hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
+    check_weights(th, weights, group_size, quant_method)
     th.check_model(hf_model)
     (method,) = resolve_methods([method], th, score, artifact)
     teal.allocate(hf_model, th, method=method, data=data, tokens=tokens, seq_len=seq_len,
@@ -439,6 +463,7 @@ def eval_ppl(
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -456,8 +481,8 @@ def eval_ppl(
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     methods = resolve_methods(parse_list(method), th, score, artifact)
     modes = select_calibration(th, methods, calibration)
-    hf_model, tok = load(model, dtype, device, weights, group_size)
-    check_weights(th, weights)
+    hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
+    check_weights(th, weights, group_size, quant_method)
     if th is not None:
         th.check_model(hf_model)
     rows = perplexity_sweep(hf_model, tok, th, levels, methods, data=data, tokens=tokens,
@@ -510,6 +535,7 @@ def eval_tasks(
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -532,8 +558,8 @@ def eval_tasks(
         from teal.eval.harness import load_tasks
 
         task_dict = load_tasks(parse_list(tasks), include_path)
-    hf_model, tok = load(model, dtype, device, weights, group_size)
-    check_weights(th, weights)
+    hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
+    check_weights(th, weights, group_size, quant_method)
     if th is not None:
         th.check_model(hf_model)
     if harness == "lm-eval":
@@ -598,6 +624,7 @@ def generate(
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -616,6 +643,7 @@ def generate(
         raise typer.BadParameter("a sparsity above 0 needs a thresholds artifact: teal generate MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
     check_model_arg(model, "teal generate")
+    check_quant_method(weights, quant_method)
     th = load_artifact(artifact)
     select_calibration(th if sparsity > 0 else None, [method or (th.method if th else "uniform")], calibration)
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
@@ -641,10 +669,10 @@ def generate(
         from teal.engine.generator import engine_summary
 
         dev = resolve_device(device)
-        check_weights(th, weights)
+        check_weights(th, weights, group_size, quant_method)
         gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, prefill=prefill,
                                         device=dev, dtype=resolve_dtype(dtype, dev), weights=weights,
-                                        group_size=group_size)
+                                        group_size=group_size, quant_method=quant_method)
         templated = chat_template and has_chat_template(gen.tokenizer)
         if not templated:
             write_piece(prompt)
@@ -652,8 +680,8 @@ def generate(
                              top_p, seed, write_piece, thresholds=th, method=method)
         console.print(f"\n{format_stats(reply, sparsity)[:-1]}; {engine_summary(gen)}]")
         return
-    hf_model, tok = load(model, dtype, device, weights, group_size)
-    check_weights(th, weights)
+    hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
+    check_weights(th, weights, group_size, quant_method)
     if th is not None:
         th.check_model(hf_model)
     if sparsity > 0:
@@ -680,6 +708,9 @@ def chat(
                                 help="nucleus sampling mass, in (0, 1] (with --temperature above 0)"),
     seed: Optional[int] = SeedOpt,
     chat_template: bool = ChatTemplateOpt,
+    weights: Weights = WeightsOpt,
+    group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
 ):
@@ -694,25 +725,28 @@ def chat(
         raise typer.BadParameter(f"--sparsity must be in [0, 1), got {sparsity}")
     if sparsity > 0 and artifact is None:
         raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
+    check_quant_method(weights, quant_method)
     dev = resolve_device(device)
     if backend == "auto":
         backend = "engine" if dev.startswith("cuda") else "hf"
     th = teal.Thresholds.load(artifact) if artifact else None
     if method is not None:
         method = resolve_methods([method], th, None, artifact)[0]
+    check_weights(th, weights, group_size, quant_method)
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if backend == "engine":
         from teal.engine import Generator
 
         with console.status(f"loading {model} on the engine…"):
             gen = Generator.from_pretrained(model, thresholds=th, sparsity=sparsity, method=method, device=dev,
-                                            dtype=resolve_dtype(dtype, dev))
+                                            dtype=resolve_dtype(dtype, dev), weights=weights, group_size=group_size,
+                                            quant_method=quant_method)
         tok = gen.tokenizer
 
         def respond(ids, emit):
             return engine_reply(gen, ids, emit=emit, thresholds=th, method=method, **sampling)
     else:
-        hf_model, tok = load(model, dtype, device)
+        hf_model, tok = load(model, dtype, device, weights, group_size, quant_method)
         if sparsity > 0:
             th.check_model(hf_model)
             teal.sparsify_(hf_model, th, sparsity, method=method, prefill="dense")
@@ -721,7 +755,7 @@ def chat(
             return hf_reply(hf_model, tok, ids, emit=emit, **sampling)
 
     conversation = Chat(respond, tok, chat_template=chat_template, system=system)
-    console.print(f"chatting with {model} on {backend} (sparsity {sparsity:g}); /reset, /exit")
+    console.print(f"chatting with {model} on {backend} (sparsity {sparsity:g}, {weights} weights); /reset, /exit")
     while True:
         console.print("[bold]you>[/bold] ", end="")
         line = sys.stdin.readline()
@@ -866,6 +900,7 @@ def serve(
                                                          "(default min(4096, the model's context))"),
     weights: Weights = WeightsOpt,
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     probe_steps: int = typer.Option(4, help="decode steps of each finished request replayed to report its measured "
                                             "sparsity (teal.decode_sparsity); 0 turns the report off and its cost "
                                             "(about 0.16 s a request on an H100 at Llama-3-8B size)"),
@@ -884,6 +919,7 @@ def serve(
     if probe_steps < 0:
         raise typer.BadParameter(f"--probe-steps must be 0 or more, got {probe_steps}")
     check_model_arg(model, "teal serve")
+    check_quant_method(weights, quant_method)
     if method is not None:
         import teal
 
@@ -892,10 +928,11 @@ def serve(
     if artifact is not None:
         import teal
 
-        check_weights(teal.Thresholds.load(artifact), weights)
+        check_weights(teal.Thresholds.load(artifact), weights, group_size, quant_method)
     with console.status(f"loading {model}…"):
         served = build_served(model, artifact, sparsity, method, max_seq_len=max_seq_len, device=dev,
                               dtype=resolve_dtype(dtype, dev), weights=weights, group_size=group_size,
+                              quant_method=quant_method,
                               probe_steps=probe_steps)
     console.print(f"serving {served.name} on http://{host}:{port}/v1 (KV cache {served.max_seq_len} tokens, "
                   f"sparsity {sparsity:g}, {weights} weights{', API key required' if api_key else ''})")

@@ -19,6 +19,7 @@ by the float64 references in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,6 +69,61 @@ def check_format(weights: str, group_size: int = 128) -> None:
         raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
 
 
+HQQ_MISSING = "quantization method 'hqq' needs the hqq package: pip install 'teal-sparsity[quant]'"
+
+
+def check_method(weights: str, method: str = "rtn") -> None:
+    """``method`` fits ``weights`` and can run, checked before any work: rtn for every format, hqq for int4 only
+    and with the ``hqq`` package installed (the ``[quant]`` extra; an ImportError naming it otherwise)."""
+    if method not in INT4_METHODS:
+        raise ValueError(f"unknown quantization method {method!r}: use one of {', '.join(INT4_METHODS)}")
+    if method == "rtn":
+        return
+    if weights != "int4":
+        raise ValueError(f"quantization method {method!r} is for int4 weights; {weights} weights take rtn "
+                         "(round to nearest)")
+    try:
+        import hqq.core.optimize  # noqa: F401
+    except ImportError:
+        raise ImportError(HQQ_MISSING) from None
+
+
+def weights_setting(weights: str, group_size: int | None = 128, method: str | None = "rtn") -> dict[str, Any]:
+    """What an artifact's ``calibration`` records of the weights it was calibrated on: ``weights`` (bf16, int8,
+    int4), ``group_size`` (int4, else None) and ``quant_method`` (rtn or hqq; None for bf16)."""
+    return {"weights": weights, "group_size": group_size if weights == "int4" else None,
+            "quant_method": (method or "rtn") if weights != "bf16" else None}
+
+
+def weights_mismatch(calibration: dict[str, Any], weights: str, group_size: int = 128,
+                     method: str = "rtn") -> str | None:
+    """One line saying how the weights of this run differ from those an artifact was calibrated on (its
+    ``calibration`` dict), and what to do; None where they agree. Thresholds follow the activations of the
+    weights they were calibrated on, so a difference in format, int4 group size or method matters.
+
+    Artifacts written before a key was recorded still load: a missing ``group_size`` or ``quant_method`` is
+    not compared (nothing is known of it, so nothing is claimed), and a missing ``weights`` means bf16 (the
+    only format there was then)."""
+    asked = weights_setting(weights, group_size, method)
+    done = {k: calibration[k] for k in ("group_size", "quant_method") if k in calibration}
+    done["weights"] = calibration.get("weights", "bf16")
+    if all(done[k] == asked[k] for k in done):
+        return None
+
+    def label(s: dict[str, Any]) -> str:
+        details = ([f"group size {s['group_size']}"] if s.get("group_size") else []) + \
+            ([s["quant_method"]] if s.get("quant_method") else [])
+        return f"{s['weights']} weights" + (f" ({', '.join(details)})" if details else "")
+
+    def flags(s: dict[str, Any]) -> str:
+        return f"--weights {s['weights']}" + (f" --group-size {s['group_size']}" if s.get("group_size") else "") + \
+            (f" --quant-method {s['quant_method']}" if s.get("quant_method") else "")
+
+    return (f"the thresholds were calibrated with {label(done)} and this run uses {label(asked)}; recalibrate "
+            f"with `teal calibrate MODEL -o DIR {flags(asked)}`, or run with {flags(done)}, for thresholds that "
+            "follow this model's activations")
+
+
 def quantize_int8(w_t: torch.Tensor) -> QuantizedWeight:
     """Symmetric int8 with one scale per output channel (column of ``w_t`` [K, N])."""
     k, n = w_t.shape
@@ -109,7 +165,7 @@ def _hqq_refine(wg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tu
     try:
         from hqq.core.optimize import optimize_weights_proximal_legacy
     except ImportError:
-        raise ImportError("method='hqq' needs the hqq package: pip install 'teal-sparsity[quant]'") from None
+        raise ImportError(HQQ_MISSING) from None
     g, size, n = wg.shape
     flat = wg.permute(1, 0, 2).reshape(size, g * n)  # HQQ reduces along axis 0: one group per column
     q, inv_scale, zero = optimize_weights_proximal_legacy(
@@ -195,11 +251,12 @@ class QuantLinear(torch.nn.Module):
 def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: int = 128,
                      method: str = "rtn") -> torch.nn.Module:
     """Quantize every sparsifiable projection (q, k, v, o, gate, up, down) of ``model`` in place, round to
-    nearest. Embeddings, norms and lm_head stay in the model's dtype. Run it before calibration: thresholds
+    nearest (``method="rtn"``) or, for int4, by HQQ (``method="hqq"``, see ``check_method``). Embeddings, norms and lm_head stay in the model's dtype. Run it before calibration: thresholds
     depend on the activations the quantized model produces. ``weights="bf16"`` leaves the model as it is."""
     check_format(weights, group_size)
     if weights == "bf16":
         return model
+    check_method(weights, method)
     from teal.arch import get_adapter
 
     adapter = get_adapter(model)

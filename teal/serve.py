@@ -633,10 +633,12 @@ def serve(served: ServedModel, host: str = "127.0.0.1", port: int = 8000, api_ke
 
 def build_served(model: str, artifact: Any = None, sparsity: float = 0.0, method: str | None = None, *,
                  max_seq_len: int | None = None, device: str | None = None, dtype: torch.dtype | None = None,
-                 probe_steps: int = DEFAULT_PROBE_STEPS, weights: str = "bf16", group_size: int = 128) -> ServedModel:
+                 probe_steps: int = DEFAULT_PROBE_STEPS, weights: str = "bf16", group_size: int = 128,
+                 quant_method: str = "rtn") -> ServedModel:
     """Load MODEL (alias, hub id, HF dir, .gguf or a random-weight shape) into a `Generator`, sparse at
     `sparsity` with the thresholds artifact directory `artifact` (allocation `method`, None: its default),
-    its projections in `weights` ("bf16", "int8" or "int4" in groups of `group_size`, `teal.quant`)."""
+    its projections in `weights` ("bf16", "int8" or "int4" in groups of `group_size`, by `quant_method`,
+    `teal.quant`)."""
     thresholds = None
     if artifact is not None:
         from teal.artifact import Thresholds
@@ -647,5 +649,5 @@ def build_served(model: str, artifact: Any = None, sparsity: float = 0.0, method
                          "(DIR from teal calibrate)")
     gen = Generator.from_pretrained(model, thresholds=thresholds, sparsity=sparsity, method=method,
                                     max_seq_len=max_seq_len, device=device, dtype=dtype, weights=weights,
-                                    group_size=group_size)
+                                    group_size=group_size, quant_method=quant_method)
     return ServedModel(gen, str(model), sparsity=sparsity, method=method, probe_steps=probe_steps)

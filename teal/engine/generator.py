@@ -112,6 +112,7 @@ class Generator:
         prefill: str = "dense",
         weights: str = "bf16",
         group_size: int = 128,
+        quant_method: str = "rtn",
     ) -> "Generator":
         """Build from a loaded HF model, an HF checkpoint directory, a model name for
         `teal.models.load_model` (alias, hub id, .gguf), or a named random shape (`teal.engine.SHAPES`).
@@ -122,8 +123,9 @@ class Generator:
         compile: True -> fastest measured CUDA mode ("compiled-graph"), False -> "graph" (no compiler),
         or a mode name; on CPU everything runs eagerly. sparse_path: see the class docstring. prefill: "dense"
         (the prompt through the dense weights) or "sparse" (every prompt position thresholded too).
-        weights: "bf16" (the model's dtype), "int8" or "int4" (`teal.quant`, round to nearest, int4 in groups of
-        `group_size` inputs): the projections' weights are quantized once built (`Engine.quantize_weights`).
+        weights: "bf16" (the model's dtype), "int8" or "int4" (`teal.quant`, int4 in groups of `group_size` inputs,
+        by `quant_method`: "rtn" round to nearest, or "hqq"): the projections' weights are quantized once built
+        (`Engine.quantize_weights`).
         """
         device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -168,7 +170,7 @@ class Generator:
         mode = compile if isinstance(compile, str) else (DEFAULT_CUDA_MODE if compile else "graph")
         if device.type != "cuda":
             mode = "eager"
-        engine.quantize_weights(weights, group_size)
+        engine.quantize_weights(weights, group_size, quant_method)
         if sparse_path is not None:  # before the thresholds: the dense groups on the kernel depend on the path
             engine.set_sparse_path(sparse_path)
         engine.set_prefill_policy(prefill)
