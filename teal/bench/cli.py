@@ -41,6 +41,7 @@ SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
 ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # teal.quant.WEIGHT_FORMATS
 INT4_GROUP_SIZES = (32, 64, 128)  # teal.quant.INT4_GROUP_SIZES
+INT4_METHODS = ("rtn", "hqq")  # teal.quant.INT4_METHODS
 INT4_DECODES = ("current", "lean")  # teal.kernels.cuda.INT4_DECODES (the CUDA kernel's int4 loops)
 
 
@@ -48,6 +49,13 @@ class Dtype(str, enum.Enum):
     bfloat16 = "bfloat16"
     float16 = "float16"
     float32 = "float32"
+
+
+class QuantMethod(str, enum.Enum):
+    """How int4 scales and zeros are chosen (`teal.quant.INT4_METHODS`)."""
+
+    rtn = "rtn"
+    hqq = "hqq"
 
 
 class KernelDtype(str, enum.Enum):
@@ -134,6 +142,24 @@ def group_size_option(value: int) -> int:
 WEIGHTS_HELP = ("comma list of projection weight formats to time: bf16 | int8 (per output channel) | int4 (group-wise, "
                 "--group-size); every row of the JSON carries its `weights`")
 GroupSizeOpt = typer.Option(128, callback=group_size_option, help="int4 group size along the input: 32 | 64 | 128")
+QuantMethodOpt = typer.Option(QuantMethod.rtn, "--quant-method",
+                              help="how the int4 scales and zeros are chosen: rtn (round to nearest) | hqq (HQQ's "
+                                   "optimiser; the quant extra: pip install 'teal-sparsity[quant]'); the same "
+                                   "kernels and bytes, other codes; int8 is rtn")
+
+
+def check_quant_method(formats: list[str], quant_method: QuantMethod) -> None:
+    """--quant-method against --weights (`teal.quant.check_method`), before any work: hqq needs int4 among the
+    formats and the hqq package; one line (exit code 2) otherwise."""
+    from teal.quant import check_method
+
+    if quant_method.value != "rtn" and "int4" not in formats:
+        raise typer.BadParameter(f"--quant-method {quant_method.value} is for int4 weights; add int4 to --weights",
+                                 param_hint="--quant-method")
+    try:
+        check_method("int4" if "int4" in formats else "bf16", quant_method.value)
+    except (ValueError, ImportError) as e:
+        raise typer.BadParameter(str(e), param_hint="--quant-method") from None
 
 
 def require_cuda(command: str) -> None:
@@ -180,6 +206,7 @@ def kernels_command(
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + " (int8 / int4: the fused quantized kernel, checked "
                                              "against a float64 dequantize-then-multiply reference first)"),
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     quant_variants: str = typer.Option("lean", "--quant-variants",
                                        help="comma list of the CUDA kernel's int4 loops to time side by side: "
                                             f"{' | '.join(INT4_DECODES)} (a row each; int8 and Triton rows once)"),
@@ -189,6 +216,7 @@ def kernels_command(
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
     decodes = choices(quant_variants, "--quant-variants", INT4_DECODES)
+    check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
     sources = mask_sources(masks, sparsities)
@@ -207,7 +235,8 @@ def kernels_command(
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
                        time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
-                       weights=formats, group_size=group_size, int4_decodes=decodes)
+                       weights=formats, group_size=group_size, int4_decodes=decodes,
+                       quant_method=quant_method.value)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 
@@ -251,6 +280,7 @@ def decode_command(
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + "; bf16 is always timed (the ratios' reference), each "
                                              "quantized format after a correctness check against float64"),
     group_size: int = GroupSizeOpt,
+    quant_method: QuantMethod = QuantMethodOpt,
     torchao: bool = typer.Option(True, "--torchao/--no-torchao",
                                  help="with int8/int4: also time torchao's weight-only config of that format in HF "
                                       "static-cache generate (where torchao imports; a failure is recorded)"),
@@ -268,6 +298,7 @@ def decode_command(
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
     if tp > 1 and formats != ["bf16"]:
         raise typer.BadParameter("quantized weights are not supported with --tp above 1", param_hint="--weights")
+    check_quant_method(formats, quant_method)
     if device.startswith("cuda"):
         require_cuda("teal bench decode")
     import torch
@@ -277,8 +308,14 @@ def decode_command(
     thresholds = None
     if artifact is not None:
         from teal import Thresholds
+        from teal.quant import weights_mismatch
 
         thresholds = Thresholds.load(artifact)
+        for fmt in formats:  # the formats asked for (teal calibrate's check, as in teal.cli.check_weights)
+            message = weights_mismatch(thresholds.calibration, fmt, group_size,
+                                       quant_method.value if fmt == "int4" else "rtn")
+            if message:
+                typer.echo(f"warning: {fmt}: {message}", err=True)
     decode.run(model=model, shape=None if model else shape.value, sparsities=sparsities, prompt_len=prompt_len,
                new_tokens=new_tokens, repeats=repeats, json_path=str(json_path) if json_path else None,
                thresholds=thresholds, modes=tuple(mode_list), hf_baselines=hf, hf_eager_tokens=hf_eager_tokens,
@@ -286,7 +323,7 @@ def decode_command(
                command=_command(ctx), tp=tp, sparse_paths=paths,
                fused_attention={"default": None, "fused": True, "torch": False}[attention.value],
                tp_build=tp_build.value, all_reduces=reduces, masks=sources, mask_steps=mask_steps,
-               weights=formats, group_size=group_size, torchao=torchao)
+               weights=formats, group_size=group_size, torchao=torchao, quant_method=quant_method.value)
 
 
 def run_command(name: str, argv: list[str] | None) -> Any:

@@ -261,10 +261,12 @@ def run_quantized(
     deadline: float,
     phase: Callable[[str, Callable[[], Any]], Any],
     log: Callable[[str], None] = print,
+    quant_method: str = "rtn",
 ) -> None:
     """Time one quantized format (see the module docstring); rows go to `data["results"]`, the torchao row to
     `data["baselines"]`, the check to `data["checks"]`; the dispatch's settings ($TEAL_QUANT_KERNEL,
-    $TEAL_QUANT_LARGE_BATCH) to `data["quant_dispatch"]`."""
+    $TEAL_QUANT_LARGE_BATCH) to `data["quant_dispatch"]`. `quant_method` quantizes the engine ("rtn" or "hqq");
+    the check's shallow twin stays rtn, since the kernels read the codes of both methods alike."""
     data["quant_dispatch"] = {quant_gemv.QUANT_KERNEL_ENV: quant_gemv.quant_kernel_choice(),
                               quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice()}
     engine = build_engine()
@@ -281,7 +283,7 @@ def run_quantized(
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    engine.quantize_weights(weights, group_size)
+    engine.quantize_weights(weights, group_size, quant_method)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -320,7 +322,8 @@ def run_quantized(
                 measured, per = decode_sparsity(engine, ids, len(row["tokens"]) - 1, th, cs, row["tokens"])
             row.pop("tokens")
             nbytes = bytes_per_token(engine, per if s > 0 else None, context)
-            result = {"weights": weights, "group_size": group_size if weights == "int4" else None, "sparsity": s,
+            result = {"weights": weights, "group_size": group_size if weights == "int4" else None,
+                      "quant_method": quant_method, "sparsity": s,
                       "measured_sparsity": measured, "op": "quant-kernel", "sparse_path": None,
                       "requested_mode": mode, **row, "bytes_per_token": nbytes, "roofline_tokens_per_s": bw / nbytes,
                       "frac_of_roofline": row["tokens_per_s"] * nbytes / bw}

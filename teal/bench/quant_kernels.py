@@ -66,9 +66,11 @@ def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("lean",)
 
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
-              deadline: float | None = None, int4_decodes: Sequence[str] = ("lean",)) -> list[dict[str, Any]]:
+              deadline: float | None = None, int4_decodes: Sequence[str] = ("lean",),
+              quant_method: str = "rtn") -> list[dict[str, Any]]:
     """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. The CUDA
-    kernel's int4 rows come once per loop of ``int4_decodes`` (``teal.kernels.cuda.INT4_DECODES``)."""
+    kernel's int4 rows come once per loop of ``int4_decodes`` (``teal.kernels.cuda.INT4_DECODES``); int4 is
+    quantized by ``quant_method`` (rtn, or hqq: float zero points; the bytes read are the same)."""
     from teal.kernels.tune import time_graph_us
 
     from teal.kernels.ops import cuda_kernel_available
@@ -79,6 +81,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
         kernels = kernels_for(fmt, cuda_ok, int4_decodes)
+        method = quant_method if fmt == "int4" else "rtn"
         for model in models:
             for proj, k, splits in shapes[model]:
                 if deadline is not None and time.perf_counter() > deadline:
@@ -86,12 +89,12 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     continue
                 n = sum(splits)
                 w = (torch.randn(n, k, device=device) * k**-0.5).to(dtype)
-                qw = quantize(w.t().contiguous(), fmt, group_size)
+                qw = quantize(w.t().contiguous(), fmt, group_size, method)
                 code_bytes = qw.codes.numel() * qw.codes.element_size()
                 param_bytes = quant_param_bytes(fmt, k, n, group_size, elem)
                 copies = max(2, math.ceil(ROTATION_BYTES / (code_bytes + param_bytes)))
                 qws = [qw] + [quantize((torch.randn(n, k, device=device) * k**-0.5).to(dtype).t().contiguous(), fmt,
-                                       group_size) for _ in range(copies - 1)]
+                                       group_size, method) for _ in range(copies - 1)]
                 ws = [w] + [torch.empty_like(w).normal_(0, k**-0.5)
                             for _ in range(max(2, math.ceil(ROTATION_BYTES / (k * n * elem))) - 1)]
                 for batch in batches:
@@ -101,6 +104,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     for s, (name, decode, kern) in product(sparsities, kernels):
                         row: dict[str, Any] = {"weights": fmt, "kernel": name, "int4_decode": decode,
                                                "group_size": group_size if fmt == "int4" else None,
+                                               "quant_method": method,
                                                "model": model, "proj": proj, "K": k, "N": n, "splits": list(splits),
                                                "batch": batch, "sparsity": s, "code_bytes": code_bytes,
                                                "param_bytes": param_bytes, "bf16_weight_bytes": k * n * elem,

@@ -83,6 +83,7 @@ def run(
     weights: Sequence[str] = ("bf16",),
     group_size: int = 128,
     torchao: bool = True,
+    quant_method: str = "rtn",
 ) -> dict[str, Any]:
     """Benchmark decode speed; returns (and writes to `json_path`) the results dict.
 
@@ -104,15 +105,19 @@ def run(
     weights: weight formats to time ("bf16", "int8", "int4"; `teal.quant`, int4 in groups of `group_size`);
     bf16 is always timed (the quantized targets compare against our bf16 dense engine), then each quantized
     format by `teal.bench.quant_decode` (with torchao's weight-only config of that format in HF static-cache
-    generate when `torchao` and it imports). Every row carries its `weights`.
+    generate when `torchao` and it imports). Every row carries its `weights`. quant_method: how int4 is
+    quantized, "rtn" or "hqq" (`teal.quant`; int8 is always rtn): the same kernels and bytes, other codes.
     """
-    from teal.quant import WEIGHT_FORMATS, check_format
+    from teal.quant import WEIGHT_FORMATS, check_format, check_method
 
     unknown_formats = [w for w in weights if w not in WEIGHT_FORMATS]
     if unknown_formats:
         raise ValueError(f"unknown weight formats {unknown_formats}; choose from {', '.join(WEIGHT_FORMATS)}")
     check_format("int4", group_size)
     quant_formats = [w for w in dict.fromkeys(weights) if w != "bf16"]
+    if quant_method != "rtn" and "int4" not in quant_formats:
+        raise ValueError(f"quantization method {quant_method!r} is for int4 weights; add int4 to the weights timed")
+    check_method("int4" if "int4" in quant_formats else "bf16", quant_method)
     if quant_formats and tp != 1:
         raise ValueError("quantized weights are not supported with tensor parallelism (--tp 1)")
     masks = list(masks) or [MaskSource("random")]
@@ -163,6 +168,7 @@ def run(
     data["shaping"] = []
     data["weights"] = ["bf16", *quant_formats]
     data["group_size"] = group_size if "int4" in quant_formats else None
+    data["quant_method"] = quant_method if "int4" in quant_formats else None
 
     def save() -> None:
         if json_path is not None:
@@ -378,7 +384,8 @@ def run(
         for fmt in quant_formats:
             quant_decode.run_quantized(data, fmt, group_size, build_engine, build_hf, lambda: None, ids,
                                        sparsities, sparse_modes, new_tokens, repeats, bw, context, thresholds,
-                                       torchao and hf_baselines, deadline, phase, log)
+                                       torchao and hf_baselines, deadline, phase, log,
+                                       quant_method=quant_method if fmt == "int4" else "rtn")
         quant_decode.finish_quantized(data)
     data["targets"] = evaluate_targets(data)
     data["mask_comparison"] = mask_comparison(data)
