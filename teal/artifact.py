@@ -468,7 +468,11 @@ class Thresholds:
         self.check_info(checkpoint_info(directory))
 
     def check_info(self, info: dict[str, Any]) -> None:
-        """Raise :class:`ArtifactError` unless ``info`` (`teal.models.model_info`) is the calibrated model's."""
+        """Raise :class:`ArtifactError` unless ``info`` (`teal.models.model_info`) is the calibrated model's.
+        A quantized model (`teal.quantize_weights`) also carries its checkpoint's ``dense_fingerprint``, so the
+        same checkpoint matches in any weight format (bf16 for the engine, which quantizes after loading);
+        a format, group size or method that differs from the calibration's is a warning of the CLI
+        (`teal.quant.weights_mismatch`), not an error here."""
         mine = self.model
         for field_name in ("model_type", "n_layers", "hidden_size", "intermediate_size"):
             if info.get(field_name) != mine.get(field_name):
@@ -477,7 +481,8 @@ class Thresholds:
                     f"({field_name}={mine.get(field_name)}), not on {info.get('name_or_path')!r} "
                     f"({field_name}={info.get(field_name)}); calibrate this model first."
                 )
-        if info.get("fingerprint") != mine.get("fingerprint"):
+        prints = lambda d: {d.get("fingerprint"), d.get("dense_fingerprint")} - {None}  # noqa: E731
+        if info.get("fingerprint") != mine.get("fingerprint") and not prints(info) & prints(mine):
             raise ArtifactError(
                 f"thresholds were calibrated on {mine.get('name_or_path')!r} "
                 f"(fingerprint {mine.get('fingerprint')}), but the model given is "

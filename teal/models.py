@@ -782,9 +782,12 @@ def checkpoint_info(directory: str | Path) -> dict:
 
 
 def model_info(model) -> dict:
-    """Identity of a model, as stored in artifacts."""
+    """Identity of a model, as stored in artifacts. A model quantized by `teal.quantize_weights` adds
+    ``dense_fingerprint``, its checkpoint's fingerprint from before quantizing: the engine, which quantizes
+    after loading, checks artifacts against it (`teal.artifact.Thresholds.check_info`)."""
     cfg = _text_config(model.config)
-    return {
+    dense = getattr(model, "teal_weights", {}).get("dense_fingerprint")
+    info = {
         "name_or_path": getattr(model.config, "_name_or_path", None)
         or getattr(model, "name_or_path", None),
         "architecture": type(model).__name__,
@@ -797,3 +800,6 @@ def model_info(model) -> dict:
         or getattr(cfg, "num_attention_heads", None),
         "fingerprint": model_fingerprint(model),
     }
+    if dense:
+        info["dense_fingerprint"] = dense
+    return info

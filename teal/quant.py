@@ -258,8 +258,10 @@ def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: 
         return model
     check_method(weights, method)
     from teal.arch import get_adapter
+    from teal.models import model_fingerprint
 
     adapter = get_adapter(model)
+    dense_fingerprint = model_fingerprint(model)  # the checkpoint's: artifacts match it (teal.models.model_info)
     for key, module in adapter.projections().items():
         if isinstance(module, QuantLinear):
             raise ValueError(f"{key} is already quantized ({module.format}); load the model again to change format")
@@ -267,5 +269,6 @@ def quantize_weights(model: torch.nn.Module, weights: str = "int4", group_size: 
             raise ValueError(f"{key} is a {type(module).__name__}; quantize before teal.sparsify_")
         adapter.replace(key, QuantLinear(module, weights, group_size, method))
     model.teal_weights = {  # type: ignore[attr-defined]
-        "format": weights, "group_size": group_size if weights == "int4" else None, "method": method}
+        "format": weights, "group_size": group_size if weights == "int4" else None, "method": method,
+        "dense_fingerprint": dense_fingerprint}
     return model
