@@ -431,3 +431,244 @@ def test_lean_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
         errors.append(float((y.double() - ref).norm() / ref.norm()))
     ok = exact and max(errors) <= 2e-5
     assert ok == (fault is None), (fault, exact, errors)
+
+
+# ---- the CLI's weight options on the tiny HF directory (issue 19: every command, the artifact's record) -------
+def _cli(*args, **kw):
+    from typer.testing import CliRunner
+
+    from teal.cli import app
+
+    return CliRunner().invoke(app, [str(x) for x in args], **kw)
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.split())  # rich wraps long lines
+
+
+@pytest.fixture
+def quant_calls(monkeypatch):
+    """(path, weights, group_size, method) of every quantization the command asked for: the HF model's
+    (`teal.quant.quantize_weights`) and the engine's (`Engine.quantize_weights`)."""
+    import teal.quant
+    from teal.engine.model import Engine
+
+    calls = []
+    hf_quantize, engine_quantize = teal.quant.quantize_weights, Engine.quantize_weights
+
+    def on_hf(model, weights="int4", group_size=128, method="rtn"):
+        calls.append(("hf", weights, group_size, method))
+        return hf_quantize(model, weights, group_size, method)
+
+    def on_engine(self, weights, group_size=128, method="rtn"):
+        calls.append(("engine", weights, group_size, method))
+        return engine_quantize(self, weights, group_size, method)
+
+    monkeypatch.setattr(teal.quant, "quantize_weights", on_hf)
+    monkeypatch.setattr(Engine, "quantize_weights", on_engine)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tiny_model_dir):
+    """Thresholds of the tiny model calibrated on its int4 (group 32, rtn) weights."""
+    root = tiny_model_dir
+    r = _cli("calibrate", root / "model", "-o", root / "art4-g32", "--tokens", 1024, "--data",
+             f"file:{root / 'text.txt'}", "--seq-len", 64, "--weights", "int4", "--group-size", 32,
+             "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    return root / "art4-g32"
+
+
+def test_weights_mismatch_names_format_group_size_and_method():
+    from teal.quant import weights_mismatch
+
+    cal = {"weights": "int4", "group_size": 32, "quant_method": "hqq"}
+    assert weights_mismatch(cal, "int4", 32, "hqq") is None
+    for asked, named in ((("int4", 32, "rtn"), ("int4 weights (group size 32, hqq)", "int4 weights (group size 32, rtn)")),
+                         (("int4", 64, "hqq"), ("group size 32, hqq", "group size 64, hqq")),
+                         (("int8", 128, "rtn"), ("int4 weights (group size 32, hqq)", "int8 weights (rtn)"))):
+        message = weights_mismatch(cal, *asked)
+        assert message is not None and "\n" not in message, asked
+        assert all(n in message for n in named), message
+        assert f"--weights {asked[0]}" in message and "--weights int4 --group-size 32 --quant-method hqq" in message
+    bf16 = {"weights": "bf16", "group_size": None, "quant_method": None}
+    assert weights_mismatch(bf16, "bf16", 128, "rtn") is None and weights_mismatch(bf16, "int8") is not None
+    # artifacts from before a key was recorded: what is missing is not compared; no "weights" at all means bf16
+    assert weights_mismatch({"weights": "int4"}, "int4", 64, "hqq") is None
+    assert weights_mismatch({}, "bf16") is None and "calibrated with bf16 weights" in weights_mismatch({}, "int4")
+
+
+def test_cli_calibration_records_group_size_and_method_and_every_command_checks_them(tiny_model_dir, quant_calls,
+                                                                                     monkeypatch):
+    """`--quant-method hqq` reaches the quantizer (HF and engine), the artifact records format, group size and
+    method, and eval, generate --engine and bench decode --artifact warn in one line on a mismatch of any."""
+    import json
+    import shutil
+
+    pytest.importorskip("hqq", reason="the hqq package (extra [quant]) provides --quant-method hqq")
+    root = tiny_model_dir
+    data = ("--data", f"file:{root / 'text.txt'}", "--seq-len", 64)
+    r = _cli("calibrate", root / "model", "-o", root / "art-hqq", "--tokens", 512, *data, "--weights", "int4",
+             "--group-size", 32, "--quant-method", "hqq", "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    cal = json.loads((root / "art-hqq" / "teal_config.json").read_text())["calibration"]
+    assert (cal["weights"], cal["group_size"], cal["quant_method"]) == ("int4", 32, "hqq")
+    assert quant_calls == [("hf", "int4", 32, "hqq")]
+
+    def ppl(artifact, *weights):
+        r = _cli("eval", "ppl", root / "model", artifact, "--sparsity", "0", "--tokens", 64, *data, *weights)
+        assert r.exit_code == 0, r.output
+        warnings = [line for line in r.output.splitlines() if "warning" in line]
+        assert len(warnings) <= 1, r.output  # one line (rich does not wrap it)
+        return warnings[0] if warnings else None
+
+    assert ppl(root / "art-hqq", "--weights", "int4", "--group-size", 32, "--quant-method", "hqq") is None
+    line = ppl(root / "art-hqq", "--weights", "int4", "--group-size", 32)
+    assert "(group size 32, hqq) and this run uses int4 weights (group size 32, rtn)" in line
+    assert "--quant-method rtn" in line and "--quant-method hqq" in line
+    line = ppl(root / "art-hqq", "--weights", "int4", "--group-size", 64, "--quant-method", "hqq")
+    assert "group size 32" in line and "group size 64" in line
+    # an artifact written before group_size and quant_method were recorded: no warning for what it lacks
+    shutil.copytree(root / "art-hqq", root / "art-old", dirs_exist_ok=True)
+    cfg = json.loads((root / "art-old" / "teal_config.json").read_text())
+    del cfg["calibration"]["group_size"], cfg["calibration"]["quant_method"]
+    (root / "art-old" / "teal_config.json").write_text(json.dumps(cfg))
+    assert ppl(root / "art-old", "--weights", "int4", "--group-size", 64) is None
+    assert "calibrated with int4 weights and this run uses int8 weights" in ppl(root / "art-old", "--weights", "int8")
+
+    quant_calls.clear()
+    r = _cli("generate", root / "model", root / "art-hqq", "--engine", "--weights", "int4", "--group-size", 32,
+             "--quant-method", "hqq", "--sparsity", 0.5, "--prompt", "w1 w2 w3", "--max-new-tokens", 3,
+             "--no-chat-template")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert quant_calls == [("engine", "int4", 32, "hqq")]
+
+    # bench decode --artifact: the same check, before the benchmark (stubbed: it is the GPU's job)
+    import teal.bench.decode
+
+    runs = []
+    monkeypatch.setattr(teal.bench.decode, "run", lambda **kw: runs.append(kw))
+    bench = ("bench", "decode", "--device", "cpu", "--model", root / "model", "--artifact", root / "art-hqq")
+    r = _cli(*bench, "--weights", "int4", "--group-size", 32)
+    assert r.exit_code == 0, r.output
+    assert "warning: int4: the thresholds were calibrated with int4 weights (group size 32, hqq)" in r.output
+    assert runs[-1]["quant_method"] == "rtn" and runs[-1]["weights"] == ["int4"]
+    r = _cli(*bench, "--weights", "int4", "--group-size", 32, "--quant-method", "hqq")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert runs[-1]["quant_method"] == "hqq"
+
+
+@pytest.mark.parametrize("args", [
+    ("calibrate", "{model}", "-o", "{root}/never", "--weights", "int4", "--quant-method", "hqq"),
+    ("generate", "{model}", "--engine", "--weights", "int4", "--quant-method", "hqq"),
+    ("chat", "{model}", "--weights", "int4", "--quant-method", "hqq"),
+    ("bench", "decode", "--device", "cpu", "--weights", "int4", "--quant-method", "hqq"),
+])
+def test_cli_quant_method_hqq_without_the_package_is_one_line(args, tiny_model_dir, monkeypatch, capsys):
+    """No hqq package: one line naming the [quant] extra, exit code 2, before any model is loaded."""
+    import sys
+
+    import teal.bench.decode
+    import teal.models
+    from teal.cli import main
+
+    for name in ("hqq", "hqq.core", "hqq.core.optimize"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import hqq...` raises ImportError
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before --quant-method was checked")
+
+    monkeypatch.setattr(teal.models, "load_model", no_work)
+    monkeypatch.setattr(teal.bench.decode, "run", no_work)
+    argv = [a.format(model=tiny_model_dir / "model", root=tiny_model_dir) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert len(err.splitlines()) == 1 and "needs the hqq package" in err and "teal-sparsity[quant]" in err, err
+    assert not (tiny_model_dir / "never").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (("eval", "ppl", "{model}", "--sparsity", "0", "--weights", "int8", "--quant-method", "hqq"),
+     "quantization method 'hqq' is for int4 weights; int8 weights take rtn"),
+    (("eval", "ppl", "{model}", "--sparsity", "0", "--quant-method", "gptq"), "'gptq' is not one of 'rtn', 'hqq'"),
+    (("bench", "decode", "--device", "cpu", "--weights", "bf16,int8", "--quant-method", "hqq"),
+     "--quant-method hqq is for int4 weights; add int4 to --weights"),
+])
+def test_cli_quant_method_hqq_is_for_int4_only(args, message, tiny_model_dir, capsys):
+    from teal.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(model=tiny_model_dir / "model") for a in args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_cli_chat_takes_weights_on_hf_and_engine(tiny_model_dir, int4_artifact, quant_calls):
+    """`teal chat --weights int4 --group-size 32`: both backends quantize alike and answer alike (greedy)."""
+    replies = {}
+    for backend in ("hf", "engine"):
+        quant_calls.clear()
+        r = _cli("chat", tiny_model_dir / "model", int4_artifact, "--backend", backend, "--sparsity", 0.5,
+                 "--weights", "int4", "--group-size", 32, "--no-chat-template", "--max-new-tokens", 4,
+                 input="w1 w2 w3\n")
+        assert r.exit_code == 0, r.output
+        out = _flat(r.output)
+        assert f"on {backend} (sparsity 0.5, int4 weights)" in out and "warning" not in out, out
+        assert quant_calls == [(backend, "int4", 32, "rtn")]
+        replies[backend] = out.split("teal> ")[1].split(" [")[0]
+        assert "measured decode sparsity" in out
+    assert replies["hf"] == replies["engine"] and len(replies["hf"].split()) == 4
+    r = _cli("chat", tiny_model_dir / "model", int4_artifact, "--backend", "hf", "--weights", "int8",
+             "--no-chat-template", "--max-new-tokens", 2, input="w1\n")
+    assert r.exit_code == 0 and "calibrated with int4 weights (group size 32, rtn) and this run uses int8" in \
+        _flat(r.output), r.output
+
+
+def test_cli_generate_engine_int4_matches_hf_int4(tiny_model_dir, int4_artifact, quant_calls):
+    """`teal generate --engine --weights int4 --sparsity 0.5` with an int4-calibrated artifact runs on the CPU
+    engine (it checks the bf16 checkpoint, then quantizes) and writes what the int4 HF model writes."""
+    args = (tiny_model_dir / "model", int4_artifact, "--weights", "int4", "--group-size", 32, "--sparsity", 0.5,
+            "--prompt", "w1 w2 w3", "--max-new-tokens", 6, "--no-chat-template")
+    engine = _cli("generate", *args, "--engine")
+    hf = _cli("generate", *args)
+    assert engine.exit_code == 0 and hf.exit_code == 0, engine.output + hf.output
+    assert quant_calls == [("engine", "int4", 32, "rtn"), ("hf", "int4", 32, "rtn")]
+    text = lambda out: _flat(out).split("w1 w2 w3", 1)[1].split(" [")[0]  # noqa: E731
+    assert text(engine.output) == text(hf.output) and len(text(hf.output).split()) == 6
+    flat = _flat(engine.output)
+    assert "warning" not in flat and "measured decode sparsity" in flat and "sparsity setting 0.5]" in flat
+
+
+def test_cli_allocate_weights_int8(tiny_model_dir, quant_calls):
+    import json
+
+    root = tiny_model_dir
+    data = ("--data", f"file:{root / 'text.txt'}", "--seq-len", 64)
+    r = _cli("calibrate", root / "model", "-o", root / "art8", "--tokens", 512, *data, "--weights", "int8",
+             "--calibration", "dense")
+    assert r.exit_code == 0, r.output
+    r = _cli("allocate", root / "model", root / "art8", "--weights", "int8", "--tokens", 128, *data,
+             "--step", 0.05, "--max-level", 0.5, "--lazy")
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert quant_calls == [("hf", "int8", 128, "rtn")] * 2
+    cfg = json.loads((root / "art8" / "teal_config.json").read_text())
+    assert cfg["calibration"]["weights"] == "int8" and cfg["allocations"]["greedy"]["levels"][-1] == 0.5
+
+
+def test_cli_eval_tasks_weights_int4(tiny_model_dir, int4_artifact, quant_calls, tmp_path):
+    import json
+
+    task = tmp_path / "words.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 7}"],
+                                          "gold": i % 2}) for i in range(6)) + "\n")
+    js = tmp_path / "tasks.json"
+    r = _cli("eval", "tasks", tiny_model_dir / "model", int4_artifact, "--sparsity", "0,0.5", "--tasks",
+             f"file:{task}", "--weights", "int4", "--group-size", 32, "--json", js)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert quant_calls == [("hf", "int4", 32, "rtn")]
+    rows = json.loads(js.read_text())["results"]
+    assert [x["sparsity"] for x in rows] == [0, 0.5] and all(x["tasks"][f"file:{task}"]["n"] == 6 for x in rows)
+    assert rows[0]["measured_sparsity"] == 0.0 and 0.4 < rows[1]["measured_sparsity"] < 0.6
