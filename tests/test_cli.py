@@ -272,6 +272,12 @@ def test_bench_choices_match_the_engine_and_kernel_benchmark():
     assert set(cli.MODES) == set(MODES) and set(cli.SPARSE_PATHS) == set(SPARSE_PATHS)
     assert set(cli.ALL_REDUCES) == {"auto", *ALL_REDUCES}
     assert set(cli.KERNEL_SHAPES) == set(kernels.SHAPES)
+    import typing
+
+    import teal.cli
+    from teal.quant import INT4_METHODS
+
+    assert {m.value for m in cli.QuantMethod} == set(typing.get_args(teal.cli.QuantMethod)) == set(INT4_METHODS)
     for family in {f.value for f in cli.TuneFamilies} - {"auto"}:  # each one the tuner knows
         for batch in (1, 2):
             assert candidate_configs(4096, 4096, batch, 132, families=family), (family, batch)

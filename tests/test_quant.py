@@ -672,3 +672,22 @@ def test_cli_eval_tasks_weights_int4(tiny_model_dir, int4_artifact, quant_calls,
     rows = json.loads(js.read_text())["results"]
     assert [x["sparsity"] for x in rows] == [0, 0.5] and all(x["tasks"][f"file:{task}"]["n"] == 6 for x in rows)
     assert rows[0]["measured_sparsity"] == 0.0 and 0.4 < rows[1]["measured_sparsity"] < 0.6
+
+
+def test_cli_serve_passes_the_weight_options_and_checks_the_artifact(tiny_model_dir, int4_artifact, monkeypatch):
+    import teal.serve
+
+    pytest.importorskip("hqq", reason="the hqq package (extra [quant]) provides --quant-method hqq")
+    seen = {}
+
+    def fake_build(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(teal.serve, "build_served", fake_build)
+    r = _cli("serve", tiny_model_dir / "model", int4_artifact, "--device", "cpu", "--weights", "int4", "--group-size",
+             32, "--quant-method", "hqq")
+    assert r.exit_code == 0, r.output
+    assert (seen["weights"], seen["group_size"], seen["quant_method"]) == ("int4", 32, "hqq")
+    assert "calibrated with int4 weights (group size 32, rtn) and this run uses int4 weights (group size 32, hqq)" \
+        in _flat(r.output)

@@ -41,7 +41,6 @@ SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
 ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # teal.quant.WEIGHT_FORMATS
 INT4_GROUP_SIZES = (32, 64, 128)  # teal.quant.INT4_GROUP_SIZES
-INT4_METHODS = ("rtn", "hqq")  # teal.quant.INT4_METHODS
 INT4_DECODES = ("current", "lean")  # teal.kernels.cuda.INT4_DECODES (the CUDA kernel's int4 loops)
 
 
