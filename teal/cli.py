@@ -639,6 +639,9 @@ def generate(
         raise typer.BadParameter("--prefill sparse is not available with --tp (the shards prefill densely)")
     if tp > 1 and calibration is not None:
         raise typer.BadParameter("--calibration is not available with --tp (the shards use the artifact's own)")
+    if tp > 1 and weights != "bf16":
+        raise typer.BadParameter(f"--weights {weights} is not available with --tp (the shards are bf16); use --tp 1",
+                                 param_hint="--weights")
     if sparsity > 0 and artifact is None:
         raise typer.BadParameter("a sparsity above 0 needs a thresholds artifact: teal generate MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")

@@ -596,8 +596,9 @@ def test_cli_quant_method_hqq_without_the_package_is_one_line(args, tiny_model_d
     (("eval", "ppl", "{model}", "--sparsity", "0", "--quant-method", "gptq"), "'gptq' is not one of 'rtn', 'hqq'"),
     (("bench", "decode", "--device", "cpu", "--weights", "bf16,int8", "--quant-method", "hqq"),
      "--quant-method hqq is for int4 weights; add int4 to --weights"),
+    (("generate", "{model}", "--tp", "2", "--weights", "int4"), "--weights int4 is not available with --tp"),
 ])
-def test_cli_quant_method_hqq_is_for_int4_only(args, message, tiny_model_dir, capsys):
+def test_cli_weight_options_that_cannot_apply_are_one_line(args, message, tiny_model_dir, capsys):
     from teal.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
