@@ -39,7 +39,7 @@ test: $(VENV)/.teal-dev
 # The GPU image has its own python (torch, triton, transformers, typer, rich, pytest): no venv, the tree on
 # PYTHONPATH. The `gpu`-marked tests of GPU_TESTS (not all of tests/: some modules import packages the image
 # lacks); TRITON_INTERPRET=0 so that CPU test modules imported alongside do not switch on the interpreter.
-GPU_TESTS ?= tests/gpu tests/test_kernels_persistent.py
+GPU_TESTS ?= tests/gpu
 GPU_PYTHON ?= python3
 GPU_RESULTS ?= out/test-gpu
 # 8 pytest-xdist workers (installed on the GPU image) share the GPU: the Triton, NVRTC and Inductor

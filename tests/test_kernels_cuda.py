@@ -440,61 +440,6 @@ def test_quantized_variants_compile_for_sm90_without_spills(tmp_path, weights, d
             assert burst >= variant.unroll * variant.vecs, (variant, ops_seen[first : first + 2 * variant.unroll])
 
 
-@requires_nvrtc
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_slice_flag_variants_compile_for_sm90_without_spills(tmp_path, dtype):
-    """The flagged gate|up (producer, SLICE_FLAGS 1) and down (consumer, 2) variants at the Llama-3-8B MLP's
-    tuned configurations and at other clusters compile for sm_90 with no spills. In the SASS: the consumer
-    has no griddepcontrol.wait (ACQBULK), takes its 64-bit ticket, reads the gate|up row with strong gpu-scope
-    loads (never the read-only path) and still issues a step's weight loads before its first FFMA; the
-    producer keeps its wait and release-adds its flag; today's variants are unchanged (wait, no flag)."""
-    from teal.kernels.configs import TUNED_CUDA
-
-    other = KernelConfig(block_n=512 if dtype != torch.float32 else 256, block_r=8, split_k=2, num_warps=8, cuda=True)
-    cases = []
-    for role, (k, n), pdls in ((1, (4096, 28672), (1, 2)), (2, (14336, 4096), (2,)), (0, (14336, 4096), (2,))):
-        for cfg in (TUNED_CUDA[(k, n, 1, "bf16")],) + ((other,) if dtype == torch.bfloat16 and role else ()):
-            glu = k == 14336
-            geo = cuda.geometry(k, [n // 2, n // 2] if not glu else [n], cfg, dtype)
-            cases += [cuda.variant_for(cfg, dtype, has_scale=False, glu=glu, pdl=pdl, rows_per_warp=geo.rows_per_warp,
-                                       slice_flags=role) for pdl in pdls]
-    assert {v.slice_flags for v in cases} == {0, 1, 2}
-    for variant in sorted(set(cases), key=repr):
-        code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
-                                                [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
-        spills = re.findall(r"(\d+) bytes spill stores", log)
-        assert spills and all(s == "0" for s in spills), (variant, log)
-        if CUOBJDUMP is None:
-            continue
-        cubin = tmp_path / "f.cubin"
-        cubin.write_bytes(code)
-        sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-        waits = "ACQBULK" in sass
-        release = re.search(r"\bREDG?\.E\.ADD\.STRONG\.GPU\b", sass) is not None
-        ticket = re.search(r"\bATOMG\.E\.ADD\.64\.STRONG\.GPU\b", sass) is not None
-        input_loads = re.findall(r"\bLDG\.E(?:\.U16)?\.(CONSTANT|STRONG\.GPU)\b", sass)
-        if variant.slice_flags == 2:
-            assert not waits and ticket and not release, variant
-            # the one read-only 32-bit load left is the threshold; the gate and up values are strong loads
-            assert input_loads.count("CONSTANT") <= 1, (variant, input_loads)
-            assert input_loads.count("STRONG.GPU") >= 2 * variant.list_step, (variant, input_loads)
-            ops_seen = re.findall(r"\b(LDG\.E\.NA\.128\S*|FFMA)", sass)
-            first = next(i for i, o in enumerate(ops_seen) if o.startswith("LDG.E.NA.128"))
-            burst = next((i for i, o in enumerate(ops_seen[first:]) if o == "FFMA"), len(ops_seen) - first)
-            assert burst >= variant.unroll * variant.vecs, (variant, ops_seen[first : first + 32])
-        else:
-            assert waits and not ticket and release == (variant.slice_flags == 1), variant
-
-
-def test_slice_flags_variant_defines():
-    cfg = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
-    plain = cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=True, pdl=2)
-    flagged = cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=True, pdl=2, slice_flags=2)
-    assert not any("SLICE_FLAGS" in d for d in plain.defines())  # today's builds: unchanged options
-    assert "-DSLICE_FLAGS=2" in flagged.defines() and plain != flagged
-
-
 def test_quantized_rows_per_step_and_registers():
     """bf16 variants keep their rows per step; int4 at 5-8 rows takes at most 16 per step; a block too wide for
     the quantized sums is refused with the numbers, and fp32 inputs are refused for quantized weights."""

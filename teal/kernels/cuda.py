@@ -82,7 +82,6 @@ class Variant:
     mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
     weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
     group: int = 0  # int4: input rows per (scale, zero) group
-    slice_flags: int = 0  # SLICE_FLAGS: 0 off, 1 gate|up releases per-slice flags, 2 down waits for them
     int4_decode: int = 0  # int4: INT4_DECODES (0 the current loop, 1 the lean one)
 
     def defines(self) -> list[str]:
@@ -93,8 +92,6 @@ class Variant:
         ]
         if self.weights:
             out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
-        if self.slice_flags:
-            out.append(f"-DSLICE_FLAGS={self.slice_flags}")
         if self.int4_decode:  # only when set: the default variant keeps its options (and its cache entry)
             out.append(f"-DINT4_DECODE={self.int4_decode}")
         return out
@@ -178,10 +175,9 @@ def list_step(rows_per_warp: int, batch: int = 1) -> int:
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
                 rows_per_warp: int = 128, batch: int = 1, weights: str = "bf16", group: int = 0,
-                slice_flags: int = 0, int4_decode: str = "current") -> Variant:
+                int4_decode: str = "current") -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
-    ``geometry``; ``weights``/``group``: the weight format, ``WEIGHT_CODES``; ``slice_flags``: the role in a
-    flagged gate|up -> down pair, ``teal.kernels.slice_flags``; ``int4_decode``: the int4 loop,
+    ``geometry``; ``weights``/``group``: the weight format, ``WEIGHT_CODES``; ``int4_decode``: the int4 loop,
     ``INT4_DECODES``)."""
     code = WEIGHT_CODES[weights]
     if int4_decode not in INT4_DECODES:
@@ -191,7 +187,7 @@ def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, gl
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch, code),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
                    list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0,
-                   slice_flags, INT4_DECODES[int4_decode])
+                   INT4_DECODES[int4_decode])
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -591,39 +587,16 @@ def launch_quant(x: torch.Tensor, qw: "QuantizedWeight", y: torch.Tensor, thresh
             stride_q=qw.scales.stride(0) if qw.format == "int4" else 0, int4_decode=int4_decode)
 
 
-@dataclass(frozen=True)
-class FlagLaunch:
-    """The per-slice flag arguments of one launch (``teal.kernels.slice_flags`` builds them): the role (1
-    producer, 2 consumer), the flag buffer (int32, ``slice_flags.FLAGS_WORD`` + one word per slice), the
-    slice width in input channels, the arrivals each slice gets per call and the consumer's poll bound."""
-
-    role: int
-    buffer: torch.Tensor
-    slice_width: int
-    arrivals: int
-    spin_limit: int
-
-
-def launch_flagged(x: torch.Tensor, w_t: torch.Tensor, y: torch.Tensor, thresholds: torch.Tensor,
-                   col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig,
-                   flags: FlagLaunch, *, pdl: int = 0) -> None:
-    """``launch`` as one side of a flagged gate|up -> down pair (``teal.kernels.slice_flags.launch_pair``
-    checks the pair's contract first): role 1 is the gate|up product, role 2 down's SiLU-gated product."""
-    _launch(x, w_t.data_ptr(), w_t.shape[0], w_t.stride(0), y, thresholds, col_scale, split_list, config,
-            glu=flags.role == 2, pdl=pdl, flags=flags)
-
-
 def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor, thresholds: torch.Tensor,
             col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *, glu: bool = False,
             pdl: int = 0, weights: str = "bf16", group: int = 0, qscale: Optional[torch.Tensor] = None,
-            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, flags: Optional[FlagLaunch] = None,
-            int4_decode: str = "current") -> None:
+            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, int4_decode: str = "current") -> None:
     batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
                           rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group,
-                          slice_flags=flags.role if flags is not None else 0, int4_decode=int4_decode)
+                          int4_decode=int4_decode)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds
@@ -636,10 +609,6 @@ def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor,
         *(ctypes.c_int(v) for v in geo.offsets), *(ctypes.c_int(v) for v in geo.block_starts), ctypes.c_int(geo.n_end),
         ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
         ctypes.c_void_p(qs.data_ptr()), ctypes.c_void_p(qz.data_ptr()), ctypes.c_int(stride_q),
-        ctypes.c_void_p(flags.buffer.data_ptr() if flags is not None else 0),
-        ctypes.c_int(flags.slice_width if flags is not None else 1),
-        ctypes.c_int(flags.arrivals if flags is not None else 0),
-        ctypes.c_uint(flags.spin_limit if flags is not None else 0),
     ]
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()

@@ -35,16 +35,6 @@
 //             columns s * 64 + g * 8 .. + 8 of each slot s; byte permutes pair two rows' values of
 //             one column into a fragment register, so no shared memory staging is needed. It keeps the
 //             batch's products off the FMA pipes, which bound the FMA loop at 4-8 rows.
-//   SLICE_FLAGS 0 off; 1 producer: the gate|up launch (two equal segments, gate then up) releases, per program,
-//             the flag of its channel slice (its column block within the segment: BLOCK_N channels of down's
-//             input) once its columns are stored; 2 consumer: the down launch (GLU) skips griddepcontrol.wait
-//             and each warp instead waits for the flags of the input slices its rows read (teal/kernels/
-//             slice_flags.py has the protocol, its buffer layout and the deadlock argument). Flags only grow:
-//             a call adds 2 x SPLIT (gate and up, each rank) per slice; the consumer's call number comes from a
-//             64-bit ticket its programs take before they let the next kernel launch, so nothing is reset
-//             between calls or graph replays. A wait longer than `spin_limit` polls records (slice, program,
-//             warp, flag seen, target) in the buffer and the kernel returns instead of hanging; every later
-//             wait gives up at once until the host resets the buffer.
 //   WFMT      weights: 0 in the element type; 1 int8 codes, one scale per output column (y = scale * sum);
 //             2 int4 codes, two per byte along N (low nibble first), with a (scale, zero) pair per group of
 //             GROUP input rows and output column: w = (q - zero) * scale (teal/quant.py). A lane's 8 columns
@@ -97,21 +87,6 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #if WFMT && (MMA || ELEM == 2 || GLU)
 #error "quantized weights take 16-bit inputs, the FMA inner product and no fused GLU"
 #endif
-#ifndef SLICE_FLAGS
-#define SLICE_FLAGS 0
-#endif
-#if SLICE_FLAGS && (BATCH != 1 || WFMT)
-#error "per-slice flags take batch 1 and weights in the element type"
-#endif
-#if SLICE_FLAGS == 2 && !GLU
-#error "the flag consumer is down's launch, which reads the gate|up row (GLU)"
-#endif
-// Word offsets in the flag buffer (unsigned 32-bit words; teal/kernels/slice_flags.py mirrors them): the
-// consumer's 64-bit ticket, the error report, then one flag per slice on lines of their own.
-#define SF_TICKET 0
-#define SF_ERROR 8
-#define SF_FLAGS 32
-
 #ifndef INT4_DECODE
 #define INT4_DECODE 0
 #endif
@@ -175,73 +150,15 @@ __device__ __forceinline__ elem_t from_f32(float f) {
 // Round an fp32 value to the element type and back (eager PyTorch's intermediate roundings).
 __device__ __forceinline__ float round_elem(float f) { return to_f32(from_f32(f)); }
 
-// One input element. The flag consumer reads what the producer writes while this kernel runs: a strong
-// (relaxed, gpu-scope) load, never the read-only path, issued after the warp's acquire of the slice's flag
-// (volatile asm stays after the acquire's asm in program order).
-__device__ __forceinline__ float load_input(const elem_t* p) {
-#if SLICE_FLAGS == 2
-#if ELEM == 2
-    float f;
-    asm volatile("ld.relaxed.gpu.global.f32 %0, [%1];" : "=f"(f) : "l"(p));
-    return f;
-#else
-    unsigned short h;
-    asm volatile("ld.relaxed.gpu.global.b16 %0, [%1];" : "=h"(h) : "l"(p));
-    return to_f32(h);
-#endif
-#else
-    return to_f32(*p);
-#endif
-}
-
 __device__ __forceinline__ float input_at(const elem_t* __restrict__ x, int i, int K) {
 #if GLU
-    const float g = load_input(x + i);
+    const float g = to_f32(x[i]);
     const float act = round_elem(g / (1.0f + expf(-g)));
-    return round_elem(act * load_input(x + K + i));
+    return round_elem(act * to_f32(x[K + i]));
 #else
-    return load_input(x + i);
+    return to_f32(x[i]);
 #endif
 }
-
-#if SLICE_FLAGS == 2
-__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
-    unsigned v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
-// Wait (the whole warp) until the flag of input slice `s` reaches `target` (wrap-safe: flags only grow and
-// are never more than a few calls from the target). Lane 0 polls; then every lane acquires the flag itself,
-// so each lane's own loads of the slice are ordered after the producer's release. A poll count above
-// `spin_limit`, or an error already recorded by another wait, ends the wait (first reporter writes the
-// report), so a missing release becomes a reported error, not a hang.
-__device__ __noinline__ void wait_slice(unsigned* sync, int s, unsigned target, unsigned spin_limit, int warp) {
-    const unsigned* flag = sync + SF_FLAGS + s;
-    if ((threadIdx.x & 31) == 0) {
-        unsigned spins = 0;
-        for (;;) {
-            const unsigned seen = load_acquire(flag);
-            if ((int)(seen - target) >= 0) break;
-            if ((spins & 63) == 63 && load_acquire(sync + SF_ERROR) != 0) break;
-            if (++spins > spin_limit) {
-                if (atomicCAS(sync + SF_ERROR, 0u, 1u) == 0u) {
-                    sync[SF_ERROR + 1] = (unsigned)s;
-                    sync[SF_ERROR + 2] = blockIdx.y * gridDim.x + blockIdx.x;
-                    sync[SF_ERROR + 3] = (unsigned)warp;
-                    sync[SF_ERROR + 4] = seen;
-                    sync[SF_ERROR + 5] = target;
-                }
-                break;
-            }
-            asm volatile("nanosleep.u32 64;");
-        }
-    }
-    __syncwarp();
-    (void)load_acquire(flag);
-    __syncwarp();
-}
-#endif
 
 // One 16-byte vector of weights if `pred`, else zeros; streamed (read-only path, not kept in L1). Not
 // volatile, so the compiler may issue a step's loads together, ahead of their products.
@@ -446,8 +363,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
     int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y,
-    const elem_t* __restrict__ qscale, const elem_t* __restrict__ qzero, int stride_q,
-    unsigned* __restrict__ sync, int flag_slice, int flag_arrivals, unsigned spin_limit) {
+    const elem_t* __restrict__ qscale, const elem_t* __restrict__ qzero, int stride_q) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
@@ -499,34 +415,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
 #endif
 #endif
-#if SLICE_FLAGS == 2
-    // This call's number from the ticket, taken before the next kernel may launch (so every program of call e
-    // has its ticket before any program of call e + 1 takes one); the flags it waits for reach
-    // (e + 1) * flag_arrivals.
-    __shared__ unsigned sf_target;
-    if (threadIdx.x == 0) {
-        unsigned long long ticket;
-        asm volatile("atom.relaxed.gpu.global.add.u64 %0, [%1], 1;"
-                     : "=l"(ticket) : "l"(sync + SF_TICKET) : "memory");
-        const unsigned long long programs = (unsigned long long)gridDim.x * gridDim.y;
-        sf_target = (unsigned)((ticket / programs + 1ull) * (unsigned long long)flag_arrivals);
-    }
-    __syncthreads();
-    const unsigned target = sf_target;
-#endif
 #if PDL == 1
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-#if PDL && SLICE_FLAGS != 2
+#if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
     const float thr = thresholds[seg];
-#if SLICE_FLAGS == 2
-    // Only the slices this warp's rows read: [row_lo, row_hi) spans one or two slices of flag_slice channels.
-    if (row_lo < row_hi)
-        for (int s = row_lo / flag_slice; s <= (row_hi - 1) / flag_slice; ++s)
-            wait_slice(sync, s, target, spin_limit, warp);
-#endif
 
     // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
     //    own row's rule): LIST_STEP rows per lane loaded, then ballots.
@@ -897,13 +792,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         const int col = col0 + t % BLOCK_N;
         if (col < seg_end) y[b * stride_y + col] = from_f32(partial[t]);
     }
-#endif
-#if SLICE_FLAGS == 1
-    // Release this program's share of its channel slice: every thread's stores are fenced at gpu scope and
-    // meet at the barrier before thread 0's release-add (one of 2 x SPLIT arrivals the slice gets per call).
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0)
-        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" :: "l"(sync + SF_FLAGS + (cb - seg_cb)) : "memory");
 #endif
 }
