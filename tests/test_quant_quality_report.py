@@ -5,6 +5,7 @@ stands in for the model (seconds)."""
 import contextlib
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -140,3 +141,45 @@ def test_no_interpolation_across_a_wide_bracket(qq):
     assert [qq.at_measured(res, "bf16", "teal-uniform", "ppl", x) for x in (0.25, 0.4, 0.5)] == [None] * 3
     res.append(r("teal-uniform", 0.25, 0.24, 20.0))
     assert qq.at_measured(res, "bf16", "teal-uniform", "ppl", 0.4) == pytest.approx(20.0 * 2 ** (16 / 24))
+
+
+def merge(qq, out: Path, *parts: Path) -> tuple[int, dict]:
+    rc = qq.main(["--model", "tiny", "--merge", *map(str, parts), "--out", str(out)])
+    path = out / "tiny-quant.json"
+    return rc, (json.loads(path.read_text()) if path.is_file() else {})
+
+
+def test_merge_of_copies_resumed_apart_keeps_each_setting_once_with_its_tasks(qq, tiny, tmp_path):
+    """Two copies of one JSON, each resumed with the tasks of one format, merge into one JSON: every setting
+    once, its PPL as first measured, its tasks from the copy that measured them."""
+    base = tmp_path / "base"
+    rc, first = run(qq, base, "--task-sparsities", "none")
+    assert rc == 0
+    parts = {}
+    for label in ("bf16", "int8"):
+        shutil.copytree(base, tmp_path / label)
+        rc, parts[label] = run(qq, tmp_path / label, "--task-sparsities", "0.5", "--formats", label)
+        assert rc == 0
+    rc, merged = merge(qq, tmp_path / "merged", tmp_path / "bf16", tmp_path / "int8")
+    assert rc == 0
+    keys = [(r["weights"], r["method"], r["sparsity"]) for r in merged["results"]]
+    assert sorted(keys) == sorted(rows(first))  # each setting once
+    for key, r in rows(merged).items():
+        assert r["ppl"] == rows(first)[key]["ppl"]
+        measured = rows(parts[key[0]])[key]  # the copy resumed with this format's tasks
+        assert r["tasks_avg"] is not None and r["tasks"] == measured["tasks"]
+        assert r["measured_sparsity_tasks"] == measured["measured_sparsity_tasks"]
+    md = (tmp_path / "merged" / "tiny-quant.md").read_text()
+    assert merged["command"] in md and "--merge" in merged["command"]
+    assert all(f"`{p['command']}`" in md for p in parts.values())  # each part's measuring command listed
+
+
+def test_merge_refuses_a_setting_measured_differently(qq, tiny, tmp_path):
+    for name in ("a", "b"):
+        assert run(qq, tmp_path / name, "--task-sparsities", "none", "--formats", "bf16")[0] == 0
+    path = tmp_path / "b" / "tiny-quant.json"
+    data = json.loads(path.read_text())
+    data["results"][-1]["ppl"] *= 1.01  # another measurement of the same setting
+    path.write_text(json.dumps(data))
+    rc, merged = merge(qq, tmp_path / "merged", tmp_path / "a", tmp_path / "b")
+    assert rc == 2 and not merged

@@ -210,6 +210,58 @@ def build_artifact(model, tok, args, label: str, allocations: list[str], levels:
     return th
 
 
+# the numbers that make a row's PPL measurement; a setting in several parts must carry the same ones
+PPL_KEYS = ("ppl", "ppl_lambada", "measured_sparsity", "measured_sparsity_lambada")
+TASK_KEYS = ("tasks", "tasks_avg", "measured_sparsity_tasks")
+
+
+def budget_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The budgets (and the task list) in which two runs' JSONs differ, besides those a resumed run may change."""
+    ba, bb = a.get("budgets", {}), b.get("budgets", {})
+    differ = sorted(k for k in {**ba, **bb} if k not in RESUMABLE_BUDGETS and ba.get(k) != bb.get(k))
+    return differ + (["tasks"] if a.get("tasks") != b.get("tasks") else [])
+
+
+def merge_results(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every setting of the parts once, sorted. Parts may be copies of one JSON, each resumed with the tasks of
+    other formats or levels: a setting in several parts must have the same PPL measurement (else ValueError),
+    and keeps the tasks of the part that measured them (ValueError where two parts measured them differently)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for part in parts:
+        for r in part["results"]:
+            key = (r["weights"], r["method"], r["sparsity"])
+            old = merged.setdefault(key, r)
+            if old is r:
+                continue
+            name = f"{r['weights']} {r['method']} at nominal {r['sparsity']:.2f}"
+            differ = [k for k in PPL_KEYS if old.get(k) != r.get(k)]
+            if differ:
+                raise ValueError(f"{name} was measured differently in two parts ({', '.join(differ)}); merge runs "
+                                 "split by format, or copies of one JSON resumed apart")
+            if r.get("tasks_avg") is None:
+                continue
+            if old.get("tasks_avg") is not None and any(old.get(k) != r.get(k) for k in TASK_KEYS):
+                raise ValueError(f"{name}: two parts measured its tasks differently; keep one of the runs")
+            merged[key] = r
+    return sorted(merged.values(), key=lambda r: (list(FORMATS).index(r["weights"]), r["sparsity"],
+                                                  ["dense", *METHODS].index(r["method"])))
+
+
+def merge_format_info(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each format's info (the last part's); ValueError where two parts recorded different thresholds
+    artifacts for one format (their rows were sparsified with different thresholds)."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        for label, info in part["format_info"].items():
+            a, b = out.get(label, {}).get("artifact", {}), info.get("artifact", {})
+            differ = [k for k in a.keys() & b.keys() if a[k] != b[k]]
+            if differ:
+                raise ValueError(f"the {label} rows of two parts used different thresholds artifacts "
+                                 f"({', '.join(differ)}); merge runs that share --artifacts")
+            out[label] = {**info, "artifact": {**a, **b}} if (a or b) else info
+    return out
+
+
 # ------------------------------------------------------------------ tables
 def points(results: list[dict], label: str, method: str, key: str) -> list[dict]:
     """Direct settings of (format, method) with the format's dense row at measured sparsity 0."""
@@ -266,11 +318,22 @@ def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def commands(data: dict[str, Any]) -> list[str]:
+    """Markdown lines listing the earlier commands whose rows the JSON holds (its ``history``, and for a merged
+    JSON each part's), oldest first; none for a single run."""
+    lines = []
+    for run in data.get("runs", []):
+        lines += [f"- `{h['command']}`" for h in run.get("history") or []] + [f"- `{run['command']}`"]
+    lines += [f"- `{h['command']}`" for h in data.get("history") or []]
+    return ["Earlier runs whose rows it keeps, oldest first (the JSON's `runs` and `history`):", "", *lines,
+            ""] if lines else []
+
+
 def markdown(data: dict[str, Any]) -> str:
     res = data["results"]
     tasks = data["tasks"]
     lines = [f"### {data['model']}: quantized weights with activation sparsity", "",
-             f"Command: `{data['command']}`", "",
+             f"Command: `{data['command']}`", "", *commands(data),
              "Direct measurements (`nominal`: the level set; `measured`: zeros produced on the olmo-wiki "
              "evaluation text; fp32 arithmetic on the CPU, `prefill=\"sparse\"`; thresholds calibrated on each "
              "format's own quantized model). `weight err`: relative Frobenius error of the projections' weights.",
@@ -363,13 +426,22 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.out / f"{rq.slug(args.model)}-quant.json"
     if args.merge:
         parts = [json.loads((d / f"{rq.slug(args.model)}-quant.json").read_text()) for d in args.merge]
-        data = dict(parts[0])
+        data = {k: v for k, v in parts[0].items() if k not in ("history", "seconds_total")}
+        data["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
+        data["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         data["formats"] = [x for x in FORMATS if any(x in p["formats"] for p in parts)]
         data["methods"] = list(dict.fromkeys(m for p in parts for m in p["methods"]))
-        data["results"] = sorted((r for p in parts for r in p["results"]),
-                                 key=lambda r: (list(FORMATS).index(r["weights"]), r["sparsity"],
-                                                ["dense", *METHODS].index(r["method"])))
-        data["format_info"] = {k: v for p in parts for k, v in p["format_info"].items()}
+        try:
+            for d, part in zip(args.merge[1:], parts[1:]):
+                differ = budget_differences(parts[0], part)
+                if differ:
+                    raise ValueError(f"{d} was measured with other settings than {args.merge[0]} "
+                                     f"({', '.join(differ)})")
+            data["results"] = merge_results(parts)
+            data["format_info"] = merge_format_info(parts)
+        except ValueError as e:
+            print(f"--merge: {e}", file=sys.stderr)
+            return 2
         data["runs"] = [{k: p.get(k) for k in ("formats", "command", "date", "seconds_total", "history")}
                         for p in parts]
         for r in data["results"]:
@@ -408,13 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and json_path.is_file():
         old = json.loads(json_path.read_text())
 
-        def comparable(budgets: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in budgets.items() if k not in RESUMABLE_BUDGETS}
-
-        differ = sorted(k for k in {**comparable(old.get("budgets", {})), **comparable(data["budgets"])}
-                        if old.get("budgets", {}).get(k) != data["budgets"].get(k))
-        if old.get("tasks") != data["tasks"]:
-            differ.append("tasks")
+        differ = budget_differences(old, data)
         if differ:
             print(f"--resume: {json_path} was measured with other settings ({', '.join(differ)}); "
                   "give the same settings or another --out", file=sys.stderr)
@@ -424,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         data["formats"] = [x for x in FORMATS if x in labels or x in old["formats"]]
         data["methods"] = [m for m in METHODS if m in methods or m in old["methods"]]
         data["history"] = [*old.get("history", []), {k: old.get(k) for k in ("date", "command", "seconds_total")}]
+        if "runs" in old:  # a merged JSON: the commands of the runs it was merged from
+            data["runs"] = old["runs"]
         log(f"resuming: {len(data['results'])} rows in {json_path}")
     done = {(r["weights"], r["method"], r["sparsity"]): r for r in data["results"]}
 
