@@ -172,6 +172,7 @@ def test_merge_of_copies_resumed_apart_keeps_each_setting_once_with_its_tasks(qq
     md = (tmp_path / "merged" / "tiny-quant.md").read_text()
     assert merged["command"] in md and "--merge" in merged["command"]
     assert all(f"`{p['command']}`" in md for p in parts.values())  # each part's measuring command listed
+    assert md.count(f"`{first['command']}`") == 1  # the run both copies share, once
 
 
 def test_merge_refuses_a_setting_measured_differently(qq, tiny, tmp_path):

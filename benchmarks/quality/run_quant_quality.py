@@ -321,10 +321,12 @@ def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
 def commands(data: dict[str, Any]) -> list[str]:
     """Markdown lines listing the earlier commands whose rows the JSON holds (its ``history``, and for a merged
     JSON each part's), oldest first; none for a single run."""
-    lines = []
+    runs = []
     for run in data.get("runs", []):
-        lines += [f"- `{h['command']}`" for h in run.get("history") or []] + [f"- `{run['command']}`"]
-    lines += [f"- `{h['command']}`" for h in data.get("history") or []]
+        runs += [h["command"] for h in run.get("history") or []] + [run["command"]]
+    runs += [h["command"] for h in data.get("history") or []]
+    # parts copied from one JSON share their earlier runs: each command once
+    lines = [f"- `{c}`" for c in dict.fromkeys(runs)]
     return ["Earlier runs whose rows it keeps, oldest first (the JSON's `runs` and `history`):", "", *lines,
             ""] if lines else []
 
