@@ -41,7 +41,6 @@ SPARSE_PATHS = ("kernel", "producer")  # teal.engine.projection.SPARSE_PATHS
 ALL_REDUCES = ("auto", "nccl", "symm_mem")  # "auto" and teal.engine.collectives.ALL_REDUCES
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # teal.quant.WEIGHT_FORMATS
 INT4_GROUP_SIZES = (32, 64, 128)  # teal.quant.INT4_GROUP_SIZES
-INT4_DECODES = ("current", "lean")  # teal.kernels.cuda.INT4_DECODES (the CUDA kernel's int4 loops)
 
 
 class Dtype(str, enum.Enum):
@@ -206,15 +205,11 @@ def kernels_command(
                                              "against a float64 dequantize-then-multiply reference first)"),
     group_size: int = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
-    quant_variants: str = typer.Option("lean", "--quant-variants",
-                                       help="comma list of the CUDA kernel's int4 loops to time side by side: "
-                                            f"{' | '.join(INT4_DECODES)} (a row each; int8 and Triton rows once)"),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
-    decodes = choices(quant_variants, "--quant-variants", INT4_DECODES)
     check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
@@ -234,8 +229,7 @@ def kernels_command(
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
                        time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
-                       weights=formats, group_size=group_size, int4_decodes=decodes,
-                       quant_method=quant_method.value)
+                       weights=formats, group_size=group_size, quant_method=quant_method.value)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 

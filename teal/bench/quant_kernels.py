@@ -10,7 +10,6 @@ over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import traceback
@@ -48,28 +47,16 @@ def check_row(qw: Any, splits: Sequence[int], batch: int, sparsity: float, dtype
     return {"rel_err": err, "finite": finite, "ok": finite and err <= REL_ERR_BOUND}
 
 
-def kernels_for(fmt: str, cuda_ok: bool, int4_decodes: Sequence[str] = ("lean",)) -> list[tuple[str, Any, Any]]:
-    """(kernel name, int4 loop or None, callable) of every row of one format: the CUDA kernel once per int4 loop
-    in ``int4_decodes`` (int8: once) where the device runs it, then Triton."""
-    from teal.kernels.cuda import INT4_DECODES
-
-    bad = [d for d in int4_decodes if d not in INT4_DECODES]
-    if bad or not int4_decodes:
-        raise ValueError(f"int4 loops must be among {', '.join(INT4_DECODES)}, got {list(int4_decodes)}")
-    out: list[tuple[str, Any, Any]] = []
-    if cuda_ok:
-        for decode in (int4_decodes if fmt == "int4" else ("current",)):
-            out.append(("cuda", decode if fmt == "int4" else None,
-                        functools.partial(quant_sparse_linear_cuda, int4_decode=decode)))
-    return out + [("triton", None, quant_sparse_linear_triton)]
+def kernels_for(cuda_ok: bool) -> list[tuple[str, Any]]:
+    """(kernel name, callable) of every row of one format: the CUDA kernel where the device runs it, then
+    Triton."""
+    return ([("cuda", quant_sparse_linear_cuda)] if cuda_ok else []) + [("triton", quant_sparse_linear_triton)]
 
 
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
-              deadline: float | None = None, int4_decodes: Sequence[str] = ("lean",),
-              quant_method: str = "rtn") -> list[dict[str, Any]]:
-    """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. The CUDA
-    kernel's int4 rows come once per loop of ``int4_decodes`` (``teal.kernels.cuda.INT4_DECODES``); int4 is
+              deadline: float | None = None, quant_method: str = "rtn") -> list[dict[str, Any]]:
+    """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. int4 is
     quantized by ``quant_method`` (rtn, or hqq: float zero points; the bytes read are the same)."""
     from teal.kernels.tune import time_graph_us
 
@@ -80,7 +67,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     cuda_ok = cuda_kernel_available(device)
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
-        kernels = kernels_for(fmt, cuda_ok, int4_decodes)
+        kernels = kernels_for(cuda_ok)
         method = quant_method if fmt == "int4" else "rtn"
         for model in models:
             for proj, k, splits in shapes[model]:
@@ -101,8 +88,8 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(copies)]
                     xw = [torch.randn(batch, k, device=device, dtype=dtype) for _ in ws]
                     cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xw, ws)])
-                    for s, (name, decode, kern) in product(sparsities, kernels):
-                        row: dict[str, Any] = {"weights": fmt, "kernel": name, "int4_decode": decode,
+                    for s, (name, kern) in product(sparsities, kernels):
+                        row: dict[str, Any] = {"weights": fmt, "kernel": name,
                                                "group_size": group_size if fmt == "int4" else None,
                                                "quant_method": method,
                                                "model": model, "proj": proj, "K": k, "N": n, "splits": list(splits),
@@ -127,7 +114,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                                        speedup_vs_cublas_bf16=cublas_us / row["us"])
                         except Exception:  # noqa: BLE001 - one broken row must not lose the run
                             row["error"] = traceback.format_exc()[-2000:]
-                            console.print(f"[red]error[/] {name} {decode or ''} {fmt} {model} {proj} B={batch} s={s}\n"
+                            console.print(f"[red]error[/] {name} {fmt} {model} {proj} B={batch} s={s}\n"
                                           f"{row['error']}")
                         rows.append(row)
                     del xs, xw
@@ -141,17 +128,17 @@ def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
     table = Table(title="fused quantized sparse GEMV (CUDA C++ / Triton) vs cuBLAS on bf16 weights")
-    cols = ["weights", "kernel", "loop", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw",
+    cols = ["weights", "kernel", "model", "proj", "B", "s", "us", "cuBLAS bf16", "x cuBLAS", "eff bw",
             "rel err"]
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         if "us" not in r:
-            table.add_row(r["weights"], r.get("kernel", ""), r.get("int4_decode") or "", r["model"], r["proj"],
+            table.add_row(r["weights"], r.get("kernel", ""), r["model"], r["proj"],
                           str(r.get("batch", "")),
                           str(r.get("sparsity", "")), "skipped" if "skipped" in r else "error", *[""] * 4)
             continue
-        table.add_row(r["weights"], r["kernel"], r.get("int4_decode") or "", r["model"], r["proj"], str(r["batch"]),
+        table.add_row(r["weights"], r["kernel"], r["model"], r["proj"], str(r["batch"]),
                       f"{r['sparsity']:.2f}",
                       f"{r['us']:.1f}",
                       f"{r['cublas_bf16_us']:.1f}", f"{r['speedup_vs_cublas_bf16']:.2f}", f"{r['eff_bw_frac']:.0%}",
@@ -161,7 +148,6 @@ def print_quant(rows: Sequence[dict[str, Any]], console: Any) -> None:
 
 def quant_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Every checked row within `REL_ERR_BOUND` of float64 and finite (the issue's kernel bound)."""
-    return [dict(check="rel_err_and_finite", case=f"{r['kernel']}{'-' + r['int4_decode'] if r.get('int4_decode') else ''} "
-                                                  f"{r['weights']} {r['model']}/{r['proj']} B={r['batch']} "
-                                                  f"s={r['sparsity']}",
+    return [dict(check="rel_err_and_finite",
+                 case=f"{r['kernel']} {r['weights']} {r['model']}/{r['proj']} B={r['batch']} s={r['sparsity']}",
                  value=r["rel_err"], goal=REL_ERR_BOUND, ok=bool(r["ok"])) for r in rows if "ok" in r]

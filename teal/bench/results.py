@@ -91,8 +91,6 @@ def decode_header(model: str | None, shape: str | None, device: torch.device, dt
         "model": model or f"random:{shape}", "dtype": str(dtype).removeprefix("torch."),
         "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "max_seq_len": max_seq_len,
-        # the CUDA kernel's int4 loop the quantized rows ran with ($TEAL_INT4_DECODE, teal.kernels.quant_gemv)
-        "int4_decode": os.environ.get("TEAL_INT4_DECODE", "current"),
         "timing": "median over repeats of decode tokens/s (first to last new token, host clock, greedy)",
         "roofline": "copy bandwidth / (sparsified weights x (1 - measured sparsity) + lm_head + embedding row "
                     "+ norms + KV cache at the mean context)",

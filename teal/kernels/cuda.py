@@ -46,10 +46,6 @@ ELEMS_PER_VECTOR = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
 
 #: Codes of the source's ``WFMT`` macro: weights in the element type, int8 or int4 codes (``teal.quant``).
 WEIGHT_CODES = {"bf16": 0, "int8": 1, "int4": 2}
-#: Codes of the source's ``INT4_DECODE`` macro (int4 only): "current", the loop with a group check per listed
-#: row (the default), and "lean", steps that never cross a group with one byte permute per code (fewer
-#: instructions per code byte: benchmarks/scripts/quant_kernel_isa.py; not yet timed on a GPU).
-INT4_DECODES = {"current": 0, "lean": 1}
 #: Registers a lane holds per row and vector of weights: 16 bytes, 8 int8 codes, 8 int4 codes.
 REGISTERS_PER_VECTOR = {0: 4, 1: 2, 2: 1}
 
@@ -82,7 +78,6 @@ class Variant:
     mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
     weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
     group: int = 0  # int4: input rows per (scale, zero) group
-    int4_decode: int = 0  # int4: INT4_DECODES (0 the current loop, 1 the lean one)
 
     def defines(self) -> list[str]:
         out = [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
@@ -92,8 +87,6 @@ class Variant:
         ]
         if self.weights:
             out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
-        if self.int4_decode:  # only when set: the default variant keeps its options (and its cache entry)
-            out.append(f"-DINT4_DECODE={self.int4_decode}")
         return out
 
 
@@ -174,20 +167,13 @@ def list_step(rows_per_warp: int, batch: int = 1) -> int:
 
 
 def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, glu: bool, pdl: int,
-                rows_per_warp: int = 128, batch: int = 1, weights: str = "bf16", group: int = 0,
-                int4_decode: str = "current") -> Variant:
+                rows_per_warp: int = 128, batch: int = 1, weights: str = "bf16", group: int = 0) -> Variant:
     """The compiled instance a launch of ``config`` on ``dtype`` inputs uses (``rows_per_warp``: from
-    ``geometry``; ``weights``/``group``: the weight format, ``WEIGHT_CODES``; ``int4_decode``: the int4 loop,
-    ``INT4_DECODES``)."""
+    ``geometry``; ``weights``/``group``: the weight format, ``WEIGHT_CODES``)."""
     code = WEIGHT_CODES[weights]
-    if int4_decode not in INT4_DECODES:
-        raise ValueError(f"int4_decode must be one of {', '.join(INT4_DECODES)}, got {int4_decode!r}")
-    if int4_decode != "current" and weights != "int4":
-        raise ValueError(f"int4_decode={int4_decode!r} applies to int4 weights only, not {weights}")
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch, code),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0,
-                   INT4_DECODES[int4_decode])
+                   list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0)
 
 
 def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
@@ -577,26 +563,24 @@ def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list:
 
 def launch_quant(x: torch.Tensor, qw: "QuantizedWeight", y: torch.Tensor, thresholds: torch.Tensor,
                  col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *,
-                 pdl: int = 0, int4_decode: str = "current") -> None:
+                 pdl: int = 0) -> None:
     """``y[b, seg_j] = mask_j(x[b]) @ dequantize(qw)[:, seg_j]`` on the codes (``unsupported_quant_reason``
-    must have said None); y [B, N] contiguous rows, the input's dtype; ``int4_decode``: ``INT4_DECODES``
-    (int4 only)."""
+    must have said None); y [B, N] contiguous rows, the input's dtype."""
     zeros = qw.zeros if qw.zeros is not None else qw.scales
     _launch(x, qw.codes.data_ptr(), qw.shape[0], qw.codes.stride(0), y, thresholds, col_scale, split_list, config,
             pdl=pdl, weights=qw.format, group=qw.group_size, qscale=qw.scales, qzero=zeros,
-            stride_q=qw.scales.stride(0) if qw.format == "int4" else 0, int4_decode=int4_decode)
+            stride_q=qw.scales.stride(0) if qw.format == "int4" else 0)
 
 
 def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor, thresholds: torch.Tensor,
             col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *, glu: bool = False,
             pdl: int = 0, weights: str = "bf16", group: int = 0, qscale: Optional[torch.Tensor] = None,
-            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, int4_decode: str = "current") -> None:
+            qzero: Optional[torch.Tensor] = None, stride_q: int = 0) -> None:
     batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
-                          rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group,
-                          int4_decode=int4_decode)
+                          rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds

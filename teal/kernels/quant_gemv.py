@@ -182,28 +182,23 @@ def quant_sparse_linear_triton(x: torch.Tensor, qw: QuantizedWeight, thresholds:
 
 def quant_sparse_linear_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
                              split_sizes: Sequence[int], col_scale: torch.Tensor | None = None, *,
-                             config: KernelConfig | None = None, int4_decode: str | None = None) -> torch.Tensor:
+                             config: KernelConfig | None = None) -> torch.Tensor:
     """The CUDA C++ kernel (``teal.kernels.cuda.launch_quant``); x [B <= 8, K]. Raises ValueError naming why
-    where it does not apply (``cuda.unsupported_quant_reason``). ``int4_decode``: the int4 loop,
-    ``cuda.INT4_DECODES`` (default ``int4_decode_choice()``; int8 takes "current" only)."""
+    where it does not apply (``cuda.unsupported_quant_reason``)."""
     from teal.kernels import cuda, ops
 
     _check(x, qw, thresholds, split_sizes, col_scale)
-    decode = int4_decode_choice() if int4_decode is None else int4_decode
-    if decode not in cuda.INT4_DECODES or (decode != "current" and qw.format != "int4"):
-        raise ValueError(f"int4_decode must be one of {', '.join(cuda.INT4_DECODES)} (not current: int4 only), "
-                         f"got {decode!r} for {qw.format}")
     x = x.contiguous()
     k, n = qw.shape
     config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device))
     reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
     if reason is not None:
         raise ValueError(f"the CUDA quantized kernel does not apply: {reason}")
-    return _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config, decode)
+    return _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config)
 
 
 def _launch_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor, split_sizes: Sequence[int],
-                 col_scale: torch.Tensor | None, config: KernelConfig, int4_decode: str = "current") -> torch.Tensor:
+                 col_scale: torch.Tensor | None, config: KernelConfig) -> torch.Tensor:
     """The launch of ``quant_sparse_linear_cuda`` once ``cuda.unsupported_quant_reason`` said None (x contiguous)."""
     from teal.kernels import cuda, ops
 
@@ -211,8 +206,7 @@ def _launch_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
     y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
     thr = thresholds.to(device=x.device, dtype=torch.float32).contiguous()
     cs = col_scale.to(device=x.device, dtype=torch.float32).contiguous() if col_scale is not None else None
-    cuda.launch_quant(x, qw, y, thr, cs, list(split_sizes), config, pdl=ops.cuda_pdl_mode(x.device),
-                      int4_decode=int4_decode if qw.format == "int4" else "current")
+    cuda.launch_quant(x, qw, y, thr, cs, list(split_sizes), config, pdl=ops.cuda_pdl_mode(x.device))
     return y
 
 
@@ -224,21 +218,6 @@ def quant_kernel_choice() -> str:
     choice = os.environ.get(QUANT_KERNEL_ENV, "auto")
     if choice not in ("auto", "cuda", "triton"):
         raise ValueError(f"${QUANT_KERNEL_ENV} must be auto, cuda or triton, got {choice!r}")
-    return choice
-
-
-#: ``$TEAL_INT4_DECODE``: the CUDA kernel's int4 loop, "lean" (default) or "current" (``cuda.INT4_DECODES``).
-#: The lean loop issues 6.91 instructions per code byte against 12.41 and is 1.4-1.9x faster on every Llama-3-8B
-#: projection at batch 1 and 4, s = 0 and 0.5 (H100, ``benchmarks/results/2026-12-07-h100-quant-kernels-lean.json``).
-INT4_DECODE_ENV = "TEAL_INT4_DECODE"
-
-
-def int4_decode_choice() -> str:
-    from teal.kernels.cuda import INT4_DECODES
-
-    choice = os.environ.get(INT4_DECODE_ENV, "lean")
-    if choice not in INT4_DECODES:
-        raise ValueError(f"${INT4_DECODE_ENV} must be one of {', '.join(INT4_DECODES)}, got {choice!r}")
     return choice
 
 
@@ -287,7 +266,7 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | N
         elif choice == "cuda":
             raise ValueError(f"${QUANT_KERNEL_ENV}=cuda but the CUDA C++ kernel does not run on {x.device}")
         if path == "cuda":  # checked just above: launch without checking again
-            y = _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config, int4_decode_choice())
+            y = _launch_cuda(x, qw, thresholds, split_sizes, col_scale, config)
         else:
             y = quant_sparse_linear_triton(x, qw, thresholds, split_sizes, col_scale)
     path_counts[path] = path_counts.get(path, 0) + 1

@@ -38,18 +38,17 @@
 //   WFMT      weights: 0 in the element type; 1 int8 codes, one scale per output column (y = scale * sum);
 //             2 int4 codes, two per byte along N (low nibble first), with a (scale, zero) pair per group of
 //             GROUP input rows and output column: w = (q - zero) * scale (teal/quant.py). A lane's 8 columns
-//             are 8 (int8) or 4 (int4) code bytes per row, so the column blocks are those of 16-bit weights;
-//             the codes become fp32 exactly by byte permutes (2^23 + code, minus 2^23); int4 sums
-//             x * q and x per group and folds scale * (sum_xq - zero * sum_x) in when the group changes,
-//             the next group's pair loaded while the current one is summed. 16-bit inputs, no MMA, no GLU.
-//   INT4_DECODE  (WFMT 2) 0: the loop above, a group check per listed row; 1 ("lean"): fewer instructions
-//             per code byte. A step never crosses a group (it ends at the group's last listed row, found by
-//             one ballot; the fold and the scale prefetch run between steps), so the unrolled step is one
-//             block of straight code with an exit check every LEAN_CHUNK rows (in the loads and in the
-//             products, so a step that ends early issues neither for the rows past its end); a code becomes the fp32
-//             128 + q by one byte permute under the exponent byte 0x43 (the constant 128 folded into the
-//             zero point: scale * (sum x (128 + q) - (128 + zero) * sum x)), no subtraction per code; the
-//             step's sum of x is one warp reduction, and a row's address one wide multiply-add.
+//             are 8 (int8) or 4 (int4) code bytes per row, so the column blocks are those of 16-bit weights.
+//             16-bit inputs, no MMA, no GLU. int8: UNROLL rows per step, a code becomes fp32 exactly by a
+//             byte permute (2^23 + code + 128, minus 2^23 + 128). int4 sums x * q and x per group and folds
+//             scale * (sum_xq - zero * sum_x) in between steps, the next group's pair loaded while the
+//             current one is summed. A step never crosses a group (it ends at the group's last listed row,
+//             found by one ballot; UNROLL <= 32), so the unrolled step is one block of straight code with an
+//             exit check every INT4_CHUNK rows (in the loads and in the products, so a step that ends early
+//             issues neither for the rows past its end); a code becomes the fp32 128 + q by one byte permute
+//             under the exponent byte 0x43 (the constant 128 folded into the zero point:
+//             scale * (sum x (128 + q) - (128 + zero) * sum x)), no subtraction per code; the step's sum of x
+//             is one warp reduction, and a row's address one wide multiply-add.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -87,22 +86,16 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #if WFMT && (MMA || ELEM == 2 || GLU)
 #error "quantized weights take 16-bit inputs, the FMA inner product and no fused GLU"
 #endif
-#ifndef INT4_DECODE
-#define INT4_DECODE 0
+#if WFMT == 2 && UNROLL > 32
+#error "the int4 loop takes at most 32 rows per step (one listed row per lane)"
 #endif
-#if INT4_DECODE && WFMT != 2
-#error "INT4_DECODE selects the int4 loop (WFMT 2)"
-#endif
-#if INT4_DECODE == 1 && UNROLL > 32
-#error "the lean int4 loop takes at most 32 rows per step (one listed row per lane)"
-#endif
-// The lean int4 decode (INT4_DECODE 1): a nibble q in byte 2 under the exponent byte INT4_LEAN_EXP is the fp32
-// INT4_LEAN_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
-// selected by INT4_LEAN_SELECT | (j << 8) (bytes 3, 1, 0 from the constant). Rows per exit check: LEAN_CHUNK.
-#define INT4_LEAN_EXP 0x43000000u
-#define INT4_LEAN_BIAS 128.0f
-#define INT4_LEAN_SELECT 0x7044
-#define LEAN_CHUNK 8
+// The int4 decode: a nibble q in byte 2 under the exponent byte INT4_EXP is the fp32
+// INT4_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
+// selected by INT4_SELECT | (j << 8) (bytes 3, 1, 0 from the constant). Rows per exit check: INT4_CHUNK.
+#define INT4_EXP 0x43000000u
+#define INT4_BIAS 128.0f
+#define INT4_SELECT 0x7044
+#define INT4_CHUNK 8
 #if WFMT
 typedef unsigned char weight_t;  // codes
 #else
@@ -219,24 +212,16 @@ __device__ __forceinline__ void fma_vector(float* acc, float xv, vec_u32x4 v) {
 #endif
 }
 
-#if WFMT
-// The code bytes of one lane's 8 columns: 8 (int8) or 4 (int4).
-#define QWORDS (WFMT == 1 ? 2 : 1)
-struct qvec_t { unsigned u[QWORDS]; };
+#if WFMT == 1
+// The 8 int8 code bytes of one lane's columns.
+struct qvec_t { unsigned u[2]; };
 
 __device__ __forceinline__ qvec_t load_codes(const weight_t* p, bool pred) {
     qvec_t v;
-#if WFMT == 1
     asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %3, 0;\n\tmov.b32 %0, 0;\n\tmov.b32 %1, 0;\n\t"
         "@p ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n\t}"
         : "=r"(v.u[0]), "=r"(v.u[1])
         : "l"(p), "r"((int)pred));
-#else
-    asm("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\tmov.b32 %0, 0;\n\t"
-        "@p ld.global.nc.L1::no_allocate.u32 %0, [%1];\n\t}"
-        : "=r"(v.u[0])
-        : "l"(p), "r"((int)pred));
-#endif
     return v;
 }
 
@@ -245,28 +230,18 @@ __device__ __forceinline__ float biased_byte(unsigned word, int j) {
     return __uint_as_float(__byte_perm(word, 0x4B000000u, 0x7540 | j));
 }
 
-// The 8 codes of a lane's columns as fp32, exactly: int8 the signed code, int4 the code 0..15.
+// The 8 int8 codes of a lane's columns as fp32, exactly (the signed code).
 __device__ __forceinline__ void decode_codes(float* out, qvec_t v) {
-#if WFMT == 1
 #pragma unroll
     for (int w = 0; w < 2; ++w) {
         const unsigned biased = v.u[w] ^ 0x80808080u;  // code + 128 in each byte
 #pragma unroll
         for (int j = 0; j < 4; ++j) out[4 * w + j] = biased_byte(biased, j) - 8388736.0f;  // 2^23 + 128
     }
-#else
-    const unsigned lo = v.u[0] & 0x0F0F0F0Fu, hi = (v.u[0] >> 4) & 0x0F0F0F0Fu;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        out[2 * j] = biased_byte(lo, j) - 8388608.0f;
-        out[2 * j + 1] = biased_byte(hi, j) - 8388608.0f;
-    }
-#endif
 }
-
-#if INT4_DECODE == 1
+#elif WFMT == 2
 // The code word of one lane's columns at `col` + row * stride (one wide multiply-add) if `pred`; else the
-// register is left as it was (the lean loop multiplies such a row by x = 0, and every word decodes to a
+// register is left as it was (the int4 loop multiplies such a row by x = 0, and every word decodes to a
 // finite value).
 __device__ __forceinline__ unsigned load_code_word(const weight_t* col, unsigned row, unsigned stride, bool pred) {
     unsigned long long a;
@@ -280,16 +255,15 @@ __device__ __forceinline__ unsigned load_code_word(const weight_t* col, unsigned
 }
 
 // The 8 int4 codes of a lane's columns (low nibble of byte j: column 2j, high: 2j + 1) as the fp32
-// INT4_LEAN_BIAS + code, exactly: two masks, then one byte permute per code.
-__device__ __forceinline__ void decode_int4_lean(float* out, unsigned word) {
+// INT4_BIAS + code, exactly: two masks, then one byte permute per code.
+__device__ __forceinline__ void decode_int4(float* out, unsigned word) {
     const unsigned lo = word & 0x0F0F0F0Fu, hi = (word >> 4) & 0x0F0F0F0Fu;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-        out[2 * j] = __uint_as_float(__byte_perm(lo, INT4_LEAN_EXP, INT4_LEAN_SELECT | (j << 8)));
-        out[2 * j + 1] = __uint_as_float(__byte_perm(hi, INT4_LEAN_EXP, INT4_LEAN_SELECT | (j << 8)));
+        out[2 * j] = __uint_as_float(__byte_perm(lo, INT4_EXP, INT4_SELECT | (j << 8)));
+        out[2 * j + 1] = __uint_as_float(__byte_perm(hi, INT4_EXP, INT4_SELECT | (j << 8)));
     }
 }
-#endif
 #endif
 
 #if MMA
@@ -513,7 +487,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
 #elif WFMT
-    // 2''. Stream the listed rows' codes: UNROLL rows per step, every load of a step issued first, then
+    // 2''. Stream the listed rows' codes: at most UNROLL rows per step, every load of a step issued first, then
     //      decoded and multiplied (int4: into the group's sums, folded in at each change of group).
     float acc[BATCH][LANE_COLS];
 #pragma unroll
@@ -529,7 +503,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
         for (int c = 0; c < LANE_COLS; ++c) gsum[b][c] = 0.0f;
     }
-    auto fold_group = [&]() {  // acc += scale * (sum x q - zero * sum x), then the group's sums restart
+    auto fold_group = [&]() {  // acc += scale * (sum x (128 + q) - (128 + zero) * sum x), then the sums restart
 #pragma unroll
         for (int v = 0; v < VECS; ++v) {
             float sv[EPV], zv[EPV];
@@ -540,23 +514,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
                 for (int e = 0; e < EPV; ++e) {
                     const int c = v * EPV + e;
-#if INT4_DECODE == 1  // the sums hold x * (128 + q): the constant joins the zero point
-                    acc[b][c] = fmaf(sv[e], fmaf(-(zv[e] + INT4_LEAN_BIAS), xsum[b], gsum[b][c]), acc[b][c]);
-#else
-                    acc[b][c] = fmaf(sv[e], fmaf(-zv[e], xsum[b], gsum[b][c]), acc[b][c]);
-#endif
+                    // the sums hold x * (128 + q): the constant joins the zero point
+                    acc[b][c] = fmaf(sv[e], fmaf(-(zv[e] + INT4_BIAS), xsum[b], gsum[b][c]), acc[b][c]);
                     gsum[b][c] = 0.0f;
                 }
         }
 #pragma unroll
         for (int b = 0; b < BATCH; ++b) xsum[b] = 0.0f;
     };
-#define QSUM gsum
-#else
-#define QSUM acc
-#endif
-#if INT4_DECODE == 1
-    // The lean int4 loop (see INT4_DECODE): a step takes the listed rows from i on, at most UNROLL, up to the
+    // The int4 loop (see WFMT): a step takes the listed rows from i on, at most UNROLL, up to the
     // last one of row i's group. Lane l holds listed row i + l (its index, and its values, zero where it is not
     // in the step); the rows of a step are a prefix of the list from i (the list ascends), counted by a ballot.
     // Row u's index and values reach every lane by shuffles, so a row past the step's end multiplies x = 0
@@ -585,7 +551,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         unsigned tile[UNROLL][VECS];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {  // every load of the step issued before any product
-            if (u % LEAN_CHUNK == 0 && u >= n) break;  // the same in every lane: short steps issue fewer loads
+            if (u % INT4_CHUNK == 0 && u >= n) break;  // the same in every lane: short steps issue fewer loads
             const unsigned r = (unsigned)__shfl_sync(0xffffffffu, my_row, u);
 #pragma unroll
             for (int v = 0; v < VECS; ++v) tile[u][v] = load_code_word(wcol[v], r, (unsigned)stride_w, u < n && col_ok[v]);
@@ -599,14 +565,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            if (u % LEAN_CHUNK == 0 && u >= n) break;  // the same in every lane
+            if (u % INT4_CHUNK == 0 && u >= n) break;  // the same in every lane
             float xv[BATCH];
 #pragma unroll
             for (int b = 0; b < BATCH; ++b) xv[b] = __shfl_sync(0xffffffffu, xl[b], u);
 #pragma unroll
             for (int v = 0; v < VECS; ++v) {
                 float q[EPV];
-                decode_int4_lean(q, tile[u][v]);
+                decode_int4(q, tile[u][v]);
 #pragma unroll
                 for (int b = 0; b < BATCH; ++b)
 #pragma unroll
@@ -615,6 +581,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
         i += n;
     }
+    fold_group();
 #else
     for (int i = 0; i < count; i += UNROLL) {
         qvec_t tile[UNROLL][VECS];
@@ -630,28 +597,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const bool live = i + u < count;
-#if WFMT == 2
-            const int g = (unsigned)rows[u] / GROUP;
-            if (live && g != group) {  // the same row in every lane: no divergence
-                fold_group();
-                if (g == group + 1) {
-#pragma unroll
-                    for (int v = 0; v < VECS; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
-                } else {  // the list skipped a whole group
-                    load_group(s_cur, z_cur, g, true);
-                }
-                group = g;
-                load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
-            }
-#endif
             float xv[BATCH];
 #pragma unroll
-            for (int b = 0; b < BATCH; ++b) {
-                xv[b] = live ? list_val[(i + u) * BATCH + b] : 0.0f;
-#if WFMT == 2
-                xsum[b] += xv[b];
-#endif
-            }
+            for (int b = 0; b < BATCH; ++b) xv[b] = live ? list_val[(i + u) * BATCH + b] : 0.0f;
 #pragma unroll
             for (int v = 0; v < VECS; ++v) {
                 float q[EPV];
@@ -659,15 +607,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
                 for (int b = 0; b < BATCH; ++b)
 #pragma unroll
-                    for (int e = 0; e < EPV; ++e) QSUM[b][v * EPV + e] = fmaf(xv[b], q[e], QSUM[b][v * EPV + e]);
+                    for (int e = 0; e < EPV; ++e) acc[b][v * EPV + e] = fmaf(xv[b], q[e], acc[b][v * EPV + e]);
             }
         }
     }
-#endif  // INT4_DECODE
-#undef QSUM
-#if WFMT == 2
-    fold_group();
-#else
 #pragma unroll
     for (int v = 0; v < VECS; ++v) {  // int8: one scale per column, applied to the sum
         float sv[EPV];

@@ -393,7 +393,6 @@ def run(
     mask_inputs: int = MASK_INPUTS,
     weights: Sequence[str] = ("bf16",),
     group_size: int = 128,
-    int4_decodes: Sequence[str] = ("lean",),
     quant_method: str = "rtn",
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
@@ -405,9 +404,8 @@ def run(
     every sparsity > 0 (one row each, field ``masks``; at s = 0 nothing is masked: one row, labelled random).
     started by then are skipped (listed under ``skipped``). ``weights``: the formats to time; "bf16" is the
     sparse kernel above, "int8" / "int4" the fused quantized kernel (`teal.bench.quant_kernels`, int4 in groups
-    of ``group_size``), whose rows go to ``quant_results`` (each with its ``weights``; ``int4_decodes``: the
-    CUDA kernel's int4 loops timed side by side, ``teal.kernels.cuda.INT4_DECODES``, field ``int4_decode``;
-    int4 quantized by ``quant_method``, rtn or hqq, field ``quant_method``).
+    of ``group_size``), whose rows go to ``quant_results`` (each with its ``weights``; int4 quantized by
+    ``quant_method``, rtn or hqq, field ``quant_method``).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
@@ -579,10 +577,9 @@ def run(
         from teal.bench import quant_kernels
 
         deadline = None if time_budget_s is None else t_start + time_budget_s
-        data["int4_decodes"] = list(int4_decodes)
         data["quant_results"] = quant_kernels.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
                                                         copy_bw, torch_dtype, console, deadline,
-                                                        int4_decodes=int4_decodes, quant_method=quant_method)
+                                                        quant_method=quant_method)
         data["quant_targets"] = quant_kernels.quant_targets(data["quant_results"])
         quant_kernels.print_quant(data["quant_results"], console)
         bad = [t for t in data["quant_targets"] if not t["ok"]]
