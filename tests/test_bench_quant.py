@@ -53,8 +53,6 @@ def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args
     (["--weights", "int3"], "--weights takes a comma list of bf16, int8, int4"),
     (["--weights", "int4", "--group-size", "100"], "the int4 group size must be one of 32, 64, 128"),
     (["--weights", "int8,int4", "--group-size", "32"], "runs on a CUDA GPU"),  # parsed
-    (["--weights", "int4", "--quant-variants", "current,fast"], "--quant-variants takes a comma list of current, lean"),
-    (["--weights", "int4", "--quant-variants", "current,lean"], "runs on a CUDA GPU"),  # parsed
 ])
 def test_bench_kernels_weights_option(args, message):
     _no_gpu()
@@ -161,7 +159,6 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, mon
 
     for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH"):  # the defaults, recorded in the JSON
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TEAL_INT4_DECODE", "lean")  # recorded (on the CPU the CUDA kernel does not run)
 
     path = tmp_path / "decode.json"
     data = decode.run(shape="tiny-llama", sparsities=(0.5,), prompt_len=16, new_tokens=4, repeats=1, json_path=path,
@@ -171,7 +168,7 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, mon
     saved = json.loads(path.read_text())
     rows = saved["results"] + saved["dense_variants"]
     assert rows and all(r["weights"] in ("bf16", "int8", "int4") for r in rows)
-    assert saved["weights"] == ["bf16", "int4"] and saved["int4_decode"] == "lean"
+    assert saved["weights"] == ["bf16", "int4"]
     for fmt in ("int4",):
         assert saved["checks"][f"quant_{fmt}"]["passed"]
         mine = {r["sparsity"]: r for r in saved["results"] if r["weights"] == fmt}
@@ -290,41 +287,15 @@ def test_bench_cli_weight_choices_match_teal_quant():
     from teal.bench import cli
 
     assert cli.WEIGHT_FORMATS == quant.WEIGHT_FORMATS and cli.INT4_GROUP_SIZES == quant.INT4_GROUP_SIZES
-    from teal.kernels.cuda import INT4_DECODES
-
-    assert cli.INT4_DECODES == tuple(INT4_DECODES)
 
 
-def test_kernel_bench_times_each_int4_loop_side_by_side():
-    """`--quant-variants current,lean`: one CUDA row per int4 loop (the loop passed to the kernel), int8 and Triton
-    once; without the CUDA kernel only Triton; an unknown loop is refused with the choices."""
+def test_kernel_bench_rows_are_cuda_then_triton():
+    """One CUDA row per format where the device runs the CUDA kernel, then Triton; without it only Triton."""
     from teal.bench.quant_kernels import kernels_for
+    from teal.kernels.quant_gemv import quant_sparse_linear_cuda, quant_sparse_linear_triton
 
-    rows = kernels_for("int4", True, ["current", "lean"])
-    assert [(name, decode) for name, decode, _ in rows] == [("cuda", "current"), ("cuda", "lean"), ("triton", None)]
-    assert [fn.keywords["int4_decode"] for _, _, fn in rows[:2]] == ["current", "lean"]
-    assert [(n, d) for n, d, _ in kernels_for("int8", True, ["current", "lean"])] == [("cuda", None), ("triton", None)]
-    assert [(n, d) for n, d, _ in kernels_for("int4", False, ["lean"])] == [("triton", None)]
-    with pytest.raises(ValueError, match="current, lean"):
-        kernels_for("int4", True, ["fast"])
-
-
-def test_int4_loop_choice_is_checked(monkeypatch):
-    """$TEAL_INT4_DECODE picks the dispatch's int4 loop (default lean); a bad value is named; a lean loop on
-    int8 weights is refused before any launch."""
-    from teal.kernels import quant_gemv
-    from teal.quant import quantize
-
-    monkeypatch.delenv("TEAL_INT4_DECODE", raising=False)
-    assert quant_gemv.int4_decode_choice() == "lean"
-    monkeypatch.setenv("TEAL_INT4_DECODE", "current")
-    assert quant_gemv.int4_decode_choice() == "current"
-    monkeypatch.setenv("TEAL_INT4_DECODE", "fast")
-    with pytest.raises(ValueError, match="TEAL_INT4_DECODE"):
-        quant_gemv.int4_decode_choice()
-    qw = quantize(torch.randn(64, 16), "int8")
-    with pytest.raises(ValueError, match="int4 only"):
-        quant_gemv.quant_sparse_linear_cuda(torch.randn(1, 64), qw, torch.tensor([0.1]), [16], int4_decode="lean")
+    assert kernels_for(True) == [("cuda", quant_sparse_linear_cuda), ("triton", quant_sparse_linear_triton)]
+    assert kernels_for(False) == [("triton", quant_sparse_linear_triton)]
 
 
 def test_bench_kernels_run_keeps_its_arguments():

@@ -323,7 +323,7 @@ def test_quant_op_compiles_whole_and_a_bad_kernel_choice_is_named(monkeypatch):
         quant_gemv.quant_kernel_choice()
 
 
-# ------------------------------------------------------------------ the lean int4 loop (INT4_DECODE 1), emulated
+# ------------------------------------------------------------------ the CUDA kernel's int4 decode, emulated
 def _byte_perm(x: torch.Tensor, y: int, selector: int) -> torch.Tensor:
     """CUDA's __byte_perm on int64 tensors holding 32-bit words: result byte k is byte (selector >> 4k) & 7 of
     the 8 bytes (x, y) (x's bytes 0-3, y's 4-7)."""
@@ -335,21 +335,21 @@ def _byte_perm(x: torch.Tensor, y: int, selector: int) -> torch.Tensor:
     return out
 
 
-def _lean_decode_from_source(src: str):
-    """The lean decode as ``sparse_gemv.cu`` writes it, read off the source: the masks of ``decode_int4_lean``,
+def _int4_decode_from_source(src: str):
+    """The int4 decode as ``sparse_gemv.cu`` writes it, read off the source: the masks of ``decode_int4``,
     which masked word (lo / hi) feeds output 2j and 2j + 1, the exponent constant, the selector and the bias
     folded into the zero point. Returns (decode(words int64 [..]) -> float32 [.., 8], bias)."""
     import re
 
     define = lambda name: re.search(rf"#define {name} (\S+)", src).group(1)  # noqa: E731
-    exp, select = int(define("INT4_LEAN_EXP").rstrip("u"), 16), int(define("INT4_LEAN_SELECT"), 16)
-    bias = float(define("INT4_LEAN_BIAS").rstrip("f"))
-    body = src[src.index("void decode_int4_lean("):]
+    exp, select = int(define("INT4_EXP").rstrip("u"), 16), int(define("INT4_SELECT"), 16)
+    bias = float(define("INT4_BIAS").rstrip("f"))
+    body = src[src.index("void decode_int4("):]
     body = body[:body.index("\n}\n")]
     masks = re.search(r"lo = word & (0x[0-9A-Fa-f]+)u, hi = \(word >> (\d+)\) & (0x[0-9A-Fa-f]+)u;", body)
     lo_mask, shift, hi_mask = int(masks.group(1), 16), int(masks.group(2)), int(masks.group(3), 16)
-    feeds = dict(re.findall(r"out\[(2 \* j(?: \+ 1)?)\] = __uint_as_float\(__byte_perm\((lo|hi), INT4_LEAN_EXP, "
-                            r"INT4_LEAN_SELECT \| \(j << 8\)\)\);", body))
+    feeds = dict(re.findall(r"out\[(2 \* j(?: \+ 1)?)\] = __uint_as_float\(__byte_perm\((lo|hi), INT4_EXP, "
+                            r"INT4_SELECT \| \(j << 8\)\)\);", body))
     assert set(feeds) == {"2 * j", "2 * j + 1"}, body
 
     def decode(words: torch.Tensor) -> torch.Tensor:
@@ -364,12 +364,12 @@ def _lean_decode_from_source(src: str):
     return decode, bias
 
 
-def _lean_matvec(src: str, qw, x: torch.Tensor) -> torch.Tensor:
-    """y = x @ w the lean loop's way, per lane word: codes decoded as the source says, fp32 sums of x * decoded
+def _int4_matvec(src: str, qw, x: torch.Tensor) -> torch.Tensor:
+    """y = x @ w the int4 loop's way, per lane word: codes decoded as the source says, fp32 sums of x * decoded
     per group in row order (x is 16-bit and decoded <= 143, so each product is exact and an FMA is a rounded
     add), the group's sum of x in fp32, folded as scale * (sum - (bias + zero) * sum_x) (the two FMAs in
     float64, then rounded to fp32)."""
-    decode, bias = _lean_decode_from_source(src)
+    decode, bias = _int4_decode_from_source(src)
     k, n = qw.shape
     b = qw.codes.to(torch.int64)  # [K, N/2] bytes; a lane's word is 4 consecutive bytes (columns 8l .. 8l+7)
     words = b[:, 0::4] | (b[:, 1::4] << 8) | (b[:, 2::4] << 16) | (b[:, 3::4] << 24)
@@ -388,17 +388,17 @@ def _lean_matvec(src: str, qw, x: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-_LEAN_FAULTS = {
+_INT4_FAULTS = {
     "nibbles swapped": ("out[2 * j] = __uint_as_float(__byte_perm(lo,", "out[2 * j] = __uint_as_float(__byte_perm(hi,"),
-    "zero point not shifted by the bias": ("#define INT4_LEAN_BIAS 128.0f", "#define INT4_LEAN_BIAS 0.0f"),
-    "wrong byte selected": ("#define INT4_LEAN_SELECT 0x7044", "#define INT4_LEAN_SELECT 0x7144"),
+    "zero point not shifted by the bias": ("#define INT4_BIAS 128.0f", "#define INT4_BIAS 0.0f"),
+    "wrong byte selected": ("#define INT4_SELECT 0x7044", "#define INT4_SELECT 0x7144"),
     "high nibble not shifted": ("hi = (word >> 4) & 0x0F0F0F0Fu", "hi = (word >> 0) & 0x0F0F0F0Fu"),
 }
 
 
-@pytest.mark.parametrize("fault", [None, *_LEAN_FAULTS])
-def test_lean_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
-    """The lean int4 loop (``sparse_gemv.cu``, INT4_DECODE 1) emulated from its own source text: every code 0..15
+@pytest.mark.parametrize("fault", [None, *_INT4_FAULTS])
+def test_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
+    """The CUDA kernel's int4 loop (``sparse_gemv.cu``, WFMT 2) emulated from its own source text: every code 0..15
     at every nibble position of a word decodes bit-exactly to bias + code, and the per-group sums folded with
     the bias in the zero point match x @ dequantize in float64 (RTN and float zero points, groups 32 and 128,
     a partial last group) within 2e-5 relative: the bias costs about log2(128 / |q - zero|) bits of the fp32
@@ -407,10 +407,10 @@ def test_lean_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
 
     src = cuda.source()
     if fault is not None:
-        old, new = _LEAN_FAULTS[fault]
+        old, new = _INT4_FAULTS[fault]
         assert src.count(old) == 1, old
         src = src.replace(old, new)
-    decode, bias = _lean_decode_from_source(src)
+    decode, bias = _int4_decode_from_source(src)
     # every code at every position: word w holds code (w + p) % 16 at nibble p
     nib = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16
     words = sum(nib[:, p].to(torch.int64) << (4 * p) for p in range(8))
@@ -427,7 +427,7 @@ def test_lean_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
         assert set(codes.unique().tolist()) == set(range(16)) or k < 200  # random groups cover the codes
         x = torch.randn(k, generator=gen).to(torch.bfloat16)
         ref = x.double() @ qw.dequantize(torch.float64)
-        y = _lean_matvec(src, qw, x)
+        y = _int4_matvec(src, qw, x)
         errors.append(float((y.double() - ref).norm() / ref.norm()))
     ok = exact and max(errors) <= 2e-5
     assert ok == (fault is None), (fault, exact, errors)

@@ -4,17 +4,15 @@ PYTHONPATH=. python3 benchmarks/scripts/quant_kernel_isa.py [--batches 1,4,8] [-
 
 No GPU: NVRTC compiles `teal/kernels/sparse_gemv.cu` for sm_90 at the configuration the dispatch picks
 (`configs.quant_cuda_config`, Llama-3-8B gate|up by default: K 4096, N 2 x 14336, bf16 inputs, int4 group 128)
-for int8, int4 with the current loop and int4 with the lean one (`cuda.INT4_DECODES`), and nvdisasm (Triton's
-wheel ships it) disassembles it. The weight loop is the backward branch whose body holds the most code
-loads (the non-128-bit LDG.E.NA). Its *hot path* is that body less the regions a forward branch skips when
-the int4 group does not change (they hold the scale/zero loads, LDG.E.NA.128: the fold and the next group's
-prefetch, run once per group); those are counted apart (`cold_*`). Hot instructions are divided by the code
+for int8 and int4, and nvdisasm (Triton's wheel ships it) disassembles it. The weight loop is the backward
+branch whose body holds the most code loads (the non-128-bit LDG.E.NA). Its *hot path* is that body less the
+regions a forward branch skips when the int4 group does not change (they hold the scale/zero loads,
+LDG.E.NA.128: the fold and the next group's prefetch, run once per group); those are counted apart (`cold_*`). Hot instructions are divided by the code
 bytes one step of the loop reads per lane (rows per step x vectors x 8 int8 / 4 int4 bytes).
 
-A static count: every hot instruction issues once per step whether or not its predicate is on; the lean
+A static count: every hot instruction issues once per step whether or not its predicate is on; the int4
 loop's exits every 8 rows (taken only at the end of a group's listed rows, i.e. under sparsity) make it an
-upper bound there. It measures issue slots, not time: the GPU run decides (`teal bench kernels --weights int4
---quant-variants current,lean`).
+upper bound there. It measures issue slots, not time: the GPU run decides (`teal bench kernels --weights int4`).
 """
 
 from __future__ import annotations
@@ -202,19 +200,19 @@ def weight_loop(instrs: Sequence[Instr], labels: dict[str, int]) -> LoopMix:
 #: Llama-3-8B projections (K, segment widths) the script can count at.
 SHAPES = {"gate_up": (4096, [14336, 14336]), "qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
           "down": (14336, [4096])}
-#: (format, int4 loop) rows of the table.
-FORMATS = (("int8", "current"), ("int4", "current"), ("int4", "lean"))
+#: The formats of the table's rows.
+FORMATS = ("int8", "int4")
 CODE_BYTES_PER_VECTOR = {"int8": 8, "int4": 4}  # a lane's 8 columns of one row
 
 
-def variant_of(fmt: str, decode: str, batch: int, shape: str = "gate_up", dtype: torch.dtype = torch.bfloat16,
+def variant_of(fmt: str, batch: int, shape: str = "gate_up", dtype: torch.dtype = torch.bfloat16,
                group: int = 128, sm_count: int = 132) -> cuda.Variant:
     """The variant the dispatch launches for this call (``quant_cuda_config``, PDL 2 as on an H100)."""
     k, splits = SHAPES[shape]
     cfg = quant_cuda_config(k, sum(splits), batch, sm_count)
     geo = cuda.geometry(k, splits, cfg, dtype, batch)
     return cuda.variant_for(cfg, dtype, has_scale=False, glu=False, pdl=2, rows_per_warp=geo.rows_per_warp,
-                            batch=batch, weights=fmt, group=group, int4_decode=decode)
+                            batch=batch, weights=fmt, group=group)
 
 
 def count_variant(variant: cuda.Variant, disassembler: str, source: Optional[str] = None) -> dict[str, Any]:
@@ -231,7 +229,6 @@ def count_variant(variant: cuda.Variant, disassembler: str, source: Optional[str
     group_bytes = rows_per_group * variant.vecs * CODE_BYTES_PER_VECTOR[fmt]
     return {
         "format": fmt,
-        "int4_decode": {v: k for k, v in cuda.INT4_DECODES.items()}[variant.int4_decode] if fmt == "int4" else None,
         "batch": variant.batch, "unroll": variant.unroll, "vecs": variant.vecs, "group": variant.group or None,
         "registers": int(regs.group(1)) if regs else None, "spill_store_bytes": max(spills) if spills else None,
         "code_bytes_per_step": step_bytes,
@@ -251,24 +248,24 @@ def count_variant(variant: cuda.Variant, disassembler: str, source: Optional[str
     }
 
 
-def hot_per_code_byte(fmt: str, decode: str, batch: int = 1, source: Optional[str] = None,
+def hot_per_code_byte(fmt: str, batch: int = 1, source: Optional[str] = None,
                       disassembler: Optional[str] = None) -> float:
     """The hot path's instructions per code byte of one variant (the tests' entry)."""
     dis = disassembler or find_disassembler()
     if dis is None:
         raise RuntimeError("nvdisasm not found (Triton's wheel ships it under triton/backends/nvidia/bin)")
-    return count_variant(variant_of(fmt, decode, batch), dis, source)["hot_per_code_byte"]
+    return count_variant(variant_of(fmt, batch), dis, source)["hot_per_code_byte"]
 
 
 def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    head = ["format", "loop", "B", "rows/step", "bytes/step", "hot instr", "per byte", *TABLE_CLASSES, "other",
+    head = ["format", "B", "rows/step", "bytes/step", "hot instr", "per byte", *TABLE_CLASSES, "other",
             "group change", "dense incl. change", "regs"]
     print(" | ".join(head))
     for r in rows:
         per = r["hot_by_class_per_code_byte"]
         other = sum(v for c, v in per.items() if c not in TABLE_CLASSES)
         print(" | ".join([
-            r["format"], r["int4_decode"] or "-", str(r["batch"]), str(r["unroll"]), str(r["code_bytes_per_step"]),
+            r["format"], str(r["batch"]), str(r["unroll"]), str(r["code_bytes_per_step"]),
             str(r["hot_instructions_per_step"]), f"{r['hot_per_code_byte']:.2f}",
             *[f"{per.get(c, 0.0):.2f}" for c in TABLE_CLASSES], f"{other:.2f}",
             f"{r['group_change_instructions']:.0f}" if r["group_change_regions"] else "-",
@@ -297,8 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rows = []
     for batch in batches:
-        for fmt, decode in FORMATS:
-            row = count_variant(variant_of(fmt, decode, batch, args.shape), dis)
+        for fmt in FORMATS:
+            row = count_variant(variant_of(fmt, batch, args.shape), dis)
             row["shape"] = args.shape
             rows.append(row)
     print_table(rows)

@@ -3,8 +3,6 @@ and the engine with quantized weights against the same engine's fp32 eager decod
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -27,18 +25,14 @@ def _float64_reference(x, qw, thresholds, splits, col_scale=None):
 
 
 def _kernel(name):
-    """"cuda" (int4 with the current loop), "cuda-lean" (int4 with the lean loop, INT4_DECODE 1) or "triton"."""
-    if name.startswith("cuda") and not ops.cuda_kernel_available(torch.device("cuda")):
+    """"cuda" (the CUDA C++ kernel) or "triton"."""
+    if name == "cuda" and not ops.cuda_kernel_available(torch.device("cuda")):
         pytest.skip("the CUDA C++ kernel needs compute capability 9.0+ and NVRTC")
-    if name == "cuda-lean":
-        return functools.partial(quant_sparse_linear_cuda, int4_decode="lean")
-    return functools.partial(quant_sparse_linear_cuda, int4_decode="current") if name == "cuda" else \
-        quant_sparse_linear_triton
+    return quant_sparse_linear_cuda if name == "cuda" else quant_sparse_linear_triton
 
 
-@pytest.mark.parametrize("kernel,fmt,group", [(kern, fmt, group) for kern in ("cuda", "cuda-lean", "triton")
-                                              for fmt, group in (("int8", 128), ("int4", 32), ("int4", 128))
-                                              if not (kern == "cuda-lean" and fmt == "int8")])
+@pytest.mark.parametrize("kernel,fmt,group", [(kern, fmt, group) for kern in ("cuda", "triton")
+                                              for fmt, group in (("int8", 128), ("int4", 32), ("int4", 128))])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
@@ -73,11 +67,11 @@ def test_quantized_generator_on_cuda_matches_its_eager_steps():
                                                                                    stop=[]).tokens
 
 
-@pytest.mark.parametrize("fmt,kernel", [("int8", "cuda"), ("int4", "cuda"), ("int4", "cuda-lean")])
-def test_cuda_quant_kernel_at_real_shapes_and_skipped_groups(fmt, kernel):
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_cuda_quant_kernel_at_real_shapes_and_skipped_groups(fmt):
     """The CUDA kernel at Llama-3-8B's q|k|v and down shapes (split into clusters, many warps), at a sparsity
     that leaves whole int4 groups without a survivor in a warp's share (the group reload branch)."""
-    run = _kernel(kernel)
+    run = _kernel("cuda")
     gen = torch.Generator(device="cuda").manual_seed(5)
     for k, splits in ((4096, [4096, 1024, 1024]), (14336, [4096])):
         w_t = (torch.randn(k, sum(splits), device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16)
