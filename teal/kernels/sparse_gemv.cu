@@ -40,15 +40,15 @@
 //             GROUP input rows and output column: w = (q - zero) * scale (teal/quant.py). A lane's 8 columns
 //             are 8 (int8) or 4 (int4) code bytes per row, so the column blocks are those of 16-bit weights.
 //             16-bit inputs, no MMA, no GLU. int8: UNROLL rows per step, a code becomes fp32 exactly by a
-//             byte permute (2^23 + code + 128, minus 2^23 + 128). int4 sums x * q and x per group and folds
-//             scale * (sum_xq - zero * sum_x) in between steps, the next group's pair loaded while the
-//             current one is summed. A step never crosses a group (it ends at the group's last listed row,
-//             found by one ballot; UNROLL <= 32), so the unrolled step is one block of straight code with an
-//             exit check every INT4_CHUNK rows (in the loads and in the products, so a step that ends early
-//             issues neither for the rows past its end); a code becomes the fp32 128 + q by one byte permute
-//             under the exponent byte 0x43 (the constant 128 folded into the zero point:
-//             scale * (sum x (128 + q) - (128 + zero) * sum x)), no subtraction per code; the step's sum of x
-//             is one warp reduction, and a row's address one wide multiply-add.
+//             byte permute (2^23 + code + 128, minus 2^23 + 128). int4: a step never crosses a group (it ends
+//             at the group's last listed row, found by one ballot; UNROLL <= 32), so the unrolled step is one
+//             block of straight code with an exit check every INT4_CHUNK rows (in the loads and in the
+//             products, so a step that ends early issues neither for the rows past its end); a code becomes
+//             the fp32 128 + q by one byte permute under the exponent byte 0x43, no subtraction per code; the
+//             step's sum of x is one warp reduction, and a row's address one wide multiply-add. Per group it
+//             sums x * (128 + q) and x, and between steps folds scale * (sum x (128 + q) - (128 + zero) * sum x)
+//             in (the constant 128 joins the zero point), the next group's pair loaded while the current one
+//             is summed.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
