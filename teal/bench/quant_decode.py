@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from teal.bench.decode.checks import (_rel, build_hf_twin, hf_decode_rate, product_summary,  # noqa: F401
-                                     shallow_hf_twin, teacher_forced_logits)
+from teal.bench.decode.checks import (_rel, build_hf_twin, call_rel_err, hf_decode_rate,  # noqa: F401
+                                     product_summary, shallow_hf_twin, teacher_forced_logits)
 from teal.bench.timing import bytes_per_token, time_engine
 from teal.engine import Generator, engine_from_hf_model, resolve_thresholds
 from teal.engine.model import Engine
@@ -89,9 +89,7 @@ def recorded_quant_products() -> Iterator[list[dict[str, Any]]]:
         y = saved(x, qw, thresholds, split_sizes, col_scale)
         ref = quant_sparse_linear_reference(x.float(), qw, thresholds, split_sizes, col_scale,
                                             compute_dtype=torch.float32)
-        finite = bool(torch.isfinite(y).all())
-        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)) if finite else float("inf")
-        calls.append({"call": f"{x.shape[0]} rows", "rel_err": err})
+        calls.append({"call": f"{x.shape[0]} rows", "rel_err": call_rel_err(y, ref)})
         return y
 
     projection.quant_sparse_linear = record

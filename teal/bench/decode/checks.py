@@ -171,6 +171,13 @@ def dense_weight_products(engine: Engine) -> Iterator[None]:
 PRODUCT_REL_ERR_P90 = 2e-2  # 90th percentile of per-call kernel vs fp32 product errors (bf16 rounding ~1e-3)
 
 
+def call_rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of one product's output against its reference (inf if `y` is not finite)."""
+    if not bool(torch.isfinite(y).all()):
+        return float("inf")
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 @contextlib.contextmanager
 def recorded_products(engine: Engine) -> Iterator[list[dict[str, Any]]]:
     """Within: every sparse product of the engine's "kernel" path runs the kernel as usual and, on the very same
@@ -184,9 +191,7 @@ def recorded_products(engine: Engine) -> Iterator[list[dict[str, Any]]]:
     calls: list[dict[str, Any]] = []
 
     def record(name: str, y: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        finite = bool(torch.isfinite(y).all())
-        err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30)) if finite else float("inf")
-        calls.append({"call": name, "rel_err": err})
+        calls.append({"call": name, "rel_err": call_rel_err(y, ref)})
         return y
 
     def linear(x, w_t, thresholds, splits=None, col_scale=None, *, regime="sparse"):
