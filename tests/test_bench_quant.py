@@ -154,6 +154,27 @@ def test_float32_products_can_leave_the_prefill_to_the_engines_path(monkeypatch)
     assert seen == [9]
 
 
+def test_decode_check_references_share_the_engines_prefill(monkeypatch):
+    """Every torch-product run of `check_decode` (the float64 reference and the float32 floor) replaces only
+    the decode steps' products, so that the runs differ in the decode kernels alone: a float64 prefill in the
+    reference moved the KV cache enough to fail the dense top-1 bound on an H100 with correct kernels."""
+    from teal.bench import quant_decode
+    from teal.kernels import quant_gemv
+
+    entered = []
+    original = quant_decode.torch_quant_products
+
+    def recording(compute_dtype=torch.float64, max_rows=None):
+        entered.append((compute_dtype, max_rows))
+        return original(compute_dtype, max_rows=max_rows)
+
+    monkeypatch.setattr(quant_decode, "torch_quant_products", recording)
+    res = quant_decode.check_decode(_tiny_engine("int4"), "int4", 32, steps=8)
+    assert res["passed"], res
+    assert (torch.float64, quant_gemv.MAX_BATCH) in entered and (torch.float32, quant_gemv.MAX_BATCH) in entered
+    assert all(rows == quant_gemv.MAX_BATCH for _, rows in entered), entered
+
+
 def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
     from teal.bench import decode
 
