@@ -4,7 +4,8 @@ TEAL_SOURCE_COMMIT=<commit> PYTHONPATH=. python3 benchmarks/scripts/gemv_stages_
 
 Llama-3-8B shapes (q|k|v 4096 -> 6144, o 4096 -> 4096, gate|up 4096 -> 2 x 14336, down 14336 -> 4096 with SiLU·up
 inside), bf16, batch 1, random masks, s = 0 and 0.5 (``--sparsities``), each with the production launch
-configuration (``configs.get_config``; the dense regime's table at s = 0, as ``teal.bench.kernels``) and the
+configuration (``configs.get_config``; the dense regime's table at s = 0, as ``teal.bench.kernels``; at s = 0 the
+engine runs Llama-3-8B's gate|up and down on cuBLAS, so those two rows time the kernel, not the engine) and the
 engine's PDL mode (``$TEAL_CUDA_PDL``, default 2; ``--pdl``). Per problem:
 1. Checks: the ``STAMPS`` build's output equals the default build's bit for bit, both within the benchmark's
    bound of a float64 reference, and the stamps ascend in every program.

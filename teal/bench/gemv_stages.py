@@ -97,7 +97,7 @@ def call_account(stamps: torch.Tensor, previous_end_ns: int | None = None) -> di
     }
     if previous_end_ns is not None:
         out["period_us"] = float(_us(end.max() + base - previous_end_ns))
-        out["first_start_after_previous_us"] = float(_us(base - previous_end_ns))
+        out["first_start_after_previous_us"] = (base - previous_end_ns) / 1e3
     return out
 
 
