@@ -74,11 +74,13 @@ def test_sequence_account_measures_each_call_against_the_one_before():
         gemv_stages.sequence_account(stamps[:1])
 
 
-@pytest.mark.parametrize("break_it", ["zero", "swap", "late_warp", "program_order"])
+@pytest.mark.parametrize("break_it", ["unwritten", "first_sentinel", "swap", "late_warp", "program_order"])
 def test_monotone_flags_a_broken_program(break_it):
     stamps = _call_stamps(4, EPOCH)
     assert gemv_stages.monotone(stamps).all()
-    if break_it == "zero":  # a stamp never written (or the first-load read's 0 sentinel)
+    if break_it == "unwritten":  # a warp's start never written (the buffer's zero)
+        stamps[2, 1, 0] = 0
+    elif break_it == "first_sentinel":  # the first-load read's 0 (its word was 0xffffffff)
         stamps[2, 1, 3] = 0
     elif break_it == "swap":  # listed after the first load
         stamps[2, 1, 2], stamps[2, 1, 3] = stamps[2, 1, 3].clone(), stamps[2, 1, 2].clone()
