@@ -348,8 +348,10 @@ __device__ __forceinline__ unsigned long long global_time() {
     return t;
 }
 
-// %globaltimer once the loaded register `word` has arrived: the read is predicated on it (0 if `word` is
-// 0xffffffff, a pair of NaN weights), so it cannot issue before the load returns.
+// %globaltimer once the loaded register `word` has arrived: the read is predicated on a compare of it (0 if
+// `word` is 0xffffffff, a pair of NaN weights). A warp issues in order, so the compare stalls until the load
+// is back and the read comes after it (ptxas may turn the predicate into a select after an unpredicated
+// read; tests/test_kernels_cuda.py checks in the SASS that the read follows the compare).
 __device__ __forceinline__ unsigned long long global_time_after(unsigned word) {
     unsigned long long t;
     asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %1, 0xffffffff;\n\tmov.u64 %0, 0;\n\t"
