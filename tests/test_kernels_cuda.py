@@ -505,3 +505,123 @@ def test_isa_counter_finds_the_loop_and_its_group_change():
     assert int8["group_change_regions"] == 0 and int8["code_loads_per_step"] == int8["unroll"] * int8["vecs"]
     assert int4["group_change_regions"] == 1 and int4["code_loads_per_step"] == int4["unroll"] * int4["vecs"]
     assert int4["group_change_opcodes"]["LDG"] == 4 * int4["vecs"]  # scale and zero, twice
+
+
+# ---- the STAMPS build (per-stage timeline, measuring only) --------------------------------------------------
+
+#: %globaltimer reads of the STAMPS build: a warp's start, waited, listed, first (list empty), first (in the weight
+#: loop, once the step's first load is back), streamed; the program's met, summed, clustered, end.
+STAMP_SITES = 10
+#: Kernel parameters of the default build (the host passes these 21; the STAMPS build takes `stamps` as a 22nd).
+DEFAULT_PARAMS = 21
+
+
+def _ptx(variant: cuda.Variant) -> str:
+    """The variant's PTX (NVRTC for the virtual architecture compute_90)."""
+    import ctypes
+
+    nv = cuda.nvrtc_library()
+    prog = ctypes.c_void_p()
+    assert nv.nvrtcCreateProgram(ctypes.byref(prog), cuda.source().encode(), cuda.SOURCE_FILE.encode(), 0, None,
+                                 None) == 0
+    try:
+        options = [o.encode() for o in cuda.nvrtc_options(variant, "compute_90")]
+        result = nv.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
+        assert result == 0, f"NVRTC error {result} for {variant}"
+        size = ctypes.c_size_t()
+        assert nv.nvrtcGetPTXSize(prog, ctypes.byref(size)) == 0
+        buf = ctypes.create_string_buffer(size.value)
+        assert nv.nvrtcGetPTX(prog, buf) == 0
+        return buf.value.decode()
+    finally:
+        nv.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _llama3_8b_variants() -> list[cuda.Variant]:
+    """The batch-1 bf16 builds the Llama-3-8B projections launch (both regimes' tables; down with SiLU·up
+    inside), PDL 2 (the engine's), and one with PDL 0."""
+    variants = set()
+    for k, n, glu in ((4096, 6144, False), (4096, 4096, False), (4096, 28672, False), (14336, 4096, True)):
+        for regime in ("sparse", "dense"):
+            cfg = get_config(k, n, 1, torch.bfloat16, 132, cuda_ok=True, regime=regime)
+            rows = cuda.geometry(k, [n], cfg, torch.bfloat16).rows_per_warp
+            for pdl in (2, 0) if glu and regime == "sparse" else (2,):
+                variants.add(cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=glu, pdl=pdl, rows_per_warp=rows))
+    return sorted(variants, key=repr)
+
+
+def _params(ptx: str) -> int:
+    """Parameters the kernel's PTX entry declares."""
+    return len(re.findall(r"^\s*\.param\b[^\n]*\bteal_sparse_gemv_param_\d+", ptx, flags=re.M))
+
+
+@requires_nvrtc
+def test_default_build_takes_no_stamps():
+    """Without STAMPS (every build the engine runs) the kernel reads no timer or SM id and takes its 21 parameters;
+    ``Variant.defines`` names STAMPS only when it is on (so the compile options and cache keys of the default
+    builds are unchanged)."""
+    for variant in _llama3_8b_variants():
+        assert not variant.stamps and not any("STAMPS" in d for d in variant.defines())
+        ptx = _ptx(variant)
+        assert "globaltimer" not in ptx and "%smid" not in ptx, variant
+        assert _params(ptx) == DEFAULT_PARAMS, variant
+    assert "-DSTAMPS=1" in dataclasses.replace(_llama3_8b_variants()[0], stamps=True).defines()
+
+
+def _sass_lines(code: bytes, tmp_path: Path) -> list[str]:
+    cubin = tmp_path / "stamps.cubin"
+    cubin.write_bytes(code)
+    sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return [m.group(1).strip() for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(.*?);", sass)]
+
+
+@requires_nvrtc
+def test_stamps_build_reads_the_timer_at_every_stage(tmp_path):
+    """The STAMPS build of every Llama-3-8B batch-1 variant: %globaltimer read at STAMP_SITES places (PTX and SASS),
+    %smid once, `stamps` as a 22nd parameter, no spills; in the SASS a step's weight loads still precede its
+    first product, and the in-loop stamp's timer read comes after a compare of the step's loaded register (so
+    it cannot issue before that load is back)."""
+    for base in _llama3_8b_variants():
+        variant = dataclasses.replace(base, stamps=True)
+        ptx = _ptx(variant)
+        assert ptx.count("%globaltimer") == STAMP_SITES and ptx.count("%smid") == 1, variant
+        assert _params(ptx) == DEFAULT_PARAMS + 1, variant
+        code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                                [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills and all(s == "0" for s in spills), (variant, log)
+        if CUOBJDUMP is None:
+            continue
+        lines = _sass_lines(code, tmp_path)
+        timer = [i for i, line in enumerate(lines) if "SR_GLOBALTIMER" in line]
+        assert len(timer) == STAMP_SITES, (variant, [lines[i] for i in timer])
+        loads = [i for i, line in enumerate(lines) if "LDG.E.NA.128" in line]
+        first_load = loads[0]
+        first_product = next(i for i in range(first_load, len(lines)) if lines[i].split()[0].endswith("FFMA")
+                             or " FFMA " in f" {lines[i]} ")
+        burst = [i for i in loads if i < first_product]
+        assert len(burst) >= variant.unroll * variant.vecs, (variant, lines[first_load:first_product])
+        in_step = [i for i in timer if first_load < i < first_product]
+        assert len(in_step) == 1, (variant, lines[first_load:first_product])
+        loaded = {}
+        for i in burst:
+            dst = int(re.search(r"LDG\.E\.NA\.128\S*\s+R(\d+)", lines[i]).group(1))
+            loaded.update({f"R{dst + j}": i for j in range(4)})
+        guards = [i for i in range(first_load, in_step[0])
+                  if re.search(r"ISETP\.NE\.U32\.AND P\d+, PT, (R\d+), -0x1", lines[i])
+                  and loaded.get(re.search(r"ISETP\.NE\.U32\.AND P\d+, PT, (R\d+)", lines[i]).group(1), len(lines)) < i]
+        assert guards, (variant, lines[first_load:in_step[0] + 1])
+
+
+def test_stamps_launch_rejects_a_wrong_buffer():
+    """`launch(stamps=...)` names the shape it needs, and refuses the tensor-core loop (no stamps there); checked
+    before anything reaches the device."""
+    cfg = KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True)
+    x, w_t, y = torch.zeros(1, 1000, dtype=torch.bfloat16), torch.zeros(1000, 512, dtype=torch.bfloat16), None
+    shape = cuda.stamps_shape(1000, [512], cfg, torch.bfloat16)
+    assert shape == (2 * 4, 8 + 1, 5)
+    with pytest.raises(ValueError, match=r"int64 tensor of shape \(8, 9, 5\)"):
+        cuda.launch(x, w_t, y, torch.zeros(1), None, [512], cfg, stamps=torch.zeros(8, 9, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="FMA loop only"):
+        cuda.launch(x, w_t, y, torch.zeros(1), None, [512], dataclasses.replace(cfg, use_dot=True, block_r=16),
+                    stamps=torch.zeros(shape, dtype=torch.int64))

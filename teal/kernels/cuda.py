@@ -16,6 +16,7 @@ launch is requested when ``ops.pdl_mode`` says so.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import glob
 import hashlib
@@ -78,6 +79,7 @@ class Variant:
     mma: int = 0  # the inner product on tensor cores: 0 off, else 64-column slots per lane group (2 or 4)
     weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
     group: int = 0  # int4: input rows per (scale, zero) group
+    stamps: bool = False  # the per-stage timeline (``STAMPS``; measuring only, ``launch(stamps=...)``)
 
     def defines(self) -> list[str]:
         out = [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
@@ -87,6 +89,8 @@ class Variant:
         ]
         if self.weights:
             out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
+        if self.stamps:
+            out.append("-DSTAMPS=1")
         return out
 
 
@@ -197,6 +201,22 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     sums = 4 * (config.num_warps + 1) * batch * block_n
     return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
+
+
+#: The per-stage timeline of a ``STAMPS`` build (``launch(stamps=...)``): per program (``blockIdx.x * split +
+#: blockIdx.y``) one row per warp, then one for the program, each of these int64 fields (%globaltimer, ns;
+#: the program row's first field is the SM id). See the ``STAMPS`` macro in ``sparse_gemv.cu``.
+STAMP_FIELDS = {
+    "warp": ("start", "waited", "listed", "first", "streamed"),
+    "program": ("sm", "met", "summed", "clustered", "end"),
+}
+
+
+def stamps_shape(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype,
+                 batch: int = 1) -> tuple[int, int, int]:
+    """Shape of the int64 ``stamps`` buffer one launch fills: (programs, warps + 1, 5)."""
+    geo = geometry(k, split_list, config, dtype, batch)
+    return (geo.grid[0] * geo.grid[1], config.num_warps + 1, len(STAMP_FIELDS["warp"]))
 
 
 def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weights: str = "bf16") -> Optional[str]:
@@ -517,17 +537,27 @@ def launch(
     *,
     glu: bool = False,
     pdl: int = 0,
+    stamps: Optional[torch.Tensor] = None,
 ) -> None:
     """``y[b, seg_j] = mask_j(x[b]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
 
     x [B, K] with contiguous rows (B <= 8), or the gate|up row [1, 2K] with ``glu``; w_t [K, n] (may be a
     column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
-    most 4 segments.
+    most 4 segments. ``stamps``: an int64 tensor of ``stamps_shape`` on x's device, which the ``STAMPS`` build
+    (compiled for this) fills with the call's per-stage timeline (``STAMP_FIELDS``); measuring only.
     """
     if glu and x.shape[0] != 1:
         raise ValueError("the CUDA kernel fuses the SiLU-gated input at batch 1 only")
+    if stamps is not None:
+        if config.use_dot:
+            raise ValueError("stage stamps are taken in the FMA loop only; use_dot configs have none")
+        shape = stamps_shape(w_t.shape[0], split_list, config, x.dtype, x.shape[0])
+        if (tuple(stamps.shape) != shape or stamps.dtype != torch.int64 or stamps.device != x.device
+                or not stamps.is_contiguous()):
+            raise ValueError(f"stamps must be a contiguous int64 tensor of shape {shape} on {x.device}, got "
+                             f"{stamps.dtype} {tuple(stamps.shape)} on {stamps.device}")
     _launch(x, w_t.data_ptr(), w_t.shape[0], w_t.stride(0), y, thresholds, col_scale, split_list, config,
-            glu=glu, pdl=pdl)
+            glu=glu, pdl=pdl, stamps=stamps)
 
 
 def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list: Sequence[int],
@@ -575,12 +605,14 @@ def launch_quant(x: torch.Tensor, qw: "QuantizedWeight", y: torch.Tensor, thresh
 def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor, thresholds: torch.Tensor,
             col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *, glu: bool = False,
             pdl: int = 0, weights: str = "bf16", group: int = 0, qscale: Optional[torch.Tensor] = None,
-            qzero: Optional[torch.Tensor] = None, stride_q: int = 0) -> None:
+            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, stamps: Optional[torch.Tensor] = None) -> None:
     batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
                           rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group)
+    if stamps is not None:
+        variant = dataclasses.replace(variant, stamps=True)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds
@@ -594,6 +626,8 @@ def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor,
         ctypes.c_int(x.stride(0)), ctypes.c_int(y.stride(0)),
         ctypes.c_void_p(qs.data_ptr()), ctypes.c_void_p(qz.data_ptr()), ctypes.c_int(stride_q),
     ]
+    if stamps is not None:  # the STAMPS build's extra last argument
+        holders.append(ctypes.c_void_p(stamps.data_ptr()))
     params = (ctypes.c_void_p * len(holders))(*[ctypes.cast(ctypes.byref(h), ctypes.c_void_p) for h in holders])
     attrs = (_LaunchAttribute * 1)()
     n_attrs = 0

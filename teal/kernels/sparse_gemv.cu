@@ -49,6 +49,14 @@
 //             sums x * (128 + q) and x, and between steps folds scale * (sum x (128 + q) - (128 + zero) * sum x)
 //             in (the constant 128 joins the zero point), the next group's pair loaded while the current one
 //             is summed.
+//   STAMPS    0, or 1: a per-stage timeline of each program, for measuring only (the work is unchanged; each
+//             stamp is one %globaltimer read and one store by lane 0). An extra last argument `stamps`, int64
+//             [programs][WARPS + 1][5], program = blockIdx.x * SPLIT + blockIdx.y; row w < WARPS is warp w's
+//             stages: start, previous kernel waited for, rows listed, first weight step's first load
+//             returned (the read waits on that load's register), weight loop done; row WARPS the program's:
+//             SM id, every warp's loop done, warp sums added in shared memory (thread 0's share), cluster's
+//             partial sums ready, end (stored, last cluster barrier passed). 16-bit FMA loop only (no MMA,
+//             no WFMT). teal.kernels.cuda.STAMP_FIELDS names the fields.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -96,6 +104,12 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #define INT4_BIAS 128.0f
 #define INT4_SELECT 0x7044
 #define INT4_CHUNK 8
+#ifndef STAMPS
+#define STAMPS 0
+#endif
+#if STAMPS && (MMA || WFMT)
+#error "stage stamps are taken in the 16-bit FMA loop only"
+#endif
 #if WFMT
 typedef unsigned char weight_t;  // codes
 #else
@@ -323,6 +337,39 @@ __device__ __forceinline__ float load_cluster_shared(unsigned addr, unsigned ran
 }
 #endif
 
+#if STAMPS
+#define STAMP_FIELDS 5
+enum { STAMP_START, STAMP_WAITED, STAMP_LISTED, STAMP_FIRST, STAMP_STREAMED };  // a warp's row
+enum { STAMP_SM, STAMP_MET, STAMP_SUMMED, STAMP_CLUSTERED, STAMP_END };          // the program's row
+
+__device__ __forceinline__ unsigned long long global_time() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t) : : "memory");
+    return t;
+}
+
+// %globaltimer once the loaded register `word` has arrived: the read is predicated on a compare of it (0 if
+// `word` is 0xffffffff, a pair of NaN weights). A warp issues in order, so the compare stalls until the load
+// is back and the read comes after it (ptxas may turn the predicate into a select after an unpredicated
+// read; tests/test_kernels_cuda.py checks in the SASS that the read follows the compare).
+__device__ __forceinline__ unsigned long long global_time_after(unsigned word) {
+    unsigned long long t;
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.u32 p, %1, 0xffffffff;\n\tmov.u64 %0, 0;\n\t"
+                 "@p mov.u64 %0, %%globaltimer;\n\t}" : "=l"(t) : "r"(word) : "memory");
+    return t;
+}
+
+#define STAMPS_ARG , unsigned long long* __restrict__ stamps
+#define STAMP(field) do { if (lane == 0) stamp_warp[field] = global_time(); } while (0)
+#define STAMP_AFTER(field, word) do { if (lane == 0) stamp_warp[field] = global_time_after(word); } while (0)
+#define STAMP_PROGRAM(field) do { if (threadIdx.x == 0) stamp_program[field] = global_time(); } while (0)
+#else
+#define STAMPS_ARG
+#define STAMP(field) do {} while (0)
+#define STAMP_AFTER(field, word) do {} while (0)
+#define STAMP_PROGRAM(field) do {} while (0)
+#endif
+
 #if SPLIT > 1
 #define CLUSTER_DIMS __cluster_dims__(1, SPLIT, 1)
 #else
@@ -337,12 +384,23 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     const float* __restrict__ thresholds, const float* __restrict__ scale,
     int K, int stride_w, int rows_per_split, int rows_per_warp,
     int off1, int off2, int off3, int cb1, int cb2, int cb3, int n_end, int stride_x, int stride_y,
-    const elem_t* __restrict__ qscale, const elem_t* __restrict__ qzero, int stride_q) {
+    const elem_t* __restrict__ qscale, const elem_t* __restrict__ qzero, int stride_q STAMPS_ARG) {
     extern __shared__ vec_f32x4 smem_vec[];  // 16-byte aligned
     unsigned char* smem = reinterpret_cast<unsigned char*>(smem_vec);
     const int warp = threadIdx.x >> 5;
     const int lane = threadIdx.x & 31;
     const int cb = blockIdx.x;
+#if STAMPS
+    unsigned long long* stamp_program = stamps + (blockIdx.x * gridDim.y + blockIdx.y) * (WARPS + 1) * STAMP_FIELDS;
+    unsigned long long* stamp_warp = stamp_program + warp * STAMP_FIELDS;
+    stamp_program += WARPS * STAMP_FIELDS;
+    STAMP(STAMP_START);
+    if (threadIdx.x == 0) {
+        unsigned sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        stamp_program[STAMP_SM] = sm;
+    }
+#endif
 
     // This column block's segment, its first column and where the segment ends.
     const int seg = (cb >= cb1) + (cb >= cb2) + (cb >= cb3);
@@ -395,6 +453,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #if PDL
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    STAMP(STAMP_WAITED);
     const float thr = thresholds[seg];
 
     // 1. List this warp's surviving rows (ascending; with BATCH > 1 the union, each value masked by its
@@ -437,6 +496,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
     __syncwarp();
+    STAMP(STAMP_LISTED);
+    if (count == 0) STAMP(STAMP_FIRST);  // no weight step: an empty stage
 
 #if MMA
     // 2'. Stream the listed rows 16 per step into tensor-core products (see MMA above). Fragment of slot s,
@@ -646,6 +707,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
             for (int v = 0; v < VECS; ++v)
                 tile[u][v] = load_stream(wcol[v] + (long long)r * stride_w, live && col_ok[v]);
         }
+        if (i == 0) STAMP_AFTER(STAMP_FIRST, tile[0][0].x);  // lane 0's first vector is always loaded
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const bool live = i + u < count;
@@ -669,6 +731,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
 #endif  // MMA
+    STAMP(STAMP_STREAMED);
 
 #if PDL == 2
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -676,6 +739,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 
     // 3. The warps' sums, then this program's partial sums.
     __syncthreads();  // every warp is done with its list
+    STAMP_PROGRAM(STAMP_MET);
     float* sums = reinterpret_cast<float*>(smem);                             // [WARPS][BATCH][BLOCK_N]
     float* partial = reinterpret_cast<float*>(smem) + WARPS * BATCH * BLOCK_N;  // [BATCH][BLOCK_N]
 #if MMA
@@ -711,9 +775,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         for (int wi = 0; wi < WARPS; ++wi) s += sums[wi * BATCH * BLOCK_N + c];
         partial[c] = s;
     }
+    STAMP_PROGRAM(STAMP_SUMMED);
 
     // 4. Add the cluster's partial sums (rank order) and store this program's slice of the columns.
     cluster_sync();
+    STAMP_PROGRAM(STAMP_CLUSTERED);
 #if SPLIT > 1
     unsigned rank;
     asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
@@ -736,4 +802,5 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         if (col < seg_end) y[b * stride_y + col] = from_f32(partial[t]);
     }
 #endif
+    STAMP_PROGRAM(STAMP_END);
 }
