@@ -84,13 +84,21 @@ def test_monotone_flags_a_broken_program(break_it):
         stamps[2, 1, 3] = 0
     elif break_it == "swap":  # listed after the first load
         stamps[2, 1, 2], stamps[2, 1, 3] = stamps[2, 1, 3].clone(), stamps[2, 1, 2].clone()
-    elif break_it == "late_warp":  # a warp's loop ends after the program's warps met
+    elif break_it == "late_warp":  # thread 0's own loop end after its own read past the barrier
         stamps[2, 0, 4] = stamps[2, WARPS, 1] + 1
     else:  # the cluster's sums ready before the warp sums
         stamps[2, WARPS, 3] = stamps[2, WARPS, 2] - 1
     assert gemv_stages.monotone(stamps).tolist() == [True, True, False, True]
     acct = gemv_stages.sequence_account(torch.stack([_call_stamps(4, EPOCH - 10_000), stamps]))
     assert not acct["all_monotone"]
+
+
+def test_monotone_compares_only_one_threads_reads():
+    """Another warp's loop end after thread 0's read past the barrier is timer skew across warps (H100: a
+    median 1.18 µs), not a broken program; thread 0's own order is still checked (`late_warp` above)."""
+    stamps = _call_stamps(4, EPOCH)
+    stamps[2, WARPS - 1, 4] = stamps[2, WARPS, 1] + 1_000
+    assert gemv_stages.monotone(stamps).all()
 
 
 def test_stage_names_follow_the_kernel_fields():

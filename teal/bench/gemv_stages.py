@@ -51,13 +51,19 @@ def program_boundaries(stamps: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def monotone(stamps: torch.Tensor) -> torch.Tensor:
     """Per program: whether every warp's stamps ascend (start <= waited <= listed <= first <= streamed), none is
-    zero (the first-load stamp is 0 when its read could not wait on the load), every warp's ``streamed`` is
-    at most the program's ``met``, and met <= summed <= clustered <= end."""
+    zero (the first-load stamp is 0 when its read could not wait on the load), warp 0's ``streamed`` is at
+    most the program's ``met`` (both read by thread 0), and met <= summed <= clustered <= end.
+
+    Only reads of one thread are compared: across warps of one program the timer is not consistent to a
+    microsecond. On an H100 the program's ``met`` (thread 0, after the barrier that every warp's ``streamed``
+    precedes in the SASS) was a median 1.18 µs *before* the latest warp's ``streamed`` (down, s = 0.5,
+    `benchmarks/results/2026-12-07-h100-gemv-stages-llama-3-8b-cross-warp-check-failed.json`), so stage
+    boundaries taken as the latest warp's are uncertain by about that much."""
     stamps = stamps.to(torch.int64)
     warps, program = stamps[:, :-1, :], stamps[:, -1, 1:]
     ok = (warps > 0).all(dim=(1, 2)) & (program > 0).all(dim=1)
     ok &= (warps.diff(dim=2) >= 0).all(dim=(1, 2))
-    ok &= (warps[:, :, -1] <= program[:, :1]).all(dim=1)
+    ok &= warps[:, 0, -1] <= program[:, 0]
     ok &= (program.diff(dim=1) >= 0).all(dim=1)
     return ok
 
