@@ -625,3 +625,190 @@ def test_stamps_launch_rejects_a_wrong_buffer():
     with pytest.raises(ValueError, match="FMA loop only"):
         cuda.launch(x, w_t, y, torch.zeros(1), None, [512], dataclasses.replace(cfg, use_dot=True, block_r=16),
                     stamps=torch.zeros(shape, dtype=torch.int64))
+
+
+# ---- the BALANCED build (balanced listing, a measuring prototype) ------------------------------------------
+
+
+def _concatenated(counts: list[int], rows_per_warp: int) -> list[int]:
+    """The program's survivor lists concatenated in warp order: the shared slots of every listed row."""
+    return [w * rows_per_warp + i for w, c in enumerate(counts) for i in range(c)]
+
+
+def _partition_problem(slices: list[list[int]], counts: list[int], rows_per_warp: int) -> str | None:
+    """Why ``slices`` is not a balanced partition of the concatenated lists (None when it is): every listed slot
+    exactly once, in warp-then-position order, each warp a contiguous run, sizes differing by at most one."""
+    want = _concatenated(counts, rows_per_warp)
+    if [s for part in slices for s in part] != want:
+        return "the slices do not take every listed row exactly once, in order"
+    sizes = [len(part) for part in slices]
+    if max(sizes) - min(sizes) > 1:
+        return f"slice sizes {sizes} differ by more than one"
+    return None
+
+
+def _count_cases() -> list[tuple[list[int], int]]:
+    gen = torch.Generator().manual_seed(0)
+    cases = [([0] * 8, 64), ([5] + [0] * 7, 64), ([0] * 7 + [64], 64), ([64] * 8, 64), ([1, 0, 0, 3, 0, 0, 0, 2], 4),
+             ([3, 1], 3), ([7], 9), ([224, 0, 17, 224, 3, 0, 99, 1], 224)]
+    for warps, rpw in ((8, 64), (16, 256), (8, 224), (4, 33), (32, 5)):
+        for _ in range(20):
+            cases.append((torch.randint(0, rpw + 1, (warps,), generator=gen).tolist(), rpw))
+        cases.append(((torch.rand(warps, generator=gen) < 0.3).long().mul(rpw).tolist(), rpw))  # all or nothing
+    return cases
+
+
+@pytest.mark.parametrize("counts,rpw", _count_cases())
+def test_balanced_slices_take_every_listed_row_once_in_equal_slices(counts, rpw):
+    slices = cuda.balanced_slices(counts, rpw)
+    assert len(slices) == len(counts)
+    assert _partition_problem(slices, counts, rpw) is None, (counts, slices)
+    total = sum(counts)
+    assert [len(p) for p in slices] == [(w + 1) * total // len(counts) - w * total // len(counts)
+                                        for w in range(len(counts))]
+    assert all(s in range(w * rpw, w * rpw + c) for s in sum(slices, []) for w, c in [(s // rpw, counts[s // rpw])])
+
+
+@pytest.mark.parametrize("break_it", ["prefix_off_by_one", "last_row_dropped", "ceil_slices", "order_swapped"])
+def test_balanced_partition_check_fails_on_broken_partitions(break_it):
+    """The check above on deliberately broken partitions of the same counts: an off-by-one in the prefix (each
+    source warp's start one late), the last listed row dropped, ceil(total / warps) slices (sizes 2, 2, .., 0:
+    every row once but unbalanced), and two warps' slices streamed in swapped order."""
+    counts, rpw = [5, 0, 3, 7, 1, 2, 6, 4], 8
+    slices = cuda.balanced_slices(counts, rpw)
+    assert _partition_problem(slices, counts, rpw) is None
+    if break_it == "prefix_off_by_one":
+        flat, starts = [], [sum(counts[:w]) + 1 for w in range(len(counts))]
+        for j in range(sum(counts)):
+            src = max(w for w in range(len(counts)) if starts[w] <= j) if j >= starts[0] else 0
+            flat.append(src * rpw + j - starts[src])
+        total = len(flat)
+        broken = [flat[w * total // 8:(w + 1) * total // 8] for w in range(8)]
+    elif break_it == "last_row_dropped":
+        broken = [list(p) for p in slices]
+        broken[-1] = broken[-1][:-1]
+    elif break_it == "ceil_slices":
+        flat, total = _concatenated(counts, rpw), sum(counts)
+        share = -(-total // 8)
+        broken = [flat[w * share:(w + 1) * share] for w in range(8)]
+    else:
+        broken = [slices[1], slices[0], *slices[2:]]
+    assert _partition_problem(broken, counts, rpw) is not None
+
+
+def _listed_rows(mask: torch.Tensor, warps: int, rows_per_warp: int) -> tuple[list[int], list[int]]:
+    """A program's listing phase on the CPU: warp w lists the kept rows of its share (ascending) at slots
+    ``w * rows_per_warp ..``; returns the counts and a slot -> row table (-1 where nothing was listed)."""
+    table = [-1] * (warps * rows_per_warp)
+    counts = []
+    for w in range(warps):
+        kept = torch.nonzero(mask[w * rows_per_warp:(w + 1) * rows_per_warp]).flatten().tolist()
+        counts.append(len(kept))
+        for i, r in enumerate(kept):
+            table[w * rows_per_warp + i] = w * rows_per_warp + r
+    return counts, table
+
+
+@pytest.mark.parametrize("pattern", ["random", "first_warp_only", "last_rows_only", "none", "all"])
+def test_balanced_warps_stream_the_programs_survivors_and_its_product(pattern):
+    """End to end on the CPU: lists per warp share, the balanced slices, each warp's partial product over the rows
+    it streams, added in warp order: the rows streamed are the program's survivors, ascending, each once, and the
+    sum equals the masked product (float64)."""
+    warps, rpw, n = 8, 64, 16
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(warps * rpw, generator=gen, dtype=torch.float64)
+    w = torch.randn(warps * rpw, n, generator=gen, dtype=torch.float64)
+    mask = {"random": x.abs() > 0.67, "first_warp_only": torch.arange(warps * rpw) < rpw,
+            "last_rows_only": torch.arange(warps * rpw) >= warps * rpw - 5,
+            "none": torch.zeros(warps * rpw, dtype=torch.bool), "all": torch.ones(warps * rpw, dtype=torch.bool)}[pattern]
+    counts, table = _listed_rows(mask, warps, rpw)
+    slices = cuda.balanced_slices(counts, rpw)
+    streamed = [[table[s] for s in part] for part in slices]
+    assert [r for part in streamed for r in part] == torch.nonzero(mask).flatten().tolist()
+    partials = [sum((x[r] * w[r] for r in part), torch.zeros(n, dtype=torch.float64)) for part in streamed]
+    y = sum(partials, torch.zeros(n, dtype=torch.float64))
+    assert torch.allclose(y, (x * mask) @ w)
+    if pattern == "first_warp_only":  # the default build: warp 0 streams 64 rows, the others none; here 8 each
+        assert [len(p) for p in streamed] == [8] * warps
+
+
+def test_balanced_geometry_and_defines():
+    """The balanced build asks for a second list area and the warps' counts; ``BALANCED`` is named only when on
+    (so the default builds' options and cache keys are unchanged)."""
+    cfg = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
+    for k, batch in ((14336, 1), (4096, 1), (4096, 4)):
+        plain, bal = cuda.geometry(k, [4096], cfg, torch.bfloat16, batch), cuda.geometry(k, [4096], cfg, torch.bfloat16, batch, True)
+        lists = 4 * (1 + batch) * cfg.num_warps * plain.rows_per_warp
+        assert bal.shared_bytes == max(2 * lists + 4 * cfg.num_warps, 4 * (cfg.num_warps + 1) * batch * plain.block_n)
+        assert dataclasses.replace(bal, shared_bytes=plain.shared_bytes) == plain
+    variant = cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=True, pdl=2, rows_per_warp=224)
+    assert not variant.balanced and not any("BALANCED" in d for d in variant.defines())
+    assert "-DBALANCED=1" in dataclasses.replace(variant, balanced=True).defines()
+
+
+def test_balanced_launch_refuses_the_tensor_core_loop():
+    cfg = KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True, use_dot=True)
+    x, w_t = torch.zeros(4, 1000, dtype=torch.bfloat16), torch.zeros(1000, 512, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="FMA loop only"):
+        cuda.launch(x, w_t, None, torch.zeros(1), None, [512], cfg, balanced=True)
+
+
+def test_balanced_switch_reads_the_environment(monkeypatch):
+    """``$TEAL_CUDA_BALANCED``: off by default, 1 turns the balanced build on for FMA-loop calls only, anything else
+    is refused naming the variable; the CUDA launch of ``ops`` passes it on."""
+    fma = KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)
+    dot = dataclasses.replace(fma, use_dot=True, block_r=16, block_n=128)
+    monkeypatch.delenv("TEAL_CUDA_BALANCED", raising=False)
+    assert not ops.cuda_balanced(fma) and not ops.cuda_balanced_requested()
+    seen = []
+    monkeypatch.setattr(cuda, "launch", lambda *args, **kw: seen.append(kw["balanced"]))
+    x = torch.zeros(1, 64)
+    ops._launch_cuda(x, torch.zeros(64, 64), None, torch.zeros(1), None, [64], fma)
+    monkeypatch.setenv("TEAL_CUDA_BALANCED", "1")
+    assert ops.cuda_balanced(fma) and not ops.cuda_balanced(dot)
+    ops._launch_cuda(x, torch.zeros(64, 64), None, torch.zeros(1), None, [64], fma)
+    ops._launch_cuda(x, torch.zeros(64, 64), None, torch.zeros(1), None, [64], dot)
+    assert seen == [False, True, False]
+    monkeypatch.setenv("TEAL_CUDA_BALANCED", "yes")
+    with pytest.raises(ValueError, match="TEAL_CUDA_BALANCED must be 0"):
+        ops.cuda_balanced(fma)
+
+
+def _barriers(ptx: str) -> int:
+    return len(re.findall(r"\bbar(?:rier)?\.sync(?:\.aligned)?\s+0;", ptx))
+
+
+@requires_nvrtc
+def test_balanced_build_compiles_without_spills_and_keeps_the_load_burst(tmp_path):
+    """The BALANCED build of every Llama-3-8B batch-1 variant (and with STAMPS, and at 4 rows): no spills, one
+    more block barrier than the default build (which takes none of its code: no extra barrier), and in the SASS a
+    step's weight loads still precede its first FFMA."""
+    variants = _llama3_8b_variants()
+    four_rows = cuda.variant_for(KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
+                                 torch.bfloat16, has_scale=True, glu=False, pdl=2, rows_per_warp=64, batch=4)
+    builds = [dataclasses.replace(v, balanced=True) for v in variants]
+    builds += [dataclasses.replace(variants[-1], balanced=True, stamps=True), dataclasses.replace(four_rows, balanced=True)]
+    for variant in builds:
+        default = dataclasses.replace(variant, balanced=False)
+        assert _barriers(_ptx(variant)) == _barriers(_ptx(default)) + 1, variant
+        code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                                [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills and all(s == "0" for s in spills), (variant, log)
+        if CUOBJDUMP is None or variant.batch > 1:
+            continue
+        lines = _sass_lines(code, tmp_path)
+        loads = [i for i, line in enumerate(lines) if "LDG.E.NA.128" in line]
+        first_product = next(i for i in range(loads[0], len(lines)) if re.search(r"\bFFMA\b", lines[i]))
+        assert len([i for i in loads if i < first_product]) >= variant.unroll * variant.vecs, \
+            (variant, lines[loads[0]:first_product])
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("extra", [["-DMMA=2"], ["-DWFMT=1"]])
+def test_balanced_build_refuses_other_loops_at_compile_time(extra):
+    base = cuda.variant_for(KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True),
+                            torch.bfloat16, has_scale=False, glu=False, pdl=2, rows_per_warp=128)
+    options = [o for o in cuda.nvrtc_options(dataclasses.replace(base, balanced=True), "sm_90") if not o.startswith("-DMMA")]
+    with pytest.raises(RuntimeError, match="balanced listing is built for the 16-bit FMA loop only"):
+        cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE, [*options, *extra])

@@ -57,6 +57,15 @@
 //             SM id, every warp's loop done, warp sums added in shared memory (thread 0's share), cluster's
 //             partial sums ready, end (stored, last cluster barrier passed). 16-bit FMA loop only (no MMA,
 //             no WFMT). teal.kernels.cuda.STAMP_FIELDS names the fields.
+//   BALANCED  0, or 1: a balanced listing (a prototype, for measuring; teal.kernels.cuda.launch(balanced=True),
+//             $TEAL_CUDA_BALANCED): each warp lists its own share as above, then after one __syncthreads the
+//             program's lists, concatenated in warp order (ascending: the shares are contiguous and
+//             ascending), are cut into WARPS contiguous slices of floor(total * w / WARPS) .. floor(total *
+//             (w + 1) / WARPS) (sizes differ by at most one); warp w copies its slice (indices and values, from
+//             the per-warp counts' prefix sums) into a second shared area and streams it with the same loop.
+//             So the warps' weight loops take equal row counts instead of whatever their fixed shares kept.
+//             Deterministic (no atomics; each column's sum still adds the warps' partials in warp order).
+//             16-bit FMA loop only (no MMA, no WFMT); the host doubles the list area of shared memory.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -109,6 +118,12 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #endif
 #if STAMPS && (MMA || WFMT)
 #error "stage stamps are taken in the 16-bit FMA loop only"
+#endif
+#ifndef BALANCED
+#define BALANCED 0
+#endif
+#if BALANCED && (MMA || WFMT)
+#error "the balanced listing is built for the 16-bit FMA loop only"
 #endif
 #if WFMT
 typedef unsigned char weight_t;  // codes
@@ -496,6 +511,33 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
     __syncwarp();
+#if BALANCED
+    // 1'. Balance (see BALANCED): every warp's count, one barrier, then warp w copies slice w of the
+    //     concatenated lists (source warp `src`'s entries are positions start .. start + counts[src]) into the
+    //     second list area, at the same positions, and streams only that slice.
+    int* counts = reinterpret_cast<int*>(smem) + 2 * WARPS * rows_per_warp * (1 + BATCH);
+    if (lane == 0) counts[warp] = count;
+    __syncthreads();
+    int total = 0;
+#pragma unroll
+    for (int src = 0; src < WARPS; ++src) total += counts[src];
+    const int slice_lo = warp * total / WARPS, slice_hi = (warp + 1) * total / WARPS;
+    int* all_idx = reinterpret_cast<int*>(smem) + WARPS * rows_per_warp * (1 + BATCH);
+    float* all_val = reinterpret_cast<float*>(all_idx + WARPS * rows_per_warp);
+    for (int src = 0, start = 0; src < WARPS && start < slice_hi; start += counts[src], ++src) {
+        const int from = src * rows_per_warp - start;  // entry j of the concatenation is the source's j + from
+        for (int j = max(slice_lo, start) + lane; j < min(slice_hi, start + counts[src]); j += 32) {
+            all_idx[j] = reinterpret_cast<const int*>(smem)[j + from];
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b)
+                all_val[j * BATCH + b] = reinterpret_cast<const float*>(smem)[WARPS * rows_per_warp + (j + from) * BATCH + b];
+        }
+    }
+    __syncwarp();
+    list_idx = all_idx + slice_lo;
+    list_val = all_val + slice_lo * BATCH;
+    count = slice_hi - slice_lo;
+#endif
     STAMP(STAMP_LISTED);
     if (count == 0) STAMP(STAMP_FIRST);  // no weight step: an empty stage
 
