@@ -810,5 +810,5 @@ def test_balanced_build_refuses_other_loops_at_compile_time(extra):
     base = cuda.variant_for(KernelConfig(block_n=128, block_r=16, split_k=4, num_warps=8, cuda=True),
                             torch.bfloat16, has_scale=False, glu=False, pdl=2, rows_per_warp=128)
     options = [o for o in cuda.nvrtc_options(dataclasses.replace(base, balanced=True), "sm_90") if not o.startswith("-DMMA")]
-    with pytest.raises(RuntimeError, match="balanced listing is built for the 16-bit FMA loop only"):
+    with pytest.raises(RuntimeError, match=r"balanced listing takes the FMA loop only \(no MMA, no WFMT\)"):
         cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE, [*options, *extra])

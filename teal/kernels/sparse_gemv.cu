@@ -65,7 +65,8 @@
 //             the per-warp counts' prefix sums) into a second shared area and streams it with the same loop.
 //             So the warps' weight loops take equal row counts instead of whatever their fixed shares kept.
 //             Deterministic (no atomics; each column's sum still adds the warps' partials in warp order).
-//             16-bit FMA loop only (no MMA, no WFMT); the host doubles the list area of shared memory.
+//             FMA loop only (no MMA, no WFMT; 1..8 rows, GLU too); the host doubles the list area of shared
+//             memory.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -123,7 +124,7 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #define BALANCED 0
 #endif
 #if BALANCED && (MMA || WFMT)
-#error "the balanced listing is built for the 16-bit FMA loop only"
+#error "the balanced listing takes the FMA loop only (no MMA, no WFMT)"
 #endif
 #if WFMT
 typedef unsigned char weight_t;  // codes
