@@ -184,3 +184,22 @@ def test_merge_refuses_a_setting_measured_differently(qq, tiny, tmp_path):
     path.write_text(json.dumps(data))
     rc, merged = merge(qq, tmp_path / "merged", tmp_path / "a", tmp_path / "b")
     assert rc == 2 and not merged
+
+
+def test_merge_of_a_merged_json_resumed_apart_keeps_the_commands_it_was_merged_from(qq, tiny, tmp_path):
+    """A merged JSON copied and resumed apart (tasks of one format per copy), then merged again: the report
+    still lists the commands that measured the first merge's parts, not only the latest runs."""
+    firsts = {}
+    for label in ("bf16", "int8"):
+        rc, firsts[label] = run(qq, tmp_path / label, "--task-sparsities", "none", "--formats", label)
+        assert rc == 0
+    assert merge(qq, tmp_path / "m1", tmp_path / "bf16", tmp_path / "int8")[0] == 0
+    for label in ("bf16", "int8"):
+        shutil.copytree(tmp_path / "m1", tmp_path / f"{label}-tasks")
+        assert run(qq, tmp_path / f"{label}-tasks", "--task-sparsities", "0.5", "--formats", label)[0] == 0
+    rc, merged = merge(qq, tmp_path / "m2", tmp_path / "bf16-tasks", tmp_path / "int8-tasks")
+    assert rc == 0
+    md = (tmp_path / "m2" / "tiny-quant.md").read_text()
+    for first in firsts.values():  # the first parts' measuring commands, each once
+        assert md.count(f"`{first['command']}`") == 1
+        assert first["command"] in [r["command"] for r in merged["runs"]]

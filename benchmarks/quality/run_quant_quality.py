@@ -444,8 +444,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"--merge: {e}", file=sys.stderr)
             return 2
-        data["runs"] = [{k: p.get(k) for k in ("formats", "command", "date", "seconds_total", "history")}
-                        for p in parts]
+        # the runs the parts were themselves merged from (copies of a merged JSON resumed apart), then the parts;
+        # each once, oldest first
+        runs = [*(r for p in parts for r in p.get("runs", [])),
+                *({k: p.get(k) for k in ("formats", "command", "date", "seconds_total", "history")} for p in parts)]
+        data["runs"] = list({(r["command"], r.get("date")): r for r in runs}.values())
         for r in data["results"]:
             check_row(r)
         data["compounding"] = compounding(data)
