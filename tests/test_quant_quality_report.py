@@ -203,3 +203,63 @@ def test_merge_of_a_merged_json_resumed_apart_keeps_the_commands_it_was_merged_f
     for first in firsts.values():  # the first parts' measuring commands, each once
         assert md.count(f"`{first['command']}`") == 1
         assert first["command"] in [r["command"] for r in merged["runs"]]
+
+
+FISHER = ["--methods", "teal-fisher"]
+
+
+def allocate_taking(qq, monkeypatch, seconds: float, perturb: bool = False) -> None:
+    """``teal.allocate`` as it is, its table recording ``seconds`` of wall time (another run's clock); with
+    ``perturb``, one projection's level also moved (another table)."""
+    real = qq.teal.allocate
+
+    def allocate(model, th, method, **kw):
+        out = real(model, th, method, **kw)
+        th.allocations[method]["seconds"] = seconds
+        if perturb:
+            levels = next(iter(th.allocations[method]["sparsities"].values()))
+            levels[-1] = levels[-1] * 0.5 + 0.01
+        return out
+
+    monkeypatch.setattr(qq.teal, "allocate", allocate)
+
+
+def test_resume_with_the_allocation_recomputed_accepts_the_same_table(qq, tiny, tmp_path, monkeypatch):
+    """The thresholds artifacts lost (another checkout): recalibrated and reallocated on the same text they are
+    the same thresholds, only the allocation's wall time differs; the tasks are added. Another table is refused."""
+    allocate_taking(qq, monkeypatch, 12.34)
+    assert run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16", *FISHER)[0] == 0
+    shutil.rmtree(tmp_path / "artifacts")
+    allocate_taking(qq, monkeypatch, 56.78)
+    rc, data = run(qq, tmp_path, "--task-sparsities", "0.5", "--formats", "bf16", *FISHER)
+    assert rc == 0 and rows(data)[("bf16", "teal-fisher", 0.5)]["tasks_avg"] is not None
+    shutil.rmtree(tmp_path / "artifacts")
+    allocate_taking(qq, monkeypatch, 12.34, perturb=True)
+    rc, _ = run(qq, tmp_path, "--task-sparsities", "0.25,0.5", "--sparsities", "0.25,0.5", "--formats", "bf16",
+                *FISHER)
+    assert rc == 2
+
+
+def test_resume_accepts_a_fingerprint_recorded_with_the_allocation_time(qq, tiny, tmp_path, monkeypatch):
+    """The reports' JSONs recorded the allocation tables' fingerprints with their wall time (``seconds``)
+    hashed in: a recomputed table that matches one at some time is the same table, and its recorded
+    fingerprint is kept (parts of one report must agree on it)."""
+    allocate_taking(qq, monkeypatch, 89.32)
+    assert run(qq, tmp_path, "--task-sparsities", "none", "--formats", "bf16", *FISHER)[0] == 0
+    th = qq.teal.Thresholds.load(tmp_path / "artifacts" / "tiny-bf16")
+    legacy = qq.hashlib.sha256(qq.json.dumps(th.allocations["fisher"], sort_keys=True,
+                                             default=str).encode()).hexdigest()[:16]
+    path = tmp_path / "tiny-quant.json"
+    data = json.loads(path.read_text())
+    data["format_info"]["bf16"]["artifact"]["fisher"] = legacy
+    path.write_text(json.dumps(data))
+    shutil.rmtree(tmp_path / "artifacts")
+    allocate_taking(qq, monkeypatch, 3.0)
+    rc, data = run(qq, tmp_path, "--task-sparsities", "0.5", "--formats", "bf16", *FISHER)
+    assert rc == 0 and data["format_info"]["bf16"]["artifact"]["fisher"] == legacy
+    data["format_info"]["bf16"]["artifact"]["fisher"] = legacy[::-1]  # another table
+    path.write_text(json.dumps(data))
+    shutil.rmtree(tmp_path / "artifacts")
+    rc, _ = run(qq, tmp_path, "--task-sparsities", "0.25,0.5", "--sparsities", "0.25,0.5", "--formats", "bf16",
+                *FISHER)
+    assert rc == 2

@@ -133,17 +133,56 @@ def weight_error(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> 
     return math.sqrt(num / den)
 
 
+# an allocation table's wall-time field: not part of the thresholds (a table recomputed on the same text
+# differs only there), so not in its fingerprint
+VOLATILE = ("seconds",)
+# fingerprints recorded before that hashed the table's "seconds" too (0.01 s resolution): a recomputed table
+# is the recorded one where some time below this bound gives the recorded hash
+LEGACY_MAX_SECONDS = 3600
+
+
+def table_hash(table: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(table, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def artifact_fingerprint(th: teal.Thresholds) -> dict[str, str]:
-    """sha256 (16 hex digits) of the artifact's histograms and of each allocation table: a resumed run
-    must sparsify with the thresholds that measured the rows it adds tasks to."""
+    """sha256 (16 hex digits) of the artifact's histograms and of each allocation table (its wall time left
+    out): a resumed run must sparsify with the thresholds that measured the rows it adds tasks to."""
     h = hashlib.sha256()
     for key in sorted(th.histograms):
         h.update(key.encode())
         h.update(th.histograms[key].double().contiguous().numpy().tobytes())
     out = {"histograms": h.hexdigest()[:16]}
     for name, table in th.allocations.items():
-        out[name] = hashlib.sha256(json.dumps(table, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        out[name] = table_hash({k: v for k, v in table.items() if k not in VOLATILE})
     return out
+
+
+def matches_with_some_time(table: dict[str, Any], recorded: str) -> bool:
+    """Whether ``table`` with its ``seconds`` set to some time in [0, LEGACY_MAX_SECONDS) s (0.01 s steps)
+    hashes to ``recorded``: the fingerprint form that hashed the allocation's wall time too."""
+    sentinel = "__seconds__"
+    text = json.dumps({**table, "seconds": sentinel}, sort_keys=True, default=str)
+    head, _, tail = text.partition(json.dumps(sentinel))
+    prefix = hashlib.sha256(head.encode())
+    tail_bytes = tail.encode()
+    for i in range(LEGACY_MAX_SECONDS * 100):
+        h = prefix.copy()
+        h.update(json.dumps(round(i / 100, 2)).encode())
+        h.update(tail_bytes)
+        if h.hexdigest()[:16] == recorded:
+            return True
+    return False
+
+
+def artifact_changes(recorded: dict[str, str], th: teal.Thresholds) -> tuple[dict[str, str], list[str]]:
+    """(the fingerprint to record, the names of the recorded fingerprints ``th`` does not match). A recorded
+    fingerprint that ``th``'s table matches with some wall time is kept as recorded, so that the parts of one
+    report agree on it."""
+    now = artifact_fingerprint(th)
+    changed = [k for k, v in recorded.items() if now.get(k, v) != v
+               and not (k in th.allocations and matches_with_some_time(th.allocations[k], v))]
+    return {**now, **recorded}, changed
 
 
 def check_row(row: dict[str, Any]) -> None:
@@ -542,8 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{label} dense: tasks {row['tasks_avg']:.3f} added ({row['tasks_seconds']:.0f} s)")
         if todo:
             th = build_artifact(model, tok, args, label, [m.partition("-")[2] for m in methods], sparsities, log)
-            info["artifact"] = artifact_fingerprint(th)
-            changed = [k for k, v in recorded.items() if info["artifact"].get(k, v) != v]
+            info["artifact"], changed = artifact_changes(recorded, th)
             if changed:
                 print(f"--resume: the {label} thresholds artifact differs from the one that measured the rows in "
                       f"{json_path} ({', '.join(changed)}); give the same --artifacts or another --out",
