@@ -263,3 +263,27 @@ def test_resume_accepts_a_fingerprint_recorded_with_the_allocation_time(qq, tiny
     rc, _ = run(qq, tmp_path, "--task-sparsities", "0.25,0.5", "--sparsities", "0.25,0.5", "--formats", "bf16",
                 *FISHER)
     assert rc == 2
+
+
+def test_interaction_at_equal_measured_sparsity(qq):
+    """The interaction is taken where both formats measure the same sparsity: the quantized rows measure
+    more zeros than bf16's at the same nominal level, so the nominal pairing would show compounding that the
+    equal-measured comparison does not have."""
+    def r(w, method, s, ms, ppl, tasks=None):
+        return {"weights": w, "method": method, "sparsity": s, "measured_sparsity": ms,
+                "measured_sparsity_lambada": ms, "ppl": ppl, "ppl_lambada": 2 * ppl, "tasks_avg": tasks,
+                "measured_sparsity_tasks": ms}
+
+    # PPL doubles per 0.5 of measured sparsity in both; int8 is 1.5x bf16 everywhere (independent errors)
+    res = [r("bf16", "dense", 0.0, 0.0, 10.0, 0.5), r("bf16", "teal-uniform", 0.5, 0.40, 10.0 * 2 ** 0.8, 0.4),
+           r("bf16", "teal-uniform", 0.55, 0.60, 10.0 * 2 ** 1.2, 0.3),
+           r("int8", "dense", 0.0, 0.0, 15.0, 0.45), r("int8", "teal-uniform", 0.5, 0.45, 15.0 * 2 ** 0.9, 0.325),
+           r("int8", "teal-uniform", 0.55, 0.60, 15.0 * 2 ** 1.2, 0.25)]
+    data = {"formats": ["bf16", "int8"], "methods": ["teal-uniform"], "results": res}
+    at = {c["measured"]: c for c in qq.compounding_at_measured(data)}
+    assert at[0.5]["ppl"] == pytest.approx(1.0) and at[0.5]["ppl_lambada"] == pytest.approx(1.0)
+    # tasks: bf16 0.35 at 0.5 measured, int8 0.30 (both linear between their rows); dense difference -0.05
+    assert at[0.5]["tasks_diff"] == pytest.approx(-0.05) and at[0.5]["tasks_diff_dense"] == pytest.approx(-0.05)
+    assert at[0.25]["ppl"] is None and at[0.25]["tasks_diff"] is None  # brackets 0 - 0.40 / 0.45: too wide
+    md = qq.markdown({**data, "model": "tiny", "command": "x", "tasks": [], "format_info": {}})
+    assert "| int8 | teal-uniform | 0.50 | 1.000 | 1.000 | -0.050 (-0.050) |" in md

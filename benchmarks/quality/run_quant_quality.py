@@ -357,6 +357,37 @@ def compounding(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def compounding_at_measured(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per quantized format, method and target measured sparsity (``TARGETS``): the interaction of the two
+    errors at *equal measured* sparsity. ``ppl`` / ``ppl_lambada``: quantization's PPL factor there (the
+    format's PPL over bf16's, both interpolated as ``at_measured``, each source along its own measured
+    sparsity) over its factor on the dense model; 1 = independent in log-PPL, above 1 they compound.
+    ``tasks_diff``: the format's tasks avg minus bf16's there, beside ``tasks_diff_dense``. None where either
+    side has no bracket."""
+    res = data["results"]
+    dense = {label: next((r for r in res if r["weights"] == label and r["method"] == "dense"), None)
+             for label in data["formats"]}
+    if dense.get("bf16") is None:
+        return []
+    out = []
+    for label in data["formats"]:
+        if label == "bf16" or dense[label] is None:
+            continue
+        t0q, t0b = dense[label].get("tasks_avg"), dense["bf16"].get("tasks_avg")
+        for method in data["methods"]:
+            for s in TARGETS:
+                row: dict[str, Any] = {"weights": label, "method": method, "measured": s}
+                for key in ("ppl", "ppl_lambada"):
+                    q, b = at_measured(res, label, method, key, s), at_measured(res, "bf16", method, key, s)
+                    row[key] = (None if q is None or b is None
+                                else (q / b) / (dense[label][key] / dense["bf16"][key]))
+                tq, tb = at_measured(res, label, method, "tasks_avg", s), at_measured(res, "bf16", method, "tasks_avg", s)
+                row["tasks_diff"] = None if tq is None or tb is None else tq - tb
+                row["tasks_diff_dense"] = None if t0q is None or t0b is None else t0q - t0b
+                out.append(row)
+    return out
+
+
 def commands(data: dict[str, Any]) -> list[str]:
     """Markdown lines listing the earlier commands whose rows the JSON holds (its ``history``, and for a merged
     JSON each part's), oldest first; none for a single run."""
@@ -427,6 +458,22 @@ def markdown(data: dict[str, Any]) -> str:
                 cells.append("" if r is None or r.get("tasks_avg") is None else
                              f"{r['tasks_avg']:.3f} ({r['measured_sparsity']:.3f} / {r['measured_sparsity_tasks']:.3f})")
             lines.append(f"| {m} | {s:.2f} | " + " | ".join(cells) + " |")
+    at = [c for c in compounding_at_measured(data) if any(c[k] is not None for k in ("ppl", "ppl_lambada"))]
+    if at:
+        def cell(v: float | None, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        lines += ["", "Where the errors compound, at equal measured sparsity: quantization's PPL factor at a measured "
+                  "sparsity (the format's PPL over bf16's, both interpolated as in the table above) over its factor "
+                  "on the dense model; 1 = the two errors add in log-PPL (independent), above 1 they compound, "
+                  "below 1 they overlap. `tasks Δ`: the format's tasks avg minus bf16's at that measured sparsity "
+                  "(dense: in brackets). `-`: no bracket.", "",
+                  "| weights | method | measured | interaction wiki | interaction lambada | tasks Δ (dense) |",
+                  "|---|---|---|---|---|---|"]
+        for c in at:
+            lines.append(f"| {c['weights']} | {c['method']} | {c['measured']:.2f} | {cell(c['ppl'], '.3f')} | "
+                         f"{cell(c['ppl_lambada'], '.3f')} | {cell(c['tasks_diff'], '+.3f')} "
+                         f"({cell(c['tasks_diff_dense'], '+.3f')}) |")
     comp = compounding(data)
     if comp:
         lines += ["", "Where the errors compound: the PPL factor of quantization on the sparse model "
@@ -491,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in data["results"]:
             check_row(r)
         data["compounding"] = compounding(data)
+        data["compounding_at_measured"] = compounding_at_measured(data)
         atomic_write_json(json_path, data)
         print(f"wrote {json_path} and {write_markdown(data, args.out)}")
         return 0
@@ -543,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in data["results"]:
             check_row(r)
         data["compounding"] = compounding(data)
+        data["compounding_at_measured"] = compounding_at_measured(data)
         data["seconds_total"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(json_path, data)
 
