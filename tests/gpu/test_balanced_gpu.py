@@ -11,26 +11,17 @@ import zlib
 import pytest
 import torch
 
-from teal.kernels import KernelConfig, cuda, ops, path_counts, sparse_linear
+from teal.kernels import KernelConfig, cuda, path_counts, sparse_linear
 from teal.kernels.ops import silu_mul, sparse_linear_reference
+
+from cuda_cases import CONFIGS as CASE_CONFIGS, CUDA, K_ODD, SPLITS, cuda_kernel  # noqa: F401
 
 pytestmark = pytest.mark.gpu
 
-CUDA = torch.device("cuda")
+
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
-K_ODD, SPLITS = 1003, [1000, 504, 248]  # widths multiples of the 8-element vectors, K odd
-CONFIGS = {
-    "cluster": KernelConfig(block_n=256, block_r=8, split_k=4, num_warps=8, cuda=True),
-    "one-split": KernelConfig(block_n=256, block_r=4, split_k=1, num_warps=16, cuda=True),
-    "wide": KernelConfig(block_n=512, block_r=8, split_k=2, num_warps=4, cuda=True),
-    "down-like": KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True),
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cuda_kernel():
-    if not ops.cuda_kernel_available(CUDA):
-        pytest.skip("the CUDA C++ kernel needs compute capability 9.0+ and NVRTC")
+CONFIGS = {**CASE_CONFIGS,
+           "down-like": KernelConfig(block_n=256, block_r=8, split_k=8, num_warps=8, cuda=True)}
 
 
 def _problem(glu: bool, batch: int, sparsity: float, pattern: str, dtype: torch.dtype, seed: int):
