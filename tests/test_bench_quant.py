@@ -311,12 +311,18 @@ def test_bench_cli_weight_choices_match_teal_quant():
 
 
 def test_kernel_bench_rows_are_cuda_then_triton():
-    """One CUDA row per format where the device runs the CUDA kernel, then Triton; without it only Triton."""
+    """One CUDA row per format where the device runs the CUDA kernel (int4: one per inner product, FMA and
+    tensor cores, whatever the environment says), then Triton; without it only Triton."""
     from teal.bench.quant_kernels import kernels_for
     from teal.kernels.quant_gemv import quant_sparse_linear_cuda, quant_sparse_linear_triton
 
     assert kernels_for(True) == [("cuda", quant_sparse_linear_cuda), ("triton", quant_sparse_linear_triton)]
     assert kernels_for(False) == [("triton", quant_sparse_linear_triton)]
+    assert kernels_for(False, "int4") == [("triton", quant_sparse_linear_triton)]
+    int4 = kernels_for(True, "int4")
+    assert [name for name, _ in int4] == ["cuda-fma", "cuda-mma", "triton"]
+    assert [(k.func, k.keywords) for _, k in int4[:2]] == [(quant_sparse_linear_cuda, {"int4_loop": "fma"}),
+                                                           (quant_sparse_linear_cuda, {"int4_loop": "mma"})]
 
 
 def test_bench_kernels_run_keeps_its_arguments():

@@ -812,3 +812,82 @@ def test_balanced_build_refuses_other_loops_at_compile_time(extra):
     options = [o for o in cuda.nvrtc_options(dataclasses.replace(base, balanced=True), "sm_90") if not o.startswith("-DMMA")]
     with pytest.raises(RuntimeError, match=r"balanced listing takes the FMA loop only \(no MMA, no WFMT\)"):
         cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE, [*options, *extra])
+
+
+# ---- int4 on tensor cores (Q4MMA, $TEAL_QUANT_INT4_LOOP=mma) ----------------------------------------------------
+
+def test_int4_loop_choice_and_configuration(monkeypatch):
+    """The int4 loop is chosen per call: "mma" takes the tensor-core configuration (block 256, 8 warps, 32 rows per
+    step at batch 1, 16 above) where every segment width is a multiple of 32, else the FMA loop; int8 and the
+    default stay on the FMA loop; a wrong choice fails in one line naming the variable."""
+    from teal.kernels import quant_gemv
+    from teal.kernels.configs import quant_cuda_config
+
+    mma = quant_cuda_config(4096, 28672, 1, 132, fmt="int4", widths=[14336, 14336], int4_loop="mma")
+    assert mma.use_dot and mma.block_n == 256 and mma.num_warps == 8
+    assert cuda.register_problem(mma, torch.bfloat16, 8, "int4") is None
+    assert "int8" in (cuda.register_problem(mma, torch.bfloat16, 1, "int8") or "")
+    assert [cuda.rows_per_step(mma, torch.bfloat16, b, cuda.WEIGHT_CODES["int4"]) for b in (1, 2, 8)] == [32, 16, 16]
+    variant = cuda.variant_for(mma, torch.bfloat16, has_scale=False, glu=False, pdl=2, batch=1, weights="int4",
+                               group=128)
+    assert (variant.mma, variant.weights, variant.unroll) == (4, 2, 32)
+    assert "-DMMA=4" in variant.defines() and "-DWFMT=2" in variant.defines()
+    for kw in ({"fmt": "int4", "widths": [520, 136, 136], "int4_loop": "mma"}, {"fmt": "int8", "int4_loop": "mma"},
+               {"fmt": "int4"}):
+        assert not quant_cuda_config(1000, 792, 1, 132, **kw).use_dot, kw
+    with pytest.raises(ValueError, match="int4_loop"):
+        quant_cuda_config(1000, 792, 1, 132, fmt="int4", int4_loop="wmma")
+    monkeypatch.delenv(quant_gemv.INT4_LOOP_ENV, raising=False)
+    assert quant_gemv.int4_loop_choice() == "fma"
+    monkeypatch.setenv(quant_gemv.INT4_LOOP_ENV, "tensor")
+    with pytest.raises(ValueError, match="TEAL_QUANT_INT4_LOOP must be fma or mma"):
+        quant_gemv.int4_loop_choice()
+
+
+@requires_nvrtc
+def test_int4_tensor_core_variants_compile_for_sm90_without_spills():
+    """The Q4MMA variants the dispatch picks (bf16 and fp16, 1, 3 and 8 rows, groups 32 and 128, a K that is not a
+    multiple of 16) compile for sm_90 with no spills."""
+    from teal.kernels.configs import quant_cuda_config
+
+    variants = set()
+    for dtype, batches in ((torch.bfloat16, (3,)), (torch.float16, (1, 8))):
+        for k, splits, group in ((14336, [4096], 128), (1000, [544, 160, 96], 32)):
+            for batch in batches:
+                cfg = quant_cuda_config(k, sum(splits), batch, 132, fmt="int4", widths=splits, int4_loop="mma")
+                assert cfg.use_dot and cuda.register_problem(cfg, dtype, batch, "int4") is None
+                geo = cuda.geometry(k, splits, cfg, dtype, batch)
+                variants.add(cuda.variant_for(cfg, dtype, has_scale=batch == 3, glu=False, pdl=2,
+                                              rows_per_warp=geo.rows_per_warp, batch=batch, weights="int4", group=group))
+    assert len(variants) == 6 and all(v.mma == 4 for v in variants)
+    for variant in sorted(variants, key=repr):
+        _, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                             [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+        spills = re.findall(r"(\d+) bytes spill stores", log)
+        assert spills and all(s == "0" for s in spills), (variant, log)
+
+
+#: Bounds on the tensor-core int4 loop's hot-path instructions per code byte at Llama-3-8B gate|up (sm_90, the
+#: script's counter): measured 3.86 (batch 1), 4.08 (4), 3.98 (8); with the decode's masked OR written in C++
+#: (two LOP3 per fragment register) 4.86 at batch 1; the FMA int4 loop 6.91 / 14.06 / 24.75.
+INT4_MMA_HOT_PER_CODE_BYTE_MAX = {1: 4.3, 4: 4.6, 8: 4.6}
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("batch", sorted(INT4_MMA_HOT_PER_CODE_BYTE_MAX))
+def test_int4_tensor_core_loop_instructions_per_code_byte(batch):
+    """The Q4MMA loop's hot path: under ``INT4_MMA_HOT_PER_CODE_BYTE_MAX`` with no spills, one group-change region,
+    one 16-byte code load per lane and row of a k-step's four, one mma and one byte permute per 4 code bytes of a
+    lane, at most one LOP3 per fragment register (plus a few for the step's bookkeeping), no FFMA per code."""
+    isa = _isa_script()
+    dis = isa.find_disassembler()
+    if dis is None:
+        pytest.skip(_NVDISASM_MISSING)
+    row = isa.count_variant(isa.variant_of("int4-mma", batch), dis)
+    assert row["format"] == "int4-mma" and row["spill_store_bytes"] == 0 and row["group_change_regions"] == 1, row
+    assert row["hot_per_code_byte"] <= INT4_MMA_HOT_PER_CODE_BYTE_MAX[batch], (row["hot_per_code_byte"],
+                                                                              row["hot_opcodes"])
+    ops = row["hot_opcodes"]
+    mmas = row["code_bytes_per_step"] // 4
+    assert row["code_loads_per_step"] == row["unroll"] // 4, row
+    assert ops["HMMA"] == mmas and ops["PRMT"] == mmas and ops["LOP3"] <= 4 * mmas + 16 and "FFMA" not in ops, ops

@@ -433,6 +433,148 @@ def test_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
     assert ok == (fault is None), (fault, exact, errors)
 
 
+# ------------------------------------------------- the CUDA kernel's int4 tensor-core loop (Q4MMA), emulated
+def _q4mma_constants(src: str, elem: int) -> dict[str, float]:
+    """The Q4MMA decode's constants as ``sparse_gemv.cu`` defines them for ``elem`` (0 bf16, 1 fp16): the
+    element type's branch of the ``#if ELEM == 0`` block inside ``#if Q4MMA``, then the shared ones."""
+    import re
+
+    block = src[src.index("#if Q4MMA\n// The int4 tensor-core decode"):]
+    block = block[:block.index("__device__")]
+    first, rest = block.split("#if ELEM == 0\n", 1)[1].split("#else\n", 1)
+    second, shared = rest.split("#endif\n", 1)
+    values = {}
+    for text in (first if elem == 0 else second, shared):
+        for name, value in re.findall(r"#define (Q4_\w+) (\S+)", text):
+            v = value.rstrip("uf")
+            values[name] = int(v, 16) if v.startswith("0x") else float(v)
+    return values
+
+
+def _byte_perm2(x: torch.Tensor, y: torch.Tensor, selector: int) -> torch.Tensor:
+    """CUDA's __byte_perm(x, y, selector) on int64 tensors of 32-bit words (bytes 0-3 of x, 4-7 of y)."""
+    out = torch.zeros_like(x)
+    for k in range(4):
+        pick = (selector >> (4 * k)) & 7
+        out |= (((x if pick < 4 else y) >> (8 * (pick % 4))) & 0xFF) << (8 * k)
+    return out
+
+
+def _halves(reg: torch.Tensor, elem: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two 16-bit values (low, high) of fragment registers, as float64."""
+    dtype = torch.bfloat16 if elem == 0 else torch.float16
+    def as16(bits: torch.Tensor) -> torch.Tensor:
+        return torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(dtype).double()
+
+    return as16(reg & 0xFFFF), as16((reg >> 16) & 0xFFFF)
+
+
+def _q4mma_matvec(c: dict[str, float], elem: int, qw, x: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
+    """y = x[listed] @ w[listed] the tensor-core loop's way: per lane group (32 columns, 16 code bytes per row)
+    and k-step (16 listed rows of one group: a step never crosses a group), lane q4's rows 2q4, 2q4+1, 2q4+8,
+    2q4+9 give their words; mma t takes A rows (columns 2t, 2t+1) as the source's permutes and masks build them;
+    C = A x in float64 (the tensor cores' fp32 sums are not emulated), folded per group with the source's bias and
+    high-nibble multiple."""
+    k, n = qw.shape
+    codes = qw.codes.to(torch.int64)
+    words = codes[:, 0::4] | (codes[:, 1::4] << 8) | (codes[:, 2::4] << 16) | (codes[:, 3::4] << 24)  # [K, N/8]
+    xd = x.double()
+    y = torch.zeros(n, dtype=torch.float64)
+    lo_of = lambda p, b: ((p >> (8 * b)) & c["Q4_LO_MASK"]) | c["Q4_MAGIC"]  # noqa: E731
+    hi_of = lambda p, b: ((p >> (8 * b + int(c["Q4_HI_SHIFT"]))) & c["Q4_HI_MASK"]) | c["Q4_MAGIC"]  # noqa: E731
+    groups = listed // qw.group_size
+    for g in groups.unique().tolist():
+        rows = listed[groups == g]
+        gacc = torch.zeros(n, dtype=torch.float64)
+        for start in range(0, len(rows), 16):
+            step = rows[start:start + 16]
+            live = torch.arange(16) < len(step)
+            r = torch.where(live, torch.cat([step, step.new_zeros(16 - len(step))]), 0)
+            w16 = torch.where(live[:, None], words[r], 0)  # [16 rows of the k-step, N/8 words]
+            xk = torch.where(live, xd[r], 0.0)
+            for q4 in range(4):
+                at = [2 * q4, 2 * q4 + 1, 2 * q4 + 8, 2 * q4 + 9]
+                for lg in range(n // 32):
+                    for e in range(4):
+                        u = [w16[a, 4 * lg + e] for a in at]
+                        for h in range(2):
+                            sel = int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"])
+                            p01, p23 = _byte_perm2(u[0], u[1], sel), _byte_perm2(u[2], u[3], sel)
+                            for b in range(2):
+                                t = 4 * e + 2 * h + b
+                                col = 32 * lg + 2 * t
+                                for reg, kk, cc in ((lo_of(p01, b), at[:2], col), (hi_of(p01, b), at[:2], col + 1),
+                                                    (lo_of(p23, b), at[2:], col), (hi_of(p23, b), at[2:], col + 1)):
+                                    v_lo, v_hi = _halves(reg, elem)
+                                    gacc[cc] += v_lo * xk[kk[0]] + v_hi * xk[kk[1]]
+        xsum = xd[rows].sum()
+        s, z = qw.scales[g].double(), qw.zeros[g].double()
+        mult = torch.where(torch.arange(n) % 2 == 1, c["Q4_HI_MULT"], 1.0).double()
+        y += (s / mult) * (gacc - (c["Q4_BIAS"] + mult * z) * xsum)
+    return y
+
+
+_Q4MMA_FAULTS = {
+    "row pairs from the wrong bytes": ("#define Q4_PAIR_HI 0x7632", "#define Q4_PAIR_HI 0x5410"),
+    "high nibble not shifted for bf16": ("#define Q4_HI_SHIFT 1", "#define Q4_HI_SHIFT 0"),
+    "high nibble multiple wrong": ("#define Q4_HI_MULT 8.0f", "#define Q4_HI_MULT 16.0f"),
+    "bias not the magic's value": ("#define Q4_BIAS 128.0f", "#define Q4_BIAS 0.0f"),
+    "low mask takes a high bit": ("#define Q4_LO_MASK 0x000F000Fu", "#define Q4_LO_MASK 0x001F001Fu"),
+}
+
+
+@pytest.mark.parametrize("elem", [0, 1])
+@pytest.mark.parametrize("fault", [None, *_Q4MMA_FAULTS])
+def test_int4_tensor_core_loop_emulated_from_the_source(fault, elem):
+    """The int4 tensor-core loop (``sparse_gemv.cu``'s Q4MMA) emulated from its own source: every code at every
+    nibble position decodes exactly to bias + q (low nibbles) or bias + multiple * q (high), and the fragments
+    the permutes build, multiplied and folded per group as the source does, give x @ dequantize (float64, 1e-9)
+    on dense and sparse row lists, RTN and float zero points, groups 32 and 128 with a partial last group. Each
+    fault injected into the source breaks it (bf16's shift-free high nibble only for bf16: fp16 has no shift)."""
+    from teal.kernels import cuda
+
+    src = cuda.source()
+    if fault is not None:
+        old, new = _Q4MMA_FAULTS[fault]
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    c = _q4mma_constants(src, elem)
+    # every code at every nibble: two rows' words, byte pairs 0-1 and 2-3, both nibbles
+    nib = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16
+    w0 = sum(nib[:, p].to(torch.int64) << (4 * p) for p in range(8))
+    w1 = sum(((nib[:, p] + 5) % 16).to(torch.int64) << (4 * p) for p in range(8))
+    exact = True
+    for h in range(2):
+        pair = _byte_perm2(w0, w1, int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"]))
+        for b in range(2):
+            byte = 2 * h + b
+            lo_a, lo_b = _halves(((pair >> (8 * b)) & c["Q4_LO_MASK"]) | c["Q4_MAGIC"], elem)
+            hi_a, hi_b = _halves(((pair >> (8 * b + int(c["Q4_HI_SHIFT"]))) & c["Q4_HI_MASK"]) | c["Q4_MAGIC"], elem)
+            for got, word_nib in ((lo_a, nib[:, 2 * byte]), (lo_b, (nib[:, 2 * byte] + 5) % 16)):
+                exact &= torch.equal(got, c["Q4_BIAS"] + word_nib.double())
+            for got, word_nib in ((hi_a, nib[:, 2 * byte + 1]), (hi_b, (nib[:, 2 * byte + 1] + 5) % 16)):
+                exact &= torch.equal(got, c["Q4_BIAS"] + c["Q4_HI_MULT"] * word_nib.double())
+    gen = torch.Generator().manual_seed(13)
+    errors = []
+    dtype = torch.bfloat16 if elem == 0 else torch.float16
+    for k, n, group, method, density in ((96 + 40, 64, 32, "rtn", 1.0), (300, 32, 128, "rtn", 0.45),
+                                         (160, 64, 32, "float zeros", 0.3)):
+        qw = quantize(torch.randn(k, n, generator=gen).to(dtype), "int4", group_size=group)
+        if method == "float zeros":
+            qw = QuantizedWeight("int4", qw.codes, qw.scales,
+                                 (qw.zeros.float() + torch.rand(qw.zeros.shape, generator=gen) - 0.5).to(qw.dtype),
+                                 qw.shape, group)
+        x = torch.randn(k, generator=gen).to(dtype)
+        listed = torch.nonzero(torch.rand(k, generator=gen) < density).flatten()
+        ref = x.double()[listed] @ qw.dequantize(torch.float64)[listed]
+        y = _q4mma_matvec(c, elem, qw, x, listed)
+        errors.append(float((y - ref).norm() / ref.norm()))
+    ok = exact and max(errors) <= 1e-9
+    expect_ok = fault is None or (fault == "high nibble not shifted for bf16" and elem == 1) or (
+        fault in ("high nibble multiple wrong", "bias not the magic's value") and elem == 1)
+    assert ok == expect_ok, (fault, elem, exact, errors)
+
+
 # ---- the CLI's weight options on the tiny HF directory (issue 19: every command, the artifact's record) -------
 def _cli(*args, **kw):
     from typer.testing import CliRunner

@@ -10,6 +10,7 @@ over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows 
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from teal.bench.timing import quant_param_bytes
+from teal.kernels.configs import INT4_LOOPS
 from teal.kernels.quant_gemv import (quant_sparse_linear_cuda, quant_sparse_linear_reference,
                                      quant_sparse_linear_triton)
 from teal.quant import quantize
@@ -47,10 +49,16 @@ def check_row(qw: Any, splits: Sequence[int], batch: int, sparsity: float, dtype
     return {"rel_err": err, "finite": finite, "ok": finite and err <= REL_ERR_BOUND}
 
 
-def kernels_for(cuda_ok: bool) -> list[tuple[str, Any]]:
-    """(kernel name, callable) of every row of one format: the CUDA kernel where the device runs it, then
-    Triton."""
-    return ([("cuda", quant_sparse_linear_cuda)] if cuda_ok else []) + [("triton", quant_sparse_linear_triton)]
+def kernels_for(cuda_ok: bool, fmt: str = "int8") -> list[tuple[str, Any]]:
+    """(kernel name, callable) of every row of one format: the CUDA kernel where the device runs it (int4: both
+    inner products, "cuda-fma" and "cuda-mma", whatever ``$TEAL_QUANT_INT4_LOOP`` says), then Triton."""
+    if not cuda_ok:
+        cuda_rows = []
+    elif fmt == "int4":
+        cuda_rows = [(f"cuda-{loop}", functools.partial(quant_sparse_linear_cuda, int4_loop=loop)) for loop in INT4_LOOPS]
+    else:
+        cuda_rows = [("cuda", quant_sparse_linear_cuda)]
+    return cuda_rows + [("triton", quant_sparse_linear_triton)]
 
 
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
@@ -67,7 +75,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     cuda_ok = cuda_kernel_available(device)
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
-        kernels = kernels_for(cuda_ok)
+        kernels = kernels_for(cuda_ok, fmt)
         method = quant_method if fmt == "int4" else "rtn"
         for model in models:
             for proj, k, splits in shapes[model]:

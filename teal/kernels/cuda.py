@@ -128,6 +128,8 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, weig
     vector; twice that for int4's group sums)."""
     vecs = vectors_per_lane(config, dtype)
     if config.use_dot:
+        if weights == 2:  # the int4 tensor-core loop: two k-steps per step at batch 1, one above (ptxas, sm_90:
+            return 2 * MMA_ROWS if batch == 1 else MMA_ROWS  # two spill 36-152 bytes at 2-8 rows)
         return MMA_ROWS
     per_vector = REGISTERS_PER_VECTOR[weights]
     if batch == 1:
@@ -252,7 +254,12 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weigh
         if dtype not in (torch.bfloat16, torch.float16):
             return f"quantized weights take bf16 or fp16 inputs on the CUDA kernel, not {dtype}"
         if config.use_dot:
-            return "quantized weights take the FMA inner product (use_dot off)"
+            if weights != "int4":
+                return f"{weights} weights take the FMA inner product (use_dot off); int4 takes either"
+            if config.block_n != 256 or config.num_warps > 8:
+                return (f"the int4 tensor-core inner product takes block_n 256 and at most 8 warps (255 registers "
+                        f"per thread), got block_n={config.block_n}, {config.num_warps} warps")
+            return None
         vecs = vectors_per_lane(config, dtype)
         sums = 8 * vecs * batch * (2 if weights == "int4" else 1) + 16 * vecs
         if sums + 48 > limit:
@@ -603,7 +610,9 @@ def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list:
         return f"the CUDA kernel takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}"
     if any(width % 8 for width in split_list):
         return f"{ALIGNMENT_PREFIX} with segment widths multiples of 8 (widths {list(split_list)})"
-    code_align = 8 if qw.format == "int8" else 4
+    if config.use_dot and any(width % 32 for width in split_list):
+        return f"{ALIGNMENT_PREFIX} for the int4 tensor-core loop with segment widths multiples of 32 (widths {list(split_list)})"
+    code_align = 8 if qw.format == "int8" else 16 if config.use_dot else 4
     tensors = [qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if (qw.codes.data_ptr() % code_align or qw.codes.stride(0) % code_align or not qw.codes.is_contiguous()
             or any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors)):

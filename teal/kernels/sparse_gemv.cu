@@ -101,11 +101,16 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #ifndef GROUP
 #define GROUP 128
 #endif
-#if WFMT && (MMA || ELEM == 2 || GLU)
-#error "quantized weights take 16-bit inputs, the FMA inner product and no fused GLU"
+#if WFMT && (ELEM == 2 || GLU || (MMA && (WFMT != 2 || MMA != 4)))
+#error "quantized weights take 16-bit inputs and no fused GLU; on tensor cores int4 only, with 4 slots (block_n 256)"
 #endif
+// int4 codes on tensor cores (WFMT 2 with MMA 4; see Q4MMA below).
+#define Q4MMA (WFMT == 2 && MMA)
 #if WFMT == 2 && UNROLL > 32
 #error "the int4 loop takes at most 32 rows per step (one listed row per lane)"
+#endif
+#if Q4MMA && UNROLL != 16 && UNROLL != 32
+#error "the int4 tensor-core loop takes 16 or 32 rows per step (one or two mma k-steps)"
 #endif
 // The int4 decode: a nibble q in byte 2 under the exponent byte INT4_EXP is the fp32
 // INT4_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
@@ -328,6 +333,45 @@ __device__ __forceinline__ void mma_16816(float* c, unsigned a0, unsigned a1, un
 }
 #endif
 
+#if Q4MMA
+// The int4 tensor-core decode. `pair` holds two code bytes of each of two rows, [row a: bytes j, j + 1 | row b:
+// bytes j, j + 1] (one byte permute of the rows' words, Q4_PAIR_LO for bytes 0-1, Q4_PAIR_HI for 2-3). Byte j + b's
+// low nibbles of both rows become one fragment register of two 16-bit values Q4_BIAS + q (row a in the low half)
+// by a shift and one masked OR under the exponent Q4_MAGIC; its high nibbles Q4_BIAS + Q4_HI_MULT * q (fp16 holds
+// the nibble at bits 4-7 exactly; bf16's 7 mantissa bits need it shifted to bits 3-6). Exact in both types.
+#if ELEM == 0
+#define Q4_MAGIC 0x43004300u
+#define Q4_BIAS 128.0f
+#define Q4_HI_SHIFT 1
+#define Q4_HI_MASK 0x00780078u
+#define Q4_HI_MULT 8.0f
+#else
+#define Q4_MAGIC 0x64006400u
+#define Q4_BIAS 1024.0f
+#define Q4_HI_SHIFT 0
+#define Q4_HI_MASK 0x00F000F0u
+#define Q4_HI_MULT 16.0f
+#endif
+#define Q4_LO_MASK 0x000F000Fu
+#define Q4_PAIR_LO 0x5410
+#define Q4_PAIR_HI 0x7632
+
+// (a & mask) | magic as one LOP3 (lookup table 0xEA = (a & b) | c); the C++ form compiles to two.
+__device__ __forceinline__ unsigned and_or(unsigned a, unsigned mask, unsigned magic) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
+    return r;
+}
+
+__device__ __forceinline__ unsigned q4_low_nibbles(unsigned pair, int b) {
+    return and_or(pair >> (8 * b), Q4_LO_MASK, Q4_MAGIC);
+}
+
+__device__ __forceinline__ unsigned q4_high_nibbles(unsigned pair, int b) {
+    return and_or(pair >> (8 * b + Q4_HI_SHIFT), Q4_HI_MASK, Q4_MAGIC);
+}
+#endif
+
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     unsigned long long a;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
@@ -432,7 +476,28 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
 
-#if WFMT
+#if Q4MMA
+    // Lane group g8 (lanes 4 g8 .. 4 g8 + 3, q4 = lane % 4) owns 32 consecutive columns, 16 code bytes per row (one
+    // 16-byte load), and its lanes load different rows of a step; the scales and zeros of those columns are 4
+    // vectors each, loaded by the lanes whose sums hold input rows (C columns 2 q4, 2 q4 + 1 < BATCH).
+    const int q4 = lane & 3;
+    const int g8 = lane >> 2;
+    const int qcol = col0 + g8 * 32;
+    const bool col_ok = qcol < seg_end;  // host: segment widths are multiples of 32
+    const weight_t* wcol = w + qcol / 2;
+    const bool folds = 2 * q4 < BATCH;
+    vec_u32x4 s_cur[4], z_cur[4], s_nxt[4], z_nxt[4];
+    int group = (unsigned)row_lo / GROUP;
+    auto load_group = [&](vec_u32x4* sv, vec_u32x4* zv, int g, bool pred) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            sv[v] = load_stream(qscale + (long long)g * stride_q + qcol + 8 * v, pred && col_ok && folds);
+            zv[v] = load_stream(qzero + (long long)g * stride_q + qcol + 8 * v, pred && col_ok && folds);
+        }
+    };
+    load_group(s_cur, z_cur, group, row_lo < row_hi);
+    load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+#elif WFMT
     // The lane's code columns, and the first scales (and zeros) it needs: loaded before the wait for the
     // previous kernel (they do not depend on it), so their latency hides behind the listing phase.
     bool col_ok[VECS];
@@ -542,7 +607,114 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     STAMP(STAMP_LISTED);
     if (count == 0) STAMP(STAMP_FIRST);  // no weight step: an empty stage
 
-#if MMA
+#if Q4MMA
+    // 2 (int4 on tensor cores, see Q4MMA). Steps of up to UNROLL listed rows, never past the current group's last
+    //    (one ballot), 16 per k-step. Lane (g8, q4) loads rows 2 q4, 2 q4 + 1, 2 q4 + 8, 2 q4 + 9 of a k-step at
+    //    its group's 32 columns; mma t (t = 0..15: the lane group's code byte t) takes A rows g8 / g8 + 8 =
+    //    columns 2t / 2t + 1 (low / high nibbles), k = the k-step's rows, and B column g8 = input row g8 (zero
+    //    when g8 >= BATCH). C: columns 2t (c0, c1) and 2t + 1 (c2, c3) of input rows 2 q4 (c0, c2) and 2 q4 + 1
+    //    (c1, c3), summed per group and folded in between steps as the FMA loop does: scale * (sum x (bias + q)
+    //    - (bias + zero) * sum x), the high nibbles' Q4_HI_MULT divided out of the scale and multiplied into the
+    //    zero point. Rows past the step's end load nothing and multiply x = 0.
+    constexpr int KSTEPS = UNROLL / 16;
+    float gacc[16][4], acc[16][4];
+#pragma unroll
+    for (int t = 0; t < 16; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) { gacc[t][c] = 0.0f; acc[t][c] = 0.0f; }
+    float xs = 0.0f;  // sum of input row g8's x over the current group's listed rows (every lane of group g8)
+    auto fold_group = [&]() {
+        const float x0 = __shfl_sync(0xffffffffu, xs, 8 * q4);      // input row 2 q4: lane group 2 q4
+        const float x1 = __shfl_sync(0xffffffffu, xs, 8 * q4 + 4);  // input row 2 q4 + 1
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+            float sv[8], zv[8];
+            unpack_vector(sv, s_cur[v]);
+            unpack_vector(zv, z_cur[v]);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int t = 4 * v + e;  // columns 2t = 8v + 2e (low nibbles) and 2t + 1 (high)
+                const float sa = sv[2 * e], za = -(zv[2 * e] + Q4_BIAS);
+                const float sb = sv[2 * e + 1] * (1.0f / Q4_HI_MULT), zb = -fmaf(Q4_HI_MULT, zv[2 * e + 1], Q4_BIAS);
+                acc[t][0] = fmaf(sa, fmaf(za, x0, gacc[t][0]), acc[t][0]);
+                acc[t][2] = fmaf(sb, fmaf(zb, x0, gacc[t][2]), acc[t][2]);
+                if (BATCH > 1) {
+                    acc[t][1] = fmaf(sa, fmaf(za, x1, gacc[t][1]), acc[t][1]);
+                    acc[t][3] = fmaf(sb, fmaf(zb, x1, gacc[t][3]), acc[t][3]);
+                }
+#pragma unroll
+                for (int c = 0; c < 4; ++c) gacc[t][c] = 0.0f;
+            }
+        }
+        xs = 0.0f;
+    };
+    for (int i = 0; i < count;) {
+        const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
+        if (g != group) {
+            fold_group();
+            if (g == group + 1) {
+#pragma unroll
+                for (int v = 0; v < 4; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
+            } else {  // the list skipped a whole group
+                load_group(s_cur, z_cur, g, true);
+            }
+            group = g;
+            load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+        }
+        const int mine_at = i + lane;
+        const bool mine = lane < UNROLL && mine_at < count && list_idx[mine_at] < (g + 1) * GROUP;
+        const int n = __popc(__ballot_sync(0xffffffffu, mine));  // rows in this step, 1..UNROLL
+        vec_u32x4 tile[KSTEPS][4];
+        float xv[KSTEPS][4];
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {  // every load of the step issued before any product
+            if (ks > 0 && n <= 16 * ks) break;  // the same in every lane
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int at = 16 * ks + 2 * q4 + (j & 1) + 8 * (j >> 1);
+                const bool live = at < n;
+                const int r = live ? list_idx[i + at] : 0;
+                tile[ks][j] = load_stream(reinterpret_cast<const elem_t*>(wcol + (long long)r * stride_w), live && col_ok);
+                xv[ks][j] = (live && g8 < BATCH) ? list_val[(i + at) * BATCH + g8] : 0.0f;
+            }
+        }
+        float xl = 0.0f;  // this step's sum of input row g8's x: the lane's rows, then its group's four lanes
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            if (ks > 0 && n <= 16 * ks) break;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) xl += xv[ks][j];
+        }
+        xl += __shfl_xor_sync(0xffffffffu, xl, 1);
+        xl += __shfl_xor_sync(0xffffffffu, xl, 2);
+        xs += xl;
+#pragma unroll
+        for (int ks = 0; ks < KSTEPS; ++ks) {
+            if (ks > 0 && n <= 16 * ks) break;
+            const unsigned b0 = pack_pair(xv[ks][0], xv[ks][1]);
+            const unsigned b1 = pack_pair(xv[ks][2], xv[ks][3]);
+            const unsigned u0[4] = {tile[ks][0].x, tile[ks][0].y, tile[ks][0].z, tile[ks][0].w};
+            const unsigned u1[4] = {tile[ks][1].x, tile[ks][1].y, tile[ks][1].z, tile[ks][1].w};
+            const unsigned u2[4] = {tile[ks][2].x, tile[ks][2].y, tile[ks][2].z, tile[ks][2].w};
+            const unsigned u3[4] = {tile[ks][3].x, tile[ks][3].y, tile[ks][3].z, tile[ks][3].w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const unsigned p01 = __byte_perm(u0[e], u1[e], h ? Q4_PAIR_HI : Q4_PAIR_LO);
+                    const unsigned p23 = __byte_perm(u2[e], u3[e], h ? Q4_PAIR_HI : Q4_PAIR_LO);
+#pragma unroll
+                    for (int b = 0; b < 2; ++b) {
+                        const int t = 4 * e + 2 * h + b;  // code byte t: columns 2t, 2t + 1
+                        mma_16816(gacc[t], q4_low_nibbles(p01, b), q4_high_nibbles(p01, b), q4_low_nibbles(p23, b),
+                                  q4_high_nibbles(p23, b), b0, b1);
+                    }
+                }
+        }
+        i += n;
+    }
+    fold_group();
+#elif MMA
     // 2'. Stream the listed rows 16 per step into tensor-core products (see MMA above). Fragment of slot s,
     //     pair p: A rows (output columns) g and g + 8 are the lane's columns 2p and 2p + 1; k 2q, 2q+1 are
     //     its rows 0, 1 and k 2q+8, 2q+9 its rows 2, 3; B column g is input row g (zero when g >= BATCH);
@@ -785,7 +957,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     STAMP_PROGRAM(STAMP_MET);
     float* sums = reinterpret_cast<float*>(smem);                             // [WARPS][BATCH][BLOCK_N]
     float* partial = reinterpret_cast<float*>(smem) + WARPS * BATCH * BLOCK_N;  // [BATCH][BLOCK_N]
-#if MMA
+#if Q4MMA
+#pragma unroll
+    for (int t = 0; t < 16; ++t)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int b = 2 * q4 + h;
+            if (h < BATCH && b < BATCH) {
+                float* dst = sums + (warp * BATCH + b) * BLOCK_N + g8 * 32 + 2 * t;
+                dst[0] = acc[t][h];
+                dst[1] = acc[t][2 + h];
+            }
+        }
+#elif MMA
 #pragma unroll
     for (int sl = 0; sl < SLOTS; ++sl)
 #pragma unroll
