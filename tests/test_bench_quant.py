@@ -178,7 +178,7 @@ def test_decode_check_references_share_the_engines_prefill(monkeypatch):
 def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
     from teal.bench import decode
 
-    for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH"):  # the defaults, recorded in the JSON
+    for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH", "TEAL_QUANT_INT4_LOOP"):  # the defaults, in the JSON
         monkeypatch.delenv(var, raising=False)
 
     path = tmp_path / "decode.json"
@@ -202,7 +202,8 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, mon
         for r in mine.values():  # one prefill: every projection group of every layer on the large-batch path
             assert list(r["prefill_quant_kernel_calls"]) == ["dequant-matmul"]
             assert r["prefill_quant_kernel_calls"]["dequant-matmul"] % 4 == 0, r["prefill_quant_kernel_calls"]
-    assert saved["quant_dispatch"] == {"TEAL_QUANT_KERNEL": "auto", "TEAL_QUANT_LARGE_BATCH": "dequant-matmul"}
+    assert saved["quant_dispatch"] == {"TEAL_QUANT_KERNEL": "auto", "TEAL_QUANT_LARGE_BATCH": "dequant-matmul",
+                                       "TEAL_QUANT_INT4_LOOP": "fma"}
     bf16 = next(r for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0)
     i4 = next(r for r in saved["results"] if r["weights"] == "int4" and r["sparsity"] == 0)
     assert i4["bytes_per_token"] < bf16["bytes_per_token"]
@@ -341,3 +342,30 @@ def test_bench_kernels_run_keeps_its_arguments():
                       for stmt in loop.body for t in ast.walk(stmt)
                       if isinstance(t, ast.Name) and isinstance(t.ctx, ast.Store) and t.id in params})
     assert rebound == [], f"kernels.run rebinds its parameters {rebound} inside a loop"
+
+
+def test_quantized_check_is_recorded_before_its_phase_saves(monkeypatch):
+    """The quantized check's result is in ``data["checks"]`` when its phase saves the JSON (a phase saves in its
+    ``finally``), so a run killed in a later phase keeps why a format was not timed (an H200 run lost it)."""
+    import copy
+
+    from teal.bench import quant_decode
+    from teal.engine.loading import engine_random
+
+    monkeypatch.setattr(quant_decode, "check_quantized", lambda engine, source: {"passed": False, "why": "marker"})
+    data = {"checks": {}, "errors": [], "results": [], "baselines": {}, "model_info": {}}
+    saved = []
+
+    def phase(name, fn):  # as teal.bench.decode's: the JSON is written once the phase ends, whatever it returned
+        try:
+            return fn()
+        finally:
+            saved.append((name, copy.deepcopy(data["checks"])))
+
+    quant_decode.run_quantized(
+        data, "int4", 32, lambda: engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=64),
+        lambda engine: None, lambda: None, torch.arange(1, 9), (0.5,), ("eager",), 2, 1, 1e12, 16.0, None, False,
+        float("inf"), phase, log=lambda _: None)
+    name, checks = saved[-1]
+    assert name.startswith("check int4") and checks["quant_int4"]["why"] == "marker", saved
+    assert any("int4" in e for e in data["errors"])

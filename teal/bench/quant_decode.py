@@ -267,11 +267,12 @@ def run_quantized(
     quant_method: str = "rtn",
 ) -> None:
     """Time one quantized format (see the module docstring); rows go to `data["results"]`, the torchao row to
-    `data["baselines"]`, the check to `data["checks"]`; the dispatch's settings ($TEAL_QUANT_KERNEL,
-    $TEAL_QUANT_LARGE_BATCH) to `data["quant_dispatch"]`. `quant_method` quantizes the engine ("rtn" or "hqq");
+    `data["baselines"]`, the check to `data["checks"]` (before the check's phase saves the JSON); the dispatch's
+    settings ($TEAL_QUANT_KERNEL, $TEAL_QUANT_LARGE_BATCH, $TEAL_QUANT_INT4_LOOP) to `data["quant_dispatch"]`. `quant_method` quantizes the engine ("rtn" or "hqq");
     the check's shallow twin stays rtn, since the kernels read the codes of both methods alike."""
     data["quant_dispatch"] = {quant_gemv.QUANT_KERNEL_ENV: quant_gemv.quant_kernel_choice(),
-                              quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice()}
+                              quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice(),
+                              quant_gemv.INT4_LOOP_ENV: quant_gemv.int4_loop_choice()}
     engine = build_engine()
     device = engine.device
     if torchao:
@@ -291,8 +292,11 @@ def run_quantized(
     if device.type == "cuda":
         torch.cuda.empty_cache()
     data["model_info"].setdefault("weight_bytes_by_format", {})[weights] = sum(b for _, b in engine.iter_weight_bytes())
-    check = phase(f"check {weights} kernels vs float64", lambda: check_quantized(engine, source()))
-    data["checks"][f"quant_{weights}"] = check
+    def checked() -> dict[str, Any]:  # recorded before the phase saves the JSON: a run killed later keeps it
+        data["checks"][f"quant_{weights}"] = result = check_quantized(engine, source())
+        return result
+
+    check = phase(f"check {weights} kernels vs float64", checked)
     if not check or not check["passed"]:
         data["errors"].append(f"{weights}: the correctness check failed; {weights} is not timed")
         log(f"  {weights}: correctness check FAILED, not timed")
