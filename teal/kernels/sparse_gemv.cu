@@ -333,6 +333,24 @@ __device__ __forceinline__ void mma_16816(float* c, unsigned a0, unsigned a1, un
 }
 #endif
 
+#if WFMT == 2
+// The int4 loops' change of group: fold the current group's sums in, take the prefetched (scale, zero) vectors
+// when the list enters the next group (else load group g's: the list skipped one), then prefetch group g + 1's.
+template <int NV, typename Fold, typename Load>
+__device__ __forceinline__ void enter_group(int g, int& group, int row_hi, vec_u32x4* s_cur, vec_u32x4* z_cur,
+                                            vec_u32x4* s_nxt, vec_u32x4* z_nxt, Fold fold_group, Load load_group) {
+    fold_group();
+    if (g == group + 1) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
+    } else {
+        load_group(s_cur, z_cur, g, true);
+    }
+    group = g;
+    load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
+}
+#endif
+
 #if Q4MMA
 // The int4 tensor-core decode. `pair` holds two code bytes of each of two rows, [row a: bytes j, j + 1 | row b:
 // bytes j, j + 1] (one byte permute of the rows' words, Q4_PAIR_LO for bytes 0-1, Q4_PAIR_HI for 2-3). Byte j + b's
@@ -650,17 +668,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     };
     for (int i = 0; i < count;) {
         const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
-        if (g != group) {
-            fold_group();
-            if (g == group + 1) {
-#pragma unroll
-                for (int v = 0; v < 4; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
-            } else {  // the list skipped a whole group
-                load_group(s_cur, z_cur, g, true);
-            }
-            group = g;
-            load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
-        }
+        if (g != group) enter_group<4>(g, group, row_hi, s_cur, z_cur, s_nxt, z_nxt, fold_group, load_group);
         const int mine_at = i + lane;
         const bool mine = lane < UNROLL && mine_at < count && list_idx[mine_at] < (g + 1) * GROUP;
         const int n = __popc(__ballot_sync(0xffffffffu, mine));  // rows in this step, 1..UNROLL
@@ -805,17 +813,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     // and needs no predicate (its load is off).
     for (int i = 0; i < count;) {
         const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
-        if (g != group) {
-            fold_group();
-            if (g == group + 1) {
-#pragma unroll
-                for (int v = 0; v < VECS; ++v) { s_cur[v] = s_nxt[v]; z_cur[v] = z_nxt[v]; }
-            } else {  // the list skipped a whole group
-                load_group(s_cur, z_cur, g, true);
-            }
-            group = g;
-            load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
-        }
+        if (g != group) enter_group<VECS>(g, group, row_hi, s_cur, z_cur, s_nxt, z_nxt, fold_group, load_group);
         const int mine_at = i + lane;
         const bool listed = lane < UNROLL && mine_at < count;
         const int my_row = listed ? list_idx[mine_at] : 0;
