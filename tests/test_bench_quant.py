@@ -129,8 +129,10 @@ def test_quantized_check_passes_and_fails_on_a_broken_kernel(weights, monkeypatc
         monkeypatch.setattr(projection, "quant_sparse_linear", fn)
         bad = check_quantized(engine, steps=16)
         assert not bad["passed"] and not bad["projections"]["passed"], name
-        # the decode steps alone catch each one too, on the sparse steps beside float32 torch products
+        # the decode steps alone catch each one too, on the sparse steps beside float32 torch products, and on the
+        # dense steps where the fault touches them
         assert not bad["decode"]["sparse"]["passed"], (name, bad["decode"])
+        assert bad["decode"]["dense"]["passed"] == (name == "threshold ignored"), (name, bad["decode"]["dense"])
         assert not bad["decode"]["sparse"]["products"]["passed"], (name, bad["decode"]["sparse"]["products"])
         monkeypatch.setattr(projection, "quant_sparse_linear", kernel)
 
@@ -369,3 +371,19 @@ def test_quantized_check_is_recorded_before_its_phase_saves(monkeypatch):
     name, checks = saved[-1]
     assert name.startswith("check int4") and checks["quant_int4"]["why"] == "marker", saved
     assert any("int4" in e for e in data["errors"])
+
+
+def test_dense_twin_rule_takes_near_ties_from_the_float32_products():
+    """The dense twin passes at 0.9 top-1 agreement, or below it where the float32 torch products agree as little
+    (a near tie flips under any rounding), never with a median error above 0.03, a failed product bound or NaN."""
+    from teal.bench.quant_decode import dense_twin_passed
+
+    ok = {"finite": True, "top1_agreement": 0.9, "median_rel_err": 0.013, "products": {"passed": True}}
+    floor = {"top1_agreement": 0.92, "median_rel_err": 0.012}
+    assert dense_twin_passed(ok, floor)
+    near_tie = {**ok, "top1_agreement": 43 / 48}
+    assert not dense_twin_passed(near_tie, {**floor, "top1_agreement": 1.0})  # no near tie flips without kernels
+    assert dense_twin_passed(near_tie, floor)  # the float32 products flip ties too: within 0.1 of them
+    assert not dense_twin_passed({**ok, "top1_agreement": 0.75}, {**floor, "top1_agreement": 0.9})
+    for bad in ({"median_rel_err": 0.031}, {"products": {"passed": False}}, {"finite": False}):
+        assert not dense_twin_passed({**ok, **bad}, {**floor, "top1_agreement": 0.5}), bad

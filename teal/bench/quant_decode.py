@@ -146,8 +146,9 @@ def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn
     through the kernels against the same steps with float64 products (`torch_quant_products`), dense and at
     `sparsity` (thresholds: quantiles of the twin's own activations).
 
-    Dense passes when the top-1 token agrees on >= `TWIN_TOP1_MIN` of the steps and the median relative logit
-    error is <= `TWIN_MEDIAN_REL_ERR`, without NaN. Sparse cannot use absolute bounds: an activation within
+    Dense passes when the median relative logit error is <= `TWIN_MEDIAN_REL_ERR`, without NaN, and the top-1
+    token agrees on >= `TWIN_TOP1_MIN` of the steps or, where the same steps with float32 torch products agree
+    less, on at least their share less `SPARSE_TOP1_SLACK` (`dense_twin_passed`). Sparse cannot use absolute bounds: an activation within
     a rounding step of its threshold flips its mask entry, and in a random twin at 8B widths such flips move
     the logits a lot (H100: median error 0.28 against float64 with correct kernels,
     `benchmarks/results/2026-12-07-h100-quant-decode-llama-3-8b-check-failed.json`). So the kernels' run is
@@ -196,21 +197,31 @@ def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn
         res["products"] = product_summary(calls)
         with torch_quant_products(torch.float32, max_rows=quant_gemv.MAX_BATCH):
             floor = score(teacher_forced_logits(twin, ids, prompt), ref)
-        res["torch_float32_products"] = floor  # dense: recorded beside the absolute bounds, which decide
-        if name == "dense":
-            res["passed"] = bool(res["finite"] and res["top1_agreement"] >= TWIN_TOP1_MIN
-                                 and res["median_rel_err"] <= TWIN_MEDIAN_REL_ERR and res["products"]["passed"])
-        else:
-            res["passed"] = bool(
-                res["finite"] and res["top1_agreement"] >= floor["top1_agreement"] - SPARSE_TOP1_SLACK
-                and res["median_rel_err"] <= SPARSE_ERR_RATIO * floor["median_rel_err"] + SPARSE_ERR_SLACK
-                and res["products"]["passed"])
+        res["torch_float32_products"] = floor
+        res["passed"] = (dense_twin_passed if name == "dense" else sparse_twin_passed)(res, floor)
         out[name] = res
     out["bounds"] = {"dense_top1_min": TWIN_TOP1_MIN, "dense_median_rel_err": TWIN_MEDIAN_REL_ERR,
                      "sparse_top1_slack": SPARSE_TOP1_SLACK, "sparse_err_ratio": SPARSE_ERR_RATIO,
                      "sparse_err_slack": SPARSE_ERR_SLACK}
     out["passed"] = bool(out["dense"]["passed"] and out["sparse"]["passed"])
     return out
+
+
+def dense_twin_passed(res: dict[str, Any], floor: dict[str, Any]) -> bool:
+    """The dense twin's rule: no NaN, median relative logit error <= `TWIN_MEDIAN_REL_ERR`, every product within
+    its bound, and top-1 agreement >= `TWIN_TOP1_MIN` or, where the float32 torch products (the same bf16
+    output rounding, no kernel) agree less, at least theirs less `SPARSE_TOP1_SLACK`: in a random twin a
+    near-tie argmax flips under any rounding (the H100 passed at 44 of 48, one flip from failing)."""
+    top1_min = min(TWIN_TOP1_MIN, floor["top1_agreement"] - SPARSE_TOP1_SLACK)
+    return bool(res["finite"] and res["top1_agreement"] >= top1_min and res["median_rel_err"] <= TWIN_MEDIAN_REL_ERR
+                and res["products"]["passed"])
+
+
+def sparse_twin_passed(res: dict[str, Any], floor: dict[str, Any]) -> bool:
+    """The sparse twin's rule, beside the float32 torch products (see `check_decode`)."""
+    return bool(res["finite"] and res["top1_agreement"] >= floor["top1_agreement"] - SPARSE_TOP1_SLACK
+                and res["median_rel_err"] <= SPARSE_ERR_RATIO * floor["median_rel_err"] + SPARSE_ERR_SLACK
+                and res["products"]["passed"])
 
 
 def check_quantized(engine: Engine, source: torch.nn.Module | None = None, steps: int = 48) -> dict[str, Any]:
