@@ -53,6 +53,8 @@ def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args
     (["--weights", "int3"], "--weights takes a comma list of bf16, int8, int4"),
     (["--weights", "int4", "--group-size", "100"], "the int4 group size must be one of 32, 64, 128"),
     (["--weights", "int8,int4", "--group-size", "32"], "runs on a CUDA GPU"),  # parsed
+    (["--weights", "int4", "--quant-kernels", "cuda-wmma"], "--quant-kernels takes a comma list of cuda, cuda-fma"),
+    (["--weights", "int4", "--quant-kernels", "cuda-mma,triton"], "runs on a CUDA GPU"),  # parsed
 ])
 def test_bench_kernels_weights_option(args, message):
     _no_gpu()
@@ -326,6 +328,18 @@ def test_kernel_bench_rows_are_cuda_then_triton():
     assert [name for name, _ in int4] == ["cuda-fma", "cuda-mma", "triton"]
     assert [(k.func, k.keywords) for _, k in int4[:2]] == [(quant_sparse_linear_cuda, {"int4_loop": "fma"}),
                                                            (quant_sparse_linear_cuda, {"int4_loop": "mma"})]
+
+
+def test_quant_kernel_selection():
+    """`--quant-kernels` picks rows by name; "cuda" takes every CUDA row (int4's two loops), None every row."""
+    from teal.bench.quant_kernels import kernels_for, selected
+
+    int4 = kernels_for(True, "int4")
+    assert selected(int4, None) == int4
+    assert [n for n, _ in selected(int4, ["cuda"])] == ["cuda-fma", "cuda-mma"]
+    assert [n for n, _ in selected(int4, ["cuda-mma", "triton"])] == ["cuda-mma", "triton"]
+    assert [n for n, _ in selected(kernels_for(True, "int8"), ["cuda"])] == ["cuda"]
+    assert selected(kernels_for(True, "int8"), ["cuda-mma"]) == []
 
 
 def test_bench_kernels_run_keeps_its_arguments():

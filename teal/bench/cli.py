@@ -205,10 +205,16 @@ def kernels_command(
                                              "against a float64 dequantize-then-multiply reference first)"),
     group_size: int = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
+    quant_kernels: Optional[str] = typer.Option(
+        None, help="comma list of the quantized kernels to time: cuda (every CUDA row), cuda-fma, cuda-mma (int4's "
+                   "two loops), triton (default: all)"),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
+    from teal.bench.quant_kernels import KERNEL_NAMES
+
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
+    kernel_names = None if quant_kernels is None else choices(quant_kernels, "--quant-kernels", KERNEL_NAMES)
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
     check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
@@ -229,7 +235,8 @@ def kernels_command(
                        dtype=dtype.value, tune=tune, tune_families=families, tune_batches=buckets,
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
                        time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
-                       weights=formats, group_size=group_size, quant_method=quant_method.value)
+                       weights=formats, group_size=group_size, quant_method=quant_method.value,
+                       quant_kernels=kernel_names)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 

@@ -61,11 +61,25 @@ def kernels_for(cuda_ok: bool, fmt: str = "int8") -> list[tuple[str, Any]]:
     return cuda_rows + [("triton", quant_sparse_linear_triton)]
 
 
+#: The kernel names `--quant-kernels` takes; "cuda" selects every CUDA row (int4: "cuda-fma" and "cuda-mma").
+KERNEL_NAMES = ("cuda", "cuda-fma", "cuda-mma", "triton")
+
+
+def selected(kernels: list[tuple[str, Any]], names: Sequence[str] | None) -> list[tuple[str, Any]]:
+    """The rows of ``kernels`` that ``names`` select (None: all): a name selects the kernel of that name and, for
+    "cuda", every "cuda-..." one."""
+    if names is None:
+        return kernels
+    return [(n, k) for n, k in kernels if any(n == want or n.startswith(want + "-") for want in names)]
+
+
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
-              deadline: float | None = None, quant_method: str = "rtn") -> list[dict[str, Any]]:
+              deadline: float | None = None, quant_method: str = "rtn",
+              kernel_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. int4 is
-    quantized by ``quant_method`` (rtn, or hqq: float zero points; the bytes read are the same)."""
+    quantized by ``quant_method`` (rtn, or hqq: float zero points; the bytes read are the same);
+    ``kernel_names`` (``KERNEL_NAMES``) limits the kernels timed (None: all)."""
     from teal.kernels.tune import time_graph_us
 
     from teal.kernels.ops import cuda_kernel_available
@@ -75,7 +89,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     cuda_ok = cuda_kernel_available(device)
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
-        kernels = kernels_for(cuda_ok, fmt)
+        kernels = selected(kernels_for(cuda_ok, fmt), kernel_names)
         method = quant_method if fmt == "int4" else "rtn"
         for model in models:
             for proj, k, splits in shapes[model]:

@@ -394,6 +394,7 @@ def run(
     weights: Sequence[str] = ("bf16",),
     group_size: int = 128,
     quant_method: str = "rtn",
+    quant_kernels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
@@ -405,7 +406,8 @@ def run(
     started by then are skipped (listed under ``skipped``). ``weights``: the formats to time; "bf16" is the
     sparse kernel above, "int8" / "int4" the fused quantized kernel (`teal.bench.quant_kernels`, int4 in groups
     of ``group_size``), whose rows go to ``quant_results`` (each with its ``weights``; int4 quantized by
-    ``quant_method``, rtn or hqq, field ``quant_method``).
+    ``quant_method``, rtn or hqq, field ``quant_method``); ``quant_kernels`` limits which quantized kernels are
+    timed (`quant_kernels.KERNEL_NAMES`; None: all).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
@@ -579,7 +581,7 @@ def run(
         deadline = None if time_budget_s is None else t_start + time_budget_s
         data["quant_results"] = quant_kernels.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
                                                         copy_bw, torch_dtype, console, deadline,
-                                                        quant_method=quant_method)
+                                                        quant_method=quant_method, kernel_names=quant_kernels)
         data["quant_targets"] = quant_kernels.quant_targets(data["quant_results"])
         quant_kernels.print_quant(data["quant_results"], console)
         bad = [t for t in data["quant_targets"] if not t["ok"]]
