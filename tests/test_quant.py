@@ -324,14 +324,14 @@ def test_quant_op_compiles_whole_and_a_bad_kernel_choice_is_named(monkeypatch):
 
 
 # ------------------------------------------------------------------ the CUDA kernel's int4 decode, emulated
-def _byte_perm(x: torch.Tensor, y: int, selector: int) -> torch.Tensor:
-    """CUDA's __byte_perm on int64 tensors holding 32-bit words: result byte k is byte (selector >> 4k) & 7 of
-    the 8 bytes (x, y) (x's bytes 0-3, y's 4-7)."""
+def _byte_perm(x: torch.Tensor, y: torch.Tensor | int, selector: int) -> torch.Tensor:
+    """CUDA's __byte_perm on int64 tensors holding 32-bit words (``y`` a tensor or a constant word): result byte k
+    is byte (selector >> 4k) & 7 of the 8 bytes (x, y) (x's bytes 0-3, y's 4-7)."""
+    y = y if torch.is_tensor(y) else torch.full_like(x, y)
     out = torch.zeros_like(x)
     for k in range(4):
         pick = (selector >> (4 * k)) & 7
-        src = (x >> (8 * pick)) & 0xFF if pick < 4 else torch.full_like(x, (y >> (8 * (pick - 4))) & 0xFF)
-        out |= src << (8 * k)
+        out |= (((x if pick < 4 else y) >> (8 * (pick % 4))) & 0xFF) << (8 * k)
     return out
 
 
@@ -451,15 +451,6 @@ def _q4mma_constants(src: str, elem: int) -> dict[str, float]:
     return values
 
 
-def _byte_perm2(x: torch.Tensor, y: torch.Tensor, selector: int) -> torch.Tensor:
-    """CUDA's __byte_perm(x, y, selector) on int64 tensors of 32-bit words (bytes 0-3 of x, 4-7 of y)."""
-    out = torch.zeros_like(x)
-    for k in range(4):
-        pick = (selector >> (4 * k)) & 7
-        out |= (((x if pick < 4 else y) >> (8 * (pick % 4))) & 0xFF) << (8 * k)
-    return out
-
-
 def _halves(reg: torch.Tensor, elem: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two 16-bit values (low, high) of fragment registers, as float64."""
     dtype = torch.bfloat16 if elem == 0 else torch.float16
@@ -499,7 +490,7 @@ def _q4mma_matvec(c: dict[str, float], elem: int, qw, x: torch.Tensor, listed: t
                         u = [w16[a, 4 * lg + e] for a in at]
                         for h in range(2):
                             sel = int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"])
-                            p01, p23 = _byte_perm2(u[0], u[1], sel), _byte_perm2(u[2], u[3], sel)
+                            p01, p23 = _byte_perm(u[0], u[1], sel), _byte_perm(u[2], u[3], sel)
                             for b in range(2):
                                 t = 4 * e + 2 * h + b
                                 col = 32 * lg + 2 * t
@@ -545,7 +536,7 @@ def test_int4_tensor_core_loop_emulated_from_the_source(fault, elem):
     w1 = sum(((nib[:, p] + 5) % 16).to(torch.int64) << (4 * p) for p in range(8))
     exact = True
     for h in range(2):
-        pair = _byte_perm2(w0, w1, int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"]))
+        pair = _byte_perm(w0, w1, int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"]))
         for b in range(2):
             byte = 2 * h + b
             lo_a, lo_b = _halves(((pair >> (8 * b)) & c["Q4_LO_MASK"]) | c["Q4_MAGIC"], elem)
