@@ -125,7 +125,7 @@ def _fake_launch(stamped_output_off: bool):
 
     calls = [0]
 
-    def launch(x, w_t, y, thresholds, col_scale, split_list, config, *, glu=False, pdl=0, stamps=None, balanced=False):
+    def launch(x, w_t, y, thresholds, col_scale, split_list, config, *, glu=False, pdl=0, stamps=None):
         mid = silu_mul(x) if glu else x
         masked = torch.where(mid.abs().float() > thresholds[0], mid.float(), 0.0)
         y.copy_((masked @ w_t.float()).to(y.dtype))
@@ -136,9 +136,6 @@ def _fake_launch(stamped_output_off: bool):
             base = EPOCH + 1_000 * calls[0]
             warps = stamps.shape[1] - 1
             stamps[:, :warps] = torch.tensor([0, 50, 150, 400, 800]) + base
-            if balanced:  # a longer list stage, and the warps' loop ends 0, 10, 20, .. ns apart
-                stamps[:, :warps, 2:] += 20
-                stamps[:, :warps, 4] -= 200 - 10 * torch.arange(warps)
             stamps[:, warps] = torch.tensor([0, 810, 830, 850, 900]) + base
             stamps[:, warps, 0] = 7
 
@@ -151,7 +148,7 @@ def test_gpu_script_checks_and_tables_with_cpu_stand_ins(monkeypatch, tmp_path, 
 
     script = _script()
     monkeypatch.setattr(cuda, "launch", _fake_launch(stamped_output_off))
-    monkeypatch.setattr(cuda, "unsupported_reason", lambda *args, **kw: None)
+    monkeypatch.setattr(cuda, "unsupported_reason", lambda *args: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
 
     def time_calls(calls, **kwargs):
@@ -191,50 +188,3 @@ def test_gpu_script_refuses_bad_arguments_and_a_missing_gpu(capsys):
     if not torch.cuda.is_available():
         assert script.main(["--json", "x.json"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-def test_gpu_script_compares_the_default_and_balanced_builds(monkeypatch, capsys):
-    """--variants default,balanced: both builds measured on the same inputs (the generator's state restored), each
-    row naming its build, and a side-by-side with both times, loop-end spreads and list stages."""
-    from teal.kernels import tune
-
-    script = _script()
-    assert script.parse_args(["--json", "x.json", "--variants", "default,balanced"]).variants == ["default", "balanced"]
-    for bad in ("balanced,balanced", "fast", ""):
-        with pytest.raises(SystemExit):
-            script.parse_args(["--json", "x.json", "--variants", bad])
-    launches = []
-    fake = _fake_launch(False)
-
-    def launch(*args, **kw):
-        launches.append(kw["balanced"])
-        fake(*args, **kw)
-
-    monkeypatch.setattr(cuda, "launch", launch)
-    monkeypatch.setattr(cuda, "unsupported_reason", lambda *args, **kw: None)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
-    times = iter([3.0, 3.2, 3.0, 2.5, 2.7, 2.5])
-    monkeypatch.setattr(tune, "time_graph_us", lambda calls, **kw: [c() for c in calls] and next(times))
-    gen = torch.Generator().manual_seed(0)
-    k, splits = 512, (64,)
-    ws = [(torch.randn(k, sum(splits), generator=gen) * k**-0.5).to(torch.bfloat16) for _ in range(2)]
-    rows, inputs = [], []
-    state = gen.get_state()
-    for variant in ("default", "balanced"):
-        gen.set_state(state)
-        rows.append(script.measure("down", k, splits, 0.5, ws, 2, 4, gen, balanced=variant == "balanced"))
-        script.derive(rows[-1], copy_bw=1e12)
-        inputs.append(rows[-1]["measured_sparsity"])
-    assert [r["variant"] for r in rows] == ["default", "balanced"] and inputs[0] == inputs[1]
-    assert set(launches) == {False, True} and launches.index(True) == launches.count(False)
-    (entry,) = script.compare(rows)
-    assert entry["default_us"] == pytest.approx(3.0) and entry["balanced_us"] == pytest.approx(2.5)
-    assert entry["balanced_over_default"] == pytest.approx(2.5 / 3.0)
-    assert entry["default_loop_end_spread_us"] == pytest.approx(0.0)
-    assert entry["balanced_loop_end_spread_us"] == pytest.approx(10 * (rows[1]["warps"] - 1) / 1e3)
-    assert entry["balanced_list_us"] == pytest.approx(entry["default_list_us"] + 0.02)
-    assert entry["default_checks_ok"] and entry["balanced_checks_ok"]
-    assert script.compare(rows[:1]) == []  # nothing to compare with one build
-    script.print_comparison([entry], "title")
-    out = capsys.readouterr().out
-    assert "0.833" in out and "FAILED" not in out

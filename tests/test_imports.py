@@ -180,3 +180,33 @@ def test_the_walk_finds_forbidden_edges(tmp_path):
                             "bench/__init__.py": "", "bench/decode.py": ""})
     assert forbidden_edges(import_graph(root)) == [("teal.engine.model", "teal.bench.decode"),
                                                    ("teal.kernels.x", "teal.engine.model")]
+
+
+def shadowing_imports(tree: ast.AST) -> list[tuple[str, int]]:
+    """(function, line) of each import inside a function that binds one of that function's parameters (``from
+    teal.bench import quant_kernels`` in a function taking ``quant_kernels`` replaced the caller's argument by the
+    module: `teal bench kernels --quant-kernels` crashed on the GPU)."""
+    out = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        args = fn.args
+        params = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+        params |= {a.arg for a in (args.vararg, args.kwarg) if a is not None}
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                bound = {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+                out += [(fn.name, node.lineno) for _ in bound & params]
+    return out
+
+
+def test_no_function_imports_over_its_own_parameter():
+    found = {name: shadowing_imports(ast.parse(path.read_text(encoding="utf-8")))
+             for name, path in module_files(ROOT).items()}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_the_shadowing_walk_finds_an_import_over_a_parameter():
+    tree = ast.parse("def run(quant_kernels=None):\n    if True:\n        from teal.bench import quant_kernels\n"
+                     "def ok(names):\n    from teal.bench import quant_kernels as quant_bench\n")
+    assert shadowing_imports(tree) == [("run", 3)]

@@ -17,13 +17,7 @@ engine's PDL mode (``$TEAL_CUDA_PDL``, default 2; ``--pdl``). Per problem:
    spread of program starts, the end tail (last end - median end), the span, and the period (last end - the
    previous call's last end, what a graph time per call measures), each the median over calls 1..; beside
    the kept-bytes / copy-bandwidth model of the call (weights only) and the default build's excess over it.
-With ``--variants default,balanced`` each problem is measured for both builds in the same run, one after the
-other on the same weights and inputs: ``balanced`` is the ``BALANCED`` build (``cuda.launch(balanced=True)``: the
-warps stream equal slices of the program's concatenated survivor lists), whose steps 1-3 are the same with its own
-build in place of the default one (its ``default_us`` / ``default_again_us`` are that build without stamps). Both
-builds' tables are printed, then a side-by-side per problem (µs, the warps' loop-end spread, the list stage) and
-the JSON's ``comparison``.
-About 30 s on an H100 (12 NVRTC compiles on a fresh machine, 8 problems); about twice that with both variants.
+About 30 s on an H100 (12 NVRTC compiles on a fresh machine, 8 problems).
 """
 
 from __future__ import annotations
@@ -40,7 +34,6 @@ from typing import Any
 import torch
 
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
-VARIANTS = ("default", "balanced")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,8 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PDL mode of the calls (default: the engine's, $TEAL_CUDA_PDL or 2)")
     parser.add_argument("--calls", type=int, default=24, help="calls per graph (at least the weight copies)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--variants", default="default",
-                        help=f"comma-separated builds to time, each problem in turn: {','.join(VARIANTS)}")
     args = parser.parse_args(argv)
     try:
         args.sparsities = [float(v) for v in args.sparsities.split(",")]
@@ -65,19 +56,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [p for p in args.projections if p not in PROJECTIONS]
     if unknown:
         parser.error(f"unknown projection(s) {unknown}; choose from {','.join(PROJECTIONS)}")
-    args.variants = args.variants.split(",")
-    if not args.variants or any(v not in VARIANTS for v in args.variants) or len(set(args.variants)) < len(args.variants):
-        parser.error(f"--variants must name each of {','.join(VARIANTS)} at most once, got {args.variants}")
     if args.calls < 2:
         parser.error("--calls must be at least 2 (call 0 has no predecessor to measure a period against)")
     return args
 
 
 def measure(proj: str, k: int, splits: tuple[int, ...], s: float, ws: list[torch.Tensor], pdl: int, n_calls: int,
-            gen: torch.Generator, balanced: bool = False) -> dict[str, Any]:
-    """Checks and timings of one problem (see the module docstring); ``ws`` the rotated weight copies [K, N];
-    ``balanced``: the BALANCED build in place of the default one. ``gen`` draws the inputs: pass generators in
-    the same state to measure two builds on the same inputs."""
+            gen: torch.Generator) -> dict[str, Any]:
+    """Checks and timings of one problem (see the module docstring); ``ws`` the rotated weight copies [K, N]."""
     from teal.bench.gemv_stages import monotone, sequence_account
     from teal.bench.kernels import MAX_REL_ERR
     from teal.kernels import cuda
@@ -92,7 +78,7 @@ def measure(proj: str, k: int, splits: tuple[int, ...], s: float, ws: list[torch
     xs = [torch.randn(1, 2 * k if glu else k, generator=gen, device=device).to(dtype) for _ in range(n_calls)]
     scored = [silu_mul(x) if glu else x for x in xs]  # what the threshold sees
     thrs = [torch.full((len(splits),), quantile_threshold(m, s), dtype=torch.float32, device=device) for m in scored]
-    reason = cuda.unsupported_reason(scored[0], ws[0], list(splits), cfg, balanced=balanced)
+    reason = cuda.unsupported_reason(scored[0], ws[0], list(splits), cfg)
     if reason is not None:
         raise SystemExit(f"the CUDA kernel cannot take {proj} with {cfg}: {reason}")
     shape = cuda.stamps_shape(k, splits, cfg, dtype)
@@ -101,9 +87,9 @@ def measure(proj: str, k: int, splits: tuple[int, ...], s: float, ws: list[torch
 
     def call(j: int, stamped: bool) -> None:
         cuda.launch(xs[j], ws[j % len(ws)], ys[j], thrs[j], None, splits, cfg, glu=glu, pdl=pdl,
-                    stamps=stamps[j] if stamped else None, balanced=balanced)
+                    stamps=stamps[j] if stamped else None)
 
-    row: dict[str, Any] = dict(variant="balanced" if balanced else "default", proj=proj, K=k, N=n, splits=list(splits), glu=glu, sparsity=s, regime=regime,
+    row: dict[str, Any] = dict(proj=proj, K=k, N=n, splits=list(splits), glu=glu, sparsity=s, regime=regime,
                                config=cfg.as_dict(), pdl=pdl, programs=shape[0], warps=shape[1] - 1, calls=n_calls)
     # 1. checks on call 0
     call(0, False)
@@ -138,46 +124,6 @@ def derive(row: dict[str, Any], copy_bw: float) -> None:
     row.update(kept_weight_bytes=kept, model_us=kept / copy_bw * 1e6)
     row.update(excess_us=default - row["model_us"], stamps_overhead=row["stamps_us"] / default - 1.0,
                period_excess_us=row["account"]["median"]["period_us"] - row["model_us"])
-
-
-def compare(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per problem (proj, s) measured with both builds: the default and balanced µs (mean of the two timings of the
-    build without stamps), their ratio, and from the stamps the warps' loop-end spread and the list stage (medians)."""
-    by_key = {(r["proj"], r["sparsity"], r["variant"]): r for r in rows}
-    out = []
-    for r in rows:
-        other = by_key.get((r["proj"], r["sparsity"], "balanced"))
-        if r["variant"] != "default" or other is None:
-            continue
-        entry: dict[str, Any] = dict(proj=r["proj"], sparsity=r["sparsity"], model_us=r["model_us"])
-        for name, row in (("default", r), ("balanced", other)):
-            m = row["account"]["median"]
-            entry[f"{name}_us"] = 0.5 * (row["default_us"] + row["default_again_us"])
-            entry[f"{name}_loop_end_spread_us"] = m["warp_loop_end_spread"]["median_us"]
-            entry[f"{name}_list_us"] = m["stages"]["list"]["median_us"]
-            entry[f"{name}_period_us"] = m["period_us"]
-            entry[f"{name}_checks_ok"] = bool(row["checks"]["ok"] and row["account"]["all_monotone"])
-        entry["balanced_over_default"] = entry["balanced_us"] / entry["default_us"]
-        out.append(entry)
-    return out
-
-
-def print_comparison(entries: list[dict[str, Any]], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in ("proj", "s", "model µs", "default µs", "balanced µs", "balanced / default", "loop-end spread µs "
-                "(default / balanced)", "list µs (default / balanced)", "period µs (default / balanced)", "checks"):
-        table.add_column(col, justify="right")
-    for e in entries:
-        table.add_row(e["proj"], f"{e['sparsity']:g}", f"{e['model_us']:.1f}", f"{e['default_us']:.1f}",
-                      f"{e['balanced_us']:.1f}", f"{e['balanced_over_default']:.3f}",
-                      f"{e['default_loop_end_spread_us']:.2f} / {e['balanced_loop_end_spread_us']:.2f}",
-                      f"{e['default_list_us']:.2f} / {e['balanced_list_us']:.2f}",
-                      f"{e['default_period_us']:.1f} / {e['balanced_period_us']:.1f}",
-                      "ok" if e["default_checks_ok"] and e["balanced_checks_ok"] else "FAILED")
-    Console(width=200).print(table)
 
 
 def print_tables(rows: list[dict[str, Any]], title: str) -> None:
@@ -240,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "nvrtc": cuda.nvrtc_version(), "python": platform.python_version(), "git_commit": git_commit(),
         "command": "PYTHONPATH=. python3 " + " ".join(sys.argv),
-        "shape": "llama-3-8b", "dtype": "bf16", "batch": 1, "masks": "random", "pdl": pdl, "variants": args.variants,
+        "shape": "llama-3-8b", "dtype": "bf16", "batch": 1, "masks": "random", "pdl": pdl,
         "copy_bandwidth_Bps": copy_bw,
         "timing": "median per call of CUDA-graph replays of back-to-back calls over rotated weight copies "
                   "(>= 192 MiB); stages from the STAMPS build's last replay, median over calls 1..",
@@ -255,28 +201,20 @@ def main(argv: list[str] | None = None) -> int:
         copies = max(2, math.ceil(ROTATION_BYTES / (k * n * 2)))
         ws = [(torch.randn(k, n, generator=gen, device=device) * k**-0.5).to(torch.bfloat16) for _ in range(copies)]
         for s in args.sparsities:
-            state = gen.get_state()
-            for variant in args.variants:
-                gen.set_state(state)  # every build sees the same inputs
-                row = measure(proj, k, splits, s, ws, pdl, max(args.calls, copies), gen, balanced=variant == "balanced")
-                derive(row, copy_bw)
-                data["rows"].append(row)
-                print(f"{proj} s={s:g} {variant}: plain {row['default_us']:.1f} us, stamps {row['stamps_us']:.1f} us, "
-                      f"period {row['account']['median']['period_us']:.1f} us, checks "
-                      f"{'ok' if row['checks']['ok'] else 'FAILED ' + str(row['checks'])}", flush=True)
-                write_json(data, args.json_path)  # keep what is measured if the run is cut short
+            row = measure(proj, k, splits, s, ws, pdl, max(args.calls, copies), gen)
+            derive(row, copy_bw)
+            data["rows"].append(row)
+            print(f"{proj} s={s:g}: default {row['default_us']:.1f} us, stamps {row['stamps_us']:.1f} us, "
+                  f"period {row['account']['median']['period_us']:.1f} us, checks "
+                  f"{'ok' if row['checks']['ok'] else 'FAILED ' + str(row['checks'])}", flush=True)
+            write_json(data, args.json_path)  # keep what is measured if the run is cut short
         del ws
         torch.cuda.empty_cache()
     data["copy_bandwidth_end_Bps"] = measure_copy_bandwidth()
     data["wall_s"] = time.perf_counter() - t0
     data["checks_passed"] = all(r["checks"]["ok"] and r["account"]["all_monotone"] for r in data["rows"])
-    for variant in args.variants:
-        print_tables([r for r in data["rows"] if r["variant"] == variant],
-                     f"CUDA sparse GEMV stages on {props.name} ({variant} build), bf16, batch 1, PDL {pdl}, copy "
-                     f"{copy_bw / 1e12:.2f} TB/s")
-    data["comparison"] = compare(data["rows"])
-    if data["comparison"]:
-        print_comparison(data["comparison"], f"default vs balanced build on {props.name}, µs per call (CUDA graph)")
+    print_tables(data["rows"], f"CUDA sparse GEMV stages on {props.name}, bf16, batch 1, PDL {pdl}, copy "
+                               f"{copy_bw / 1e12:.2f} TB/s")
     write_json(data, args.json_path)
     print(f"wrote {args.json_path} ({data['wall_s']:.0f} s); checks {'passed' if data['checks_passed'] else 'FAILED'}")
     return 0 if data["checks_passed"] else 1

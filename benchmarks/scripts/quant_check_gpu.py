@@ -1,14 +1,13 @@
-"""The quantized decode's correctness check alone, per int4 inner product, with every number it decides on.
+"""The quantized decode's correctness check alone, with every number it decides on.
 
     PYTHONPATH=. python3 benchmarks/scripts/quant_check_gpu.py --json benchmarks/results/DATE-h200-quant-check.json
-    PYTHONPATH=. python3 benchmarks/scripts/quant_check_gpu.py --device cpu --shape tiny-llama --loops fma \
+    PYTHONPATH=. python3 benchmarks/scripts/quant_check_gpu.py --device cpu --shape tiny-llama \
         --json /tmp/quant_check.json             # smoke test of the script itself (no GPU: the reference products)
 
 `teal bench decode --weights int4` runs `teal.bench.quant_decode.check_quantized` before timing and times
 nothing when it fails; an H200 run failed it and lost the details (`2026-12-07-h200-quant-decode-llama-3-8b-
 int4-check-failed.json`). This script builds the engine of `--shape` with random weights (bf16), quantizes it
-(`--weights`, group 128) and runs the same check once per `--loops` entry (`$TEAL_QUANT_INT4_LOOP`: the FMA and
-the tensor-core int4 loops): every projection group of the first and last layer against float64 (batch 1, 4,
+(`--weights`, group 128) and runs the same check: every projection group of the first and last layer against float64 (batch 1, 4,
 16; s = 0 and 0.5), and 48 teacher-forced steps of a 4-layer twin, dense and at 50 %, beside the same steps
 with float32 torch products. Prints one line per part and writes the check's dicts as JSON (run info from
 `_gpu_run.run_info`).
@@ -17,7 +16,6 @@ with float32 torch products. Prints one line per part and writes the check's dic
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,6 @@ from _gpu_run import run_info  # noqa: E402
 from teal.bench.quant_decode import check_quantized  # noqa: E402
 from teal.bench.results import write_json  # noqa: E402
 from teal.engine import engine_random  # noqa: E402
-from teal.kernels.quant_gemv import INT4_LOOP_ENV  # noqa: E402
 
 
 def summary(res: dict[str, Any]) -> list[str]:
@@ -51,7 +48,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", required=True)
     parser.add_argument("--shape", default="llama-3-8b")
     parser.add_argument("--weights", default="int4", choices=("int4", "int8"))
-    parser.add_argument("--loops", default="fma,mma", help="comma list of $TEAL_QUANT_INT4_LOOP values (int4)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -62,17 +58,14 @@ def main(argv: list[str] | None = None) -> int:
                            device=device, max_seq_len=256)
     engine.quantize_weights(args.weights, 128)
     print(f"engine built and quantized in {time.perf_counter() - t:.1f} s", flush=True)
-    loops = args.loops.split(",") if args.weights == "int4" else ["fma"]
-    for loop in loops:
-        os.environ[INT4_LOOP_ENV] = loop
-        t = time.perf_counter()
-        res = check_quantized(engine, None)
-        res["seconds"] = round(time.perf_counter() - t, 1)
-        out["checks"][loop] = res
-        print(f"{args.weights} {loop}: passed={res['passed']} ({res['seconds']} s)", flush=True)
-        for line in summary(res):
-            print("  " + line, flush=True)
-        write_json(out, args.json_path)
+    t = time.perf_counter()
+    res = check_quantized(engine, None)
+    res["seconds"] = round(time.perf_counter() - t, 1)
+    out["checks"][args.weights] = res
+    print(f"{args.weights}: passed={res['passed']} ({res['seconds']} s)", flush=True)
+    for line in summary(res):
+        print("  " + line, flush=True)
+    write_json(out, args.json_path)
     return 0 if all(r["passed"] for r in out["checks"].values()) else 1
 
 

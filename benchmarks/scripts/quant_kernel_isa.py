@@ -4,11 +4,10 @@ PYTHONPATH=. python3 benchmarks/scripts/quant_kernel_isa.py [--batches 1,4,8] [-
 
 No GPU: NVRTC compiles `teal/kernels/sparse_gemv.cu` for sm_90 at the configuration the dispatch picks
 (`configs.quant_cuda_config`, Llama-3-8B gate|up by default: K 4096, N 2 x 14336, bf16 inputs, int4 group 128)
-for int8, int4 and int4 on tensor cores (`int4-mma`), and nvdisasm (Triton's wheel ships it) disassembles it.
-The weight loop is the backward branch whose body holds the most code loads (the non-128-bit LDG.E.NA; int4-mma's
-are 128-bit). Its *hot path* is that body less the regions a forward branch skips when the int4 group does not
-change (they hold the scale/zero loads, LDG.E.NA.128, and the fold: run once per group); those are counted
-apart (`cold_*`). Hot instructions are divided by the code
+for int8 and int4, and nvdisasm (Triton's wheel ships it) disassembles it. The weight loop is the backward
+branch whose body holds the most code loads (the non-128-bit LDG.E.NA). Its *hot path* is that body less the
+regions a forward branch skips when the int4 group does not change (they hold the scale/zero loads,
+LDG.E.NA.128: the fold and the next group's prefetch, run once per group); those are counted apart (`cold_*`). Hot instructions are divided by the code
 bytes one step of the loop reads per lane (rows per step x vectors x 8 int8 / 4 int4 bytes).
 
 A static count: every hot instruction issues once per step whether or not its predicate is on; the int4
@@ -127,10 +126,9 @@ def disassemble(cubin: bytes, disassembler: str) -> tuple[list[Instr], dict[str,
     return instrs, labels
 
 
-def is_code_load(ins: Instr, wide: bool = False) -> bool:
-    """A load of weight codes: LDG.E.NA (32-bit int4) or LDG.E.NA.64 (int8), not the 128-bit scale loads; with
-    ``wide`` (the tensor-core int4 loop, whose code loads are 128-bit too) any LDG.E.NA."""
-    return ins.op == "LDG" and ins.mods.startswith(".E.NA") and (wide or ".128" not in ins.mods)
+def is_code_load(ins: Instr) -> bool:
+    """A load of weight codes: LDG.E.NA (32-bit int4) or LDG.E.NA.64 (int8), not the 128-bit scale loads."""
+    return ins.op == "LDG" and ins.mods.startswith(".E.NA") and ".128" not in ins.mods
 
 
 def is_scale_load(ins: Instr) -> bool:
@@ -151,10 +149,8 @@ class LoopMix:
     cold_ops: dict[str, int] = field(default_factory=dict)
 
 
-def weight_loop(instrs: Sequence[Instr], labels: dict[str, int], wide: bool = False) -> LoopMix:
-    """Find the loop (the backward branch whose body holds the most code loads) and split hot and cold. ``wide``:
-    the tensor-core int4 loop, whose code loads are 128-bit like the scale loads: a region is cold (the group
-    change) where it holds 128-bit loads and the fold's FFMAs (a skipped second k-step holds loads only)."""
+def weight_loop(instrs: Sequence[Instr], labels: dict[str, int]) -> LoopMix:
+    """Find the loop (the backward branch whose body holds the most code loads) and split hot and cold."""
     index = {ins.addr: i for i, ins in enumerate(instrs)}
     best = None
     for i, ins in enumerate(instrs):
@@ -164,7 +160,7 @@ def weight_loop(instrs: Sequence[Instr], labels: dict[str, int], wide: bool = Fa
         if not t or labels.get(t.group(1), 1 << 62) > ins.addr:
             continue
         head = index[labels[t.group(1)]]
-        loads = sum(is_code_load(x, wide) for x in instrs[head:i + 1])
+        loads = sum(is_code_load(x) for x in instrs[head:i + 1])
         if best is None or loads > best[0]:
             best = (loads, head, i)
     if best is None or best[0] == 0:
@@ -184,8 +180,7 @@ def weight_loop(instrs: Sequence[Instr], labels: dict[str, int], wide: bool = Fa
         if target is None or target <= ins.addr or target > instrs[tail].addr:
             continue
         skipped = [j for j in range(i + 1, index.get(target, tail + 1)) if j <= tail]
-        if any(is_scale_load(instrs[j]) for j in skipped) and (
-                not wide or any(instrs[j].op == "FFMA" for j in skipped)):
+        if any(is_scale_load(instrs[j]) for j in skipped):
             regions.append(skipped)
             cold.update(skipped)
     hot = [instrs[i] for i in body if i not in cold]
@@ -195,7 +190,7 @@ def weight_loop(instrs: Sequence[Instr], labels: dict[str, int], wide: bool = Fa
         hot=len(hot),
         hot_by_class=dict(Counter(instruction_class(x) for x in hot)),
         hot_ops=dict(Counter(x.op for x in hot).most_common()),
-        code_loads=sum(is_code_load(x, wide) for x in hot),
+        code_loads=sum(is_code_load(x) for x in hot),
         cold_regions=len(regions),
         cold_per_region=(len(cold_list) / len(regions)) if regions else 0.0,
         cold_ops=dict(Counter(x.op for x in cold_list).most_common()),
@@ -205,23 +200,19 @@ def weight_loop(instrs: Sequence[Instr], labels: dict[str, int], wide: bool = Fa
 #: Llama-3-8B projections (K, segment widths) the script can count at.
 SHAPES = {"gate_up": (4096, [14336, 14336]), "qkv": (4096, [4096, 1024, 1024]), "o": (4096, [4096]),
           "down": (14336, [4096])}
-#: The formats of the table's rows ("int4-mma": int4 on tensor cores, ``$TEAL_QUANT_INT4_LOOP=mma``).
-FORMATS = ("int8", "int4", "int4-mma")
-#: Code bytes per lane, row and vector: a lane's 8 columns (the tensor-core loop: a lane loads 16 bytes of 4 rows
-#: per 16-row k-step, the same 4 bytes per row of the step on average).
-CODE_BYTES_PER_VECTOR = {"int8": 8, "int4": 4, "int4-mma": 4}
+#: The formats of the table's rows.
+FORMATS = ("int8", "int4")
+CODE_BYTES_PER_VECTOR = {"int8": 8, "int4": 4}  # a lane's 8 columns of one row
 
 
 def variant_of(fmt: str, batch: int, shape: str = "gate_up", dtype: torch.dtype = torch.bfloat16,
                group: int = 128, sm_count: int = 132) -> cuda.Variant:
-    """The variant the dispatch launches for this call (``quant_cuda_config``, PDL 2 as on an H100); ``fmt``
-    one of ``FORMATS``."""
+    """The variant the dispatch launches for this call (``quant_cuda_config``, PDL 2 as on an H100)."""
     k, splits = SHAPES[shape]
-    weights, _, loop = fmt.partition("-")
-    cfg = quant_cuda_config(k, sum(splits), batch, sm_count, fmt=weights, widths=splits, int4_loop=loop or "fma")
+    cfg = quant_cuda_config(k, sum(splits), batch, sm_count)
     geo = cuda.geometry(k, splits, cfg, dtype, batch)
     return cuda.variant_for(cfg, dtype, has_scale=False, glu=False, pdl=2, rows_per_warp=geo.rows_per_warp,
-                            batch=batch, weights=weights, group=group)
+                            batch=batch, weights=fmt, group=group)
 
 
 def count_variant(variant: cuda.Variant, disassembler: str, source: Optional[str] = None) -> dict[str, Any]:
@@ -229,12 +220,12 @@ def count_variant(variant: cuda.Variant, disassembler: str, source: Optional[str
     code, log = cuda.nvrtc_compile_with_log(source if source is not None else cuda.source(), cuda.SOURCE_FILE,
                                             [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
     instrs, labels = disassemble(code, disassembler)
-    mix = weight_loop(instrs, labels, wide=bool(variant.mma))
-    fmt = {1: "int8", 2: "int4"}[variant.weights] + ("-mma" if variant.mma else "")
+    mix = weight_loop(instrs, labels)
+    fmt = {1: "int8", 2: "int4"}[variant.weights]
     step_bytes = variant.unroll * variant.vecs * CODE_BYTES_PER_VECTOR[fmt]
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(s) for s in re.findall(r"(\d+) bytes spill stores", log)]
-    rows_per_group = variant.group if variant.weights == 2 else 0
+    rows_per_group = variant.group if fmt == "int4" else 0
     group_bytes = rows_per_group * variant.vecs * CODE_BYTES_PER_VECTOR[fmt]
     return {
         "format": fmt,

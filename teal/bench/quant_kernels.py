@@ -10,7 +10,6 @@ over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows 
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import traceback
@@ -22,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from teal.bench.timing import quant_param_bytes
-from teal.kernels.configs import INT4_LOOPS
 from teal.kernels.quant_gemv import (quant_sparse_linear_cuda, quant_sparse_linear_reference,
                                      quant_sparse_linear_triton)
 from teal.quant import quantize
@@ -49,28 +47,21 @@ def check_row(qw: Any, splits: Sequence[int], batch: int, sparsity: float, dtype
     return {"rel_err": err, "finite": finite, "ok": finite and err <= REL_ERR_BOUND}
 
 
-def kernels_for(cuda_ok: bool, fmt: str = "int8") -> list[tuple[str, Any]]:
-    """(kernel name, callable) of every row of one format: the CUDA kernel where the device runs it (int4: both
-    inner products, "cuda-fma" and "cuda-mma", whatever ``$TEAL_QUANT_INT4_LOOP`` says), then Triton."""
-    if not cuda_ok:
-        cuda_rows = []
-    elif fmt == "int4":
-        cuda_rows = [(f"cuda-{loop}", functools.partial(quant_sparse_linear_cuda, int4_loop=loop)) for loop in INT4_LOOPS]
-    else:
-        cuda_rows = [("cuda", quant_sparse_linear_cuda)]
+def kernels_for(cuda_ok: bool) -> list[tuple[str, Any]]:
+    """(kernel name, callable) of every row of one format: the CUDA kernel where the device runs it, then Triton."""
+    cuda_rows = [("cuda", quant_sparse_linear_cuda)] if cuda_ok else []
     return cuda_rows + [("triton", quant_sparse_linear_triton)]
 
 
-#: The kernel names `--quant-kernels` takes; "cuda" selects every CUDA row (int4: "cuda-fma" and "cuda-mma").
-KERNEL_NAMES = ("cuda", "cuda-fma", "cuda-mma", "triton")
+#: The kernel names `--quant-kernels` takes.
+KERNEL_NAMES = ("cuda", "triton")
 
 
 def selected(kernels: list[tuple[str, Any]], names: Sequence[str] | None) -> list[tuple[str, Any]]:
-    """The rows of ``kernels`` that ``names`` select (None: all): a name selects the kernel of that name and, for
-    "cuda", every "cuda-..." one."""
+    """The rows of ``kernels`` that ``names`` select (None: all)."""
     if names is None:
         return kernels
-    return [(n, k) for n, k in kernels if any(n == want or n.startswith(want + "-") for want in names)]
+    return [(n, k) for n, k in kernels if n in names]
 
 
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
@@ -89,7 +80,7 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
     cuda_ok = cuda_kernel_available(device)
     elem = torch.finfo(dtype).bits // 8
     for fmt in formats:
-        kernels = selected(kernels_for(cuda_ok, fmt), kernel_names)
+        kernels = selected(kernels_for(cuda_ok), kernel_names)
         method = quant_method if fmt == "int4" else "rtn"
         for model in models:
             for proj, k, splits in shapes[model]:

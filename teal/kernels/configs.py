@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -315,26 +315,13 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
     return KernelConfig(block_n=256, block_r=8, split_k=split, num_warps=warps, cuda=True)
 
 
-#: The int4 inner products of the CUDA kernel: "fma" (fp32 FMAs per code) or "mma" (tensor cores, ``Q4MMA`` in
-#: ``sparse_gemv.cu``; segment widths multiples of 32).
-INT4_LOOPS = ("fma", "mma")
-#: Segment widths the int4 tensor-core loop takes are multiples of this (a lane group's 32 columns).
-INT4_MMA_COLUMNS = 32
-
-
-def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, *, fmt: str = "int8",
-                      widths: Sequence[int] | None = None, int4_loop: str = "fma") -> KernelConfig:
+def quant_cuda_config(k: int, n: int, batch: int, sm_count: int) -> KernelConfig:
     """The CUDA C++ configuration of an int8 / int4 call (not tuned on a GPU yet): 256 columns per program
     (the blocks of 16-bit weights: a lane's 8 columns are 8 or 4 code bytes per row), clusters as
     ``heuristic_cuda_config``, 8 warps (255 registers per thread: the decoded codes and the int4 group
-    sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it per batch). int4 with
-    ``int4_loop`` "mma" and every segment width (``widths``, default [n]) a multiple of ``INT4_MMA_COLUMNS``:
-    the tensor-core loop (``use_dot``), else the FMA loop."""
-    if int4_loop not in INT4_LOOPS:
-        raise ValueError(f"int4_loop must be one of {', '.join(INT4_LOOPS)}, got {int4_loop!r}")
+    sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it per batch)."""
     base = heuristic_cuda_config(k, n, sm_count)
-    mma = fmt == "int4" and int4_loop == "mma" and all(w % INT4_MMA_COLUMNS == 0 for w in (widths or [n]))
-    return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=8, use_dot=mma, cuda=True)
+    return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=8, cuda=True)
 
 
 def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT,

@@ -80,7 +80,6 @@ class Variant:
     weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
     group: int = 0  # int4: input rows per (scale, zero) group
     stamps: bool = False  # the per-stage timeline (``STAMPS``; measuring only, ``launch(stamps=...)``)
-    balanced: bool = False  # the balanced listing (``BALANCED``; a prototype, ``launch(balanced=True)``)
 
     def defines(self) -> list[str]:
         out = [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
@@ -92,8 +91,6 @@ class Variant:
             out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
         if self.stamps:
             out.append("-DSTAMPS=1")
-        if self.balanced:
-            out.append("-DBALANCED=1")
         return out
 
 
@@ -128,8 +125,6 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, weig
     vector; twice that for int4's group sums)."""
     vecs = vectors_per_lane(config, dtype)
     if config.use_dot:
-        if weights == 2:  # the int4 tensor-core loop: two k-steps per step at batch 1, one above (ptxas, sm_90:
-            return 2 * MMA_ROWS if batch == 1 else MMA_ROWS  # two spill 36-152 bytes at 2-8 rows)
         return MMA_ROWS
     per_vector = REGISTERS_PER_VECTOR[weights]
     if batch == 1:
@@ -185,13 +180,11 @@ def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, gl
                    list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0)
 
 
-def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1,
-             balanced: bool = False) -> Geometry:
+def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
     """Launch geometry (pure arithmetic; tested on the CPU). Column block b of segment j covers columns
     ``offsets[j-1] + (b - block_starts[j-1]) * block_n`` onward, clipped at the segment's end; program
     (b, s) owns rows ``[s * rows_per_split, (s + 1) * rows_per_split)``, warp w of it ``rows_per_warp`` of
-    those. ``balanced`` (the ``BALANCED`` build): a second list area (the concatenated lists) and the warps'
-    counts after the first."""
+    those."""
     if not 1 <= len(split_list) <= MAX_SEGMENTS:
         raise ValueError(f"the CUDA sparse GEMV takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}")
     block_n = config.block_n if mma_slots(config) else 32 * ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype)
@@ -205,29 +198,9 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     rows_per_split = -(-k // split)
     rows_per_warp = -(-rows_per_split // config.num_warps)
     lists = 4 * (1 + batch) * config.num_warps * rows_per_warp
-    if balanced:
-        lists = 2 * lists + 4 * config.num_warps
     sums = 4 * (config.num_warps + 1) * batch * block_n
     return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
-
-
-def balanced_slices(counts: Sequence[int], rows_per_warp: int) -> list[list[int]]:
-    """The ``BALANCED`` build's partition of one program's survivors, emulated step by step as the kernel does it:
-    ``counts[w]`` rows listed by warp w (at shared slots ``w * rows_per_warp ..``); per warp, the slots it copies
-    and streams, in order. Warp w takes positions ``w * total // warps .. (w + 1) * total // warps`` of the
-    concatenated lists (tested on the CPU against the concatenation itself)."""
-    warps, total = len(counts), sum(counts)
-    out = []
-    for warp in range(warps):
-        lo, hi = warp * total // warps, (warp + 1) * total // warps
-        slots, src, start = [], 0, 0
-        while src < warps and start < hi:
-            source = src * rows_per_warp - start  # position j of the concatenation is slot j + source
-            slots += [j + source for j in range(max(lo, start), min(hi, start + counts[src]))]
-            start, src = start + counts[src], src + 1
-        out.append(slots)
-    return out
 
 
 #: The per-stage timeline of a ``STAMPS`` build (``launch(stamps=...)``): per program (``blockIdx.x * split +
@@ -254,12 +227,7 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weigh
         if dtype not in (torch.bfloat16, torch.float16):
             return f"quantized weights take bf16 or fp16 inputs on the CUDA kernel, not {dtype}"
         if config.use_dot:
-            if weights != "int4":
-                return f"{weights} weights take the FMA inner product (use_dot off); int4 takes either"
-            if config.block_n != 256 or config.num_warps > 8:
-                return (f"the int4 tensor-core inner product takes block_n 256 and at most 8 warps (255 registers "
-                        f"per thread), got block_n={config.block_n}, {config.num_warps} warps")
-            return None
+            return "quantized weights take the FMA inner product (use_dot off)"
         vecs = vectors_per_lane(config, dtype)
         sums = 8 * vecs * batch * (2 if weights == "int4" else 1) + 16 * vecs
         if sums + 48 > limit:
@@ -515,10 +483,8 @@ def device_problem(device_index: int) -> Optional[str]:
     return None
 
 
-def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[int], config: KernelConfig, *,
-                       balanced: bool = False) -> Optional[str]:
-    """None when ``launch`` can run this call (with ``balanced``: its balanced-listing build), else why not (the
-    caller falls back to Triton)."""
+def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[int], config: KernelConfig) -> Optional[str]:
+    """None when ``launch`` can run this call, else why not (the caller falls back to Triton)."""
     if x.device.type != "cuda":
         return "the CUDA kernel runs on CUDA tensors only"
     if not 1 <= x.shape[0] <= MAX_BATCH:
@@ -536,7 +502,7 @@ def unsupported_reason(x: torch.Tensor, w_t: torch.Tensor, split_list: Sequence[
     if problem:
         return problem
     # launches take up to MAX_SEGMENTS segments each (the caller splits); shared memory does not depend on them
-    geo = geometry(w_t.shape[0], split_list[:MAX_SEGMENTS], config, x.dtype, x.shape[0], balanced)
+    geo = geometry(w_t.shape[0], split_list[:MAX_SEGMENTS], config, x.dtype, x.shape[0])
     limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     if geo.shared_bytes > limit:
         return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
@@ -572,7 +538,6 @@ def launch(
     glu: bool = False,
     pdl: int = 0,
     stamps: Optional[torch.Tensor] = None,
-    balanced: bool = False,
 ) -> None:
     """``y[b, seg_j] = mask_j(x[b]) @ w_t[:, seg_j]`` (``unsupported_reason`` must have said None).
 
@@ -580,13 +545,9 @@ def launch(
     column view) and y [B, n] (contiguous rows); thresholds fp32 [S]; col_scale fp32 [S, K] or None; at
     most 4 segments. ``stamps``: an int64 tensor of ``stamps_shape`` on x's device, which the ``STAMPS`` build
     (compiled for this) fills with the call's per-stage timeline (``STAMP_FIELDS``); measuring only.
-    ``balanced``: the ``BALANCED`` build (the warps stream equal slices of the program's concatenated survivor
-    lists; a prototype for measuring, FMA loop only; combinable with ``stamps``).
     """
     if glu and x.shape[0] != 1:
         raise ValueError("the CUDA kernel fuses the SiLU-gated input at batch 1 only")
-    if balanced and config.use_dot:
-        raise ValueError("the balanced listing is built for the FMA loop only; use_dot configs have none")
     if stamps is not None:
         if config.use_dot:
             raise ValueError("stage stamps are taken in the FMA loop only; use_dot configs have none")
@@ -596,7 +557,7 @@ def launch(
             raise ValueError(f"stamps must be a contiguous int64 tensor of shape {shape} on {x.device}, got "
                              f"{stamps.dtype} {tuple(stamps.shape)} on {stamps.device}")
     _launch(x, w_t.data_ptr(), w_t.shape[0], w_t.stride(0), y, thresholds, col_scale, split_list, config,
-            glu=glu, pdl=pdl, stamps=stamps, balanced=balanced)
+            glu=glu, pdl=pdl, stamps=stamps)
 
 
 def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list: Sequence[int],
@@ -610,9 +571,7 @@ def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list:
         return f"the CUDA kernel takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}"
     if any(width % 8 for width in split_list):
         return f"{ALIGNMENT_PREFIX} with segment widths multiples of 8 (widths {list(split_list)})"
-    if config.use_dot and any(width % 32 for width in split_list):
-        return f"{ALIGNMENT_PREFIX} for the int4 tensor-core loop with segment widths multiples of 32 (widths {list(split_list)})"
-    code_align = 8 if qw.format == "int8" else 16 if config.use_dot else 4
+    code_align = 8 if qw.format == "int8" else 4
     tensors = [qw.scales] + ([qw.zeros] if qw.zeros is not None else [])
     if (qw.codes.data_ptr() % code_align or qw.codes.stride(0) % code_align or not qw.codes.is_contiguous()
             or any(t.data_ptr() % 16 or not t.is_contiguous() for t in tensors)):
@@ -646,15 +605,14 @@ def launch_quant(x: torch.Tensor, qw: "QuantizedWeight", y: torch.Tensor, thresh
 def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor, thresholds: torch.Tensor,
             col_scale: Optional[torch.Tensor], split_list: Sequence[int], config: KernelConfig, *, glu: bool = False,
             pdl: int = 0, weights: str = "bf16", group: int = 0, qscale: Optional[torch.Tensor] = None,
-            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, stamps: Optional[torch.Tensor] = None,
-            balanced: bool = False) -> None:
+            qzero: Optional[torch.Tensor] = None, stride_q: int = 0, stamps: Optional[torch.Tensor] = None) -> None:
     batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    geo = geometry(k, split_list, config, x.dtype, batch, balanced)
+    geo = geometry(k, split_list, config, x.dtype, batch)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
                           rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group)
-    if stamps is not None or balanced:
-        variant = dataclasses.replace(variant, stamps=stamps is not None, balanced=balanced)
+    if stamps is not None:
+        variant = dataclasses.replace(variant, stamps=True)
     kern = kernel(variant, device_index)
     kern.ensure_shared(geo.shared_bytes)
     scale = col_scale if col_scale is not None else thresholds

@@ -212,32 +212,6 @@ def cuda_pdl_mode(device: torch.device) -> int:
     return _parse_pdl(os.environ.get("TEAL_CUDA_PDL", str(DEFAULT_CUDA_PDL)), "TEAL_CUDA_PDL")
 
 
-#: ``$TEAL_CUDA_BALANCED``: 1 runs the CUDA C++ kernel's balanced-listing build (``BALANCED`` in ``sparse_gemv.cu``:
-#: the warps of a program stream equal slices of its concatenated survivor lists) for every call on its FMA loop.
-#: A measuring switch for that prototype (benchmarks/notes/persistent.md), not a setting: default 0, off.
-BALANCED_VALUES = ("0", "1")
-
-
-@functools.lru_cache(maxsize=4)
-def _parse_balanced(raw: str) -> bool:
-    raw = raw.strip()
-    if raw not in BALANCED_VALUES:
-        raise ValueError(f"TEAL_CUDA_BALANCED must be 0 (off, the default) or 1 (the balanced-listing build of the "
-                         f"CUDA kernel, for measuring), got {raw!r}")
-    return raw == "1"
-
-
-def cuda_balanced_requested() -> bool:
-    """``$TEAL_CUDA_BALANCED`` (default 0) as a bool; anything but 0 or 1 raises, naming the variable."""
-    return _parse_balanced(os.environ.get("TEAL_CUDA_BALANCED", "0"))
-
-
-def cuda_balanced(config: KernelConfig) -> bool:
-    """Whether a CUDA C++ kernel call of ``config`` runs the balanced-listing build: ``$TEAL_CUDA_BALANCED`` is 1
-    and the call is on the FMA loop (``use_dot`` calls keep the default build)."""
-    return cuda_balanced_requested() and not config.use_dot
-
-
 def pdl_launch(mode: int) -> dict[str, object]:
     """Launch keywords of a kernel taking the ``PDL`` constexpr: ``PDL=mode`` (+ ``launch_pdl`` when on)."""
     return {"PDL": mode, "launch_pdl": True} if mode else {"PDL": 0}
@@ -488,7 +462,7 @@ def _cuda_or_fallback(x: torch.Tensor, w_t: torch.Tensor, split_list: list[int],
     """``config`` when the CUDA kernel can run this call, else the Triton table's (with a one-time warning
     on a CUDA device; CPU tensors, which only the Triton interpreter runs, fall back silently)."""
     if x.device.type == "cuda":
-        reason = _cuda_kernels().unsupported_reason(x, w_t, split_list, config, balanced=cuda_balanced(config))
+        reason = _cuda_kernels().unsupported_reason(x, w_t, split_list, config)
         if reason is None:
             return config
         _cuda_kernels().warn_fallback(reason)
@@ -512,8 +486,7 @@ def _launch_cuda(
 ) -> None:
     """One launch of the CUDA C++ kernel (``teal.kernels.cuda``) over up to 4 segments and 1..8 rows (the same
     signature as the Triton ``_launch``, so the callers pick either)."""
-    _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device),
-                           balanced=cuda_balanced(config))
+    _cuda_kernels().launch(x, w_t, y, thresholds, col_scale, split_list, config, glu=glu, pdl=cuda_pdl_mode(x.device))
 
 
 #: Rows x narrowest segment width from which the dense fallback multiplies each segment separately (measured

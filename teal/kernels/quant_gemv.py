@@ -11,8 +11,7 @@ and under ``TRITON_INTERPRET=1``; both for 1-8 rows. Above 8 rows (prefill, larg
 ``torch.matmul`` (cuBLAS). ``quant_sparse_linear`` is one custom op (``teal::quant_sparse_linear``, opaque to
 ``torch.compile`` and captured by CUDA graphs) whose dispatch is, by rows B and device:
 
-- B <= 8 on CUDA: the CUDA kernel where it applies (``$TEAL_QUANT_KERNEL`` chooses; int4 by fp32 FMAs per code or
-  on tensor cores, ``$TEAL_QUANT_INT4_LOOP``), else Triton;
+- B <= 8 on CUDA: the CUDA kernel where it applies (``$TEAL_QUANT_KERNEL`` chooses), else Triton;
 - B > 8 (any device): ``dequant_matmul`` (``$TEAL_QUANT_LARGE_BATCH=reference`` takes the reference instead,
   for before/after measurements);
 - B <= 8 elsewhere (CPU): the reference.
@@ -29,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from teal.kernels.configs import INT4_LOOPS, KernelConfig, quant_cuda_config
+from teal.kernels.configs import KernelConfig, quant_cuda_config
 from teal.quant import QuantizedWeight
 
 MAX_BATCH = 8
@@ -183,17 +182,15 @@ def quant_sparse_linear_triton(x: torch.Tensor, qw: QuantizedWeight, thresholds:
 
 def quant_sparse_linear_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor,
                              split_sizes: Sequence[int], col_scale: torch.Tensor | None = None, *,
-                             config: KernelConfig | None = None, int4_loop: str | None = None) -> torch.Tensor:
+                             config: KernelConfig | None = None) -> torch.Tensor:
     """The CUDA C++ kernel (``teal.kernels.cuda.launch_quant``); x [B <= 8, K]. Raises ValueError naming why
-    where it does not apply (``cuda.unsupported_quant_reason``). ``int4_loop``: "fma" or "mma" (default
-    ``int4_loop_choice()``), for the default ``config``."""
+    where it does not apply (``cuda.unsupported_quant_reason``)."""
     from teal.kernels import cuda, ops
 
     _check(x, qw, thresholds, split_sizes, col_scale)
     x = x.contiguous()
     k, n = qw.shape
-    config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device), fmt=qw.format,
-                                         widths=list(split_sizes), int4_loop=int4_loop or int4_loop_choice())
+    config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device))
     reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
     if reason is not None:
         raise ValueError(f"the CUDA quantized kernel does not apply: {reason}")
@@ -221,18 +218,6 @@ def quant_kernel_choice() -> str:
     choice = os.environ.get(QUANT_KERNEL_ENV, "auto")
     if choice not in ("auto", "cuda", "triton"):
         raise ValueError(f"${QUANT_KERNEL_ENV} must be auto, cuda or triton, got {choice!r}")
-    return choice
-
-
-#: ``$TEAL_QUANT_INT4_LOOP``: the CUDA kernel's int4 inner product, "fma" (default: fp32 FMAs per code) or "mma"
-#: (tensor cores, where every segment width is a multiple of 32; ``configs.quant_cuda_config``).
-INT4_LOOP_ENV = "TEAL_QUANT_INT4_LOOP"
-
-
-def int4_loop_choice() -> str:
-    choice = os.environ.get(INT4_LOOP_ENV, "fma")
-    if choice not in INT4_LOOPS:
-        raise ValueError(f"${INT4_LOOP_ENV} must be {' or '.join(INT4_LOOPS)}, got {choice!r}")
     return choice
 
 
@@ -270,8 +255,7 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | N
         path = "triton"
         x = x.contiguous()
         if choice != "triton" and ops.cuda_kernel_available(x.device):
-            config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device), fmt=qw.format,
-                                       widths=list(split_sizes), int4_loop=int4_loop_choice())
+            config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device))
             reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
             if reason is None:
                 path = "cuda"

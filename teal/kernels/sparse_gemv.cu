@@ -57,16 +57,6 @@
 //             SM id, every warp's loop done, warp sums added in shared memory (thread 0's share), cluster's
 //             partial sums ready, end (stored, last cluster barrier passed). 16-bit FMA loop only (no MMA,
 //             no WFMT). teal.kernels.cuda.STAMP_FIELDS names the fields.
-//   BALANCED  0, or 1: a balanced listing (a prototype, for measuring; teal.kernels.cuda.launch(balanced=True),
-//             $TEAL_CUDA_BALANCED): each warp lists its own share as above, then after one __syncthreads the
-//             program's lists, concatenated in warp order (ascending: the shares are contiguous and
-//             ascending), are cut into WARPS contiguous slices of floor(total * w / WARPS) .. floor(total *
-//             (w + 1) / WARPS) (sizes differ by at most one); warp w copies its slice (indices and values, from
-//             the per-warp counts' prefix sums) into a second shared area and streams it with the same loop.
-//             So the warps' weight loops take equal row counts instead of whatever their fixed shares kept.
-//             Deterministic (no atomics; each column's sum still adds the warps' partials in warp order).
-//             FMA loop only (no MMA, no WFMT; 1..8 rows, GLU too); the host doubles the list area of shared
-//             memory.
 // Host contract: N, every segment width and w_t's row stride are multiples of the elements per vector,
 // w_t and y are 16-byte aligned, K * N < 2^31 (checked in teal/kernels/cuda.py); with WFMT, N and the
 // widths are multiples of 8, the codes 8-byte (int8) or 4-byte (int4) aligned, scales and zeros 16-byte.
@@ -101,16 +91,11 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #ifndef GROUP
 #define GROUP 128
 #endif
-#if WFMT && (ELEM == 2 || GLU || (MMA && (WFMT != 2 || MMA != 4)))
-#error "quantized weights take 16-bit inputs and no fused GLU; on tensor cores int4 only, with 4 slots (block_n 256)"
+#if WFMT && (MMA || ELEM == 2 || GLU)
+#error "quantized weights take 16-bit inputs, the FMA inner product and no fused GLU"
 #endif
-// int4 codes on tensor cores (WFMT 2 with MMA 4; see Q4MMA below).
-#define Q4MMA (WFMT == 2 && MMA)
 #if WFMT == 2 && UNROLL > 32
 #error "the int4 loop takes at most 32 rows per step (one listed row per lane)"
-#endif
-#if Q4MMA && UNROLL != 16 && UNROLL != 32
-#error "the int4 tensor-core loop takes 16 or 32 rows per step (one or two mma k-steps)"
 #endif
 // The int4 decode: a nibble q in byte 2 under the exponent byte INT4_EXP is the fp32
 // INT4_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
@@ -124,12 +109,6 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #endif
 #if STAMPS && (MMA || WFMT)
 #error "stage stamps are taken in the 16-bit FMA loop only"
-#endif
-#ifndef BALANCED
-#define BALANCED 0
-#endif
-#if BALANCED && (MMA || WFMT)
-#error "the balanced listing takes the FMA loop only (no MMA, no WFMT)"
 #endif
 #if WFMT
 typedef unsigned char weight_t;  // codes
@@ -334,7 +313,7 @@ __device__ __forceinline__ void mma_16816(float* c, unsigned a0, unsigned a1, un
 #endif
 
 #if WFMT == 2
-// The int4 loops' change of group: fold the current group's sums in, take the prefetched (scale, zero) vectors
+// The int4 loop's change of group: fold the current group's sums in, take the prefetched (scale, zero) vectors
 // when the list enters the next group (else load group g's: the list skipped one), then prefetch group g + 1's.
 template <int NV, typename Fold, typename Load>
 __device__ __forceinline__ void enter_group(int g, int& group, int row_hi, vec_u32x4* s_cur, vec_u32x4* z_cur,
@@ -348,45 +327,6 @@ __device__ __forceinline__ void enter_group(int g, int& group, int row_hi, vec_u
     }
     group = g;
     load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
-}
-#endif
-
-#if Q4MMA
-// The int4 tensor-core decode. `pair` holds two code bytes of each of two rows, [row a: bytes j, j + 1 | row b:
-// bytes j, j + 1] (one byte permute of the rows' words, Q4_PAIR_LO for bytes 0-1, Q4_PAIR_HI for 2-3). Byte j + b's
-// low nibbles of both rows become one fragment register of two 16-bit values Q4_BIAS + q (row a in the low half)
-// by a shift and one masked OR under the exponent Q4_MAGIC; its high nibbles Q4_BIAS + Q4_HI_MULT * q (fp16 holds
-// the nibble at bits 4-7 exactly; bf16's 7 mantissa bits need it shifted to bits 3-6). Exact in both types.
-#if ELEM == 0
-#define Q4_MAGIC 0x43004300u
-#define Q4_BIAS 128.0f
-#define Q4_HI_SHIFT 1
-#define Q4_HI_MASK 0x00780078u
-#define Q4_HI_MULT 8.0f
-#else
-#define Q4_MAGIC 0x64006400u
-#define Q4_BIAS 1024.0f
-#define Q4_HI_SHIFT 0
-#define Q4_HI_MASK 0x00F000F0u
-#define Q4_HI_MULT 16.0f
-#endif
-#define Q4_LO_MASK 0x000F000Fu
-#define Q4_PAIR_LO 0x5410
-#define Q4_PAIR_HI 0x7632
-
-// (a & mask) | magic as one LOP3 (lookup table 0xEA = (a & b) | c); the C++ form compiles to two.
-__device__ __forceinline__ unsigned and_or(unsigned a, unsigned mask, unsigned magic) {
-    unsigned r;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(mask), "r"(magic));
-    return r;
-}
-
-__device__ __forceinline__ unsigned q4_low_nibbles(unsigned pair, int b) {
-    return and_or(pair >> (8 * b), Q4_LO_MASK, Q4_MAGIC);
-}
-
-__device__ __forceinline__ unsigned q4_high_nibbles(unsigned pair, int b) {
-    return and_or(pair >> (8 * b + Q4_HI_SHIFT), Q4_HI_MASK, Q4_MAGIC);
 }
 #endif
 
@@ -494,28 +434,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
 
-#if Q4MMA
-    // Lane group g8 (lanes 4 g8 .. 4 g8 + 3, q4 = lane % 4) owns 32 consecutive columns, 16 code bytes per row (one
-    // 16-byte load), and its lanes load different rows of a step; the scales and zeros of those columns are 4
-    // vectors each, loaded by the lanes whose sums hold input rows (C columns 2 q4, 2 q4 + 1 < BATCH).
-    const int q4 = lane & 3;
-    const int g8 = lane >> 2;
-    const int qcol = col0 + g8 * 32;
-    const bool col_ok = qcol < seg_end;  // host: segment widths are multiples of 32
-    const weight_t* wcol = w + qcol / 2;
-    const bool folds = 2 * q4 < BATCH;
-    vec_u32x4 s_cur[4], z_cur[4], s_nxt[4], z_nxt[4];
-    int group = (unsigned)row_lo / GROUP;
-    auto load_group = [&](vec_u32x4* sv, vec_u32x4* zv, int g, bool pred) {
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            sv[v] = load_stream(qscale + (long long)g * stride_q + qcol + 8 * v, pred && col_ok && folds);
-            zv[v] = load_stream(qzero + (long long)g * stride_q + qcol + 8 * v, pred && col_ok && folds);
-        }
-    };
-    load_group(s_cur, z_cur, group, row_lo < row_hi);
-    load_group(s_nxt, z_nxt, group + 1, (group + 1) * GROUP < row_hi);
-#elif WFMT
+#if WFMT
     // The lane's code columns, and the first scales (and zeros) it needs: loaded before the wait for the
     // previous kernel (they do not depend on it), so their latency hides behind the listing phase.
     bool col_ok[VECS];
@@ -595,134 +514,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
     }
     __syncwarp();
-#if BALANCED
-    // 1'. Balance (see BALANCED): every warp's count, one barrier, then warp w copies slice w of the
-    //     concatenated lists (source warp `src`'s entries are positions start .. start + counts[src]) into the
-    //     second list area, at the same positions, and streams only that slice.
-    int* counts = reinterpret_cast<int*>(smem) + 2 * WARPS * rows_per_warp * (1 + BATCH);
-    if (lane == 0) counts[warp] = count;
-    __syncthreads();
-    int total = 0;
-#pragma unroll
-    for (int src = 0; src < WARPS; ++src) total += counts[src];
-    const int slice_lo = warp * total / WARPS, slice_hi = (warp + 1) * total / WARPS;
-    int* all_idx = reinterpret_cast<int*>(smem) + WARPS * rows_per_warp * (1 + BATCH);
-    float* all_val = reinterpret_cast<float*>(all_idx + WARPS * rows_per_warp);
-    for (int src = 0, start = 0; src < WARPS && start < slice_hi; start += counts[src], ++src) {
-        const int from = src * rows_per_warp - start;  // entry j of the concatenation is the source's j + from
-        for (int j = max(slice_lo, start) + lane; j < min(slice_hi, start + counts[src]); j += 32) {
-            all_idx[j] = reinterpret_cast<const int*>(smem)[j + from];
-#pragma unroll
-            for (int b = 0; b < BATCH; ++b)
-                all_val[j * BATCH + b] = reinterpret_cast<const float*>(smem)[WARPS * rows_per_warp + (j + from) * BATCH + b];
-        }
-    }
-    __syncwarp();
-    list_idx = all_idx + slice_lo;
-    list_val = all_val + slice_lo * BATCH;
-    count = slice_hi - slice_lo;
-#endif
     STAMP(STAMP_LISTED);
     if (count == 0) STAMP(STAMP_FIRST);  // no weight step: an empty stage
 
-#if Q4MMA
-    // 2 (int4 on tensor cores, see Q4MMA). Steps of up to UNROLL listed rows, never past the current group's last
-    //    (one ballot), 16 per k-step. Lane (g8, q4) loads rows 2 q4, 2 q4 + 1, 2 q4 + 8, 2 q4 + 9 of a k-step at
-    //    its group's 32 columns; mma t (t = 0..15: the lane group's code byte t) takes A rows g8 / g8 + 8 =
-    //    columns 2t / 2t + 1 (low / high nibbles), k = the k-step's rows, and B column g8 = input row g8 (zero
-    //    when g8 >= BATCH). C: columns 2t (c0, c1) and 2t + 1 (c2, c3) of input rows 2 q4 (c0, c2) and 2 q4 + 1
-    //    (c1, c3), summed per group and folded in between steps as the FMA loop does: scale * (sum x (bias + q)
-    //    - (bias + zero) * sum x), the high nibbles' Q4_HI_MULT divided out of the scale and multiplied into the
-    //    zero point. Rows past the step's end load nothing and multiply x = 0.
-    constexpr int KSTEPS = UNROLL / 16;
-    float gacc[16][4], acc[16][4];
-#pragma unroll
-    for (int t = 0; t < 16; ++t)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) { gacc[t][c] = 0.0f; acc[t][c] = 0.0f; }
-    float xs = 0.0f;  // sum of input row g8's x over the current group's listed rows (every lane of group g8)
-    auto fold_group = [&]() {
-        const float x0 = __shfl_sync(0xffffffffu, xs, 8 * q4);      // input row 2 q4: lane group 2 q4
-        const float x1 = __shfl_sync(0xffffffffu, xs, 8 * q4 + 4);  // input row 2 q4 + 1
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-            float sv[8], zv[8];
-            unpack_vector(sv, s_cur[v]);
-            unpack_vector(zv, z_cur[v]);
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int t = 4 * v + e;  // columns 2t = 8v + 2e (low nibbles) and 2t + 1 (high)
-                const float sa = sv[2 * e], za = -(zv[2 * e] + Q4_BIAS);
-                const float sb = sv[2 * e + 1] * (1.0f / Q4_HI_MULT), zb = -fmaf(Q4_HI_MULT, zv[2 * e + 1], Q4_BIAS);
-                acc[t][0] = fmaf(sa, fmaf(za, x0, gacc[t][0]), acc[t][0]);
-                acc[t][2] = fmaf(sb, fmaf(zb, x0, gacc[t][2]), acc[t][2]);
-                if (BATCH > 1) {
-                    acc[t][1] = fmaf(sa, fmaf(za, x1, gacc[t][1]), acc[t][1]);
-                    acc[t][3] = fmaf(sb, fmaf(zb, x1, gacc[t][3]), acc[t][3]);
-                }
-#pragma unroll
-                for (int c = 0; c < 4; ++c) gacc[t][c] = 0.0f;
-            }
-        }
-        xs = 0.0f;
-    };
-    for (int i = 0; i < count;) {
-        const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
-        if (g != group) enter_group<4>(g, group, row_hi, s_cur, z_cur, s_nxt, z_nxt, fold_group, load_group);
-        const int mine_at = i + lane;
-        const bool mine = lane < UNROLL && mine_at < count && list_idx[mine_at] < (g + 1) * GROUP;
-        const int n = __popc(__ballot_sync(0xffffffffu, mine));  // rows in this step, 1..UNROLL
-        vec_u32x4 tile[KSTEPS][4];
-        float xv[KSTEPS][4];
-#pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {  // every load of the step issued before any product
-            if (ks > 0 && n <= 16 * ks) break;  // the same in every lane
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int at = 16 * ks + 2 * q4 + (j & 1) + 8 * (j >> 1);
-                const bool live = at < n;
-                const int r = live ? list_idx[i + at] : 0;
-                tile[ks][j] = load_stream(reinterpret_cast<const elem_t*>(wcol + (long long)r * stride_w), live && col_ok);
-                xv[ks][j] = (live && g8 < BATCH) ? list_val[(i + at) * BATCH + g8] : 0.0f;
-            }
-        }
-        float xl = 0.0f;  // this step's sum of input row g8's x: the lane's rows, then its group's four lanes
-#pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            if (ks > 0 && n <= 16 * ks) break;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) xl += xv[ks][j];
-        }
-        xl += __shfl_xor_sync(0xffffffffu, xl, 1);
-        xl += __shfl_xor_sync(0xffffffffu, xl, 2);
-        xs += xl;
-#pragma unroll
-        for (int ks = 0; ks < KSTEPS; ++ks) {
-            if (ks > 0 && n <= 16 * ks) break;
-            const unsigned b0 = pack_pair(xv[ks][0], xv[ks][1]);
-            const unsigned b1 = pack_pair(xv[ks][2], xv[ks][3]);
-            const unsigned u0[4] = {tile[ks][0].x, tile[ks][0].y, tile[ks][0].z, tile[ks][0].w};
-            const unsigned u1[4] = {tile[ks][1].x, tile[ks][1].y, tile[ks][1].z, tile[ks][1].w};
-            const unsigned u2[4] = {tile[ks][2].x, tile[ks][2].y, tile[ks][2].z, tile[ks][2].w};
-            const unsigned u3[4] = {tile[ks][3].x, tile[ks][3].y, tile[ks][3].z, tile[ks][3].w};
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-                    const unsigned p01 = __byte_perm(u0[e], u1[e], h ? Q4_PAIR_HI : Q4_PAIR_LO);
-                    const unsigned p23 = __byte_perm(u2[e], u3[e], h ? Q4_PAIR_HI : Q4_PAIR_LO);
-#pragma unroll
-                    for (int b = 0; b < 2; ++b) {
-                        const int t = 4 * e + 2 * h + b;  // code byte t: columns 2t, 2t + 1
-                        mma_16816(gacc[t], q4_low_nibbles(p01, b), q4_high_nibbles(p01, b), q4_low_nibbles(p23, b),
-                                  q4_high_nibbles(p23, b), b0, b1);
-                    }
-                }
-        }
-        i += n;
-    }
-    fold_group();
-#elif MMA
+#if MMA
     // 2'. Stream the listed rows 16 per step into tensor-core products (see MMA above). Fragment of slot s,
     //     pair p: A rows (output columns) g and g + 8 are the lane's columns 2p and 2p + 1; k 2q, 2q+1 are
     //     its rows 0, 1 and k 2q+8, 2q+9 its rows 2, 3; B column g is input row g (zero when g >= BATCH);
@@ -955,19 +750,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     STAMP_PROGRAM(STAMP_MET);
     float* sums = reinterpret_cast<float*>(smem);                             // [WARPS][BATCH][BLOCK_N]
     float* partial = reinterpret_cast<float*>(smem) + WARPS * BATCH * BLOCK_N;  // [BATCH][BLOCK_N]
-#if Q4MMA
-#pragma unroll
-    for (int t = 0; t < 16; ++t)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const int b = 2 * q4 + h;
-            if (h < BATCH && b < BATCH) {
-                float* dst = sums + (warp * BATCH + b) * BLOCK_N + g8 * 32 + 2 * t;
-                dst[0] = acc[t][h];
-                dst[1] = acc[t][2 + h];
-            }
-        }
-#elif MMA
+#if MMA
 #pragma unroll
     for (int sl = 0; sl < SLOTS; ++sl)
 #pragma unroll

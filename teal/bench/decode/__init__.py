@@ -190,8 +190,6 @@ def run(
 
     data["copy_bandwidth_Bps"] = bw = copy_bandwidth(device_t)
     data["programmatic_dependent_launch"] = _pdl_mode(device_t)
-    data["cuda_balanced_listing"] = _cuda_balanced()
-    data["quant_int4_loop"] = _int4_loop()
     log(f"copy bandwidth {bw / 1e12:.3f} TB/s on {data['device']}")
 
     # 1. engine straight from process start: build, compile + capture, first token
@@ -524,26 +522,6 @@ def _pdl_mode(device: torch.device) -> int | None:
     except ImportError:  # pragma: no cover - depends on the install
         return None
     return pdl_mode(device)
-
-
-def _int4_loop() -> str | None:
-    """The CUDA C++ kernel's int4 inner product, "fma" or "mma" (``$TEAL_QUANT_INT4_LOOP``), None without
-    teal.kernels."""
-    try:
-        from teal.kernels.quant_gemv import int4_loop_choice
-    except ImportError:  # pragma: no cover - depends on the install
-        return None
-    return int4_loop_choice()
-
-
-def _cuda_balanced() -> bool | None:
-    """Whether the CUDA C++ kernel's FMA-loop calls run its balanced-listing build (``$TEAL_CUDA_BALANCED``, a
-    measuring switch; ``teal.kernels.ops.cuda_balanced``), None without teal.kernels."""
-    try:
-        from teal.kernels.ops import cuda_balanced_requested
-    except ImportError:  # pragma: no cover - depends on the install
-        return None
-    return cuda_balanced_requested()
 
 
 def _sync(device: torch.device) -> None:

@@ -576,16 +576,16 @@ def run(
             table_out)
     quant_formats = [w for w in weights if w != "bf16"]
     if quant_formats:
-        from teal.bench import quant_kernels
+        from teal.bench import quant_kernels as quant_bench
 
         deadline = None if time_budget_s is None else t_start + time_budget_s
-        data["quant_results"] = quant_kernels.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
-                                                        copy_bw, torch_dtype, console, deadline,
-                                                        quant_method=quant_method, kernel_names=quant_kernels)
-        data["quant_targets"] = quant_kernels.quant_targets(data["quant_results"])
-        quant_kernels.print_quant(data["quant_results"], console)
+        data["quant_results"] = quant_bench.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
+                                                      copy_bw, torch_dtype, console, deadline,
+                                                      quant_method=quant_method, kernel_names=quant_kernels)
+        data["quant_targets"] = quant_bench.quant_targets(data["quant_results"])
+        quant_bench.print_quant(data["quant_results"], console)
         bad = [t for t in data["quant_targets"] if not t["ok"]]
-        console.print(f"quantized kernel within {quant_kernels.REL_ERR_BOUND:g} of float64: "
+        console.print(f"quantized kernel within {quant_bench.REL_ERR_BOUND:g} of float64: "
                       f"{len(data['quant_targets']) - len(bad)}/{len(data['quant_targets'])}")
     # Copy bandwidth again at the end; ratios use the higher of the two readings.
     copy_end = measure_copy_bandwidth()
