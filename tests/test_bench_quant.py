@@ -53,8 +53,8 @@ def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args
     (["--weights", "int3"], "--weights takes a comma list of bf16, int8, int4"),
     (["--weights", "int4", "--group-size", "100"], "the int4 group size must be one of 32, 64, 128"),
     (["--weights", "int8,int4", "--group-size", "32"], "runs on a CUDA GPU"),  # parsed
-    (["--weights", "int4", "--quant-kernels", "cuda-wmma"], "--quant-kernels takes a comma list of cuda, cuda-fma"),
-    (["--weights", "int4", "--quant-kernels", "cuda-mma,triton"], "runs on a CUDA GPU"),  # parsed
+    (["--weights", "int4", "--quant-kernels", "cuda-mma"], "--quant-kernels takes a comma list of cuda, triton"),
+    (["--weights", "int4", "--quant-kernels", "cuda,triton"], "runs on a CUDA GPU"),  # parsed
 ])
 def test_bench_kernels_weights_option(args, message):
     _no_gpu()
@@ -179,10 +179,40 @@ def test_decode_check_references_share_the_engines_prefill(monkeypatch):
     assert all(rows == quant_gemv.MAX_BATCH for _, rows in entered), entered
 
 
+def test_decode_check_twin_takes_the_engines_quant_method(monkeypatch):
+    """`check_quantized` on an hqq engine quantizes its shallow twin by hqq too (the codes being timed): the
+    twin's codes are the hqq codes of its own weights, which differ from their rtn codes."""
+    pytest.importorskip("hqq", reason="the hqq package (extra [quant]) provides --quant-method hqq")
+    from teal.bench.quant_decode import check_quantized
+    from teal.engine import engine_random
+    from teal.engine.model import Engine
+    from teal.quant import quantize
+
+    engine = engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=128)
+    engine.quantize_weights("int4", 32, "hqq")
+    assert engine.quant_method == "hqq"
+    original, twins = Engine.quantize_weights, []
+
+    def spy(self, weights, group_size=128, method="rtn"):
+        self.to_layout(True)  # as quantize_weights does first: the [K, N] weight the codes are of
+        w = self.layers[0].qkv.clone()
+        original(self, weights, group_size, method)
+        twins.append((self, w))
+
+    monkeypatch.setattr(Engine, "quantize_weights", spy)
+    res = check_quantized(engine, steps=8)
+    assert res["passed"], res
+    (twin, w), = twins
+    assert (twin.weight_format, twin.group_size, twin.quant_method) == ("int4", 32, "hqq")
+    hqq, rtn = quantize(w, "int4", 32, "hqq"), quantize(w, "int4", 32, "rtn")
+    assert torch.equal(twin.layers[0].qkv, hqq.codes) and not torch.equal(hqq.codes, rtn.codes)
+    assert torch.equal(twin.quant_params[0]["qkv"][0], hqq.scales)
+
+
 def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, monkeypatch):
     from teal.bench import decode
 
-    for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH", "TEAL_QUANT_INT4_LOOP"):  # the defaults, in the JSON
+    for var in ("TEAL_QUANT_KERNEL", "TEAL_QUANT_LARGE_BATCH"):  # the defaults, in the JSON
         monkeypatch.delenv(var, raising=False)
 
     path = tmp_path / "decode.json"
@@ -206,8 +236,7 @@ def test_bench_decode_quantized_rows_carry_weights_and_their_bytes(tmp_path, mon
         for r in mine.values():  # one prefill: every projection group of every layer on the large-batch path
             assert list(r["prefill_quant_kernel_calls"]) == ["dequant-matmul"]
             assert r["prefill_quant_kernel_calls"]["dequant-matmul"] % 4 == 0, r["prefill_quant_kernel_calls"]
-    assert saved["quant_dispatch"] == {"TEAL_QUANT_KERNEL": "auto", "TEAL_QUANT_LARGE_BATCH": "dequant-matmul",
-                                       "TEAL_QUANT_INT4_LOOP": "fma"}
+    assert saved["quant_dispatch"] == {"TEAL_QUANT_KERNEL": "auto", "TEAL_QUANT_LARGE_BATCH": "dequant-matmul"}
     bf16 = next(r for r in saved["results"] if r["weights"] == "bf16" and r["sparsity"] == 0)
     i4 = next(r for r in saved["results"] if r["weights"] == "int4" and r["sparsity"] == 0)
     assert i4["bytes_per_token"] < bf16["bytes_per_token"]
@@ -265,6 +294,49 @@ def test_torchao_row_records_a_missing_package_and_a_failure_in_one_line(monkeyp
     assert row["config"] == "Int8WeightOnlyConfig()" and "tokens_per_s" not in row
 
 
+def test_torchao_int4_config_takes_the_runs_group_size(monkeypatch):
+    """torchao's int4 baseline is built at the run's group size (32, 64 or 128), and the row's `config` text
+    names what was built; `run_quantized` passes its group size on."""
+    from teal.bench import quant_decode
+
+    assert quant_decode.torchao_config("int4", 64) == ("Int4WeightOnlyConfig", {
+        "group_size": 64, "int4_packing_format": "tile_packed_to_4d"})
+    assert quant_decode.torchao_config_text("int4", 128) == (
+        "Int4WeightOnlyConfig(group_size=128, int4_packing_format='tile_packed_to_4d')")
+    assert quant_decode.torchao_config_text("int8", 32) == "Int8WeightOnlyConfig()"
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quant_decode.torchao_config("int4", 48)
+
+    built = []
+    fake = types.ModuleType("torchao")
+    fake.__version__ = "0.18.0"
+    quantization = types.ModuleType("torchao.quantization")
+    quantization.quantize_ = lambda model, config, filter_fn=None: built.append(config)
+    quantization.Int4WeightOnlyConfig = lambda **kw: ("int4", kw)
+    quantization.Int8WeightOnlyConfig = lambda **kw: ("int8", kw)
+    fake.quantization = quantization
+    monkeypatch.setitem(sys.modules, "torchao", fake)
+    monkeypatch.setitem(sys.modules, "torchao.quantization", quantization)
+    monkeypatch.setattr(quant_decode, "hf_decode_rate", lambda *a: {"tokens_per_s": 1.0})
+    for group in (32, 64, 128):
+        row = quant_decode.torchao_decode_rate(torch.nn.Linear(2, 2), "int4", torch.arange(4), 4, 1, group)
+        assert built[-1] == ("int4", {"group_size": group, "int4_packing_format": "tile_packed_to_4d"})
+        assert row["config"] == quant_decode.torchao_config_text("int4", group) and row["group_size"] == group
+        assert f"group_size={group}," in row["config"]
+
+    seen = []
+    monkeypatch.setattr(quant_decode, "torchao_decode_rate", lambda hf, w, ids, n, r, g=128: seen.append((w, g)) or {})
+    monkeypatch.setattr(quant_decode, "check_quantized", lambda engine, source: {"passed": False})
+    from teal.engine.loading import engine_random
+
+    data = {"checks": {}, "errors": [], "results": [], "baselines": {}, "model_info": {}}
+    quant_decode.run_quantized(
+        data, "int4", 64, lambda: engine_random("tiny-llama", dtype=torch.float32, device="cpu", max_seq_len=64),
+        lambda engine: None, lambda: None, torch.arange(1, 9), (0.5,), ("eager",), 2, 1, 1e12, 16.0, None, True,
+        float("inf"), lambda name, fn: fn(), log=lambda _: None)
+    assert seen == [("int4", 64)]
+
+
 def test_quant_targets_met_and_missed():
     from teal.bench.quant_decode import quant_targets
 
@@ -316,30 +388,23 @@ def test_bench_cli_weight_choices_match_teal_quant():
 
 
 def test_kernel_bench_rows_are_cuda_then_triton():
-    """One CUDA row per format where the device runs the CUDA kernel (int4: one per inner product, FMA and
-    tensor cores, whatever the environment says), then Triton; without it only Triton."""
+    """One CUDA row per format where the device runs the CUDA kernel, then Triton; without it only Triton."""
     from teal.bench.quant_kernels import kernels_for
     from teal.kernels.quant_gemv import quant_sparse_linear_cuda, quant_sparse_linear_triton
 
     assert kernels_for(True) == [("cuda", quant_sparse_linear_cuda), ("triton", quant_sparse_linear_triton)]
     assert kernels_for(False) == [("triton", quant_sparse_linear_triton)]
-    assert kernels_for(False, "int4") == [("triton", quant_sparse_linear_triton)]
-    int4 = kernels_for(True, "int4")
-    assert [name for name, _ in int4] == ["cuda-fma", "cuda-mma", "triton"]
-    assert [(k.func, k.keywords) for _, k in int4[:2]] == [(quant_sparse_linear_cuda, {"int4_loop": "fma"}),
-                                                           (quant_sparse_linear_cuda, {"int4_loop": "mma"})]
 
 
 def test_quant_kernel_selection():
-    """`--quant-kernels` picks rows by name; "cuda" takes every CUDA row (int4's two loops), None every row."""
+    """`--quant-kernels` picks rows by name, None every row."""
     from teal.bench.quant_kernels import kernels_for, selected
 
-    int4 = kernels_for(True, "int4")
-    assert selected(int4, None) == int4
-    assert [n for n, _ in selected(int4, ["cuda"])] == ["cuda-fma", "cuda-mma"]
-    assert [n for n, _ in selected(int4, ["cuda-mma", "triton"])] == ["cuda-mma", "triton"]
-    assert [n for n, _ in selected(kernels_for(True, "int8"), ["cuda"])] == ["cuda"]
-    assert selected(kernels_for(True, "int8"), ["cuda-mma"]) == []
+    rows = kernels_for(True)
+    assert selected(rows, None) == rows
+    assert [n for n, _ in selected(rows, ["cuda"])] == ["cuda"]
+    assert [n for n, _ in selected(rows, ["triton"])] == ["triton"]
+    assert selected(kernels_for(False), ["cuda"]) == []
 
 
 def test_bench_kernels_run_keeps_its_arguments():

@@ -82,7 +82,7 @@ def test_int4_zero_point_is_asymmetric():
 
 
 @interpreted
-@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("fmt,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99])
 def test_triton_matches_float64(fmt, group, batch, sparsity):
@@ -210,6 +210,24 @@ def test_quantize_weights_refuses_twice_and_bad_formats():
         quantize_weights(_tiny_llama(), "fp4")
 
 
+def test_top_level_quantize_weights_quantizes_int4_projections():
+    """`teal.quantize_weights` (the package's export) swaps every projection for int4 codes at the group size
+    asked for; lm_head stays dense."""
+    import teal
+    from teal.quant import QuantLinear
+
+    model = _tiny_llama(3)
+    w = model.model.layers[1].mlp.down_proj.weight.detach().clone()  # [64, 128]: K = 128, one full group
+    assert teal.quantize_weights(model, "int4", group_size=128) is model
+    down = model.model.layers[1].mlp.down_proj
+    assert isinstance(down, QuantLinear) and (down.format, down.group_size) == ("int4", 128)
+    assert down.qweight.codes.dtype == torch.uint8 and down.qweight.scales.shape == (1, 64)
+    assert torch.equal(down.weight, dequantize(quantize(w.t(), "int4", 128), torch.float32).t())
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert not isinstance(model.lm_head, QuantLinear)
+    assert (model.teal_weights["format"], model.teal_weights["group_size"]) == ("int4", 128)
+
+
 def test_hqq_lowers_the_int4_weight_error_against_rtn():
     pytest.importorskip("hqq", reason="the hqq package (extra [quant]) provides the optimiser")
     gen = torch.Generator().manual_seed(5)
@@ -276,37 +294,182 @@ def test_cli_weights_int4_calibrate_eval_and_mismatch_warning(tiny_model_dir):
     assert r.exit_code == 2 and "group size must be 32, 64 or 128" in r.output
 
 
-def _kernel_decode(word_bytes: torch.Tensor, fmt: str) -> torch.Tensor:
-    """The CUDA kernel's code decode (``sparse_gemv.cu``'s ``decode_codes``) emulated bit for bit: a byte
-    under the exponent bits 0x4B as fp32 is 2^23 + byte; int8 first flips each byte's sign bit."""
-    b = word_bytes.to(torch.int32) & 0xFF
-    if fmt == "int8":
-        biased = (b ^ 0x80) | 0x4B000000
-        return biased.view(torch.float32) - 8388736.0
-    lo, hi = (b & 0x0F) | 0x4B000000, ((b >> 4) & 0x0F) | 0x4B000000
-    return torch.stack([lo.view(torch.float32), hi.view(torch.float32)], dim=-1).flatten(-2) - 8388608.0
+@pytest.mark.parametrize("args", [
+    ("calibrate", "{model}", "-o", "{root}/never", "--weights", "int8", "--group-size", "64"),
+    ("allocate", "{model}", "{root}/never", "--weights", "bf16", "--group-size", "32"),
+    ("generate", "{model}", "--engine", "--weights", "int8", "--group-size", "128"),
+    ("generate", "{model}", "--group-size", "64"),  # bf16 by default
+    ("eval", "ppl", "{model}", "--sparsity", "0", "--weights", "int8", "--group-size", "32"),
+    ("eval", "tasks", "{model}", "--sparsity", "0", "--weights", "bf16", "--group-size", "64"),
+    ("chat", "{model}", "--weights", "int8", "--group-size", "64"),
+    ("serve", "{model}", "--weights", "bf16", "--group-size", "64"),
+    ("bench", "decode", "--device", "cpu", "--weights", "bf16,int8", "--group-size", "64"),
+    ("bench", "kernels", "--weights", "int8", "--group-size", "32"),
+])
+def test_cli_group_size_without_int4_is_one_line(args, tiny_model_dir, monkeypatch, capsys):
+    """An explicit --group-size with a format that has no groups (bf16, int8) is refused in one line (exit code 2)
+    that names the fix, before any model is loaded, instead of being silently ignored."""
+    import teal.bench.decode
+    import teal.models
+    from teal.cli import main
+    from teal.engine.generator import Generator
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before --group-size was checked")
+
+    monkeypatch.setattr(teal.models, "load_model", no_work)
+    monkeypatch.setattr(Generator, "from_pretrained", no_work)
+    monkeypatch.setattr(teal.bench.decode, "run", no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(model=tiny_model_dir / "model", root=tiny_model_dir) for a in args])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "--group-size applies to --weights int4 only" in err and "drop --group-size" in err, err
+    assert not (tiny_model_dir / "never").exists()
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_cuda_kernel_decode_and_group_fold_reproduce_dequantize(fmt):
-    """The CUDA kernel's arithmetic, emulated: codes decoded by byte permutes, int8 scaled after the sum, int4
-    summed per group as x*q and x, folded as scale * (sum_xq - zero * sum_x), equals x @ dequantize."""
+def test_cli_group_size_defaults_to_128_for_int4_and_eval_json_records_the_weights(tiny_model_dir, quant_calls,
+                                                                                 tmp_path, monkeypatch):
+    """Without --group-size, int4 is quantized at group 128 (as before the option's default became unset); eval
+    ppl and eval tasks --json record `weights`, `group_size` (int4 only) and `quant_method` (None for bf16)."""
+    import json
+
+    import teal.bench.decode
+
+    root = tiny_model_dir
+    data = ("--data", f"file:{root / 'text.txt'}", "--seq-len", 64)
+    task = tmp_path / "words.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"w{i} w{i + 1}", "choices": [f"w{i + 2}", f"w{i + 7}"],
+                                          "gold": i % 2}) for i in range(4)) + "\n")
+    for weights, extra, expected in (("int4", (), ("int4", 128, "rtn")),
+                                     ("int4", ("--group-size", 32), ("int4", 32, "rtn")),
+                                     ("int8", (), ("int8", None, "rtn")), ("bf16", (), ("bf16", None, None))):
+        quant_calls.clear()
+        js = tmp_path / f"ppl-{weights}.json"
+        r = _cli("eval", "ppl", root / "model", "--sparsity", "0", "--tokens", 64, *data, "--weights", weights,
+                 *extra, "--json", js)
+        assert r.exit_code == 0, r.output
+        saved = json.loads(js.read_text())
+        assert (saved["weights"], saved["group_size"], saved["quant_method"]) == expected, saved
+        assert quant_calls == ([] if weights == "bf16" else [("hf", weights, expected[1] or 128, "rtn")])
+        js = tmp_path / f"tasks-{weights}.json"
+        r = _cli("eval", "tasks", root / "model", "--sparsity", "0", "--tasks", f"file:{task}", "--weights", weights,
+                 *extra, "--json", js)
+        assert r.exit_code == 0, r.output
+        saved = json.loads(js.read_text())
+        assert (saved["weights"], saved["group_size"], saved["quant_method"]) == expected, saved
+    runs = []
+    monkeypatch.setattr(teal.bench.decode, "run", lambda **kw: runs.append(kw))
+    r = _cli("bench", "decode", "--device", "cpu", "--shape", "tiny-llama", "--weights", "bf16,int4")
+    assert r.exit_code == 0, r.output
+    assert runs[-1]["group_size"] == 128 and runs[-1]["weights"] == ["bf16", "int4"]
+
+
+@pytest.mark.parametrize("var,value", [("TEAL_QUANT_LARGE_BATCH", "default"), ("TEAL_QUANT_KERNEL", "fast")])
+def test_cli_bad_quant_env_switch_is_one_line_before_any_work(var, value, tiny_model_dir, monkeypatch, capsys):
+    """A bad $TEAL_QUANT_LARGE_BATCH / $TEAL_QUANT_KERNEL is one line (exit code 2) naming the variable, before any
+    work, in `teal bench decode` with a quantized format (it used to time the bf16 rows, then raise a traceback
+    when the quantized rows started) and in `teal generate --engine` with quantized weights; bf16-only runs never
+    read it."""
+    import teal.bench.decode
+    import teal.models
+    from teal.cli import main
+    from teal.engine.generator import Generator
+
+    def no_work(*a, **k):
+        raise AssertionError(f"work started before ${var} was checked")
+
+    monkeypatch.setenv(var, value)
+    monkeypatch.setattr(teal.models, "load_model", no_work)
+    monkeypatch.setattr(Generator, "from_pretrained", no_work)
+    monkeypatch.setattr(teal.bench.decode, "run", no_work)
+    model = str(tiny_model_dir / "model")
+    for argv in (["bench", "decode", "--device", "cpu", "--shape", "tiny-llama", "--weights", "bf16,int4"],
+                 ["bench", "decode", "--device", "cpu", "--shape", "tiny-llama", "--weights", "int8"],
+                 ["generate", model, "--engine", "--weights", "int4", "--device", "cpu"],
+                 ["serve", model, "--weights", "int8", "--device", "cpu"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, (argv, err)
+        assert f"${var} must be" in err and repr(value) in err and "unset it" in err, (argv, err)
+    runs = []
+    monkeypatch.setattr(teal.bench.decode, "run", lambda **kw: runs.append(kw))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "decode", "--device", "cpu", "--shape", "tiny-llama", "--weights", "bf16"])
+    assert exit_info.value.code == 0 and len(runs) == 1
+
+
+def _int8_decode_from_source(src: str):
+    """The int8 decode as ``sparse_gemv.cu`` writes it (``decode_codes`` and ``biased_byte``), read off the source:
+    the mask each word is XORed with, the exponent constant and selector of the byte permute, the constant
+    subtracted, the words per lane vector and which output each byte feeds. Returns decode(words int64
+    [.., words per vector]) -> float32 [.., 4 * words per vector]."""
+    import re
+
+    def body(signature: str) -> str:
+        text = src[src.index(signature):]
+        return text[:text.index("\n}\n")]
+
+    perm = re.search(r"__byte_perm\(word, (0x[0-9A-Fa-f]+)u, (0x[0-9A-Fa-f]+) \| j\)", body("float biased_byte("))
+    exp, select = int(perm.group(1), 16), int(perm.group(2), 16)
+    codes = body("void decode_codes(")
+    flip = int(re.search(r"v\.u\[w\] \^ (0x[0-9A-Fa-f]+)u", codes).group(1), 16)
+    words = int(re.search(r"for \(int w = 0; w < (\d+); \+\+w\)", codes).group(1))
+    out = re.search(r"out\[([^\]]+)\] = biased_byte\(biased, j\) - ([0-9.]+)f;", codes)
+    index, offset = out.group(1), torch.tensor(float(out.group(2)), dtype=torch.float32)
+
+    def decode(vecs: torch.Tensor) -> torch.Tensor:
+        res: dict[int, torch.Tensor] = {}
+        for w in range(words):
+            biased = vecs[..., w] ^ flip
+            for j in range(4):
+                bits = _byte_perm(biased, exp, select | j).to(torch.int32).view(torch.float32)
+                res[eval(index, {}, {"w": w, "j": j})] = bits - offset  # the C index expression, e.g. 4 * w + j
+        assert sorted(res) == list(range(4 * words)), sorted(res)
+        return torch.stack([res[i] for i in range(4 * words)], dim=-1)
+
+    return decode, words
+
+
+_INT8_FAULTS = {
+    "sign bit not flipped": ("v.u[w] ^ 0x80808080u", "v.u[w] ^ 0x00000000u"),
+    "wrong bias subtracted": ("biased_byte(biased, j) - 8388736.0f", "biased_byte(biased, j) - 8388608.0f"),
+    "wrong exponent bits": ("__byte_perm(word, 0x4B000000u, 0x7540 | j)", "__byte_perm(word, 0x4A000000u, 0x7540 | j)"),
+    "wrong byte selected": ("__byte_perm(word, 0x4B000000u, 0x7540 | j)", "__byte_perm(word, 0x4B000000u, 0x7541 | j)"),
+    "bytes reversed": ("out[4 * w + j] = biased_byte", "out[4 * w + 3 - j] = biased_byte"),
+}
+
+
+@pytest.mark.parametrize("fault", [None, *_INT8_FAULTS])
+def test_int8_decode_emulated_from_the_source_reproduces_dequantize(fault):
+    """The CUDA kernel's int8 decode (``sparse_gemv.cu``'s ``decode_codes``, WFMT 1) emulated from its own source
+    text: every byte 0..255 at every position of a lane's vector decodes bit-exactly to its signed code, and the
+    codes summed as x * q, then scaled per column (the int8 loop's fold), give x @ dequantize. Each fault injected
+    into the source breaks it. (The int4 loop: `test_int4_decode_emulated_from_the_source_reproduces_dequantize`.)"""
+    from teal.kernels import cuda
+
+    src = cuda.source()
+    if fault is not None:
+        old, new = _INT8_FAULTS[fault]
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    decode, words = _int8_decode_from_source(src)
+    per_vec = 4 * words
+    # every byte at every position: vector v holds byte (v + p) % 256 at position p
+    byte = (torch.arange(256)[:, None] + torch.arange(per_vec)[None, :]) % 256
+    vecs = torch.stack([sum(byte[:, 4 * w + i] << (8 * i) for i in range(4)) for w in range(words)], dim=-1)
+    exact = torch.equal(decode(vecs), byte.to(torch.uint8).view(torch.int8).float())
     gen = torch.Generator().manual_seed(3)
-    k, n, group = 96, 16, 32
-    qw = quantize(torch.randn(k, n, generator=gen), fmt, group_size=group)
+    k, n = 96, 4 * per_vec
+    qw = quantize(torch.randn(k, n, generator=gen), "int8")
+    b = qw.codes.view(torch.uint8).to(torch.int64).reshape(k, n // 4, 4)
+    q = decode((b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24).reshape(k, -1, words)).reshape(k, n)
     x = torch.randn(k, generator=gen, dtype=torch.float64)
-    q = _kernel_decode(qw.codes.view(torch.uint8) if fmt == "int8" else qw.codes, fmt).double()
-    if fmt == "int8":
-        assert torch.equal(q, qw.codes.double())
-        y = (x @ q) * qw.scales.double()
-    else:
-        y = torch.zeros(n, dtype=torch.float64)
-        for g in range(k // group):
-            rows = slice(g * group, (g + 1) * group)
-            gsum, xsum = x[rows] @ q[rows], x[rows].sum()
-            y += qw.scales[g].double() * (gsum - qw.zeros[g].double() * xsum)
+    y = (x @ q.double()) * qw.scales.double()  # the int8 loop: fp32 sums of x * q, then the column's scale
     ref = x @ qw.dequantize(torch.float64)
-    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)  # dequantize multiplies in fp32
+    err = float((y - ref).norm() / ref.norm())
+    assert (exact and err <= 1e-6) == (fault is None), (fault, exact, err)
 
 
 def test_quant_op_compiles_whole_and_a_bad_kernel_choice_is_named(monkeypatch):
@@ -431,139 +594,6 @@ def test_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
         errors.append(float((y.double() - ref).norm() / ref.norm()))
     ok = exact and max(errors) <= 2e-5
     assert ok == (fault is None), (fault, exact, errors)
-
-
-# ------------------------------------------------- the CUDA kernel's int4 tensor-core loop (Q4MMA), emulated
-def _q4mma_constants(src: str, elem: int) -> dict[str, float]:
-    """The Q4MMA decode's constants as ``sparse_gemv.cu`` defines them for ``elem`` (0 bf16, 1 fp16): the
-    element type's branch of the ``#if ELEM == 0`` block inside ``#if Q4MMA``, then the shared ones."""
-    import re
-
-    block = src[src.index("#if Q4MMA\n// The int4 tensor-core decode"):]
-    block = block[:block.index("__device__")]
-    first, rest = block.split("#if ELEM == 0\n", 1)[1].split("#else\n", 1)
-    second, shared = rest.split("#endif\n", 1)
-    values = {}
-    for text in (first if elem == 0 else second, shared):
-        for name, value in re.findall(r"#define (Q4_\w+) (\S+)", text):
-            v = value.rstrip("uf")
-            values[name] = int(v, 16) if v.startswith("0x") else float(v)
-    return values
-
-
-def _halves(reg: torch.Tensor, elem: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two 16-bit values (low, high) of fragment registers, as float64."""
-    dtype = torch.bfloat16 if elem == 0 else torch.float16
-    def as16(bits: torch.Tensor) -> torch.Tensor:
-        return torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(dtype).double()
-
-    return as16(reg & 0xFFFF), as16((reg >> 16) & 0xFFFF)
-
-
-def _q4mma_matvec(c: dict[str, float], elem: int, qw, x: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
-    """y = x[listed] @ w[listed] the tensor-core loop's way: per lane group (32 columns, 16 code bytes per row)
-    and k-step (16 listed rows of one group: a step never crosses a group), lane q4's rows 2q4, 2q4+1, 2q4+8,
-    2q4+9 give their words; mma t takes A rows (columns 2t, 2t+1) as the source's permutes and masks build them;
-    C = A x in float64 (the tensor cores' fp32 sums are not emulated), folded per group with the source's bias and
-    high-nibble multiple."""
-    k, n = qw.shape
-    codes = qw.codes.to(torch.int64)
-    words = codes[:, 0::4] | (codes[:, 1::4] << 8) | (codes[:, 2::4] << 16) | (codes[:, 3::4] << 24)  # [K, N/8]
-    xd = x.double()
-    y = torch.zeros(n, dtype=torch.float64)
-    lo_of = lambda p, b: ((p >> (8 * b)) & c["Q4_LO_MASK"]) | c["Q4_MAGIC"]  # noqa: E731
-    hi_of = lambda p, b: ((p >> (8 * b + int(c["Q4_HI_SHIFT"]))) & c["Q4_HI_MASK"]) | c["Q4_MAGIC"]  # noqa: E731
-    groups = listed // qw.group_size
-    for g in groups.unique().tolist():
-        rows = listed[groups == g]
-        gacc = torch.zeros(n, dtype=torch.float64)
-        for start in range(0, len(rows), 16):
-            step = rows[start:start + 16]
-            live = torch.arange(16) < len(step)
-            r = torch.where(live, torch.cat([step, step.new_zeros(16 - len(step))]), 0)
-            w16 = torch.where(live[:, None], words[r], 0)  # [16 rows of the k-step, N/8 words]
-            xk = torch.where(live, xd[r], 0.0)
-            for q4 in range(4):
-                at = [2 * q4, 2 * q4 + 1, 2 * q4 + 8, 2 * q4 + 9]
-                for lg in range(n // 32):
-                    for e in range(4):
-                        u = [w16[a, 4 * lg + e] for a in at]
-                        for h in range(2):
-                            sel = int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"])
-                            p01, p23 = _byte_perm(u[0], u[1], sel), _byte_perm(u[2], u[3], sel)
-                            for b in range(2):
-                                t = 4 * e + 2 * h + b
-                                col = 32 * lg + 2 * t
-                                for reg, kk, cc in ((lo_of(p01, b), at[:2], col), (hi_of(p01, b), at[:2], col + 1),
-                                                    (lo_of(p23, b), at[2:], col), (hi_of(p23, b), at[2:], col + 1)):
-                                    v_lo, v_hi = _halves(reg, elem)
-                                    gacc[cc] += v_lo * xk[kk[0]] + v_hi * xk[kk[1]]
-        xsum = xd[rows].sum()
-        s, z = qw.scales[g].double(), qw.zeros[g].double()
-        mult = torch.where(torch.arange(n) % 2 == 1, c["Q4_HI_MULT"], 1.0).double()
-        y += (s / mult) * (gacc - (c["Q4_BIAS"] + mult * z) * xsum)
-    return y
-
-
-_Q4MMA_FAULTS = {
-    "row pairs from the wrong bytes": ("#define Q4_PAIR_HI 0x7632", "#define Q4_PAIR_HI 0x5410"),
-    "high nibble not shifted for bf16": ("#define Q4_HI_SHIFT 1", "#define Q4_HI_SHIFT 0"),
-    "high nibble multiple wrong": ("#define Q4_HI_MULT 8.0f", "#define Q4_HI_MULT 16.0f"),
-    "bias not the magic's value": ("#define Q4_BIAS 128.0f", "#define Q4_BIAS 0.0f"),
-    "low mask takes a high bit": ("#define Q4_LO_MASK 0x000F000Fu", "#define Q4_LO_MASK 0x001F001Fu"),
-}
-
-
-@pytest.mark.parametrize("elem", [0, 1])
-@pytest.mark.parametrize("fault", [None, *_Q4MMA_FAULTS])
-def test_int4_tensor_core_loop_emulated_from_the_source(fault, elem):
-    """The int4 tensor-core loop (``sparse_gemv.cu``'s Q4MMA) emulated from its own source: every code at every
-    nibble position decodes exactly to bias + q (low nibbles) or bias + multiple * q (high), and the fragments
-    the permutes build, multiplied and folded per group as the source does, give x @ dequantize (float64, 1e-9)
-    on dense and sparse row lists, RTN and float zero points, groups 32 and 128 with a partial last group. Each
-    fault injected into the source breaks it (bf16's shift-free high nibble only for bf16: fp16 has no shift)."""
-    from teal.kernels import cuda
-
-    src = cuda.source()
-    if fault is not None:
-        old, new = _Q4MMA_FAULTS[fault]
-        assert src.count(old) == 1, old
-        src = src.replace(old, new)
-    c = _q4mma_constants(src, elem)
-    # every code at every nibble: two rows' words, byte pairs 0-1 and 2-3, both nibbles
-    nib = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16
-    w0 = sum(nib[:, p].to(torch.int64) << (4 * p) for p in range(8))
-    w1 = sum(((nib[:, p] + 5) % 16).to(torch.int64) << (4 * p) for p in range(8))
-    exact = True
-    for h in range(2):
-        pair = _byte_perm(w0, w1, int(c["Q4_PAIR_HI"] if h else c["Q4_PAIR_LO"]))
-        for b in range(2):
-            byte = 2 * h + b
-            lo_a, lo_b = _halves(((pair >> (8 * b)) & c["Q4_LO_MASK"]) | c["Q4_MAGIC"], elem)
-            hi_a, hi_b = _halves(((pair >> (8 * b + int(c["Q4_HI_SHIFT"]))) & c["Q4_HI_MASK"]) | c["Q4_MAGIC"], elem)
-            for got, word_nib in ((lo_a, nib[:, 2 * byte]), (lo_b, (nib[:, 2 * byte] + 5) % 16)):
-                exact &= torch.equal(got, c["Q4_BIAS"] + word_nib.double())
-            for got, word_nib in ((hi_a, nib[:, 2 * byte + 1]), (hi_b, (nib[:, 2 * byte + 1] + 5) % 16)):
-                exact &= torch.equal(got, c["Q4_BIAS"] + c["Q4_HI_MULT"] * word_nib.double())
-    gen = torch.Generator().manual_seed(13)
-    errors = []
-    dtype = torch.bfloat16 if elem == 0 else torch.float16
-    for k, n, group, method, density in ((96 + 40, 64, 32, "rtn", 1.0), (300, 32, 128, "rtn", 0.45),
-                                         (160, 64, 32, "float zeros", 0.3)):
-        qw = quantize(torch.randn(k, n, generator=gen).to(dtype), "int4", group_size=group)
-        if method == "float zeros":
-            qw = QuantizedWeight("int4", qw.codes, qw.scales,
-                                 (qw.zeros.float() + torch.rand(qw.zeros.shape, generator=gen) - 0.5).to(qw.dtype),
-                                 qw.shape, group)
-        x = torch.randn(k, generator=gen).to(dtype)
-        listed = torch.nonzero(torch.rand(k, generator=gen) < density).flatten()
-        ref = x.double()[listed] @ qw.dequantize(torch.float64)[listed]
-        y = _q4mma_matvec(c, elem, qw, x, listed)
-        errors.append(float((y - ref).norm() / ref.norm()))
-    ok = exact and max(errors) <= 1e-9
-    expect_ok = fault is None or (fault == "high nibble not shifted for bf16" and elem == 1) or (
-        fault in ("high nibble multiple wrong", "bias not the magic's value") and elem == 1)
-    assert ok == expect_ok, (fault, elem, exact, errors)
 
 
 # ---- the CLI's weight options on the tiny HF directory (issue 19: every command, the artifact's record) -------

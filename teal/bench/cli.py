@@ -130,8 +130,10 @@ def mask_sources(text: str, sparsities: list[float]) -> list[Any]:
     except KeepProfileError as err:
         raise typer.BadParameter(str(err)) from None
     return sources
-def group_size_option(value: int) -> int:
-    if value not in INT4_GROUP_SIZES:
+
+
+def group_size_option(value: Optional[int]) -> Optional[int]:
+    if value is not None and value not in INT4_GROUP_SIZES:
         raise typer.BadParameter(f"the int4 group size must be one of {', '.join(map(str, INT4_GROUP_SIZES))}, "
                                  f"got {value}")
     return value
@@ -139,7 +141,39 @@ def group_size_option(value: int) -> int:
 
 WEIGHTS_HELP = ("comma list of projection weight formats to time: bf16 | int8 (per output channel) | int4 (group-wise, "
                 "--group-size); every row of the JSON carries its `weights`")
-GroupSizeOpt = typer.Option(128, callback=group_size_option, help="int4 group size along the input: 32 | 64 | 128")
+DEFAULT_GROUP_SIZE = 128
+GroupSizeOpt = typer.Option(None, callback=group_size_option, show_default=False,
+                            help="int4 group size along the input: 32 | 64 | 128 (default 128; with int4 in --weights "
+                                 "only)")
+
+
+def resolve_group_size(formats: list[str], group_size: Optional[int]) -> int:
+    """--group-size against --weights, before any work: given with no int4 among the formats (bf16 and int8 have
+    no groups) it is one line (exit code 2) instead of being ignored; not given, int4's default 128."""
+    if group_size is None:
+        return DEFAULT_GROUP_SIZE
+    if "int4" not in formats:
+        raise typer.BadParameter(f"--group-size applies to --weights int4 only; --weights {','.join(formats)} has no "
+                                 "groups: drop --group-size, or name int4 in --weights", param_hint="--group-size")
+    return group_size
+
+
+def check_quant_env(formats: list[str]) -> None:
+    """The quantized path's environment switches ($TEAL_QUANT_KERNEL, $TEAL_QUANT_LARGE_BATCH, read by
+    `teal.kernels.quant_gemv` when the first quantized product runs), checked before any work where a format is
+    quantized: a bad value is one line (exit code 2) naming the variable and its values, not a traceback after
+    the bf16 rows were timed."""
+    if all(f == "bf16" for f in formats):
+        return
+    from teal.kernels import quant_gemv
+
+    for choice in (quant_gemv.quant_kernel_choice, quant_gemv.large_batch_choice):
+        try:
+            choice()
+        except ValueError as e:
+            raise typer.BadParameter(f"{e}; set it to one of those or unset it") from None
+
+
 QuantMethodOpt = typer.Option(QuantMethod.rtn, "--quant-method",
                               help="how the int4 scales and zeros are chosen: rtn (round to nearest) | hqq (HQQ's "
                                    "optimiser; the quant extra: pip install 'teal-sparsity[quant]'); the same "
@@ -203,11 +237,10 @@ def kernels_command(
     masks: str = typer.Option("random", "--masks", help=MASKS_HELP),
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + " (int8 / int4: the fused quantized kernel, checked "
                                              "against a float64 dequantize-then-multiply reference first)"),
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     quant_kernels: Optional[str] = typer.Option(
-        None, help="comma list of the quantized kernels to time: cuda (every CUDA row), cuda-fma, cuda-mma (int4's "
-                   "two loops), triton (default: all)"),
+        None, help="comma list of the quantized kernels to time: cuda, triton (default: both)"),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
@@ -216,6 +249,7 @@ def kernels_command(
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     kernel_names = None if quant_kernels is None else choices(quant_kernels, "--quant-kernels", KERNEL_NAMES)
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
+    group_size = resolve_group_size(formats, group_size)
     check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
     buckets = ints(tune_batches, "--tune-batches")
@@ -279,7 +313,7 @@ def decode_command(
                                                    "report describes: imbalance, keep rate, fit (0: no report; runs with real:… masks only)"),
     weights: str = typer.Option("bf16", help=WEIGHTS_HELP + "; bf16 is always timed (the ratios' reference), each "
                                              "quantized format after a correctness check against float64"),
-    group_size: int = GroupSizeOpt,
+    group_size: Optional[int] = GroupSizeOpt,
     quant_method: QuantMethod = QuantMethodOpt,
     torchao: bool = typer.Option(True, "--torchao/--no-torchao",
                                  help="with int8/int4: also time torchao's weight-only config of that format in HF "
@@ -298,7 +332,9 @@ def decode_command(
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
     if tp > 1 and formats != ["bf16"]:
         raise typer.BadParameter("quantized weights are not supported with --tp above 1", param_hint="--weights")
+    group_size = resolve_group_size(formats, group_size)
     check_quant_method(formats, quant_method)
+    check_quant_env(formats)
     if device.startswith("cuda"):
         require_cuda("teal bench decode")
     import torch

@@ -1,15 +1,15 @@
 """Decode with int8 / int4 weights in `teal bench decode --weights bf16,int4,int8` (`teal.bench.decode.run`).
 
 Per quantized format: the engine is built again with the bf16 run's weights (same seed or checkpoint),
-HF generate with a static cache on torchao's weight-only config of that format is timed on the bf16
-weights (when torchao imports; a failure is recorded with its one-line reason), then the engine is
-quantized (`Engine.quantize_weights`, `teal.quant`: int8 per output channel, int4 group-wise) and checked
-before any timing (`check_quantized`: the fused quantized kernel against a float64 dequantize-then-multiply
-reference, per projection and through teacher-forced decode steps of a shallow twin; a format that fails
-is not timed). Then our dense and sparse decode are timed at every sparsity. Rows carry `weights`, the
-quantized paths the timed code called (`quant_kernel_calls`) and those of one prefill of the prompt
-(`prefill_quant_kernel_calls`, beside `ttft_s`); the roofline counts codes, scales, zeros and what stays
-bf16 (lm_head, norms, embedding row, KV cache).
+HF generate with a static cache on torchao's weight-only config of that format (int4 at the run's group size,
+`torchao_config`) is timed on the bf16 weights (when torchao imports; a failure is recorded with its one-line
+reason), then the engine is quantized (`Engine.quantize_weights`, `teal.quant`: int8 per output channel, int4
+group-wise) and checked before any timing (`check_quantized`: the fused quantized kernel against a float64
+dequantize-then-multiply reference, per projection and through teacher-forced decode steps of a shallow twin
+quantized alike; a format that fails is not timed). Then our dense and sparse decode are timed at every
+sparsity. Rows carry `weights`, the quantized paths the timed code called (`quant_kernel_calls`) and those of
+one prefill of the prompt (`prefill_quant_kernel_calls`, beside `ttft_s`); the roofline counts codes, scales,
+zeros and what stays bf16 (lm_head, norms, embedding row, KV cache).
 """
 
 from __future__ import annotations
@@ -37,10 +37,28 @@ KERNEL_REL_ERR = 1e-2  # the issue's bound on each kernel against the float64 re
 TWIN_TOP1_MIN = 0.9  # teacher-forced top-1 agreement of the kernels with the float64 products (shallow twin)
 TWIN_MEDIAN_REL_ERR = 0.03  # their median relative logit error (bf16 rounding of the outputs only)
 SPARSE_TOP1_SLACK, SPARSE_ERR_RATIO, SPARSE_ERR_SLACK = 0.1, 1.5, 0.005  # sparse: beside float32 torch products
-TORCHAO_CONFIGS = {
-    "int4": "Int4WeightOnlyConfig(group_size=128, int4_packing_format='tile_packed_to_4d')",
-    "int8": "Int8WeightOnlyConfig()",
-}
+TORCHAO_INT4_GROUP_SIZES = (32, 64, 128)  # what torchao's Int4WeightOnlyConfig takes
+
+
+def torchao_config(weights: str, group_size: int = 128) -> tuple[str, dict[str, Any]]:
+    """torchao's weight-only config of `weights` as (class name in `torchao.quantization`, keyword arguments):
+    int4 at this run's `group_size` (the one our int4 rows use), int8 per output channel. The row's `config`
+    text (`torchao_config_text`) is built from the same pair, so it names what was run."""
+    if weights == "int4":
+        if group_size not in TORCHAO_INT4_GROUP_SIZES:
+            raise ValueError(f"torchao's int4 group size must be one of {TORCHAO_INT4_GROUP_SIZES}, got {group_size}")
+        return "Int4WeightOnlyConfig", {"group_size": group_size, "int4_packing_format": "tile_packed_to_4d"}
+    if weights == "int8":
+        return "Int8WeightOnlyConfig", {}
+    raise ValueError(f"no torchao weight-only config for {weights!r}: use int4 or int8")
+
+
+def torchao_config_text(weights: str, group_size: int = 128) -> str:
+    """The config as written in Python, e.g. "Int4WeightOnlyConfig(group_size=64, int4_packing_format=...)"."""
+    name, kwargs = torchao_config(weights, group_size)
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
 GPT_FAST_INT4_H100 = 241.0  # tok/s, gpt-fast's int4 Llama-3.1-8B on an H100 (torchao's README)
 QUANT_TARGETS = {
     "int4_dense_frac_roofline": 0.80, "int4_dense_vs_torchao_int4": 2.0,
@@ -141,8 +159,9 @@ def check_projections(engine: Engine, layers: Sequence[int] | None = None, batch
 
 
 def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn.Module | None = None,
-                 n_layers: int = 4, sparsity: float = 0.5, steps: int = 48) -> dict[str, Any]:
-    """Teacher-forced decode steps of a shallow twin (the engine's widths, `n_layers` layers), quantized alike,
+                 n_layers: int = 4, sparsity: float = 0.5, steps: int = 48, method: str = "rtn") -> dict[str, Any]:
+    """Teacher-forced decode steps of a shallow twin (the engine's widths, `n_layers` layers), quantized alike
+    (`weights`, `group_size` and `method`: the codes of the method being timed),
     through the kernels against the same steps with float64 products (`torch_quant_products`), dense and at
     `sparsity` (thresholds: quantiles of the twin's own activations).
 
@@ -175,7 +194,7 @@ def check_decode(engine: Engine, weights: str, group_size: int, source: torch.nn
     max_seq_len = -(-(prompt + steps) // 64) * 64
     twin = engine_from_hf_model(hf32.to(engine.dtype), max_seq_len=max_seq_len)
     del hf32
-    twin.quantize_weights(weights, group_size)
+    twin.quantize_weights(weights, group_size, method)
     ids = torch.randint(0, engine.config.vocab_size, (prompt + steps,), device=engine.device,
                         generator=torch.Generator(device=engine.device).manual_seed(3))
     out: dict[str, Any] = {"n_layers": n_layers, "steps": steps, "sparsity": sparsity}
@@ -226,19 +245,21 @@ def sparse_twin_passed(res: dict[str, Any], floor: dict[str, Any]) -> bool:
 
 def check_quantized(engine: Engine, source: torch.nn.Module | None = None, steps: int = 48) -> dict[str, Any]:
     """`check_projections` on the engine's own (quantized) weights and `check_decode` (`steps` teacher-forced
-    steps) on a shallow twin."""
+    steps) on a shallow twin quantized as the engine is (format, group size and method)."""
     proj = check_projections(engine)
-    dec = check_decode(engine, engine.weight_format, engine.group_size or 128, source, steps=steps)
+    dec = check_decode(engine, engine.weight_format, engine.group_size or 128, source, steps=steps,
+                       method=engine.quant_method or "rtn")
     return {"projections": proj, "decode": dec, "passed": bool(proj["passed"] and dec["passed"])}
 
 
 def torchao_decode_rate(hf: torch.nn.Module, weights: str, ids: torch.Tensor, new_tokens: int,
-                        repeats: int) -> dict[str, Any]:
-    """HF generate (static cache) with torchao's weight-only `weights` config on every decoder projection
-    (lm_head stays bf16, as in our engine). A missing torchao or a failure is returned as a row with its
-    one-line reason (`skipped` / `error`), not raised."""
-    row: dict[str, Any] = {"weights": weights, "op": "torchao", "config": TORCHAO_CONFIGS[weights],
-                           "path": "HF generate, static cache"}
+                        repeats: int, group_size: int = 128) -> dict[str, Any]:
+    """HF generate (static cache) with torchao's weight-only `weights` config (`torchao_config`; int4 at
+    `group_size`) on every decoder projection (lm_head stays bf16, as in our engine). A missing torchao or a
+    failure is returned as a row with its one-line reason (`skipped` / `error`), not raised."""
+    name, kwargs = torchao_config(weights, group_size)
+    row: dict[str, Any] = {"weights": weights, "op": "torchao", "config": torchao_config_text(weights, group_size),
+                           "group_size": kwargs.get("group_size"), "path": "HF generate, static cache"}
     try:
         import torchao
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -247,8 +268,8 @@ def torchao_decode_rate(hf: torch.nn.Module, weights: str, ids: torch.Tensor, ne
         return row
     row["torchao"] = torchao.__version__
     try:
-        config = (Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d") if weights == "int4"
-                  else Int8WeightOnlyConfig())
+        config = {"Int4WeightOnlyConfig": Int4WeightOnlyConfig, "Int8WeightOnlyConfig": Int8WeightOnlyConfig}[name](
+            **kwargs)
         quantize_(hf, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
         row.update(hf_decode_rate(hf, ids, new_tokens, repeats, "static"))
     except Exception as err:  # noqa: BLE001 - the row records why torchao could not run here
@@ -279,18 +300,18 @@ def run_quantized(
 ) -> None:
     """Time one quantized format (see the module docstring); rows go to `data["results"]`, the torchao row to
     `data["baselines"]`, the check to `data["checks"]` (before the check's phase saves the JSON); the dispatch's
-    settings ($TEAL_QUANT_KERNEL, $TEAL_QUANT_LARGE_BATCH, $TEAL_QUANT_INT4_LOOP) to `data["quant_dispatch"]`. `quant_method` quantizes the engine ("rtn" or "hqq");
-    the check's shallow twin stays rtn, since the kernels read the codes of both methods alike."""
+    settings ($TEAL_QUANT_KERNEL, $TEAL_QUANT_LARGE_BATCH) to `data["quant_dispatch"]`.
+    `quant_method` quantizes the engine ("rtn" or "hqq") and the check's shallow twin alike, so that the check
+    runs on the codes being timed."""
     data["quant_dispatch"] = {quant_gemv.QUANT_KERNEL_ENV: quant_gemv.quant_kernel_choice(),
-                              quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice(),
-                              quant_gemv.INT4_LOOP_ENV: quant_gemv.int4_loop_choice()}
+                              quant_gemv.QUANT_LARGE_BATCH_ENV: quant_gemv.large_batch_choice()}
     engine = build_engine()
     device = engine.device
     if torchao:
         hf = build_hf(engine)
         data["baselines"][f"torchao_{weights}_hf_static"] = row = phase(
             f"torchao {weights} HF generate static cache", lambda: torchao_decode_rate(hf, weights, ids, new_tokens,
-                                                                                        repeats))
+                                                                                        repeats, group_size))
         if row:
             log(f"  torchao {weights}: " + (f"{row['tokens_per_s']:.1f} tok/s" if "tokens_per_s" in row
                                              else row.get("error") or row.get("skipped")))

@@ -272,9 +272,10 @@ class Engine:
         self.prefill_policy = "dense"
         # weight format of the four projection groups ("bf16": the model's dtype; "int8" / "int4": the layers'
         # fused weights hold codes in the transposed layout and `quant_params[i][group]` their (scales, zeros);
-        # set by `quantize_weights`)
+        # set by `quantize_weights`; `quant_method`: how the codes were chosen, "rtn" or "hqq", None for bf16)
         self.weight_format = "bf16"
         self.group_size = 0
+        self.quant_method: str | None = None
         self.quant_params: list[dict[str, tuple[torch.Tensor, torch.Tensor | None]]] = []
         # one rotary table per rope index (config.rope_table): (inverse frequencies, cos/sin scale)
         self._rope = [config.rope_inv_freq(layer_type) for layer_type in config.rope_layer_types]
@@ -350,6 +351,7 @@ class Engine:
             self.layers[i] = LayerWeights(**fields)
             self.quant_params.append(params)
         self.weight_format, self.group_size = weights, (group_size if weights == "int4" else 0)
+        self.quant_method = method
 
     def decode_layer_args(self, i: int) -> DecodeLayer:
         """What `decode_layer` reads for layer i: its norms, projections and constants."""
