@@ -432,6 +432,15 @@ def _int8_decode_from_source(src: str):
     return decode, words
 
 
+def _with_fault(src: str, faults: dict[str, tuple[str, str]], fault: str | None) -> str:
+    """``src`` with ``faults[fault]`` (old, new) replaced once (the old text must occur exactly once); None: as is."""
+    if fault is None:
+        return src
+    old, new = faults[fault]
+    assert src.count(old) == 1, old
+    return src.replace(old, new)
+
+
 _INT8_FAULTS = {
     "sign bit not flipped": ("v.u[w] ^ 0x80808080u", "v.u[w] ^ 0x00000000u"),
     "wrong bias subtracted": ("biased_byte(biased, j) - 8388736.0f", "biased_byte(biased, j) - 8388608.0f"),
@@ -449,11 +458,7 @@ def test_int8_decode_emulated_from_the_source_reproduces_dequantize(fault):
     into the source breaks it. (The int4 loop: `test_int4_decode_emulated_from_the_source_reproduces_dequantize`.)"""
     from teal.kernels import cuda
 
-    src = cuda.source()
-    if fault is not None:
-        old, new = _INT8_FAULTS[fault]
-        assert src.count(old) == 1, old
-        src = src.replace(old, new)
+    src = _with_fault(cuda.source(), _INT8_FAULTS, fault)
     decode, words = _int8_decode_from_source(src)
     per_vec = 4 * words
     # every byte at every position: vector v holds byte (v + p) % 256 at position p
@@ -568,11 +573,7 @@ def test_int4_decode_emulated_from_the_source_reproduces_dequantize(fault):
     sums, far below the kernels' 1e-2 bound. Each fault injected into the source breaks it."""
     from teal.kernels import cuda
 
-    src = cuda.source()
-    if fault is not None:
-        old, new = _INT4_FAULTS[fault]
-        assert src.count(old) == 1, old
-        src = src.replace(old, new)
+    src = _with_fault(cuda.source(), _INT4_FAULTS, fault)
     decode, bias = _int4_decode_from_source(src)
     # every code at every position: word w holds code (w + p) % 16 at nibble p
     nib = (torch.arange(16)[:, None] + torch.arange(8)[None, :]) % 16
