@@ -55,6 +55,9 @@ def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args
     (["--weights", "int8,int4", "--group-size", "32"], "runs on a CUDA GPU"),  # parsed
     (["--weights", "int4", "--quant-kernels", "cuda-mma"], "--quant-kernels takes a comma list of cuda, triton"),
     (["--weights", "int4", "--quant-kernels", "cuda,triton"], "runs on a CUDA GPU"),  # parsed
+    (["--weights", "int4", "--quant-configs", "tune"], "--quant-configs takes default or sweep"),
+    (["--quant-configs", "sweep"], "--quant-configs sweep times the quantized kernel: add int8 or int4"),
+    (["--weights", "int8,int4", "--quant-configs", "sweep"], "runs on a CUDA GPU"),  # parsed
 ])
 def test_bench_kernels_weights_option(args, message):
     _no_gpu()
@@ -466,3 +469,70 @@ def test_dense_twin_rule_takes_near_ties_from_the_float32_products():
     assert not dense_twin_passed({**ok, "top1_agreement": 0.75}, {**floor, "top1_agreement": 0.9})
     for bad in ({"median_rel_err": 0.031}, {"products": {"passed": False}}, {"finite": False}):
         assert not dense_twin_passed({**ok, **bad}, {**floor, "top1_agreement": 0.5}), bad
+
+
+def test_quant_config_table_and_candidates():
+    """`quant_cuda_config` takes a `TUNED_QUANT_CUDA` entry of its (K, N, batch bucket, format), else the
+    heuristic; the sweep's candidates cover 256 and 512 columns, 4 and 8 warps and clusters of 1-8, once each."""
+    from teal.kernels import configs
+
+    heuristic = configs.quant_cuda_config(4096, 6144, 3, 132, "int4")
+    assert (heuristic.block_n, heuristic.num_warps, heuristic.block_r) == (256, 8, 32) and heuristic.cuda
+    tuned = configs.KernelConfig(block_n=512, block_r=32, split_k=2, num_warps=4, cuda=True)
+    table = {(4096, 6144, 4, "int4"): tuned}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configs, "TUNED_QUANT_CUDA", table)
+        assert configs.quant_cuda_config(4096, 6144, 3, 132, "int4") == tuned  # batch 3: bucket 4
+        assert configs.quant_cuda_config(4096, 6144, 3, 132, "int8") == heuristic  # another format
+        assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == heuristic  # another bucket
+    cands = configs.quant_cuda_candidates(4096, 28672, 132)
+    assert len(cands) == len(set(cands))
+    assert {c.block_n for c in cands} == {256, 512} and {c.num_warps for c in cands} == {4, 8}
+    assert all(1 <= c.split_k <= 8 and c.cuda and not c.use_dot and c.block_r == 32 for c in cands)
+    assert heuristic in configs.quant_cuda_candidates(4096, 6144, 132)
+    assert {c.block_n for c in configs.quant_cuda_candidates(4096, 28672, 132, batch=4)} == {256}  # 512 spills there
+
+
+def test_sweep_kernels_start_with_the_dispatch_config_and_keep_what_fits():
+    from teal.bench.quant_kernels import config_label, sweep_kernels
+    from teal.kernels import configs, cuda
+
+    rows = sweep_kernels(4096, 6144, 8, "int4", torch.bfloat16, 132)
+    assert rows[0][0] == "cuda" and rows[0][2] == configs.quant_cuda_config(4096, 6144, 8, 132, "int4")
+    assert rows[0][1].keywords == {"config": rows[0][2]}
+    rest = rows[1:]
+    assert rest and all(name == config_label(cfg) and kern.keywords == {"config": cfg} for name, kern, cfg in rest)
+    assert all(cfg != rows[0][2] and cuda.register_problem(cfg, torch.bfloat16, 8, "int4") is None
+               for _, _, cfg in rest)
+    cands = configs.quant_cuda_candidates(4096, 6144, 132, 8)
+    dropped = [c for c in cands if c != rows[0][2] and cuda.register_problem(c, torch.bfloat16, 8, "int4") is not None]
+    assert len(rest) + len(dropped) + 1 == len(cands)  # the heuristic is among them
+    assert config_label(rows[0][2]) == "cuda bn256 w8 c4"
+
+
+def test_sweep_entries_name_a_config_only_where_it_wins_everywhere_timed():
+    """The mean over the sparsities timed decides; a configuration with an error row at any of them is out;
+    an entry only below the dispatch's mean / SWEEP_SLACK."""
+    from teal.bench.quant_kernels import SWEEP_SLACK, sweep_entries
+
+    def rows(times: dict[str, tuple[float, float]], k: int = 4096, batch: int = 1) -> list[dict]:
+        out = []
+        for name, per_s in times.items():
+            bn = 512 if "bn512" in name else 256
+            cfg = dict(block_n=bn, block_r=32, split_k=2, num_warps=4, cuda=True)
+            for s, us in zip((0.0, 0.5), per_s):
+                r = {"weights": "int4", "K": k, "N": 6144, "batch": batch, "sparsity": s, "kernel": name,
+                     "config": cfg}
+                if us is not None:
+                    r["us"] = us
+                out.append(r)
+        return out
+
+    won = sweep_entries(rows({"cuda bn256 w4 c2": (10.0, None),  # fastest where timed, but an error at 0.5
+                              "cuda": (20.0, 12.0), "cuda bn512 w4 c2": (16.0, 10.0)}))
+    assert len(won) == 1 and won[0]["best"] == "cuda bn512 w4 c2" and won[0]["best_us"] == 13.0
+    assert won[0]["entry"].startswith('(4096, 6144, 1, "int4"): KernelConfig(block_n=512, block_r=32, split_k=2')
+    close = 16.0 / SWEEP_SLACK + 0.01  # mean just above the slack's bound
+    lost = sweep_entries(rows({"cuda": (16.0, 16.0), "cuda bn512 w4 c2": (close, close)}, batch=3))
+    assert lost[0]["bucket"] == 4 and lost[0]["best"] == "cuda bn512 w4 c2" and "entry" not in lost[0]
+    assert sweep_entries(rows({"cuda bn512 w4 c2": (1.0, 1.0)})) == []  # no dispatch row: nothing to beat

@@ -412,7 +412,7 @@ def test_quantized_variants_compile_for_sm90_without_spills(tmp_path, weights):
     for dtype in (torch.bfloat16, torch.float16):
         for k, n in ((14336, 4096), (1000, 792)):
             for batch in ((1, 2, 8) if dtype == torch.bfloat16 else (1,)):
-                cfg = quant_cuda_config(k, n, batch, 132)
+                cfg = quant_cuda_config(k, n, batch, 132, weights)
                 assert cuda.register_problem(cfg, dtype, batch, weights) is None
                 geo = cuda.geometry(k, [n], cfg, dtype, batch)
                 variants.add(cuda.variant_for(cfg, dtype, has_scale=batch == 2, glu=False, pdl=2,
@@ -437,6 +437,33 @@ def test_quantized_variants_compile_for_sm90_without_spills(tmp_path, weights):
             first = codes[0]
             burst = next((i for i, o in enumerate(ops_seen[first:]) if o == "FFMA"), len(ops_seen) - first)
             assert burst >= variant.unroll * variant.vecs, (variant, ops_seen[first : first + 2 * variant.unroll])
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_quant_sweep_candidates_that_fit_compile_without_spills(weights):
+    """Every configuration a `--quant-configs sweep` would time at Llama-3-8B gate|up (`configs.quant_cuda_candidates`
+    that `register_problem` accepts, batch 1 and 4) compiles for sm_90 with no spills, so a GPU sweep spends no
+    time on a build that cannot run well; 512-column blocks are among them at batch 1."""
+    from teal.kernels.configs import quant_cuda_candidates
+
+    k, n = 4096, 28672
+    seen = set()
+    for batch in (1, 4):
+        for cfg in quant_cuda_candidates(k, n, 132, batch):
+            if cuda.register_problem(cfg, torch.bfloat16, batch, weights) is not None:
+                continue
+            geo = cuda.geometry(k, [n // 2, n // 2], cfg, torch.bfloat16, batch)
+            variant = cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=False, pdl=2,
+                                       rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=128)
+            if variant in seen:
+                continue
+            seen.add(variant)
+            _, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                                 [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+            spills = re.findall(r"(\d+) bytes spill stores", log)
+            assert spills and all(x == "0" for x in spills), (variant, log)
+    assert any(v.vecs == 2 and v.batch == 1 for v in seen), seen
 
 
 def test_quantized_rows_per_step_and_registers():

@@ -209,7 +209,7 @@ def variant_of(fmt: str, batch: int, shape: str = "gate_up", dtype: torch.dtype 
                group: int = 128, sm_count: int = 132) -> cuda.Variant:
     """The variant the dispatch launches for this call (``quant_cuda_config``, PDL 2 as on an H100)."""
     k, splits = SHAPES[shape]
-    cfg = quant_cuda_config(k, sum(splits), batch, sm_count)
+    cfg = quant_cuda_config(k, sum(splits), batch, sm_count, fmt)
     geo = cuda.geometry(k, splits, cfg, dtype, batch)
     return cuda.variant_for(cfg, dtype, has_scale=False, glu=False, pdl=2, rows_per_warp=geo.rows_per_warp,
                             batch=batch, weights=fmt, group=group)

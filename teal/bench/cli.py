@@ -241,14 +241,24 @@ def kernels_command(
     quant_method: QuantMethod = QuantMethodOpt,
     quant_kernels: Optional[str] = typer.Option(
         None, help="comma list of the quantized kernels to time: cuda, triton (default: both)"),
+    quant_configs: str = typer.Option(
+        "default", help="default: the CUDA quantized kernel at the dispatch's configuration; sweep: also at every "
+                        "candidate configuration (each checked against float64 first), printing the "
+                        "TUNED_QUANT_CUDA entries of those that win"),
 ) -> None:
     """Sparse GEMV kernels vs cuBLAS, the naive baseline and copy bandwidth (needs CUDA); --tune fits the
     tables to this GPU."""
-    from teal.bench.quant_kernels import KERNEL_NAMES
+    from teal.bench.quant_kernels import KERNEL_NAMES, QUANT_CONFIG_MODES
 
     shape_list = choices(shapes, "--shapes", KERNEL_SHAPES)
     kernel_names = None if quant_kernels is None else choices(quant_kernels, "--quant-kernels", KERNEL_NAMES)
+    if quant_configs not in QUANT_CONFIG_MODES:
+        raise typer.BadParameter(f"--quant-configs takes {' or '.join(QUANT_CONFIG_MODES)}, got {quant_configs!r}",
+                                 param_hint="--quant-configs")
     formats = choices(weights, "--weights", WEIGHT_FORMATS)
+    if quant_configs == "sweep" and formats == ["bf16"]:
+        raise typer.BadParameter("--quant-configs sweep times the quantized kernel: add int8 or int4 to --weights",
+                                 param_hint="--quant-configs")
     group_size = resolve_group_size(formats, group_size)
     check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")
@@ -270,7 +280,7 @@ def kernels_command(
                        tune_sparsities=tune_s, table_out=str(table_out) if table_out else None,
                        time_budget_s=time_budget, check=check, command=_command(ctx), masks=sources,
                        weights=formats, group_size=group_size, quant_method=quant_method.value,
-                       quant_kernels=kernel_names)
+                       quant_kernels=kernel_names, quant_configs=quant_configs)
     if plot_path is not None:
         kernels.plot(data, plot_path)
 

@@ -6,10 +6,17 @@ bandwidth (bytes: kept code rows + every scale and zero).
 Each row is first checked on a fresh input against the float64 dequantize-then-multiply reference (output
 poisoned with NaN first): relative error <= 1e-2 and no NaN, the issue's bound; then timed in a CUDA graph
 over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows of `teal.bench.kernels`).
+
+`--quant-configs sweep` times the CUDA kernel at every configuration of `configs.quant_cuda_candidates` that
+fits the registers of the batch, beside the one the dispatch takes (row "cuda"; the others are named by their
+configuration, e.g. "cuda bn512 w8 c4"), each checked as above, and prints `configs.TUNED_QUANT_CUDA` entries
+where a configuration beats the dispatch's by more than `SWEEP_SLACK` over the sparsities timed
+(`sweep_entries`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -21,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from teal.bench.timing import quant_param_bytes
+from teal.kernels.configs import KernelConfig, quant_cuda_candidates, quant_cuda_config
 from teal.kernels.quant_gemv import (quant_sparse_linear_cuda, quant_sparse_linear_reference,
                                      quant_sparse_linear_triton)
 from teal.quant import quantize
@@ -64,16 +72,79 @@ def selected(kernels: list[tuple[str, Any]], names: Sequence[str] | None) -> lis
     return [(n, k) for n, k in kernels if n in names]
 
 
+#: `--quant-configs`: "default" times the dispatch's configuration, "sweep" every candidate beside it.
+QUANT_CONFIG_MODES = ("default", "sweep")
+#: A swept configuration becomes a table entry only when its mean time is below the dispatch's / this.
+SWEEP_SLACK = 1.03
+
+
+def config_label(cfg: KernelConfig) -> str:
+    """A swept CUDA row's kernel name: "cuda bn{block_n} w{num_warps} c{split_k}"."""
+    return f"cuda bn{cfg.block_n} w{cfg.num_warps} c{cfg.split_k}"
+
+
+def sweep_kernels(k: int, n: int, batch: int, fmt: str, dtype: torch.dtype,
+                  sm_count: int) -> list[tuple[str, Any, KernelConfig]]:
+    """The CUDA rows of a sweep at (K, N, batch): the dispatch's configuration as "cuda", then every
+    `quant_cuda_candidates` entry that differs from it and fits the registers (`cuda.register_problem`), each
+    (name, kernel, config)."""
+    from teal.kernels import cuda
+
+    default = quant_cuda_config(k, n, batch, sm_count, fmt)
+    out = [("cuda", functools.partial(quant_sparse_linear_cuda, config=default), default)]
+    for cfg in quant_cuda_candidates(k, n, sm_count, batch):
+        if cfg != default and cuda.register_problem(cfg, dtype, batch, fmt) is None:
+            out.append((config_label(cfg), functools.partial(quant_sparse_linear_cuda, config=cfg), cfg))
+    return out
+
+
+def sweep_entries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (format, K, N, batch bucket) of a sweep: the swept configuration of the lowest mean time over the
+    sparsities that every configuration timed without error, and the dispatch's ("cuda") mean beside it; an
+    entry (`entry`: the `TUNED_QUANT_CUDA` line) where it is below the dispatch's / `SWEEP_SLACK`."""
+    from teal.kernels.configs import batch_bucket
+
+    groups: dict[tuple[str, int, int, int], dict[str, dict[float, float]]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if "config" not in r:
+            continue
+        key = (r["weights"], r["K"], r["N"], batch_bucket(r["batch"]))
+        times = groups.setdefault(key, {}).setdefault(r["kernel"], {})
+        times[r["sparsity"]] = r.get("us", float("nan"))
+        configs[r["kernel"]] = r["config"]
+    out = []
+    for (fmt, k, n, bucket), by_kernel in sorted(groups.items()):
+        if "cuda" not in by_kernel:
+            continue
+        levels = set(by_kernel["cuda"])
+        means = {name: sum(t[s] for s in levels) / len(levels) for name, t in by_kernel.items()
+                 if set(t) == levels and all(t[s] == t[s] for s in levels)}  # NaN: an error row
+        if "cuda" not in means:
+            continue
+        best = min(means, key=means.get)
+        row = {"weights": fmt, "K": k, "N": n, "bucket": bucket, "default_us": means["cuda"], "best": best,
+               "best_us": means[best]}
+        if best != "cuda" and means[best] < means["cuda"] / SWEEP_SLACK:
+            c = configs[best]
+            row["entry"] = (f'({k}, {n}, {bucket}, "{fmt}"): KernelConfig(block_n={c["block_n"]}, '
+                            f'block_r={c["block_r"]}, split_k={c["split_k"]}, num_warps={c["num_warps"]}, cuda=True),'
+                            f"  # {means[best]:.1f} against {means['cuda']:.1f} us")
+        out.append(row)
+    return out
+
+
 def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[str], sparsities: Sequence[float],
               batches: Sequence[int], group_size: int, copy_bw: float, dtype: torch.dtype, console: Any,
               deadline: float | None = None, quant_method: str = "rtn",
-              kernel_names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+              kernel_names: Sequence[str] | None = None, configs: str = "default") -> list[dict[str, Any]]:
     """Rows of every (format, shape, projection, batch, sparsity, kernel); see the module docstring. int4 is
     quantized by ``quant_method`` (rtn, or hqq: float zero points; the bytes read are the same);
-    ``kernel_names`` (``KERNEL_NAMES``) limits the kernels timed (None: all)."""
+    ``kernel_names`` (``KERNEL_NAMES``) limits the kernels timed (None: all); ``configs`` "sweep" times the
+    CUDA kernel at every candidate configuration (`sweep_kernels`; rows carry `config`)."""
     from teal.kernels.tune import time_graph_us
 
-    from teal.kernels.ops import cuda_kernel_available
+    from teal.kernels.ops import cuda_kernel_available, sm_count
 
     device = torch.device("cuda")
     rows: list[dict[str, Any]] = []
@@ -101,7 +172,11 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                     xs = [torch.randn(batch, k, device=device, dtype=dtype) for _ in range(copies)]
                     xw = [torch.randn(batch, k, device=device, dtype=dtype) for _ in ws]
                     cublas_us = time_graph_us([lambda x=x, w=w: F.linear(x, w) for x, w in zip(xw, ws)])
-                    for s, (name, kern) in product(sparsities, kernels):
+                    timed: list[tuple[str, Any, KernelConfig | None]] = [(name, kern, None) for name, kern in kernels]
+                    if configs == "sweep" and any(name == "cuda" for name, _ in kernels):
+                        timed = [t for t in timed if t[0] != "cuda"]
+                        timed[:0] = sweep_kernels(k, n, batch, fmt, dtype, sm_count(device))
+                    for s, (name, kern, cfg) in product(sparsities, timed):
                         row: dict[str, Any] = {"weights": fmt, "kernel": name,
                                                "group_size": group_size if fmt == "int4" else None,
                                                "quant_method": method,
@@ -109,6 +184,8 @@ def run_quant(shapes: dict[str, Any], models: Sequence[str], formats: Sequence[s
                                                "batch": batch, "sparsity": s, "code_bytes": code_bytes,
                                                "param_bytes": param_bytes, "bf16_weight_bytes": k * n * elem,
                                                "cublas_bf16_us": cublas_us}
+                        if cfg is not None:
+                            row["config"] = cfg.as_dict()
                         try:
                             row.update(check_row(qw, splits, batch, s, dtype, kern))
                             if not row["ok"]:

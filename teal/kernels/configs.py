@@ -315,13 +315,40 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
     return KernelConfig(block_n=256, block_r=8, split_k=split, num_warps=warps, cuda=True)
 
 
-def quant_cuda_config(k: int, n: int, batch: int, sm_count: int) -> KernelConfig:
-    """The CUDA C++ configuration of an int8 / int4 call (not tuned on a GPU yet): 256 columns per program
-    (the blocks of 16-bit weights: a lane's 8 columns are 8 or 4 code bytes per row), clusters as
-    ``heuristic_cuda_config``, 8 warps (255 registers per thread: the decoded codes and the int4 group
-    sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it per batch)."""
+#: Tuned CUDA C++ configurations of the quantized kernel, (K, N, batch bucket, format) -> config, from
+#: `teal bench kernels --weights int4,int8 --quant-configs sweep` (it prints the entries). Empty: no sweep has
+#: been run on a GPU yet, so every call takes ``quant_cuda_config``'s heuristic.
+TUNED_QUANT_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {}
+
+
+def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int8") -> KernelConfig:
+    """The CUDA C++ configuration of an int8 / int4 call: the ``TUNED_QUANT_CUDA`` entry of (K, N, batch bucket,
+    ``fmt``), else the heuristic: 256 columns per program (the blocks of 16-bit weights: a lane's 8 columns are
+    8 or 4 code bytes per row), clusters as ``heuristic_cuda_config``, 8 warps (255 registers per thread: the
+    decoded codes and the int4 group sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it
+    per batch)."""
+    tuned = TUNED_QUANT_CUDA.get((k, n, batch_bucket(batch), fmt))
+    if tuned is not None:
+        return tuned
     base = heuristic_cuda_config(k, n, sm_count)
     return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=8, cuda=True)
+
+
+def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list[KernelConfig]:
+    """What a sweep of the quantized kernel times beside the heuristic: 256 columns per program, and 512 at batch 1
+    (a lane's 8 int4 / 16 int8 code bytes per row: twice the bytes in flight per load, half the programs; with
+    2-8 rows ptxas spills some of them: int8 at 4 rows and 29 rows per step spills 40 bytes), 4 or 8 warps, and
+    clusters of the size that puts about one program on each multiprocessor, half and twice that (1 to 8); 32
+    rows per warp and step at most. Whether a candidate fits the registers of a batch is
+    ``cuda.register_problem``'s to say."""
+    out = []
+    for block_n in (256, 512) if batch == 1 else (256,):
+        blocks = -(-n // block_n)
+        base = max(1, min(8, _pow2_floor(max(1, sm_count // blocks)), _pow2_floor(max(1, k // 256))))
+        for split in sorted({max(1, base // 2), base, min(8, 2 * base)}):
+            for warps in (4, 8):
+                out.append(KernelConfig(block_n=block_n, block_r=32, split_k=split, num_warps=warps, cuda=True))
+    return out
 
 
 def get_config(k: int, n: int, batch: int, dtype: torch.dtype, sm_count: int = DEFAULT_SM_COUNT,

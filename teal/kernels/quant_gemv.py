@@ -190,7 +190,7 @@ def quant_sparse_linear_cuda(x: torch.Tensor, qw: QuantizedWeight, thresholds: t
     _check(x, qw, thresholds, split_sizes, col_scale)
     x = x.contiguous()
     k, n = qw.shape
-    config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device))
+    config = config or quant_cuda_config(k, n, x.shape[0], ops.sm_count(x.device), qw.format)
     reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
     if reason is not None:
         raise ValueError(f"the CUDA quantized kernel does not apply: {reason}")
@@ -255,7 +255,7 @@ def _dispatch(x: torch.Tensor, qw: QuantizedWeight, thresholds: torch.Tensor | N
         path = "triton"
         x = x.contiguous()
         if choice != "triton" and ops.cuda_kernel_available(x.device):
-            config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device))
+            config = quant_cuda_config(qw.shape[0], qw.shape[1], x.shape[0], ops.sm_count(x.device), qw.format)
             reason = cuda.unsupported_quant_reason(x, qw, list(split_sizes), config)
             if reason is None:
                 path = "cuda"

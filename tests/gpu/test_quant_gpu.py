@@ -55,6 +55,32 @@ def test_quant_kernel_matches_float64(kernel, fmt, group, dtype, batch, sparsity
     assert err <= 1e-2, f"relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("fmt,group", [("int8", 128), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_every_sweep_candidate_matches_float64(fmt, group, sparsity):
+    """Each configuration `--quant-configs sweep` may time at batch 1 and 4 (`configs.quant_cuda_candidates`
+    that fit the registers; 512-column blocks at batch 1) on odd widths against float64."""
+    from teal.kernels import cuda
+    from teal.kernels.configs import quant_cuda_candidates
+
+    _kernel("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    k, splits = 1000, [520, 136, 136]
+    qw = quantize((torch.randn(k, sum(splits), device="cuda", generator=gen) * k**-0.5).to(torch.bfloat16), fmt,
+                  group_size=group)
+    for batch in (1, 4):
+        x = torch.randn(batch, k, device="cuda", generator=gen).to(torch.bfloat16)
+        thr = torch.full((len(splits),), float(torch.quantile(x.float().abs(), sparsity)) if sparsity else -1.0,
+                         device="cuda")
+        ref = _float64_reference(x, qw, thr, splits)
+        for cfg in quant_cuda_candidates(k, sum(splits), 132, batch):
+            if cuda.register_problem(cfg, torch.bfloat16, batch, fmt) is not None:
+                continue
+            out = quant_sparse_linear_cuda(x, qw, thr, splits, config=cfg)
+            err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-12))
+            assert not torch.isnan(out).any() and err <= 1e-2, (cfg, batch, err)
+
+
 def test_quantized_generator_on_cuda_matches_its_eager_steps():
     from teal.engine import Generator
 

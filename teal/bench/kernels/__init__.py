@@ -395,6 +395,7 @@ def run(
     group_size: int = 128,
     quant_method: str = "rtn",
     quant_kernels: Sequence[str] | None = None,
+    quant_configs: str = "default",
 ) -> dict[str, Any]:
     """Benchmark every (shape, projection, batch, sparsity); returns (and optionally writes) the results.
 
@@ -407,7 +408,8 @@ def run(
     sparse kernel above, "int8" / "int4" the fused quantized kernel (`teal.bench.quant_kernels`, int4 in groups
     of ``group_size``), whose rows go to ``quant_results`` (each with its ``weights``; int4 quantized by
     ``quant_method``, rtn or hqq, field ``quant_method``); ``quant_kernels`` limits which quantized kernels are
-    timed (`quant_kernels.KERNEL_NAMES`; None: all).
+    timed (`quant_kernels.KERNEL_NAMES`; None: all); ``quant_configs`` "sweep" times the CUDA quantized kernel at
+    every candidate configuration and prints `configs.TUNED_QUANT_CUDA` entries (`quant_kernels.sweep_entries`).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("teal bench kernels needs a CUDA GPU; none is visible to torch")
@@ -581,9 +583,16 @@ def run(
         deadline = None if time_budget_s is None else t_start + time_budget_s
         data["quant_results"] = quant_bench.run_quant(SHAPES, shapes, quant_formats, sparsities, batches, group_size,
                                                       copy_bw, torch_dtype, console, deadline,
-                                                      quant_method=quant_method, kernel_names=quant_kernels)
+                                                      quant_method=quant_method, kernel_names=quant_kernels,
+                                                      configs=quant_configs)
         data["quant_targets"] = quant_bench.quant_targets(data["quant_results"])
         quant_bench.print_quant(data["quant_results"], console)
+        if quant_configs == "sweep":
+            data["quant_sweep"] = quant_bench.sweep_entries(data["quant_results"])
+            for e in data["quant_sweep"]:
+                console.print(f"sweep {e['weights']} K={e['K']} N={e['N']} B<={e['bucket']}: best {e['best']} "
+                              f"{e['best_us']:.1f} us, dispatch {e['default_us']:.1f} us"
+                              + (f"\n    {e['entry']}" if "entry" in e else " (no entry)"))
         bad = [t for t in data["quant_targets"] if not t["ok"]]
         console.print(f"quantized kernel within {quant_bench.REL_ERR_BOUND:g} of float64: "
                       f"{len(data['quant_targets']) - len(bad)}/{len(data['quant_targets'])}")
