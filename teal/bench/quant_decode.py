@@ -31,13 +31,13 @@ from teal.engine.projection import quantized_weight
 from teal.engine.reference import activation_threshold_levels, activation_thresholds, decode_sparsity
 from teal.kernels import quant_gemv
 from teal.kernels.quant_gemv import quant_sparse_linear_reference
+from teal.quant import INT4_GROUP_SIZES
 
 QUANT_FORMATS = ("int8", "int4")
 KERNEL_REL_ERR = 1e-2  # the issue's bound on each kernel against the float64 reference
 TWIN_TOP1_MIN = 0.9  # teacher-forced top-1 agreement of the kernels with the float64 products (shallow twin)
 TWIN_MEDIAN_REL_ERR = 0.03  # their median relative logit error (bf16 rounding of the outputs only)
 SPARSE_TOP1_SLACK, SPARSE_ERR_RATIO, SPARSE_ERR_SLACK = 0.1, 1.5, 0.005  # sparse: beside float32 torch products
-TORCHAO_INT4_GROUP_SIZES = (32, 64, 128)  # what torchao's Int4WeightOnlyConfig takes
 
 
 def torchao_config(weights: str, group_size: int = 128) -> tuple[str, dict[str, Any]]:
@@ -45,8 +45,8 @@ def torchao_config(weights: str, group_size: int = 128) -> tuple[str, dict[str, 
     int4 at this run's `group_size` (the one our int4 rows use), int8 per output channel. The row's `config`
     text (`torchao_config_text`) is built from the same pair, so it names what was run."""
     if weights == "int4":
-        if group_size not in TORCHAO_INT4_GROUP_SIZES:
-            raise ValueError(f"torchao's int4 group size must be one of {TORCHAO_INT4_GROUP_SIZES}, got {group_size}")
+        if group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"torchao's int4 group size must be one of {INT4_GROUP_SIZES}, got {group_size}")
         return "Int4WeightOnlyConfig", {"group_size": group_size, "int4_packing_format": "tile_packed_to_4d"}
     if weights == "int8":
         return "Int8WeightOnlyConfig", {}
@@ -261,16 +261,15 @@ def torchao_decode_rate(hf: torch.nn.Module, weights: str, ids: torch.Tensor, ne
     row: dict[str, Any] = {"weights": weights, "op": "torchao", "config": torchao_config_text(weights, group_size),
                            "group_size": kwargs.get("group_size"), "path": "HF generate, static cache"}
     try:
-        import torchao
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        import torchao.quantization
     except ImportError as err:
         row["skipped"] = f"torchao is not importable ({err}); pip install torchao==0.18.0"
         return row
     row["torchao"] = torchao.__version__
     try:
-        config = {"Int4WeightOnlyConfig": Int4WeightOnlyConfig, "Int8WeightOnlyConfig": Int8WeightOnlyConfig}[name](
-            **kwargs)
-        quantize_(hf, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
+        config = getattr(torchao.quantization, name)(**kwargs)
+        torchao.quantization.quantize_(
+            hf, config, filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and "lm_head" not in fqn)
         row.update(hf_decode_rate(hf, ids, new_tokens, repeats, "static"))
     except Exception as err:  # noqa: BLE001 - the row records why torchao could not run here
         row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
