@@ -536,3 +536,52 @@ def test_sweep_entries_name_a_config_only_where_it_wins_everywhere_timed():
     lost = sweep_entries(rows({"cuda": (16.0, 16.0), "cuda bn512 w4 c2": (close, close)}, batch=3))
     assert lost[0]["bucket"] == 4 and lost[0]["best"] == "cuda bn512 w4 c2" and "entry" not in lost[0]
     assert sweep_entries(rows({"cuda bn512 w4 c2": (1.0, 1.0)})) == []  # no dispatch row: nothing to beat
+    # The winners as a table that $TEAL_QUANT_CONFIGS reads back: only the entry that won, under its format.
+    from teal.bench.quant_kernels import sweep_table
+    from teal.kernels import configs
+
+    table = sweep_table(won + lost)
+    assert [(e["K"], e["N"], e["bucket"], e["dtype"]) for e in table["entries"]] == [(4096, 6144, 1, "int4")]
+    assert table["entries"][0]["config"]["block_n"] == 512
+
+
+def test_quant_configs_env_table_comes_first(tmp_path, monkeypatch):
+    """A `$TEAL_QUANT_CONFIGS` table (what a sweep's --table-out writes) wins over `TUNED_QUANT_CUDA` and the
+    heuristic for its own (K, N, bucket, format) only; a Triton entry there is one clear error."""
+    from teal.bench.quant_kernels import sweep_table
+    from teal.bench.results import write_json
+    from teal.kernels import configs
+
+    won = dict(block_n=512, block_r=32, split_k=1, num_warps=4, cuda=True)
+    path = tmp_path / "quant.json"
+    write_json(sweep_table([{"weights": "int4", "K": 4096, "N": 6144, "bucket": 1, "config": won},
+                            {"weights": "int8", "K": 4096, "N": 6144, "bucket": 1}]), path)  # the second lost
+    heuristic = configs.quant_cuda_config(4096, 6144, 1, 132, "int4")
+    builtin = configs.KernelConfig(block_n=256, block_r=32, split_k=2, num_warps=4, cuda=True)
+    monkeypatch.setattr(configs, "TUNED_QUANT_CUDA", {(4096, 6144, 1, "int4"): builtin, (4096, 6144, 1, "int8"): builtin})
+    monkeypatch.setenv(configs.QUANT_CONFIGS_ENV, str(path))
+    assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == configs.KernelConfig(**won)
+    assert configs.quant_cuda_config(4096, 6144, 1, 132, "int8") == builtin  # no entry for int8: the table's
+    assert configs.quant_cuda_config(4096, 6144, 2, 132, "int4") == configs.quant_cuda_config(4096, 6144, 2, 132)
+    monkeypatch.delenv(configs.QUANT_CONFIGS_ENV)
+    assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == builtin != heuristic
+    bad = tmp_path / "bad.json"
+    write_json(configs.table_to_json({(4096, 6144, 1, "int4"): configs.KernelConfig(block_n=64)}), bad)
+    monkeypatch.setenv(configs.QUANT_CONFIGS_ENV, str(bad))
+    with pytest.raises(ValueError, match="not a CUDA configuration"):
+        configs.quant_cuda_config(4096, 6144, 1, 132, "int4")
+
+
+def test_decode_header_records_the_teal_switches(monkeypatch):
+    """A result's header names the `$TEAL_*` switches it ran under (a PDL or table A/B says which side it is),
+    but not the source commit, which is its own field."""
+    import torch
+
+    from teal.bench.results import decode_header
+
+    for key in [k for k in __import__("os").environ if k.startswith("TEAL_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("TEAL_CUDA_PDL", "1")
+    monkeypatch.setenv("TEAL_SOURCE_COMMIT", "0" * 40)
+    head = decode_header(None, "tiny", torch.device("cpu"), torch.float32, 8, 4, 1, 32, None)
+    assert head["environment"] == {"TEAL_CUDA_PDL": "1"} and head["git_commit"] == "0" * 40

@@ -231,7 +231,8 @@ def kernels_command(
         None, help="sparsities the tuner scores candidates at (default 0,0.5,0.9 for cuda, else 0,0.5)"),
     tune_batches: str = typer.Option("1", help="batch buckets to tune (comma list, e.g. 1,2,4)"),
     table_out: Optional[Path] = typer.Option(None, help="write the tuned table here; use it with "
-                                                        "TEAL_KERNEL_CONFIGS=PATH"),
+                                                        "TEAL_KERNEL_CONFIGS=PATH (with --quant-configs sweep: "
+                                                        "the quantized winners, for TEAL_QUANT_CONFIGS=PATH)"),
     time_budget: Optional[float] = typer.Option(None, help="seconds; later projections are skipped"),
     check: bool = typer.Option(True, "--check/--no-check", help="the GPU self-check before timing"),
     masks: str = typer.Option("random", "--masks", help=MASKS_HELP),

@@ -127,6 +127,7 @@ def sweep_entries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                "best_us": means[best]}
         if best != "cuda" and means[best] < means["cuda"] / SWEEP_SLACK:
             c = configs[best]
+            row["config"] = dict(c)
             row["entry"] = (f'({k}, {n}, {bucket}, "{fmt}"): KernelConfig(block_n={c["block_n"]}, '
                             f'block_r={c["block_r"]}, split_k={c["split_k"]}, num_warps={c["num_warps"]}, cuda=True),'
                             f"  # {means[best]:.1f} against {means['cuda']:.1f} us")
@@ -241,3 +242,12 @@ def quant_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [dict(check="rel_err_and_finite",
                  case=f"{r['kernel']} {r['weights']} {r['model']}/{r['proj']} B={r['batch']} s={r['sparsity']}",
                  value=r["rel_err"], goal=REL_ERR_BOUND, ok=bool(r["ok"])) for r in rows if "ok" in r]
+
+
+def sweep_table(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The winning entries of `sweep_entries` as a configuration table (`configs.table_to_json`; an entry's dtype is
+    its weight format), for ``$TEAL_QUANT_CONFIGS`` and, once a decode run agrees, `configs.TUNED_QUANT_CUDA`."""
+    from teal.kernels.configs import KernelConfig, table_to_json
+
+    return table_to_json({(e["K"], e["N"], e["bucket"], e["weights"]): KernelConfig(**e["config"])
+                          for e in entries if "config" in e})

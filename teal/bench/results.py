@@ -63,6 +63,13 @@ def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
         raise
 
 
+def teal_environment() -> dict[str, str]:
+    """The ``$TEAL_*`` switches of this process (launch modes, tables, kernel choices), for a result's header: a
+    run under ``TEAL_CUDA_PDL=1`` or ``TEAL_QUANT_CONFIGS=PATH`` says so itself. ``$TEAL_SOURCE_COMMIT`` is the
+    header's ``git_commit``."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("TEAL_") and k != "TEAL_SOURCE_COMMIT"}
+
+
 def decode_header(model: str | None, shape: str | None, device: torch.device, dtype: torch.dtype, prompt_len: int,
                   new_tokens: int, repeats: int, max_seq_len: int, command: str | None) -> dict[str, Any]:
     """The opening fields of a decode benchmark's JSON (`teal.bench.decode`, `teal.bench.tp`): the run's
@@ -87,7 +94,7 @@ def decode_header(model: str | None, shape: str | None, device: torch.device, dt
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
         "cuda": torch.version.cuda, "python": platform.python_version(), "git_commit": git_commit(),
-        "command": command or "teal.bench.decode.run()",
+        "environment": teal_environment(), "command": command or "teal.bench.decode.run()",
         "model": model or f"random:{shape}", "dtype": str(dtype).removeprefix("torch."),
         "batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
         "max_seq_len": max_seq_len,

@@ -230,6 +230,11 @@ CONFIGS_ENV = "TEAL_KERNEL_CONFIGS"
 #: ``benchmarks/scripts/producer_gpu.py --table-out PATH``.
 GATHER_CONFIGS_ENV = "TEAL_GATHER_CONFIGS"
 
+#: Environment variable naming a JSON table (``table_to_json``; an entry's ``dtype`` is the weight format, "int8"
+#: or "int4") whose entries take precedence over ``TUNED_QUANT_CUDA``; written by ``teal bench kernels --weights
+#: int4,int8 --quant-configs sweep --table-out PATH`` (the entries that won the sweep).
+QUANT_CONFIGS_ENV = "TEAL_QUANT_CONFIGS"
+
 TableKey = tuple[int, int, int, str]
 
 
@@ -326,8 +331,17 @@ def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int
     ``fmt``), else the heuristic: 256 columns per program (the blocks of 16-bit weights: a lane's 8 columns are
     8 or 4 code bytes per row), clusters as ``heuristic_cuda_config``, 8 warps (255 registers per thread: the
     decoded codes and the int4 group sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it
-    per batch)."""
-    tuned = TUNED_QUANT_CUDA.get((k, n, batch_bucket(batch), fmt))
+    per batch). A ``$TEAL_QUANT_CONFIGS`` table's entry comes first."""
+    key = (k, n, batch_bucket(batch), fmt)
+    override = os.environ.get(QUANT_CONFIGS_ENV)
+    if override:
+        entry = _override_table(override).get(key)
+        if entry is not None:
+            if not entry.cuda:
+                raise ValueError(f"${QUANT_CONFIGS_ENV} entry {key} is not a CUDA configuration (cuda: false); "
+                                 f"the quantized kernel's table holds CUDA C++ configurations only")
+            return entry
+    tuned = TUNED_QUANT_CUDA.get(key)
     if tuned is not None:
         return tuned
     base = heuristic_cuda_config(k, n, sm_count)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from teal.bench.masks import GROUP_SITE, MaskSource, imbalance, inputs_for_masks, sample_masks, token_rates
-from teal.bench.results import git_commit, write_json
+from teal.bench.results import git_commit, teal_environment, write_json
 from teal.bench.timing import measure_copy_bandwidth
 from teal.kernels import ops
 from teal.kernels import configs as kernel_configs
@@ -446,6 +446,7 @@ def run(
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "git_commit": git_commit(),
+        "environment": teal_environment(),
         "command": command or "teal.bench.kernels.run()",
         "dtype": dtype,
         "copy_bandwidth_start_Bps": copy_bw,
@@ -593,6 +594,10 @@ def run(
                 console.print(f"sweep {e['weights']} K={e['K']} N={e['N']} B<={e['bucket']}: best {e['best']} "
                               f"{e['best_us']:.1f} us, dispatch {e['default_us']:.1f} us"
                               + (f"\n    {e['entry']}" if "entry" in e else " (no entry)"))
+            if table_out is not None:
+                write_json(quant_bench.sweep_table(data["quant_sweep"]), table_out)
+                console.print(f"sweep winners written to {table_out}: use them with "
+                              f"{kernel_configs.QUANT_CONFIGS_ENV}={table_out}")
         bad = [t for t in data["quant_targets"] if not t["ok"]]
         console.print(f"quantized kernel within {quant_bench.REL_ERR_BOUND:g} of float64: "
                       f"{len(data['quant_targets']) - len(bad)}/{len(data['quant_targets'])}")
