@@ -473,7 +473,7 @@ def test_dense_twin_rule_takes_near_ties_from_the_float32_products():
 
 def test_quant_config_table_and_candidates():
     """`quant_cuda_config` takes a `TUNED_QUANT_CUDA` entry of its (K, N, batch bucket, format), else the
-    heuristic; the sweep's candidates cover 256 and 512 columns, 4 and 8 warps and clusters of 1-8, once each."""
+    heuristic; the sweep's candidates cover 256 and 512 columns, 4, 8 and 16 warps and clusters of 1-8, once each."""
     from teal.kernels import configs
 
     heuristic = configs.quant_cuda_config(4096, 6144, 3, 132, "int4")
@@ -487,7 +487,7 @@ def test_quant_config_table_and_candidates():
         assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == heuristic  # another bucket
     cands = configs.quant_cuda_candidates(4096, 28672, 132)
     assert len(cands) == len(set(cands))
-    assert {c.block_n for c in cands} == {256, 512} and {c.num_warps for c in cands} == {4, 8}
+    assert {c.block_n for c in cands} == {256, 512} and {c.num_warps for c in cands} == {4, 8, 16}
     assert all(1 <= c.split_k <= 8 and c.cuda and not c.use_dot and c.block_r == 32 for c in cands)
     assert heuristic in configs.quant_cuda_candidates(4096, 6144, 132)
     assert {c.block_n for c in configs.quant_cuda_candidates(4096, 28672, 132, batch=4)} == {256}  # 512 spills there

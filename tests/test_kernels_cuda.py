@@ -464,6 +464,7 @@ def test_quant_sweep_candidates_that_fit_compile_without_spills(weights):
             spills = re.findall(r"(\d+) bytes spill stores", log)
             assert spills and all(x == "0" for x in spills), (variant, log)
     assert any(v.vecs == 2 and v.batch == 1 for v in seen), seen
+    assert any(v.warps == 16 and v.batch == 1 for v in seen), seen  # the 16-warp int4 / int8 programs fit
 
 
 def test_quantized_rows_per_step_and_registers():

@@ -350,9 +350,11 @@ def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int
 
 def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list[KernelConfig]:
     """What a sweep of the quantized kernel times beside the heuristic: 256 columns per program, and 512 at batch 1
-    (a lane's 8 int4 / 16 int8 code bytes per row: twice the bytes in flight per load, half the programs; with
-    2-8 rows ptxas spills some of them: int8 at 4 rows and 29 rows per step spills 40 bytes), 4 or 8 warps, and
-    clusters of the size that puts about one program on each multiprocessor, half and twice that (1 to 8); 32
+    (two code loads per lane and row, 256 columns apart, half the programs; with 2-8 rows ptxas spills some of
+    them: int8 at 4 rows and 29 rows per step spills 40 bytes); 4, 8 or 16 warps (a 512-thread program has 128
+    registers per thread, which the int4 loop fits at batch 1 without spills: twice the warps, so twice the code
+    loads in flight on a multiprocessor, where 8 warps of 156 registers leave one program per multiprocessor);
+    and clusters of the size that puts about one program on each multiprocessor, half and twice that (1 to 8); 32
     rows per warp and step at most. Whether a candidate fits the registers of a batch is
     ``cuda.register_problem``'s to say."""
     out = []
@@ -360,7 +362,7 @@ def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list
         blocks = -(-n // block_n)
         base = max(1, min(8, _pow2_floor(max(1, sm_count // blocks)), _pow2_floor(max(1, k // 256))))
         for split in sorted({max(1, base // 2), base, min(8, 2 * base)}):
-            for warps in (4, 8):
+            for warps in (4, 8, 16):
                 out.append(KernelConfig(block_n=block_n, block_r=32, split_k=split, num_warps=warps, cuda=True))
     return out
 
