@@ -478,13 +478,28 @@ def test_quant_config_table_and_candidates():
 
     heuristic = configs.quant_cuda_config(4096, 6144, 3, 132, "int4")
     assert (heuristic.block_n, heuristic.num_warps, heuristic.block_r) == (256, 8, 32) and heuristic.cuda
+    one_row = configs.quant_cuda_config(4096, 12288, 1, 132, "int4")  # not in the table: the batch-1 heuristic
+    assert (4096, 12288, 1, "int4") not in configs.TUNED_QUANT_CUDA
+    assert (one_row.block_n, one_row.num_warps, one_row.split_k) == (256, 16, configs.heuristic_cuda_config(4096, 12288, 132).split_k)
+    assert configs.quant_cuda_config(4096, 12288, 2, 132, "int4").num_warps == 8
     tuned = configs.KernelConfig(block_n=512, block_r=32, split_k=2, num_warps=4, cuda=True)
     table = {(4096, 6144, 4, "int4"): tuned}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(configs, "TUNED_QUANT_CUDA", table)
         assert configs.quant_cuda_config(4096, 6144, 3, 132, "int4") == tuned  # batch 3: bucket 4
         assert configs.quant_cuda_config(4096, 6144, 3, 132, "int8") == heuristic  # another format
-        assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == heuristic  # another bucket
+        assert configs.quant_cuda_config(4096, 6144, 8, 132, "int4") == heuristic  # another bucket
+    # The built-in table: Llama-3-8B's four projections at batch 1 in both formats, each a CUDA configuration
+    # that fits its registers (what the H100 decode step ran with).
+    assert {(k, n) for k, n, b, f in configs.TUNED_QUANT_CUDA} == {(4096, 6144), (4096, 4096), (4096, 28672),
+                                                                    (14336, 4096)}
+    assert {(b, f) for _, _, b, f in configs.TUNED_QUANT_CUDA} == {(1, "int4"), (1, "int8")}
+    import torch
+
+    from teal.kernels import cuda
+
+    for (k, n, b, f), cfg in configs.TUNED_QUANT_CUDA.items():
+        assert cfg.cuda and cuda.register_problem(cfg, torch.bfloat16, b, f) is None, (k, n, f, cfg)
     cands = configs.quant_cuda_candidates(4096, 28672, 132)
     assert len(cands) == len(set(cands))
     assert {c.block_n for c in cands} == {256, 512} and {c.num_warps for c in cands} == {4, 8, 16}

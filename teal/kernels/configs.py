@@ -320,18 +320,34 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
     return KernelConfig(block_n=256, block_r=8, split_k=split, num_warps=warps, cuda=True)
 
 
-#: Tuned CUDA C++ configurations of the quantized kernel, (K, N, batch bucket, format) -> config, from
-#: `teal bench kernels --weights int4,int8 --quant-configs sweep` (it prints the entries). Empty: no sweep has
-#: been run on a GPU yet, so every call takes ``quant_cuda_config``'s heuristic.
-TUNED_QUANT_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {}
+#: Tuned CUDA C++ configurations of the quantized kernel, (K, N, batch bucket, format) -> config: the batch-1
+#: winners of `teal bench kernels --shapes llama-3-8b --weights int4,int8 --sparsity 0,0.5 --batch 1,4
+#: --quant-kernels cuda --quant-configs sweep` on an H100 (benchmarks/results/2026-12-08-h100-quant-kernels-sweep.json;
+#: mean µs over s = 0 and 0.5 against the 8-warp heuristic's), kept because the decode step agreed: int4 dense
+#: 252.1 -> 295.4 tok/s, int8 213.8 -> 246.9 (`…-quant-decode-table-{off-1,on,off-2}.json`). The sweep's batch-4
+#: winners are not here: no batched decode has checked them yet (benchmarks/notes/quantization.md).
+TUNED_QUANT_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
+    (4096, 6144, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=16, cuda=True),  # 9.4 / 9.8
+    (4096, 4096, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=8, num_warps=4, cuda=True),  # 8.6 / 11.8
+    (4096, 28672, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=1, num_warps=16, cuda=True),  # 23.6 / 28.9
+    (14336, 4096, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=16, cuda=True),  # 20.9 / 28.0
+    (4096, 6144, 1, "int8"): KernelConfig(block_n=512, block_r=32, split_k=8, num_warps=16, cuda=True),  # 11.2 / 13.2
+    (4096, 4096, 1, "int8"): KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=16, cuda=True),  # 10.1 / 14.8
+    (4096, 28672, 1, "int8"): KernelConfig(block_n=256, block_r=32, split_k=1, num_warps=16, cuda=True),  # 33.1 / 35.8
+    (14336, 4096, 1, "int8"): KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=16, cuda=True),  # 24.1 / 32.6
+}
 
 
 def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int8") -> KernelConfig:
-    """The CUDA C++ configuration of an int8 / int4 call: the ``TUNED_QUANT_CUDA`` entry of (K, N, batch bucket,
-    ``fmt``), else the heuristic: 256 columns per program (the blocks of 16-bit weights: a lane's 8 columns are
-    8 or 4 code bytes per row), clusters as ``heuristic_cuda_config``, 8 warps (255 registers per thread: the
-    decoded codes and the int4 group sums), 32 rows per warp and step at most (``cuda.rows_per_step`` caps it
-    per batch). A ``$TEAL_QUANT_CONFIGS`` table's entry comes first."""
+    """The CUDA C++ configuration of an int8 / int4 call: a ``$TEAL_QUANT_CONFIGS`` table's entry of (K, N, batch
+    bucket, ``fmt``), else ``TUNED_QUANT_CUDA``'s, else the heuristic: 256 columns per program (the blocks of 16-bit
+    weights: a lane's 8 columns are 8 or 4 code bytes per row), clusters as ``heuristic_cuda_config``, 32 rows per
+    warp and step at most (``cuda.rows_per_step`` caps it per batch), and 16 warps at batch 1, 8 above. Why 16:
+    one 8-warp program of 156 (int4) or 244 (int8) registers per thread fills a multiprocessor's registers, so only
+    8 warps' code loads were in flight on it; a 512-thread program has 128 registers per thread, which both loops
+    fit at batch 1 without spills, and at the cluster size of this heuristic it was faster in all 8 (format,
+    projection) pairs of the H100 sweep at Llama-3-8B widths (int4 gate|up 23.6 against 28.9 µs, mean of s = 0 and
+    0.5; benchmarks/notes/quantization.md). With 2-8 rows the sums take the registers: 8 warps."""
     key = (k, n, batch_bucket(batch), fmt)
     override = os.environ.get(QUANT_CONFIGS_ENV)
     if override:
@@ -345,7 +361,8 @@ def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int
     if tuned is not None:
         return tuned
     base = heuristic_cuda_config(k, n, sm_count)
-    return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=8, cuda=True)
+    warps = 16 if batch_bucket(batch) == 1 else 8
+    return KernelConfig(block_n=256, block_r=32, split_k=base.split_k, num_warps=warps, cuda=True)
 
 
 def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list[KernelConfig]:
