@@ -4,6 +4,7 @@ kernel fails), the torchao row's one-line failure, and the quantized kernel benc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -57,6 +58,8 @@ def test_bench_decode_weights_option_parses_alike_through_both_entry_points(args
     (["--weights", "int4", "--quant-kernels", "cuda,triton"], "runs on a CUDA GPU"),  # parsed
     (["--weights", "int4", "--quant-configs", "tune"], "--quant-configs takes default or sweep"),
     (["--quant-configs", "sweep"], "--quant-configs sweep times the quantized kernel: add int8 or int4"),
+    (["--weights", "int4", "--quant-configs", "sweep", "--tune", "--table-out", "t.json"],
+     "--table-out takes one table: drop --tune or --quant-configs sweep"),
     (["--weights", "int8,int4", "--quant-configs", "sweep"], "runs on a CUDA GPU"),  # parsed
 ])
 def test_bench_kernels_weights_option(args, message):
@@ -506,6 +509,20 @@ def test_quant_config_table_and_candidates():
     assert all(1 <= c.split_k <= 8 and c.cuda and not c.use_dot and c.block_r == 32 for c in cands)
     assert heuristic in configs.quant_cuda_candidates(4096, 6144, 132)
     assert {c.block_n for c in configs.quant_cuda_candidates(4096, 28672, 132, batch=4)} == {256}  # 512 spills there
+    # The int4 cp.async ring: two candidates at batch 1 (256 columns, the base cluster size), none at 4 rows;
+    # register_problem keeps it to int4 codes, one code word per lane and one input row.
+    import torch
+
+    from teal.kernels import cuda
+
+    rings = [c for c in cands if c.num_stages > 1]
+    assert sorted((c.num_warps, c.num_stages) for c in rings) == [(8, 3), (16, 2)]
+    assert all(c.block_n == 256 and c.split_k == configs.heuristic_cuda_config(4096, 28672, 132).split_k for c in rings)
+    assert not [c for c in configs.quant_cuda_candidates(4096, 28672, 132, batch=4) if c.num_stages > 1]
+    ring = rings[0]
+    assert cuda.register_problem(ring, torch.bfloat16, 1, "int4") is None
+    for fmt, batch, cfg in (("int8", 1, ring), ("int4", 2, ring), ("int4", 1, dataclasses.replace(ring, block_n=512))):
+        assert "cp.async ring" in cuda.register_problem(cfg, torch.bfloat16, batch, fmt), (fmt, batch, cfg)
 
 
 def test_sweep_kernels_start_with_the_dispatch_config_and_keep_what_fits():
@@ -523,6 +540,16 @@ def test_sweep_kernels_start_with_the_dispatch_config_and_keep_what_fits():
     dropped = [c for c in cands if c != rows[0][2] and cuda.register_problem(c, torch.bfloat16, 8, "int4") is not None]
     assert len(rest) + len(dropped) + 1 == len(cands)  # the heuristic is among them
     assert config_label(rows[0][2]) == "cuda bn256 w8 c4"
+    assert config_label(dataclasses.replace(rows[0][2], num_stages=3)) == "cuda bn256 w8 c4 ring3"
+    # At batch 1 the int4 sweep times the cp.async ring too; int8 cannot take it, and a ring whose lists and ring
+    # overflow sm_90's shared memory (a very long K) is left out before any launch.
+    names = [name for name, _, _ in sweep_kernels(4096, 28672, 1, "int4", torch.bfloat16, 132)]
+    assert any(nm.endswith(" ring3") for nm in names) and any(nm.endswith(" ring2") for nm in names), names
+    assert not [nm for nm, _, _ in sweep_kernels(4096, 28672, 1, "int8", torch.bfloat16, 132) if "ring" in nm]
+    long_k = sweep_kernels(131072, 4096, 1, "int4", torch.bfloat16, 132)
+    assert not [nm for nm, _, cfg in long_k if cfg.num_stages > 1 and cfg.num_warps == 16], [n for n, _, _ in long_k]
+    assert all(cuda.geometry(131072, [4096], cfg, torch.bfloat16, 1, "int4").shared_bytes <= cuda.SM90_SHARED_LIMIT
+               for _, _, cfg in long_k[1:])
 
 
 def test_sweep_entries_name_a_config_only_where_it_wins_everywhere_timed():
@@ -551,6 +578,9 @@ def test_sweep_entries_name_a_config_only_where_it_wins_everywhere_timed():
     lost = sweep_entries(rows({"cuda": (16.0, 16.0), "cuda bn512 w4 c2": (close, close)}, batch=3))
     assert lost[0]["bucket"] == 4 and lost[0]["best"] == "cuda bn512 w4 c2" and "entry" not in lost[0]
     assert sweep_entries(rows({"cuda bn512 w4 c2": (1.0, 1.0)})) == []  # no dispatch row: nothing to beat
+    ringed = sweep_entries([{**r, "config": {**r["config"], "num_stages": 3}} if r["kernel"] != "cuda" else r
+                            for r in rows({"cuda": (20.0, 12.0), "cuda bn256 w4 c2 ring3": (10.0, 6.0)})])
+    assert "num_warps=4, num_stages=3, cuda=True)" in ringed[0]["entry"], ringed  # the entry keeps the ring
     # The winners as a table that $TEAL_QUANT_CONFIGS reads back: only the entry that won, under its format.
     from teal.bench.quant_kernels import sweep_table
     from teal.kernels import configs
@@ -571,7 +601,7 @@ def test_quant_configs_env_table_comes_first(tmp_path, monkeypatch):
     path = tmp_path / "quant.json"
     write_json(sweep_table([{"weights": "int4", "K": 4096, "N": 6144, "bucket": 1, "config": won},
                             {"weights": "int8", "K": 4096, "N": 6144, "bucket": 1}]), path)  # the second lost
-    heuristic = configs.quant_cuda_config(4096, 6144, 1, 132, "int4")
+    shipped = configs.quant_cuda_config(4096, 6144, 1, 132, "int4")  # the built-in table's entry
     builtin = configs.KernelConfig(block_n=256, block_r=32, split_k=2, num_warps=4, cuda=True)
     monkeypatch.setattr(configs, "TUNED_QUANT_CUDA", {(4096, 6144, 1, "int4"): builtin, (4096, 6144, 1, "int8"): builtin})
     monkeypatch.setenv(configs.QUANT_CONFIGS_ENV, str(path))
@@ -579,12 +609,31 @@ def test_quant_configs_env_table_comes_first(tmp_path, monkeypatch):
     assert configs.quant_cuda_config(4096, 6144, 1, 132, "int8") == builtin  # no entry for int8: the table's
     assert configs.quant_cuda_config(4096, 6144, 2, 132, "int4") == configs.quant_cuda_config(4096, 6144, 2, 132)
     monkeypatch.delenv(configs.QUANT_CONFIGS_ENV)
-    assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == builtin != heuristic
+    assert configs.quant_cuda_config(4096, 6144, 1, 132, "int4") == builtin != shipped
     bad = tmp_path / "bad.json"
     write_json(configs.table_to_json({(4096, 6144, 1, "int4"): configs.KernelConfig(block_n=64)}), bad)
     monkeypatch.setenv(configs.QUANT_CONFIGS_ENV, str(bad))
-    with pytest.raises(ValueError, match="not a CUDA configuration"):
+    with pytest.raises(ValueError, match=r"bad\.json: entry .* not a CUDA configuration"):
         configs.quant_cuda_config(4096, 6144, 1, 132, "int4")
+    bf16_table = tmp_path / "bf16.json"  # a $TEAL_KERNEL_CONFIGS table set here by mistake: one line, not ignored
+    write_json(configs.table_to_json({(4096, 6144, 1, "bf16"): configs.KernelConfig(block_n=256, cuda=True)}),
+               bf16_table)
+    monkeypatch.setenv(configs.QUANT_CONFIGS_ENV, str(bf16_table))
+    with pytest.raises(ValueError, match="has no int8 or int4 entry"):
+        configs.quant_cuda_config(4096, 6144, 1, 132, "int4")
+
+
+def test_built_in_quant_table_is_the_sweeps_batch_one_winners():
+    """`TUNED_QUANT_CUDA` holds exactly the batch-1 entries of the committed H100 sweep table (what the decode step
+    ran with through $TEAL_QUANT_CONFIGS), none of its batch-4 ones."""
+    from pathlib import Path
+
+    from teal.kernels import configs
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-12-08-h100-quant-sweep-table.json"
+    swept = configs.load_table(path)
+    assert {key: cfg for key, cfg in swept.items() if key[2] == 1} == configs.TUNED_QUANT_CUDA
+    assert any(key[2] == 4 for key in swept)
 
 
 def test_decode_header_records_the_teal_switches(monkeypatch):

@@ -453,7 +453,7 @@ def test_quant_sweep_candidates_that_fit_compile_without_spills(weights):
         for cfg in quant_cuda_candidates(k, n, 132, batch):
             if cuda.register_problem(cfg, torch.bfloat16, batch, weights) is not None:
                 continue
-            geo = cuda.geometry(k, [n // 2, n // 2], cfg, torch.bfloat16, batch)
+            geo = cuda.geometry(k, [n // 2, n // 2], cfg, torch.bfloat16, batch, weights)
             variant = cuda.variant_for(cfg, torch.bfloat16, has_scale=False, glu=False, pdl=2,
                                        rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=128)
             if variant in seen:
@@ -465,6 +465,45 @@ def test_quant_sweep_candidates_that_fit_compile_without_spills(weights):
             assert spills and all(x == "0" for x in spills), (variant, log)
     assert any(v.vecs == 2 and v.batch == 1 for v in seen), seen
     assert any(v.warps == 16 and v.batch == 1 for v in seen), seen  # the 16-warp int4 / int8 programs fit
+    assert any(v.qpipe for v in seen) == (weights == "int4"), seen  # the cp.async ring: int4 only
+
+
+@requires_nvrtc
+def test_int4_ring_compiles_and_streams_through_shared_memory(tmp_path):
+    """The int4 loop with the cp.async ring (``QPIPE``) compiles for sm_90 without spills in bf16 and fp16, with and
+    without column scales, at groups 32 and 128; in the SASS the code words arrive by LDGSTS in committed groups
+    (LDGDEPBAR), the loop waits with DEPBAR.LE SB0, S - 1 (step t complete, S - 1 steps still in flight) and reads
+    them back from shared memory, and no code word is loaded into registers (no 32-bit LDG.E.NA.CONSTANT). The
+    launch geometry puts the ring after the lists, 16-byte aligned, as the kernel computes it."""
+    from teal.kernels.configs import KernelConfig
+
+    for warps, stages in ((8, 3), (16, 2)):
+        cfg = KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=warps, num_stages=stages, cuda=True)
+        geo = cuda.geometry(14336, [4096], cfg, torch.bfloat16, 1, "int4")
+        plain = cuda.geometry(14336, [4096], dataclasses.replace(cfg, num_stages=1), torch.bfloat16, 1, "int4")
+        lists = 4 * 2 * warps * geo.rows_per_warp
+        assert geo.shared_bytes == max(-(-lists // 16) * 16 + 4 * warps * stages * 32 * 32, plain.shared_bytes)
+        assert geo.shared_bytes <= cuda.SM90_SHARED_LIMIT
+        assert cuda.geometry(14336, [4096], cfg, torch.bfloat16, 1, "int8").shared_bytes == plain.shared_bytes
+        for dtype, scale, group in ((torch.bfloat16, False, 128), (torch.float16, True, 32)):
+            variant = cuda.variant_for(cfg, dtype, has_scale=scale, glu=False, pdl=2, rows_per_warp=geo.rows_per_warp,
+                                       batch=1, weights="int4", group=group)
+            assert variant.qpipe == stages and f"-DQPIPE={stages}" in variant.defines()
+            code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                                    [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+            spills = re.findall(r"(\d+) bytes spill stores", log)
+            assert spills and all(x == "0" for x in spills), (variant, log)
+            if CUOBJDUMP is None:
+                continue
+            cubin = tmp_path / "ring.cubin"
+            cubin.write_bytes(code)
+            sass = subprocess.run([CUOBJDUMP, "--dump-sass", str(cubin)], capture_output=True, text=True,
+                                  check=True).stdout
+            assert re.search(r"\bLDGSTS\.E\b", sass) and "LDGDEPBAR" in sass, variant
+            assert re.search(rf"DEPBAR\.LE SB0, 0x{stages - 1}\b", sass), variant
+            assert not re.search(r"\bLDG\.E\.NA\.CONSTANT\b", sass), variant  # no code word through registers
+    assert cuda.variant_for(dataclasses.replace(cfg, num_stages=1), torch.bfloat16, has_scale=False, glu=False,
+                            pdl=2, weights="int4", group=128).qpipe == 0
 
 
 def test_quantized_rows_per_step_and_registers():

@@ -260,6 +260,9 @@ def kernels_command(
     if quant_configs == "sweep" and formats == ["bf16"]:
         raise typer.BadParameter("--quant-configs sweep times the quantized kernel: add int8 or int4 to --weights",
                                  param_hint="--quant-configs")
+    if quant_configs == "sweep" and tune and table_out is not None:
+        raise typer.BadParameter("--table-out takes one table: drop --tune or --quant-configs sweep (run them apart)",
+                                 param_hint="--table-out")
     group_size = resolve_group_size(formats, group_size)
     check_quant_method(formats, quant_method)
     sparsities, batches = floats(sparsity, "--sparsity"), ints(batch, "--batch")

@@ -79,8 +79,10 @@ SWEEP_SLACK = 1.03
 
 
 def config_label(cfg: KernelConfig) -> str:
-    """A swept CUDA row's kernel name: "cuda bn{block_n} w{num_warps} c{split_k}"."""
-    return f"cuda bn{cfg.block_n} w{cfg.num_warps} c{cfg.split_k}"
+    """A swept CUDA row's kernel name: "cuda bn{block_n} w{num_warps} c{split_k}", and " ring{num_stages}" with the
+    int4 cp.async ring."""
+    ring = f" ring{cfg.num_stages}" if cfg.num_stages > 1 else ""
+    return f"cuda bn{cfg.block_n} w{cfg.num_warps} c{cfg.split_k}{ring}"
 
 
 def sweep_kernels(k: int, n: int, batch: int, fmt: str, dtype: torch.dtype,
@@ -93,7 +95,8 @@ def sweep_kernels(k: int, n: int, batch: int, fmt: str, dtype: torch.dtype,
     default = quant_cuda_config(k, n, batch, sm_count, fmt)
     out = [("cuda", functools.partial(quant_sparse_linear_cuda, config=default), default)]
     for cfg in quant_cuda_candidates(k, n, sm_count, batch):
-        if cfg != default and cuda.register_problem(cfg, dtype, batch, fmt) is None:
+        if (cfg != default and cuda.register_problem(cfg, dtype, batch, fmt) is None
+                and cuda.geometry(k, [n], cfg, dtype, batch, fmt).shared_bytes <= cuda.SM90_SHARED_LIMIT):
             out.append((config_label(cfg), functools.partial(quant_sparse_linear_cuda, config=cfg), cfg))
     return out
 
@@ -128,9 +131,10 @@ def sweep_entries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if best != "cuda" and means[best] < means["cuda"] / SWEEP_SLACK:
             c = configs[best]
             row["config"] = dict(c)
+            stages = f', num_stages={c["num_stages"]}' if c.get("num_stages", 1) > 1 else ""
             row["entry"] = (f'({k}, {n}, {bucket}, "{fmt}"): KernelConfig(block_n={c["block_n"]}, '
-                            f'block_r={c["block_r"]}, split_k={c["split_k"]}, num_warps={c["num_warps"]}, cuda=True),'
-                            f"  # {means[best]:.1f} against {means['cuda']:.1f} us")
+                            f'block_r={c["block_r"]}, split_k={c["split_k"]}, num_warps={c["num_warps"]}{stages}, '
+                            f"cuda=True),  # {means[best]:.1f} against {means['cuda']:.1f} us")
         out.append(row)
     return out
 

@@ -234,6 +234,8 @@ GATHER_CONFIGS_ENV = "TEAL_GATHER_CONFIGS"
 #: or "int4") whose entries take precedence over ``TUNED_QUANT_CUDA``; written by ``teal bench kernels --weights
 #: int4,int8 --quant-configs sweep --table-out PATH`` (the entries that won the sweep).
 QUANT_CONFIGS_ENV = "TEAL_QUANT_CONFIGS"
+#: The weight formats a ``$TEAL_QUANT_CONFIGS`` table is keyed by (its entries' ``dtype``).
+QUANT_TABLE_FORMATS = ("int8", "int4")
 
 TableKey = tuple[int, int, int, str]
 
@@ -351,11 +353,15 @@ def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int
     key = (k, n, batch_bucket(batch), fmt)
     override = os.environ.get(QUANT_CONFIGS_ENV)
     if override:
-        entry = _override_table(override).get(key)
+        table = _override_table(override)
+        if not any(f in QUANT_TABLE_FORMATS for _, _, _, f in table):
+            raise ValueError(f"${QUANT_CONFIGS_ENV}={override} has no int8 or int4 entry (a bf16 table belongs in "
+                             f"${CONFIGS_ENV}); write one with teal bench kernels --quant-configs sweep --table-out")
+        entry = table.get(key)
         if entry is not None:
             if not entry.cuda:
-                raise ValueError(f"${QUANT_CONFIGS_ENV} entry {key} is not a CUDA configuration (cuda: false); "
-                                 f"the quantized kernel's table holds CUDA C++ configurations only")
+                raise ValueError(f"${QUANT_CONFIGS_ENV}={override}: entry {key} is not a CUDA configuration "
+                                 f"(cuda: false); the quantized kernel's table holds CUDA C++ configurations only")
             return entry
     tuned = TUNED_QUANT_CUDA.get(key)
     if tuned is not None:
@@ -372,8 +378,11 @@ def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list
     registers per thread, which the int4 loop fits at batch 1 without spills: twice the warps, so twice the code
     loads in flight on a multiprocessor, where 8 warps of 156 registers leave one program per multiprocessor);
     and clusters of the size that puts about one program on each multiprocessor, half and twice that (1 to 8); 32
-    rows per warp and step at most. Whether a candidate fits the registers of a batch is
-    ``cuda.register_problem``'s to say."""
+    rows per warp and step at most. At batch 1 two more take int4 codes through the cp.async ring (``num_stages``
+    steps per warp in shared memory: 8 warps and 3 steps, 16 warps and 2 steps, at 256 columns and the base
+    cluster size): the code loads in flight are then bound by shared memory, not registers. Whether a candidate
+    fits the registers of a batch and format is ``cuda.register_problem``'s to say, and its shared memory the
+    sweep's (``sweep_kernels``)."""
     out = []
     for block_n in (256, 512) if batch == 1 else (256,):
         blocks = -(-n // block_n)
@@ -381,6 +390,10 @@ def quant_cuda_candidates(k: int, n: int, sm_count: int, batch: int = 1) -> list
         for split in sorted({max(1, base // 2), base, min(8, 2 * base)}):
             for warps in (4, 8, 16):
                 out.append(KernelConfig(block_n=block_n, block_r=32, split_k=split, num_warps=warps, cuda=True))
+            if batch == 1 and block_n == 256 and split == base:  # the int4 cp.async ring (int8: register_problem)
+                for warps, stages in ((8, 3), (16, 2)):
+                    out.append(KernelConfig(block_n=256, block_r=32, split_k=split, num_warps=warps,
+                                            num_stages=stages, cuda=True))
     return out
 
 

@@ -80,6 +80,7 @@ class Variant:
     weights: int = 0  # WEIGHT_CODES: 0 element type, 1 int8, 2 int4
     group: int = 0  # int4: input rows per (scale, zero) group
     stamps: bool = False  # the per-stage timeline (``STAMPS``; measuring only, ``launch(stamps=...)``)
+    qpipe: int = 0  # int4 at batch 1: steps in the cp.async ring of each warp (``QPIPE``; 0: code words in registers)
 
     def defines(self) -> list[str]:
         out = [f"-DLIST_STEP={self.list_step}", f"-DBATCH={self.batch}", f"-DMMA={int(self.mma)}",
@@ -89,6 +90,8 @@ class Variant:
         ]
         if self.weights:
             out += [f"-DWFMT={self.weights}", f"-DGROUP={max(1, self.group)}"]
+        if self.qpipe:
+            out.append(f"-DQPIPE={self.qpipe}")
         if self.stamps:
             out.append("-DSTAMPS=1")
         return out
@@ -140,6 +143,9 @@ def rows_per_step(config: KernelConfig, dtype: torch.dtype, batch: int = 1, weig
     return max(1, min(config.block_r, budget // (per_vector * vecs)))
 
 
+#: Dynamic shared memory one program may opt in to on sm_90 (227 KB); the device's own figure decides at launch.
+SM90_SHARED_LIMIT = 232448
+
 #: Rows per warp and step of the tensor-core inner product (the k of one mma.m16n8k16).
 MMA_ROWS = 16
 #: Output columns per program the tensor-core inner product takes (``block_n``): 64-column slots of 2 or 4.
@@ -177,14 +183,23 @@ def variant_for(config: KernelConfig, dtype: torch.dtype, *, has_scale: bool, gl
     code = WEIGHT_CODES[weights]
     return Variant(ELEM_CODES[dtype], config.num_warps, rows_per_step(config, dtype, batch, code),
                    vectors_per_lane(config, dtype), config.split_k, has_scale, glu, pdl,
-                   list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0)
+                   list_step(rows_per_warp, batch), batch, mma_slots(config), code, group if code == 2 else 0,
+                   qpipe=ring_stages(config, weights))
 
 
-def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1) -> Geometry:
+def ring_stages(config: KernelConfig, weights: str = "bf16") -> int:
+    """Steps in the int4 loop's cp.async ring (``QPIPE``): ``config.num_stages`` where it is above 1 on int4 codes
+    (``register_problem`` names what it takes), else 0: the code words of a step go through registers."""
+    return config.num_stages if weights == "int4" and config.cuda and config.num_stages > 1 else 0
+
+
+def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: torch.dtype, batch: int = 1,
+             weights: str = "bf16") -> Geometry:
     """Launch geometry (pure arithmetic; tested on the CPU). Column block b of segment j covers columns
     ``offsets[j-1] + (b - block_starts[j-1]) * block_n`` onward, clipped at the segment's end; program
     (b, s) owns rows ``[s * rows_per_split, (s + 1) * rows_per_split)``, warp w of it ``rows_per_warp`` of
-    those."""
+    those. Shared memory: the survivor lists (then, reused, the warps' sums), and with an int4 ring
+    (``ring_stages``) the ring after the lists."""
     if not 1 <= len(split_list) <= MAX_SEGMENTS:
         raise ValueError(f"the CUDA sparse GEMV takes 1..{MAX_SEGMENTS} segments per launch, got {len(split_list)}")
     block_n = config.block_n if mma_slots(config) else 32 * ELEMS_PER_VECTOR[dtype] * vectors_per_lane(config, dtype)
@@ -199,6 +214,10 @@ def geometry(k: int, split_list: Sequence[int], config: KernelConfig, dtype: tor
     rows_per_warp = -(-rows_per_split // config.num_warps)
     lists = 4 * (1 + batch) * config.num_warps * rows_per_warp
     sums = 4 * (config.num_warps + 1) * batch * block_n
+    stages = ring_stages(config, weights)
+    if stages:  # the ring follows the lists (16-byte aligned): stages x rows per step x 32 words per warp
+        unroll = rows_per_step(config, dtype, batch, WEIGHT_CODES[weights])
+        lists = -(-lists // 16) * 16 + 4 * config.num_warps * stages * unroll * 32
     return Geometry((blocks[-1], split, 1), 32 * config.num_warps, max(lists, sums), block_n, rows_per_split,
                     rows_per_warp, offsets, starts, n)  # type: ignore[arg-type]
 
@@ -229,6 +248,9 @@ def register_problem(config: KernelConfig, dtype: torch.dtype, batch: int, weigh
         if config.use_dot:
             return "quantized weights take the FMA inner product (use_dot off)"
         vecs = vectors_per_lane(config, dtype)
+        if config.num_stages > 1 and (weights != "int4" or vecs != 1 or batch != 1):
+            return (f"the cp.async ring (num_stages={config.num_stages}) takes int4 codes at block_n 256 and one "
+                    f"input row, not {weights} at block_n {config.block_n} with {batch} rows; use num_stages=1")
         sums = 8 * vecs * batch * (2 if weights == "int4" else 1) + 16 * vecs
         if sums + 48 > limit:
             return (f"{batch} rows x block_n={config.block_n} of {weights} need {sums} registers of sums and scales "
@@ -584,7 +606,7 @@ def unsupported_quant_reason(x: torch.Tensor, qw: "QuantizedWeight", split_list:
         return problem
     if qw.scales.dtype != x.dtype:
         return f"the scales are {qw.scales.dtype} and the input {x.dtype}; the kernel takes one type"
-    geo = geometry(qw.shape[0], split_list, config, x.dtype, x.shape[0])
+    geo = geometry(qw.shape[0], split_list, config, x.dtype, x.shape[0], qw.format)
     limit = torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin
     if geo.shared_bytes > limit:
         return f"needs {geo.shared_bytes} bytes of shared memory per program (device limit {limit}); raise split_k"
@@ -608,7 +630,7 @@ def _launch(x: torch.Tensor, w_ptr: int, k: int, stride_w: int, y: torch.Tensor,
             qzero: Optional[torch.Tensor] = None, stride_q: int = 0, stamps: Optional[torch.Tensor] = None) -> None:
     batch = x.shape[0]
     device_index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    geo = geometry(k, split_list, config, x.dtype, batch)
+    geo = geometry(k, split_list, config, x.dtype, batch, weights)
     variant = variant_for(config, x.dtype, has_scale=col_scale is not None, glu=glu, pdl=int(pdl),
                           rows_per_warp=geo.rows_per_warp, batch=batch, weights=weights, group=group)
     if stamps is not None:

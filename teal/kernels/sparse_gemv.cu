@@ -49,6 +49,12 @@
 //             sums x * (128 + q) and x, and between steps folds scale * (sum x (128 + q) - (128 + zero) * sum x)
 //             in (the constant 128 joins the zero point), the next group's pair loaded while the current one
 //             is summed.
+//   QPIPE     0, or S >= 2 (int4, VECS 1, BATCH 1): the int4 loop's code words go through a ring of S steps per
+//             warp in shared memory by cp.async (4 bytes per lane and row) instead of registers, the loads of
+//             S - 1 steps ahead issued before a step's products, so a warp has loads in flight while it
+//             multiplies and registers no longer bound the rows in flight. A lane reads back only the words it
+//             copied itself (cp.async.wait_group orders them for the copying thread: no barrier). The ring
+//             follows the lists in shared memory: WARPS * S * UNROLL * 32 words.
 //   STAMPS    0, or 1: a per-stage timeline of each program, for measuring only (the work is unchanged; each
 //             stamp is one %globaltimer read and one store by lane 0). An extra last argument `stamps`, int64
 //             [programs][WARPS + 1][5], program = blockIdx.x * SPLIT + blockIdx.y; row w < WARPS is warp w's
@@ -96,6 +102,12 @@ struct alignas(16) vec_f32x4 { float x, y, z, w; };
 #endif
 #if WFMT == 2 && UNROLL > 32
 #error "the int4 loop takes at most 32 rows per step (one listed row per lane)"
+#endif
+#ifndef QPIPE
+#define QPIPE 0
+#endif
+#if QPIPE && (WFMT != 2 || VECS != 1 || BATCH != 1 || QPIPE < 2)
+#error "the cp.async ring (QPIPE >= 2) takes int4 codes, one code word per lane (block_n 256) and one input row"
 #endif
 // The int4 decode: a nibble q in byte 2 under the exponent byte INT4_EXP is the fp32
 // INT4_BIAS + q (2^7 + q: exponent 134, the nibble's lowest bit weighs 1); byte j of the masked word is
@@ -278,6 +290,20 @@ __device__ __forceinline__ void decode_int4(float* out, unsigned word) {
         out[2 * j + 1] = __uint_as_float(__byte_perm(hi, INT4_EXP, INT4_SELECT | (j << 8)));
     }
 }
+#if QPIPE
+// cp.async of the code word at `col` + row * stride into shared `dst` if `pred` (else nothing is copied: the slot
+// keeps an earlier word, which decodes to a finite value and meets x = 0).
+__device__ __forceinline__ void copy_code_word(unsigned dst, const weight_t* col, unsigned row, unsigned stride,
+                                               bool pred) {
+    unsigned long long a;
+    asm("mad.wide.u32 %0, %1, %2, %3;" : "=l"(a) : "r"(row), "r"(stride), "l"(col));
+    asm volatile("{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %2, 0;\n\t"
+                 "@p cp.async.ca.shared.global [%0], [%1], 4;\n\t}" :: "r"(dst), "l"(a), "r"((int)pred) : "memory");
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
+#endif
 #endif
 
 #if MMA
@@ -433,6 +459,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 
     int* list_idx = reinterpret_cast<int*>(smem) + warp * rows_per_warp;
     float* list_val = reinterpret_cast<float*>(smem) + WARPS * rows_per_warp + warp * rows_per_warp * BATCH;
+#if QPIPE
+    const int ring_offset = (4 * (1 + BATCH) * WARPS * rows_per_warp + 15) & ~15;  // after the lists
+#endif
 
 #if WFMT
     // The lane's code columns, and the first scales (and zeros) it needs: loaded before the wait for the
@@ -606,6 +635,77 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
     // in the step); the rows of a step are a prefix of the list from i (the list ascends), counted by a ballot.
     // Row u's index and values reach every lane by shuffles, so a row past the step's end multiplies x = 0
     // and needs no predicate (its load is off).
+#if QPIPE
+    // The same steps through the ring (QPIPE above): a producer cursor `pi` copies step t + QPIPE - 1's words into
+    // stage (t + QPIPE - 1) % QPIPE and commits them as one group, then the consumer waits until step t's group is
+    // complete and multiplies it. The step past the list commits an empty group, so the count of groups in flight
+    // is the same in every iteration.
+    const unsigned ring = shared_address(smem + ring_offset) + 4u * (warp * QPIPE * UNROLL * 32 + lane);
+    auto step_rows = [&](int i, int& g, int& my_row, bool& mine) {  // rows of the step at list position i: n
+        g = (unsigned)list_idx[i] / GROUP;
+        const int mine_at = i + lane;
+        const bool listed = lane < UNROLL && mine_at < count;
+        my_row = listed ? list_idx[mine_at] : 0;
+        mine = listed && my_row < (g + 1) * GROUP;
+        return __popc(__ballot_sync(0xffffffffu, mine));
+    };
+    int pi = 0;
+    auto issue = [&](int stage) {
+        if (pi < count) {  // the same in every lane
+            int g, my_row;
+            bool mine;
+            const int n = step_rows(pi, g, my_row, mine);
+            const unsigned dst = ring + 4u * (stage * UNROLL * 32);
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                if (u % INT4_CHUNK == 0 && u >= n) break;
+                const unsigned r = (unsigned)__shfl_sync(0xffffffffu, my_row, u);
+                copy_code_word(dst + 4u * (u * 32), wcol[0], r, (unsigned)stride_w, u < n && col_ok[0]);
+            }
+            pi += n;
+        }
+        copies_commit();
+    };
+#pragma unroll
+    for (int d = 0; d < QPIPE - 1; ++d) issue(d);
+    for (int i = 0, stage = 0; i < count; stage = stage + 1 == QPIPE ? 0 : stage + 1) {
+        issue(stage == 0 ? QPIPE - 1 : stage - 1);  // (stage + QPIPE - 1) % QPIPE: consumed the step before
+        int g, my_row;
+        bool mine;
+        const int n = step_rows(i, g, my_row, mine);
+        if (g != group) enter_group<VECS>(g, group, row_hi, s_cur, z_cur, s_nxt, z_nxt, fold_group, load_group);
+        const int mine_at = i + lane;
+        float xl[BATCH];
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) xl[b] = mine ? list_val[mine_at * BATCH + b] : 0.0f;
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {  // the step's sum of x: one warp reduction per input row
+            float sum = xl[b];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+            xsum[b] += sum;
+        }
+        copies_wait<QPIPE - 1>();  // this step's group is complete (the lane's own copies)
+        const unsigned src = ring + 4u * (stage * UNROLL * 32);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (u % INT4_CHUNK == 0 && u >= n) break;  // the same in every lane
+            unsigned word;
+            asm volatile("ld.shared.u32 %0, [%1];" : "=r"(word) : "r"(src + 4u * (u * 32)) : "memory");
+            float xv[BATCH];
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b) xv[b] = __shfl_sync(0xffffffffu, xl[b], u);
+            float q[EPV];
+            decode_int4(q, word);
+#pragma unroll
+            for (int b = 0; b < BATCH; ++b)
+#pragma unroll
+                for (int e = 0; e < EPV; ++e) gsum[b][e] = fmaf(xv[b], q[e], gsum[b][e]);
+        }
+        i += n;
+    }
+    copies_wait<0>();  // nothing in flight when the shared memory becomes the warps' sums
+#else
     for (int i = 0; i < count;) {
         const int g = (unsigned)list_idx[i] / GROUP;  // the same in every lane
         if (g != group) enter_group<VECS>(g, group, row_hi, s_cur, z_cur, s_nxt, z_nxt, fold_group, load_group);
@@ -650,6 +750,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         }
         i += n;
     }
+#endif
     fold_group();
 #else
     for (int i = 0; i < count; i += UNROLL) {
