@@ -327,7 +327,7 @@ def heuristic_cuda_config(k: int, n: int, sm_count: int) -> KernelConfig:
 #: --quant-kernels cuda --quant-configs sweep` on an H100 (benchmarks/results/2026-12-08-h100-quant-kernels-sweep.json;
 #: mean µs over s = 0 and 0.5 against the 8-warp heuristic's), kept because the decode step agreed: int4 dense
 #: 252.1 -> 295.4 tok/s, int8 213.8 -> 246.9 (`…-quant-decode-table-{off-1,on,off-2}.json`). The sweep's batch-4
-#: winners are not here: no batched decode has checked them yet (benchmarks/notes/quantization.md).
+#: winners are not here: no run with 4 rows in a decode loop has checked them yet (benchmarks/notes/measuring.md).
 TUNED_QUANT_CUDA: dict[tuple[int, int, int, str], KernelConfig] = {
     (4096, 6144, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=4, num_warps=16, cuda=True),  # 9.4 / 9.8
     (4096, 4096, 1, "int4"): KernelConfig(block_n=256, block_r=32, split_k=8, num_warps=4, cuda=True),  # 8.6 / 11.8
