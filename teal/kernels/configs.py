@@ -49,7 +49,9 @@ class KernelConfig:
     ``num_warps`` warps; with several rows it reads the union of their surviving weight rows once.
     ``cuda`` with ``use_dot`` computes the products on tensor cores (mma, 16 rows per warp and step; bf16 and
     fp16 inputs, ``block_n`` 128 or 256, warps bounded by its registers: ``cuda.register_problem``), which keeps
-    batches of 4-8 rows off the FMA pipes.
+    batches of 4-8 rows off the FMA pipes. ``cuda`` with ``num_stages`` > 1 on int4 codes (batch 1, ``block_n``
+    256) streams the codes through a cp.async ring of that many steps per warp in shared memory
+    (``cuda.ring_stages``; ``register_problem`` refuses it with int8 codes or more rows); the 16-bit loop ignores it.
     Devices where it cannot run take the Triton table's configuration.
     """
 
