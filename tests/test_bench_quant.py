@@ -483,7 +483,8 @@ def test_quant_config_table_and_candidates():
     assert (heuristic.block_n, heuristic.num_warps, heuristic.block_r) == (256, 8, 32) and heuristic.cuda
     one_row = configs.quant_cuda_config(4096, 12288, 1, 132, "int4")  # not in the table: the batch-1 heuristic
     assert (4096, 12288, 1, "int4") not in configs.TUNED_QUANT_CUDA
-    assert (one_row.block_n, one_row.num_warps, one_row.split_k) == (256, 16, configs.heuristic_cuda_config(4096, 12288, 132).split_k)
+    split = configs.heuristic_cuda_config(4096, 12288, 132).split_k
+    assert (one_row.block_n, one_row.num_warps, one_row.split_k) == (256, 16, split)
     assert configs.quant_cuda_config(4096, 12288, 2, 132, "int4").num_warps == 8
     tuned = configs.KernelConfig(block_n=512, block_r=32, split_k=2, num_warps=4, cuda=True)
     table = {(4096, 6144, 4, "int4"): tuned}
