@@ -489,10 +489,7 @@ def test_int4_ring_compiles_and_streams_through_shared_memory(tmp_path):
             variant = cuda.variant_for(cfg, dtype, has_scale=scale, glu=False, pdl=2, rows_per_warp=geo.rows_per_warp,
                                        batch=1, weights="int4", group=group)
             assert variant.qpipe == stages and f"-DQPIPE={stages}" in variant.defines()
-            code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
-                                                    [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
-            spills = re.findall(r"(\d+) bytes spill stores", log)
-            assert spills and all(x == "0" for x in spills), (variant, log)
+            code = _compile_sm90_without_spills(variant)
             if CUOBJDUMP is None:
                 continue
             cubin = tmp_path / "ring.cubin"
@@ -635,6 +632,15 @@ def test_default_build_takes_no_stamps():
     assert "-DSTAMPS=1" in dataclasses.replace(_llama3_8b_variants()[0], stamps=True).defines()
 
 
+def _compile_sm90_without_spills(variant: cuda.Variant) -> bytes:
+    """The variant's sm_90 cubin, after asserting that ptxas reported no spill stores."""
+    code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
+                                            [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert spills and all(s == "0" for s in spills), (variant, log)
+    return code
+
+
 def _sass_lines(code: bytes, tmp_path: Path) -> list[str]:
     cubin = tmp_path / "stamps.cubin"
     cubin.write_bytes(code)
@@ -653,10 +659,7 @@ def test_stamps_build_reads_the_timer_at_every_stage(tmp_path):
         ptx = _ptx(variant)
         assert ptx.count("%globaltimer") == STAMP_SITES and ptx.count("%smid") == 1, variant
         assert _params(ptx) == DEFAULT_PARAMS + 1, variant
-        code, log = cuda.nvrtc_compile_with_log(cuda.source(), cuda.SOURCE_FILE,
-                                                [*cuda.nvrtc_options(variant, "sm_90"), "-Xptxas", "-v"])
-        spills = re.findall(r"(\d+) bytes spill stores", log)
-        assert spills and all(s == "0" for s in spills), (variant, log)
+        code = _compile_sm90_without_spills(variant)
         if CUOBJDUMP is None:
             continue
         lines = _sass_lines(code, tmp_path)

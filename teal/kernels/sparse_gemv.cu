@@ -356,6 +356,19 @@ __device__ __forceinline__ void enter_group(int g, int& group, int row_hi, vec_u
 }
 #endif
 
+#if WFMT == 2
+// A step's sum of x per input row (one warp reduction each) into the group's `xsum`.
+__device__ __forceinline__ void add_step_x(float* xsum, const float* xl) {
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+        float s = xl[b];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        xsum[b] += s;
+    }
+}
+#endif
+
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     unsigned long long a;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
@@ -678,13 +691,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
         float xl[BATCH];
 #pragma unroll
         for (int b = 0; b < BATCH; ++b) xl[b] = mine ? list_val[mine_at * BATCH + b] : 0.0f;
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {  // the step's sum of x: one warp reduction per input row
-            float sum = xl[b];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-            xsum[b] += sum;
-        }
+        add_step_x(xsum, xl);  // the step's sum of x
         copies_wait<QPIPE - 1>();  // this step's group is complete (the lane's own copies)
         const unsigned src = ring + 4u * (stage * UNROLL * 32);
 #pragma unroll
@@ -725,13 +732,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) CLUSTER_DIMS teal_spars
 #pragma unroll
             for (int v = 0; v < VECS; ++v) tile[u][v] = load_code_word(wcol[v], r, (unsigned)stride_w, u < n && col_ok[v]);
         }
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {  // the step's sum of x: one warp reduction per input row
-            float s = xl[b];
-#pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-            xsum[b] += s;
-        }
+        add_step_x(xsum, xl);  // the step's sum of x
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (u % INT4_CHUNK == 0 && u >= n) break;  // the same in every lane
