@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from teal.bench.cli import bench_app, check_quant_env, resolve_group_size as resolve_bench_group_size
+from teal.bench.cli import INT4_GROUP_SIZES, bench_app, check_quant_env, resolve_group_size as resolve_bench_group_size
 
 app = typer.Typer(
     help="TEAL: training-free activation sparsity for faster batch-1 LLM decoding.",
@@ -212,7 +212,7 @@ WeightsOpt = typer.Option("bf16", help="projection weights: bf16 (the model's ow
                                        "| int4 (group-wise: --group-size, --quant-method); calibrate with the "
                                        "format you run")
 def _check_group_size(value: Optional[int]) -> Optional[int]:
-    if value is not None and value not in (32, 64, 128):
+    if value is not None and value not in INT4_GROUP_SIZES:
         raise typer.BadParameter(f"the int4 group size must be 32, 64 or 128, got {value}")
     return value
 

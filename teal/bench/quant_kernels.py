@@ -8,7 +8,7 @@ poisoned with NaN first): relative error <= 1e-2 and no NaN, the issue's bound; 
 over rotated weight copies (`teal.kernels.tune.time_graph_us`, as the bf16 rows of `teal.bench.kernels`).
 
 `--quant-configs sweep` times the CUDA kernel at every configuration of `configs.quant_cuda_candidates` that
-fits the registers of the batch, beside the one the dispatch takes (row "cuda"; the others are named by their
+fits the registers of the batch and the shared memory, beside the one the dispatch takes (row "cuda"; the others are named by their
 configuration, e.g. "cuda bn512 w8 c4"), each checked as above, and prints `configs.TUNED_QUANT_CUDA` entries
 where a configuration beats the dispatch's by more than `SWEEP_SLACK` over the sparsities timed
 (`sweep_entries`).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from teal.bench.timing import quant_param_bytes
-from teal.kernels.configs import KernelConfig, quant_cuda_candidates, quant_cuda_config
+from teal.kernels.configs import KernelConfig, batch_bucket, quant_cuda_candidates, quant_cuda_config, table_to_json
 from teal.kernels.quant_gemv import (quant_sparse_linear_cuda, quant_sparse_linear_reference,
                                      quant_sparse_linear_triton)
 from teal.quant import quantize
@@ -88,8 +88,8 @@ def config_label(cfg: KernelConfig) -> str:
 def sweep_kernels(k: int, n: int, batch: int, fmt: str, dtype: torch.dtype,
                   sm_count: int) -> list[tuple[str, Any, KernelConfig]]:
     """The CUDA rows of a sweep at (K, N, batch): the dispatch's configuration as "cuda", then every
-    `quant_cuda_candidates` entry that differs from it and fits the registers (`cuda.register_problem`), each
-    (name, kernel, config)."""
+    `quant_cuda_candidates` entry that differs from it, fits the registers (`cuda.register_problem`) and sm_90's
+    shared memory (`cuda.SM90_SHARED_LIMIT`), each (name, kernel, config)."""
     from teal.kernels import cuda
 
     default = quant_cuda_config(k, n, batch, sm_count, fmt)
@@ -105,8 +105,6 @@ def sweep_entries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (format, K, N, batch bucket) of a sweep: the swept configuration of the lowest mean time over the
     sparsities that every configuration timed without error, and the dispatch's ("cuda") mean beside it; an
     entry (`entry`: the `TUNED_QUANT_CUDA` line) where it is below the dispatch's / `SWEEP_SLACK`."""
-    from teal.kernels.configs import batch_bucket
-
     groups: dict[tuple[str, int, int, int], dict[str, dict[float, float]]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for r in rows:
@@ -251,7 +249,5 @@ def quant_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def sweep_table(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The winning entries of `sweep_entries` as a configuration table (`configs.table_to_json`; an entry's dtype is
     its weight format), for ``$TEAL_QUANT_CONFIGS`` and, once a decode run agrees, `configs.TUNED_QUANT_CUDA`."""
-    from teal.kernels.configs import KernelConfig, table_to_json
-
     return table_to_json({(e["K"], e["N"], e["bucket"], e["weights"]): KernelConfig(**e["config"])
                           for e in entries if "config" in e})

@@ -290,6 +290,16 @@ def _override_table(path: str, regime: str = "sparse") -> dict[TableKey, KernelC
     return load_table(path, regime)
 
 
+@functools.cache
+def _quant_override_table(path: str) -> dict[TableKey, KernelConfig]:
+    """A ``$TEAL_QUANT_CONFIGS`` table, read and checked once per path: one with no int8 / int4 entry is an error."""
+    table = load_table(path)
+    if not any(f in QUANT_TABLE_FORMATS for _, _, _, f in table):
+        raise ValueError(f"${QUANT_CONFIGS_ENV}={path} has no int8 or int4 entry (a bf16 table belongs in "
+                         f"${CONFIGS_ENV}); write one with teal bench kernels --quant-configs sweep --table-out")
+    return table
+
+
 def _pow2_floor(value: float) -> int:
     return 1 << max(0, int(value).bit_length() - 1)
 
@@ -355,11 +365,7 @@ def quant_cuda_config(k: int, n: int, batch: int, sm_count: int, fmt: str = "int
     key = (k, n, batch_bucket(batch), fmt)
     override = os.environ.get(QUANT_CONFIGS_ENV)
     if override:
-        table = _override_table(override)
-        if not any(f in QUANT_TABLE_FORMATS for _, _, _, f in table):
-            raise ValueError(f"${QUANT_CONFIGS_ENV}={override} has no int8 or int4 entry (a bf16 table belongs in "
-                             f"${CONFIGS_ENV}); write one with teal bench kernels --quant-configs sweep --table-out")
-        entry = table.get(key)
+        entry = _quant_override_table(override).get(key)
         if entry is not None:
             if not entry.cuda:
                 raise ValueError(f"${QUANT_CONFIGS_ENV}={override}: entry {key} is not a CUDA configuration "
